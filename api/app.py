@@ -1,0 +1,48 @@
+"""The FastAPI application: routes, error handlers, and the job waiter's lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import text
+
+from api import errors
+from api.routes import files, images, jobs, models
+from api.waiter import JobWaiter
+from shared.db import get_engine
+from shared.settings import get_settings
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    waiter = JobWaiter(get_settings().redis_url)
+    app.state.waiter = waiter
+    await waiter.start()
+    try:
+        yield
+    finally:
+        await waiter.stop()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="imagegen", version="0.1.0", lifespan=lifespan,
+                  description="Image generation with an OpenAI-compatible API, as a job queue.")
+    errors.install(app)
+    app.include_router(images.router)
+    app.include_router(jobs.router)
+    app.include_router(models.router)
+    app.include_router(files.router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        def ping() -> None:
+            with get_engine().connect() as conn:
+                conn.execute(text("SELECT 1"))
+
+        await run_in_threadpool(ping)
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,64 @@
+"""Request dependencies: authentication, settings, storage."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from shared.db import session_scope
+from shared.errors import AuthenticationError
+from shared.keys import Principal, authenticate
+from shared.settings import Settings, get_settings
+from shared.storage import Storage, get_storage
+
+# auto_error=False: we answer a missing key ourselves, in the surface's error shape.
+bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
+
+
+def key_from_request(request: Request) -> str | None:
+    """The API key from Bearer, HTTP Basic (password), x-api-key or x-obiguard-api-key."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and value:
+        return value
+    if scheme.lower() == "basic" and value:
+        try:
+            _user, _, password = base64.b64decode(value).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return password or None
+    for header in ("x-api-key", "x-obiguard-api-key"):
+        if request.headers.get(header):
+            return request.headers[header].strip()
+    return None
+
+
+def current_principal(
+    request: Request,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    key = key_from_request(request)
+    if not key:
+        raise AuthenticationError(
+            "You didn't provide an API key. Provide it as 'Authorization: Bearer YOUR_KEY'.",
+            code="missing_api_key")
+    with session_scope() as session:
+        principal = authenticate(session, key)
+    if principal is None:
+        raise AuthenticationError(f"Incorrect API key provided: {key[:6]}***.")
+    return principal
+
+
+def base_url(request: Request) -> str:
+    return get_settings().public_url or str(request.base_url)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+BaseUrl = Annotated[str, Depends(base_url)]

@@ -1,0 +1,89 @@
+"""One handler per error family, each rendering OpenAI's error shape.
+
+FastAPI's default 422 never reaches the OpenAI surface: schema errors answer 400
+naming the offending ``param``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy.exc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import ImagegenError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None,
+                   code: str | None = None, retry_after: float | None = None) -> JSONResponse:
+    headers = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+async def _imagegen_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ImagegenError)
+    retry = exc.retry_after
+    if exc.status_code in (429, 503) and retry is None:
+        retry = 5.0
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code,
+                          retry)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    err = errors[0] if errors else {"loc": (), "msg": "Invalid request", "type": "invalid"}
+    param = _param(tuple(err.get("loc", ())))
+    if err.get("type") == "json_invalid":
+        return error_response(400, "We could not parse the JSON body of your request.",
+                              "invalid_request_error", None, "invalid_json")
+    if err.get("type") == "missing":
+        if param is None:
+            return error_response(400, "The request body must be a JSON object.",
+                                  "invalid_request_error", None, "invalid_request")
+        return error_response(400, f"Missing required parameter: '{param}'.",
+                              "invalid_request_error", param, "missing_required_parameter")
+    message = f"Invalid value for '{param}': {err.get('msg')}." if param else str(err.get("msg"))
+    return error_response(400, message, "invalid_request_error", param, "invalid_value")
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return error_response(exc.status_code, str(exc.detail), type_, None, code)
+
+
+async def _database_error(_: Request, exc: Exception) -> JSONResponse:
+    log.error("database unavailable: %s", type(exc).__name__)
+    return error_response(503, "The database is unavailable; try again shortly.",
+                          "server_error", None, "service_unavailable", retry_after=5)
+
+
+async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "The server had an error while processing your request.",
+                          "server_error", None, "internal_error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ImagegenError, _imagegen_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, _database_error)
+    app.add_exception_handler(sqlalchemy.exc.InterfaceError, _database_error)
+    app.add_exception_handler(Exception, _unhandled)

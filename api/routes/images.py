@@ -1,0 +1,141 @@
+"""``POST /v1/images/generations``: validate, record, enqueue, then wait or answer 202."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
+from shared.db import session_scope
+from shared.errors import (
+    Conflict,
+    ImagegenError,
+    InvalidRequest,
+    RateLimited,
+    UpstreamError,
+)
+from shared.jobs import (
+    create_job,
+    get_job,
+    job_images,
+    job_queue,
+    mark_published,
+    render_job,
+    render_result,
+)
+from shared.models import FINISHED, Job, JobStatus
+from shared.queue import publish_job
+from shared.registry import get_registry
+from shared.schemas import ErrorResponse, ImageGenerationRequest, ImagesResponse, JobObject
+from shared.validation import validate_generation
+
+router = APIRouter(tags=["images"])
+
+_WAIT = re.compile(r"\bwait\s*=\s*(\d+(?:\.\d+)?)")
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse, "description": desc}
+    for code, desc in [(400, "Invalid request"), (401, "Missing or invalid API key"),
+                       (404, "Model not found"), (429, "Rate limited"),
+                       (500, "Server error"), (502, "Upstream error"),
+                       (503, "Service unavailable"), (504, "Upstream timed out")]
+}
+
+
+def parse_prefer(prefer: str | None, default_wait: float) -> tuple[bool, float]:
+    """``Prefer: respond-async`` and ``Prefer: wait=N`` (RFC 7240, as Replicate uses)."""
+    if not prefer:
+        return False, default_wait
+    lowered = prefer.lower()
+    respond_async = "respond-async" in lowered
+    match = _WAIT.search(lowered)
+    wait = min(float(match.group(1)), default_wait) if match else default_wait
+    return respond_async, wait
+
+
+def failure_error(job: Job) -> ImagegenError:
+    """How a failed job answers a waiting sync request."""
+    code = job.error_code or "job_failed"
+    message = job.error_message or "The job failed."
+    if job.status == JobStatus.canceled:
+        return Conflict("The job was canceled before it finished.", code="job_canceled")
+    if code == "upstream_timeout":
+        err: ImagegenError = UpstreamError(message, code=code)
+        err.status_code = 504
+        return err
+    if code == "upstream_rate_limited":
+        return RateLimited(message, code=code, retry_after=30)
+    if code.startswith("upstream_") or code in ("internal_error", "provider_misconfigured"):
+        err = UpstreamError(message, code=code)
+        if code == "internal_error":
+            err.status_code = 500
+        return err
+    # The provider refused the request itself (content policy, invalid prompt):
+    # the client's request is at fault, as OpenAI answers it.
+    return InvalidRequest(message, code=code, param="prompt")
+
+
+def accepted(job: JobObject) -> JSONResponse:
+    return JSONResponse(job.model_dump(mode="json"), status_code=202,
+                        headers={"Location": f"/v1/images/jobs/{job.id}"})
+
+
+@router.post(
+    "/v1/images/generations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses={202: {"model": JobObject, "description": "Accepted; poll the job"}, **ERRORS},
+    summary="Create image",
+)
+async def create_image(
+    body: ImageGenerationRequest,
+    request: Request,
+    principal: CurrentPrincipal,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base_url: BaseUrl,
+    prefer: Annotated[str | None, Header()] = None,
+) -> Response | ImagesResponse:
+    params = validate_generation(body, get_registry())
+    spec = get_registry().get(params.model)
+    respond_async, wait = parse_prefer(prefer, settings.sync_wait_seconds)
+
+    def record() -> Job:
+        with session_scope() as session:
+            return create_job(session, principal, params, spec)
+
+    job = await run_in_threadpool(record)
+
+    def publish() -> None:
+        if publish_job(job.id, job_queue(job)):
+            with session_scope() as session:
+                mark_published(session, [job.id])
+        # else: the job is committed; the sweeper publishes it once the broker is back.
+
+    await run_in_threadpool(publish)
+
+    def load() -> tuple[Job, list]:
+        with session_scope() as session:
+            current = get_job(session, principal.project_id, job.id)
+            images = job_images(session, current) if current.status in FINISHED else []
+            return current, images
+
+    if not respond_async:
+        async def finished() -> bool:
+            current, _ = await run_in_threadpool(load)
+            return current.status in FINISHED
+
+        waiter = request.app.state.waiter
+        if await waiter.wait(job.id, wait, finished):
+            current, images = await run_in_threadpool(load)
+            if current.status == JobStatus.succeeded:
+                return await run_in_threadpool(
+                    render_result, current, images, storage, base_url,
+                    settings.url_expiry_seconds)
+            raise failure_error(current)
+    current, _ = await run_in_threadpool(load)
+    return accepted(render_job(current, None, storage, base_url, settings.url_expiry_seconds))

@@ -1,0 +1,60 @@
+"""Jobs you can poll, list and cancel. Every query is scoped to the caller's project."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+
+from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
+from api.routes.images import ERRORS
+from shared.db import session_scope
+from shared.jobs import cancel_job, get_job, job_images, list_jobs, render_job, render_list
+from shared.schemas import JobList, JobObject
+
+router = APIRouter(prefix="/v1/images/jobs", tags=["jobs"])
+JobStatusName = Annotated[
+    str | None,
+    Query(pattern="^(queued|running|succeeded|failed|canceled)$"),
+]
+
+
+@router.get("/{job_id}", response_model=JobObject, response_model_exclude_none=True,
+            responses=ERRORS)
+def read_job(job_id: str, principal: CurrentPrincipal, settings: SettingsDep,
+             storage: StorageDep, base_url: BaseUrl) -> JobObject:
+    with session_scope() as session:
+        job = get_job(session, principal.project_id, job_id)
+        images = job_images(session, job)
+    # Fresh presigned URLs on every read.
+    return render_job(job, images, storage, base_url, settings.url_expiry_seconds)
+
+
+@router.get("", response_model=JobList, response_model_exclude_none=True, responses=ERRORS)
+def read_jobs(principal: CurrentPrincipal, settings: SettingsDep, storage: StorageDep,
+              base_url: BaseUrl,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(max_length=64)] = None,
+              status: JobStatusName = None) -> JobList:
+    with session_scope() as session:
+        jobs, has_more = list_jobs(session, principal.project_id, limit=limit, after=after,
+                                   status=status)
+    return render_list(jobs, has_more, storage, base_url, settings.url_expiry_seconds)
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject, response_model_exclude_none=True,
+             responses=ERRORS)
+async def cancel(job_id: str, principal: CurrentPrincipal, settings: SettingsDep,
+                 storage: StorageDep, base_url: BaseUrl) -> JobObject:
+    def do() -> JobObject:
+        with session_scope() as session:
+            job = cancel_job(session, principal.project_id, job_id)
+            images = job_images(session, job)
+        return render_job(job, images, storage, base_url, settings.url_expiry_seconds)
+
+    job = await run_in_threadpool(do)
+    from shared.events import publish_job_changed
+
+    await run_in_threadpool(publish_job_changed, job.id, job.status)
+    return job

@@ -1,0 +1,107 @@
+"""Event-driven waiting for a job to finish.
+
+One Redis pub/sub subscription per API process feeds in-process events, so a
+sync request sleeps until the worker says its job changed; no loop polls the
+database on the Redis path. The row is re-read on each wake-up (and on a slow
+fallback timer, 10 s, in case a message was lost while Redis restarted). In
+embedded mode there is no Redis: the fallback timer is then short (SQLite
+reads are cheap and local).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from shared.events import CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+class JobWaiter:
+    def __init__(self, redis_url: str | None) -> None:
+        self.redis_url = redis_url
+        self.connected = False
+        self._events: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.redis_url:
+            self._task = asyncio.create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    def _wake(self, job_id: str | None = None) -> None:
+        targets = self._events.values() if job_id is None else [self._events.get(job_id, set())]
+        for events in targets:
+            for event in events:
+                event.set()
+
+    async def _listen(self) -> None:
+        assert self.redis_url
+        while True:
+            client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=2)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    self.connected = True
+                    self._wake()  # messages may have been missed while disconnected
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        try:
+                            job_id = json.loads(message["data"])["id"]
+                        except (ValueError, KeyError, TypeError):
+                            continue
+                        self._wake(job_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.connected:
+                    log.warning("job events subscription lost: %s", exc)
+                self.connected = False
+                self._wake()
+                await asyncio.sleep(1.0)
+            finally:
+                self.connected = False
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    def _fallback(self) -> float:
+        if self.redis_url is None:
+            return 0.1
+        return 10.0 if self.connected else 1.0
+
+    async def wait(self, job_id: str, timeout: float,
+                   is_finished: Callable[[], Awaitable[bool]]) -> bool:
+        """True once ``is_finished()`` holds; False after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        event = asyncio.Event()
+        self._events.setdefault(job_id, set()).add(event)
+        try:
+            while True:
+                # Registered before the check: a change between the two still wakes us.
+                event.clear()
+                if await is_finished():
+                    return True
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(remaining, self._fallback()))
+        finally:
+            events = self._events.get(job_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._events[job_id]

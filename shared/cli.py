@@ -1,0 +1,142 @@
+"""The ``imagegen`` command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="imagegen: image generation with an OpenAI-compatible API.",
+                  no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+console = Console(stderr=True)
+
+
+def _serve_api(host: str | None, port: int | None) -> None:
+    import uvicorn
+
+    from shared.settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run("api.app:create_app", factory=True, host=host or settings.host,
+                port=port or settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=5)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations."""
+    from shared.migrate import upgrade
+
+    upgrade()
+    console.print("[green]database is up to date[/green]")
+
+
+@app.command()
+def api(host: Annotated[str | None, typer.Option()] = None,
+        port: Annotated[int | None, typer.Option()] = None) -> None:
+    """Run the HTTP API."""
+    _serve_api(host, port)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues")] = "default",
+    concurrency: Annotated[int | None, typer.Option(help="Provider calls held at once")] = None,
+) -> None:
+    """Run a worker (one process holding many provider calls at once)."""
+    from worker.main import run_worker
+
+    run_worker(queues.split(","), concurrency)
+
+
+@app.command()
+def dev(host: Annotated[str | None, typer.Option()] = None,
+        port: Annotated[int | None, typer.Option()] = None) -> None:
+    """API and worker together on embedded defaults (SQLite, local files, no Redis)."""
+    from shared.db import session_scope
+    from shared.keys import KEY_PREFIX, ensure_key
+    from shared.migrate import upgrade
+    from shared.settings import get_settings
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade()
+    key = settings.dev_api_key
+    key_file = settings.data_dir / "dev_api_key"
+    if not key:
+        if not key_file.exists():
+            import secrets
+
+            key_file.write_text(KEY_PREFIX + secrets.token_urlsafe(32))
+        key = key_file.read_text().strip()
+    with session_scope() as session:
+        ensure_key(session, "default", key)
+    worker_proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker"],
+                                   env={**os.environ})
+    url = f"http://{host or settings.host}:{port or settings.port}"
+    console.print(f"[bold]imagegen[/bold] dev server on {url}")
+    console.print(f"API key: [bold]{key}[/bold]")
+    console.print(f'  curl {url}/v1/images/generations -H "Authorization: Bearer {key}" '
+                  "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'")
+    try:
+        _serve_api(host, port)
+    finally:
+        worker_proc.send_signal(signal.SIGTERM)
+        try:
+            worker_proc.wait(10)
+        except subprocess.TimeoutExpired:
+            worker_proc.kill()
+
+
+@keys_app.command("create")
+def keys_create(project: Annotated[str, typer.Option(help="Project name")],
+                name: Annotated[str, typer.Option(help="Key name")] = "default") -> None:
+    """Create an API key for PROJECT (created if new). The key is printed once."""
+    from shared.db import session_scope
+    from shared.keys import create_key
+
+    with session_scope() as session:
+        _, plaintext = create_key(session, project, name)
+    console.print(f"[green]created a key for project '{project}'[/green] (shown only once):")
+    print(plaintext)
+
+
+@app.command()
+def generate(
+    prompt: str,
+    model: Annotated[str | None, typer.Option()] = None,
+    size: Annotated[str | None, typer.Option()] = None,
+    n: Annotated[int, typer.Option()] = 1,
+    out: Annotated[Path, typer.Option(help="Directory for the images")] = Path("."),
+    base_url: Annotated[str, typer.Option(envvar="IMAGEGEN_URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="IMAGEGEN_API_KEY")] = None,
+) -> None:
+    """Generate images on a running server and save them to OUT."""
+    from shared.client import generate_images
+
+    key = api_key or os.environ.get("IMAGEGEN_DEV_API_KEY")
+    if not key:
+        key_file = Path(os.environ.get("IMAGEGEN_DATA_DIR", ".imagegen")) / "dev_api_key"
+        key = key_file.read_text().strip() if key_file.exists() else None
+    if not key:
+        console.print("[red]no API key: pass --api-key or set IMAGEGEN_API_KEY[/red]")
+        raise typer.Exit(2)
+    started = time.monotonic()
+    paths = generate_images(base_url, key, prompt, model=model, size=size, n=n, out=out,
+                            console=console)
+    for path in paths:
+        print(path)
+    console.print(f"[green]{len(paths)} image(s) in {time.monotonic() - started:.1f}s[/green]")
+
+
+if __name__ == "__main__":
+    app()

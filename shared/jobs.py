@@ -1,0 +1,158 @@
+"""Job service: create, read, list and cancel jobs, scoped to a project.
+
+Services only flush; the caller's boundary (request, task) commits.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.keys import Principal
+from shared.models import FINISHED, Image, Job, JobStatus
+from shared.registry import ModelSpec
+from shared.schemas import (
+    GenerationParams,
+    ImageData,
+    ImagesResponse,
+    JobError,
+    JobList,
+    JobObject,
+)
+from shared.storage import Storage
+from shared.timeutil import to_unix, utcnow
+
+
+def create_job(session: Session, principal: Principal, params: GenerationParams,
+               spec: ModelSpec, surface: str = "openai") -> Job:
+    job = Job(
+        project_id=principal.project_id,
+        surface=surface,
+        model=spec.name,
+        request={"queue": spec.queue, **params.model_dump()},
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def job_queue(job: Job) -> str:
+    return str(job.request.get("queue", "default"))
+
+
+def job_params(job: Job) -> GenerationParams:
+    return GenerationParams.model_validate({k: v for k, v in job.request.items() if k != "queue"})
+
+
+def mark_published(session: Session, job_ids: Sequence[str]) -> None:
+    if job_ids:
+        session.execute(
+            sa.update(Job).where(col(Job.id).in_(job_ids)).values(published_at=utcnow())
+        )
+
+
+def get_job(session: Session, project_id: str, job_id: str) -> Job:
+    job = session.exec(select(Job).where(Job.id == job_id, Job.project_id == project_id)).first()
+    if job is None:
+        raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
+    return job
+
+
+def job_images(session: Session, job: Job) -> list[Image]:
+    return list(session.exec(
+        select(Image).where(Image.job_id == job.id, Image.project_id == job.project_id)
+        .order_by(col(Image.index))
+    ))
+
+
+def list_jobs(session: Session, project_id: str, *, limit: int, after: str | None,
+              status: str | None) -> tuple[list[Job], bool]:
+    query = select(Job).where(Job.project_id == project_id)
+    if status is not None:
+        if status not in JobStatus.__members__:
+            raise InvalidRequest(f"Invalid status '{status}'.", param="status")
+        query = query.where(Job.status == status)
+    if after is not None:
+        # Ids are UUIDv7: newest-first order is descending id order.
+        query = query.where(col(Job.id) < after)
+    rows = list(session.exec(query.order_by(col(Job.id).desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
+    """Queued: it never runs. Running: it ends canceled and its result is discarded."""
+    job = get_job(session, project_id, job_id)
+    now = utcnow()
+    result = session.execute(
+        sa.update(Job)
+        .where(Job.id == job.id, col(Job.status).in_([JobStatus.queued, JobStatus.running]))
+        .values(status=JobStatus.canceled, canceled_at=now, finished_at=now, lease_token=None,
+                lease_expires_at=None)
+    )
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        session.refresh(job)
+        if job.status in FINISHED and job.status != JobStatus.canceled:
+            raise Conflict(f"Job '{job_id}' has already {job.status}.", param="job_id")
+    session.refresh(job)
+    return job
+
+
+def render_result(job: Job, images: list[Image], storage: Storage, base_url: str,
+                  url_expiry: int) -> ImagesResponse:
+    params = job_params(job)
+    data = []
+    for image in images:
+        if params.response_format == "b64_json":
+            b64 = base64.b64encode(storage.get(image.storage_key)).decode()
+            data.append(ImageData(b64_json=b64, revised_prompt=image.revised_prompt))
+        else:
+            data.append(ImageData(url=storage.url(image.storage_key, url_expiry, base_url),
+                                  revised_prompt=image.revised_prompt))
+    usage: dict[str, Any] | None = job.usage or None
+    return ImagesResponse(
+        created=to_unix(job.finished_at) or to_unix(job.created_at) or 0,
+        data=data,
+        size=params.size,
+        quality=params.quality,
+        output_format=params.output_format,
+        background=params.background,
+        usage=usage,
+    )
+
+
+def render_job(job: Job, images: list[Image] | None, storage: Storage, base_url: str,
+               url_expiry: int) -> JobObject:
+    result = None
+    if job.status == JobStatus.succeeded and images is not None:
+        result = render_result(job, images, storage, base_url, url_expiry)
+    error = None
+    if job.status == JobStatus.failed:
+        error = JobError(code=job.error_code or "job_failed",
+                         message=job.error_message or "The job failed.")
+    return JobObject(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        model=job.model,
+        created_at=to_unix(job.created_at) or 0,
+        started_at=to_unix(job.started_at),
+        finished_at=to_unix(job.finished_at),
+        canceled_at=to_unix(job.canceled_at),
+        attempts=job.attempts,
+        request={k: v for k, v in job.request.items() if k != "queue"},
+        result=result,
+        error=error,
+    )
+
+
+def render_list(jobs: list[Job], has_more: bool, storage: Storage, base_url: str,
+                url_expiry: int) -> JobList:
+    # Listings carry no result (no presigning or b64 reads for a whole page);
+    # fetch one job to get its images.
+    data = [render_job(job, None, storage, base_url, url_expiry) for job in jobs]
+    return JobList(data=data, first_id=data[0].id if data else None,
+                   last_id=data[-1].id if data else None, has_more=has_more)

@@ -1,0 +1,112 @@
+"""SQLModel tables. The SQL row is the truth; broker messages only say "run job X".
+
+Every row carries ``project_id`` and every query in the services filters by it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from shared.ids import new_id
+from shared.timeutil import utcnow
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware datetimes on every backend (SQLite stores them naive)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def _ts(nullable: bool = True) -> Any:
+    return Field(default=None, sa_type=UTCDateTime, nullable=nullable)
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+class Project(SQLModel, table=True):
+    id: str = Field(default_factory=lambda: new_id("proj"), primary_key=True, max_length=64)
+    name: str = Field(unique=True, index=True, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: str = Field(default_factory=lambda: new_id("key"), primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="project.id", index=True, max_length=64)
+    name: str = Field(default="default", max_length=200)
+    # The first characters of the key, shown in listings; the key itself is never stored.
+    prefix: str = Field(max_length=32)
+    key_hash: str = Field(unique=True, index=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    last_used_at: datetime | None = _ts()
+    revoked_at: datetime | None = _ts()
+
+
+class Job(SQLModel, table=True):
+    __table_args__ = (sa.Index("ix_job_project_id_id", "project_id", "id"),)
+
+    id: str = Field(default_factory=lambda: new_id("job"), primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="project.id", max_length=64)
+    status: str = Field(default=JobStatus.queued, index=True, max_length=16)
+    surface: str = Field(default="openai", max_length=16)
+    model: str = Field(max_length=200)
+    request: dict[str, Any] = Field(sa_type=sa.JSON)
+    attempts: int = 0
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, sa_type=sa.Text)
+    usage: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    started_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts()
+    canceled_at: datetime | None = _ts()
+    # Outbox bookkeeping: when the "run job X" message was last handed to the broker.
+    published_at: datetime | None = _ts()
+    # Set while running: the claim of one attempt, renewed by the worker's heartbeat.
+    lease_token: str | None = Field(default=None, max_length=64)
+    lease_expires_at: datetime | None = _ts()
+
+
+class Image(SQLModel, table=True):
+    __table_args__ = (sa.UniqueConstraint("job_id", "index", name="uq_image_job_index"),)
+
+    id: str = Field(default_factory=lambda: new_id("img"), primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="project.id", index=True, max_length=64)
+    job_id: str = Field(foreign_key="job.id", index=True, max_length=64)
+    index: int
+    storage_key: str = Field(max_length=500)
+    content_type: str = Field(max_length=64)
+    width: int
+    height: int
+    size_bytes: int
+    revised_prompt: str | None = Field(default=None, sa_type=sa.Text)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

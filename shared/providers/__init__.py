@@ -1,0 +1,32 @@
+"""Providers: one small interface (``Provider.generate``), one module each."""
+
+from __future__ import annotations
+
+from shared.providers.base import (
+    GeneratedImage,
+    PermanentProviderError,
+    Provider,
+    ProviderError,
+    TransientProviderError,
+)
+from shared.registry import ModelSpec
+
+
+def get_provider(spec: ModelSpec) -> Provider:
+    if spec.provider == "procedural":
+        from shared.providers.procedural import ProceduralProvider
+
+        return ProceduralProvider()
+    from shared.providers.openai_compat import OpenAICompatibleProvider
+
+    return OpenAICompatibleProvider.shared()
+
+
+__all__ = [
+    "GeneratedImage",
+    "PermanentProviderError",
+    "Provider",
+    "ProviderError",
+    "TransientProviderError",
+    "get_provider",
+]

@@ -1,0 +1,163 @@
+"""``openai``: any OpenAI-compatible ``/images/generations`` upstream by base URL and key.
+
+Upstream ``url`` answers are downloaded into our storage: a provider URL is never
+handed to our client (they expire, and they leak which provider we use).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+from typing import Any
+
+import httpx
+
+from shared.providers.base import (
+    GeneratedImage,
+    Generation,
+    PermanentProviderError,
+    TransientProviderError,
+)
+from shared.registry import ModelSpec
+from shared.schemas import GenerationParams
+from shared.settings import get_settings
+
+_TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = response.headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None  # an HTTP date: fall back to our own backoff
+    return None
+
+
+def _error_message(response: httpx.Response) -> tuple[str, str | None]:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase, None
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or body), err.get("code") or err.get("type")
+    if isinstance(err, str):
+        return err, None
+    return str(body)[:500], None
+
+
+class OpenAICompatibleProvider:
+    _shared: OpenAICompatibleProvider | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+
+    @classmethod
+    def shared(cls) -> OpenAICompatibleProvider:
+        """One HTTP client per process: its pool is shared by every worker thread."""
+        with cls._lock:
+            if cls._shared is None:
+                settings = get_settings()
+                limit = max(64, settings.worker_concurrency * 2)
+                cls._shared = cls(httpx.Client(
+                    timeout=httpx.Timeout(settings.provider_timeout_seconds, connect=10.0),
+                    limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+                    follow_redirects=True,
+                ))
+            return cls._shared
+
+    def _payload(self, spec: ModelSpec, params: GenerationParams, count: int) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": spec.upstream_model or spec.name,
+            "prompt": params.prompt,
+            "n": count,
+        }
+        if params.size != "auto" or "auto" in spec.capabilities.sizes:
+            payload["size"] = params.size
+        if spec.upstream_response_format:
+            payload["response_format"] = spec.upstream_response_format
+        for name in ("quality", "style", "background", "moderation", "user",
+                     "output_compression"):
+            value = getattr(params, name)
+            if value is not None:
+                payload[name] = value
+        if spec.upstream_response_format is None:  # gpt-image family: format upstream
+            payload["output_format"] = params.output_format
+        return payload
+
+    def generate(self, spec: ModelSpec, params: GenerationParams, count: int,
+                 first_index: int) -> Generation:
+        if not spec.base_url:
+            raise PermanentProviderError(f"model '{spec.name}' has no base_url",
+                                         code="provider_misconfigured")
+        headers = {}
+        key = spec.api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        url = spec.base_url.rstrip("/") + "/images/generations"
+        try:
+            response = self.client.post(url, json=self._payload(spec, params, count),
+                                        headers=headers)
+        except httpx.TimeoutException as exc:
+            raise TransientProviderError(f"upstream timed out: {type(exc).__name__}",
+                                         code="upstream_timeout") from exc
+        except httpx.TransportError as exc:
+            raise TransientProviderError(f"upstream connection failed: {exc}",
+                                         code="upstream_unavailable") from exc
+        if response.status_code >= 400:
+            message, code = _error_message(response)
+            status = response.status_code
+            if status in _TRANSIENT_STATUS:
+                raise TransientProviderError(
+                    f"upstream answered {status}: {message}",
+                    code="upstream_rate_limited" if status == 429 else "upstream_unavailable",
+                    retry_after=_retry_after(response),
+                )
+            if status in (401, 403):
+                code = "upstream_auth_error"
+            raise PermanentProviderError(message, code=code or "upstream_rejected")
+        try:
+            body = response.json()
+            items = body["data"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TransientProviderError("upstream answered without a data list",
+                                         code="upstream_bad_response") from exc
+        if not isinstance(items, list) or len(items) != count:
+            raise TransientProviderError(
+                f"upstream returned {len(items) if isinstance(items, list) else 'no'} images "
+                f"for n={count}", code="upstream_bad_response")
+        images = [self._image(item) for item in items]
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
+        return Generation(images=images, usage=usage)
+
+    def _image(self, item: Any) -> GeneratedImage:
+        revised = item.get("revised_prompt") if isinstance(item, dict) else None
+        if isinstance(item, dict) and item.get("b64_json"):
+            try:
+                return GeneratedImage(base64.b64decode(item["b64_json"], validate=True), revised)
+            except (binascii.Error, ValueError) as exc:
+                raise TransientProviderError("upstream sent invalid base64",
+                                             code="upstream_bad_response") from exc
+        if isinstance(item, dict) and item.get("url"):
+            try:
+                resp = self.client.get(item["url"])
+            except httpx.HTTPError as exc:
+                raise TransientProviderError(f"downloading the upstream image failed: {exc}",
+                                             code="upstream_unavailable") from exc
+            if resp.status_code != 200:
+                raise TransientProviderError(
+                    f"downloading the upstream image answered {resp.status_code}",
+                    code="upstream_unavailable")
+            return GeneratedImage(resp.content, revised)
+        raise TransientProviderError("upstream image has neither url nor b64_json",
+                                     code="upstream_bad_response")

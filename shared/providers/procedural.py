@@ -1,0 +1,45 @@
+"""``procedural``: a deterministic picture computed from prompt, size and image index.
+
+Not an AI model, and not pretending to be one: it makes the service work out of the
+box with no keys and no network, and it is the test workhorse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+from PIL import Image, ImageDraw
+
+from shared.providers.base import GeneratedImage, Generation
+from shared.registry import ModelSpec, parse_size
+from shared.schemas import GenerationParams
+
+
+def render(prompt: str, width: int, height: int, index: int) -> Image.Image:
+    digest = hashlib.sha256(f"{prompt}\x00{index}".encode()).digest()
+    c1, c2 = tuple(digest[0:3]), tuple(digest[3:6])
+    # A horizontal gradient between two colours derived from the prompt...
+    ramp = Image.linear_gradient("L").rotate(90).resize((width, height))
+    img = Image.composite(Image.new("RGB", (width, height), c1),
+                          Image.new("RGB", (width, height), c2), ramp)
+    # ...with a few shapes whose position and colour also come from the digest.
+    draw = ImageDraw.Draw(img)
+    for i in range(4):
+        b = digest[6 + i * 6: 12 + i * 6]
+        x0, y0 = b[0] * width // 256, b[1] * height // 256
+        r = max(2, b[2] * min(width, height) // 1024)
+        draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=(b[3], b[4], b[5]))
+    return img
+
+
+class ProceduralProvider:
+    def generate(self, spec: ModelSpec, params: GenerationParams, count: int,
+                 first_index: int) -> Generation:
+        width, height = parse_size(params.size) or (1024, 1024)
+        images = []
+        for index in range(first_index, first_index + count):
+            buf = io.BytesIO()
+            render(params.prompt, width, height, index).save(buf, format="PNG", compress_level=1)
+            images.append(GeneratedImage(data=buf.getvalue()))
+        return Generation(images=images)

@@ -1,0 +1,78 @@
+"""The Celery app both sides share, and the one way a job is published.
+
+The API only ever sends ``imagegen.run_job(job_id)`` after the job's row is
+committed; the message carries no state, so losing or repeating one is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from shared.settings import Settings, get_settings
+
+RUN_JOB = "imagegen.run_job"
+log = logging.getLogger(__name__)
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("imagegen", broker=settings.resolved_broker_url, set_as_current=True)
+    transport_options: dict[str, Any]
+    if settings.embedded_broker:
+        # kombu's filesystem transport: no server needed; about 900 jobs/s at 50 ms polling.
+        folder = settings.broker_dir
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": settings.broker_polling_interval,
+        }
+    else:
+        transport_options = {
+            # Short socket timeouts: with the broker down, a publish fails fast and
+            # the job waits for the sweeper instead of the request hanging.
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+            # Redelivery of unacked messages is a backstop only; lost or crashed
+            # jobs are recovered sooner by the lease sweeper (worker/sweeper.py).
+            "visibility_timeout": 3600,
+        }
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=2,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_default_queue="default",
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2,
+                                   "interval_step": 0.2, "interval_max": 0.5},
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        broker_heartbeat=0,
+    )
+    return app
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def publish_job(job_id: str, queue: str) -> bool:
+    """Hand "run job X" to the broker; False when the broker cannot take it now."""
+    try:
+        get_celery().send_task(RUN_JOB, args=[job_id], queue=queue)
+    except Exception as exc:  # kombu raises many types for an unreachable broker
+        log.warning("broker did not take job %s: %s", job_id, exc)
+        return False
+    return True

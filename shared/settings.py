@@ -1,0 +1,95 @@
+"""Service settings, read from ``IMAGEGEN_*`` environment variables.
+
+With nothing set the service runs on embedded defaults: SQLite and local file
+storage under ``IMAGEGEN_DATA_DIR``, kombu's filesystem transport as broker,
+and the built-in ``procedural`` model.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGEGEN_", extra="ignore")
+
+    data_dir: Path = Path(".imagegen")
+    database_url: str | None = None
+    broker_url: str | None = None
+    redis_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_region: str = "us-east-1"
+    models_file: Path | None = None
+    dev_api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Secret for the HMAC that signs local-storage file URLs. Generated and kept
+    # under data_dir when unset, so signed URLs survive a restart.
+    secret_key: str | None = None
+
+    sync_wait_seconds: float = 300.0
+    url_expiry_seconds: int = 3600
+    provider_timeout_seconds: float = 180.0
+    provider_max_attempts: int = 4
+    provider_backoff_seconds: float = 2.0
+    provider_backoff_max_seconds: float = 60.0
+    # How many provider calls one worker process holds at once (threads pool size).
+    worker_concurrency: int = 256
+    # A running job whose worker stops renewing its lease for this long is re-queued.
+    job_lease_seconds: float = 60.0
+    # A queued job whose broker message was published this long ago but never
+    # picked up is published again (the message was lost, e.g. a broker restart
+    # without persistence). Duplicates are harmless: the claim is guarded.
+    redeliver_after_seconds: float = 300.0
+    sweep_interval_seconds: float = 5.0
+    broker_polling_interval: float = 0.05
+    max_prompt_chars: int = 32000
+    log_level: str = "INFO"
+    public_url: str | None = Field(
+        default=None, description="Base URL used in local-storage file links; request's own when unset"
+    )
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'imagegen.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def files_dir(self) -> Path:
+        return (self.data_dir / "files").resolve()
+
+    def resolved_secret_key(self) -> str:
+        if self.secret_key:
+            return self.secret_key
+        path = self.data_dir / "secret_key"
+        if not path.exists():
+            import secrets
+
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_urlsafe(48))
+            tmp.replace(path)
+        return path.read_text().strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,126 @@
+"""Image storage: S3-compatible through boto3, or a local directory with HMAC-signed URLs.
+
+Keys are deterministic per job and image index (``{project}/{job}/{index}.{ext}``)
+so a job that runs twice overwrites rather than duplicates; the job id carries
+74 random bits and every URL is signed, so keys cannot be guessed into access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote, urlencode
+
+import boto3
+from botocore.config import Config
+
+from shared.errors import Forbidden, NotFound
+from shared.settings import Settings, get_settings
+
+
+def image_key(project_id: str, job_id: str, index: int, ext: str) -> str:
+    return f"{project_id}/{job_id}/{index}.{ext}"
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def url(self, key: str, expires_in: int, base_url: str) -> str: ...
+
+
+class S3Storage:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.s3_bucket
+        self.bucket = settings.s3_bucket
+        # One client per process, explicit timeouts and retries (boto3 clients are
+        # thread-safe; sessions are not, hence the client is made here once).
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            config=Config(
+                connect_timeout=5,
+                read_timeout=30,
+                retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=max(10, settings.worker_concurrency),
+                signature_version="s3v4",
+            ),
+        )
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except self.client.exceptions.ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        obj = self.client.get_object(Bucket=self.bucket, Key=key)
+        return bytes(obj["Body"].read())
+
+    def url(self, key: str, expires_in: int, base_url: str) -> str:
+        return str(
+            self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
+            )
+        )
+
+
+class LocalStorage:
+    """Files under ``data_dir/files``, served by the API at ``/v1/images/files/{key}``."""
+
+    def __init__(self, root: Path, secret: str) -> None:
+        self.root = root
+        self._secret = secret.encode()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise NotFound("No such file")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # atomic: a reader never sees half a file
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFound("No such file")
+        return path.read_bytes()
+
+    def sign(self, key: str, expires: int) -> str:
+        return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def url(self, key: str, expires_in: int, base_url: str) -> str:
+        expires = int(time.time()) + expires_in
+        query = urlencode({"expires": expires, "signature": self.sign(key, expires)})
+        return f"{base_url.rstrip('/')}/v1/images/files/{quote(key)}?{query}"
+
+    def verify(self, key: str, expires: int, signature: str) -> None:
+        if expires < time.time():
+            raise Forbidden("This URL has expired.")
+        if not hmac.compare_digest(self.sign(key, expires), signature):
+            raise Forbidden("Invalid signature.")
+
+
+def make_storage(settings: Settings) -> Storage:
+    if settings.s3_bucket:
+        return S3Storage(settings)
+    return LocalStorage(settings.files_dir, settings.resolved_secret_key())
+
+
+@lru_cache
+def get_storage() -> Storage:
+    return make_storage(get_settings())

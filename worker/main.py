@@ -1,0 +1,49 @@
+"""Worker start-up.
+
+Concurrency model: Celery's ``threads`` pool with hundreds of threads in one
+process. A job spends nearly all its time waiting on a provider (10-150 s per
+image), so what matters is how many calls one process holds open, not CPU.
+Threads keep every library we use (SQLAlchemy, psycopg, boto3, httpx) in its
+ordinary blocking mode, with no monkey-patching (gevent) and no second async
+code path; an idle thread costs a stack page or two. bench/ measures how many
+jobs one process holds in flight against a slow upstream.
+Per-process resources (engine, HTTP client, S3 client) are made lazily on
+first use in this process, never at import before a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from shared.queue import get_celery
+from shared.settings import get_settings
+from worker.runner import heartbeat_thread
+from worker.sweeper import sweeper_thread
+from worker.tasks import register
+
+
+def run_worker(queues: list[str], concurrency: int | None = None,
+               sweeper: bool = True) -> None:
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    app = get_celery()
+    register(app)
+    stop = threading.Event()
+    heartbeat_thread(stop)
+    if sweeper:
+        sweeper_thread(stop)
+    try:
+        app.worker_main([
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency or settings.worker_concurrency}",
+            f"--queues={','.join(queues)}",
+            f"--loglevel={settings.log_level}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ])
+    finally:
+        stop.set()

@@ -1,0 +1,207 @@
+"""Run one job: claim it, call the provider for its images, store them, finish it.
+
+Safe to run twice for the same job: the claim is a guarded UPDATE (a finished job
+is never re-run, a running one only once its lease expired), storage keys are
+deterministic per job and index, and images are written in the same transaction
+as the guarded transition to ``succeeded``, so a job ends with exactly ``n``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from functools import lru_cache
+
+import sqlalchemy as sa
+from sqlmodel import col
+
+from shared.db import session_scope
+from shared.events import publish_job_changed
+from shared.imaging import UnreadableImage, encode
+from shared.jobs import job_params
+from shared.models import Image, Job, JobStatus
+from shared.providers import (
+    GeneratedImage,
+    PermanentProviderError,
+    ProviderError,
+    TransientProviderError,
+    get_provider,
+)
+from shared.providers.base import Generation
+from shared.registry import ModelSpec, get_registry
+from shared.schemas import GenerationParams
+from shared.settings import get_settings
+from shared.storage import get_storage, image_key
+from shared.timeutil import utcnow
+from worker.leases import LEASES
+
+log = logging.getLogger(__name__)
+
+
+class JobCanceled(Exception):
+    """The job was canceled (or taken over) while this attempt ran."""
+
+
+@lru_cache
+def _fanout_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=get_settings().worker_concurrency,
+                              thread_name_prefix="fanout")
+
+
+def claim(job_id: str) -> tuple[Job, str] | None:
+    """Take the job for one attempt; None when it is finished or held by a live attempt."""
+    token = secrets.token_hex(16)
+    now = utcnow()
+    expires = now + timedelta(seconds=get_settings().job_lease_seconds)
+    with session_scope() as session:
+        result = session.execute(
+            sa.update(Job)
+            .where(Job.id == job_id)
+            .where(sa.or_(Job.status == JobStatus.queued,
+                          sa.and_(Job.status == JobStatus.running,
+                                  col(Job.lease_expires_at) < now)))
+            .values(status=JobStatus.running, attempts=Job.attempts + 1, lease_token=token,
+                    lease_expires_at=expires,
+                    started_at=sa.func.coalesce(Job.started_at, now))
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        job = session.get(Job, job_id)
+        assert job is not None
+    return job, token
+
+
+def _finish(job_id: str, token: str, values: dict[str, object],
+            images: list[Image] | None = None) -> bool:
+    with session_scope() as session:
+        result = session.execute(
+            sa.update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.running, Job.lease_token == token)
+            .values(finished_at=utcnow(), lease_token=None, lease_expires_at=None, **values)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            session.rollback()
+            return False
+        for image in images or []:
+            session.add(image)
+    return True
+
+
+def _call_with_retries(spec: ModelSpec, params: GenerationParams, count: int, first: int,
+                       job_id: str) -> Generation:
+    settings = get_settings()
+    provider = get_provider(spec)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return provider.generate(spec, params, count, first)
+        except TransientProviderError as exc:
+            if attempt >= settings.provider_max_attempts:
+                raise
+            delay = exc.retry_after
+            if delay is None:
+                delay = settings.provider_backoff_seconds * 2 ** (attempt - 1)
+                delay *= random.uniform(0.8, 1.2)
+            delay = min(delay, settings.provider_backoff_max_seconds)
+            log.info("job %s: %s; retry %d in %.1fs", job_id, exc.message, attempt, delay)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline:
+                if LEASES.lost(job_id):
+                    raise JobCanceled() from exc
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
+def _generate(spec: ModelSpec, params: GenerationParams, job_id: str) -> Generation:
+    """All ``n`` images, fanning out when the upstream makes fewer per call."""
+    per_call = max(1, spec.batch_size)
+    chunks = [(first, min(per_call, params.n - first)) for first in range(0, params.n, per_call)]
+    if len(chunks) == 1:
+        return _call_with_retries(spec, params, params.n, 0, job_id)
+    futures = [_fanout_pool().submit(_call_with_retries, spec, params, count, first, job_id)
+               for first, count in chunks]
+    images: list[GeneratedImage] = []
+    usage: dict[str, int] = {}
+    errors: list[BaseException] = []
+    for future in futures:  # wait for all, so no call outlives the attempt
+        try:
+            gen = future.result()
+        except BaseException as exc:
+            errors.append(exc)
+            continue
+        images += gen.images
+        for key, value in (gen.usage or {}).items():
+            if isinstance(value, int):
+                usage[key] = usage.get(key, 0) + value
+    if errors:
+        permanent = [e for e in errors if isinstance(e, PermanentProviderError)]
+        raise (permanent or errors)[0]
+    return Generation(images=images, usage=usage or None)
+
+
+def run_job(job_id: str) -> str:
+    """Run the job if it can be claimed; returns the status it ended in (or 'skipped')."""
+    claimed = claim(job_id)
+    if claimed is None:
+        return "skipped"
+    job, token = claimed
+    LEASES.hold(job_id, token)
+    publish_job_changed(job_id, JobStatus.running)
+    try:
+        status = _run_claimed(job, token)
+    finally:
+        LEASES.release(job_id)
+    publish_job_changed(job_id, status)
+    return status
+
+
+def _run_claimed(job: Job, token: str) -> str:
+    params = job_params(job)
+    try:
+        spec = get_registry().get(job.model)
+        generation = _generate(spec, params, job.id)
+        if LEASES.lost(job.id):
+            raise JobCanceled()
+        storage = get_storage()
+        images = []
+        for index, generated in enumerate(generation.images):
+            encoded = encode(generated.data, params.output_format, params.output_compression)
+            key = image_key(job.project_id, job.id, index, encoded.fmt)
+            storage.put(key, encoded.data, encoded.content_type)
+            images.append(Image(
+                project_id=job.project_id, job_id=job.id, index=index, storage_key=key,
+                content_type=encoded.content_type, width=encoded.width, height=encoded.height,
+                size_bytes=len(encoded.data), revised_prompt=generated.revised_prompt,
+            ))
+        values: dict[str, object] = {"status": JobStatus.succeeded, "usage": generation.usage}
+        if _finish(job.id, token, values, images):
+            return JobStatus.succeeded
+        return "discarded"
+    except JobCanceled:
+        return "discarded"
+    except (ProviderError, UnreadableImage) as exc:
+        code = exc.code if isinstance(exc, ProviderError) else "upstream_bad_response"
+        message = exc.message if isinstance(exc, ProviderError) else str(exc)
+        log.info("job %s failed: %s: %s", job.id, code, message)
+        _finish(job.id, token, {"status": JobStatus.failed, "error_code": code,
+                                "error_message": message})
+        return JobStatus.failed
+    except Exception as exc:
+        # Our own fault (storage down, a bug): fail the job visibly, never as an
+        # empty success. The message names the kind of fault, not internals.
+        log.exception("job %s crashed", job.id)
+        _finish(job.id, token, {"status": JobStatus.failed, "error_code": "internal_error",
+                                "error_message": f"internal error: {type(exc).__name__}"})
+        return JobStatus.failed
+
+
+def heartbeat_thread(stop: threading.Event) -> threading.Thread:
+    thread = threading.Thread(target=LEASES.run_forever, args=(stop,), name="lease-heartbeat",
+                              daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,85 @@
+"""The outbox sweeper: nothing accepted is lost.
+
+Every ``sweep_interval_seconds`` it
+1. re-queues running jobs whose lease expired (their worker died), and
+2. publishes queued jobs that never reached the broker (published_at is NULL:
+   the broker was down when the API accepted them) or whose message was
+   published long ago and never picked up (lost in a broker restart).
+Several sweepers (one per worker process) may run at once: each step is a
+guarded UPDATE, and a duplicate message only finds the job already claimed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+import sqlalchemy as sa
+from sqlmodel import col, select
+
+from shared.db import session_scope
+from shared.jobs import job_queue, mark_published
+from shared.models import Job, JobStatus
+from shared.queue import publish_job
+from shared.settings import get_settings
+from shared.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+BATCH = 500
+
+
+def requeue_expired() -> int:
+    now = utcnow()
+    with session_scope() as session:
+        result = session.execute(
+            sa.update(Job)
+            .where(Job.status == JobStatus.running, col(Job.lease_expires_at) < now)
+            .values(status=JobStatus.queued, lease_token=None, lease_expires_at=None,
+                    published_at=None)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def publish_pending() -> int:
+    settings = get_settings()
+    now = utcnow()
+    # A fresh job is published by the API itself; give it a moment before stepping in.
+    fresh = now - timedelta(seconds=2)
+    stale = now - timedelta(seconds=settings.redeliver_after_seconds)
+    with session_scope() as session:
+        jobs = list(session.exec(
+            select(Job)
+            .where(Job.status == JobStatus.queued, Job.created_at < fresh)
+            .where(sa.or_(col(Job.published_at).is_(None), col(Job.published_at) < stale))
+            .order_by(col(Job.created_at))
+            .limit(BATCH)
+        ))
+    published = [job.id for job in jobs if publish_job(job.id, job_queue(job))]
+    if published:
+        with session_scope() as session:
+            mark_published(session, published)
+    return len(published)
+
+
+def sweep_once() -> tuple[int, int]:
+    requeued = requeue_expired()
+    published = publish_pending()
+    if requeued or published:
+        log.info("sweeper: re-queued %d expired, published %d pending", requeued, published)
+    return requeued, published
+
+
+def run_forever(stop: threading.Event) -> None:
+    interval = get_settings().sweep_interval_seconds
+    while not stop.wait(interval):
+        try:
+            sweep_once()
+        except Exception:
+            log.exception("sweep failed")
+
+
+def sweeper_thread(stop: threading.Event) -> threading.Thread:
+    thread = threading.Thread(target=run_forever, args=(stop,), name="sweeper", daemon=True)
+    thread.start()
+    return thread

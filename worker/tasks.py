@@ -1,0 +1,14 @@
+"""Celery tasks: thin wrappers over the runner."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.queue import RUN_JOB
+from worker.runner import run_job
+
+
+def register(app: Celery) -> None:
+    @app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
+    def run_job_task(job_id: str) -> str:
+        return run_job(job_id)
