@@ -1,0 +1,139 @@
+"""A fake OpenAI-compatible image upstream speaking the real protocol over HTTP.
+
+Behaviour is chosen by markers in the prompt, counted per prompt:
+``[429-once]`` answers 429 with Retry-After first, ``[500-once]`` a 500 first,
+``[content-policy]`` a 400 content_policy_violation, ``[hang]`` never answers in
+time, ``[slow=S]`` waits S seconds, ``[garbage]`` returns bytes that are no image.
+``response_format: url`` answers with URLs served by this same server.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from PIL import Image
+
+EXPECTED_KEY = "sk-upstream-test"
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()
+        self.files: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> FakeUpstream:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def calls_for(self, marker: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [c for c in self.calls if marker in c["body"].get("prompt", "")]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes, ctype: str = "application/json",
+                      headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _error(self, status: int, message: str, code: str | None,
+                       headers: dict[str, str] | None = None) -> None:
+                body = {"error": {"message": message, "type": "invalid_request_error",
+                                  "param": None, "code": code}}
+                self._send(status, json.dumps(body).encode(), headers=headers)
+
+            def do_GET(self) -> None:  # noqa: N802
+                name = self.path.rsplit("/", 1)[-1]
+                data = upstream.files.get(name)
+                if data is None:
+                    self._send(404, b"{}")
+                else:
+                    self._send(200, data, "image/png")
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                prompt = body.get("prompt", "")
+                with upstream.lock:
+                    upstream.counts[prompt] += 1
+                    count = upstream.counts[prompt]
+                    upstream.calls.append({"path": self.path, "body": body,
+                                           "auth": self.headers.get("Authorization")})
+                if self.path != "/v1/images/generations":
+                    return self._error(404, "not found", None)
+                if self.headers.get("Authorization") != f"Bearer {EXPECTED_KEY}":
+                    return self._error(401, "Incorrect API key provided", "invalid_api_key")
+                if body.get("model") == "fake-n1-upstream" and body.get("n", 1) != 1:
+                    return self._error(400, "n must be 1 for this model", "invalid_value")
+                if "[429-once]" in prompt and count == 1:
+                    return self._error(429, "Rate limit reached", "rate_limit_exceeded",
+                                       {"Retry-After": "1"})
+                if "[500-once]" in prompt and count == 1:
+                    return self._error(500, "The server had an error", None)
+                if "[content-policy]" in prompt:
+                    return self._error(
+                        400, "Your request was rejected as a result of our safety system.",
+                        "content_policy_violation")
+                if "[hang]" in prompt:
+                    time.sleep(30)
+                    return self._error(500, "too late", None)
+                slow = re.search(r"\[slow=([\d.]+)\]", prompt)
+                if slow:
+                    time.sleep(float(slow.group(1)))
+                width, height = (int(v) for v in str(body.get("size", "64x64")).split("x"))
+                data = []
+                for i in range(int(body.get("n", 1))):
+                    if "[garbage]" in prompt:
+                        png = b"this is not an image"
+                    else:
+                        buf = io.BytesIO()
+                        Image.new("RGB", (width, height), (i * 40 % 256, 80, 160)).save(
+                            buf, format="PNG")
+                        png = buf.getvalue()
+                    item: dict[str, Any] = {"revised_prompt": f"revised: {prompt}"}
+                    if body.get("response_format") == "url":
+                        name = f"{uuid.uuid4().hex}.png"
+                        upstream.files[name] = png
+                        item["url"] = f"http://127.0.0.1:{upstream.port}/files/{name}"
+                    else:
+                        item["b64_json"] = base64.b64encode(png).decode()
+                    data.append(item)
+                resp: dict[str, Any] = {"created": int(time.time()), "data": data}
+                if body.get("model") == "gpt-image-1":
+                    resp["usage"] = {"input_tokens": 10, "output_tokens": 100,
+                                     "total_tokens": 110}
+                self._send(200, json.dumps(resp).encode())
+
+        return Handler
