@@ -84,7 +84,7 @@ class Stack:
             "IMAGEGEN_MODELS_FILE": str(models_file),
             "IMAGEGEN_PORT": str(self.port),
             "IMAGEGEN_SECRET_KEY": "test-secret",
-            "IMAGEGEN_PROVIDER_TIMEOUT_SECONDS": "2",
+            "IMAGEGEN_PROVIDER_TIMEOUT_SECONDS": "3",
             "IMAGEGEN_PROVIDER_MAX_ATTEMPTS": "3",
             "IMAGEGEN_PROVIDER_BACKOFF_SECONDS": "0.2",
             "IMAGEGEN_JOB_LEASE_SECONDS": "3",
