@@ -1,0 +1,102 @@
+"""A crash, restart or outage delays work; it never drops or duplicates it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from tests.support.processes import ServiceProcess, free_port, wait_for, wait_http
+from tests.support.stack import Stack
+
+
+@pytest.fixture(scope="module")
+def own_stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Stack]:
+    s = Stack(Path(tmp_path_factory.mktemp("resilience")), s3_endpoint)
+    yield s
+    s.close()
+
+
+def image_rows(stack: Stack, job_id: str) -> list[tuple[int, str]]:
+    engine = sa.create_engine(stack.database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text('SELECT "index", storage_key FROM image WHERE job_id = :j'),
+                                {"j": job_id}).all()
+    finally:
+        engine.dispose()
+    return [(r[0], r[1]) for r in rows]
+
+
+def test_worker_killed_mid_job_completes_exactly_once(own_stack: Stack) -> None:
+    stack = own_stack
+    with stack.client() as client:
+        job = client.post("/v1/images/generations", headers={"Prefer": "respond-async"}, json={
+            "model": "fake-fast", "prompt": "[slow=2] survive a kill", "n": 3, "size": "64x64",
+        }).json()
+        wait_for(lambda: stack.upstream.calls_for("survive a kill"), 15, "upstream call")
+        assert client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "running"
+        stack.worker.kill()
+        stack.new_worker()
+        done = stack.wait_job(job["id"], timeout=60)
+    assert done["status"] == "succeeded"
+    assert done["attempts"] == 2
+    assert len(done["result"]["data"]) == 3
+    rows = image_rows(stack, job["id"])
+    assert sorted(index for index, _ in rows) == [0, 1, 2]
+    assert len({key for _, key in rows}) == 3
+
+
+def test_redis_outage_accepts_and_later_completes_every_job(own_stack: Stack) -> None:
+    stack = own_stack
+    stack.redis.stop()
+    sync_results: list[httpx.Response] = []
+
+    def sync_request(i: int) -> None:
+        with stack.client() as client:
+            sync_results.append(client.post("/v1/images/generations", json={
+                "model": "procedural", "prompt": f"sync during outage {i}", "size": "64x64"}))
+
+    threads = [threading.Thread(target=sync_request, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    accepted = []
+    with stack.client() as client:
+        for i in range(6):
+            resp = client.post("/v1/images/generations", headers={"Prefer": "respond-async"},
+                               json={"model": "procedural", "prompt": f"outage {i}",
+                                     "size": "64x64"})
+            assert resp.status_code == 202, resp.text
+            accepted.append(resp.json()["id"])
+        stack.redis.start()  # same port, empty: every message published before is gone
+        for job_id in accepted:
+            done = stack.wait_job(job_id, timeout=60)
+            assert done["status"] == "succeeded", done
+            assert done["attempts"] == 1
+            assert len(done["result"]["data"]) == 1
+    for t in threads:
+        t.join(60)
+    assert [r.status_code for r in sync_results] == [200, 200]
+    for r in sync_results:
+        assert len(r.json()["data"]) == 1
+
+
+def test_database_down_answers_503_in_openai_shape(own_stack: Stack, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**own_stack.env, "IMAGEGEN_PORT": str(port),
+           "IMAGEGEN_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"}
+    api = ServiceProcess(["api"], env, tmp_path / "api.log").start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/openapi.json")
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations",
+                          json={"prompt": "p"}, headers={"Authorization": "Bearer x"},
+                          timeout=30)
+        assert resp.status_code == 503
+        assert resp.headers["Retry-After"]
+        assert resp.json()["error"]["code"] == "service_unavailable"
+    finally:
+        api.stop()
