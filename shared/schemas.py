@@ -15,7 +15,7 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: StrictStr
+    prompt: StrictStr = Field(min_length=1)
     model: StrictStr | None = None
     n: StrictInt | None = Field(default=None, ge=1, le=10)
     size: StrictStr | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -50,9 +49,8 @@ class Settings(BaseSettings):
     broker_polling_interval: float = 0.05
     max_prompt_chars: int = 32000
     log_level: str = "INFO"
-    public_url: str | None = Field(
-        default=None, description="Base URL used in local-storage file links; request's own when unset"
-    )
+    # Base URL put in local-storage file links; the request's own when unset.
+    public_url: str | None = None
 
     @property
     def resolved_database_url(self) -> str:
