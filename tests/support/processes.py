@@ -89,8 +89,10 @@ def drop_database(url: str) -> None:
 class ServiceProcess:
     """``imagegen api`` or ``imagegen worker`` in its own process."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path,
+                 cwd: Path | None = None) -> None:
         self.args = args
+        self.cwd = cwd
         self.env = env
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -99,7 +101,8 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *self.args],
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=self.cwd)
         return self
 
     def kill(self) -> None:

@@ -1,0 +1,83 @@
+"""``imagegen dev`` on embedded defaults: SQLite, local files, filesystem broker,
+no Redis, PostgreSQL or S3, with a fresh directory and no IMAGEGEN_* settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlparse
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.support.processes import ServiceProcess, free_port, wait_http
+
+KEY = "sk-ig-embedded-test-key"
+
+
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    home = Path(tmp_path_factory.mktemp("embedded"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+    env.pop("OPENAI_API_KEY", None)
+    env |= {"IMAGEGEN_PORT": str(port), "IMAGEGEN_DEV_API_KEY": KEY}
+    # The dev server runs in the new directory: its data lands under ./.imagegen.
+    proc = ServiceProcess(["dev"], env, home / "dev.log", cwd=home).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        yield f"http://127.0.0.1:{port}", home
+    finally:
+        proc.stop()
+
+
+def test_openai_package_works_on_embedded_defaults(dev_server: tuple[str, Path]) -> None:
+    base, home = dev_server
+    client = openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0)
+    result = client.images.generate(prompt="embedded otter", size="256x256", n=2)
+    assert result.data is not None and len(result.data) == 2
+    url = result.data[0].url
+    assert url is not None and url.startswith(base)
+    resp = httpx.get(url)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    assert (home / ".imagegen" / "imagegen.db").exists()  # SQLite, under the data dir
+    assert list((home / ".imagegen" / "files").rglob("*.png"))
+
+
+def test_local_file_urls_need_a_valid_unexpired_signature(dev_server: tuple[str, Path]) -> None:
+    base, _ = dev_server
+    resp = httpx.post(f"{base}/v1/images/generations", json={"prompt": "signed", "size": "64x64"},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    url = resp.json()["data"][0]["url"]
+    parsed = urlparse(url)
+    query = {k: v[0] for k, v in parse_qs(parsed.query).items()}
+    bare = f"{base}{parsed.path}"
+    assert httpx.get(url).status_code == 200
+    tampered = {**query, "signature": "0" * 64}
+    assert httpx.get(f"{bare}?{urlencode(tampered)}").status_code == 403
+    expired = {**query, "expires": "1000"}
+    resp = httpx.get(f"{bare}?{urlencode(expired)}")
+    assert resp.status_code == 403
+    assert resp.json()["error"]["message"]
+    assert httpx.get(bare).status_code == 400  # no signature at all
+    other = bare.replace("/0.png", "/1.png")
+    assert httpx.get(f"{other}?{parsed.query}").status_code == 403
+
+
+def test_cli_generate_saves_images(dev_server: tuple[str, Path], tmp_path: Path) -> None:
+    base, _ = dev_server
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "generate", "a cli heron", "--size", "64x64",
+         "--n", "2", "--out", str(out), "--base-url", base, "--api-key", KEY],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 2
+    assert all(Image.open(f).size == (64, 64) for f in files)
