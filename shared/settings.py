@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_bucket: str | None = None
     s3_region: str = "us-east-1"
+    # Endpoint named in presigned URLs when clients reach S3 by another address
+    # than the service does (MinIO inside compose); s3_endpoint_url when unset.
+    s3_public_endpoint_url: str | None = None
     models_file: Path | None = None
     dev_api_key: str | None = None
     host: str = "127.0.0.1"
@@ -47,7 +50,6 @@ class Settings(BaseSettings):
     redeliver_after_seconds: float = 300.0
     sweep_interval_seconds: float = 5.0
     broker_polling_interval: float = 0.05
-    max_prompt_chars: int = 32000
     log_level: str = "INFO"
     # Base URL put in local-storage file links; the request's own when unset.
     public_url: str | None = None

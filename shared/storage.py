@@ -40,24 +40,21 @@ class S3Storage:
         self.bucket = settings.s3_bucket
         # One client per process, explicit timeouts and retries (boto3 clients are
         # thread-safe; sessions are not, hence the client is made here once).
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            config=Config(
-                connect_timeout=5,
-                read_timeout=30,
-                retries={"max_attempts": 5, "mode": "standard"},
-                max_pool_connections=max(10, settings.worker_concurrency),
-                signature_version="s3v4",
-            ),
+        config = Config(
+            connect_timeout=5,
+            read_timeout=30,
+            retries={"max_attempts": 5, "mode": "standard"},
+            max_pool_connections=max(10, settings.worker_concurrency),
+            signature_version="s3v4",
         )
-
-    def ensure_bucket(self) -> None:
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except self.client.exceptions.ClientError:
-            self.client.create_bucket(Bucket=self.bucket)
+        session = boto3.session.Session()
+        self.client = session.client("s3", endpoint_url=settings.s3_endpoint_url,
+                                     region_name=settings.s3_region, config=config)
+        self.signer = self.client
+        if settings.s3_public_endpoint_url:
+            # Presigning is local computation: this client never opens a connection.
+            self.signer = session.client("s3", endpoint_url=settings.s3_public_endpoint_url,
+                                         region_name=settings.s3_region, config=config)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
@@ -68,7 +65,7 @@ class S3Storage:
 
     def url(self, key: str, expires_in: int, base_url: str) -> str:
         return str(
-            self.client.generate_presigned_url(
+            self.signer.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
             )
         )
