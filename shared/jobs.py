@@ -35,6 +35,10 @@ def create_job(session: Session, principal: Principal, params: GenerationParams,
         surface=surface,
         model=spec.name,
         request={"queue": spec.queue, **params.model_dump()},
+        # Optimistic: the caller publishes right after commit and clears this if the
+        # broker refuses (mark_unpublished), saving a write per request. If the API
+        # dies in between, the sweeper re-publishes after redeliver_after_seconds.
+        published_at=utcnow(),
     )
     session.add(job)
     session.flush()
@@ -54,6 +58,14 @@ def mark_published(session: Session, job_ids: Sequence[str]) -> None:
         session.execute(
             sa.update(Job).where(col(Job.id).in_(job_ids)).values(published_at=utcnow())
         )
+
+
+def mark_unpublished(session: Session, job_id: str) -> None:
+    """The broker refused the message: leave the job for the sweeper to publish."""
+    session.execute(
+        sa.update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(published_at=None)
+    )
 
 
 def get_job(session: Session, project_id: str, job_id: str) -> Job:

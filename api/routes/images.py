@@ -23,7 +23,7 @@ from shared.jobs import (
     get_job,
     job_images,
     job_queue,
-    mark_published,
+    mark_unpublished,
     render_job,
     render_result,
 )
@@ -111,10 +111,10 @@ async def create_image(
     job = await run_in_threadpool(record)
 
     def publish() -> None:
-        if publish_job(job.id, job_queue(job)):
+        if not publish_job(job.id, job_queue(job)):
+            # The job is committed; the sweeper publishes it once the broker is back.
             with session_scope() as session:
-                mark_published(session, [job.id])
-        # else: the job is committed; the sweeper publishes it once the broker is back.
+                mark_unpublished(session, job.id)
 
     await run_in_threadpool(publish)
 

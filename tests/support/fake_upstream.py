@@ -27,6 +27,7 @@ EXPECTED_KEY = "sk-upstream-test"
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 1024  # hundreds of concurrent calls in the benchmark
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client that gave up (timeout tests) is expected here
@@ -37,6 +38,8 @@ class FakeUpstream:
         self.calls: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self.files: dict[str, bytes] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
         self.port = self.server.server_address[1]
@@ -89,6 +92,16 @@ class FakeUpstream:
                     self._send(200, data, "image/png")
 
             def do_POST(self) -> None:  # noqa: N802
+                with upstream.lock:
+                    upstream.in_flight += 1
+                    upstream.max_in_flight = max(upstream.max_in_flight, upstream.in_flight)
+                try:
+                    self._post()
+                finally:
+                    with upstream.lock:
+                        upstream.in_flight -= 1
+
+            def _post(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 prompt = body.get("prompt", "")
