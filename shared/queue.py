@@ -76,3 +76,17 @@ def publish_job(job_id: str, queue: str) -> bool:
         log.warning("broker did not take job %s: %s", job_id, exc)
         return False
     return True
+
+
+def queue_size(queue: str) -> int | None:
+    """Messages waiting in ``queue`` (not those reserved by a worker); None if unknown."""
+    try:
+        with get_celery().connection_for_write() as conn:
+            # Not passive: after a broker restart the queue is not declared yet, and
+            # declaring an (empty) queue we publish to anyway is harmless.
+            ok = conn.default_channel.queue_declare(queue=queue, durable=True,
+                                                    auto_delete=False)
+            return int(ok.message_count)
+    except Exception as exc:  # kombu raises many types for an unreachable broker
+        log.debug("could not size queue %s: %s", queue, exc)
+        return None

@@ -4,7 +4,10 @@ Every ``sweep_interval_seconds`` it
 1. re-queues running jobs whose lease expired (their worker died), and
 2. publishes queued jobs that never reached the broker (published_at is NULL:
    the broker was down when the API accepted them) or whose message was
-   published long ago and never picked up (lost in a broker restart).
+   published long ago and never picked up (lost in a broker restart). The
+   latter only for queues the broker reports empty: while messages still wait,
+   an old job's message is most likely among them, and re-publishing a long
+   backlog every few minutes would flood the queue with duplicates.
 Several sweepers (one per worker process) may run at once: each step is a
 guarded UPDATE, and a duplicate message only finds the job already claimed.
 """
@@ -21,7 +24,7 @@ from sqlmodel import col, select
 from shared.db import session_scope
 from shared.jobs import job_queue, mark_published
 from shared.models import Job, JobStatus
-from shared.queue import publish_job
+from shared.queue import publish_job, queue_size
 from shared.settings import get_settings
 from shared.timeutil import utcnow
 
@@ -55,7 +58,17 @@ def publish_pending() -> int:
             .order_by(col(Job.created_at))
             .limit(BATCH)
         ))
-    published = [job.id for job in jobs if publish_job(job.id, job_queue(job))]
+    waiting: dict[str, int | None] = {}
+    due = []
+    for job in jobs:
+        if job.published_at is not None:  # stale, not unpublished
+            queue = job_queue(job)
+            if queue not in waiting:
+                waiting[queue] = queue_size(queue)
+            if waiting[queue] != 0:
+                continue
+        due.append(job)
+    published = [job.id for job in due if publish_job(job.id, job_queue(job))]
     if published:
         with session_scope() as session:
             mark_published(session, published)

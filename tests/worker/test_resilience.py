@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import sqlalchemy as sa
 
 from tests.support.processes import ServiceProcess, free_port, wait_for, wait_http
@@ -100,3 +102,22 @@ def test_database_down_answers_503_in_openai_shape(own_stack: Stack, tmp_path: P
         assert resp.json()["error"]["code"] == "service_unavailable"
     finally:
         api.stop()
+
+
+def test_sweeper_does_not_flood_a_queue_whose_messages_still_wait(stack: Stack) -> None:
+    """Queued jobs older than the redelivery age are re-published only when their
+    queue is empty (their message was lost), not while messages still wait."""
+    client = redis.Redis.from_url(stack.redis.url)
+    before = int(client.llen("parked"))  # type: ignore[arg-type]
+    with stack.client() as api:
+        for i in range(2):
+            resp = api.post("/v1/images/generations", headers={"Prefer": "respond-async"},
+                            json={"model": "parked", "prompt": f"parked {i}", "size": "64x64"})
+            assert resp.status_code == 202
+    assert int(client.llen("parked")) == before + 2  # type: ignore[arg-type]
+    # Past IMAGEGEN_REDELIVER_AFTER_SECONDS (4 s in tests), several sweeps later:
+    time.sleep(6)
+    assert int(client.llen("parked")) == before + 2  # type: ignore[arg-type]
+    # Once the queue is empty (the messages are lost), they are published again.
+    client.delete("parked")
+    wait_for(lambda: int(client.llen("parked")) >= 2, 15, "re-publication")  # type: ignore[arg-type]
