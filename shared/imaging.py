@@ -29,7 +29,7 @@ class UnreadableImage(ValueError):
 
 def encode(data: bytes, fmt: str, compression: int | None = None) -> EncodedImage:
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         img.load()
     except Exception as exc:  # Pillow raises several unrelated types here
         raise UnreadableImage(f"provider returned an unreadable image: {exc}") from exc

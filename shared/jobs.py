@@ -63,13 +63,15 @@ def mark_published(session: Session, job_ids: Sequence[str]) -> None:
 def mark_unpublished(session: Session, job_id: str) -> None:
     """The broker refused the message: leave the job for the sweeper to publish."""
     session.execute(
-        sa.update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
+        sa.update(Job).where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
         .values(published_at=None)
     )
 
 
 def get_job(session: Session, project_id: str, job_id: str) -> Job:
-    job = session.exec(select(Job).where(Job.id == job_id, Job.project_id == project_id)).first()
+    job = session.exec(
+        select(Job).where(col(Job.id) == job_id, col(Job.project_id) == project_id)
+    ).first()
     if job is None:
         raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
     return job
@@ -88,7 +90,7 @@ def list_jobs(session: Session, project_id: str, *, limit: int, after: str | Non
     if status is not None:
         if status not in JobStatus.__members__:
             raise InvalidRequest(f"Invalid status '{status}'.", param="status")
-        query = query.where(Job.status == status)
+        query = query.where(col(Job.status) == status)
     if after is not None:
         # Ids are UUIDv7: newest-first order is descending id order.
         query = query.where(col(Job.id) < after)
@@ -102,7 +104,7 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
     now = utcnow()
     result = session.execute(
         sa.update(Job)
-        .where(Job.id == job.id, col(Job.status).in_([JobStatus.queued, JobStatus.running]))
+        .where(col(Job.id) == job.id, col(Job.status).in_([JobStatus.queued, JobStatus.running]))
         .values(status=JobStatus.canceled, canceled_at=now, finished_at=now, lease_token=None,
                 lease_expires_at=None)
     )

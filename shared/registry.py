@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -117,8 +117,8 @@ PROCEDURAL = ModelSpec(
 
 def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec]:
     """OpenAI's three image models with the limits OpenAI documents."""
-    common = {"provider": "openai", "base_url": base_url, "api_key_env": "OPENAI_API_KEY",
-              "owned_by": "openai"}
+    common: dict[str, Any] = {"provider": "openai", "base_url": base_url,
+                              "api_key_env": "OPENAI_API_KEY", "owned_by": "openai"}
     return [
         ModelSpec(
             name="dall-e-2", upstream_model="dall-e-2", **common,

@@ -51,13 +51,13 @@ class LeaseBook:
             session.execute(
                 sa.update(Job)
                 .where(col(Job.id).in_(held), col(Job.lease_token).in_(held.values()),
-                       Job.status == JobStatus.running)
+                       col(Job.status) == JobStatus.running)
                 .values(lease_expires_at=expires)
             )
             still = set(session.execute(
-                sa.select(Job.id).where(col(Job.id).in_(held),
+                sa.select(col(Job.id)).where(col(Job.id).in_(held),
                                         col(Job.lease_token).in_(held.values()),
-                                        Job.status == JobStatus.running)
+                                        col(Job.status) == JobStatus.running)
             ).scalars())
         with self._lock:
             self._lost |= {job_id for job_id in held if job_id not in still}

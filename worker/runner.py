@@ -61,9 +61,9 @@ def claim(job_id: str) -> tuple[Job, str] | None:
     with session_scope() as session:
         result = session.execute(
             sa.update(Job)
-            .where(Job.id == job_id)
-            .where(sa.or_(Job.status == JobStatus.queued,
-                          sa.and_(Job.status == JobStatus.running,
+            .where(col(Job.id) == job_id)
+            .where(sa.or_(col(Job.status) == JobStatus.queued,
+                          sa.and_(col(Job.status) == JobStatus.running,
                                   col(Job.lease_expires_at) < now)))
             .values(status=JobStatus.running, attempts=Job.attempts + 1, lease_token=token,
                     lease_expires_at=expires,
@@ -81,7 +81,8 @@ def _finish(job_id: str, token: str, values: dict[str, object],
     with session_scope() as session:
         result = session.execute(
             sa.update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.running, Job.lease_token == token)
+            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.running,
+                   col(Job.lease_token) == token)
             .values(finished_at=utcnow(), lease_token=None, lease_expires_at=None, **values)
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]

@@ -37,7 +37,7 @@ def requeue_expired() -> int:
     with session_scope() as session:
         result = session.execute(
             sa.update(Job)
-            .where(Job.status == JobStatus.running, col(Job.lease_expires_at) < now)
+            .where(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now)
             .values(status=JobStatus.queued, lease_token=None, lease_expires_at=None,
                     published_at=None)
         )
@@ -53,7 +53,7 @@ def publish_pending() -> int:
     with session_scope() as session:
         jobs = list(session.exec(
             select(Job)
-            .where(Job.status == JobStatus.queued, Job.created_at < fresh)
+            .where(col(Job.status) == JobStatus.queued, Job.created_at < fresh)
             .where(sa.or_(col(Job.published_at).is_(None), col(Job.published_at) < stale))
             .order_by(col(Job.created_at))
             .limit(BATCH)
