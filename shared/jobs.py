@@ -12,7 +12,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from shared.calls import OP_OPENAI, finish_call, start_call
 from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.ids import new_id
 from shared.keys import Principal
 from shared.models import FINISHED, Image, Job, JobStatus
 from shared.registry import ModelSpec
@@ -29,9 +31,14 @@ from shared.timeutil import to_unix, utcnow
 
 
 def create_job(session: Session, principal: Principal, params: GenerationParams,
-               spec: ModelSpec, surface: str = "openai") -> Job:
+               spec: ModelSpec, *, job_id: str | None = None, surface: str = "openai",
+               track: bool = True, op_name: str = OP_OPENAI,
+               call_inputs: dict[str, Any] | None = None) -> Job:
+    """Record a job (and its trace call unless ``track`` is off) for ``principal``."""
     job = Job(
+        id=job_id or new_id("job"),
         project_id=principal.project_id,
+        key_id=principal.key_id,
         surface=surface,
         model=spec.name,
         request={"queue": spec.queue, **params.model_dump()},
@@ -42,6 +49,9 @@ def create_job(session: Session, principal: Principal, params: GenerationParams,
     )
     session.add(job)
     session.flush()
+    if track:
+        inputs = call_inputs if call_inputs is not None else params.model_dump(exclude_none=True)
+        start_call(session, job, op_name=op_name, inputs=inputs, wb_user_id=principal.user)
     return job
 
 
@@ -113,6 +123,7 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
         if job.status in FINISHED and job.status != JobStatus.canceled:
             raise Conflict(f"Job '{job_id}' has already {job.status}.", param="job_id")
     session.refresh(job)
+    finish_call(session, job, output=None, exception="canceled", usage=None)
     return job
 
 
@@ -160,6 +171,7 @@ def render_job(job: Job, images: list[Image] | None, storage: Storage, base_url:
         request={k: v for k, v in job.request.items() if k != "queue"},
         result=result,
         error=error,
+        call_id=job.call_id,
     )
 
 

@@ -56,6 +56,10 @@ class Project(SQLModel, table=True):
     id: str = Field(default_factory=lambda: new_id("proj"), primary_key=True, max_length=64)
     name: str = Field(unique=True, index=True, max_length=200)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # Limits; None takes the setting's default, 0 means unlimited.
+    key_requests_per_minute: int | None = None
+    images_per_day: int | None = None
+    jobs_in_flight: int | None = None
 
 
 class ApiKey(SQLModel, table=True):
@@ -64,6 +68,9 @@ class ApiKey(SQLModel, table=True):
     id: str = Field(default_factory=lambda: new_id("key"), primary_key=True, max_length=64)
     project_id: str = Field(foreign_key="project.id", index=True, max_length=64)
     name: str = Field(default="default", max_length=200)
+    # The identity behind the key: becomes wb_user_id on traces and the OpenAI
+    # ``user`` field sent upstream when the request names none.
+    user: str = Field(default="", max_length=200)
     # The first characters of the key, shown in listings; the key itself is never stored.
     prefix: str = Field(max_length=32)
     key_hash: str = Field(unique=True, index=True, max_length=64)
@@ -85,6 +92,9 @@ class Job(SQLModel, table=True):
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, sa_type=sa.Text)
     usage: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    # The trace call recording this generation (None when tracking is off).
+    call_id: str | None = Field(default=None, max_length=64)
+    key_id: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     started_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()
@@ -110,3 +120,25 @@ class Image(SQLModel, table=True):
     size_bytes: int
     revised_prompt: str | None = Field(default=None, sa_type=sa.Text)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Call(SQLModel, table=True):
+    """A trace call in Weave's CallSchema terms, one per tracked generation."""
+
+    __table_args__ = (sa.Index("ix_call_project_started", "project_id", "started_at"),)
+
+    id: str = Field(primary_key=True, max_length=64)  # a UUIDv7 string, as Weave's
+    project_id: str = Field(foreign_key="project.id", max_length=64)
+    op_name: str = Field(max_length=200, index=True)
+    display_name: str | None = Field(default=None, max_length=200)
+    trace_id: str = Field(max_length=64, index=True)
+    parent_id: str | None = Field(default=None, max_length=64)
+    started_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    ended_at: datetime | None = _ts()
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    inputs: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    output: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    exception: str | None = Field(default=None, sa_type=sa.Text)
+    summary: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    wb_user_id: str | None = Field(default=None, max_length=200, index=True)
+    job_id: str | None = Field(default=None, foreign_key="job.id", max_length=64, index=True)

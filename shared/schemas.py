@@ -80,6 +80,8 @@ class JobObject(BaseModel):
     request: dict[str, Any]
     result: ImagesResponse | None = None
     error: JobError | None = None
+    # The trace call recording this job (POST /call/read), when tracked.
+    call_id: str | None = None
 
 
 class JobList(BaseModel):

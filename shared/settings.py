@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = 5.0
     broker_polling_interval: float = 0.05
     log_level: str = "INFO"
+    # Default limits (a project's own setting wins; 0 means unlimited). Enforced
+    # only with IMAGEGEN_REDIS_URL set.
+    key_requests_per_minute: int = 600
+    project_images_per_day: int = 10000
+    project_jobs_in_flight: int = 1000
+    # Manages projects and keys over HTTP (/v1/admin/...); no admin API when unset.
+    admin_api_key: str | None = None
     # Base URL put in local-storage file links; the request's own when unset.
     public_url: str | None = None
 

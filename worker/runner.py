@@ -16,14 +16,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from functools import lru_cache
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import col
 
+from shared.calls import finish_call, normalise_usage
 from shared.db import session_scope
 from shared.events import publish_job_changed
 from shared.imaging import UnreadableImage, encode
 from shared.jobs import job_params
+from shared.limits import get_limiter
 from shared.models import Image, Job, JobStatus
 from shared.providers import (
     GeneratedImage,
@@ -76,20 +79,32 @@ def claim(job_id: str) -> tuple[Job, str] | None:
     return job, token
 
 
-def _finish(job_id: str, token: str, values: dict[str, object],
+def _finish(job: Job, token: str, values: dict[str, Any],
             images: list[Image] | None = None) -> bool:
+    """The guarded end of an attempt: job, images and trace call in one transaction."""
+    now = utcnow()
     with session_scope() as session:
         result = session.execute(
             sa.update(Job)
-            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.running,
+            .where(col(Job.id) == job.id, col(Job.status) == JobStatus.running,
                    col(Job.lease_token) == token)
-            .values(finished_at=utcnow(), lease_token=None, lease_expires_at=None, **values)
+            .values(finished_at=now, lease_token=None, lease_expires_at=None, **values)
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()
             return False
         for image in images or []:
             session.add(image)
+        usage = values.get("usage")
+        succeeded = values["status"] == JobStatus.succeeded
+        finish_call(
+            session, job,
+            output={"created": int(now.timestamp()), "model": job.model,
+                    "usage": normalise_usage(usage)} if succeeded else None,
+            exception=None if succeeded else str(values.get("error_message")),
+            usage=usage,
+        )
+    get_limiter().release_job(job.project_id, job.id)
     return True
 
 
@@ -180,7 +195,7 @@ def _run_claimed(job: Job, token: str) -> str:
                 size_bytes=len(encoded.data), revised_prompt=generated.revised_prompt,
             ))
         values: dict[str, object] = {"status": JobStatus.succeeded, "usage": generation.usage}
-        if _finish(job.id, token, values, images):
+        if _finish(job, token, values, images):
             return JobStatus.succeeded
         return "discarded"
     except JobCanceled:
@@ -189,15 +204,15 @@ def _run_claimed(job: Job, token: str) -> str:
         code = exc.code if isinstance(exc, ProviderError) else "upstream_bad_response"
         message = exc.message if isinstance(exc, ProviderError) else str(exc)
         log.info("job %s failed: %s: %s", job.id, code, message)
-        _finish(job.id, token, {"status": JobStatus.failed, "error_code": code,
-                                "error_message": message})
+        _finish(job, token, {"status": JobStatus.failed, "error_code": code,
+                             "error_message": message})
         return JobStatus.failed
     except Exception as exc:
         # Our own fault (storage down, a bug): fail the job visibly, never as an
         # empty success. The message names the kind of fault, not internals.
         log.exception("job %s crashed", job.id)
-        _finish(job.id, token, {"status": JobStatus.failed, "error_code": "internal_error",
-                                "error_message": f"internal error: {type(exc).__name__}"})
+        _finish(job, token, {"status": JobStatus.failed, "error_code": "internal_error",
+                             "error_message": f"internal error: {type(exc).__name__}"})
         return JobStatus.failed
 
 

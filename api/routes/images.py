@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
-from shared.db import session_scope
+from api.generation import submit
 from shared.errors import (
     Conflict,
     ImagegenError,
@@ -18,17 +18,8 @@ from shared.errors import (
     RateLimited,
     UpstreamError,
 )
-from shared.jobs import (
-    create_job,
-    get_job,
-    job_images,
-    job_queue,
-    mark_unpublished,
-    render_job,
-    render_result,
-)
-from shared.models import FINISHED, Job, JobStatus
-from shared.queue import publish_job
+from shared.jobs import render_job, render_result
+from shared.models import Job, JobStatus
 from shared.registry import get_registry
 from shared.schemas import ErrorResponse, ImageGenerationRequest, ImagesResponse, JobObject
 from shared.validation import validate_generation
@@ -100,42 +91,15 @@ async def create_image(
     base_url: BaseUrl,
     prefer: Annotated[str | None, Header()] = None,
 ) -> Response | ImagesResponse:
-    params = validate_generation(body, get_registry())
-    spec = get_registry().get(params.model)
+    registry = get_registry()
+    params = validate_generation(body, registry)
     respond_async, wait = parse_prefer(prefer, settings.sync_wait_seconds)
-
-    def record() -> Job:
-        with session_scope() as session:
-            return create_job(session, principal, params, spec)
-
-    job = await run_in_threadpool(record)
-
-    def publish() -> None:
-        if not publish_job(job.id, job_queue(job)):
-            # The job is committed; the sweeper publishes it once the broker is back.
-            with session_scope() as session:
-                mark_unpublished(session, job.id)
-
-    await run_in_threadpool(publish)
-
-    def load() -> tuple[Job, list]:
-        with session_scope() as session:
-            current = get_job(session, principal.project_id, job.id)
-            images = job_images(session, current) if current.status in FINISHED else []
-            return current, images
-
-    if not respond_async:
-        async def finished() -> bool:
-            current, _ = await run_in_threadpool(load)
-            return current.status in FINISHED
-
-        waiter = request.app.state.waiter
-        if await waiter.wait(job.id, wait, finished):
-            current, images = await run_in_threadpool(load)
-            if current.status == JobStatus.succeeded:
-                return await run_in_threadpool(
-                    render_result, current, images, storage, base_url,
-                    settings.url_expiry_seconds)
-            raise failure_error(current)
-    current, _ = await run_in_threadpool(load)
-    return accepted(render_job(current, None, storage, base_url, settings.url_expiry_seconds))
+    outcome = await submit(request, principal, params, registry.get(params.model),
+                           wait=0 if respond_async else wait)
+    job = outcome.job
+    if outcome.finished:
+        if job.status == JobStatus.succeeded:
+            return await run_in_threadpool(render_result, job, outcome.images, storage,
+                                           base_url, settings.url_expiry_seconds)
+        raise failure_error(job)
+    return accepted(render_job(job, None, storage, base_url, settings.url_expiry_seconds))

@@ -10,7 +10,9 @@ from fastapi.concurrency import run_in_threadpool
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
 from api.routes.images import ERRORS
 from shared.db import session_scope
+from shared.events import publish_job_changed
 from shared.jobs import cancel_job, get_job, job_images, list_jobs, render_job, render_list
+from shared.limits import get_limiter
 from shared.schemas import JobList, JobObject
 
 router = APIRouter(prefix="/v1/images/jobs", tags=["jobs"])
@@ -54,7 +56,6 @@ async def cancel(job_id: str, principal: CurrentPrincipal, settings: SettingsDep
         return render_job(job, images, storage, base_url, settings.url_expiry_seconds)
 
     job = await run_in_threadpool(do)
-    from shared.events import publish_job_changed
-
+    await run_in_threadpool(get_limiter().release_job, principal.project_id, job.id)
     await run_in_threadpool(publish_job_changed, job.id, job.status)
     return job

@@ -1,0 +1,82 @@
+"""Submit a generation and (optionally) wait for it: the flow both surfaces share.
+
+reserve limits -> record job (+ trace call) and commit -> publish -> wait.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+
+from shared.calls import OP_OPENAI
+from shared.db import session_scope
+from shared.ids import new_id
+from shared.jobs import create_job, get_job, job_images, job_queue, mark_unpublished
+from shared.keys import Principal
+from shared.limits import get_limiter
+from shared.models import FINISHED, Image, Job
+from shared.queue import publish_job
+from shared.registry import ModelSpec
+from shared.schemas import GenerationParams
+
+
+@dataclass
+class Outcome:
+    job: Job
+    images: list[Image]
+
+    @property
+    def finished(self) -> bool:
+        return self.job.status in FINISHED
+
+
+def _record(principal: Principal, params: GenerationParams, spec: ModelSpec, *,
+            surface: str, track: bool, op_name: str,
+            call_inputs: dict[str, Any] | None) -> Job:
+    job_id = new_id("job")
+    limiter = get_limiter()
+    limiter.reserve_job(principal, job_id, params.n)
+    try:
+        with session_scope() as session:
+            job = create_job(session, principal, params, spec, job_id=job_id, surface=surface,
+                             track=track, op_name=op_name, call_inputs=call_inputs)
+    except BaseException:
+        limiter.release_job(principal.project_id, job_id)
+        raise
+    if not publish_job(job.id, job_queue(job)):
+        # The job is committed; the sweeper publishes it once the broker is back.
+        with session_scope() as session:
+            mark_unpublished(session, job.id)
+    return job
+
+
+def load(principal: Principal, job_id: str) -> Outcome:
+    with session_scope() as session:
+        job = get_job(session, principal.project_id, job_id)
+        images = job_images(session, job) if job.status in FINISHED else []
+    return Outcome(job, images)
+
+
+async def submit(request: Request, principal: Principal, params: GenerationParams,
+                 spec: ModelSpec, *, wait: float, surface: str = "openai", track: bool = True,
+                 op_name: str = OP_OPENAI,
+                 call_inputs: dict[str, Any] | None = None) -> Outcome:
+    """Record and enqueue the job; wait up to ``wait`` seconds for it to finish."""
+    if params.user is None and principal.user:
+        params = params.model_copy(update={"user": principal.user})
+    job = await run_in_threadpool(_record, principal, params, spec, surface=surface,
+                                  track=track, op_name=op_name, call_inputs=call_inputs)
+    if wait <= 0:
+        return Outcome(job, [])
+    latest: Outcome = Outcome(job, [])
+
+    async def finished() -> bool:
+        nonlocal latest
+        latest = await run_in_threadpool(load, principal, job.id)
+        return latest.finished
+
+    await request.app.state.waiter.wait(job.id, wait, finished)
+    return latest

@@ -1,0 +1,114 @@
+"""Limits that protect the service, enforced atomically in Redis so they hold
+across several API processes: requests per minute per key (fixed one-minute
+windows), and per project images per day (UTC) and jobs in flight.
+
+Without Redis (embedded mode) no limits are enforced. With Redis unreachable
+they fail open: an outage of the limiter never rejects work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+
+import redis
+
+from shared.errors import RateLimited
+from shared.keys import Principal
+from shared.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+# KEYS: in-flight set, images-today counter. ARGV: job id, n, max in flight,
+# max images a day, counter ttl. Returns 0 (reserved), -1 (in flight), -2 (images).
+_RESERVE = """
+local max_inflight = tonumber(ARGV[3])
+local max_images = tonumber(ARGV[4])
+local n = tonumber(ARGV[2])
+if max_inflight > 0 and redis.call('SCARD', KEYS[1]) >= max_inflight then return -1 end
+if max_images > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') + n > max_images then
+  return -2
+end
+redis.call('INCRBY', KEYS[2], n)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
+redis.call('SADD', KEYS[1], ARGV[1])
+return 0
+"""
+
+
+def _limit(project_value: int | None, default: int) -> int:
+    return default if project_value is None else project_value
+
+
+class Limiter:
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        self._reserve = self.client.register_script(_RESERVE)
+
+    def check_request(self, principal: Principal) -> None:
+        limit = _limit(principal.key_requests_per_minute,
+                       get_settings().key_requests_per_minute)
+        if limit <= 0:
+            return
+        now = time.time()
+        window = int(now // 60)
+        key = f"imagegen:rl:key:{principal.key_id}:{window}"
+        try:
+            pipe = self.client.pipeline()
+            pipe.incr(key)
+            pipe.expire(key, 61)
+            count = int(pipe.execute()[0])
+        except redis.RedisError as exc:
+            log.warning("rate limiter unavailable, not enforcing: %s", exc)
+            return
+        if count > limit:
+            raise RateLimited(
+                f"Rate limit reached: {limit} requests per minute for this key.",
+                retry_after=max(1.0, (window + 1) * 60 - now))
+
+    def reserve_job(self, principal: Principal, job_id: str, n: int) -> None:
+        settings = get_settings()
+        max_inflight = _limit(principal.jobs_in_flight, settings.project_jobs_in_flight)
+        max_images = _limit(principal.images_per_day, settings.project_images_per_day)
+        now = time.time()
+        day = time.strftime("%Y%m%d", time.gmtime(now))
+        keys = [f"imagegen:inflight:{principal.project_id}",
+                f"imagegen:images:{principal.project_id}:{day}"]
+        try:
+            result = int(self._reserve(keys=keys,
+                                       args=[job_id, n, max_inflight, max_images, 2 * 86400]))
+        except redis.RedisError as exc:
+            log.warning("rate limiter unavailable, not enforcing: %s", exc)
+            return
+        if result == -1:
+            raise RateLimited(
+                f"Too many jobs in flight for this project (limit {max_inflight}); "
+                "wait for some to finish.", code="jobs_in_flight_exceeded", retry_after=5)
+        if result == -2:
+            raise RateLimited(
+                f"Daily image limit reached for this project ({max_images} images a day).",
+                code="images_per_day_exceeded", retry_after=86400 - now % 86400)
+
+    def release_job(self, project_id: str, job_id: str) -> None:
+        try:
+            self.client.srem(f"imagegen:inflight:{project_id}", job_id)
+        except redis.RedisError as exc:
+            log.warning("could not release in-flight slot of %s: %s", job_id, exc)
+
+
+class NoLimits:
+    def check_request(self, principal: Principal) -> None:
+        pass
+
+    def reserve_job(self, principal: Principal, job_id: str, n: int) -> None:
+        pass
+
+    def release_job(self, project_id: str, job_id: str) -> None:
+        pass
+
+
+@lru_cache
+def get_limiter() -> Limiter | NoLimits:
+    url = get_settings().redis_url
+    return Limiter(url) if url else NoLimits()
