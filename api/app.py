@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 
 from api import errors
-from api.routes import files, images, jobs, models
+from api.routes import admin, files, images, jobs, models, usage, weave
 from api.waiter import JobWaiter
 from shared.db import get_engine
 from shared.settings import get_settings
@@ -35,6 +35,9 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(files.router)
+    app.include_router(weave.router)
+    app.include_router(usage.router)
+    app.include_router(admin.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

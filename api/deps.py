@@ -7,16 +7,23 @@ import binascii
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import (
+    HTTPAuthorizationCredentials,
+    HTTPBasic,
+    HTTPBasicCredentials,
+    HTTPBearer,
+)
 
 from shared.db import session_scope
 from shared.errors import AuthenticationError
 from shared.keys import Principal, authenticate
+from shared.limits import get_limiter
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, get_storage
 
 # auto_error=False: we answer a missing key ourselves, in the surface's error shape.
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
+basic = HTTPBasic(auto_error=False, description="HTTP Basic: user 'api', password = api key")
 
 
 def key_from_request(request: Request) -> str | None:
@@ -51,7 +58,17 @@ def current_principal(
         principal = authenticate(session, key)
     if principal is None:
         raise AuthenticationError(f"Incorrect API key provided: {key[:6]}***.")
+    get_limiter().check_request(principal)
     return principal
+
+
+def weave_principal(
+    request: Request,
+    _basic: Annotated[HTTPBasicCredentials | None, Depends(basic)],
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    """The same keys, declared for the Weave surface as HTTP Basic or Bearer."""
+    return current_principal(request, _bearer)
 
 
 def base_url(request: Request) -> str:
@@ -59,6 +76,7 @@ def base_url(request: Request) -> str:
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+WeavePrincipal = Annotated[Principal, Depends(weave_principal)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 BaseUrl = Annotated[str, Depends(base_url)]

@@ -11,6 +11,7 @@ from typing import Any
 
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,6 +19,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shared.errors import ImagegenError
 
 log = logging.getLogger(__name__)
+
+
+WEAVE_PREFIXES = ("/image/", "/call/", "/calls/")
+
+
+def is_weave(request: Request) -> bool:
+    """The Weave surface answers in FastAPI's own shapes (``detail``, 422)."""
+    return request.url.path.startswith(WEAVE_PREFIXES)
+
+
+def weave_error(status: int, message: str, retry_after: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else {}
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
@@ -34,17 +48,21 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-async def _imagegen_error(_: Request, exc: Exception) -> JSONResponse:
+async def _imagegen_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImagegenError)
     retry = exc.retry_after
     if exc.status_code in (429, 503) and retry is None:
         retry = 5.0
+    if is_weave(request):
+        return weave_error(exc.status_code, exc.message, retry)
     return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code,
                           retry)
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    if is_weave(request):
+        return await request_validation_exception_handler(request, exc)
     errors = exc.errors()
     err = errors[0] if errors else {"loc": (), "msg": "Invalid request", "type": "invalid"}
     param = _param(tuple(err.get("loc", ())))
@@ -61,8 +79,12 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400, message, "invalid_request_error", param, "invalid_value")
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if is_weave(request):
+        response = weave_error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     response = error_response(exc.status_code, str(exc.detail), type_, None, code)
@@ -70,14 +92,18 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return response
 
 
-async def _database_error(_: Request, exc: Exception) -> JSONResponse:
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("database unavailable: %s", type(exc).__name__)
+    if is_weave(request):
+        return weave_error(503, "The database is unavailable; try again shortly.", 5)
     return error_response(503, "The database is unavailable; try again shortly.",
                           "server_error", None, "service_unavailable", retry_after=5)
 
 
-async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
+    if is_weave(request):
+        return weave_error(500, "Internal server error")
     return error_response(500, "The server had an error while processing your request.",
                           "server_error", None, "internal_error")
 

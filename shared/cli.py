@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,8 @@ app = typer.Typer(help="imagegen: image generation with an OpenAI-compatible API
                   no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
+app.add_typer(projects_app, name="projects")
 console = Console(stderr=True)
 
 
@@ -99,15 +102,105 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
 
 @keys_app.command("create")
 def keys_create(project: Annotated[str, typer.Option(help="Project name")],
-                name: Annotated[str, typer.Option(help="Key name")] = "default") -> None:
+                name: Annotated[str, typer.Option(help="Key name")] = "default",
+                user: Annotated[str, typer.Option(help="User identity (wb_user_id)")] = "",
+                ) -> None:
     """Create an API key for PROJECT (created if new). The key is printed once."""
     from shared.db import session_scope
     from shared.keys import create_key
 
     with session_scope() as session:
-        _, plaintext = create_key(session, project, name)
-    console.print(f"[green]created a key for project '{project}'[/green] (shown only once):")
+        key, plaintext = create_key(session, project, name, user)
+    console.print(f"[green]created key {key.id} for project '{project}'[/green] "
+                  "(shown only once):")
     print(plaintext)
+
+
+@keys_app.command("list")
+def keys_list(project: Annotated[str | None, typer.Option(help="Only this project")] = None,
+              ) -> None:
+    """List keys (prefix, user, created, last used, revoked); never the keys themselves."""
+    from rich.table import Table
+
+    from shared.db import session_scope
+    from shared.keys import list_keys
+
+    table = Table("id", "project", "name", "user", "prefix", "created", "last used", "revoked")
+    with session_scope() as session:
+        for key, proj in list_keys(session, project):
+            table.add_row(key.id, proj.name, key.name, key.user, key.prefix + "...",
+                          _when(key.created_at), _when(key.last_used_at),
+                          _when(key.revoked_at))
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by id; it stops working at once."""
+    from shared.db import session_scope
+    from shared.keys import revoke_key
+
+    with session_scope() as session:
+        revoke_key(session, key_id)
+    console.print(f"[green]revoked {key_id}[/green]")
+
+
+LimitOption = Annotated[int | None, typer.Option(help="0 = unlimited; unset = default")]
+
+
+@projects_app.command("create")
+def projects_create(name: str, rpm: Annotated[int | None, typer.Option(
+                        "--key-requests-per-minute", help="0 = unlimited")] = None,
+                    images_per_day: LimitOption = None,
+                    jobs_in_flight: LimitOption = None) -> None:
+    """Create a project, optionally with its own limits."""
+    from shared.db import session_scope
+    from shared.keys import create_project
+
+    with session_scope() as session:
+        project = create_project(session, name, key_requests_per_minute=rpm,
+                                 images_per_day=images_per_day, jobs_in_flight=jobs_in_flight)
+    console.print(f"[green]created project '{name}'[/green] ({project.id})")
+
+
+@projects_app.command("set-limits")
+def projects_set_limits(name: str, rpm: Annotated[int | None, typer.Option(
+                            "--key-requests-per-minute", help="0 = unlimited")] = None,
+                        images_per_day: LimitOption = None,
+                        jobs_in_flight: LimitOption = None) -> None:
+    """Change a project's limits (only the ones given)."""
+    from shared.db import session_scope
+    from shared.keys import update_limits
+
+    given = {"key_requests_per_minute": rpm, "images_per_day": images_per_day,
+             "jobs_in_flight": jobs_in_flight}
+    with session_scope() as session:
+        update_limits(session, name, **{k: v for k, v in given.items() if v is not None})
+    console.print(f"[green]updated project '{name}'[/green]")
+
+
+@projects_app.command("list")
+def projects_list() -> None:
+    """List projects and their limits."""
+    from rich.table import Table
+
+    from shared.db import session_scope
+    from shared.keys import list_projects
+
+    table = Table("id", "name", "created", "requests/min/key", "images/day", "jobs in flight")
+    with session_scope() as session:
+        for p in list_projects(session):
+            table.add_row(p.id, p.name, _when(p.created_at), _limit(p.key_requests_per_minute),
+                          _limit(p.images_per_day), _limit(p.jobs_in_flight))
+    Console().print(table)
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+def _limit(value: int | None) -> str:
+    return "default" if value is None else ("unlimited" if value == 0 else str(value))
 
 
 @app.command()

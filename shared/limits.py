@@ -52,12 +52,13 @@ class Limiter:
         if limit <= 0:
             return
         now = time.time()
-        window = int(now // 60)
+        length = get_settings().rate_limit_window_seconds
+        window = int(now // length)
         key = f"imagegen:rl:key:{principal.key_id}:{window}"
         try:
             pipe = self.client.pipeline()
             pipe.incr(key)
-            pipe.expire(key, 61)
+            pipe.expire(key, length + 1)
             count = int(pipe.execute()[0])
         except redis.RedisError as exc:
             log.warning("rate limiter unavailable, not enforcing: %s", exc)
@@ -65,7 +66,7 @@ class Limiter:
         if count > limit:
             raise RateLimited(
                 f"Rate limit reached: {limit} requests per minute for this key.",
-                retry_after=max(1.0, (window + 1) * 60 - now))
+                retry_after=max(1.0, (window + 1) * length - now))
 
     def reserve_job(self, principal: Principal, job_id: str, n: int) -> None:
         settings = get_settings()

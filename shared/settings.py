@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # Default limits (a project's own setting wins; 0 means unlimited). Enforced
     # only with IMAGEGEN_REDIS_URL set.
     key_requests_per_minute: int = 600
+    # Length of the rate-limit window the per-key limit counts in (a minute;
+    # shorter only to test recovery).
+    rate_limit_window_seconds: int = 60
     project_images_per_day: int = 10000
     project_jobs_in_flight: int = 1000
     # Manages projects and keys over HTTP (/v1/admin/...); no admin API when unset.

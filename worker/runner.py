@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -99,13 +99,21 @@ def _finish(job: Job, token: str, values: dict[str, Any],
         succeeded = values["status"] == JobStatus.succeeded
         finish_call(
             session, job,
-            output={"created": int(now.timestamp()), "model": job.model,
-                    "usage": normalise_usage(usage)} if succeeded else None,
+            output=_call_output(job, now, usage) if succeeded else None,
             exception=None if succeeded else str(values.get("error_message")),
             usage=usage,
         )
     get_limiter().release_job(job.project_id, job.id)
     return True
+
+
+def _call_output(job: Job, now: datetime, usage: Any) -> dict[str, Any]:
+    """What a trace call keeps as output; image URLs are added fresh on read."""
+    output: dict[str, Any] = {"created": int(now.timestamp()), "model": job.model}
+    norm = normalise_usage(usage)
+    if norm:
+        output["usage"] = norm
+    return output
 
 
 def _call_with_retries(spec: ModelSpec, params: GenerationParams, count: int, first: int,

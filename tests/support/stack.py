@@ -92,6 +92,8 @@ class Stack:
             "IMAGEGEN_REDELIVER_AFTER_SECONDS": "4",
             "IMAGEGEN_SYNC_WAIT_SECONDS": "60",
             "IMAGEGEN_WORKER_CONCURRENCY": "64",
+            "IMAGEGEN_RATE_LIMIT_WINDOW_SECONDS": "2",
+            "IMAGEGEN_ADMIN_API_KEY": "sk-admin-test",
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "FAKE_UPSTREAM_KEY": EXPECTED_KEY,
@@ -121,8 +123,12 @@ class Stack:
                           aws_secret_access_key="testing")
         s3.create_bucket(Bucket=self.env["IMAGEGEN_S3_BUCKET"])
 
-    def create_key(self, project: str) -> str:
-        return self._cli("keys", "create", "--project", project).strip().splitlines()[-1]
+    def create_key(self, project: str, user: str = "") -> str:
+        args = ["keys", "create", "--project", project] + (["--user", user] if user else [])
+        return self._cli(*args).strip().splitlines()[-1]
+
+    def cli(self, *args: str) -> str:
+        return self._cli(*args)
 
     def new_worker(self, extra_env: dict[str, str] | None = None) -> ServiceProcess:
         worker = ServiceProcess(["worker", "--queues", "default"],

@@ -1,0 +1,198 @@
+"""The Weave trace server surface: ``/image/create`` and reading calls.
+
+Shapes follow the reference server: schema errors answer 422
+``HTTPValidationError``; provider and request failures answer 200 with
+``{"response": {"error": ...}, "weave_call_id": null}`` and are still recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from api.deps import BaseUrl, SettingsDep, StorageDep, WeavePrincipal
+from api.generation import submit
+from shared.calls import (
+    OP_WEAVE,
+    CallFilter,
+    CallsQuery,
+    call_schema,
+    count_calls,
+    jsonl,
+    normalise_usage,
+    query_calls,
+    read_call,
+)
+from shared.db import session_scope
+from shared.errors import Forbidden, ImagegenError
+from shared.jobs import job_images, render_result
+from shared.keys import Principal
+from shared.models import Call, Job, JobStatus
+from shared.registry import get_registry
+from shared.schemas import ImageGenerationRequest
+from shared.storage import Storage
+from shared.validation import parse_request, validate_generation
+
+router = APIRouter(tags=["weave"])
+
+
+class ImageGenerationRequestInputs(BaseModel):
+    # Extra keys OpenAI knows (size, quality, ...) are honoured, others ignored.
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr
+    prompt: StrictStr
+    n: StrictInt | None = None
+
+
+class ImageGenerationCreateReq(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    project_id: StrictStr
+    inputs: ImageGenerationRequestInputs
+    wb_user_id: StrictStr | None = Field(
+        default=None,
+        description="Do not set directly. Server will automatically populate this field.")
+    track_llm_call: StrictBool | None = True
+
+
+class ImageGenerationCreateRes(BaseModel):
+    response: dict[str, Any]
+    weave_call_id: str | None = None
+
+
+class CallReadReq(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    project_id: StrictStr
+    id: StrictStr
+
+
+class CallReadRes(BaseModel):
+    call: dict[str, Any] | None
+
+
+class CallsQueryStatsReq(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    project_id: StrictStr
+    filter: CallFilter | None = None
+
+
+class CallsQueryStatsRes(BaseModel):
+    count: int
+
+
+def _check_project(principal: Principal, project_ref: str) -> None:
+    if not principal.owns_project(project_ref):
+        raise Forbidden(f"This API key may not use project '{project_ref}'.")
+
+
+def _failure(message: str) -> ImageGenerationCreateRes:
+    return ImageGenerationCreateRes(response={"error": message}, weave_call_id=None)
+
+
+@router.post("/image/create", response_model=ImageGenerationCreateRes,
+             summary="Image Create")
+async def image_create(
+    body: Annotated[ImageGenerationCreateReq, Body()],
+    request: Request,
+    principal: WeavePrincipal,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base_url: BaseUrl,
+) -> ImageGenerationCreateRes:
+    _check_project(principal, body.project_id)
+    inputs = body.inputs.model_dump(exclude_none=True)
+    known = {k: v for k, v in inputs.items() if k in ImageGenerationRequest.model_fields}
+    try:
+        params = validate_generation(parse_request(known), get_registry())
+    except ImagegenError as exc:  # as the reference: the provider would refuse it
+        return _failure(exc.message)
+    outcome = await submit(
+        request, principal, params, get_registry().get(params.model),
+        wait=settings.sync_wait_seconds, surface="weave",
+        track=body.track_llm_call is not False, op_name=OP_WEAVE, call_inputs=inputs)
+    job = outcome.job
+    if not outcome.finished:
+        return ImageGenerationCreateRes(
+            response={"error": f"The generation is still running; poll job {job.id}.",
+                      "job_id": job.id}, weave_call_id=job.call_id)
+    if job.status != JobStatus.succeeded:
+        return _failure(job.error_message or f"The generation {job.status}.")
+    result = await run_in_threadpool(render_result, job, outcome.images, storage, base_url,
+                                     settings.url_expiry_seconds)
+    response = result.model_dump(exclude_none=True)
+    response["model"] = job.model
+    usage = normalise_usage(job.usage)
+    if usage:
+        response["usage"] = usage
+    return ImageGenerationCreateRes(response=response, weave_call_id=job.call_id)
+
+
+def _call_output(call: Call, storage: Storage, base_url: str, expiry: int,
+                 jobs: dict[str, tuple[Job, list[Any]]]) -> dict[str, Any] | None:
+    """The stored output, with image URLs made fresh (never b64 blobs in traces)."""
+    if call.output is None or call.job_id not in jobs:
+        return call.output
+    job, images = jobs[call.job_id]
+    job_as_url = job.model_copy(update={"request": {**job.request, "response_format": "url"}})
+    data = render_result(job_as_url, images, storage, base_url, expiry).data
+    return {**call.output, "data": [d.model_dump(exclude_none=True) for d in data]}
+
+
+def _render_calls(calls: list[Call], project_ref: str, storage: Storage, base_url: str,
+                  expiry: int) -> list[dict[str, Any]]:
+    with session_scope() as session:
+        jobs: dict[str, tuple[Job, list[Any]]] = {}
+        for call in calls:
+            if call.job_id and call.output is not None:
+                job = session.get(Job, call.job_id)
+                if job is not None and job.project_id == call.project_id:
+                    jobs[call.job_id] = (job, job_images(session, job))
+    return [call_schema(c, project_ref, _call_output(c, storage, base_url, expiry, jobs))
+            for c in calls]
+
+
+@router.post("/call/read", response_model=CallReadRes, summary="Call Read")
+def call_read(body: CallReadReq, principal: WeavePrincipal, settings: SettingsDep,
+              storage: StorageDep, base_url: BaseUrl) -> CallReadRes:
+    _check_project(principal, body.project_id)
+    with session_scope() as session:
+        call = read_call(session, principal.project_id, body.id)
+    if call is None:
+        return CallReadRes(call=None)
+    rendered = _render_calls([call], body.project_id, storage, base_url,
+                             settings.url_expiry_seconds)
+    return CallReadRes(call=rendered[0])
+
+
+@router.post("/calls/stream_query", summary="Calls Query Stream",
+             responses={200: {"content": {"application/jsonl": {}}}})
+def calls_stream_query(body: CallsQuery, principal: WeavePrincipal, settings: SettingsDep,
+                       storage: StorageDep, base_url: BaseUrl) -> StreamingResponse:
+    _check_project(principal, body.project_id)
+    with session_scope() as session:
+        calls = query_calls(session, principal.project_id, body)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        # Rendered a page at a time so a large answer never sits whole in memory.
+        for start in range(0, len(calls), 100):
+            yield from _render_calls(calls[start:start + 100], body.project_id, storage,
+                                     base_url, settings.url_expiry_seconds)
+
+    return StreamingResponse(jsonl(rows()), media_type="application/jsonl")
+
+
+@router.post("/calls/query_stats", response_model=CallsQueryStatsRes,
+             summary="Calls Query Stats")
+def calls_query_stats(body: CallsQueryStatsReq,
+                      principal: WeavePrincipal) -> CallsQueryStatsRes:
+    _check_project(principal, body.project_id)
+    with session_scope() as session:
+        return CallsQueryStatsRes(count=count_calls(session, principal.project_id, body.filter))

@@ -1,0 +1,58 @@
+"""Usage per project, by UTC day and model: jobs by status, images, pixels, and the
+provider's own usage figures (tokens, for gpt-image models)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col
+
+from shared.errors import InvalidRequest
+from shared.models import Image, Job, JobStatus
+
+MAX_DAYS = 92
+
+
+def usage_report(session: Session, project_id: str, start: date, end: date) -> dict[str, Any]:
+    if end < start:
+        raise InvalidRequest("'end_date' is before 'start_date'.", param="end_date")
+    if (end - start).days >= MAX_DAYS:
+        raise InvalidRequest(f"At most {MAX_DAYS} days per report.", param="start_date")
+    lo = datetime.combine(start, time.min, tzinfo=UTC)
+    hi = datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC)
+    images = (
+        sa.select(col(Image.job_id), sa.func.count().label("images"),
+                  sa.func.sum(col(Image.width) * col(Image.height)).label("pixels"))
+        .group_by(col(Image.job_id)).subquery()
+    )
+    rows = session.execute(
+        sa.select(col(Job.created_at), col(Job.model), col(Job.status), col(Job.usage),
+                  images.c.images, images.c.pixels)
+        .outerjoin(images, images.c.job_id == col(Job.id))
+        .where(col(Job.project_id) == project_id, col(Job.created_at) >= lo,
+               col(Job.created_at) < hi)
+    ).all()
+    buckets: dict[tuple[str, str], dict[str, Any]] = {}
+    for created_at, model, status, usage, n_images, pixels in rows:
+        key = (created_at.astimezone(UTC).date().isoformat(), model)
+        bucket = buckets.setdefault(key, {
+            "date": key[0], "model": model,
+            "jobs": {s.value: 0 for s in JobStatus}, "images": 0, "pixels": 0,
+            "provider_usage": defaultdict(int),
+        })
+        bucket["jobs"][status] += 1
+        bucket["images"] += int(n_images or 0)
+        bucket["pixels"] += int(pixels or 0)
+        for name, value in (usage or {}).items():
+            if isinstance(value, int):
+                bucket["provider_usage"][name] += value
+    data = [{**b, "provider_usage": dict(b["provider_usage"])}
+            for _, b in sorted(buckets.items())]
+    totals = {"jobs": sum(sum(b["jobs"].values()) for b in data),
+              "images": sum(b["images"] for b in data),
+              "pixels": sum(b["pixels"] for b in data)}
+    return {"object": "usage", "start_date": start.isoformat(), "end_date": end.isoformat(),
+            "data": data, "totals": totals}
