@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 
 from api import errors
+from api.middleware import DefaultJSONContentType
 from api.routes import admin, files, images, jobs, models, usage, weave
 from api.waiter import JobWaiter
 from shared.db import get_engine
@@ -31,6 +32,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="imagegen", version="0.1.0", lifespan=lifespan,
                   description="Image generation with an OpenAI-compatible API, as a job queue.")
     errors.install(app)
+    app.add_middleware(DefaultJSONContentType)
     app.include_router(images.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
