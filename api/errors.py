@@ -79,8 +79,21 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(400, message, "invalid_request_error", param, "invalid_value")
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first
+    matching route's in ``Allow``; RFC 9110 wants them all)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        exc.headers = {**(exc.headers or {}), "Allow": _allowed_methods(request)}
     if is_weave(request):
         response = weave_error(exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})

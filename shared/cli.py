@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(help="imagegen: image generation with an OpenAI-compatible API.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
@@ -118,7 +119,8 @@ def keys_create(project: Annotated[str, typer.Option(help="Project name")],
 
 @keys_app.command("list")
 def keys_list(project: Annotated[str | None, typer.Option(help="Only this project")] = None,
-              ) -> None:
+              as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")]
+              = False) -> None:
     """List keys (prefix, user, created, last used, revoked); never the keys themselves."""
     from rich.table import Table
 
@@ -128,10 +130,17 @@ def keys_list(project: Annotated[str | None, typer.Option(help="Only this projec
     table = Table("id", "project", "name", "user", "prefix", "created", "last used", "revoked")
     with session_scope() as session:
         for key, proj in list_keys(session, project):
+            if as_json:
+                print(json.dumps({"id": key.id, "project": proj.name, "name": key.name,
+                                  "user": key.user, "prefix": key.prefix,
+                                  "created_at": _when(key.created_at),
+                                  "last_used_at": _when(key.last_used_at),
+                                  "revoked_at": _when(key.revoked_at)}))
             table.add_row(key.id, proj.name, key.name, key.user, key.prefix + "...",
                           _when(key.created_at), _when(key.last_used_at),
                           _when(key.revoked_at))
-    Console().print(table)
+    if not as_json:
+        Console().print(table)
 
 
 @keys_app.command("revoke")
@@ -195,8 +204,8 @@ def projects_list() -> None:
     Console().print(table)
 
 
-def _when(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M") if value else "-"
+def _when(value: datetime | None) -> str | None:
+    return value.strftime("%Y-%m-%d %H:%M") if value else None
 
 
 def _limit(value: int | None) -> str:
@@ -231,5 +240,16 @@ def generate(
     console.print(f"[green]{len(paths)} image(s) in {time.monotonic() - started:.1f}s[/green]")
 
 
+def main() -> None:
+    """Entry point: errors the user can act on print as one line, not a traceback."""
+    from shared.errors import ImagegenError
+
+    try:
+        app()
+    except ImagegenError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

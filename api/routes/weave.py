@@ -61,6 +61,19 @@ class ImageGenerationCreateReq(BaseModel):
     track_llm_call: StrictBool | None = True
 
 
+class WeaveError(BaseModel):
+    detail: str
+
+
+WEAVE_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": WeaveError, "description": desc}
+    for code, desc in [(400, "The body could not be parsed"),
+                       (401, "Missing or invalid API key"),
+                       (403, "The key may not use this project"), (429, "Rate limited"),
+                       (503, "Service unavailable")]
+}
+
+
 class ImageGenerationCreateRes(BaseModel):
     response: dict[str, Any]
     weave_call_id: str | None = None
@@ -98,7 +111,7 @@ def _failure(message: str) -> ImageGenerationCreateRes:
 
 
 @router.post("/image/create", response_model=ImageGenerationCreateRes,
-             summary="Image Create")
+             summary="Image Create", responses=WEAVE_ERRORS)
 async def image_create(
     body: Annotated[ImageGenerationCreateReq, Body()],
     request: Request,
@@ -159,7 +172,8 @@ def _render_calls(calls: list[Call], project_ref: str, storage: Storage, base_ur
             for c in calls]
 
 
-@router.post("/call/read", response_model=CallReadRes, summary="Call Read")
+@router.post("/call/read", response_model=CallReadRes, summary="Call Read",
+             responses=WEAVE_ERRORS)
 def call_read(body: CallReadReq, principal: WeavePrincipal, settings: SettingsDep,
               storage: StorageDep, base_url: BaseUrl) -> CallReadRes:
     _check_project(principal, body.project_id)
@@ -173,7 +187,7 @@ def call_read(body: CallReadReq, principal: WeavePrincipal, settings: SettingsDe
 
 
 @router.post("/calls/stream_query", summary="Calls Query Stream",
-             responses={200: {"content": {"application/jsonl": {}}}})
+             responses={200: {"content": {"application/jsonl": {}}}, **WEAVE_ERRORS})
 def calls_stream_query(body: CallsQuery, principal: WeavePrincipal, settings: SettingsDep,
                        storage: StorageDep, base_url: BaseUrl) -> StreamingResponse:
     _check_project(principal, body.project_id)
@@ -190,7 +204,7 @@ def calls_stream_query(body: CallsQuery, principal: WeavePrincipal, settings: Se
 
 
 @router.post("/calls/query_stats", response_model=CallsQueryStatsRes,
-             summary="Calls Query Stats")
+             summary="Calls Query Stats", responses=WEAVE_ERRORS)
 def calls_query_stats(body: CallsQueryStatsReq,
                       principal: WeavePrincipal) -> CallsQueryStatsRes:
     _check_project(principal, body.project_id)

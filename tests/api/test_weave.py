@@ -121,7 +121,8 @@ def test_provider_failure_answers_200_error_and_is_recorded(stack: Stack, weave_
     resp = httpx.post(f"{stack.base_url}/image/create", timeout=60,
                       headers={"Authorization": basic(weave_key)},
                       json={"project_id": PROJECT, "inputs": {
-                          "model": "fake-fast", "prompt": "[content-policy] weave", "size": "64x64"}})
+                          "model": "fake-fast", "prompt": "[content-policy] weave",
+                          "size": "64x64"}})
     assert resp.status_code == 200
     out = resp.json()
     assert out["weave_call_id"] is None
