@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from api import errors
 from api.middleware import DefaultJSONContentType
-from api.routes import admin, files, images, jobs, models, usage, weave
+from api.routes import admin, events, files, images, jobs, models, usage, weave, webhooks
 from api.waiter import JobWaiter
 from shared.db import get_engine
 from shared.settings import get_settings
@@ -34,7 +34,9 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.add_middleware(DefaultJSONContentType)
     app.include_router(images.router)
+    app.include_router(events.router)
     app.include_router(jobs.router)
+    app.include_router(webhooks.router)
     app.include_router(models.router)
     app.include_router(files.router)
     app.include_router(weave.router)

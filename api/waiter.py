@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -81,27 +81,37 @@ class JobWaiter:
             return 0.1
         return 10.0 if self.connected else 1.0
 
-    async def wait(self, job_id: str, timeout: float,
-                   is_finished: Callable[[], Awaitable[bool]]) -> bool:
-        """True once ``is_finished()`` holds; False after ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+    @contextlib.asynccontextmanager
+    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever the job may have changed (clear it before re-reading)."""
         event = asyncio.Event()
         self._events.setdefault(job_id, set()).add(event)
         try:
-            while True:
-                # Registered before the check: a change between the two still wakes us.
-                event.clear()
-                if await is_finished():
-                    return True
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining, self._fallback()))
+            yield event
         finally:
             events = self._events.get(job_id)
             if events is not None:
                 events.discard(event)
                 if not events:
                     del self._events[job_id]
+
+    async def changed(self, event: asyncio.Event, timeout: float) -> None:
+        """Sleep until ``event`` is set, the fallback timer fires, or ``timeout``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), min(timeout, self._fallback()))
+
+    async def wait(self, job_id: str, timeout: float,
+                   is_finished: Callable[[], Awaitable[bool]]) -> bool:
+        """True once ``is_finished()`` holds; False after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self.subscribe(job_id) as event:
+            while True:
+                # Subscribed before the check: a change between the two still wakes us.
+                event.clear()
+                if await is_finished():
+                    return True
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                await self.changed(event, remaining)

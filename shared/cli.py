@@ -53,7 +53,7 @@ def api(host: Annotated[str | None, typer.Option()] = None,
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma-separated queues")] = "default",
+    queues: Annotated[str, typer.Option(help="Comma-separated queues")] = "default,webhooks",
     concurrency: Annotated[int | None, typer.Option(help="Provider calls held at once")] = None,
 ) -> None:
     """Run a worker (one process holding many provider calls at once)."""

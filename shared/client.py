@@ -1,15 +1,31 @@
-"""A small HTTP client for ``imagegen generate``: submit async, follow, download."""
+"""A small HTTP client for ``imagegen generate``: submit async, follow the job's
+server-sent events, download the images."""
 
 from __future__ import annotations
 
 import base64
-import time
+import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import typer
 from rich.console import Console
+
+
+def follow(client: httpx.Client, job_id: str, console: Console) -> dict[str, Any]:
+    """Show each change from ``/events`` until the job ends; returns the final job."""
+    job: dict[str, Any] = {"id": job_id, "status": "queued"}
+    with console.status(f"job {job_id}: queued") as status, \
+            client.stream("GET", f"/v1/images/jobs/{job_id}/events", timeout=None) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            job = json.loads(line[len("data: "):])
+            where = f", {job['queue_position']} in queue" if job.get("queue_position") else ""
+            status.update(f"job {job_id}: {job['status']}{where}")
+    return job
 
 
 def generate_images(base_url: str, key: str, prompt: str, *, model: str | None,
@@ -25,12 +41,7 @@ def generate_images(base_url: str, key: str, prompt: str, *, model: str | None,
         if resp.status_code >= 400:
             console.print(f"[red]{resp.status_code}: {resp.json()['error']['message']}[/red]")
             raise typer.Exit(1)
-        job = resp.json()
-        with console.status(f"job {job['id']}: {job['status']}") as status:
-            while job["status"] in ("queued", "running"):
-                time.sleep(0.5)
-                job = client.get(f"/v1/images/jobs/{job['id']}").json()
-                status.update(f"job {job['id']}: {job['status']} (attempt {job['attempts']})")
+        job = follow(client, resp.json()["id"], console)
         if job["status"] != "succeeded":
             err = job.get("error") or {}
             console.print(f"[red]job {job['status']}: {err.get('message', '')}[/red]")
@@ -39,6 +50,7 @@ def generate_images(base_url: str, key: str, prompt: str, *, model: str | None,
         ext = job["request"].get("output_format", "png")
         paths = []
         for index, item in enumerate(job["result"]["data"]):
+            # Presigned S3 URLs must not carry our Authorization header: plain GET.
             data = (base64.b64decode(item["b64_json"]) if item.get("b64_json")
                     else httpx.get(item["url"], timeout=60).raise_for_status().content)
             path = out / f"{job['id']}-{index}.{ext}"

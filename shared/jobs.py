@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,7 +17,7 @@ from shared.calls import OP_OPENAI, finish_call, start_call
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.ids import new_id
 from shared.keys import Principal
-from shared.models import FINISHED, Image, Job, JobStatus
+from shared.models import Image, Job, JobStatus
 from shared.registry import ModelSpec
 from shared.schemas import (
     GenerationParams,
@@ -28,12 +29,22 @@ from shared.schemas import (
 )
 from shared.storage import Storage
 from shared.timeutil import to_unix, utcnow
+from shared.webhooks import record_job_event
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A per-job webhook: where, and for which events."""
+
+    url: str
+    events: list[str]
 
 
 def create_job(session: Session, principal: Principal, params: GenerationParams,
                spec: ModelSpec, *, job_id: str | None = None, surface: str = "openai",
                track: bool = True, op_name: str = OP_OPENAI,
-               call_inputs: dict[str, Any] | None = None) -> Job:
+               call_inputs: dict[str, Any] | None = None,
+               webhook: Webhook | None = None) -> Job:
     """Record a job (and its trace call unless ``track`` is off) for ``principal``."""
     job = Job(
         id=job_id or new_id("job"),
@@ -41,7 +52,10 @@ def create_job(session: Session, principal: Principal, params: GenerationParams,
         key_id=principal.key_id,
         surface=surface,
         model=spec.name,
-        request={"queue": spec.queue, **params.model_dump()},
+        queue=spec.queue,
+        request=params.model_dump(),
+        webhook_url=webhook.url if webhook else None,
+        webhook_events=webhook.events if webhook else None,
         # Optimistic: the caller publishes right after commit and clears this if the
         # broker refuses (mark_unpublished), saving a write per request. If the API
         # dies in between, the sweeper re-publishes after redeliver_after_seconds.
@@ -56,11 +70,11 @@ def create_job(session: Session, principal: Principal, params: GenerationParams,
 
 
 def job_queue(job: Job) -> str:
-    return str(job.request.get("queue", "default"))
+    return job.queue
 
 
 def job_params(job: Job) -> GenerationParams:
-    return GenerationParams.model_validate({k: v for k, v in job.request.items() if k != "queue"})
+    return GenerationParams.model_validate(job.request)
 
 
 def mark_published(session: Session, job_ids: Sequence[str]) -> None:
@@ -108,8 +122,10 @@ def list_jobs(session: Session, project_id: str, *, limit: int, after: str | Non
     return rows[:limit], len(rows) > limit
 
 
-def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
-    """Queued: it never runs. Running: it ends canceled and its result is discarded."""
+def cancel_job(session: Session, project_id: str, job_id: str) -> tuple[Job, list[str]]:
+    """Queued: it never runs. Running: it ends canceled and its result is discarded.
+
+    Returns the job and the ids of the webhook deliveries to send after commit."""
     job = get_job(session, project_id, job_id)
     now = utcnow()
     result = session.execute(
@@ -118,13 +134,43 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
         .values(status=JobStatus.canceled, canceled_at=now, finished_at=now, lease_token=None,
                 lease_expires_at=None)
     )
-    if result.rowcount == 0:  # type: ignore[attr-defined]
-        session.refresh(job)
-        if job.status in FINISHED and job.status != JobStatus.canceled:
-            raise Conflict(f"Job '{job_id}' has already {job.status}.", param="job_id")
+    changed = result.rowcount == 1  # type: ignore[attr-defined]
     session.refresh(job)
+    if not changed:
+        if job.status != JobStatus.canceled:
+            raise Conflict(f"Job '{job_id}' has already {job.status}.", param="job_id")
+        return job, []  # canceled before: idempotent, no second event
     finish_call(session, job, output=None, exception="canceled", usage=None)
-    return job
+    return job, record_job_event(session, job, [])
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """Jobs of the same queue created before this one and still queued, plus one.
+
+    Cheap (an index range count on queue, status, id) and approximate: FIFO by
+    creation, ignoring messages a worker has reserved, re-queued retries and
+    other queues' workers."""
+    if job.status != JobStatus.queued:
+        return None
+    ahead = session.execute(
+        sa.select(sa.func.count()).select_from(Job)
+        .where(col(Job.queue) == job.queue, col(Job.status) == JobStatus.queued,
+               col(Job.id) < job.id)
+    ).scalar_one()
+    return int(ahead) + 1
+
+
+def webhook_of(req: Any, param_prefix: str = "") -> Webhook | None:
+    """A per-job webhook from request fields, its target checked now."""
+    from shared.webhooks import check_url, validate_events
+
+    if req.webhook_url is None:
+        if req.webhook_events is not None:
+            raise InvalidRequest("'webhook_events' needs 'webhook_url'.",
+                                 param=param_prefix + "webhook_events")
+        return None
+    return Webhook(url=check_url(req.webhook_url, param_prefix + "webhook_url"),
+                   events=validate_events(req.webhook_events, param_prefix + "webhook_events"))
 
 
 def render_result(job: Job, images: list[Image], storage: Storage, base_url: str,
@@ -168,10 +214,12 @@ def render_job(job: Job, images: list[Image] | None, storage: Storage, base_url:
         finished_at=to_unix(job.finished_at),
         canceled_at=to_unix(job.canceled_at),
         attempts=job.attempts,
-        request={k: v for k, v in job.request.items() if k != "queue"},
+        request=job.request,
         result=result,
         error=error,
         call_id=job.call_id,
+        webhook_url=job.webhook_url,
+        webhook_events=job.webhook_events,
     )
 
 

@@ -60,6 +60,8 @@ class Project(SQLModel, table=True):
     key_requests_per_minute: int | None = None
     images_per_day: int | None = None
     jobs_in_flight: int | None = None
+    # Signs per-job webhooks (GET /v1/webhooks/default/secret); made on first use.
+    webhook_secret: str | None = Field(default=None, max_length=100)
 
 
 class ApiKey(SQLModel, table=True):
@@ -80,13 +82,20 @@ class ApiKey(SQLModel, table=True):
 
 
 class Job(SQLModel, table=True):
-    __table_args__ = (sa.Index("ix_job_project_id_id", "project_id", "id"),)
+    __table_args__ = (
+        sa.Index("ix_job_project_id_id", "project_id", "id"),
+        sa.Index("ix_job_queue_status_id", "queue", "status", "id"),
+    )
 
     id: str = Field(default_factory=lambda: new_id("job"), primary_key=True, max_length=64)
     project_id: str = Field(foreign_key="project.id", max_length=64)
     status: str = Field(default=JobStatus.queued, index=True, max_length=16)
     surface: str = Field(default="openai", max_length=16)
     model: str = Field(max_length=200)
+    queue: str = Field(default="default", max_length=64)
+    # Per-job webhook (signed with the project's default secret), and its events.
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    webhook_events: list[str] | None = Field(default=None, sa_type=sa.JSON)
     request: dict[str, Any] = Field(sa_type=sa.JSON)
     attempts: int = 0
     error_code: str | None = Field(default=None, max_length=64)
@@ -142,3 +151,59 @@ class Call(SQLModel, table=True):
     summary: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     wb_user_id: str | None = Field(default=None, max_length=200, index=True)
     job_id: str | None = Field(default=None, foreign_key="job.id", max_length=64, index=True)
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    __tablename__ = "webhook_endpoint"
+
+    id: str = Field(default_factory=lambda: new_id("we"), primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="project.id", index=True, max_length=64)
+    url: str = Field(max_length=2000)
+    events: list[str] = Field(sa_type=sa.JSON)
+    secret: str = Field(max_length=100)
+    description: str | None = Field(default=None, max_length=500)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    disabled_at: datetime | None = _ts()
+    disabled_reason: str | None = Field(default=None, max_length=500)
+    deleted_at: datetime | None = _ts()
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event for one target. Its id is the ``webhook-id``, stable across retries,
+    and its payload is fixed when the event happens."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (sa.Index("ix_delivery_due", "status", "next_attempt_at"),)
+
+    id: str = Field(default_factory=lambda: new_id("msg"), primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="project.id", index=True, max_length=64)
+    endpoint_id: str | None = Field(default=None, foreign_key="webhook_endpoint.id",
+                                    index=True, max_length=64)
+    job_id: str | None = Field(default=None, index=True, max_length=64)
+    url: str = Field(max_length=2000)
+    event_type: str = Field(max_length=64)
+    payload: dict[str, Any] = Field(sa_type=sa.JSON)
+    # pending -> succeeded | failed (schedule exhausted, 410, or endpoint gone)
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime | None = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # When a "deliver" message was last sent for the due attempt (the sweeper does
+    # not send another while it is fresh), and the lease of the attempt running.
+    dispatched_at: datetime | None = _ts()
+    lease_expires_at: datetime | None = _ts()
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=1000)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class WebhookAttempt(SQLModel, table=True):
+    __tablename__ = "webhook_attempt"
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: str = Field(foreign_key="webhook_delivery.id", index=True, max_length=64)
+    number: int
+    attempted_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    status_code: int | None = None
+    error: str | None = Field(default=None, max_length=1000)
+    duration_ms: int

@@ -90,3 +90,16 @@ def queue_size(queue: str) -> int | None:
     except Exception as exc:  # kombu raises many types for an unreachable broker
         log.debug("could not size queue %s: %s", queue, exc)
         return None
+
+
+DELIVER_WEBHOOK = "imagegen.deliver_webhook"
+WEBHOOK_QUEUE = "webhooks"
+
+
+def publish_deliveries(delivery_ids: list[str]) -> None:
+    """Best effort: a delivery whose message is lost is sent again by the sweeper."""
+    for delivery_id in delivery_ids:
+        try:
+            get_celery().send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=WEBHOOK_QUEUE)
+        except Exception as exc:  # kombu raises many types for an unreachable broker
+            log.warning("broker did not take delivery %s: %s", delivery_id, exc)

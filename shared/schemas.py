@@ -27,6 +27,9 @@ class ImageGenerationRequest(BaseModel):
     background: StrictStr | None = None
     moderation: StrictStr | None = None
     user: StrictStr | None = None
+    # Extensions (the openai package sends them with extra_body): a per-job webhook.
+    webhook_url: StrictStr | None = Field(default=None, max_length=2000)
+    webhook_events: list[StrictStr] | None = None
 
 
 class GenerationParams(BaseModel):
@@ -82,6 +85,11 @@ class JobObject(BaseModel):
     error: JobError | None = None
     # The trace call recording this job (POST /call/read), when tracked.
     call_id: str | None = None
+    # While queued: about how many jobs of the same queue run before this one
+    # (1 = next). Approximate: FIFO order by creation, all projects.
+    queue_position: int | None = None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
 
 
 class JobList(BaseModel):

@@ -59,10 +59,21 @@ class Settings(BaseSettings):
     rate_limit_window_seconds: int = 60
     project_images_per_day: int = 10000
     project_jobs_in_flight: int = 1000
+    # Webhooks: the Standard Webhooks retry schedule (seconds before each attempt;
+    # the first is immediate), the timeout of one attempt, and whether targets may
+    # resolve to loopback, private, link-local or metadata addresses (development).
+    webhook_retry_schedule: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000, 50400,
+                                           72000, 86400]
+    webhook_timeout_seconds: float = 15.0
+    webhook_allow_private_targets: bool = False
     # Manages projects and keys over HTTP (/v1/admin/...); no admin API when unset.
     admin_api_key: str | None = None
     # Base URL put in local-storage file links; the request's own when unset.
     public_url: str | None = None
+
+    def public_base_url(self) -> str:
+        """Base of links made outside a request (webhook payloads in the worker)."""
+        return self.public_url or f"http://{self.host}:{self.port}"
 
     @property
     def resolved_database_url(self) -> str:

@@ -36,11 +36,13 @@ from shared.providers import (
     get_provider,
 )
 from shared.providers.base import Generation
+from shared.queue import publish_deliveries
 from shared.registry import ModelSpec, get_registry
 from shared.schemas import GenerationParams
 from shared.settings import get_settings
 from shared.storage import get_storage, image_key
 from shared.timeutil import utcnow
+from shared.webhooks import record_job_event
 from worker.leases import LEASES
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ def claim(job_id: str) -> tuple[Job, str] | None:
             return None
         job = session.get(Job, job_id)
         assert job is not None
+        # job.started once per job, not again when a crashed attempt is re-run.
+        deliveries = record_job_event(session, job, []) if job.attempts == 1 else []
+    publish_deliveries(deliveries)
     return job, token
 
 
@@ -95,6 +100,10 @@ def _finish(job: Job, token: str, values: dict[str, Any],
             return False
         for image in images or []:
             session.add(image)
+        session.flush()
+        finished = session.get(Job, job.id, populate_existing=True)
+        assert finished is not None
+        deliveries = record_job_event(session, finished, images or [])
         usage = values.get("usage")
         succeeded = values["status"] == JobStatus.succeeded
         finish_call(
@@ -104,6 +113,7 @@ def _finish(job: Job, token: str, values: dict[str, Any],
             usage=usage,
         )
     get_limiter().release_job(job.project_id, job.id)
+    publish_deliveries(deliveries)
     return True
 
 

@@ -23,8 +23,8 @@ from sqlmodel import col, select
 
 from shared.db import session_scope
 from shared.jobs import job_queue, mark_published
-from shared.models import Job, JobStatus
-from shared.queue import publish_job, queue_size
+from shared.models import Job, JobStatus, WebhookDelivery
+from shared.queue import publish_deliveries, publish_job, queue_size
 from shared.settings import get_settings
 from shared.timeutil import utcnow
 
@@ -75,9 +75,33 @@ def publish_pending() -> int:
     return len(published)
 
 
+def publish_due_deliveries() -> int:
+    """Send webhook attempts that are due and have no fresh message on the way."""
+    now = utcnow()
+    stale = now - timedelta(seconds=max(30.0, get_settings().sweep_interval_seconds * 6))
+    with session_scope() as session:
+        due = list(session.execute(
+            sa.select(col(WebhookDelivery.id))
+            .where(col(WebhookDelivery.status) == "pending",
+                   col(WebhookDelivery.next_attempt_at) <= now,
+                   sa.or_(col(WebhookDelivery.lease_expires_at).is_(None),
+                          col(WebhookDelivery.lease_expires_at) < now),
+                   sa.or_(col(WebhookDelivery.dispatched_at).is_(None),
+                          col(WebhookDelivery.dispatched_at) < stale))
+            .limit(BATCH)
+        ).scalars())
+        if due:
+            session.execute(sa.update(WebhookDelivery)
+                            .where(col(WebhookDelivery.id).in_(due))
+                            .values(dispatched_at=now))
+    publish_deliveries(due)
+    return len(due)
+
+
 def sweep_once() -> tuple[int, int]:
     requeued = requeue_expired()
     published = publish_pending()
+    publish_due_deliveries()
     if requeued or published:
         log.info("sweeper: re-queued %d expired, published %d pending", requeued, published)
     return requeued, published

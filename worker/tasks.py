@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from celery import Celery
 
-from shared.queue import RUN_JOB
+from shared.queue import DELIVER_WEBHOOK, RUN_JOB
 from worker.runner import run_job
+from worker.webhook_delivery import deliver
 
 
 def register(app: Celery) -> None:
     @app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
     def run_job_task(job_id: str) -> str:
         return run_job(job_id)
+
+    @app.task(name=DELIVER_WEBHOOK, acks_late=True, ignore_result=True)
+    def deliver_webhook_task(delivery_id: str) -> str:
+        return deliver(delivery_id)

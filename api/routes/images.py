@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
 from api.generation import submit
+from shared.db import session_scope
 from shared.errors import (
     Conflict,
     ImagegenError,
@@ -18,7 +19,7 @@ from shared.errors import (
     RateLimited,
     UpstreamError,
 )
-from shared.jobs import render_job, render_result
+from shared.jobs import queue_position, render_job, render_result, webhook_of
 from shared.models import Job, JobStatus
 from shared.registry import get_registry
 from shared.schemas import ErrorResponse, ImageGenerationRequest, ImagesResponse, JobObject
@@ -93,13 +94,21 @@ async def create_image(
 ) -> Response | ImagesResponse:
     registry = get_registry()
     params = validate_generation(body, registry)
+    webhook = await run_in_threadpool(webhook_of, body)  # resolves DNS: off the loop
     respond_async, wait = parse_prefer(prefer, settings.sync_wait_seconds)
     outcome = await submit(request, principal, params, registry.get(params.model),
-                           wait=0 if respond_async else wait)
+                           wait=0 if respond_async else wait, webhook=webhook)
     job = outcome.job
     if outcome.finished:
         if job.status == JobStatus.succeeded:
             return await run_in_threadpool(render_result, job, outcome.images, storage,
                                            base_url, settings.url_expiry_seconds)
         raise failure_error(job)
-    return accepted(render_job(job, None, storage, base_url, settings.url_expiry_seconds))
+    obj = render_job(job, None, storage, base_url, settings.url_expiry_seconds)
+    obj.queue_position = await run_in_threadpool(_position, job)
+    return accepted(obj)
+
+
+def _position(job: Job) -> int | None:
+    with session_scope() as session:
+        return queue_position(session, job)

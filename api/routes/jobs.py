@@ -11,8 +11,17 @@ from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
 from api.routes.images import ERRORS
 from shared.db import session_scope
 from shared.events import publish_job_changed
-from shared.jobs import cancel_job, get_job, job_images, list_jobs, render_job, render_list
+from shared.jobs import (
+    cancel_job,
+    get_job,
+    job_images,
+    list_jobs,
+    queue_position,
+    render_job,
+    render_list,
+)
 from shared.limits import get_limiter
+from shared.queue import publish_deliveries
 from shared.schemas import JobList, JobObject
 
 router = APIRouter(prefix="/v1/images/jobs", tags=["jobs"])
@@ -29,8 +38,11 @@ def read_job(job_id: str, principal: CurrentPrincipal, settings: SettingsDep,
     with session_scope() as session:
         job = get_job(session, principal.project_id, job_id)
         images = job_images(session, job)
+        position = queue_position(session, job)
     # Fresh presigned URLs on every read.
-    return render_job(job, images, storage, base_url, settings.url_expiry_seconds)
+    obj = render_job(job, images, storage, base_url, settings.url_expiry_seconds)
+    obj.queue_position = position
+    return obj
 
 
 @router.get("", response_model=JobList, response_model_exclude_none=True, responses=ERRORS)
@@ -42,7 +54,11 @@ def read_jobs(principal: CurrentPrincipal, settings: SettingsDep, storage: Stora
     with session_scope() as session:
         jobs, has_more = list_jobs(session, principal.project_id, limit=limit, after=after,
                                    status=status)
-    return render_list(jobs, has_more, storage, base_url, settings.url_expiry_seconds)
+        positions = {job.id: queue_position(session, job) for job in jobs}
+    page = render_list(jobs, has_more, storage, base_url, settings.url_expiry_seconds)
+    for obj in page.data:
+        obj.queue_position = positions[obj.id]
+    return page
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject, response_model_exclude_none=True,
@@ -51,8 +67,9 @@ async def cancel(job_id: str, principal: CurrentPrincipal, settings: SettingsDep
                  storage: StorageDep, base_url: BaseUrl) -> JobObject:
     def do() -> JobObject:
         with session_scope() as session:
-            job = cancel_job(session, principal.project_id, job_id)
+            job, deliveries = cancel_job(session, principal.project_id, job_id)
             images = job_images(session, job)
+        publish_deliveries(deliveries)
         return render_job(job, images, storage, base_url, settings.url_expiry_seconds)
 
     job = await run_in_threadpool(do)

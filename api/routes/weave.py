@@ -30,7 +30,7 @@ from shared.calls import (
 )
 from shared.db import session_scope
 from shared.errors import Forbidden, ImagegenError
-from shared.jobs import job_images, render_result
+from shared.jobs import job_images, render_result, webhook_of
 from shared.keys import Principal
 from shared.models import Call, Job, JobStatus
 from shared.registry import get_registry
@@ -59,6 +59,9 @@ class ImageGenerationCreateReq(BaseModel):
         default=None,
         description="Do not set directly. Server will automatically populate this field.")
     track_llm_call: StrictBool | None = True
+    # Extensions, as on the OpenAI surface: a per-job webhook.
+    webhook_url: StrictStr | None = Field(default=None, max_length=2000)
+    webhook_events: list[StrictStr] | None = None
 
 
 class WeaveError(BaseModel):
@@ -125,12 +128,14 @@ async def image_create(
     known = {k: v for k, v in inputs.items() if k in ImageGenerationRequest.model_fields}
     try:
         params = validate_generation(parse_request(known), get_registry())
+        webhook = await run_in_threadpool(webhook_of, body)
     except ImagegenError as exc:  # as the reference: the provider would refuse it
         return _failure(exc.message)
     outcome = await submit(
         request, principal, params, get_registry().get(params.model),
         wait=settings.sync_wait_seconds, surface="weave",
-        track=body.track_llm_call is not False, op_name=OP_WEAVE, call_inputs=inputs)
+        track=body.track_llm_call is not False, op_name=OP_WEAVE, call_inputs=inputs,
+        webhook=webhook)
     job = outcome.job
     if not outcome.finished:
         return ImageGenerationCreateRes(

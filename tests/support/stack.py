@@ -94,6 +94,10 @@ class Stack:
             "IMAGEGEN_WORKER_CONCURRENCY": "64",
             "IMAGEGEN_RATE_LIMIT_WINDOW_SECONDS": "2",
             "IMAGEGEN_ADMIN_API_KEY": "sk-admin-test",
+            # Receivers in tests listen on loopback; the refusal is tested on its own.
+            "IMAGEGEN_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true",
+            "IMAGEGEN_WEBHOOK_RETRY_SCHEDULE": "[0, 1, 1, 1, 1]",
+            "IMAGEGEN_WEBHOOK_TIMEOUT_SECONDS": "3",
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "FAKE_UPSTREAM_KEY": EXPECTED_KEY,
@@ -131,7 +135,7 @@ class Stack:
         return self._cli(*args)
 
     def new_worker(self, extra_env: dict[str, str] | None = None) -> ServiceProcess:
-        worker = ServiceProcess(["worker", "--queues", "default"],
+        worker = ServiceProcess(["worker", "--queues", "default,webhooks"],
                                 {**self.env, **(extra_env or {})},
                                 self.workdir / "worker.log").start()
         self.worker = worker
