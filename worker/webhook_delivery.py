@@ -29,7 +29,11 @@ from shared.timeutil import utcnow
 from shared.webhooks import default_secret
 
 log = logging.getLogger(__name__)
-LEASE = timedelta(seconds=120)
+
+
+def _lease() -> timedelta:
+    """Long enough for one attempt; a worker killed mid-attempt frees it this soon."""
+    return timedelta(seconds=2 * get_settings().webhook_timeout_seconds + 5)
 
 
 @lru_cache
@@ -49,7 +53,7 @@ def _claim(delivery_id: str) -> WebhookDelivery | None:
                    col(WebhookDelivery.next_attempt_at) <= now,
                    sa.or_(col(WebhookDelivery.lease_expires_at).is_(None),
                           col(WebhookDelivery.lease_expires_at) < now))
-            .values(lease_expires_at=now + LEASE, attempts=WebhookDelivery.attempts + 1)
+            .values(lease_expires_at=now + _lease(), attempts=WebhookDelivery.attempts + 1)
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
             return None
