@@ -11,7 +11,19 @@ from sqlalchemy import text
 
 from api import errors
 from api.middleware import DefaultJSONContentType
-from api.routes import admin, events, files, images, jobs, models, usage, weave, webhooks
+from api.routes import (
+    admin,
+    batches,
+    events,
+    files,
+    image_files,
+    images,
+    jobs,
+    models,
+    usage,
+    weave,
+    webhooks,
+)
 from api.waiter import JobWaiter
 from shared.db import get_engine
 from shared.settings import get_settings
@@ -38,7 +50,9 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(webhooks.router)
     app.include_router(models.router)
+    app.include_router(image_files.router)
     app.include_router(files.router)
+    app.include_router(batches.router)
     app.include_router(weave.router)
     app.include_router(usage.router)
     app.include_router(admin.router)

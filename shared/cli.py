@@ -53,7 +53,8 @@ def api(host: Annotated[str | None, typer.Option()] = None,
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma-separated queues")] = "default,webhooks",
+    queues: Annotated[str, typer.Option(help="Comma-separated queues")
+                      ] = "default,webhooks,batch",
     concurrency: Annotated[int | None, typer.Option(help="Provider calls held at once")] = None,
 ) -> None:
     """Run a worker (one process holding many provider calls at once)."""

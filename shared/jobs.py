@@ -14,7 +14,14 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from shared.calls import OP_OPENAI, finish_call, start_call
-from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.errors import (
+    Conflict,
+    ImagegenError,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    UpstreamError,
+)
 from shared.ids import new_id
 from shared.keys import Principal
 from shared.models import Image, Job, JobStatus
@@ -169,8 +176,33 @@ def webhook_of(req: Any, param_prefix: str = "") -> Webhook | None:
             raise InvalidRequest("'webhook_events' needs 'webhook_url'.",
                                  param=param_prefix + "webhook_events")
         return None
+    from shared.webhooks import JOB_EVENTS
+
     return Webhook(url=check_url(req.webhook_url, param_prefix + "webhook_url"),
-                   events=validate_events(req.webhook_events, param_prefix + "webhook_events"))
+                   events=validate_events(req.webhook_events, param_prefix + "webhook_events",
+                                          JOB_EVENTS))
+
+
+def job_failure(job: Job) -> ImagegenError:
+    """How a failed job answers a waiting sync request."""
+    code = job.error_code or "job_failed"
+    message = job.error_message or "The job failed."
+    if job.status == JobStatus.canceled:
+        return Conflict("The job was canceled before it finished.", code="job_canceled")
+    if code == "upstream_timeout":
+        err: ImagegenError = UpstreamError(message, code=code)
+        err.status_code = 504
+        return err
+    if code == "upstream_rate_limited":
+        return RateLimited(message, code=code, retry_after=30)
+    if code.startswith("upstream_") or code in ("internal_error", "provider_misconfigured"):
+        err = UpstreamError(message, code=code)
+        if code == "internal_error":
+            err.status_code = 500
+        return err
+    # The provider refused the request itself (content policy, invalid prompt):
+    # the client's request is at fault, as OpenAI answers it.
+    return InvalidRequest(message, code=code, param="prompt")
 
 
 def render_result(job: Job, images: list[Image], storage: Storage, base_url: str,

@@ -96,6 +96,9 @@ class Job(SQLModel, table=True):
     # Per-job webhook (signed with the project's default secret), and its events.
     webhook_url: str | None = Field(default=None, max_length=2000)
     webhook_events: list[str] | None = Field(default=None, sa_type=sa.JSON)
+    # Set when the job runs one line of a batch.
+    batch_id: str | None = Field(default=None, max_length=64, index=True)
+    batch_item_id: str | None = Field(default=None, max_length=64)
     request: dict[str, Any] = Field(sa_type=sa.JSON)
     attempts: int = 0
     error_code: str | None = Field(default=None, max_length=64)
@@ -207,3 +210,71 @@ class WebhookAttempt(SQLModel, table=True):
     status_code: int | None = None
     error: str | None = Field(default=None, max_length=1000)
     duration_ms: int
+
+
+class File(SQLModel, table=True):
+    """An uploaded (or batch-produced) file, as OpenAI's Files API; bytes in storage."""
+
+    __table_args__ = (sa.Index("ix_file_project_id_id", "project_id", "id"),)
+
+    id: str = Field(default_factory=lambda: new_id("file"), primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="project.id", max_length=64)
+    filename: str = Field(max_length=500)
+    purpose: str = Field(max_length=32)
+    bytes: int
+    storage_key: str = Field(max_length=500)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    deleted_at: datetime | None = _ts()
+
+
+class Batch(SQLModel, table=True):
+    __table_args__ = (sa.Index("ix_batch_project_id_id", "project_id", "id"),)
+
+    id: str = Field(default_factory=lambda: new_id("batch"), primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="project.id", max_length=64)
+    kind: str = Field(default="openai", max_length=16)  # openai (a file) | native (JSON)
+    endpoint: str = Field(default="/v1/images/generations", max_length=100)
+    input_file_id: str | None = Field(default=None, max_length=64)
+    completion_window: str = Field(default="24h", max_length=16)
+    # validating -> in_progress -> finalizing -> completed | failed | expired |
+    # cancelling -> cancelled
+    status: str = Field(default="validating", index=True, max_length=16)
+    batch_metadata: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    errors: list[dict[str, Any]] | None = Field(default=None, sa_type=sa.JSON)
+    output_file_id: str | None = Field(default=None, max_length=64)
+    error_file_id: str | None = Field(default=None, max_length=64)
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    total: int = 0
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime | None = _ts()
+    in_progress_at: datetime | None = _ts()
+    finalizing_at: datetime | None = _ts()
+    completed_at: datetime | None = _ts()
+    failed_at: datetime | None = _ts()
+    expired_at: datetime | None = _ts()
+    cancelling_at: datetime | None = _ts()
+    cancelled_at: datetime | None = _ts()
+
+
+class BatchItem(SQLModel, table=True):
+    """One line of a batch. Its job runs it; its result is kept when the job ends."""
+
+    __tablename__ = "batch_item"
+    __table_args__ = (
+        sa.UniqueConstraint("batch_id", "custom_id", name="uq_batch_item_custom_id"),
+        sa.Index("ix_batch_item_batch_status_line", "batch_id", "status", "line"),
+    )
+
+    id: str = Field(default_factory=lambda: new_id("batch_req"), primary_key=True,
+                    max_length=64)
+    batch_id: str = Field(foreign_key="batch.id", max_length=64)
+    project_id: str = Field(foreign_key="project.id", max_length=64)
+    line: int
+    custom_id: str = Field(max_length=500)
+    body: dict[str, Any] = Field(sa_type=sa.JSON)
+    # pending (no job yet) -> queued (job made) -> succeeded | failed | canceled
+    status: str = Field(default="pending", max_length=16)
+    job_id: str | None = Field(default=None, max_length=64)
+    status_code: int | None = None
+    error: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    finished_at: datetime | None = _ts()

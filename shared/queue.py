@@ -103,3 +103,14 @@ def publish_deliveries(delivery_ids: list[str]) -> None:
             get_celery().send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=WEBHOOK_QUEUE)
         except Exception as exc:  # kombu raises many types for an unreachable broker
             log.warning("broker did not take delivery %s: %s", delivery_id, exc)
+
+
+VALIDATE_BATCH = "imagegen.validate_batch"
+
+
+def publish_batch_validation(batch_id: str) -> None:
+    """Best effort: a batch left validating is sent again by the sweeper."""
+    try:
+        get_celery().send_task(VALIDATE_BATCH, args=[batch_id], queue=get_settings().batch_queue)
+    except Exception as exc:  # kombu raises many types for an unreachable broker
+        log.warning("broker did not take batch %s: %s", batch_id, exc)

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
                                            72000, 86400]
     webhook_timeout_seconds: float = 15.0
     webhook_allow_private_targets: bool = False
+    # Batches: their jobs' queue, how many lines of one batch are queued or running
+    # at once (the rest wait in SQL), and how long URLs in output files live (7
+    # days, the most an S3 SigV4 presigned URL may).
+    batch_queue: str = "batch"
+    batch_max_in_flight: int = 128
+    batch_url_expiry_seconds: int = 604800
     # Manages projects and keys over HTTP (/v1/admin/...); no admin API when unset.
     admin_api_key: str | None = None
     # Base URL put in local-storage file links; the request's own when unset.

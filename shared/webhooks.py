@@ -22,6 +22,8 @@ from shared.targets import check_target
 from shared.timeutil import utcnow
 
 JOB_EVENTS = ("job.started", "job.succeeded", "job.failed", "job.canceled")
+BATCH_EVENTS = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
+ALL_EVENTS = JOB_EVENTS + BATCH_EVENTS
 EVENT_FOR_STATUS = {"running": "job.started", "succeeded": "job.succeeded",
                     "failed": "job.failed", "canceled": "job.canceled"}
 
@@ -30,15 +32,16 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def validate_events(events: list[str] | None, param: str) -> list[str]:
+def validate_events(events: list[str] | None, param: str,
+                    known: tuple[str, ...] = ALL_EVENTS) -> list[str]:
     if events is None:
-        return list(JOB_EVENTS)
+        return list(known)
     if not events:
         raise InvalidRequest("Name at least one event.", param=param)
-    unknown = [e for e in events if e not in JOB_EVENTS]
+    unknown = [e for e in events if e not in known]
     if unknown:
         raise InvalidRequest(f"Unknown webhook events: {', '.join(unknown)}. Known: "
-                             f"{', '.join(JOB_EVENTS)}.", param=param)
+                             f"{', '.join(known)}.", param=param)
     return list(dict.fromkeys(events))
 
 
@@ -131,6 +134,29 @@ def record_job_event(session: Session, job: Job, images: list[Image]) -> list[st
     for url, endpoint_id in targets:
         delivery = WebhookDelivery(project_id=job.project_id, endpoint_id=endpoint_id,
                                    job_id=job.id, url=url, event_type=event, payload=payload,
+                                   next_attempt_at=now, dispatched_at=now)
+        session.add(delivery)
+        ids.append(delivery.id)
+    session.flush()
+    return ids
+
+
+def record_batch_event(session: Session, batch: Any, event: str,
+                       data: dict[str, Any]) -> list[str]:
+    """Deliveries of a batch event: to the batch's own webhook_url and subscribed endpoints."""
+    targets: list[tuple[str, str | None]] = []
+    if batch.webhook_url:
+        targets.append((batch.webhook_url, None))
+    for endpoint in list_endpoints(session, batch.project_id):
+        if endpoint.disabled_at is None and event in endpoint.events:
+            targets.append((endpoint.url, endpoint.id))
+    now = utcnow()
+    payload = {"type": event, "timestamp": now.isoformat().replace("+00:00", "Z"),
+               "data": data}
+    ids = []
+    for url, endpoint_id in targets:
+        delivery = WebhookDelivery(project_id=batch.project_id, endpoint_id=endpoint_id,
+                                   url=url, event_type=event, payload=payload,
                                    next_attempt_at=now, dispatched_at=now)
         session.add(delivery)
         ids.append(delivery.id)

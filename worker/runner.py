@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
+from shared.batches import item_finished, pump
 from shared.calls import finish_call, normalise_usage
 from shared.db import session_scope
 from shared.events import publish_job_changed
@@ -79,7 +80,9 @@ def claim(job_id: str) -> tuple[Job, str] | None:
         job = session.get(Job, job_id)
         assert job is not None
         # job.started once per job, not again when a crashed attempt is re-run.
-        deliveries = record_job_event(session, job, []) if job.attempts == 1 else []
+        # Batch lines send no job events: their batch has its own.
+        first = job.attempts == 1 and job.batch_id is None
+        deliveries = record_job_event(session, job, []) if first else []
     publish_deliveries(deliveries)
     return job, token
 
@@ -103,7 +106,11 @@ def _finish(job: Job, token: str, values: dict[str, Any],
         session.flush()
         finished = session.get(Job, job.id, populate_existing=True)
         assert finished is not None
-        deliveries = record_job_event(session, finished, images or [])
+        if finished.batch_id is None:
+            deliveries = record_job_event(session, finished, images or [])
+        else:
+            deliveries = []
+            item_finished(session, finished)
         usage = values.get("usage")
         succeeded = values["status"] == JobStatus.succeeded
         finish_call(
@@ -114,6 +121,9 @@ def _finish(job: Job, token: str, values: dict[str, Any],
         )
     get_limiter().release_job(job.project_id, job.id)
     publish_deliveries(deliveries)
+    if job.batch_id is not None:
+        publish_job_changed(job.batch_id, "progress")  # the batch's event stream
+        pump(job.batch_id)
     return True
 
 

@@ -21,10 +21,11 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlmodel import col, select
 
+from shared.batches import pump, refinalize
 from shared.db import session_scope
 from shared.jobs import job_queue, mark_published
-from shared.models import Job, JobStatus, WebhookDelivery
-from shared.queue import publish_deliveries, publish_job, queue_size
+from shared.models import Batch, Job, JobStatus, WebhookDelivery
+from shared.queue import publish_batch_validation, publish_deliveries, publish_job, queue_size
 from shared.settings import get_settings
 from shared.timeutil import utcnow
 
@@ -98,10 +99,34 @@ def publish_due_deliveries() -> int:
     return len(due)
 
 
+def tend_batches() -> None:
+    """Resume batches after any restart: validate what was never validated, pump
+    open batches, finalize again what died while finalizing."""
+    now = utcnow()
+    stale = now - timedelta(seconds=max(30.0, get_settings().sweep_interval_seconds * 6))
+    with session_scope() as session:
+        rows = session.execute(
+            sa.select(col(Batch.id), col(Batch.status))
+            .where(sa.or_(col(Batch.status).in_(["in_progress", "cancelling", "expiring"]),
+                          sa.and_(col(Batch.status) == "validating",
+                                  col(Batch.created_at) < stale),
+                          sa.and_(col(Batch.status) == "finalizing",
+                                  col(Batch.finalizing_at) < stale - timedelta(minutes=5))))
+        ).all()
+    for batch_id, status in rows:
+        if status == "validating":
+            publish_batch_validation(batch_id)
+        elif status == "finalizing":
+            refinalize(batch_id)
+        else:
+            pump(batch_id)
+
+
 def sweep_once() -> tuple[int, int]:
     requeued = requeue_expired()
     published = publish_pending()
     publish_due_deliveries()
+    tend_batches()
     if requeued or published:
         log.info("sweeper: re-queued %d expired, published %d pending", requeued, published)
     return requeued, published

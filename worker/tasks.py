@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from shared.queue import DELIVER_WEBHOOK, RUN_JOB
+from shared.batches import validate_batch
+from shared.queue import DELIVER_WEBHOOK, RUN_JOB, VALIDATE_BATCH
 from worker.runner import run_job
 from worker.webhook_delivery import deliver
 
@@ -17,3 +18,7 @@ def register(app: Celery) -> None:
     @app.task(name=DELIVER_WEBHOOK, acks_late=True, ignore_result=True)
     def deliver_webhook_task(delivery_id: str) -> str:
         return deliver(delivery_id)
+
+    @app.task(name=VALIDATE_BATCH, acks_late=True, ignore_result=True)
+    def validate_batch_task(batch_id: str) -> None:
+        validate_batch(batch_id)

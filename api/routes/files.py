@@ -1,29 +1,77 @@
-"""Local-storage files, served only with a valid, unexpired HMAC signature."""
+"""OpenAI's Files API (``purpose=batch`` inputs, batch outputs)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from api.deps import StorageDep
+from api.deps import CurrentPrincipal, StorageDep
 from api.routes.images import ERRORS
-from shared.errors import NotFound
-from shared.imaging import CONTENT_TYPES
-from shared.storage import LocalStorage
+from shared.db import session_scope
+from shared.errors import InvalidRequest
+from shared.files import (
+    MAX_FILE_BYTES,
+    create_file,
+    delete_file,
+    file_view,
+    get_file,
+    list_files,
+)
 
-router = APIRouter(tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.get("/v1/images/files/{key:path}", responses={200: {"content": {"image/png": {}}},
-                                                      **ERRORS})
-def read_file(key: str, storage: StorageDep, expires: Annotated[int, Query()],
-              signature: Annotated[str, Query(max_length=128)]) -> Response:
-    if not isinstance(storage, LocalStorage):
-        raise NotFound("No such file.")
-    storage.verify(key, expires, signature)
-    data = storage.get(key)
-    ext = key.rsplit(".", 1)[-1]
-    return Response(data, media_type=CONTENT_TYPES.get(ext, "application/octet-stream"),
-                    headers={"Cache-Control": "private, max-age=3600"})
+@router.post("", responses=ERRORS)
+async def upload(file: UploadFile, purpose: Annotated[str, Form()], principal: CurrentPrincipal,
+                 storage: StorageDep) -> dict[str, Any]:
+    if purpose != "batch":
+        raise InvalidRequest(f"Invalid purpose '{purpose}': only 'batch' is supported.",
+                             param="purpose")
+    data = await file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise InvalidRequest(f"The file is larger than {MAX_FILE_BYTES} bytes.", param="file")
+
+    def store() -> dict[str, Any]:
+        with session_scope() as session:
+            return file_view(create_file(session, storage, principal.project_id,
+                                         file.filename or "upload.jsonl", purpose, data))
+
+    return await run_in_threadpool(store)
+
+
+@router.get("", responses=ERRORS)
+def read_files(principal: CurrentPrincipal,
+               purpose: Annotated[str | None, Query(max_length=32)] = None,
+               limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+               after: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+    with session_scope() as session:
+        files, has_more = list_files(session, principal.project_id, purpose=purpose,
+                                     limit=limit, after=after)
+        data = [file_view(f) for f in files]
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/{file_id}", responses=ERRORS)
+def read_file(file_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
+    with session_scope() as session:
+        return file_view(get_file(session, principal.project_id, file_id))
+
+
+@router.get("/{file_id}/content", responses={200: {"content": {"application/jsonl": {}}},
+                                            **ERRORS})
+def read_content(file_id: str, principal: CurrentPrincipal, storage: StorageDep) -> Response:
+    with session_scope() as session:
+        file = get_file(session, principal.project_id, file_id)
+    return Response(storage.get(file.storage_key), media_type="application/jsonl")
+
+
+@router.delete("/{file_id}", responses=ERRORS)
+def remove_file(file_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
+    with session_scope() as session:
+        file = delete_file(session, principal.project_id, file_id)
+    return {"id": file.id, "object": "file", "deleted": True}

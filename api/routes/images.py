@@ -12,14 +12,7 @@ from fastapi.responses import JSONResponse
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
 from api.generation import submit
 from shared.db import session_scope
-from shared.errors import (
-    Conflict,
-    ImagegenError,
-    InvalidRequest,
-    RateLimited,
-    UpstreamError,
-)
-from shared.jobs import queue_position, render_job, render_result, webhook_of
+from shared.jobs import job_failure, queue_position, render_job, render_result, webhook_of
 from shared.models import Job, JobStatus
 from shared.registry import get_registry
 from shared.schemas import ErrorResponse, ImageGenerationRequest, ImagesResponse, JobObject
@@ -47,28 +40,6 @@ def parse_prefer(prefer: str | None, default_wait: float) -> tuple[bool, float]:
     match = _WAIT.search(lowered)
     wait = min(float(match.group(1)), default_wait) if match else default_wait
     return respond_async, wait
-
-
-def failure_error(job: Job) -> ImagegenError:
-    """How a failed job answers a waiting sync request."""
-    code = job.error_code or "job_failed"
-    message = job.error_message or "The job failed."
-    if job.status == JobStatus.canceled:
-        return Conflict("The job was canceled before it finished.", code="job_canceled")
-    if code == "upstream_timeout":
-        err: ImagegenError = UpstreamError(message, code=code)
-        err.status_code = 504
-        return err
-    if code == "upstream_rate_limited":
-        return RateLimited(message, code=code, retry_after=30)
-    if code.startswith("upstream_") or code in ("internal_error", "provider_misconfigured"):
-        err = UpstreamError(message, code=code)
-        if code == "internal_error":
-            err.status_code = 500
-        return err
-    # The provider refused the request itself (content policy, invalid prompt):
-    # the client's request is at fault, as OpenAI answers it.
-    return InvalidRequest(message, code=code, param="prompt")
 
 
 def accepted(job: JobObject) -> JSONResponse:
@@ -103,7 +74,7 @@ async def create_image(
         if job.status == JobStatus.succeeded:
             return await run_in_threadpool(render_result, job, outcome.images, storage,
                                            base_url, settings.url_expiry_seconds)
-        raise failure_error(job)
+        raise job_failure(job)
     obj = render_job(job, None, storage, base_url, settings.url_expiry_seconds)
     obj.queue_position = await run_in_threadpool(_position, job)
     return accepted(obj)

@@ -135,7 +135,7 @@ class Stack:
         return self._cli(*args)
 
     def new_worker(self, extra_env: dict[str, str] | None = None) -> ServiceProcess:
-        worker = ServiceProcess(["worker", "--queues", "default,webhooks"],
+        worker = ServiceProcess(["worker", "--queues", "default,webhooks,batch"],
                                 {**self.env, **(extra_env or {})},
                                 self.workdir / "worker.log").start()
         self.worker = worker

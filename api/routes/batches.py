@@ -1,0 +1,163 @@
+"""Batches: OpenAI's ``/v1/batches`` and the native ``/v1/images/batches``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import CurrentPrincipal
+from api.routes.images import ERRORS
+from shared.batches import (
+    cancel_batch,
+    create_native_batch,
+    create_openai_batch,
+    get_batch,
+    list_batches,
+    list_items,
+    pump,
+    render_batch,
+)
+from shared.db import session_scope
+from shared.errors import InvalidRequest
+from shared.queue import publish_batch_validation
+from shared.webhooks import check_url
+
+router = APIRouter(tags=["batches"])
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+class BatchCreate(BaseModel):
+    input_file_id: str = Field(max_length=64)
+    endpoint: str = Field(max_length=100)
+    completion_window: str = Field(max_length=16)
+    metadata: dict[str, str] | None = None
+
+
+class NativeBatchCreate(BaseModel):
+    """Either ``requests`` (full generation requests, each with an optional
+    ``custom_id``) or ``prompts`` with shared parameters."""
+
+    model_config = ConfigDict(extra="allow")  # shared generation parameters
+
+    requests: list[dict[str, Any]] | None = None
+    prompts: list[str] | None = None
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    metadata: dict[str, str] | None = None
+
+
+@router.post("/v1/batches", responses=ERRORS)
+def post_batch(body: BatchCreate, principal: CurrentPrincipal) -> dict[str, Any]:
+    with session_scope() as session:
+        batch = create_openai_batch(session, principal, input_file_id=body.input_file_id,
+                                    endpoint=body.endpoint,
+                                    completion_window=body.completion_window,
+                                    metadata=body.metadata)
+        view = render_batch(session, batch)
+    publish_batch_validation(batch.id)  # if lost: the sweeper validates it
+    return view
+
+
+@router.get("/v1/batches", responses=ERRORS)
+def get_batches(principal: CurrentPrincipal,
+                limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                after: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+    with session_scope() as session:
+        rows, has_more = list_batches(session, principal.project_id, limit=limit, after=after)
+        data = [render_batch(session, b) for b in rows]
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/v1/batches/{batch_id}", responses=ERRORS)
+@router.get("/v1/images/batches/{batch_id}", responses=ERRORS)
+def get_one_batch(batch_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
+    with session_scope() as session:
+        return render_batch(session, get_batch(session, principal.project_id, batch_id))
+
+
+@router.post("/v1/batches/{batch_id}/cancel", responses=ERRORS)
+@router.post("/v1/images/batches/{batch_id}/cancel", responses=ERRORS)
+def post_cancel(batch_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
+    with session_scope() as session:
+        batch = cancel_batch(session, principal.project_id, batch_id)
+        view = render_batch(session, batch)
+    pump(batch_id)  # finalizes at once when nothing is running
+    return view
+
+
+@router.post("/v1/images/batches", responses=ERRORS)
+async def post_native_batch(body: NativeBatchCreate,
+                            principal: CurrentPrincipal) -> dict[str, Any]:
+    if (body.requests is None) == (body.prompts is None):
+        raise InvalidRequest("Give either 'requests' or 'prompts'.", param="requests")
+    shared = body.model_extra or {}
+    requests = (body.requests if body.requests is not None
+                else [{**shared, "prompt": p} for p in body.prompts or []])
+    if body.webhook_url is not None:
+        await run_in_threadpool(check_url, body.webhook_url, "webhook_url")
+
+    def create() -> dict[str, Any]:
+        with session_scope() as session:
+            batch = create_native_batch(session, principal, requests, body.webhook_url,
+                                        body.metadata)
+            view = render_batch(session, batch)
+        pump(batch.id)
+        return view
+
+    return await run_in_threadpool(create)
+
+
+@router.get("/v1/images/batches/{batch_id}/items", responses=ERRORS)
+def get_items(batch_id: str, principal: CurrentPrincipal,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+              after: Annotated[int | None, Query(ge=0, description="last line seen")] = None,
+              ) -> dict[str, Any]:
+    with session_scope() as session:
+        batch = get_batch(session, principal.project_id, batch_id)
+        data, has_more = list_items(session, batch, limit=limit, after=after)
+    return {"object": "list", "data": data, "has_more": has_more,
+            "last_line": data[-1]["line"] if data else None}
+
+
+@router.get("/v1/batches/{batch_id}/events",
+            responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
+@router.get("/v1/images/batches/{batch_id}/events",
+            responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
+async def batch_events(batch_id: str, request: Request,
+                       principal: CurrentPrincipal) -> StreamingResponse:
+    """Server-sent progress: ``event: batch.progress`` with the batch object, at most
+    twice a second, until the batch ends (its last event names the final status)."""
+    def snapshot() -> dict[str, Any]:
+        with session_scope() as session:
+            return render_batch(session, get_batch(session, principal.project_id, batch_id))
+
+    first = await run_in_threadpool(snapshot)
+    waiter = request.app.state.waiter
+
+    async def stream() -> AsyncIterator[bytes]:
+        async with waiter.subscribe(batch_id) as event:
+            current, last = first, None
+            while True:
+                state = (current["status"], json.dumps(current["request_counts"]))
+                if state != last:
+                    last = state
+                    name = ("batch." + current["status"] if current["status"] in TERMINAL
+                            else "batch.progress")
+                    yield f"event: {name}\ndata: {json.dumps(current)}\n\n".encode()
+                if current["status"] in TERMINAL:
+                    return
+                event.clear()
+                await waiter.changed(event, 15.0)
+                await asyncio.sleep(0.5)  # coalesce bursts of item completions
+                current = await run_in_threadpool(snapshot)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})

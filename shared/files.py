@@ -1,0 +1,69 @@
+"""Files, as OpenAI's Files API: metadata in SQL, bytes in storage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from shared.errors import InvalidRequest, NotFound
+from shared.ids import new_id
+from shared.models import File
+from shared.storage import Storage
+from shared.timeutil import to_unix, utcnow
+
+MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's batch input limit
+PURPOSES = ("batch", "batch_output")
+
+
+def create_file(session: Session, storage: Storage, project_id: str, filename: str,
+                purpose: str, data: bytes) -> File:
+    if purpose not in ("batch",) and purpose != "batch_output":
+        raise InvalidRequest(f"Invalid purpose '{purpose}': use 'batch'.", param="purpose")
+    if len(data) > MAX_FILE_BYTES:
+        raise InvalidRequest(f"The file is {len(data)} bytes; the limit is {MAX_FILE_BYTES}.",
+                             param="file")
+    file_id = new_id("file")
+    key = f"{project_id}/files/{file_id}"
+    storage.put(key, data, "application/jsonl")
+    file = File(id=file_id, project_id=project_id, filename=filename, purpose=purpose,
+                bytes=len(data), storage_key=key)
+    session.add(file)
+    session.flush()
+    return file
+
+
+def get_file(session: Session, project_id: str, file_id: str) -> File:
+    file = session.exec(select(File).where(
+        col(File.id) == file_id, col(File.project_id) == project_id,
+        col(File.deleted_at).is_(None))).first()
+    if file is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id")
+    return file
+
+
+def list_files(session: Session, project_id: str, *, purpose: str | None, limit: int,
+               after: str | None) -> tuple[list[File], bool]:
+    query = select(File).where(col(File.project_id) == project_id,
+                               col(File.deleted_at).is_(None))
+    if purpose is not None:
+        query = query.where(col(File.purpose) == purpose)
+    if after is not None:
+        query = query.where(col(File.id) < after)
+    rows = list(session.exec(query.order_by(col(File.id).desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_file(session: Session, project_id: str, file_id: str) -> File:
+    file = get_file(session, project_id, file_id)
+    file.deleted_at = utcnow()
+    session.add(file)
+    session.flush()
+    return file
+
+
+def file_view(file: File) -> dict[str, Any]:
+    return {"id": file.id, "object": "file", "bytes": file.bytes,
+            "created_at": to_unix(file.created_at), "filename": file.filename,
+            "purpose": file.purpose, "status": "processed", "expires_at": None,
+            "status_details": None}

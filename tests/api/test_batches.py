@@ -1,0 +1,213 @@
+"""Batches: OpenAI's Batch API through the openai package, the native JSON batch,
+validation by line, cancel, and fairness to other projects."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.support.processes import wait_for
+from tests.support.stack import Stack
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def jsonl(lines: list[dict[str, Any] | str]) -> bytes:
+    return "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines).encode() + b"\n"
+
+
+def line(custom_id: str, **body: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/images/generations",
+            "body": {"model": "procedural", "size": "64x64", **body}}
+
+
+def client_for(stack: Stack, key: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key, base_url=f"{stack.base_url}/v1", max_retries=0)
+
+
+def wait_batch(client: openai.OpenAI, batch_id: str, timeout: float = 90) -> Any:
+    batch = None
+
+    def done() -> bool:
+        nonlocal batch
+        batch = client.batches.retrieve(batch_id)
+        return batch.status in TERMINAL
+
+    wait_for(done, timeout, f"batch {batch_id}", interval=0.3)
+    return batch
+
+
+def test_openai_package_batch_with_good_and_failing_lines(stack: Stack) -> None:
+    key = stack.create_key("batch-openai")
+    client = client_for(stack, key)
+    content = jsonl([
+        line("fox", prompt="a fox"),
+        line("owl-b64", prompt="an owl", response_format="b64_json", n=2),
+        line("bad-size", prompt="a cat", size="13x13"),
+        line("no-model", prompt="a dog", model="no-such-model"),
+        line("policy", prompt="[content-policy] x", model="fake-fast"),
+    ])
+    file = client.files.create(file=("input.jsonl", io.BytesIO(content)), purpose="batch")
+    assert file.purpose == "batch" and file.bytes == len(content)
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/images/generations",
+                                  completion_window="24h", metadata={"run": "test"})
+    assert batch.status in ("validating", "in_progress")
+    done = wait_batch(client, batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed,
+            done.request_counts.failed) == (5, 2, 3)
+    assert done.metadata == {"run": "test"}
+    assert done.in_progress_at and done.finalizing_at and done.completed_at
+    output = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    by_id = {o["custom_id"]: o for o in output}
+    assert set(by_id) == {"fox", "owl-b64"}
+    assert by_id["fox"]["response"]["status_code"] == 200
+    url = by_id["fox"]["response"]["body"]["data"][0]["url"]
+    assert httpx.get(url).status_code == 200
+    assert len(by_id["owl-b64"]["response"]["body"]["data"]) == 2
+    assert by_id["owl-b64"]["response"]["body"]["data"][0]["b64_json"]
+    errs = {e["custom_id"]: e for e in errors}
+    assert set(errs) == {"bad-size", "no-model", "policy"}
+    assert errs["bad-size"]["response"]["status_code"] == 400
+    assert errs["bad-size"]["response"]["body"]["error"]["param"] == "size"
+    assert errs["no-model"]["response"]["status_code"] == 404
+    assert errs["policy"]["response"]["body"]["error"]["code"] == "content_policy_violation"
+    listed = client.batches.list()
+    assert batch.id in [b.id for b in listed.data]
+    assert file.id in [f.id for f in client.files.list().data]
+    assert client.files.retrieve(file.id).filename == "input.jsonl"
+    assert client.files.delete(file.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(file.id)
+
+
+def test_invalid_input_file_names_every_bad_line(stack: Stack) -> None:
+    key = stack.create_key("batch-invalid")
+    client = client_for(stack, key)
+    content = jsonl([
+        line("ok", prompt="fine"),
+        "{not json",
+        {**line("ok", prompt="duplicate id")},
+        {**line("wrong-url", prompt="p"), "url": "/v1/chat/completions"},
+        {"custom_id": "no-body", "method": "POST", "url": "/v1/images/generations"},
+        {**line("get", prompt="p"), "method": "GET"},
+    ])
+    file = client.files.create(file=("bad.jsonl", io.BytesIO(content)), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/images/generations",
+                                  completion_window="24h")
+    done = wait_batch(client, batch.id)
+    assert done.status == "failed" and done.failed_at
+    assert done.errors is not None and done.errors.data is not None
+    found = {(e.line, e.code) for e in done.errors.data}
+    assert found == {(2, "invalid_json_line"), (3, "duplicate_custom_id"), (4, "invalid_url"),
+                     (5, "invalid_body"), (6, "invalid_method")}
+    with stack.client(key) as api:
+        bad = api.post("/v1/batches", json={"input_file_id": file.id, "endpoint":
+                                            "/v1/embeddings", "completion_window": "24h"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "endpoint"
+        bad = api.post("/v1/batches", json={"input_file_id": "file-nope", "endpoint":
+                                            "/v1/images/generations", "completion_window": "24h"})
+        assert bad.status_code == 404
+
+
+def test_cancel_mid_batch_keeps_finished_items_and_runs_no_new_ones(stack: Stack) -> None:
+    key = stack.create_key("batch-cancel")
+    client = client_for(stack, key)
+    lines = [line(f"slow-{i}", prompt=f"[slow=0.5] c{i}", model="fake-fast") for i in range(300)]
+    file = client.files.create(file=("c.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/images/generations",
+                                  completion_window="24h")
+    wait_for(lambda: (client.batches.retrieve(batch.id).request_counts or
+                      openai.types.BatchRequestCounts(total=0, completed=0, failed=0)
+                      ).completed >= 5, 60, "some finished")
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    done = wait_batch(client, batch.id)
+    assert done.status == "cancelled" and done.cancelled_at
+    calls_at_end = len(stack.upstream.calls_for("[slow=0.5] c"))
+    time.sleep(2)
+    assert len(stack.upstream.calls_for("[slow=0.5] c")) == calls_at_end  # nothing new runs
+    counts = done.request_counts
+    assert counts is not None and counts.total == 300
+    assert 5 <= counts.completed < 300
+    output = client.files.content(done.output_file_id).text.splitlines()
+    assert len(output) == counts.completed
+    errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    assert len(output) + len(errors) == 300
+    assert {e["error"]["code"] for e in errors if e["error"]} == {"batch_cancelled"}
+
+
+def test_native_batch_with_prompts_and_item_pages(stack: Stack) -> None:
+    key = stack.create_key("batch-native")
+    with stack.client(key) as api:
+        resp = api.post("/v1/images/batches", json={
+            "prompts": [f"native {i}" for i in range(7)], "model": "procedural",
+            "size": "64x64", "n": 1})
+        assert resp.status_code == 200, resp.text
+        batch = resp.json()
+        assert batch["request_counts"]["total"] == 7 and batch["input_file_id"] is None
+        wait_for(lambda: api.get(f"/v1/images/batches/{batch['id']}").json()["status"]
+                 == "completed", 60, "native batch")
+        page1 = api.get(f"/v1/images/batches/{batch['id']}/items", params={"limit": 4}).json()
+        page2 = api.get(f"/v1/images/batches/{batch['id']}/items",
+                        params={"limit": 4, "after": page1["last_line"]}).json()
+        bad = api.post("/v1/images/batches", json={"prompts": ["x"], "requests": [{}]})
+    items = page1["data"] + page2["data"]
+    assert page1["has_more"] and not page2["has_more"]
+    assert [i["line"] for i in items] == list(range(1, 8))
+    assert all(i["status"] == "succeeded" for i in items)
+    assert httpx.get(items[0]["response"]["body"]["data"][0]["url"]).status_code == 200
+    assert bad.status_code == 400
+
+
+def test_batch_events_stream_progress_until_the_end(stack: Stack) -> None:
+    key = stack.create_key("batch-sse")
+    with stack.client(key) as api:
+        batch = api.post("/v1/images/batches", json={
+            "prompts": [f"sse {i}" for i in range(20)], "model": "procedural",
+            "size": "64x64"}).json()
+        names = []
+        with api.stream("GET", f"/v1/batches/{batch['id']}/events", timeout=60) as resp:
+            for text in resp.iter_lines():
+                if text.startswith("event: "):
+                    names.append(text[len("event: "):])
+    assert names[-1] == "batch.completed"
+    assert set(names[:-1]) <= {"batch.progress"}
+
+
+def test_sync_request_of_another_project_is_served_while_a_large_batch_runs(
+        stack: Stack) -> None:
+    key = stack.create_key("batch-big")
+    client = client_for(stack, key)
+    lines = [line(f"big-{i}", prompt=f"[slow=0.2] big {i}", model="fake-fast")
+             for i in range(1500)]
+    file = client.files.create(file=("big.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/images/generations",
+                                  completion_window="24h")
+    wait_for(lambda: (client.batches.retrieve(batch.id).request_counts or
+                      openai.types.BatchRequestCounts(total=0, completed=0, failed=0)
+                      ).completed >= 1, 60, "batch running")
+    other = client_for(stack, stack.key_b)
+    result: dict[str, Any] = {}
+
+    def sync() -> None:
+        result["r"] = other.images.generate(model="procedural", prompt="meanwhile",
+                                            size="64x64")
+        result["batch_status"] = client.batches.retrieve(batch.id).status
+
+    t = threading.Thread(target=sync)
+    t.start()
+    t.join(60)
+    assert result["r"].data and result["r"].data[0].url
+    assert result["batch_status"] == "in_progress"  # served before the batch ended
+    client.batches.cancel(batch.id)
+    wait_batch(client, batch.id)
