@@ -15,12 +15,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from shared.cli_batch import batch_app
+
 app = typer.Typer(help="imagegen: image generation with an OpenAI-compatible API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
+
+app.add_typer(batch_app, name="batch")
 console = Console(stderr=True)
 
 
@@ -226,6 +230,17 @@ def generate(
     """Generate images on a running server and save them to OUT."""
     from shared.client import generate_images
 
+    key = resolve_key(api_key)
+    started = time.monotonic()
+    paths = generate_images(base_url, key, prompt, model=model, size=size, n=n, out=out,
+                            console=console)
+    for path in paths:
+        print(path)
+    console.print(f"[green]{len(paths)} image(s) in {time.monotonic() - started:.1f}s[/green]")
+
+
+def resolve_key(api_key: str | None) -> str:
+    """--api-key, IMAGEGEN_API_KEY, IMAGEGEN_DEV_API_KEY, or the dev server's key file."""
     key = api_key or os.environ.get("IMAGEGEN_DEV_API_KEY")
     if not key:
         key_file = Path(os.environ.get("IMAGEGEN_DATA_DIR", ".imagegen")) / "dev_api_key"
@@ -233,12 +248,7 @@ def generate(
     if not key:
         console.print("[red]no API key: pass --api-key or set IMAGEGEN_API_KEY[/red]")
         raise typer.Exit(2)
-    started = time.monotonic()
-    paths = generate_images(base_url, key, prompt, model=model, size=size, n=n, out=out,
-                            console=console)
-    for path in paths:
-        print(path)
-    console.print(f"[green]{len(paths)} image(s) in {time.monotonic() - started:.1f}s[/green]")
+    return key
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ no Redis, PostgreSQL or S3, with a fresh directory and no IMAGEGEN_* settings.""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,42 @@ def test_cli_generate_saves_images(dev_server: tuple[str, Path], tmp_path: Path)
     files = sorted(out.glob("*.png"))
     assert len(files) == 2
     assert all(Image.open(f).size == (64, 64) for f in files)
+
+
+def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_path: Path) -> None:
+    """Batches on the embedded defaults (SQLite, filesystem broker, local files)."""
+    base, _ = dev_server
+    common = ["--base-url", base, "--api-key", KEY]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue owl\n\na green frog\n")
+    submitted = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "batch", "submit", str(prompts), "--model",
+         "procedural", "--size", "64x64", "--wait", *common],
+        capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.strip()
+    assert batch_id.startswith("batch_") and "completed" in submitted.stderr
+    out = tmp_path / "out"
+    downloaded = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "batch", "download", batch_id, "--out", str(out),
+         *common], capture_output=True, text=True, timeout=120)
+    assert downloaded.returncode == 0, downloaded.stderr
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["request-1-0.png", "request-2-0.png", "request-3-0.png"]
+    assert all(Image.open(p).size == (64, 64) for p in out.glob("*.png"))
+    assert (out / f"{batch_id}_output.jsonl").read_text().count("\n") == 3
+
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("\n".join(json.dumps({
+        "custom_id": cid, "method": "POST", "url": "/v1/images/generations",
+        "body": {"prompt": cid, "size": size}}) for cid, size in
+        [("good", "64x64"), ("bad", "7x7")]) + "\n")
+    submitted = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "batch", "submit", str(jsonl), "--wait", *common],
+        capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    status = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "batch", "status", submitted.stdout.strip(),
+         *common], capture_output=True, text=True, timeout=60)
+    batch = json.loads(status.stdout)
+    assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}

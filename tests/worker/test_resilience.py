@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -121,3 +122,39 @@ def test_sweeper_does_not_flood_a_queue_whose_messages_still_wait(stack: Stack) 
     # Once the queue is empty (the messages are lost), they are published again.
     client.delete("parked")
     wait_for(lambda: int(client.llen("parked")) >= 2, 15, "re-publication")  # type: ignore[arg-type]
+
+
+def test_worker_restart_mid_batch_gives_one_result_per_line(own_stack: Stack) -> None:
+    stack = own_stack
+    with stack.client() as client:
+        batch = client.post("/v1/images/batches", json={
+            "prompts": [f"[slow=0.2] restart {i}" for i in range(200)], "model": "fake-fast",
+            "size": "64x64"}).json()
+
+        def completed() -> int:
+            return int(client.get(f"/v1/images/batches/{batch['id']}").json()
+                       ["request_counts"]["completed"])
+
+        wait_for(lambda: completed() >= 10, 60, "batch under way")
+        stack.worker.kill()
+        stack.new_worker()
+        wait_for(lambda: client.get(f"/v1/images/batches/{batch['id']}").json()["status"]
+                 == "completed", 120, "batch completed")
+        done = client.get(f"/v1/images/batches/{batch['id']}").json()
+        output = client.get(f"/v1/files/{done['output_file_id']}/content").text.splitlines()
+    assert done["request_counts"] == {"total": 200, "completed": 200, "failed": 0}
+    ids = [json.loads(x)["custom_id"] for x in output]
+    assert len(ids) == 200 and len(set(ids)) == 200
+    engine = sa.create_engine(stack.database_url)
+    try:
+        with engine.connect() as conn:
+            per_item = conn.execute(sa.text(
+                "SELECT batch_item_id, count(*) FROM job WHERE batch_id = :b "
+                "AND status = 'succeeded' GROUP BY batch_item_id"), {"b": batch["id"]}).all()
+            images = conn.execute(sa.text(
+                "SELECT count(*) FROM image JOIN job ON job.id = image.job_id "
+                "WHERE job.batch_id = :b"), {"b": batch["id"]}).scalar_one()
+    finally:
+        engine.dispose()
+    assert len(per_item) == 200 and all(n == 1 for _, n in per_item)
+    assert images == 200
