@@ -26,7 +26,7 @@ import openai
 from moto.server import ThreadedMotoServer
 
 from bench.bench_core import BENCH_ENV
-from tests.support.processes import free_port
+from tests.support.processes import ServiceProcess, free_port
 from tests.support.stack import Stack
 
 
@@ -49,6 +49,9 @@ def sync_latencies(stack: Stack, stop: threading.Event | None, count: int) -> li
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=10_000)
+    parser.add_argument("--dedicated", action="store_true",
+                        help="a worker for default+webhooks and another for batch "
+                             "(as docker-compose.yml deploys them)")
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
@@ -58,7 +61,15 @@ def main() -> None:
     env = {**BENCH_ENV, "IMAGEGEN_KEY_REQUESTS_PER_MINUTE": "0"}
     stack = Stack(Path(tempfile.mkdtemp(prefix="imagegen-bench-batch-")),
                   f"http://127.0.0.1:{port}", worker_env=env, api_env=env)
+    extra: list[ServiceProcess] = []
     try:
+        if args.dedicated:
+            stack.worker.stop()
+            stack.worker = ServiceProcess(["worker", "--queues", "default,webhooks"],
+                                          {**stack.env, **env}, stack.workdir / "w1.log").start()
+            extra.append(ServiceProcess(["worker", "--queues", "batch"], {**stack.env, **env},
+                                        stack.workdir / "w2.log").start())
+            time.sleep(3)
         idle = sync_latencies(stack, None, 20)
         client = openai.OpenAI(api_key=stack.key_a, base_url=f"{stack.base_url}/v1",
                                max_retries=0, timeout=300)
@@ -89,7 +100,9 @@ def main() -> None:
         assert b.output_file_id is not None and b.request_counts is not None
         lines = client.files.content(b.output_file_id).text.splitlines()
         ids = [json.loads(x)["custom_id"] for x in lines]
-        print(f"batch of {args.lines} lines, procedural 64x64, one worker process")
+        workers = ("two worker processes (default+webhooks, batch)" if args.dedicated
+                   else "one worker process (default, webhooks, batch)")
+        print(f"batch of {args.lines} lines, procedural 64x64, {workers}")
         print(f"  upload + create: {created - started:.1f}s; validated (in_progress) after "
               f"{accepted - started:.1f}s")
         print(f"  completed {finished - accepted:.1f}s after validation "
@@ -103,6 +116,8 @@ def main() -> None:
               f"the batch p50 {p_during * 1000:.0f} ms over {len(during)} requests "
               f"(ratio {p_during / p_idle:.1f}x)")
     finally:
+        for proc in extra:
+            proc.stop()
         stack.close()
         moto.stop()
 

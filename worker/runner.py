@@ -13,6 +13,7 @@ import random
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -119,11 +120,11 @@ def _finish(job: Job, token: str, values: dict[str, Any],
             exception=None if succeeded else str(values.get("error_message")),
             usage=usage,
         )
-    get_limiter().release_job(job.project_id, job.id)
     publish_deliveries(deliveries)
-    if job.batch_id is not None:
-        publish_job_changed(job.batch_id, "progress")  # the batch's event stream
-        pump(job.batch_id)
+    if job.batch_id is None:
+        get_limiter().release_job(job.project_id, job.id)  # batch lines reserve none
+    else:
+        _BATCH_TICKS.call(job.batch_id, _batch_tick)
     return True
 
 
@@ -249,3 +250,53 @@ def heartbeat_thread(stop: threading.Event) -> threading.Thread:
                               daemon=True)
     thread.start()
     return thread
+
+
+class _Throttle:
+    """Runs ``fn(key)`` at most once per interval per key in this process, with a
+    trailing call so the last event is never dropped. Topping a batch up and
+    announcing its progress after every line cost a transaction and a publish per
+    line; a few times a second is enough (the sweeper pumps too)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._trailing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def call(self, key: str, fn: Callable[[str], object]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            wait = self._last.get(key, 0.0) + self.interval - now
+            if wait > 0:
+                if key not in self._trailing:
+                    self._trailing.add(key)
+                    timer = threading.Timer(wait, self._run_trailing, args=(key, fn))
+                    timer.daemon = True
+                    timer.start()
+                return
+            self._last[key] = now
+            if len(self._last) > 10_000:  # forget batches long finished
+                self._last = {k: v for k, v in self._last.items() if now - v < 60}
+        self._safe(fn, key)
+
+    def _run_trailing(self, key: str, fn: Callable[[str], object]) -> None:
+        with self._lock:
+            self._trailing.discard(key)
+            self._last[key] = time.monotonic()
+        self._safe(fn, key)
+
+    @staticmethod
+    def _safe(fn: Callable[[str], object], key: str) -> None:
+        try:
+            fn(key)
+        except Exception:  # the sweeper retries; never fail the job for this
+            log.exception("batch tick for %s failed", key)
+
+
+def _batch_tick(batch_id: str) -> None:
+    publish_job_changed(batch_id, "progress")  # the batch's event stream
+    pump(batch_id)
+
+
+_BATCH_TICKS = _Throttle(0.2)
