@@ -27,7 +27,7 @@ from shared.ids import new_id
 from shared.jobs import job_failure, job_images, render_result
 from shared.keys import Principal
 from shared.models import Batch, BatchItem, File, Job, JobStatus
-from shared.queue import publish_deliveries, publish_job
+from shared.queue import publish_deliveries, publish_jobs
 from shared.registry import get_registry
 from shared.settings import get_settings
 from shared.storage import get_storage
@@ -234,8 +234,12 @@ def pump(batch_id: str) -> int:
         session.add_all(jobs)
         created = [job.id for job in jobs]
         finished = not created and in_flight == 0 and _count(session, batch.id, "pending") == 0
-    for job_id in created:
-        publish_job(job_id, settings.batch_queue)  # if lost: the job sweeper re-publishes
+    # Lines run in chunks: one message, one claim and one finishing transaction per
+    # chunk instead of per line (if a message is lost, the job sweeper re-publishes
+    # its jobs one by one).
+    size = max(1, settings.batch_chunk_size)
+    for start in range(0, len(created), size):
+        publish_jobs(created[start:start + size], settings.batch_queue)
     if finished:
         finalize(batch_id)
     return len(created)

@@ -15,6 +15,7 @@ from celery import Celery
 from shared.settings import Settings, get_settings
 
 RUN_JOB = "imagegen.run_job"
+RUN_JOBS = "imagegen.run_jobs"
 log = logging.getLogger(__name__)
 
 
@@ -74,6 +75,16 @@ def publish_job(job_id: str, queue: str) -> bool:
         get_celery().send_task(RUN_JOB, args=[job_id], queue=queue)
     except Exception as exc:  # kombu raises many types for an unreachable broker
         log.warning("broker did not take job %s: %s", job_id, exc)
+        return False
+    return True
+
+
+def publish_jobs(job_ids: list[str], queue: str) -> bool:
+    """One message for a chunk of jobs (batch lines); False when the broker refused."""
+    try:
+        get_celery().send_task(RUN_JOBS, args=[job_ids], queue=queue)
+    except Exception as exc:  # kombu raises many types for an unreachable broker
+        log.warning("broker did not take %d jobs: %s", len(job_ids), exc)
         return False
     return True
 

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     # days, the most an S3 SigV4 presigned URL may).
     batch_queue: str = "batch"
     batch_max_in_flight: int = 128
+    # Lines of a batch run per worker task (their provider calls side by side).
+    batch_chunk_size: int = 16
     batch_url_expiry_seconds: int = 604800
     # Manages projects and keys over HTTP (/v1/admin/...); no admin API when unset.
     admin_api_key: str | None = None

@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import col
+from sqlmodel import col, select
 
 from shared.batches import item_finished, pump
 from shared.calls import finish_call, normalise_usage
@@ -60,15 +61,16 @@ def _fanout_pool() -> ThreadPoolExecutor:
                               thread_name_prefix="fanout")
 
 
-def claim(job_id: str) -> tuple[Job, str] | None:
-    """Take the job for one attempt; None when it is finished or held by a live attempt."""
+def claim(job_ids: list[str]) -> tuple[list[Job], str]:
+    """Take the jobs for one attempt (one token for all); those finished or held by a
+    live attempt are left out."""
     token = secrets.token_hex(16)
     now = utcnow()
     expires = now + timedelta(seconds=get_settings().job_lease_seconds)
     with session_scope() as session:
-        result = session.execute(
+        session.execute(
             sa.update(Job)
-            .where(col(Job.id) == job_id)
+            .where(col(Job.id).in_(job_ids))
             .where(sa.or_(col(Job.status) == JobStatus.queued,
                           sa.and_(col(Job.status) == JobStatus.running,
                                   col(Job.lease_expires_at) < now)))
@@ -76,56 +78,75 @@ def claim(job_id: str) -> tuple[Job, str] | None:
                     lease_expires_at=expires,
                     started_at=sa.func.coalesce(Job.started_at, now))
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            return None
-        job = session.get(Job, job_id)
-        assert job is not None
-        # job.started once per job, not again when a crashed attempt is re-run.
-        # Batch lines send no job events: their batch has its own.
-        first = job.attempts == 1 and job.batch_id is None
-        deliveries = record_job_event(session, job, []) if first else []
+        jobs = list(session.exec(select(Job).where(col(Job.id).in_(job_ids),
+                                                   col(Job.lease_token) == token)))
+        deliveries: list[str] = []
+        for job in jobs:
+            # job.started once per job, not again when a crashed attempt is re-run.
+            # Batch lines send no job events: their batch has its own.
+            if job.attempts == 1 and job.batch_id is None:
+                deliveries += record_job_event(session, job, [])
     publish_deliveries(deliveries)
-    return job, token
+    return jobs, token
 
 
-def _finish(job: Job, token: str, values: dict[str, Any],
-            images: list[Image] | None = None) -> bool:
-    """The guarded end of an attempt: job, images and trace call in one transaction."""
+@dataclass
+class Result:
+    """What one attempt produced, before the guarded transaction that records it."""
+
+    job: Job
+    values: dict[str, Any]
+    images: list[Image] = field(default_factory=list)
+
+
+def _finish(token: str, results: list[Result]) -> dict[str, str]:
+    """The guarded end of an attempt, for one job or a chunk of batch lines: each job
+    with its images, trace call, webhook events and batch line, in one transaction.
+    Returns the status each job ended in ('discarded' when its lease was lost)."""
     now = utcnow()
+    ended: dict[str, str] = {}
+    deliveries: list[str] = []
     with session_scope() as session:
-        result = session.execute(
-            sa.update(Job)
-            .where(col(Job.id) == job.id, col(Job.status) == JobStatus.running,
-                   col(Job.lease_token) == token)
-            .values(finished_at=now, lease_token=None, lease_expires_at=None, **values)
-        )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            session.rollback()
-            return False
-        for image in images or []:
-            session.add(image)
-        session.flush()
-        finished = session.get(Job, job.id, populate_existing=True)
-        assert finished is not None
-        if finished.batch_id is None:
-            deliveries = record_job_event(session, finished, images or [])
-        else:
-            deliveries = []
-            item_finished(session, finished)
-        usage = values.get("usage")
-        succeeded = values["status"] == JobStatus.succeeded
-        finish_call(
-            session, job,
-            output=_call_output(job, now, usage) if succeeded else None,
-            exception=None if succeeded else str(values.get("error_message")),
-            usage=usage,
-        )
+        for result in results:
+            job, values = result.job, result.values
+            outcome = session.execute(
+                sa.update(Job)
+                .where(col(Job.id) == job.id, col(Job.status) == JobStatus.running,
+                       col(Job.lease_token) == token)
+                .values(finished_at=now, lease_token=None, lease_expires_at=None, **values)
+            )
+            if outcome.rowcount != 1:  # type: ignore[attr-defined]
+                ended[job.id] = "discarded"  # canceled or taken over meanwhile
+                continue
+            ended[job.id] = str(values["status"])
+            session.add_all(result.images)
+            for name, value in values.items():
+                setattr(job, name, value)
+            if job.batch_id is not None:
+                item_finished(session, job)
+                continue
+            session.flush()
+            finished = session.get(Job, job.id, populate_existing=True)
+            assert finished is not None
+            deliveries += record_job_event(session, finished, result.images)
+            usage = values.get("usage")
+            succeeded = values["status"] == JobStatus.succeeded
+            finish_call(
+                session, job,
+                output=_call_output(job, now, usage) if succeeded else None,
+                exception=None if succeeded else str(values.get("error_message")),
+                usage=usage,
+            )
     publish_deliveries(deliveries)
-    if job.batch_id is None:
-        get_limiter().release_job(job.project_id, job.id)  # batch lines reserve none
-    else:
-        _BATCH_TICKS.call(job.batch_id, _batch_tick)
-    return True
+    for result in results:
+        job = result.job
+        if ended[job.id] == "discarded":
+            continue
+        if job.batch_id is None:
+            get_limiter().release_job(job.project_id, job.id)  # batch lines reserve none
+        else:
+            _BATCH_TICKS.call(job.batch_id, _batch_tick)
+    return ended
 
 
 def _call_output(job: Job, now: datetime, usage: Any) -> dict[str, Any]:
@@ -191,21 +212,45 @@ def _generate(spec: ModelSpec, params: GenerationParams, job_id: str) -> Generat
 
 def run_job(job_id: str) -> str:
     """Run the job if it can be claimed; returns the status it ended in (or 'skipped')."""
-    claimed = claim(job_id)
-    if claimed is None:
-        return "skipped"
-    job, token = claimed
-    LEASES.hold(job_id, token)
-    publish_job_changed(job_id, JobStatus.running)
+    return run_jobs([job_id]).get(job_id, "skipped")
+
+
+def run_jobs(job_ids: list[str]) -> dict[str, str]:
+    """Run the jobs that can be claimed (a chunk of batch lines, or one job), their
+    provider calls side by side, and record them in one transaction."""
+    jobs, token = claim(job_ids)
+    if not jobs:
+        return {}
+    for job in jobs:
+        LEASES.hold(job.id, token)
+        if job.batch_id is None:
+            publish_job_changed(job.id, JobStatus.running)
     try:
-        status = _run_claimed(job, token)
+        if len(jobs) == 1:
+            produced = [_produce(jobs[0])]
+        else:
+            produced = list(_lines_pool().map(_produce, jobs))
+        ended = _finish(token, [r for r in produced if r is not None])
     finally:
-        LEASES.release(job_id)
-    publish_job_changed(job_id, status)
-    return status
+        for job in jobs:
+            LEASES.release(job.id)
+    for job in jobs:
+        ended.setdefault(job.id, "discarded")
+        if job.batch_id is None:
+            publish_job_changed(job.id, ended[job.id])
+    return ended
 
 
-def _run_claimed(job: Job, token: str) -> str:
+@lru_cache
+def _lines_pool() -> ThreadPoolExecutor:
+    # Separate from the fan-out pool: a line's own fan-out must never wait for a
+    # thread held by a line of the same chunk.
+    return ThreadPoolExecutor(max_workers=get_settings().worker_concurrency,
+                              thread_name_prefix="lines")
+
+
+def _produce(job: Job) -> Result | None:
+    """Generate and store the job's images; None when the attempt was canceled."""
     params = job_params(job)
     try:
         spec = get_registry().get(job.model)
@@ -223,26 +268,21 @@ def _run_claimed(job: Job, token: str) -> str:
                 content_type=encoded.content_type, width=encoded.width, height=encoded.height,
                 size_bytes=len(encoded.data), revised_prompt=generated.revised_prompt,
             ))
-        values: dict[str, object] = {"status": JobStatus.succeeded, "usage": generation.usage}
-        if _finish(job, token, values, images):
-            return JobStatus.succeeded
-        return "discarded"
+        return Result(job, {"status": JobStatus.succeeded, "usage": generation.usage}, images)
     except JobCanceled:
-        return "discarded"
+        return None
     except (ProviderError, UnreadableImage) as exc:
         code = exc.code if isinstance(exc, ProviderError) else "upstream_bad_response"
         message = exc.message if isinstance(exc, ProviderError) else str(exc)
         log.info("job %s failed: %s: %s", job.id, code, message)
-        _finish(job, token, {"status": JobStatus.failed, "error_code": code,
-                             "error_message": message})
-        return JobStatus.failed
+        return Result(job, {"status": JobStatus.failed, "error_code": code,
+                            "error_message": message})
     except Exception as exc:
         # Our own fault (storage down, a bug): fail the job visibly, never as an
         # empty success. The message names the kind of fault, not internals.
         log.exception("job %s crashed", job.id)
-        _finish(job, token, {"status": JobStatus.failed, "error_code": "internal_error",
-                             "error_message": f"internal error: {type(exc).__name__}"})
-        return JobStatus.failed
+        return Result(job, {"status": JobStatus.failed, "error_code": "internal_error",
+                            "error_message": f"internal error: {type(exc).__name__}"})
 
 
 def heartbeat_thread(stop: threading.Event) -> threading.Thread:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from celery import Celery
 
 from shared.batches import validate_batch
-from shared.queue import DELIVER_WEBHOOK, RUN_JOB, VALIDATE_BATCH
-from worker.runner import run_job
+from shared.queue import DELIVER_WEBHOOK, RUN_JOB, RUN_JOBS, VALIDATE_BATCH
+from worker.runner import run_job, run_jobs
 from worker.webhook_delivery import deliver
 
 
@@ -14,6 +14,10 @@ def register(app: Celery) -> None:
     @app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
     def run_job_task(job_id: str) -> str:
         return run_job(job_id)
+
+    @app.task(name=RUN_JOBS, acks_late=True, ignore_result=True)
+    def run_jobs_task(job_ids: list[str]) -> dict[str, str]:
+        return run_jobs(job_ids)
 
     @app.task(name=DELIVER_WEBHOOK, acks_late=True, ignore_result=True)
     def deliver_webhook_task(delivery_id: str) -> str:
