@@ -78,14 +78,14 @@ def test_every_key_header_style_is_accepted(stack: Stack, style: str) -> None:
 def test_requests_per_minute_limit_answers_429_and_recovers(stack: Stack) -> None:
     stack.cli("projects", "create", "rpm-limited", "--key-requests-per-minute", "3")
     key = stack.create_key("rpm-limited")
-    time.sleep(2 - time.time() % 2 + 0.05)  # start of a (2 s, in tests) window
+    time.sleep(4 - time.time() % 4 + 0.05)  # start of a (4 s, in tests) window
     codes = [httpx.get(f"{stack.base_url}/v1/models", headers={
         "Authorization": f"Bearer {key}"}).status_code for _ in range(5)]
     assert codes == [200, 200, 200, 429, 429]
     resp = gen(stack, key)
     assert resp.status_code == 429
     assert resp.json()["error"]["type"] == "rate_limit_error"
-    assert 1 <= int(resp.headers["Retry-After"]) <= 2
+    assert 1 <= int(resp.headers["Retry-After"]) <= 4
     # The Weave surface answers in its own shape.
     weave = httpx.post(f"{stack.base_url}/image/create", headers={
         "Authorization": f"Bearer {key}"}, json={"project_id": "rpm-limited",
