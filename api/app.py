@@ -26,11 +26,22 @@ from api.routes import (
 )
 from api.waiter import JobWaiter
 from shared.db import get_engine
+from shared.limits import get_limiter
+from shared.queue import get_celery
+from shared.registry import get_registry
 from shared.settings import get_settings
+from shared.storage import get_storage
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Per-process resources, made once before requests run in the threadpool
+    # (lazily, concurrent first requests would each build their own).
+    get_engine()
+    get_registry()
+    get_storage()
+    get_celery()
+    get_limiter()
     waiter = JobWaiter(get_settings().redis_url)
     app.state.waiter = waiter
     await waiter.start()

@@ -7,8 +7,10 @@ Threads keep every library we use (SQLAlchemy, psycopg, boto3, httpx) in its
 ordinary blocking mode, with no monkey-patching (gevent) and no second async
 code path; an idle thread costs a stack page or two. bench/ measures how many
 jobs one process holds in flight against a slow upstream.
-Per-process resources (engine, HTTP client, S3 client) are made lazily on
-first use in this process, never at import before a fork.
+Per-process resources (engine, HTTP client, S3 client, thread pools) are made
+once here, before the pool's threads start: made lazily, hundreds of threads
+starting together each built their own boto3 client (measured: 85 at once, tens
+of seconds of CPU) before the cache filled.
 """
 
 from __future__ import annotations
@@ -23,11 +25,31 @@ from worker.sweeper import sweeper_thread
 from worker.tasks import register
 
 
+def warm_up() -> None:
+    """Build every per-process resource once, single-threaded."""
+    from shared.db import get_engine
+    from shared.providers.openai_compat import OpenAICompatibleProvider
+    from shared.registry import get_registry
+    from shared.storage import get_storage
+    from worker.runner import _fanout_pool, _lines_pool
+    from worker.webhook_delivery import _client
+
+    get_engine()
+    get_registry()
+    get_storage()
+    get_celery()
+    OpenAICompatibleProvider.shared()
+    _fanout_pool()
+    _lines_pool()
+    _client()
+
+
 def run_worker(queues: list[str], concurrency: int | None = None,
                sweeper: bool = True) -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    warm_up()
     app = get_celery()
     register(app)
     stop = threading.Event()
