@@ -291,6 +291,15 @@ def item_finished(session: Session, job: Job) -> None:
                            col(BatchItem.status) == "queued").values(**values))
 
 
+def lines_succeeded(session: Session, item_ids: list[str]) -> None:
+    """``item_finished`` for many succeeded lines at once (a chunk's bulk path)."""
+    if item_ids:
+        session.execute(sa.update(BatchItem)
+                        .where(col(BatchItem.id).in_(item_ids),
+                               col(BatchItem.status) == "queued")
+                        .values(status="succeeded", status_code=200, finished_at=utcnow()))
+
+
 def cancel_batch(session: Session, project_id: str, batch_id: str) -> Batch:
     batch = get_batch(session, project_id, batch_id)
     if batch.status in ("cancelling", "cancelled"):

@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col, select
 
-from shared.batches import item_finished, pump
+from shared.batches import item_finished, lines_succeeded, pump
 from shared.calls import finish_call, normalise_usage
 from shared.db import session_scope
 from shared.events import publish_job_changed
@@ -106,8 +106,28 @@ def _finish(token: str, results: list[Result]) -> dict[str, str]:
     now = utcnow()
     ended: dict[str, str] = {}
     deliveries: list[str] = []
+    # Succeeded batch lines (the bulk of a big batch) are recorded with one
+    # statement each for jobs, images and lines; the rest one by one below.
+    bulk = [r for r in results if r.job.batch_id is not None
+            and r.values["status"] == JobStatus.succeeded and not r.values.get("usage")]
+    rest = [r for r in results if not any(r is b for b in bulk)]
     with session_scope() as session:
-        for result in results:
+        if bulk:
+            done = set(session.execute(
+                sa.update(Job)
+                .where(col(Job.id).in_([r.job.id for r in bulk]),
+                       col(Job.status) == JobStatus.running, col(Job.lease_token) == token)
+                .values(status=JobStatus.succeeded, finished_at=now, lease_token=None,
+                        lease_expires_at=None)
+                .returning(col(Job.id))).scalars())
+            rows = [image.model_dump() for r in bulk if r.job.id in done for image in r.images]
+            if rows:
+                session.execute(sa.insert(Image), rows)
+            lines_succeeded(session, [r.job.batch_item_id for r in bulk
+                                      if r.job.id in done and r.job.batch_item_id])
+            for r in bulk:
+                ended[r.job.id] = JobStatus.succeeded if r.job.id in done else "discarded"
+        for result in rest:
             job, values = result.job, result.values
             outcome = session.execute(
                 sa.update(Job)
