@@ -93,9 +93,10 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
                                    env={**os.environ})
     url = f"http://{host or settings.host}:{port or settings.port}"
     console.print(f"[bold]imagegen[/bold] dev server on {url}")
-    console.print(f"API key: [bold]{key}[/bold]")
+    console.print(f"API key: [bold]{key}[/bold]", soft_wrap=True)
     console.print(f'  curl {url}/v1/images/generations -H "Authorization: Bearer {key}" '
-                  "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'")
+                  "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
+                  soft_wrap=True, highlight=False)
     try:
         _serve_api(host, port)
     finally:
