@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -114,54 +115,43 @@ def _job_payload(job: Job, images: list[Image]) -> dict[str, Any]:
     return data
 
 
-def record_job_event(session: Session, job: Job, images: list[Image]) -> list[str]:
-    """Create the deliveries of this job's current status; returns their ids."""
-    event = EVENT_FOR_STATUS.get(job.status)
-    if event is None:
-        return []
-    targets: list[tuple[str, str | None]] = []
-    if job.webhook_url and event in (job.webhook_events or JOB_EVENTS):
-        targets.append((job.webhook_url, None))
-    for endpoint in list_endpoints(session, job.project_id):
+def _record(session: Session, project_id: str, event: str, own_url: str | None,
+            data: Callable[[], dict[str, Any]], job_id: str | None = None) -> list[str]:
+    """Deliveries of one event: to ``own_url`` (the job's or batch's webhook, signed
+    with the project's default secret) and to every enabled endpoint subscribed to
+    it. ``data`` is only rendered when someone listens. Returns the delivery ids."""
+    targets: list[tuple[str, str | None]] = [(own_url, None)] if own_url else []
+    for endpoint in list_endpoints(session, project_id):
         if endpoint.disabled_at is None and event in endpoint.events:
             targets.append((endpoint.url, endpoint.id))
     if not targets:
         return []
     now = utcnow()
     payload = {"type": event, "timestamp": now.isoformat().replace("+00:00", "Z"),
-               "data": _job_payload(job, images)}
-    ids = []
-    for url, endpoint_id in targets:
-        delivery = WebhookDelivery(project_id=job.project_id, endpoint_id=endpoint_id,
-                                   job_id=job.id, url=url, event_type=event, payload=payload,
-                                   next_attempt_at=now, dispatched_at=now)
-        session.add(delivery)
-        ids.append(delivery.id)
+               "data": data()}
+    deliveries = [WebhookDelivery(project_id=project_id, endpoint_id=endpoint_id,
+                                  job_id=job_id, url=url, event_type=event, payload=payload,
+                                  next_attempt_at=now, dispatched_at=now)
+                  for url, endpoint_id in targets]
+    session.add_all(deliveries)
     session.flush()
-    return ids
+    return [d.id for d in deliveries]
+
+
+def record_job_event(session: Session, job: Job, images: list[Image]) -> list[str]:
+    """Create the deliveries of this job's current status; returns their ids."""
+    event = EVENT_FOR_STATUS.get(job.status)
+    if event is None:
+        return []
+    own = job.webhook_url if event in (job.webhook_events or JOB_EVENTS) else None
+    return _record(session, job.project_id, event, own, lambda: _job_payload(job, images),
+                   job_id=job.id)
 
 
 def record_batch_event(session: Session, batch: Any, event: str,
                        data: dict[str, Any]) -> list[str]:
     """Deliveries of a batch event: to the batch's own webhook_url and subscribed endpoints."""
-    targets: list[tuple[str, str | None]] = []
-    if batch.webhook_url:
-        targets.append((batch.webhook_url, None))
-    for endpoint in list_endpoints(session, batch.project_id):
-        if endpoint.disabled_at is None and event in endpoint.events:
-            targets.append((endpoint.url, endpoint.id))
-    now = utcnow()
-    payload = {"type": event, "timestamp": now.isoformat().replace("+00:00", "Z"),
-               "data": data}
-    ids = []
-    for url, endpoint_id in targets:
-        delivery = WebhookDelivery(project_id=batch.project_id, endpoint_id=endpoint_id,
-                                   url=url, event_type=event, payload=payload,
-                                   next_attempt_at=now, dispatched_at=now)
-        session.add(delivery)
-        ids.append(delivery.id)
-    session.flush()
-    return ids
+    return _record(session, batch.project_id, event, batch.webhook_url, lambda: data)
 
 
 def list_deliveries(session: Session, project_id: str, *, job_id: str | None,
