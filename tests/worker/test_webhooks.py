@@ -37,6 +37,12 @@ def deliveries(stack: Stack, key: str, **params: str) -> list[dict[str, Any]]:
         return client.get("/v1/webhooks/deliveries", params=params).json()["data"]
 
 
+def delivery_status(stack: Stack, key: str, job_id: str) -> str | None:
+    """The status of the job's only delivery; None until the event has happened."""
+    found = deliveries(stack, key, job_id=job_id)
+    return found[0]["status"] if found else None
+
+
 def verify(secret: str, request: dict[str, Any]) -> dict[str, Any]:
     return Webhook(secret).verify(request["body"], request["headers"])  # raises if bad
 
@@ -89,8 +95,8 @@ def test_receiver_down_then_500_then_200_same_webhook_id(hstack: Stack) -> None:
     rx.answer(500, 200).start()
     try:
         requests = rx.wait_requests(2)
-        wait_for(lambda: deliveries(hstack, key, job_id=job["id"])[0]["status"] == "succeeded",
-                 30, "delivered")
+        wait_for(lambda: delivery_status(hstack, key, job["id"]) == "succeeded", 30,
+                 "delivered")
     finally:
         rx.stop()
     assert [r["headers"]["webhook-id"] for r in requests] == [first["id"], first["id"]]
@@ -108,8 +114,8 @@ def test_410_disables_the_endpoint(hstack: Stack) -> None:
                 "url": rx.url(), "events": ["job.succeeded"]}).json()
         job = submit(hstack, key, "gone")
         rx.wait_requests(1)
-        wait_for(lambda: deliveries(hstack, key, job_id=job["id"])[0]["status"] == "failed",
-                 30, "failed delivery")
+        wait_for(lambda: delivery_status(hstack, key, job["id"]) == "failed", 30,
+                 "failed delivery")
         with hstack.client(key) as client:
             ep = client.get(f"/v1/webhooks/endpoints/{endpoint['id']}").json()
         assert ep["disabled_at"] is not None and "410" in ep["disabled_reason"]
@@ -128,8 +134,8 @@ def test_redirect_is_not_followed(hstack: Stack) -> None:
     try:
         job = submit(hstack, key, "redirected", webhook_url=rx.url(),
                      webhook_events=["job.succeeded"])
-        wait_for(lambda: deliveries(hstack, key, job_id=job["id"])[0]["status"] == "failed",
-                 30, "delivery given up")
+        wait_for(lambda: delivery_status(hstack, key, job["id"]) == "failed", 30,
+                 "delivery given up")
     finally:
         rx.stop()
     assert {r["path"] for r in rx.requests} == {"/hook"}
@@ -228,8 +234,8 @@ def test_private_target_refused_again_at_delivery(hstack: Stack) -> None:
     try:
         job = submit(hstack, key, "refused", webhook_url=rx.url(),
                      webhook_events=["job.succeeded"])
-        wait_for(lambda: (d := deliveries(hstack, key, job_id=job["id"])) != []
-                 and d[0]["status"] == "failed", 30, "refused delivery")
+        wait_for(lambda: delivery_status(hstack, key, job["id"]) == "failed", 30,
+                 "refused delivery")
         delivery = deliveries(hstack, key, job_id=job["id"])[0]
         assert "non-public" in delivery["last_error"] and delivery["attempts"] == 1
         assert rx.requests == []
