@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("imagegen", broker=settings.resolved_broker_url, set_as_current=True)
+    broker = settings.resolved_broker_url
+    if settings.embedded_broker:
+        from shared.fs_broker import SCHEME  # registers the atomic-write transport
+
+        broker = f"{SCHEME}://"
+    app = Celery("imagegen", broker=broker, set_as_current=True)
     transport_options: dict[str, Any]
     if settings.embedded_broker:
         # kombu's filesystem transport: no server needed; about 900 jobs/s at 50 ms polling.
