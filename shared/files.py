@@ -13,12 +13,12 @@ from shared.storage import Storage
 from shared.timeutil import to_unix, utcnow
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's batch input limit
-PURPOSES = ("batch", "batch_output")
+PURPOSES = ("batch", "batch_output")  # clients upload "batch"; batches write "batch_output"
 
 
 def create_file(session: Session, storage: Storage, project_id: str, filename: str,
                 purpose: str, data: bytes) -> File:
-    if purpose not in ("batch",) and purpose != "batch_output":
+    if purpose not in PURPOSES:
         raise InvalidRequest(f"Invalid purpose '{purpose}': use 'batch'.", param="purpose")
     if len(data) > MAX_FILE_BYTES:
         raise InvalidRequest(f"The file is {len(data)} bytes; the limit is {MAX_FILE_BYTES}.",

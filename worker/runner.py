@@ -140,15 +140,14 @@ def _finish(token: str, results: list[Result]) -> dict[str, str]:
                 continue
             ended[job.id] = str(values["status"])
             session.add_all(result.images)
-            for name, value in values.items():
+            # The in-memory job now equals the row just written: no need to read it back.
+            for name, value in {**values, "finished_at": now, "lease_token": None,
+                                "lease_expires_at": None}.items():
                 setattr(job, name, value)
             if job.batch_id is not None:
                 item_finished(session, job)
                 continue
-            session.flush()
-            finished = session.get(Job, job.id, populate_existing=True)
-            assert finished is not None
-            deliveries += record_job_event(session, finished, result.images)
+            deliveries += record_job_event(session, job, result.images)
             usage = values.get("usage")
             succeeded = values["status"] == JobStatus.succeeded
             finish_call(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -14,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CurrentPrincipal
 from api.routes.images import ERRORS
+from api.sse import Frame, event_stream
 from shared.batches import (
     cancel_batch,
     create_native_batch,
@@ -135,29 +134,14 @@ async def batch_events(batch_id: str, request: Request,
                        principal: CurrentPrincipal) -> StreamingResponse:
     """Server-sent progress: ``event: batch.progress`` with the batch object, at most
     twice a second, until the batch ends (its last event names the final status)."""
-    def snapshot() -> dict[str, Any]:
+    def snapshot() -> Frame:
         with session_scope() as session:
-            return render_batch(session, get_batch(session, principal.project_id, batch_id))
+            batch = render_batch(session, get_batch(session, principal.project_id, batch_id))
+        final = batch["status"] in TERMINAL
+        return Frame(name=f"batch.{batch['status']}" if final else "batch.progress",
+                     data=batch, state=(batch["status"], json.dumps(batch["request_counts"])),
+                     final=final)
 
     first = await run_in_threadpool(snapshot)
-    waiter = request.app.state.waiter
-
-    async def stream() -> AsyncIterator[bytes]:
-        async with waiter.subscribe(batch_id) as event:
-            current, last = first, None
-            while True:
-                state = (current["status"], json.dumps(current["request_counts"]))
-                if state != last:
-                    last = state
-                    name = ("batch." + current["status"] if current["status"] in TERMINAL
-                            else "batch.progress")
-                    yield f"event: {name}\ndata: {json.dumps(current)}\n\n".encode()
-                if current["status"] in TERMINAL:
-                    return
-                event.clear()
-                await waiter.changed(event, 15.0)
-                await asyncio.sleep(0.5)  # coalesce bursts of item completions
-                current = await run_in_threadpool(snapshot)
-
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    # Lines finish in bursts: fold each burst into one event.
+    return event_stream(request.app.state.waiter, batch_id, first, snapshot, coalesce=0.5)

@@ -32,6 +32,17 @@ def client_for(stack: Stack, key: str) -> openai.OpenAI:
     return openai.OpenAI(api_key=key, base_url=f"{stack.base_url}/v1", max_retries=0)
 
 
+def start_batch(client: openai.OpenAI, name: str, lines: list[dict[str, Any]]) -> Any:
+    file = client.files.create(file=(name, io.BytesIO(jsonl(lines))), purpose="batch")
+    return client.batches.create(input_file_id=file.id, endpoint="/v1/images/generations",
+                                 completion_window="24h")
+
+
+def completed(client: openai.OpenAI, batch_id: str) -> int:
+    counts = client.batches.retrieve(batch_id).request_counts
+    return counts.completed if counts is not None else 0
+
+
 def wait_batch(client: openai.OpenAI, batch_id: str, timeout: float = 90) -> Any:
     batch = None
 
@@ -123,12 +134,8 @@ def test_cancel_mid_batch_keeps_finished_items_and_runs_no_new_ones(stack: Stack
     key = stack.create_key("batch-cancel")
     client = client_for(stack, key)
     lines = [line(f"slow-{i}", prompt=f"[slow=0.5] c{i}", model="fake-fast") for i in range(300)]
-    file = client.files.create(file=("c.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/images/generations",
-                                  completion_window="24h")
-    wait_for(lambda: (client.batches.retrieve(batch.id).request_counts or
-                      openai.types.BatchRequestCounts(total=0, completed=0, failed=0)
-                      ).completed >= 5, 60, "some finished")
+    batch = start_batch(client, "c.jsonl", lines)
+    wait_for(lambda: completed(client, batch.id) >= 5, 60, "some finished")
     cancelled = client.batches.cancel(batch.id)
     assert cancelled.status in ("cancelling", "cancelled")
     done = wait_batch(client, batch.id)
@@ -190,12 +197,8 @@ def test_sync_request_of_another_project_is_served_while_a_large_batch_runs(
     client = client_for(stack, key)
     lines = [line(f"big-{i}", prompt=f"[slow=0.2] big {i}", model="fake-fast")
              for i in range(1500)]
-    file = client.files.create(file=("big.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/images/generations",
-                                  completion_window="24h")
-    wait_for(lambda: (client.batches.retrieve(batch.id).request_counts or
-                      openai.types.BatchRequestCounts(total=0, completed=0, failed=0)
-                      ).completed >= 1, 60, "batch running")
+    batch = start_batch(client, "big.jsonl", lines)
+    wait_for(lambda: completed(client, batch.id) >= 1, 60, "batch running")
     other = client_for(stack, stack.key_b)
     result: dict[str, Any] = {}
 
