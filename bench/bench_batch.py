@@ -108,6 +108,9 @@ def main() -> None:
         print(f"  completed {finished - accepted:.1f}s after validation "
               f"({args.lines / (finished - accepted):.0f} lines/s); total "
               f"{finished - started:.1f}s; status {b.status}")
+        print(f"  phases (batch timestamps, whole seconds): running "
+              f"{(b.finalizing_at or 0) - (b.in_progress_at or 0)}s, finalizing "
+              f"{(b.completed_at or 0) - (b.finalizing_at or 0)}s")
         print(f"  counts {b.request_counts.completed} completed, {b.request_counts.failed} "
               f"failed; output lines {len(ids)}, distinct custom_ids {len(set(ids))}, "
               f"missing {args.lines - len(set(ids))}")

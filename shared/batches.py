@@ -24,7 +24,7 @@ from shared.errors import Conflict, ImagegenError, InvalidRequest, NotFound
 from shared.events import publish_job_changed
 from shared.files import create_file, get_file
 from shared.ids import new_id
-from shared.jobs import job_failure, job_images, render_result
+from shared.jobs import images_by_job, job_failure, render_result
 from shared.keys import Principal
 from shared.models import Batch, BatchItem, File, Job, JobStatus
 from shared.queue import publish_deliveries, publish_jobs
@@ -356,15 +356,15 @@ def _write_results(batch_id: str, final: str) -> None:
     with session_scope() as session:
         batch = session.get(Batch, batch_id)
         assert batch is not None
-        items = list(session.exec(select(BatchItem).where(col(BatchItem.batch_id) == batch_id)
-                                  .order_by(col(BatchItem.line))))
-        for item in items:
+        rows = _items_with_jobs(session, batch, sa.true(), None)
+        images = images_by_job(session, batch.project_id,
+                               [job.id for item, job in rows if item.status == "succeeded"
+                                and job is not None])
+        for item, job in rows:
             line: dict[str, Any] = {"id": item.id, "custom_id": item.custom_id,
                                     "response": None, "error": None}
-            if item.status == "succeeded" and item.job_id:
-                job = session.get(Job, item.job_id)
-                assert job is not None
-                body = render_result(job, job_images(session, job), storage, base_url,
+            if item.status == "succeeded" and job is not None:
+                body = render_result(job, images[job.id], storage, base_url,
                                      settings.batch_url_expiry_seconds)
                 line["response"] = {"status_code": 200, "request_id": job.id,
                                     "body": body.model_dump(exclude_none=True)}
@@ -442,23 +442,34 @@ def render_batch(session: Session, batch: Batch) -> dict[str, Any]:
     }
 
 
+def _items_with_jobs(session: Session, batch: Batch, where: Any,
+                     limit: int | None) -> list[tuple[BatchItem, Job | None]]:
+    """The batch's lines in order, each with its job, in one query."""
+    query = (select(BatchItem, Job)
+             .join(Job, col(Job.id) == col(BatchItem.job_id), isouter=True)
+             .where(col(BatchItem.batch_id) == batch.id, where)
+             .order_by(col(BatchItem.line)))
+    if limit is not None:
+        query = query.limit(limit)
+    return [(item, job) for item, job in session.exec(query)]
+
+
 def list_items(session: Session, batch: Batch, *, limit: int,
                after: int | None) -> tuple[list[dict[str, Any]], bool]:
     """A page of lines with their results (fresh URLs), by line number."""
     settings = get_settings()
-    query = select(BatchItem).where(col(BatchItem.batch_id) == batch.id)
-    if after is not None:
-        query = query.where(col(BatchItem.line) > after)
-    rows = list(session.exec(query.order_by(col(BatchItem.line)).limit(limit + 1)))
+    after_clause = col(BatchItem.line) > after if after is not None else sa.true()
+    rows = _items_with_jobs(session, batch, after_clause, limit + 1)
+    images = images_by_job(session, batch.project_id,
+                           [job.id for item, job in rows[:limit]
+                            if item.status == "succeeded" and job is not None])
     page = []
-    for item in rows[:limit]:
+    for item, job in rows[:limit]:
         entry: dict[str, Any] = {"id": item.id, "custom_id": item.custom_id, "line": item.line,
                                  "status": item.status, "job_id": item.job_id,
                                  "response": None, "error": item.error}
-        if item.status == "succeeded" and item.job_id:
-            job = session.get(Job, item.job_id)
-            assert job is not None
-            body = render_result(job, job_images(session, job), get_storage(),
+        if item.status == "succeeded" and job is not None:
+            body = render_result(job, images[job.id], get_storage(),
                                  settings.public_base_url(), settings.url_expiry_seconds)
             entry["response"] = {"status_code": 200, "body": body.model_dump(exclude_none=True)}
         elif item.status_code is not None:

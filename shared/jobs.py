@@ -115,6 +115,21 @@ def job_images(session: Session, job: Job) -> list[Image]:
     ))
 
 
+def images_by_job(session: Session, project_id: str,
+                  job_ids: Sequence[str]) -> dict[str, list[Image]]:
+    """``job_images`` for many jobs in a few queries (a batch's output file has one
+    line per job: one query each made finalizing a 10,000-line batch take ~20 s)."""
+    found: dict[str, list[Image]] = {job_id: [] for job_id in job_ids}
+    ids = list(found)
+    for start in range(0, len(ids), 5000):  # well under PostgreSQL's bind limit
+        for image in session.exec(
+                select(Image).where(col(Image.project_id) == project_id,
+                                    col(Image.job_id).in_(ids[start:start + 5000]))
+                .order_by(col(Image.job_id), col(Image.index))):
+            found[image.job_id].append(image)
+    return found
+
+
 def list_jobs(session: Session, project_id: str, *, limit: int, after: str | None,
               status: str | None) -> tuple[list[Job], bool]:
     query = select(Job).where(Job.project_id == project_id)
