@@ -52,6 +52,12 @@ def main() -> None:
     parser.add_argument("--dedicated", action="store_true",
                         help="a worker for default+webhooks and another for batch "
                              "(as docker-compose.yml deploys them)")
+    parser.add_argument("--storage", choices=("moto", "local"), default="moto",
+                        help="moto: S3 through moto's server on loopback (as the tests); "
+                             "local: the file store under IMAGEGEN_DATA_DIR, shared by "
+                             "the API and workers (a single-host deployment). moto's "
+                             "server is a test double that needs ~5 ms of CPU per PUT "
+                             "here, so it takes most of a core away from the service")
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
@@ -59,6 +65,8 @@ def main() -> None:
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     env = {**BENCH_ENV, "IMAGEGEN_KEY_REQUESTS_PER_MINUTE": "0"}
+    if args.storage == "local":
+        env["IMAGEGEN_S3_BUCKET"] = ""
     stack = Stack(Path(tempfile.mkdtemp(prefix="imagegen-bench-batch-")),
                   f"http://127.0.0.1:{port}", worker_env=env, api_env=env)
     extra: list[ServiceProcess] = []
@@ -102,7 +110,8 @@ def main() -> None:
         ids = [json.loads(x)["custom_id"] for x in lines]
         workers = ("two worker processes (default+webhooks, batch)" if args.dedicated
                    else "one worker process (default, webhooks, batch)")
-        print(f"batch of {args.lines} lines, procedural 64x64, {workers}")
+        print(f"batch of {args.lines} lines, procedural 64x64, {workers}, "
+              f"storage {args.storage}")
         print(f"  upload + create: {created - started:.1f}s; validated (in_progress) after "
               f"{accepted - started:.1f}s")
         print(f"  completed {finished - accepted:.1f}s after validation "
