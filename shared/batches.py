@@ -297,7 +297,8 @@ def lines_succeeded(session: Session, item_ids: list[str]) -> None:
         session.execute(sa.update(BatchItem)
                         .where(col(BatchItem.id).in_(item_ids),
                                col(BatchItem.status) == "queued")
-                        .values(status="succeeded", status_code=200, finished_at=utcnow()))
+                        .values(status="succeeded", status_code=200, finished_at=utcnow())
+                        .execution_options(synchronize_session=False))
 
 
 def cancel_batch(session: Session, project_id: str, batch_id: str) -> Batch:

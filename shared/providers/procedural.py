@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from functools import lru_cache
 
 from PIL import Image, ImageDraw
 
@@ -20,7 +21,7 @@ def render(prompt: str, width: int, height: int, index: int) -> Image.Image:
     digest = hashlib.sha256(f"{prompt}\x00{index}".encode()).digest()
     c1, c2 = tuple(digest[0:3]), tuple(digest[3:6])
     # A horizontal gradient between two colours derived from the prompt...
-    ramp = Image.linear_gradient("L").rotate(90).resize((width, height))
+    ramp = _ramp(width, height)
     img = Image.composite(Image.new("RGB", (width, height), c1),
                           Image.new("RGB", (width, height), c2), ramp)
     # ...with a few shapes whose position and colour also come from the digest.
@@ -31,6 +32,12 @@ def render(prompt: str, width: int, height: int, index: int) -> Image.Image:
         r = max(2, b[2] * min(width, height) // 1024)
         draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=(b[3], b[4], b[5]))
     return img
+
+
+@lru_cache(maxsize=32)
+def _ramp(width: int, height: int) -> Image.Image:
+    """The gradient mask for a size; made once (composite only reads it)."""
+    return Image.linear_gradient("L").rotate(90).resize((width, height))
 
 
 class ProceduralProvider:
