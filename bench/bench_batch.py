@@ -23,7 +23,8 @@ from pathlib import Path
 
 import httpx
 import openai
-from moto.server import ThreadedMotoServer
+from moto.server import create_backend_app
+from werkzeug.serving import make_server
 
 from bench.bench_core import BENCH_ENV
 from tests.support.processes import ServiceProcess, free_port
@@ -52,8 +53,11 @@ def main() -> None:
     parser.add_argument("--dedicated", action="store_true",
                         help="a worker for default+webhooks and another for batch "
                              "(as docker-compose.yml deploys them)")
+    parser.add_argument("--batch-workers", type=int, default=1,
+                        help="with --dedicated: processes consuming the batch queue "
+                             "(docker compose up --scale batch-worker=N)")
     parser.add_argument("--storage", choices=("moto", "local"), default="moto",
-                        help="moto: S3 through moto's server on loopback (as the tests); "
+                        help="moto: S3 through moto's S3 app on loopback; "
                              "local: the file store under IMAGEGEN_DATA_DIR, shared by "
                              "the API and workers (a single-host deployment). moto's "
                              "server is a test double that needs ~5 ms of CPU per PUT "
@@ -62,8 +66,11 @@ def main() -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
+    # moto's S3 app on its own, without ThreadedMotoServer's per-request dispatch
+    # over every AWS service: measured ~40% less CPU per PUT, and every cycle
+    # the test double spends is taken from the service on these two cores.
+    moto = make_server("127.0.0.1", port, create_backend_app("s3"), threaded=True)
+    threading.Thread(target=moto.serve_forever, daemon=True).start()
     env = {**BENCH_ENV, "IMAGEGEN_KEY_REQUESTS_PER_MINUTE": "0"}
     if args.storage == "local":
         env["IMAGEGEN_S3_BUCKET"] = ""
@@ -75,8 +82,10 @@ def main() -> None:
             stack.worker.stop()
             stack.worker = ServiceProcess(["worker", "--queues", "default,webhooks"],
                                           {**stack.env, **env}, stack.workdir / "w1.log").start()
-            extra.append(ServiceProcess(["worker", "--queues", "batch"], {**stack.env, **env},
-                                        stack.workdir / "w2.log").start())
+            for n in range(args.batch_workers):
+                extra.append(ServiceProcess(["worker", "--queues", "batch"],
+                                            {**stack.env, **env},
+                                            stack.workdir / f"batch{n}.log").start())
             time.sleep(3)
         idle = sync_latencies(stack, None, 20)
         client = openai.OpenAI(api_key=stack.key_a, base_url=f"{stack.base_url}/v1",
@@ -108,8 +117,8 @@ def main() -> None:
         assert b.output_file_id is not None and b.request_counts is not None
         lines = client.files.content(b.output_file_id).text.splitlines()
         ids = [json.loads(x)["custom_id"] for x in lines]
-        workers = ("two worker processes (default+webhooks, batch)" if args.dedicated
-                   else "one worker process (default, webhooks, batch)")
+        workers = (f"worker processes: 1 default+webhooks, {args.batch_workers} batch"
+                   if args.dedicated else "one worker process (default, webhooks, batch)")
         print(f"batch of {args.lines} lines, procedural 64x64, {workers}, "
               f"storage {args.storage}")
         print(f"  upload + create: {created - started:.1f}s; validated (in_progress) after "
@@ -131,7 +140,7 @@ def main() -> None:
         for proc in extra:
             proc.stop()
         stack.close()
-        moto.stop()
+        moto.shutdown()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from shared.files import create_file, get_file
 from shared.ids import new_id
 from shared.jobs import images_by_job, job_failure, render_result
 from shared.keys import Principal
-from shared.models import Batch, BatchItem, File, Job, JobStatus
+from shared.models import Batch, BatchItem, File, Job, JobStatus, table
 from shared.queue import publish_deliveries, publish_jobs
 from shared.registry import get_registry
 from shared.settings import get_settings
@@ -207,32 +207,42 @@ def pump(batch_id: str) -> int:
             session.add(batch)
         in_flight = _count(session, batch.id, "queued")
         room = bound - in_flight
-        pending = []
+        pending: list[sa.Row[Any]] = []
         if batch.status == "in_progress" and room >= max(1, bound // 4):
-            pending = list(session.exec(
-                select(BatchItem)
+            pending = list(session.execute(
+                sa.select(col(BatchItem.id), col(BatchItem.body))
                 .where(col(BatchItem.batch_id) == batch.id, col(BatchItem.status) == "pending")
                 .order_by(col(BatchItem.line)).limit(room)
-                .with_for_update(skip_locked=True)))
-        jobs = []
-        for item in pending:
+                .with_for_update(skip_locked=True)).all())
+        # Plain rows and two executemany statements: the ORM's unit of work for
+        # hundreds of new jobs per second was a fifth of a batch worker's CPU.
+        template = Job(id="", project_id=batch.project_id, surface="batch", model="",
+                       queue=settings.batch_queue, request={}, batch_id=batch.id,
+                       published_at=now, created_at=now).model_dump()
+        jobs: list[dict[str, Any]] = []
+        queued: list[dict[str, Any]] = []
+        for item_id, body in pending:
             try:
-                params = validate_generation(parse_request(item.body), registry)
+                params = validate_generation(parse_request(body), registry)
                 spec = registry.get(params.model)
             except ImagegenError as exc:
-                item.status, item.status_code, item.finished_at = "failed", exc.status_code, now
-                item.error = {"message": exc.message, "type": exc.error_type,
-                              "param": exc.param, "code": exc.code}
-                session.add(item)
+                session.execute(sa.update(BatchItem).where(col(BatchItem.id) == item_id).values(
+                    status="failed", status_code=exc.status_code, finished_at=now,
+                    error={"message": exc.message, "type": exc.error_type,
+                           "param": exc.param, "code": exc.code}))
                 continue
-            job = Job(id=new_id("job"), project_id=batch.project_id, surface="batch",
-                      model=spec.name, queue=settings.batch_queue, request=params.model_dump(),
-                      batch_id=batch.id, batch_item_id=item.id, published_at=now)
-            jobs.append(job)
-            item.status, item.job_id = "queued", job.id
-            session.add(item)
-        session.add_all(jobs)
-        created = [job.id for job in jobs]
+            job_id = new_id("job")
+            jobs.append({**template, "id": job_id, "model": spec.name,
+                         "request": params.model_dump(), "batch_item_id": item_id})
+            queued.append({"item_id": item_id, "new_job_id": job_id})
+        if jobs:
+            session.execute(sa.insert(table(Job)), jobs)
+            items = table(BatchItem).c
+            session.execute(sa.update(table(BatchItem))
+                            .where(items.id == sa.bindparam("item_id"))
+                            .values(status="queued", job_id=sa.bindparam("new_job_id")),
+                            queued)
+        created = [job["id"] for job in jobs]
         finished = not created and in_flight == 0 and _count(session, batch.id, "pending") == 0
     # Lines run in chunks: one message, one claim and one finishing transaction per
     # chunk instead of per line (if a message is lost, the job sweeper re-publishes

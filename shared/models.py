@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
@@ -278,3 +278,8 @@ class BatchItem(SQLModel, table=True):
     status_code: int | None = None
     error: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
     finished_at: datetime | None = _ts()
+
+
+def table(model: type[SQLModel]) -> sa.Table:
+    """A model's Core table, for bulk statements that skip the ORM's per-row work."""
+    return cast(sa.Table, model.__table__)  # type: ignore[attr-defined]

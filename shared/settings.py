@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -73,6 +74,10 @@ class Settings(BaseSettings):
     batch_max_in_flight: int = 128
     # Lines of a batch run per worker task (their provider calls side by side).
     batch_chunk_size: int = 16
+    # A worker consuming only the batch queue lowers its own CPU priority by this
+    # much (os.nice; 0 keeps it): where batch and sync work share cores, the
+    # kernel then serves sync requests first and batches take what is left.
+    batch_worker_nice: int = Field(default=10, ge=0, le=19)
     batch_url_expiry_seconds: int = 604800
     # Manages projects and keys over HTTP (/v1/admin/...); no admin API when unset.
     admin_api_key: str | None = None

