@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 from typing import Any
@@ -13,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.processes import wait_for
+from tests.support.processes import ServiceProcess, wait_for
 from tests.support.stack import Stack
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -214,3 +215,28 @@ def test_sync_request_of_another_project_is_served_while_a_large_batch_runs(
     assert result["batch_status"] == "in_progress"  # served before the batch ended
     client.batches.cancel(batch.id)
     wait_batch(client, batch.id)
+
+
+def test_a_batch_only_worker_yields_the_cpu_and_runs_the_lines(stack: Stack) -> None:
+    """A worker consuming only the batch queue lowers its CPU priority (so sync
+    work sharing its cores comes first) and still runs batches end to end."""
+    batch_worker = ServiceProcess(["worker", "--queues", "batch"], stack.env,
+                                  stack.workdir / "batch-only.log").start()
+    assert batch_worker.proc is not None and stack.worker.proc is not None
+    pid = batch_worker.proc.pid
+    try:
+        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(
+            os.PRIO_PROCESS, 0) + 10, 30, "the batch worker's lower priority")
+        # The all-queues worker keeps the ordinary priority.
+        assert os.getpriority(os.PRIO_PROCESS, stack.worker.proc.pid) == os.getpriority(
+            os.PRIO_PROCESS, 0)
+        stack.worker.stop()  # only the batch-only worker is left to run the lines
+        client = client_for(stack, stack.key_a)
+        batch = start_batch(client, "nice.jsonl", [line(f"nice-{i}", prompt=f"nice {i}")
+                                                    for i in range(5)])
+        done = wait_batch(client, batch.id)
+        assert done.status == "completed"
+        assert done.request_counts.completed == 5 and done.request_counts.failed == 0
+    finally:
+        batch_worker.stop()
+        stack.new_worker()
