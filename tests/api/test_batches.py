@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 
 from tests.support.processes import ServiceProcess, wait_for
 from tests.support.stack import Stack
@@ -240,3 +241,29 @@ def test_a_batch_only_worker_yields_the_cpu_and_runs_the_lines(stack: Stack) -> 
     finally:
         batch_worker.stop()
         stack.new_worker()
+
+
+def test_a_batch_past_its_completion_window_expires_keeping_finished_lines(
+        stack: Stack) -> None:
+    key = stack.create_key("batch-expire")
+    client = client_for(stack, key)
+    lines = [line(f"exp-{i}", prompt=f"[slow=0.5] e{i}", model="fake-fast") for i in range(300)]
+    batch = start_batch(client, "e.jsonl", lines)
+    wait_for(lambda: completed(client, batch.id) >= 5, 60, "some finished")
+    # The 24 h window runs out now (a clock cannot be wound forward across processes).
+    engine = sa.create_engine(stack.database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE batch SET expires_at = now() - interval '1 second' "
+                             "WHERE id = :id"), {"id": batch.id})
+    engine.dispose()
+    done = wait_batch(client, batch.id)
+    assert done.status == "expired" and done.expired_at
+    counts = done.request_counts
+    assert counts is not None and counts.total == 300
+    assert 5 <= counts.completed < 300 and counts.completed + counts.failed == 300
+    output = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    assert len(output) == counts.completed
+    assert all(x["response"]["status_code"] == 200 for x in output)
+    assert sorted(x["custom_id"] for x in output + errors) == sorted(f"exp-{i}" for i in range(300))
+    assert {e["error"]["code"] for e in errors if e["error"]} == {"batch_expired"}
