@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     provider_max_attempts: int = 4
     provider_backoff_seconds: float = 2.0
     provider_backoff_max_seconds: float = 60.0
+    # While storage is out, a job keeps its images and tries the upload again,
+    # waiting up to this long between tries, for as long as the outage lasts.
+    storage_backoff_max_seconds: float = 30.0
     # How many provider calls one worker process holds at once (threads pool size).
     worker_concurrency: int = 256
     # A running job whose worker stops renewing its lease for this long is re-queued.

@@ -17,6 +17,8 @@ from urllib.parse import quote, urlencode
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as S3ConnectionError
 
 from shared.errors import Forbidden, NotFound
 from shared.settings import Settings, get_settings
@@ -26,8 +28,20 @@ def image_key(project_id: str, job_id: str, index: int, ext: str) -> str:
     return f"{project_id}/{job_id}/{index}.{ext}"
 
 
+class StorageUnavailable(Exception):
+    """The store can't take the write now (unreachable, a server error, a full
+    disk): the caller waits and tries again, it does not fail the work."""
+
+
+# S3 error codes that mean "later", besides any 5xx status.
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                    "RequestTimeTooSkewed"}
+
+
 class Storage(Protocol):
-    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Store the object; raises StorageUnavailable when the store is out."""
+        ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -57,7 +71,18 @@ class S3Storage:
                                          region_name=settings.s3_region, config=config)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        # boto3's own retries (standard mode, 5 attempts) come first; what still
+        # fails with a connection error or a 5xx is an outage, not a bad request.
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                   ContentType=content_type)
+        except (S3ConnectionError, HTTPClientError) as exc:
+            raise StorageUnavailable(f"storage unreachable: {exc}") from exc
+        except ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if status >= 500 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
+                raise StorageUnavailable(f"storage error: {exc}") from exc
+            raise
 
     def get(self, key: str) -> bytes:
         obj = self.client.get_object(Bucket=self.bucket, Key=key)
@@ -88,10 +113,13 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # atomic: a reader never sees half a file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)  # atomic: a reader never sees half a file
+        except OSError as exc:  # a full or failing disk: wait for the operator
+            raise StorageUnavailable(f"storage write failed: {exc}") from exc
 
     def get(self, key: str) -> bytes:
         path = self._path(key)

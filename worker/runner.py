@@ -43,7 +43,7 @@ from shared.queue import publish_deliveries
 from shared.registry import ModelSpec, get_registry
 from shared.schemas import GenerationParams
 from shared.settings import get_settings
-from shared.storage import get_storage, image_key
+from shared.storage import Storage, StorageUnavailable, get_storage, image_key
 from shared.timeutil import utcnow
 from shared.webhooks import record_job_event
 from worker.leases import LEASES
@@ -282,7 +282,7 @@ def _produce(job: Job) -> Result | None:
         for index, generated in enumerate(generation.images):
             encoded = encode(generated.data, params.output_format, params.output_compression)
             key = image_key(job.project_id, job.id, index, encoded.fmt)
-            storage.put(key, encoded.data, encoded.content_type)
+            _store(storage, key, encoded.data, encoded.content_type, job.id)
             images.append(Image(
                 project_id=job.project_id, job_id=job.id, index=index, storage_key=key,
                 content_type=encoded.content_type, width=encoded.width, height=encoded.height,
@@ -303,6 +303,24 @@ def _produce(job: Job) -> Result | None:
         log.exception("job %s crashed", job.id)
         return Result(job, {"status": JobStatus.failed, "error_code": "internal_error",
                             "error_message": f"internal error: {type(exc).__name__}"})
+
+
+def _store(storage: Storage, key: str, data: bytes, content_type: str, job_id: str) -> None:
+    """Upload, waiting out a storage outage: the job keeps its generated images
+    (its lease renewed meanwhile) instead of failing or paying the provider again."""
+    delay = 0.5
+    while True:
+        try:
+            storage.put(key, data, content_type)
+            return
+        except StorageUnavailable as exc:
+            log.warning("job %s: %s; trying again in %.1fs", job_id, exc, delay)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            if LEASES.lost(job_id):
+                raise JobCanceled()
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, get_settings().storage_backoff_max_seconds)
 
 
 def heartbeat_thread(stop: threading.Event) -> threading.Thread:

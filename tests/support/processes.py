@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import IO
 
 import httpx
 import psycopg
+from werkzeug.serving import BaseWSGIServer, make_server
 
 PG_ADMIN_URL = os.environ.get("IMAGEGEN_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -137,3 +139,28 @@ def wait_http(url: str, timeout: float = 30) -> None:
             return False
 
     wait_for(ok, timeout, url)
+
+
+class S3Server:
+    """moto's S3 app on a loopback port that can be stopped (socket closed, so
+    clients are refused, as with a real outage) and started again on the same
+    port; moto keeps its buckets in this process meanwhile."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._server: BaseWSGIServer | None = None
+
+    def start(self) -> S3Server:
+        from moto.server import create_backend_app
+
+        self._server = make_server("127.0.0.1", self.port, create_backend_app("s3"),
+                                   threaded=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -13,7 +13,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from tests.support.processes import ServiceProcess, free_port, wait_for, wait_http
+from tests.support.processes import S3Server, ServiceProcess, free_port, wait_for, wait_http
 from tests.support.stack import Stack
 
 
@@ -158,3 +158,27 @@ def test_worker_restart_mid_batch_gives_one_result_per_line(own_stack: Stack) ->
         engine.dispose()
     assert len(per_item) == 200 and all(n == 1 for _, n in per_item)
     assert images == 200
+
+
+def test_storage_outage_delays_a_job_which_completes_once_storage_is_back(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    s3 = S3Server(free_port()).start()
+    stack = Stack(Path(tmp_path_factory.mktemp("s3-outage")), s3.url)
+    try:
+        s3.stop()
+        with stack.client() as client:
+            job = client.post("/v1/images/generations", headers={"Prefer": "respond-async"},
+                              json={"model": "procedural", "prompt": "outage", "size": "64x64"}
+                              ).json()
+            wait_for(lambda: "storage unreachable" in stack.worker.log(), 60,
+                     "a failed upload")
+            # Still running: the job waits for storage, it is not failed.
+            assert client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "running"
+            s3.start()
+            done = stack.wait_job(job["id"], timeout=90)
+        assert done["status"] == "succeeded" and done["attempts"] == 1
+        image = httpx.get(done["result"]["data"][0]["url"])
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    finally:
+        stack.close()
+        s3.stop()
