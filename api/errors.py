@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import ImagegenError
+from shared.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,14 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
                           "server_error", None, "service_unavailable", retry_after=5)
 
 
+async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("storage unavailable: %s", exc)
+    if is_weave(request):
+        return weave_error(503, "Storage is unavailable; try again shortly.", 5)
+    return error_response(503, "Storage is unavailable; try again shortly.",
+                          "server_error", None, "service_unavailable", retry_after=5)
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     if is_weave(request):
@@ -127,4 +136,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(sqlalchemy.exc.OperationalError, _database_error)
     app.add_exception_handler(sqlalchemy.exc.InterfaceError, _database_error)
+    app.add_exception_handler(StorageUnavailable, _storage_error)
     app.add_exception_handler(Exception, _unhandled)

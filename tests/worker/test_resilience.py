@@ -174,6 +174,11 @@ def test_storage_outage_delays_a_job_which_completes_once_storage_is_back(
                      "a failed upload")
             # Still running: the job waits for storage, it is not failed.
             assert client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "running"
+            # An upload the API cannot store answers 503 in OpenAI's shape.
+            upload = client.post("/v1/files", data={"purpose": "batch"},
+                                 files={"file": ("in.jsonl", b"{}\n", "application/jsonl")})
+            assert upload.status_code == 503 and upload.headers["retry-after"]
+            assert upload.json()["error"]["code"] == "service_unavailable"
             s3.start()
             done = stack.wait_job(job["id"], timeout=90)
         assert done["status"] == "succeeded" and done["attempts"] == 1
