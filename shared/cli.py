@@ -60,11 +60,13 @@ def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues")
                       ] = "default,webhooks,batch",
     concurrency: Annotated[int | None, typer.Option(help="Provider calls held at once")] = None,
+    sweeper: Annotated[bool, typer.Option(help="Run the lease/outbox sweeper here")] = True,
 ) -> None:
-    """Run a worker (one process holding many provider calls at once)."""
+    """Run a worker (a process holding many provider calls at once; with the batch
+    queue among others, batch lines run in a child process at lower priority)."""
     from worker.main import run_worker
 
-    run_worker(queues.split(","), concurrency)
+    run_worker(queues.split(","), concurrency, sweeper=sweeper)
 
 
 @app.command()

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # much (os.nice; 0 keeps it): where batch and sync work share cores, the
     # kernel then serves sync requests first and batches take what is left.
     batch_worker_nice: int = Field(default=10, ge=0, le=19)
+    # A worker given the batch queue and others serves the batch queue from a
+    # child process (at that lower priority); false keeps one process.
+    worker_split_batch: bool = True
     batch_url_expiry_seconds: int = 604800
     # Manages projects and keys over HTTP (/v1/admin/...); no admin API when unset.
     admin_api_key: str | None = None

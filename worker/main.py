@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
 
 from shared.queue import get_celery
@@ -24,6 +27,8 @@ from shared.settings import get_settings
 from worker.runner import heartbeat_thread
 from worker.sweeper import sweeper_thread
 from worker.tasks import register
+
+log = logging.getLogger(__name__)
 
 
 def warm_up() -> None:
@@ -45,18 +50,28 @@ def warm_up() -> None:
     _client()
 
 
+PARENT_ENV = "IMAGEGEN_WORKER_PARENT_PID"
+
+
 def run_worker(queues: list[str], concurrency: int | None = None,
                sweeper: bool = True) -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    child = None
+    if (settings.worker_split_batch and settings.batch_queue in queues and len(queues) > 1
+            and not settings.embedded_broker):
+        # One Python process serving sync and batch jobs gives a sync job a thin
+        # share of its GIL while a big batch runs (measured: p50 44 -> 440 ms during
+        # a 10,000-line batch). The batch queue gets its own, lower-priority process.
+        child = _spawn_batch_worker(settings.batch_queue, concurrency)
+        queues = [q for q in queues if q != settings.batch_queue]
     if set(queues) == {settings.batch_queue} and settings.batch_worker_nice:
         # Batch-only worker: yield the CPU to sync work on shared cores (measured on
         # 2 cores: a sync request's p50 during a 10,000-line batch went from 6.9x
         # its idle p50 to 1.7x, with two batch workers at nice 10).
         os.nice(settings.batch_worker_nice)
-        logging.getLogger(__name__).info("batch worker at nice %d",
-                                         settings.batch_worker_nice)
+        log.info("batch worker at nice %d", settings.batch_worker_nice)
     warm_up()
     app = get_celery()
     register(app)
@@ -64,6 +79,7 @@ def run_worker(queues: list[str], concurrency: int | None = None,
     heartbeat_thread(stop)
     if sweeper:
         sweeper_thread(stop)
+    _exit_with_parent(stop)
     try:
         app.worker_main([
             "worker",
@@ -77,3 +93,34 @@ def run_worker(queues: list[str], concurrency: int | None = None,
         ])
     finally:
         stop.set()
+        if child is not None:
+            child.terminate()  # a warm shutdown: it finishes the lines it holds
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def _spawn_batch_worker(queue: str, concurrency: int | None) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "shared.cli", "worker", "--queues", queue, "--no-sweeper"]
+    if concurrency:
+        args += ["--concurrency", str(concurrency)]
+    log.info("batch queue %r served by a child process", queue)
+    return subprocess.Popen(args, env={**os.environ, PARENT_ENV: str(os.getpid())})
+
+
+def _exit_with_parent(stop: threading.Event) -> None:
+    """A batch child shuts down (warm) when the worker that started it is gone,
+    however it died; leases recover whatever it held."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != int(parent):
+                log.warning("parent worker %s is gone; shutting down", parent)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
