@@ -1,8 +1,9 @@
 """Batch benchmark, run by hand: ``.venv/bin/python -m bench.bench_batch``.
 
 A 10,000-line OpenAI batch against ``procedural`` at 64x64, with real Redis,
-PostgreSQL, an S3 server (moto) on loopback, the API and one worker process
-(consuming default, webhooks and batch, as ``imagegen worker`` does):
+PostgreSQL, an S3 server (moto) on loopback, the API and one ``imagegen worker``
+(all queues: it runs the batch queue in a lower-priority child process), or with
+``--dedicated`` a default+webhooks worker and ``--batch-workers`` batch-only ones:
 time to accept the file (upload + create until in_progress), time to complete,
 lost or duplicated lines, and a sync request's latency from another project,
 idle and while the batch runs. Targets: completed in <= 60 s, nothing lost or
@@ -118,7 +119,7 @@ def main() -> None:
         lines = client.files.content(b.output_file_id).text.splitlines()
         ids = [json.loads(x)["custom_id"] for x in lines]
         workers = (f"worker processes: 1 default+webhooks, {args.batch_workers} batch"
-                   if args.dedicated else "one worker process (default, webhooks, batch)")
+                   if args.dedicated else "one `imagegen worker` (all queues, batch in its child)")
         print(f"batch of {args.lines} lines, procedural 64x64, {workers}, "
               f"storage {args.storage}")
         print(f"  upload + create: {created - started:.1f}s; validated (in_progress) after "

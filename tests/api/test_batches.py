@@ -267,3 +267,44 @@ def test_a_batch_past_its_completion_window_expires_keeping_finished_lines(
     assert all(x["response"]["status_code"] == 200 for x in output)
     assert sorted(x["custom_id"] for x in output + errors) == sorted(f"exp-{i}" for i in range(300))
     assert {e["error"]["code"] for e in errors if e["error"]} == {"batch_expired"}
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_a_worker_with_all_queues_runs_batch_lines_in_a_child_that_dies_with_it(
+        stack: Stack) -> None:
+    worker = ServiceProcess(["worker", "--queues", "default,webhooks,batch"], stack.env,
+                            stack.workdir / "split.log").start()
+    assert worker.proc is not None
+    parent = worker.proc.pid
+    try:
+        wait_for(lambda: len(_children(parent)) == 1, 30, "the batch child process")
+        child = _children(parent)[0]
+        with open(f"/proc/{child}/cmdline") as f:
+            assert f.read().split("\0")[-4:-1] == ["--queues", "batch", "--no-sweeper"]
+        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, child) == os.getpriority(
+            os.PRIO_PROCESS, 0) + 10, 30, "the child's lower priority")
+        assert os.getpriority(os.PRIO_PROCESS, parent) == os.getpriority(os.PRIO_PROCESS, 0)
+        worker.kill()  # SIGKILL: the parent cannot stop its child itself
+        wait_for(lambda: not _alive(child), 30, "the orphaned child to exit")
+    finally:
+        worker.stop()
