@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -91,8 +92,7 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
         key = key_file.read_text().strip()
     with session_scope() as session:
         ensure_key(session, "default", key)
-    worker_proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker"],
-                                   env={**os.environ})
+    worker_proc = _Supervised([sys.executable, "-m", "shared.cli", "worker"])
     url = f"http://{host or settings.host}:{port or settings.port}"
     console.print(f"[bold]imagegen[/bold] dev server on {url}")
     console.print(f"API key: [bold]{key}[/bold]", soft_wrap=True)
@@ -102,11 +102,34 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
     try:
         _serve_api(host, port)
     finally:
-        worker_proc.send_signal(signal.SIGTERM)
+        worker_proc.stop()
+
+
+class _Supervised:
+    """The dev server's worker process, started again whenever it dies: with no
+    worker nothing runs, and accepted jobs only wait (leases hand them over)."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(args, env={**os.environ})
+        self._stopping = threading.Event()
+        threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            code = self.proc.wait()
+            if self._stopping.wait(1.0):
+                return
+            console.print(f"[yellow]worker exited ({code}); starting it again[/yellow]")
+            self.proc = subprocess.Popen(self.args, env={**os.environ})
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            worker_proc.wait(10)
+            self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            worker_proc.kill()
+            self.proc.kill()
 
 
 @keys_app.command("create")
