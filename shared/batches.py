@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,9 +26,11 @@ from shared.files import create_file, get_file
 from shared.ids import new_id
 from shared.jobs import images_by_job, job_failure, render_result
 from shared.keys import Principal
-from shared.models import Batch, BatchItem, File, Job, JobStatus, table
+from shared.limits import get_limiter, images_per_day_exceeded
+from shared.models import Batch, BatchItem, File, Job, JobStatus, Project, table
 from shared.queue import publish_deliveries, publish_jobs
 from shared.registry import get_registry
+from shared.schemas import GenerationParams
 from shared.settings import get_settings
 from shared.storage import get_storage
 from shared.timeutil import to_unix, utcnow
@@ -221,18 +223,24 @@ def pump(batch_id: str) -> int:
                        published_at=now, created_at=now).model_dump()
         jobs: list[dict[str, Any]] = []
         queued: list[dict[str, Any]] = []
+        valid: list[tuple[str, GenerationParams, str]] = []
         for item_id, body in pending:
             try:
                 params = validate_generation(parse_request(body), registry)
-                spec = registry.get(params.model)
+                valid.append((item_id, params, registry.get(params.model).name))
             except ImagegenError as exc:
-                session.execute(sa.update(BatchItem).where(col(BatchItem.id) == item_id).values(
-                    status="failed", status_code=exc.status_code, finished_at=now,
-                    error={"message": exc.message, "type": exc.error_type,
-                           "param": exc.param, "code": exc.code}))
-                continue
+                _fail_item(session, item_id, exc, now)
+        # Batch lines count against the project's images a day like any request;
+        # lines past the quota fail with its 429 (the rest of the batch goes on).
+        project = session.get(Project, batch.project_id)
+        quota = project.images_per_day if project else None
+        granted = get_limiter().take_images(batch.project_id, quota,
+                                            [params.n for _, params, _ in valid])
+        for item_id, _, _ in valid[granted:]:
+            _fail_item(session, item_id, images_per_day_exceeded(quota), now)
+        for item_id, params, model in valid[:granted]:
             job_id = new_id("job")
-            jobs.append({**template, "id": job_id, "model": spec.name,
+            jobs.append({**template, "id": job_id, "model": model,
                          "request": params.model_dump(), "batch_item_id": item_id})
             queued.append({"item_id": item_id, "new_job_id": job_id})
         if jobs:
@@ -253,6 +261,13 @@ def pump(batch_id: str) -> int:
     if finished:
         finalize(batch_id)
     return len(created)
+
+
+def _fail_item(session: Session, item_id: str, exc: ImagegenError, now: datetime) -> None:
+    session.execute(sa.update(BatchItem).where(col(BatchItem.id) == item_id).values(
+        status="failed", status_code=exc.status_code, finished_at=now,
+        error={"message": exc.message, "type": exc.error_type, "param": exc.param,
+               "code": exc.code}))
 
 
 def _count(session: Session, batch_id: str, status: str) -> int:

@@ -37,6 +37,37 @@ return 0
 """
 
 
+# KEYS: images-today counter. ARGV: max images a day, counter ttl, then each
+# line's n. Takes the longest prefix of lines that fits; returns its length.
+_TAKE_IMAGES = """
+local max_images = tonumber(ARGV[1])
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local total, granted = 0, 0
+for i = 3, #ARGV do
+  local n = tonumber(ARGV[i])
+  if used + total + n > max_images then break end
+  total = total + n
+  granted = granted + 1
+end
+if total > 0 then
+  redis.call('INCRBY', KEYS[1], total)
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+return granted
+"""
+
+
+def images_per_day_exceeded(project_value: int | None) -> RateLimited:
+    limit = _limit(project_value, get_settings().project_images_per_day)
+    now = time.time()
+    return RateLimited(f"Daily image limit reached for this project ({limit} images a day).",
+                       code="images_per_day_exceeded", retry_after=86400 - now % 86400)
+
+
+def _images_key(project_id: str, now: float) -> str:
+    return f"imagegen:images:{project_id}:{time.strftime('%Y%m%d', time.gmtime(now))}"
+
+
 def _limit(project_value: int | None, default: int) -> int:
     return default if project_value is None else project_value
 
@@ -45,6 +76,7 @@ class Limiter:
     def __init__(self, url: str) -> None:
         self.client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
         self._reserve = self.client.register_script(_RESERVE)
+        self._take_images = self.client.register_script(_TAKE_IMAGES)
 
     def check_request(self, principal: Principal) -> None:
         limit = _limit(principal.key_requests_per_minute,
@@ -73,9 +105,8 @@ class Limiter:
         max_inflight = _limit(principal.jobs_in_flight, settings.project_jobs_in_flight)
         max_images = _limit(principal.images_per_day, settings.project_images_per_day)
         now = time.time()
-        day = time.strftime("%Y%m%d", time.gmtime(now))
         keys = [f"imagegen:inflight:{principal.project_id}",
-                f"imagegen:images:{principal.project_id}:{day}"]
+                _images_key(principal.project_id, now)]
         try:
             result = int(self._reserve(keys=keys,
                                        args=[job_id, n, max_inflight, max_images, 2 * 86400]))
@@ -87,9 +118,21 @@ class Limiter:
                 f"Too many jobs in flight for this project (limit {max_inflight}); "
                 "wait for some to finish.", code="jobs_in_flight_exceeded", retry_after=5)
         if result == -2:
-            raise RateLimited(
-                f"Daily image limit reached for this project ({max_images} images a day).",
-                code="images_per_day_exceeded", retry_after=86400 - now % 86400)
+            raise images_per_day_exceeded(principal.images_per_day)
+
+    def take_images(self, project_id: str, images_per_day: int | None,
+                    counts: list[int]) -> int:
+        """Count batch lines (their ``n`` each, in order) against the project's images
+        a day, in one round trip; returns how many lines fit."""
+        max_images = _limit(images_per_day, get_settings().project_images_per_day)
+        if max_images <= 0 or not counts:
+            return len(counts)
+        try:
+            return int(self._take_images(keys=[_images_key(project_id, time.time())],
+                                         args=[max_images, 2 * 86400, *counts]))
+        except redis.RedisError as exc:
+            log.warning("rate limiter unavailable, not enforcing: %s", exc)
+            return len(counts)
 
     def release_job(self, project_id: str, job_id: str) -> None:
         try:
@@ -107,6 +150,10 @@ class NoLimits:
 
     def release_job(self, project_id: str, job_id: str) -> None:
         pass
+
+    def take_images(self, project_id: str, images_per_day: int | None,
+                    counts: list[int]) -> int:
+        return len(counts)
 
 
 @lru_cache

@@ -308,3 +308,23 @@ def test_a_worker_with_all_queues_runs_batch_lines_in_a_child_that_dies_with_it(
         wait_for(lambda: not _alive(child), 30, "the orphaned child to exit")
     finally:
         worker.stop()
+
+
+def test_batch_lines_count_against_the_projects_images_a_day(stack: Stack) -> None:
+    stack.cli("projects", "create", "batch-quota", "--images-per-day", "5")
+    key = stack.create_key("batch-quota")
+    client = client_for(stack, key)
+    lines = [line(f"q-{i}", prompt=f"quota {i}", n=2 if i == 0 else 1) for i in range(6)]
+    done = wait_batch(client, start_batch(client, "quota.jsonl", lines).id)
+    assert done.status == "completed"
+    assert done.request_counts.completed == 4 and done.request_counts.failed == 2
+    output = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in output) == ["q-0", "q-1", "q-2", "q-3"]
+    assert sorted(x["custom_id"] for x in errors) == ["q-4", "q-5"]
+    for err in errors:
+        assert err["response"]["status_code"] == 429
+        assert err["response"]["body"]["error"]["code"] == "images_per_day_exceeded"
+    # The quota the batch used is gone for sync requests too.
+    with pytest.raises(openai.RateLimitError):
+        client.images.generate(model="procedural", prompt="one more", size="64x64")
