@@ -99,6 +99,9 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
     console.print(f'  curl {url}/v1/images/generations -H "Authorization: Bearer {key}" '
                   "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
                   soft_wrap=True, highlight=False)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default
+    # handler that ends the process before `finally` could stop the worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         _serve_api(host, port)
     finally:
@@ -110,8 +113,12 @@ class _Supervised:
     worker nothing runs, and accepted jobs only wait (leases hand them over)."""
 
     def __init__(self, args: list[str]) -> None:
+        from worker.main import PARENT_ENV
+
         self.args = args
-        self.proc = subprocess.Popen(args, env={**os.environ})
+        # Should this process die without stopping it, the worker shuts itself down.
+        self.env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        self.proc = subprocess.Popen(args, env=self.env)
         self._stopping = threading.Event()
         threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
 
@@ -121,7 +128,7 @@ class _Supervised:
             if self._stopping.wait(1.0):
                 return
             console.print(f"[yellow]worker exited ({code}); starting it again[/yellow]")
-            self.proc = subprocess.Popen(self.args, env={**os.environ})
+            self.proc = subprocess.Popen(self.args, env=self.env)
 
     def stop(self) -> None:
         self._stopping.set()

@@ -151,3 +151,19 @@ def test_dev_starts_its_worker_again_when_it_dies(dev_server: tuple[str, Path]) 
     client = openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0, timeout=60)
     result = client.images.generate(prompt="after the crash", size="256x256")
     assert result.data is not None and result.data[0].url
+
+
+def test_dev_killed_outright_leaves_no_worker_behind(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = Path(tmp_path_factory.mktemp("embedded-kill"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+    env |= {"IMAGEGEN_PORT": str(port), "IMAGEGEN_DEV_API_KEY": KEY}
+    proc = ServiceProcess(["dev"], env, home / "dev.log", cwd=home).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        wait_for(lambda: len(_workers_in(home)) == 1, 30, "the dev worker")
+        proc.kill()  # SIGKILL: no chance to stop its worker itself
+        wait_for(lambda: not _workers_in(home), 30, "the orphaned worker to exit")
+    finally:
+        proc.stop()

@@ -119,7 +119,7 @@ def _exit_with_parent(stop: threading.Event) -> None:
     def watch() -> None:
         while not stop.wait(1.0):
             if os.getppid() != int(parent):
-                log.warning("parent worker %s is gone; shutting down", parent)
+                log.warning("parent process %s is gone; shutting down", parent)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
