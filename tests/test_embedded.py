@@ -17,7 +17,13 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.support.processes import ServiceProcess, free_port, wait_for, wait_http
+from tests.support.processes import (
+    ServiceProcess,
+    free_port,
+    imagegen_workers,
+    wait_for,
+    wait_http,
+)
 
 KEY = "sk-ig-embedded-test-key"
 
@@ -124,30 +130,11 @@ def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_pa
     assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
 
 
-def _workers_in(home: Path) -> list[int]:
-    """Worker processes running in ``home`` (the dev server's directory)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"shared.cli" in args and b"worker" in args and cwd == str(home) and state != "Z":
-            found.append(int(entry))
-    return found
-
-
 def test_dev_starts_its_worker_again_when_it_dies(dev_server: tuple[str, Path]) -> None:
     base, home = dev_server
-    [worker] = _workers_in(home)
+    [worker] = imagegen_workers(cwd=home)
     os.kill(worker, signal.SIGKILL)
-    wait_for(lambda: _workers_in(home) not in ([], [worker]), 30, "a new worker")
+    wait_for(lambda: imagegen_workers(cwd=home) not in ([], [worker]), 30, "a new worker")
     client = openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0, timeout=60)
     result = client.images.generate(prompt="after the crash", size="256x256")
     assert result.data is not None and result.data[0].url
@@ -162,8 +149,8 @@ def test_dev_killed_outright_leaves_no_worker_behind(
     proc = ServiceProcess(["dev"], env, home / "dev.log", cwd=home).start()
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
-        wait_for(lambda: len(_workers_in(home)) == 1, 30, "the dev worker")
+        wait_for(lambda: len(imagegen_workers(cwd=home)) == 1, 30, "the dev worker")
         proc.kill()  # SIGKILL: no chance to stop its worker itself
-        wait_for(lambda: not _workers_in(home), 30, "the orphaned worker to exit")
+        wait_for(lambda: not imagegen_workers(cwd=home), 30, "the orphaned worker to exit")
     finally:
         proc.stop()

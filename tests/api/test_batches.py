@@ -15,7 +15,7 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from tests.support.processes import ServiceProcess, wait_for
+from tests.support.processes import ServiceProcess, cmdline, imagegen_workers, wait_for
 from tests.support.stack import Stack
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -269,27 +269,6 @@ def test_a_batch_past_its_completion_window_expires_keeping_finished_lines(
     assert {e["error"]["code"] for e in errors if e["error"]} == {"batch_expired"}
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 def test_a_worker_with_all_queues_runs_batch_lines_in_a_child_that_dies_with_it(
         stack: Stack) -> None:
     worker = ServiceProcess(["worker", "--queues", "default,webhooks,batch"], stack.env,
@@ -297,15 +276,15 @@ def test_a_worker_with_all_queues_runs_batch_lines_in_a_child_that_dies_with_it(
     assert worker.proc is not None
     parent = worker.proc.pid
     try:
-        wait_for(lambda: len(_children(parent)) == 1, 30, "the batch child process")
-        child = _children(parent)[0]
-        with open(f"/proc/{child}/cmdline") as f:
-            assert f.read().split("\0")[-4:-1] == ["--queues", "batch", "--no-sweeper"]
+        wait_for(lambda: len(imagegen_workers(parent=parent)) == 1, 30,
+                 "the batch child process")
+        [child] = imagegen_workers(parent=parent)
+        assert cmdline(child)[-3:] == ["--queues", "batch", "--no-sweeper"]
         wait_for(lambda: os.getpriority(os.PRIO_PROCESS, child) == os.getpriority(
             os.PRIO_PROCESS, 0) + 10, 30, "the child's lower priority")
         assert os.getpriority(os.PRIO_PROCESS, parent) == os.getpriority(os.PRIO_PROCESS, 0)
         worker.kill()  # SIGKILL: the parent cannot stop its child itself
-        wait_for(lambda: not _alive(child), 30, "the orphaned child to exit")
+        wait_for(lambda: child not in imagegen_workers(), 30, "the orphaned child to exit")
     finally:
         worker.stop()
 

@@ -164,3 +164,35 @@ class S3Server:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def live_processes() -> list[tuple[int, int, list[str], str]]:
+    """(pid, parent pid, argv, cwd) of every process not yet exited (zombies left
+    out), read from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            found.append((int(entry), int(ppid), argv, cwd))
+    return found
+
+
+def imagegen_workers(*, parent: int | None = None, cwd: Path | None = None) -> list[int]:
+    """Live ``imagegen worker`` processes, by parent or working directory."""
+    return [pid for pid, ppid, argv, wd in live_processes()
+            if argv[1:4] == ["-m", "shared.cli", "worker"]
+            and (parent is None or ppid == parent) and (cwd is None or wd == str(cwd))]
+
+
+def cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
