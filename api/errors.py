@@ -7,6 +7,7 @@ naming the offending ``param``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy.exc
@@ -106,20 +107,19 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
-async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("database unavailable: %s", type(exc).__name__)
-    if is_weave(request):
-        return weave_error(503, "The database is unavailable; try again shortly.", 5)
-    return error_response(503, "The database is unavailable; try again shortly.",
-                          "server_error", None, "service_unavailable", retry_after=5)
+def _unavailable(what: str) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """503 with Retry-After while a dependency (the database, storage) is out; the
+    log names the fault's type only (a driver's message may carry a DSN)."""
+    message = f"{what} is unavailable; try again shortly."
 
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s unavailable: %s", what.lower(), type(exc).__name__)
+        if is_weave(request):
+            return weave_error(503, message, 5)
+        return error_response(503, message, "server_error", None, "service_unavailable",
+                              retry_after=5)
 
-async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("storage unavailable: %s", exc)
-    if is_weave(request):
-        return weave_error(503, "Storage is unavailable; try again shortly.", 5)
-    return error_response(503, "Storage is unavailable; try again shortly.",
-                          "server_error", None, "service_unavailable", retry_after=5)
+    return handler
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -134,7 +134,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ImagegenError, _imagegen_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(sqlalchemy.exc.OperationalError, _database_error)
-    app.add_exception_handler(sqlalchemy.exc.InterfaceError, _database_error)
-    app.add_exception_handler(StorageUnavailable, _storage_error)
+    database_down = _unavailable("The database")
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, database_down)
+    app.add_exception_handler(sqlalchemy.exc.InterfaceError, database_down)
+    app.add_exception_handler(StorageUnavailable, _unavailable("Storage"))
     app.add_exception_handler(Exception, _unhandled)

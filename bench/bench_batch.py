@@ -24,11 +24,9 @@ from pathlib import Path
 
 import httpx
 import openai
-from moto.server import create_backend_app
-from werkzeug.serving import make_server
 
 from bench.bench_core import BENCH_ENV
-from tests.support.processes import ServiceProcess, free_port
+from tests.support.processes import S3Server, ServiceProcess, free_port
 from tests.support.stack import Stack
 
 
@@ -66,19 +64,17 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
-    port = free_port()
     # moto's S3 app on its own, without ThreadedMotoServer's per-request dispatch
     # over every AWS service: measured ~40% less CPU per PUT, and every cycle
     # the test double spends is taken from the service on these two cores.
-    moto = make_server("127.0.0.1", port, create_backend_app("s3"), threaded=True)
-    threading.Thread(target=moto.serve_forever, daemon=True).start()
+    moto = S3Server(free_port()).start()
     # The daily image quota stays on (its cost is measured) but above the batch.
     env = {**BENCH_ENV, "IMAGEGEN_KEY_REQUESTS_PER_MINUTE": "0",
            "IMAGEGEN_PROJECT_IMAGES_PER_DAY": "1000000"}
     if args.storage == "local":
         env["IMAGEGEN_S3_BUCKET"] = ""
     stack = Stack(Path(tempfile.mkdtemp(prefix="imagegen-bench-batch-")),
-                  f"http://127.0.0.1:{port}", worker_env=env, api_env=env)
+                  moto.url, worker_env=env, api_env=env)
     extra: list[ServiceProcess] = []
     try:
         if args.dedicated:
@@ -143,7 +139,7 @@ def main() -> None:
         for proc in extra:
             proc.stop()
         stack.close()
-        moto.shutdown()
+        moto.stop()
 
 
 if __name__ == "__main__":

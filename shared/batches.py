@@ -216,13 +216,6 @@ def pump(batch_id: str) -> int:
                 .where(col(BatchItem.batch_id) == batch.id, col(BatchItem.status) == "pending")
                 .order_by(col(BatchItem.line)).limit(room)
                 .with_for_update(skip_locked=True)).all())
-        # Plain rows and two executemany statements: the ORM's unit of work for
-        # hundreds of new jobs per second was a fifth of a batch worker's CPU.
-        template = Job(id="", project_id=batch.project_id, surface="batch", model="",
-                       queue=settings.batch_queue, request={}, batch_id=batch.id,
-                       published_at=now, created_at=now).model_dump()
-        jobs: list[dict[str, Any]] = []
-        queued: list[dict[str, Any]] = []
         valid: list[tuple[str, GenerationParams, str]] = []
         for item_id, body in pending:
             try:
@@ -230,26 +223,7 @@ def pump(batch_id: str) -> int:
                 valid.append((item_id, params, registry.get(params.model).name))
             except ImagegenError as exc:
                 _fail_item(session, item_id, exc, now)
-        # Batch lines count against the project's images a day like any request;
-        # lines past the quota fail with its 429 (the rest of the batch goes on).
-        project = session.get(Project, batch.project_id)
-        quota = project.images_per_day if project else None
-        granted = get_limiter().take_images(batch.project_id, quota,
-                                            [params.n for _, params, _ in valid])
-        for item_id, _, _ in valid[granted:]:
-            _fail_item(session, item_id, images_per_day_exceeded(quota), now)
-        for item_id, params, model in valid[:granted]:
-            job_id = new_id("job")
-            jobs.append({**template, "id": job_id, "model": model,
-                         "request": params.model_dump(), "batch_item_id": item_id})
-            queued.append({"item_id": item_id, "new_job_id": job_id})
-        if jobs:
-            session.execute(sa.insert(table(Job)), jobs)
-            items = table(BatchItem).c
-            session.execute(sa.update(table(BatchItem))
-                            .where(items.id == sa.bindparam("item_id"))
-                            .values(status="queued", job_id=sa.bindparam("new_job_id")),
-                            queued)
+        jobs = _queue_lines(session, batch, valid, now) if valid else []
         created = [job["id"] for job in jobs]
         finished = not created and in_flight == 0 and _count(session, batch.id, "pending") == 0
     # Lines run in chunks: one message, one claim and one finishing transaction per
@@ -263,11 +237,43 @@ def pump(batch_id: str) -> int:
     return len(created)
 
 
+def _queue_lines(session: Session, batch: Batch, valid: list[tuple[str, GenerationParams, str]],
+                 now: datetime) -> list[dict[str, Any]]:
+    """Jobs for validated lines, as far as the project's images a day allow (lines
+    past it fail with its 429, like any request; the rest of the batch goes on)."""
+    project = session.get(Project, batch.project_id)
+    quota = project.images_per_day if project else None
+    granted = get_limiter().take_images(batch.project_id, quota,
+                                        [params.n for _, params, _ in valid])
+    for item_id, _, _ in valid[granted:]:
+        _fail_item(session, item_id, images_per_day_exceeded(quota), now)
+    # Plain rows and two executemany statements: the ORM's unit of work for
+    # hundreds of new jobs per second was a fifth of a batch worker's CPU.
+    template = Job(id="", project_id=batch.project_id, surface="batch", model="",
+                   queue=get_settings().batch_queue, request={}, batch_id=batch.id,
+                   published_at=now, created_at=now).model_dump()
+    jobs = [{**template, "id": new_id("job"), "model": model, "request": params.model_dump(),
+             "batch_item_id": item_id} for item_id, params, model in valid[:granted]]
+    if jobs:
+        session.execute(sa.insert(table(Job)), jobs)
+        items = table(BatchItem).c
+        session.execute(sa.update(table(BatchItem))
+                        .where(items.id == sa.bindparam("item_id"))
+                        .values(status="queued", job_id=sa.bindparam("new_job_id")),
+                        [{"item_id": job["batch_item_id"], "new_job_id": job["id"]}
+                         for job in jobs])
+    return jobs
+
+
+def _error_body(err: ImagegenError) -> dict[str, Any]:
+    """A line's error as OpenAI's error object."""
+    return {"message": err.message, "type": err.error_type, "param": err.param,
+            "code": err.code}
+
+
 def _fail_item(session: Session, item_id: str, exc: ImagegenError, now: datetime) -> None:
     session.execute(sa.update(BatchItem).where(col(BatchItem.id) == item_id).values(
-        status="failed", status_code=exc.status_code, finished_at=now,
-        error={"message": exc.message, "type": exc.error_type, "param": exc.param,
-               "code": exc.code}))
+        status="failed", status_code=exc.status_code, finished_at=now, error=_error_body(exc)))
 
 
 def _count(session: Session, batch_id: str, status: str) -> int:
@@ -309,8 +315,7 @@ def item_finished(session: Session, job: Job) -> None:
     else:
         err = job_failure(job)
         values |= {"status": "failed", "status_code": err.status_code,
-                   "error": {"message": err.message, "type": err.error_type,
-                             "param": err.param, "code": err.code}}
+                   "error": _error_body(err)}
     session.execute(sa.update(BatchItem)
                     .where(col(BatchItem.id) == job.batch_item_id,
                            col(BatchItem.status) == "queued").values(**values))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -92,7 +90,9 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
         key = key_file.read_text().strip()
     with session_scope() as session:
         ensure_key(session, "default", key)
-    worker_proc = _Supervised([sys.executable, "-m", "shared.cli", "worker"])
+    from worker.main import ChildWorker
+
+    worker_proc = ChildWorker([])
     url = f"http://{host or settings.host}:{port or settings.port}"
     console.print(f"[bold]imagegen[/bold] dev server on {url}")
     console.print(f"API key: [bold]{key}[/bold]", soft_wrap=True)
@@ -105,38 +105,7 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
     try:
         _serve_api(host, port)
     finally:
-        worker_proc.stop()
-
-
-class _Supervised:
-    """The dev server's worker process, started again whenever it dies: with no
-    worker nothing runs, and accepted jobs only wait (leases hand them over)."""
-
-    def __init__(self, args: list[str]) -> None:
-        from worker.main import PARENT_ENV
-
-        self.args = args
-        # Should this process die without stopping it, the worker shuts itself down.
-        self.env = {**os.environ, PARENT_ENV: str(os.getpid())}
-        self.proc = subprocess.Popen(args, env=self.env)
-        self._stopping = threading.Event()
-        threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
-
-    def _watch(self) -> None:
-        while True:
-            code = self.proc.wait()
-            if self._stopping.wait(1.0):
-                return
-            console.print(f"[yellow]worker exited ({code}); starting it again[/yellow]")
-            self.proc = subprocess.Popen(self.args, env=self.env)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        worker_proc.stop(timeout=10)
 
 
 @keys_app.command("create")

@@ -109,10 +109,7 @@ def get_job(session: Session, project_id: str, job_id: str) -> Job:
 
 
 def job_images(session: Session, job: Job) -> list[Image]:
-    return list(session.exec(
-        select(Image).where(Image.job_id == job.id, Image.project_id == job.project_id)
-        .order_by(col(Image.index))
-    ))
+    return images_by_job(session, job.project_id, [job.id])[job.id]
 
 
 def images_by_job(session: Session, project_id: str,

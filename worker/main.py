@@ -64,7 +64,11 @@ def run_worker(queues: list[str], concurrency: int | None = None,
         # One Python process serving sync and batch jobs gives a sync job a thin
         # share of its GIL while a big batch runs (measured: p50 44 -> 440 ms during
         # a 10,000-line batch). The batch queue gets its own, lower-priority process.
-        child = _spawn_batch_worker(settings.batch_queue, concurrency)
+        args = ["--queues", settings.batch_queue, "--no-sweeper"]
+        if concurrency:
+            args += ["--concurrency", str(concurrency)]
+        log.info("batch queue %r served by a child process", settings.batch_queue)
+        child = ChildWorker(args)
         queues = [q for q in queues if q != settings.batch_queue]
     if set(queues) == {settings.batch_queue} and settings.batch_worker_nice:
         # Batch-only worker: yield the CPU to sync work on shared cores (measured on
@@ -94,23 +98,42 @@ def run_worker(queues: list[str], concurrency: int | None = None,
     finally:
         stop.set()
         if child is not None:
-            child.terminate()  # a warm shutdown: it finishes the lines it holds
-            try:
-                child.wait(60)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            child.stop()
 
 
-def _spawn_batch_worker(queue: str, concurrency: int | None) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "shared.cli", "worker", "--queues", queue, "--no-sweeper"]
-    if concurrency:
-        args += ["--concurrency", str(concurrency)]
-    log.info("batch queue %r served by a child process", queue)
-    return subprocess.Popen(args, env={**os.environ, PARENT_ENV: str(os.getpid())})
+class ChildWorker:
+    """``imagegen worker ARGS`` as a child of this process (the dev server's worker,
+    a worker's batch child), started again whenever it dies: with no worker nothing
+    runs, and accepted jobs only wait (leases hand them over)."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = [sys.executable, "-m", "shared.cli", "worker", *args]
+        # Should this process die without stopping it, the child shuts itself down.
+        self.env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        self.proc = subprocess.Popen(self.args, env=self.env)
+        self._stopping = threading.Event()
+        threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            code = self.proc.wait()
+            if self._stopping.wait(1.0):
+                return
+            log.warning("worker %s exited (%s); starting it again", self.args[4:], code)
+            self.proc = subprocess.Popen(self.args, env=self.env)
+
+    def stop(self, timeout: float = 60) -> None:
+        """A warm shutdown: the child finishes the jobs it holds, within ``timeout``."""
+        self._stopping.set()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def _exit_with_parent(stop: threading.Event) -> None:
-    """A batch child shuts down (warm) when the worker that started it is gone,
+    """A child worker shuts down (warm) when the process that started it is gone,
     however it died; leases recover whatever it held."""
     parent = os.environ.get(PARENT_ENV)
     if not parent:

@@ -196,11 +196,7 @@ def _call_with_retries(spec: ModelSpec, params: GenerationParams, count: int, fi
                 delay *= random.uniform(0.8, 1.2)
             delay = min(delay, settings.provider_backoff_max_seconds)
             log.info("job %s: %s; retry %d in %.1fs", job_id, exc.message, attempt, delay)
-            deadline = time.monotonic() + delay
-            while time.monotonic() < deadline:
-                if LEASES.lost(job_id):
-                    raise JobCanceled() from exc
-                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            _wait_unless_lost(job_id, delay)
 
 
 def _generate(spec: ModelSpec, params: GenerationParams, job_id: str) -> Generation:
@@ -315,12 +311,17 @@ def _store(storage: Storage, key: str, data: bytes, content_type: str, job_id: s
             return
         except StorageUnavailable as exc:
             log.warning("job %s: %s; trying again in %.1fs", job_id, exc, delay)
-        deadline = time.monotonic() + delay
-        while time.monotonic() < deadline:
-            if LEASES.lost(job_id):
-                raise JobCanceled()
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        _wait_unless_lost(job_id, delay)
         delay = min(delay * 2, get_settings().storage_backoff_max_seconds)
+
+
+def _wait_unless_lost(job_id: str, seconds: float) -> None:
+    """Sleep before a retry; raises JobCanceled as soon as the job's lease is lost."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if LEASES.lost(job_id):
+            raise JobCanceled()
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 def heartbeat_thread(stop: threading.Event) -> threading.Thread:
