@@ -30,12 +30,14 @@ def make_celery(settings: Settings) -> Celery:
     if settings.embedded_broker:
         # kombu's filesystem transport: no server needed; about 900 jobs/s at 50 ms polling.
         folder = settings.broker_dir
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            # Exchange tables too (kombu's default is ./control, in the working dir).
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             "polling_interval": settings.broker_polling_interval,
         }

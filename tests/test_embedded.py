@@ -55,6 +55,9 @@ def test_openai_package_works_on_embedded_defaults(dev_server: tuple[str, Path])
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
     assert (home / ".imagegen" / "imagegen.db").exists()  # SQLite, under the data dir
     assert list((home / ".imagegen" / "files").rglob("*.png"))
+    # The embedded broker keeps all its files under the data dir, none in the cwd.
+    assert not (home / "control").exists()
+    assert list((home / ".imagegen" / "broker" / "control").glob("*.exchange"))
 
 
 def test_local_file_urls_need_a_valid_unexpired_signature(dev_server: tuple[str, Path]) -> None:
