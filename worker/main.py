@@ -81,8 +81,7 @@ def run_worker(queues: list[str], concurrency: int | None = None,
     register(app)
     stop = threading.Event()
     heartbeat_thread(stop)
-    if sweeper:
-        sweeper_thread(stop)
+    sweeping = sweeper_thread(stop) if sweeper else None
     _exit_with_parent(stop)
     try:
         app.worker_main([
@@ -97,6 +96,8 @@ def run_worker(queues: list[str], concurrency: int | None = None,
         ])
     finally:
         stop.set()
+        if sweeping is not None:
+            sweeping.join(60)  # let a sweep under way (a batch it finalizes) finish
         if child is not None:
             child.stop()
 

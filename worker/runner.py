@@ -351,7 +351,10 @@ class _Throttle:
                 if key not in self._trailing:
                     self._trailing.add(key)
                     timer = threading.Timer(wait, self._run_trailing, args=(key, fn))
-                    timer.daemon = True
+                    # Not a daemon: a worker shutting down (warm) lets a tick finish.
+                    # A tick may be finalizing a batch; cut off, the batch would sit
+                    # in `finalizing` until the sweeper's 5-minute refinalize.
+                    timer.daemon = False
                     timer.start()
                 return
             self._last[key] = now
