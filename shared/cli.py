@@ -61,11 +61,13 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(help="Provider calls held at once")] = None,
     sweeper: Annotated[bool, typer.Option(help="Run the lease/outbox sweeper here")] = True,
 ) -> None:
-    """Run a worker (a process holding many provider calls at once; with the batch
-    queue among others, batch lines run in a child process at lower priority)."""
-    from worker.main import run_worker
+    """Run a worker: a supervisor whose consumer processes each hold many provider
+    calls at once, started again whenever one dies (with the batch queue among
+    others, batch lines run in a second consumer at lower priority)."""
+    from shared.settings import get_settings
+    from worker.supervisor import supervise
 
-    run_worker(queues.split(","), concurrency, sweeper=sweeper)
+    supervise(get_settings(), queues.split(","), concurrency, sweeper)
 
 
 @app.command()
@@ -90,9 +92,9 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
         key = key_file.read_text().strip()
     with session_scope() as session:
         ensure_key(session, "default", key)
-    from worker.main import ChildWorker
+    from worker.supervisor import WorkerGroup
 
-    worker_proc = ChildWorker([])
+    worker_proc = WorkerGroup(settings, ["default", "webhooks", settings.batch_queue])
     url = f"http://{host or settings.host}:{port or settings.port}"
     console.print(f"[bold]imagegen[/bold] dev server on {url}")
     console.print(f"API key: [bold]{key}[/bold]", soft_wrap=True)

@@ -47,13 +47,24 @@ def make_celery(settings: Settings) -> Celery:
             # the job waits for the sweeper instead of the request hanging.
             "socket_connect_timeout": 2,
             "socket_timeout": 5,
-            # Redelivery of unacked messages is a backstop only; lost or crashed
-            # jobs are recovered sooner by the lease sweeper (worker/sweeper.py).
-            "visibility_timeout": 3600,
+            # No ack emulation: a message leaves Redis when a worker takes it, and
+            # acks never touch Redis. With it, kombu 5.7 / Celery 5.7 crash the whole
+            # worker on a broker outage: on connection loss the consumer collects the
+            # connection (dropping its transport's client) and then closes it, and the
+            # close restores unacked messages through that client ->
+            # AttributeError("'NoneType' object has no attribute 'hostname'"), which
+            # Celery treats as unrecoverable (reproduced; the worker exited 0). Acks
+            # arriving on the old channel after a reconnect hit the same path. We lose
+            # nothing by it: SQL leases decide who runs a job, and the sweeper
+            # re-publishes jobs whose message was taken by a worker that then died.
+            "ack_emulation": False,
         }
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        # Ride out a broker outage of any length (Celery's default gives up after
+        # 100 tries and shuts the worker down).
+        broker_connection_max_retries=None,
         broker_connection_timeout=2,
         task_acks_late=True,
         task_reject_on_worker_lost=True,

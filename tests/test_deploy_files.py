@@ -29,6 +29,11 @@ def test_compose_has_every_service_with_healthchecks_and_ordering() -> None:
         for var in ("IMAGEGEN_DATABASE_URL", "IMAGEGEN_BROKER_URL", "IMAGEGEN_REDIS_URL",
                     "IMAGEGEN_S3_ENDPOINT_URL", "IMAGEGEN_S3_BUCKET"):
             assert var in env, (name, var)
+    # Every service comes back after a crash or a host restart (a one-shot job
+    # only on failure).
+    for name, service in services.items():
+        assert service.get("restart") == ("on-failure" if name == "minio-init"
+                                          else "unless-stopped"), name
     # The bucket exists before anything uses it.
     assert services["api"]["depends_on"]["minio-init"]["condition"] == \
         "service_completed_successfully"

@@ -1,4 +1,4 @@
-"""Worker start-up.
+"""A consumer process (``python -m worker``), supervised by ``imagegen worker``.
 
 Concurrency model: Celery's ``threads`` pool with hundreds of threads in one
 process. A job spends nearly all its time waiting on a provider (10-150 s per
@@ -18,13 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 
 from shared.queue import get_celery
 from shared.settings import get_settings
 from worker.runner import heartbeat_thread
+from worker.supervisor import PARENT_ENV
 from worker.sweeper import sweeper_thread
 from worker.tasks import register
 
@@ -50,26 +49,12 @@ def warm_up() -> None:
     _client()
 
 
-PARENT_ENV = "IMAGEGEN_WORKER_PARENT_PID"
-
-
-def run_worker(queues: list[str], concurrency: int | None = None,
-               sweeper: bool = True) -> None:
+def run_consumer(queues: list[str], concurrency: int | None = None,
+                 sweeper: bool = True) -> None:
+    """One consumer process: Celery's threads pool over ``queues``."""
     settings = get_settings()
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
-    child = None
-    if (settings.worker_split_batch and settings.batch_queue in queues and len(queues) > 1
-            and not settings.embedded_broker):
-        # One Python process serving sync and batch jobs gives a sync job a thin
-        # share of its GIL while a big batch runs (measured: p50 44 -> 440 ms during
-        # a 10,000-line batch). The batch queue gets its own, lower-priority process.
-        args = ["--queues", settings.batch_queue, "--no-sweeper"]
-        if concurrency:
-            args += ["--concurrency", str(concurrency)]
-        log.info("batch queue %r served by a child process", settings.batch_queue)
-        child = ChildWorker(args)
-        queues = [q for q in queues if q != settings.batch_queue]
     if set(queues) == {settings.batch_queue} and settings.batch_worker_nice:
         # Batch-only worker: yield the CPU to sync work on shared cores (measured on
         # 2 cores: a sync request's p50 during a 10,000-line batch went from 6.9x
@@ -98,39 +83,6 @@ def run_worker(queues: list[str], concurrency: int | None = None,
         stop.set()
         if sweeping is not None:
             sweeping.join(60)  # let a sweep under way (a batch it finalizes) finish
-        if child is not None:
-            child.stop()
-
-
-class ChildWorker:
-    """``imagegen worker ARGS`` as a child of this process (the dev server's worker,
-    a worker's batch child), started again whenever it dies: with no worker nothing
-    runs, and accepted jobs only wait (leases hand them over)."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.args = [sys.executable, "-m", "shared.cli", "worker", *args]
-        # Should this process die without stopping it, the child shuts itself down.
-        self.env = {**os.environ, PARENT_ENV: str(os.getpid())}
-        self.proc = subprocess.Popen(self.args, env=self.env)
-        self._stopping = threading.Event()
-        threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
-
-    def _watch(self) -> None:
-        while True:
-            code = self.proc.wait()
-            if self._stopping.wait(1.0):
-                return
-            log.warning("worker %s exited (%s); starting it again", self.args[4:], code)
-            self.proc = subprocess.Popen(self.args, env=self.env)
-
-    def stop(self, timeout: float = 60) -> None:
-        """A warm shutdown: the child finishes the jobs it holds, within ``timeout``."""
-        self._stopping.set()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def _exit_with_parent(stop: threading.Event) -> None:

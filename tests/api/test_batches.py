@@ -224,13 +224,16 @@ def test_a_batch_only_worker_yields_the_cpu_and_runs_the_lines(stack: Stack) -> 
     batch_worker = ServiceProcess(["worker", "--queues", "batch"], stack.env,
                                   stack.workdir / "batch-only.log").start()
     assert batch_worker.proc is not None and stack.worker.proc is not None
-    pid = batch_worker.proc.pid
+    supervisor = batch_worker.proc.pid
     try:
+        wait_for(lambda: len(imagegen_workers(parent=supervisor)) == 1, 30, "the consumer")
+        [pid] = imagegen_workers(parent=supervisor)
         wait_for(lambda: os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(
             os.PRIO_PROCESS, 0) + 10, 30, "the batch worker's lower priority")
-        # The all-queues worker keeps the ordinary priority.
-        assert os.getpriority(os.PRIO_PROCESS, stack.worker.proc.pid) == os.getpriority(
-            os.PRIO_PROCESS, 0)
+        # The all-queues worker's sync consumer keeps the ordinary priority.
+        main = [p for p in stack.consumers() if cmdline(p)[4] != "batch"]
+        assert main and all(os.getpriority(os.PRIO_PROCESS, p) == os.getpriority(
+            os.PRIO_PROCESS, 0) for p in main)
         stack.worker.stop()  # only the batch-only worker is left to run the lines
         client = client_for(stack, stack.key_a)
         batch = start_batch(client, "nice.jsonl", [line(f"nice-{i}", prompt=f"nice {i}")
@@ -276,15 +279,19 @@ def test_a_worker_with_all_queues_runs_batch_lines_in_a_child_that_dies_with_it(
     assert worker.proc is not None
     parent = worker.proc.pid
     try:
-        wait_for(lambda: len(imagegen_workers(parent=parent)) == 1, 30,
-                 "the batch child process")
-        [child] = imagegen_workers(parent=parent)
-        assert cmdline(child)[-3:] == ["--queues", "batch", "--no-sweeper"]
+        wait_for(lambda: len(imagegen_workers(parent=parent)) == 2, 30,
+                 "the two consumer processes")
+        by_queues = {tuple(cmdline(pid)[3:]): pid for pid in imagegen_workers(parent=parent)}
+        assert set(by_queues) == {("--queues", "default,webhooks"),
+                                  ("--queues", "batch", "--no-sweeper")}
+        child = by_queues["--queues", "batch", "--no-sweeper"]
         wait_for(lambda: os.getpriority(os.PRIO_PROCESS, child) == os.getpriority(
             os.PRIO_PROCESS, 0) + 10, 30, "the child's lower priority")
-        assert os.getpriority(os.PRIO_PROCESS, parent) == os.getpriority(os.PRIO_PROCESS, 0)
-        worker.kill()  # SIGKILL: the parent cannot stop its child itself
-        wait_for(lambda: child not in imagegen_workers(), 30, "the orphaned child to exit")
+        main = by_queues["--queues", "default,webhooks"]
+        assert os.getpriority(os.PRIO_PROCESS, main) == os.getpriority(os.PRIO_PROCESS, 0)
+        worker.kill()  # SIGKILL: the parent cannot stop its children itself
+        wait_for(lambda: not {child, main} & set(imagegen_workers()), 30,
+                 "the orphaned children to exit")
     finally:
         worker.stop()
 

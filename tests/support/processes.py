@@ -187,9 +187,10 @@ def live_processes() -> list[tuple[int, int, list[str], str]]:
 
 
 def imagegen_workers(*, parent: int | None = None, cwd: Path | None = None) -> list[int]:
-    """Live ``imagegen worker`` processes, by parent or working directory."""
+    """Live consumer processes (``python -m worker``, started by ``imagegen worker`` or
+    ``imagegen dev``), by parent or working directory."""
     return [pid for pid, ppid, argv, wd in live_processes()
-            if argv[1:4] == ["-m", "shared.cli", "worker"]
+            if argv[1:3] == ["-m", "worker"]
             and (parent is None or ppid == parent) and (cwd is None or wd == str(cwd))]
 
 

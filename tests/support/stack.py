@@ -4,6 +4,7 @@ and a worker as separate processes, and a fake upstream provider."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from tests.support.processes import (
     create_database,
     drop_database,
     free_port,
+    imagegen_workers,
     wait_for,
     wait_http,
 )
@@ -140,6 +142,21 @@ class Stack:
                                 self.workdir / "worker.log").start()
         self.worker = worker
         return worker
+
+    def consumers(self) -> list[int]:
+        """The consumer processes under this stack's ``imagegen worker``."""
+        assert self.worker is not None and self.worker.proc is not None
+        return imagegen_workers(parent=self.worker.proc.pid)
+
+    def kill_consumers(self) -> None:
+        """SIGKILL every consumer (a crash: no acks, no cleanup) and wait until the
+        supervising ``imagegen worker`` has started new ones."""
+        before = self.consumers()
+        assert before, "no consumer running"
+        for pid in before:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: len(set(self.consumers()) - set(before)) == len(before), 60,
+                 "the supervisor to start new consumers")
 
     def client(self, key: str | None = None) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=90,

@@ -43,8 +43,7 @@ def test_worker_killed_mid_job_completes_exactly_once(own_stack: Stack) -> None:
         }).json()
         wait_for(lambda: stack.upstream.calls_for("survive a kill"), 15, "upstream call")
         assert client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "running"
-        stack.worker.kill()
-        stack.new_worker()
+        stack.kill_consumers()  # the supervising `imagegen worker` starts a new one
         done = stack.wait_job(job["id"], timeout=60)
     assert done["status"] == "succeeded"
     assert done["attempts"] == 2
@@ -136,8 +135,7 @@ def test_worker_restart_mid_batch_gives_one_result_per_line(own_stack: Stack) ->
                        ["request_counts"]["completed"])
 
         wait_for(lambda: completed() >= 10, 60, "batch under way")
-        stack.worker.kill()
-        stack.new_worker()
+        stack.kill_consumers()
         wait_for(lambda: client.get(f"/v1/images/batches/{batch['id']}").json()["status"]
                  == "completed", 120, "batch completed")
         done = client.get(f"/v1/images/batches/{batch['id']}").json()

@@ -149,10 +149,9 @@ def test_worker_killed_between_attempts_does_not_lose_the_delivery(hstack: Stack
     job = submit(hstack, key, "survive", webhook_url=rx.url(), webhook_events=["job.succeeded"])
     wait_for(lambda: any(d["attempts"] >= 1 for d in deliveries(hstack, key, job_id=job["id"])),
              30, "first attempt")
-    hstack.worker.kill()
+    hstack.kill_consumers()  # a crash; the supervisor starts a new consumer
     rx.start()
     try:
-        hstack.new_worker()
         requests = rx.wait_requests(1, timeout=60)
     finally:
         rx.stop()

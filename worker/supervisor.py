@@ -1,0 +1,124 @@
+"""``imagegen worker``: a small supervising process and its consumer children.
+
+The process a user (or compose, or systemd) starts does no work itself: it starts
+the consumers (``python -m worker ...``) and starts each again whenever it dies,
+for whatever reason (a crash, an out-of-memory kill, an unrecoverable error in a
+library). With no consumer nothing runs and accepted jobs only wait; SQL leases
+hand over whatever a dead consumer held, so a restart loses nothing.
+
+It imports no Celery, SQLAlchemy or provider code: it stays small and cannot be
+brought down by what brings a consumer down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import FrameType
+
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "IMAGEGEN_WORKER_PARENT_PID"
+# A consumer that dies sooner than this after its start is started again after a
+# growing pause (a configuration error would otherwise spin a CPU).
+HEALTHY_AFTER_SECONDS = 10.0
+MAX_RESTART_DELAY = 30.0
+
+
+def consumer_args(settings: Settings, queues: list[str], concurrency: int | None,
+                  sweeper: bool) -> list[list[str]]:
+    """The consumer processes that serve ``queues``: one, or two when the batch queue
+    is among others (its own lower-priority process: inside one Python process a big
+    batch took most of the interpreter from sync jobs, p50 44 -> 440 ms measured)."""
+    extra = ["--concurrency", str(concurrency)] if concurrency else []
+    split = (settings.worker_split_batch and settings.batch_queue in queues
+             and len(queues) > 1 and not settings.embedded_broker)
+    if not split:
+        return [["--queues", ",".join(queues), *extra, *([] if sweeper else ["--no-sweeper"])]]
+    rest = [q for q in queues if q != settings.batch_queue]
+    return [["--queues", ",".join(rest), *extra, *([] if sweeper else ["--no-sweeper"])],
+            ["--queues", settings.batch_queue, *extra, "--no-sweeper"]]
+
+
+class ChildWorker:
+    """One consumer, ``python -m worker ARGS``, started again whenever it dies."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = [sys.executable, "-m", "worker", *args]
+        # Should this process die without stopping it, the child shuts itself down.
+        self.env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        self._stopping = threading.Event()
+        self.restarts = 0
+        self.proc = self._start()
+        threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        self.started = time.monotonic()
+        return subprocess.Popen(self.args, env=self.env)
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while True:
+            code = self.proc.wait()
+            lived = time.monotonic() - self.started
+            delay = 1.0 if lived >= HEALTHY_AFTER_SECONDS else min(delay * 2, MAX_RESTART_DELAY)
+            if self._stopping.wait(delay):
+                return
+            self.restarts += 1
+            log.warning("worker %s exited (%s) after %.0fs; starting it again",
+                        " ".join(self.args[3:]), code, lived)
+            self.proc = self._start()
+
+    def stop(self, timeout: float = 60) -> None:
+        """A warm shutdown: the child finishes the jobs it holds, within ``timeout``."""
+        self._stopping.set()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class WorkerGroup:
+    """The consumers of one ``imagegen worker`` (or of ``imagegen dev``)."""
+
+    def __init__(self, settings: Settings, queues: list[str], concurrency: int | None = None,
+                 sweeper: bool = True) -> None:
+        self.children = [ChildWorker(args)
+                         for args in consumer_args(settings, queues, concurrency, sweeper)]
+
+    def stop(self, timeout: float = 60) -> None:
+        stoppers = [threading.Thread(target=c.stop, args=(timeout,)) for c in self.children]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
+
+
+def supervise(settings: Settings, queues: list[str], concurrency: int | None,
+              sweeper: bool) -> None:
+    """Run the consumers until SIGTERM or SIGINT, then stop them warm."""
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    group = WorkerGroup(settings, queues, concurrency, sweeper)
+    log.info("supervising %d worker process(es): %s", len(group.children),
+             ", ".join(str(c.proc.pid) for c in group.children))
+    stop.wait()
+    log.info("stopping workers")
+    group.stop()
