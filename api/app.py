@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 
 from api import errors
+from api.input_guard import guard_input
 from api.middleware import DefaultJSONContentType
 from api.routes import (
     admin,
@@ -53,6 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     app = FastAPI(title="imagegen", version="0.1.0", lifespan=lifespan,
+                  dependencies=[Depends(guard_input)],
                   description="Image generation with an OpenAI-compatible API, as a job queue.")
     errors.install(app)
     app.add_middleware(DefaultJSONContentType)

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import ImagegenError
+from shared.errors import ImagegenError, InvalidValue
 from shared.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,13 @@ def is_weave(request: Request) -> bool:
 def weave_error(status: int, message: str, retry_after: float | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else {}
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def weave_validation_error(param: str | None, message: str) -> JSONResponse:
+    """Weave's ``HTTPValidationError``, as its reference server answers a bad field."""
+    loc = ["body", *(param.split(".") if param else [])]
+    return JSONResponse({"detail": [{"loc": loc, "msg": message, "type": "value_error"}]},
+                        status_code=422)
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
@@ -56,6 +63,8 @@ async def _imagegen_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code in (429, 503) and retry is None:
         retry = 5.0
     if is_weave(request):
+        if isinstance(exc, InvalidValue):
+            return weave_validation_error(exc.param, exc.message)
         return weave_error(exc.status_code, exc.message, retry)
     return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code,
                           retry)
@@ -122,6 +131,18 @@ def _unavailable(what: str) -> Callable[[Request, Exception], Awaitable[JSONResp
     return handler
 
 
+async def _data_error(request: Request, exc: Exception) -> JSONResponse:
+    """The backstop for a value the database refused (out of range, too long, a
+    character it cannot hold) that validation at the edge let through: the client's
+    fault, 400, never a 5xx a client would retry forever. The driver's message is
+    not echoed (it can quote the value)."""
+    log.warning("database refused a value: %s", type(getattr(exc, "orig", exc)).__name__)
+    message = "A value in the request is out of range or cannot be stored."
+    if is_weave(request):
+        return weave_validation_error(None, message)
+    return error_response(400, message, "invalid_request_error", None, "invalid_value")
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     if is_weave(request):
@@ -134,6 +155,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ImagegenError, _imagegen_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(sqlalchemy.exc.DataError, _data_error)
     database_down = _unavailable("The database")
     app.add_exception_handler(sqlalchemy.exc.OperationalError, database_down)
     app.add_exception_handler(sqlalchemy.exc.InterfaceError, database_down)

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from shared.db import session_scope
-from shared.errors import Conflict, ImagegenError, InvalidRequest, NotFound
+from shared.errors import Conflict, ImagegenError, InvalidRequest, InvalidValue, NotFound
 from shared.events import publish_job_changed
 from shared.files import create_file, get_file
 from shared.ids import new_id
@@ -32,6 +32,7 @@ from shared.queue import publish_deliveries, publish_jobs
 from shared.registry import get_registry
 from shared.schemas import GenerationParams
 from shared.settings import get_settings
+from shared.storable import find_unstorable
 from shared.storage import get_storage
 from shared.timeutil import to_unix, utcnow
 from shared.validation import parse_request, validate_generation
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 ENDPOINT = "/v1/images/generations"
 MAX_LINES = 50_000
+MAX_CUSTOM_ID_CHARS = 500  # the column
 OPEN = ("validating", "in_progress", "cancelling")
 FINAL_STATUS = {"in_progress": "completed", "cancelling": "cancelled", "expiring": "expired"}
 
@@ -103,9 +105,16 @@ def parse_input(data: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
             bad(number, "invalid_request", f"Line {number} is not a JSON object.")
             continue
         custom_id = obj.get("custom_id")
+        unfit = find_unstorable(obj)
+        if unfit:
+            bad(number, "invalid_value", f"Line {number}: '{unfit[0]}' contains {unfit[1]}, "
+                "which is not allowed.", unfit[0])
         if not isinstance(custom_id, str) or not custom_id:
             bad(number, "missing_required_parameter", "custom_id must be a non-empty string.",
                 "custom_id")
+        elif len(custom_id) > MAX_CUSTOM_ID_CHARS:
+            bad(number, "invalid_value", f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} "
+                "characters.", "custom_id")
         elif custom_id in seen:
             bad(number, "duplicate_custom_id", f"The custom_id '{custom_id}' is used twice.",
                 "custom_id")
@@ -174,6 +183,9 @@ def create_native_batch(session: Session, principal: Principal, requests: list[d
     for index, req in enumerate(requests):
         body = dict(req)
         custom_id = str(body.pop("custom_id", None) or f"request-{index + 1}")
+        if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+            raise InvalidValue(f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters.",
+                               param=f"requests.{index}.custom_id")
         if custom_id in seen:
             raise InvalidRequest(f"The custom_id '{custom_id}' is used twice.",
                                  param=f"requests.{index}.custom_id")

@@ -69,14 +69,20 @@ def finish_call(session: Session, job: Job, *, output: dict[str, Any] | None,
     )
 
 
+MAX_FILTER_IDS = 10_000
+INT64_MAX = 2**63 - 1  # LIMIT and OFFSET are bigint
+
+
 class CallFilter(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    op_names: list[str] | None = None
-    call_ids: list[str] | None = None
-    trace_ids: list[str] | None = None
-    parent_ids: list[str] | None = None
-    wb_user_ids: list[str] | None = None
+    # Each list becomes one bound parameter per item; PostgreSQL takes at most 65,535
+    # in one statement, so five full lists still fit.
+    op_names: list[str] | None = Field(default=None, max_length=MAX_FILTER_IDS)
+    call_ids: list[str] | None = Field(default=None, max_length=MAX_FILTER_IDS)
+    trace_ids: list[str] | None = Field(default=None, max_length=MAX_FILTER_IDS)
+    parent_ids: list[str] | None = Field(default=None, max_length=MAX_FILTER_IDS)
+    wb_user_ids: list[str] | None = Field(default=None, max_length=MAX_FILTER_IDS)
     trace_roots_only: bool | None = None
 
 
@@ -90,8 +96,8 @@ class CallsQuery(BaseModel):
 
     project_id: str
     filter: CallFilter | None = None
-    limit: int | None = Field(default=None, ge=0)
-    offset: int | None = Field(default=None, ge=0)
+    limit: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    offset: int | None = Field(default=None, ge=0, le=INT64_MAX)
     sort_by: list[SortBy] | None = None
 
 

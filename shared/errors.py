@@ -33,6 +33,14 @@ class InvalidRequest(ImagegenError):
     error_type = "invalid_request_error"
 
 
+class InvalidValue(InvalidRequest):
+    """A field's value is out of what the service can hold (a NUL, a lone surrogate, a
+    number or length out of range): 400 on the OpenAI surface, and the Weave
+    surface's own 422 ``HTTPValidationError`` naming the field."""
+
+    code = "invalid_value"
+
+
 class AuthenticationError(ImagegenError):
     """Missing, unknown or revoked API key (401)."""
 

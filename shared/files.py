@@ -13,6 +13,7 @@ from shared.storage import Storage
 from shared.timeutil import to_unix, utcnow
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's batch input limit
+MAX_FILENAME_CHARS = 500  # the column
 PURPOSES = ("batch", "batch_output")  # clients upload "batch"; batches write "batch_output"
 
 

@@ -26,10 +26,12 @@ class ImageGenerationRequest(BaseModel):
     output_compression: StrictInt | None = Field(default=None, ge=0, le=100)
     background: StrictStr | None = None
     moderation: StrictStr | None = None
-    user: StrictStr | None = None
+    # OpenAI sets no documented limit; end-user ids are short, and a bound keeps the
+    # trace and the upstream call sane.
+    user: StrictStr | None = Field(default=None, max_length=256)
     # Extensions (the openai package sends them with extra_body): a per-job webhook.
     webhook_url: StrictStr | None = Field(default=None, max_length=2000)
-    webhook_events: list[StrictStr] | None = None
+    webhook_events: list[StrictStr] | None = Field(default=None, max_length=20)
 
 
 class GenerationParams(BaseModel):

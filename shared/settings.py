@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     storage_backoff_max_seconds: float = 30.0
     # How many provider calls one worker process holds at once (threads pool size).
     worker_concurrency: int = 256
+    # Attempts a job gets (each claim by a worker is one; a worker that dies or loses
+    # its lease mid-job costs one). Past it the job ends failed with
+    # max_attempts_exceeded: a job that cannot finish is never retried forever, and
+    # each retry may pay a provider.
+    job_max_attempts: int = Field(default=5, ge=1, le=1000)
+    # While the database is unreachable, a worker holding a finished result keeps
+    # trying to record it for this long before the job is left to its lease.
+    record_retry_seconds: float = 300.0
     # A running job whose worker stops renewing its lease for this long is re-queued.
     job_lease_seconds: float = 60.0
     # A queued job whose broker message was published this long ago but never

@@ -237,16 +237,20 @@ def run_jobs(job_ids: list[str]) -> dict[str, str]:
     jobs, token = claim(job_ids)
     if not jobs:
         return {}
+    limit = get_settings().job_max_attempts
+    exhausted = [job for job in jobs if job.attempts > limit]
+    runnable = [job for job in jobs if job.attempts <= limit]
     for job in jobs:
         LEASES.hold(job.id, token)
-        if job.batch_id is None:
+        if job.batch_id is None and job.attempts <= limit:
             publish_job_changed(job.id, JobStatus.running)
     try:
-        if len(jobs) == 1:
-            produced = [_produce(jobs[0])]
-        else:
-            produced = list(_lines_pool().map(_produce, jobs))
-        ended = _finish(token, [r for r in produced if r is not None])
+        produced: list[Result | None] = [_exhausted(job, limit) for job in exhausted]
+        if len(runnable) == 1:
+            produced.append(_produce(runnable[0]))
+        elif runnable:
+            produced += _lines_pool().map(_produce, runnable)
+        ended = _record(token, [r for r in produced if r is not None])
     finally:
         for job in jobs:
             LEASES.release(job.id)
@@ -255,6 +259,46 @@ def run_jobs(job_ids: list[str]) -> dict[str, str]:
         if job.batch_id is None:
             publish_job_changed(job.id, ended[job.id])
     return ended
+
+
+def _exhausted(job: Job, limit: int) -> Result:
+    """A job claimed once more than it may be: it ends here, without a provider call.
+    Its earlier attempts each ended without a result (a worker died, a lease was
+    lost), so it would most likely fail the same way again."""
+    last = f" The last error: {job.error_message}" if job.error_message else ""
+    return Result(job, {"status": JobStatus.failed, "error_code": "max_attempts_exceeded",
+                        "error_message": f"The job was attempted {limit} times without "
+                                         f"finishing.{last}",
+                        "attempts": limit})  # this claim ran nothing: not an attempt
+
+
+def _record(token: str, results: list[Result]) -> dict[str, str]:
+    """Record the attempt's results. While the database is unreachable, wait and try
+    again (an outage delays a finished job; it does not cost another provider call).
+    Any other failure to record (a value the database refuses) is recorded as the
+    job's failure: it would fail the same way on every retry."""
+    deadline = time.monotonic() + get_settings().record_retry_seconds
+    delay = 0.5
+    while True:
+        try:
+            return _finish(token, results)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("could not record %d job(s), database unreachable (%s); "
+                        "trying again in %.1fs", len(results), type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        except Exception as exc:
+            if all(r.values["status"] == JobStatus.failed and not r.images for r in results):
+                raise  # already the plainest record there is
+            log.exception("could not record the result of %s",
+                          ", ".join(r.job.id for r in results))
+            message = (f"internal error: the result could not be recorded "
+                       f"({type(exc).__name__})")
+            results = [Result(r.job, {"status": JobStatus.failed,
+                                      "error_code": "internal_error",
+                                      "error_message": message}) for r in results]
 
 
 @lru_cache

@@ -37,10 +37,13 @@ def require_admin(request: Request) -> None:
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
+INT32_MAX = 2**31 - 1  # the limit columns are SQL INTEGER
+
+
 class Limits(BaseModel):
-    key_requests_per_minute: int | None = Field(default=None, ge=0)
-    images_per_day: int | None = Field(default=None, ge=0)
-    jobs_in_flight: int | None = Field(default=None, ge=0)
+    key_requests_per_minute: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    images_per_day: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    jobs_in_flight: int | None = Field(default=None, ge=0, le=INT32_MAX)
 
 
 class ProjectCreate(Limits):

@@ -117,7 +117,8 @@ async def post_native_batch(body: NativeBatchCreate,
 @router.get("/v1/images/batches/{batch_id}/items", responses=ERRORS)
 def get_items(batch_id: str, principal: CurrentPrincipal,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              after: Annotated[int | None, Query(ge=0, description="last line seen")] = None,
+              after: Annotated[int | None, Query(ge=0, le=2**31 - 1,
+                                                 description="last line seen")] = None,
               ) -> dict[str, Any]:
     with session_scope() as session:
         batch = get_batch(session, principal.project_id, batch_id)

@@ -9,11 +9,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from api.deps import CurrentPrincipal, StorageDep
+from api.input_guard import check_text
 from api.routes.images import ERRORS
 from shared.db import session_scope
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, InvalidValue
 from shared.files import (
     MAX_FILE_BYTES,
+    MAX_FILENAME_CHARS,
     create_file,
     delete_file,
     file_view,
@@ -27,6 +29,12 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 @router.post("", responses=ERRORS)
 async def upload(file: UploadFile, purpose: Annotated[str, Form()], principal: CurrentPrincipal,
                  storage: StorageDep) -> dict[str, Any]:
+    check_text(purpose, "purpose")
+    filename = file.filename or "upload.jsonl"
+    check_text(filename, "file")
+    if len(filename) > MAX_FILENAME_CHARS:
+        raise InvalidValue(f"The file name is longer than {MAX_FILENAME_CHARS} characters.",
+                           param="file")
     if purpose != "batch":
         raise InvalidRequest(f"Invalid purpose '{purpose}': only 'batch' is supported.",
                              param="purpose")
@@ -37,7 +45,7 @@ async def upload(file: UploadFile, purpose: Annotated[str, Form()], principal: C
     def store() -> dict[str, Any]:
         with session_scope() as session:
             return file_view(create_file(session, storage, principal.project_id,
-                                         file.filename or "upload.jsonl", purpose, data))
+                                         filename, purpose, data))
 
     return await run_in_threadpool(store)
 

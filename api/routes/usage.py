@@ -13,12 +13,17 @@ from shared.db import session_scope
 from shared.usage import usage_report
 
 router = APIRouter(tags=["usage"])
+# Days a report may name: no job predates 1970, and the day after the last must
+# still be a date (9999-12-31 overflowed computing the report's end).
+FIRST_DAY = date(1970, 1, 1)
+LAST_DAY = date(9999, 12, 30)
 
 
 @router.get("/v1/usage", responses=ERRORS)
 def read_usage(principal: CurrentPrincipal,
-               start_date: Annotated[date | None, Query()] = None,
-               end_date: Annotated[date | None, Query()] = None) -> dict[str, Any]:
+               start_date: Annotated[date | None, Query(ge=FIRST_DAY, le=LAST_DAY)] = None,
+               end_date: Annotated[date | None, Query(ge=FIRST_DAY, le=LAST_DAY)] = None,
+               ) -> dict[str, Any]:
     end = end_date or datetime.now(UTC).date()
     start = start_date or end - timedelta(days=29)
     with session_scope() as session:

@@ -31,7 +31,7 @@ router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 class EndpointCreate(BaseModel):
     url: str = Field(max_length=2000)
-    events: list[str] | None = None
+    events: list[str] | None = Field(default=None, max_length=100)
     description: str | None = Field(default=None, max_length=500)
 
 

@@ -22,6 +22,7 @@ from shared.providers.base import (
 from shared.registry import ModelSpec
 from shared.schemas import GenerationParams
 from shared.settings import get_settings
+from shared.storable import clean
 
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 
@@ -142,6 +143,7 @@ class OpenAICompatibleProvider:
 
     def _image(self, item: Any) -> GeneratedImage:
         revised = item.get("revised_prompt") if isinstance(item, dict) else None
+        revised = clean(revised) if isinstance(revised, str) else None
         if isinstance(item, dict) and item.get("b64_json"):
             try:
                 return GeneratedImage(base64.b64decode(item["b64_json"], validate=True), revised)
