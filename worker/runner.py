@@ -290,6 +290,11 @@ def _record(token: str, results: list[Result]) -> dict[str, str]:
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
         except Exception as exc:
+            if len(results) > 1:  # a chunk of batch lines: one refused line fails alone
+                ended: dict[str, str] = {}
+                for result in results:
+                    ended.update(_record(token, [result]))
+                return ended
             if all(r.values["status"] == JobStatus.failed and not r.images for r in results):
                 raise  # already the plainest record there is
             log.exception("could not record the result of %s",

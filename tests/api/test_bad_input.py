@@ -234,3 +234,32 @@ def _read_response(sock: socket.socket) -> bytes:
     while len(rest) < length:
         rest += sock.recv(65536)
     return head + b"\r\n\r\n" + rest
+
+
+METADATA_URL = "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/"  # NAT64 of 169.254.169.254
+
+
+def test_an_embedded_metadata_address_is_refused_on_every_surface(stack: Stack) -> None:
+    """The stack allows private targets (its receivers are on loopback); metadata
+    addresses stay refused anyway, whichever surface names the webhook."""
+    with httpx.Client(base_url=stack.base_url, timeout=60,
+                      headers=headers_for(stack, "/v1")) as client:
+        for path, body, param in [
+            ("/v1/images/generations", {"prompt": "p", "webhook_url": METADATA_URL},
+             "webhook_url"),
+            ("/v1/images/batches", {"prompts": ["p"], "webhook_url": METADATA_URL},
+             "webhook_url"),
+            ("/v1/webhooks/endpoints", {"url": METADATA_URL}, "url"),
+        ]:
+            resp = client.post(path, json=body)
+            assert resp.status_code == 400, resp.text
+            assert resp.json()["error"]["param"] == param
+            assert "metadata" in resp.json()["error"]["message"]
+        weave = client.post("/image/create", json={
+            "project_id": PROJECT, "webhook_url": METADATA_URL,
+            "inputs": {"model": "procedural", "prompt": "p"}})
+    # Weave's reference answers a request the provider would refuse with 200 and
+    # the error in the response, and no call.
+    assert weave.status_code == 200
+    assert "metadata" in weave.json()["response"]["error"]
+    assert weave.json()["weave_call_id"] is None
