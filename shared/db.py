@@ -15,11 +15,14 @@ from shared.settings import get_settings
 
 
 def make_engine(url: str) -> Engine:
+    # hide_parameters: a failed statement's error (and so any log of it) never
+    # carries the bound values, which can be secrets (a new whsec_ secret, a hash).
     if url.startswith("sqlite"):
         # Many threads (API threadpool, worker threads) share one SQLite file:
         # WAL lets readers run beside the one writer, busy_timeout queues writers.
         engine = sa.create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
+            hide_parameters=True,
         )
 
         @sa.event.listens_for(engine, "connect")
@@ -32,7 +35,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
+    return sa.create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True,
+                            hide_parameters=True)
 
 
 @lru_cache

@@ -102,10 +102,7 @@ def is_metadata(ip: IP) -> bool:
 
 def is_public(ip: IP) -> bool:
     """Public on the internet: the address and whatever IPv4 address it embeds."""
-    for address in _unwrapped(ip):
-        if not address.is_global or address.is_multicast:
-            return False
-    return True
+    return all(a.is_global and not a.is_multicast for a in _unwrapped(ip))
 
 
 def refusal(ip: IP, *, allow_private: bool) -> str | None:

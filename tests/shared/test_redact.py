@@ -1,0 +1,44 @@
+"""No secret in a log line or a database error."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from shared.db import make_engine
+from shared.redact import install, redact
+
+
+def test_keys_secrets_and_signatures_are_redacted() -> None:
+    line = ("key sk-ig-AbCdEf0123456789xyz secret whsec_c2VjcmV0LXNlY3JldA== url "
+            "http://h/b/k.png?X-Amz-Credential=AKIA%2F2026&X-Amz-Signature=abc123&x=1 "
+            "/v1/images/files/k.png?expires=9&signature=deadbeef upstream sk-upstream-test")
+    out = redact(line)
+    for secret in ("AbCdEf0123456789xyz", "c2VjcmV0LXNlY3JldA", "abc123", "deadbeef",
+                   "AKIA", "upstream-test"):
+        assert secret not in out, secret
+    assert "sk-ig-***" in out and "whsec_***" in out and "&x=1" in out
+    assert redact("disk-usage-report") == "disk-usage-report"
+
+
+def test_log_records_are_redacted_whoever_logs_them(caplog: pytest.LogCaptureFixture) -> None:
+    install()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("uvicorn.access").info('"%s" %d', "GET /x?signature=s3cr3t", 200)
+    assert "s3cr3t" not in caplog.text and "signature=***" in caplog.text
+
+
+def test_a_failed_insert_does_not_carry_its_bound_values(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE t (secret TEXT UNIQUE)"))
+            conn.execute(sa.text("INSERT INTO t VALUES (:s)"), {"s": "whsec_first"})
+        with pytest.raises(sa.exc.IntegrityError) as info, engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO t VALUES (:s)"), {"s": "whsec_first"})
+        assert "whsec_first" not in str(info.value)
+    finally:
+        engine.dispose()
