@@ -14,7 +14,8 @@ import re
 from typing import Any
 
 _SECRETS = re.compile(
-    r"(?<![A-Za-z0-9])(?P<keep>sk-ig-|whsec_|sk-)[A-Za-z0-9_\-+/=]{6,}"            # API keys, secrets
+    # API keys and secrets, then signatures in URLs.
+    r"(?<![A-Za-z0-9])(?P<keep>sk-ig-|whsec_|sk-)[A-Za-z0-9_\-+/=]{6,}"
     r"|(?P<param>(?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|signature)=)"
     r"[^&\s\"']+",
     re.IGNORECASE,
