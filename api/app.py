@@ -25,6 +25,7 @@ from api.routes import (
     weave,
     webhooks,
 )
+from api.upload_limit import UploadLimit
 from api.waiter import JobWaiter
 from shared.db import get_engine
 from shared.limits import get_limiter
@@ -58,6 +59,7 @@ def create_app() -> FastAPI:
                   description="Image generation with an OpenAI-compatible API, as a job queue.")
     errors.install(app)
     app.add_middleware(DefaultJSONContentType)
+    app.add_middleware(UploadLimit)
     app.include_router(images.router)
     app.include_router(events.router)
     app.include_router(jobs.router)

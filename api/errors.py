@@ -109,7 +109,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         response = weave_error(exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})
         return response
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    code = {404: "not_found", 405: "method_not_allowed",
+            413: "file_too_large"}.get(exc.status_code)
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     response = error_response(exc.status_code, str(exc.detail), type_, None, code)
     response.headers.update(exc.headers or {})  # e.g. Allow on a 405

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -79,8 +80,10 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
                              "at most 512 characters.", param="metadata")
 
 
-def parse_input(data: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Items from an OpenAI batch input file, or the errors naming every bad line."""
+def parse_input(data: bytes | Iterable[bytes],
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Items from an OpenAI batch input file (its bytes, or a stream read line by
+    line: the file is never decoded whole), or the errors naming every bad line."""
     items: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -88,12 +91,13 @@ def parse_input(data: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     def bad(line: int, code: str, message: str, param: str | None = None) -> None:
         errors.append({"code": code, "line": line, "message": message, "param": param})
 
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return [], [{"code": "invalid_file", "line": None, "param": None,
-                     "message": "The input file is not UTF-8 text."}]
-    for number, raw in enumerate(text.splitlines(), start=1):
+    lines = data.splitlines() if isinstance(data, bytes) else data
+    for number, raw_bytes in enumerate(lines, start=1):
+        try:
+            raw = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            bad(number, "invalid_file", f"Line {number} is not UTF-8 text.")
+            continue
         if not raw.strip():
             continue
         try:
@@ -156,8 +160,8 @@ def validate_batch(batch_id: str) -> None:
         if batch is None or batch.status != "validating":
             return
         file = session.get(File, batch.input_file_id)
-        data = get_storage().get(file.storage_key) if file is not None else b""
-        items, errors = parse_input(data)
+        lines = get_storage().lines(file.storage_key) if file is not None else iter(())
+        items, errors = parse_input(lines)
         if errors:
             now = utcnow()
             batch.status, batch.failed_at, batch.errors = "failed", now, errors[:1000]

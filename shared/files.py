@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlmodel import Session, col, select
 
@@ -18,17 +18,24 @@ PURPOSES = ("batch", "batch_output")  # clients upload "batch"; batches write "b
 
 
 def create_file(session: Session, storage: Storage, project_id: str, filename: str,
-                purpose: str, data: bytes) -> File:
+                purpose: str, data: bytes | BinaryIO, size: int | None = None) -> File:
+    """Store a file (bytes, or an open file streamed to storage in chunks: an
+    upload is never held in memory whole) and record it."""
     if purpose not in PURPOSES:
         raise InvalidRequest(f"Invalid purpose '{purpose}': use 'batch'.", param="purpose")
-    if len(data) > MAX_FILE_BYTES:
-        raise InvalidRequest(f"The file is {len(data)} bytes; the limit is {MAX_FILE_BYTES}.",
+    size = len(data) if isinstance(data, bytes) else size
+    assert size is not None
+    if size > MAX_FILE_BYTES:
+        raise InvalidRequest(f"The file is {size} bytes; the limit is {MAX_FILE_BYTES}.",
                              param="file")
     file_id = new_id("file")
     key = f"{project_id}/files/{file_id}"
-    storage.put(key, data, "application/jsonl")
+    if isinstance(data, bytes):
+        storage.put(key, data, "application/jsonl")
+    else:
+        storage.put_file(key, data, "application/jsonl")
     file = File(id=file_id, project_id=project_id, filename=filename, purpose=purpose,
-                bytes=len(data), storage_key=key)
+                bytes=size, storage_key=key)
     session.add(file)
     session.flush()
     return file

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import shutil
 import time
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlencode
 
 import boto3
@@ -43,7 +45,15 @@ class Storage(Protocol):
         """Store the object; raises StorageUnavailable when the store is out."""
         ...
 
+    def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> None:
+        """Store a file's content read in chunks (an upload), never all in memory."""
+        ...
+
     def get(self, key: str) -> bytes: ...
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        """The object's lines, read as a stream (never the whole object at once)."""
+        ...
 
     def url(self, key: str, expires_in: int, base_url: str) -> str: ...
 
@@ -84,9 +94,24 @@ class S3Storage:
                 raise StorageUnavailable(f"storage error: {exc}") from exc
             raise
 
+    def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> None:
+        # upload_fileobj reads in 8 MB parts (a multipart upload for big files).
+        try:
+            self.client.upload_fileobj(fileobj, self.bucket, key,
+                                       ExtraArgs={"ContentType": content_type})
+        except (S3ConnectionError, HTTPClientError) as exc:
+            raise StorageUnavailable(f"storage unreachable: {exc}") from exc
+
     def get(self, key: str) -> bytes:
         obj = self.client.get_object(Bucket=self.bucket, Key=key)
         return bytes(obj["Body"].read())
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        try:
+            yield from body.iter_lines(chunk_size=64 * 1024)
+        finally:
+            body.close()
 
     def url(self, key: str, expires_in: int, base_url: str) -> str:
         return str(
@@ -121,11 +146,29 @@ class LocalStorage:
         except OSError as exc:  # a full or failing disk: wait for the operator
             raise StorageUnavailable(f"storage write failed: {exc}") from exc
 
+    def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("wb") as out:
+                shutil.copyfileobj(fileobj, out, 1024 * 1024)
+            tmp.replace(path)
+        except OSError as exc:
+            raise StorageUnavailable(f"storage write failed: {exc}") from exc
+
     def get(self, key: str) -> bytes:
         path = self._path(key)
         if not path.is_file():
             raise NotFound("No such file")
         return path.read_bytes()
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFound("No such file")
+        with path.open("rb") as f:
+            yield from f
 
     def sign(self, key: str, expires: int) -> str:
         return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()

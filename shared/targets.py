@@ -127,7 +127,7 @@ def check_target(url: str, *, allow_private: bool, param: str = "url") -> Target
     except (socket.gaierror, UnicodeError) as exc:
         raise UnresolvableTarget(f"The webhook host '{parsed.host}' does not resolve: {exc}",
                            param=param) from None
-    addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
     for ip in addresses:
         why = refusal(ip, allow_private=allow_private)
         if why:

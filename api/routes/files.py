@@ -38,14 +38,17 @@ async def upload(file: UploadFile, purpose: Annotated[str, Form()], principal: C
     if purpose != "batch":
         raise InvalidRequest(f"Invalid purpose '{purpose}': only 'batch' is supported.",
                              param="purpose")
-    data = await file.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
+    # The body was counted as it arrived (api/upload_limit.py) and the part spooled
+    # to a temporary file; it is streamed from there to storage, never read whole.
+    size = file.size if file.size is not None else 0
+    if size > MAX_FILE_BYTES:
         raise InvalidRequest(f"The file is larger than {MAX_FILE_BYTES} bytes.", param="file")
+    file.file.seek(0)
 
     def store() -> dict[str, Any]:
         with session_scope() as session:
             return file_view(create_file(session, storage, principal.project_id,
-                                         filename, purpose, data))
+                                         filename, purpose, file.file, size))
 
     return await run_in_threadpool(store)
 
