@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -74,18 +75,62 @@ class RedisServer:
             self.proc = None
 
 
-def create_database() -> str:
+def create_database(admin_url: str = PG_ADMIN_URL) -> str:
     name = f"imagegen_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    base = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     return f"{base}/{name}"
 
 
-def drop_database(url: str) -> None:
+def drop_database(url: str, admin_url: str = PG_ADMIN_URL) -> None:
     name = url.rsplit("/", 1)[1]
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster of the test's own (initdb in a temporary folder, on a free
+    port), so that it can be stopped and started without touching anyone else's."""
+
+    def __init__(self) -> None:
+        # Its own folder under the system's temporary directory: pytest's is private to
+        # root, and the server runs as the postgres user.
+        self.home = Path(tempfile.mkdtemp(prefix="imagegen-pg-"))
+        self.dir = self.home / "pgdata"
+        self.port = free_port()
+        self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        self.bin = found[-1].parent if found else Path(shutil.which("initdb") or "").parent
+        # PostgreSQL refuses to run as root: as root, run it as the postgres user.
+        self.prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self.prefix, *args], check=True, capture_output=True, timeout=60)
+
+    def init(self) -> PostgresCluster:
+        self.dir.mkdir()
+        if self.prefix:
+            shutil.chown(self.home, "postgres")
+            shutil.chown(self.dir, "postgres")
+        self._run(str(self.bin / "initdb"), "-D", str(self.dir), "-U", "postgres",
+                  "-A", "trust", "--no-sync")
+        return self.start()
+
+    def start(self) -> PostgresCluster:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir), "-w", "-l",
+                  str(self.dir / "server.log"), "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+                  "start")
+        return self
+
+    def stop(self) -> None:
+        """Fast shutdown: connections are cut, as in an outage."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir), "-w", "-m", "fast", "stop")
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 class ServiceProcess:

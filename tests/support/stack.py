@@ -16,6 +16,7 @@ import yaml
 
 from tests.support.fake_upstream import EXPECTED_KEY, FakeUpstream
 from tests.support.processes import (
+    PG_ADMIN_URL,
     RedisServer,
     ServiceProcess,
     create_database,
@@ -65,12 +66,14 @@ def models_yaml(upstream_url: str) -> dict[str, Any]:
 
 class Stack:
     def __init__(self, workdir: Path, s3_endpoint: str, *, worker_env: dict[str, str] | None = None,
-                 api_env: dict[str, str] | None = None) -> None:
+                 api_env: dict[str, str] | None = None, pg_admin_url: str = PG_ADMIN_URL,
+                 ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.upstream = FakeUpstream().start()
         self.redis = RedisServer(workdir).start()
-        self.database_url = create_database()
+        self.pg_admin_url = pg_admin_url
+        self.database_url = create_database(pg_admin_url)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         models_file = workdir / "models.yaml"
@@ -181,4 +184,4 @@ class Stack:
         self.redis.stop()
         self.upstream.stop()
         time.sleep(0.2)
-        drop_database(self.database_url)
+        drop_database(self.database_url, self.pg_admin_url)
