@@ -61,7 +61,10 @@ class ChildWorker:
 
     def _start(self) -> subprocess.Popen[bytes]:
         self.started = time.monotonic()
-        return subprocess.Popen(self.args, env=self.env)
+        # A session of its own: Ctrl-C in a terminal reaches only the supervisor,
+        # which stops each consumer with one SIGTERM (a second signal on top of the
+        # terminal's SIGINT would turn Celery's warm shutdown into a cold one).
+        return subprocess.Popen(self.args, env=self.env, start_new_session=True)
 
     def _watch(self) -> None:
         delay = 1.0
