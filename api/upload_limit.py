@@ -11,6 +11,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import error_response
 from shared.files import MAX_FILE_BYTES
 
 # Room for the multipart envelope around the file (boundaries, the purpose field).
@@ -34,7 +35,7 @@ class UploadLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _refuse(scope, send, self.limit)
+                await _refuse(scope, receive, send, self.limit)
                 return
         received = 0
 
@@ -52,12 +53,8 @@ class UploadLimit:
         await self.app(scope, counted, send)
 
 
-async def _refuse(scope: Scope, send: Send, limit: int) -> None:
-    body = (b'{"error": {"message": "The upload is larger than the limit of '
-            + str(limit).encode() + b' bytes.", "type": "invalid_request_error", '
-            b'"param": "file", "code": "file_too_large"}}')
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    response = error_response(413, str(_too_large(limit).detail), "invalid_request_error",
+                              "file", "file_too_large")
+    response.headers["connection"] = "close"  # the unread body is not drained
+    await response(scope, receive, send)

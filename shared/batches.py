@@ -80,10 +80,9 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
                              "at most 512 characters.", param="metadata")
 
 
-def parse_input(data: bytes | Iterable[bytes],
-                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Items from an OpenAI batch input file (its bytes, or a stream read line by
-    line: the file is never decoded whole), or the errors naming every bad line."""
+def parse_input(lines: Iterable[bytes]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Items from an OpenAI batch input file read line by line (never decoded whole),
+    or the errors naming every bad line."""
     items: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -91,7 +90,6 @@ def parse_input(data: bytes | Iterable[bytes],
     def bad(line: int, code: str, message: str, param: str | None = None) -> None:
         errors.append({"code": code, "line": line, "message": message, "param": param})
 
-    lines = data.splitlines() if isinstance(data, bytes) else data
     for number, raw_bytes in enumerate(lines, start=1):
         try:
             raw = raw_bytes.decode("utf-8")

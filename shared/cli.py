@@ -258,7 +258,9 @@ def resolve_key(api_key: str | None) -> str:
 def main() -> None:
     """Entry point: errors the user can act on print as one line, not a traceback."""
     from shared.errors import ImagegenError
+    from shared.redact import install
 
+    install()  # before anything logs: no secret in any line of this process
     try:
         app()
     except ImagegenError as exc:

@@ -140,7 +140,4 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    from shared.redact import install
-
-    install()  # every process reads its settings first: from then on no log leaks
     return Settings()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -58,6 +60,21 @@ class Storage(Protocol):
     def url(self, key: str, expires_in: int, base_url: str) -> str: ...
 
 
+@contextmanager
+def _outage_as_unavailable() -> Iterator[None]:
+    """boto3's own retries (standard mode, 5 attempts) come first; what still fails
+    with a connection error or a 5xx is an outage, not a bad request."""
+    try:
+        yield
+    except (S3ConnectionError, HTTPClientError) as exc:
+        raise StorageUnavailable(f"storage unreachable: {exc}") from exc
+    except ClientError as exc:
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if status >= 500 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
+            raise StorageUnavailable(f"storage error: {exc}") from exc
+        raise
+
+
 class S3Storage:
     def __init__(self, settings: Settings) -> None:
         assert settings.s3_bucket
@@ -81,26 +98,15 @@ class S3Storage:
                                          region_name=settings.s3_region, config=config)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        # boto3's own retries (standard mode, 5 attempts) come first; what still
-        # fails with a connection error or a 5xx is an outage, not a bad request.
-        try:
+        with _outage_as_unavailable():
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
                                    ContentType=content_type)
-        except (S3ConnectionError, HTTPClientError) as exc:
-            raise StorageUnavailable(f"storage unreachable: {exc}") from exc
-        except ClientError as exc:
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            if status >= 500 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
-                raise StorageUnavailable(f"storage error: {exc}") from exc
-            raise
 
     def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> None:
         # upload_fileobj reads in 8 MB parts (a multipart upload for big files).
-        try:
+        with _outage_as_unavailable():
             self.client.upload_fileobj(fileobj, self.bucket, key,
                                        ExtraArgs={"ContentType": content_type})
-        except (S3ConnectionError, HTTPClientError) as exc:
-            raise StorageUnavailable(f"storage unreachable: {exc}") from exc
 
     def get(self, key: str) -> bytes:
         obj = self.client.get_object(Bucket=self.bucket, Key=key)
@@ -137,14 +143,7 @@ class LocalStorage:
         return self.root.joinpath(*parts)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        path = self._path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)  # atomic: a reader never sees half a file
-        except OSError as exc:  # a full or failing disk: wait for the operator
-            raise StorageUnavailable(f"storage write failed: {exc}") from exc
+        self.put_file(key, io.BytesIO(data), content_type)
 
     def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> None:
         path = self._path(key)
@@ -153,8 +152,8 @@ class LocalStorage:
             tmp = path.with_name(path.name + ".tmp")
             with tmp.open("wb") as out:
                 shutil.copyfileobj(fileobj, out, 1024 * 1024)
-            tmp.replace(path)
-        except OSError as exc:
+            tmp.replace(path)  # atomic: a reader never sees half a file
+        except OSError as exc:  # a full or failing disk: wait for the operator
             raise StorageUnavailable(f"storage write failed: {exc}") from exc
 
     def get(self, key: str) -> bytes:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from shared.redact import install
 from worker.main import run_consumer
+
+install()  # before anything logs: no secret in any line of this process
 
 parser = argparse.ArgumentParser(prog="python -m worker")
 parser.add_argument("--queues", default="default,webhooks,batch")

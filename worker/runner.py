@@ -242,7 +242,8 @@ def run_jobs(job_ids: list[str]) -> dict[str, str]:
     runnable = [job for job in jobs if job.attempts <= limit]
     for job in jobs:
         LEASES.hold(job.id, token)
-        if job.batch_id is None and job.attempts <= limit:
+    for job in runnable:
+        if job.batch_id is None:
             publish_job_changed(job.id, JobStatus.running)
     try:
         produced: list[Result | None] = [_exhausted(job, limit) for job in exhausted]

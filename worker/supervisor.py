@@ -38,12 +38,13 @@ def consumer_args(settings: Settings, queues: list[str], concurrency: int | None
     is among others (its own lower-priority process: inside one Python process a big
     batch took most of the interpreter from sync jobs, p50 44 -> 440 ms measured)."""
     extra = ["--concurrency", str(concurrency)] if concurrency else []
+    main = [*extra, *([] if sweeper else ["--no-sweeper"])]
     split = (settings.worker_split_batch and settings.batch_queue in queues
              and len(queues) > 1 and not settings.embedded_broker)
     if not split:
-        return [["--queues", ",".join(queues), *extra, *([] if sweeper else ["--no-sweeper"])]]
+        return [["--queues", ",".join(queues), *main]]
     rest = [q for q in queues if q != settings.batch_queue]
-    return [["--queues", ",".join(rest), *extra, *([] if sweeper else ["--no-sweeper"])],
+    return [["--queues", ",".join(rest), *main],
             ["--queues", settings.batch_queue, *extra, "--no-sweeper"]]
 
 
