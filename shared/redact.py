@@ -34,14 +34,20 @@ def redact(text: str) -> str:
 _base_factory = logging.getLogRecordFactory()
 
 
-class _RedactingRecord(logging.LogRecord):
-    def getMessage(self) -> str:  # noqa: N802 (logging's own name)
-        return redact(super().getMessage())
+def _clean(value: Any) -> Any:
+    return redact(value) if isinstance(value, str) else value
 
 
 def _factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    """Redact the record where it is made: its message and each string argument.
+    Redacting only the formatted message is not enough: uvicorn's access formatter
+    builds its line from ``record.args`` itself (a file URL's signature leaked so)."""
     record = _base_factory(*args, **kwargs)
-    record.__class__ = _RedactingRecord
+    record.msg = _clean(record.msg)
+    if isinstance(record.args, tuple):
+        record.args = tuple(_clean(a) for a in record.args)
+    elif isinstance(record.args, dict):
+        record.args = {k: _clean(v) for k, v in record.args.items()}
     return record
 
 
