@@ -27,12 +27,12 @@ from api.routes import (
 )
 from api.upload_limit import UploadLimit
 from api.waiter import JobWaiter
-from shared.db import get_engine
-from shared.limits import get_limiter
-from shared.queue import get_celery
+from shared.core.broker import get_celery
+from shared.core.db import get_engine
+from shared.core.settings import get_settings
+from shared.core.storage import get_storage
+from shared.projects.limits import get_limiter
 from shared.registry import get_registry
-from shared.settings import get_settings
-from shared.storage import get_storage
 
 
 @asynccontextmanager

@@ -14,12 +14,12 @@ from fastapi.security import (
     HTTPBearer,
 )
 
-from shared.db import session_scope
-from shared.errors import AuthenticationError
-from shared.keys import Principal, authenticate
-from shared.limits import get_limiter
-from shared.settings import Settings, get_settings
-from shared.storage import Storage, get_storage
+from shared.core.db import session_scope
+from shared.core.errors import AuthenticationError
+from shared.core.settings import Settings, get_settings
+from shared.core.storage import Storage, get_storage
+from shared.projects.limits import get_limiter
+from shared.projects.service import Principal, authenticate
 
 # auto_error=False: we answer a missing key ourselves, in the surface's error shape.
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")

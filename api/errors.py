@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import ImagegenError, InvalidValue
-from shared.storage import StorageUnavailable
+from shared.core.errors import ImagegenError, InvalidValue
+from shared.core.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -11,23 +11,17 @@ from typing import Any
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
-from shared.calls import OP_OPENAI
-from shared.db import session_scope
-from shared.ids import new_id
-from shared.jobs import (
-    Webhook,
-    create_job,
-    get_job,
-    job_images,
-    job_queue,
-    mark_unpublished,
-)
-from shared.keys import Principal
-from shared.limits import get_limiter
-from shared.models import FINISHED, Image, Job
-from shared.queue import publish_job
+from shared.core.broker import publish_job
+from shared.core.db import session_scope
+from shared.core.ids import new_id
+from shared.jobs.models import FINISHED, Image, Job
+from shared.jobs.schemas import GenerationParams
+from shared.jobs.service import create_job, get_job, job_images, job_queue, mark_unpublished
+from shared.projects.limits import get_limiter
+from shared.projects.service import Principal
 from shared.registry import ModelSpec
-from shared.schemas import GenerationParams
+from shared.traces.service import OP_OPENAI
+from shared.webhooks.service import Webhook
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Refuse at the door what no store can hold (``shared.storable``): in path
+"""Refuse at the door what no store can hold (``shared.core.storable``): in path
 parameters, query parameters and JSON bodies, answering 400 naming the param before
 anything is recorded.
 
@@ -13,8 +13,8 @@ import re
 
 from fastapi import Request
 
-from shared.errors import InvalidValue
-from shared.storable import find_unstorable, unstorable
+from shared.core.errors import InvalidValue
+from shared.core.storable import find_unstorable, unstorable
 
 # Only bodies with one of these escapes can hold a NUL or a surrogate once parsed
 # (raw control bytes are refused by the JSON parser itself); every other body skips

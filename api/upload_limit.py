@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
-from shared.files import MAX_FILE_BYTES
+from shared.files.service import MAX_FILE_BYTES
 
 # Room for the multipart envelope around the file (boundaries, the purpose field).
 ENVELOPE_BYTES = 64 * 1024

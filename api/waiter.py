@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 
-from shared.events import CHANNEL
+from shared.core.events import CHANNEL
 
 log = logging.getLogger(__name__)
 

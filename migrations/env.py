@@ -6,7 +6,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import shared.models  # noqa: F401  (registers the tables on the metadata)
-from shared.db import get_engine
+from shared.core.db import get_engine
 
 target_metadata = SQLModel.metadata
 

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.errors import ModelNotFound
-from shared.settings import get_settings
+from shared.core.errors import ModelNotFound
+from shared.core.settings import get_settings
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 

@@ -10,8 +10,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col
 
-from shared.errors import InvalidRequest
-from shared.models import Image, Job, JobStatus
+from shared.core.errors import InvalidRequest
+from shared.jobs.models import Image, Job, JobStatus
 
 MAX_DAYS = 92
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from shared.settings import Settings
+from shared.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -84,7 +84,7 @@ def test_cli_generate_saves_images(dev_server: tuple[str, Path], tmp_path: Path)
     base, _ = dev_server
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "generate", "a cli heron", "--size", "64x64",
+        [sys.executable, "-m", "cli", "generate", "a cli heron", "--size", "64x64",
          "--n", "2", "--out", str(out), "--base-url", base, "--api-key", KEY],
         capture_output=True, text=True, timeout=60,
     )
@@ -101,7 +101,7 @@ def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\na blue owl\n\na green frog\n")
     submitted = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "batch", "submit", str(prompts), "--model",
+        [sys.executable, "-m", "cli", "batch", "submit", str(prompts), "--model",
          "procedural", "--size", "64x64", "--wait", *common],
         capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr
@@ -109,7 +109,7 @@ def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_pa
     assert batch_id.startswith("batch_") and "completed" in submitted.stderr
     out = tmp_path / "out"
     downloaded = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "batch", "download", batch_id, "--out", str(out),
+        [sys.executable, "-m", "cli", "batch", "download", batch_id, "--out", str(out),
          *common], capture_output=True, text=True, timeout=120)
     assert downloaded.returncode == 0, downloaded.stderr
     names = sorted(p.name for p in out.glob("*.png"))
@@ -123,11 +123,11 @@ def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_pa
         "body": {"prompt": cid, "size": size}}) for cid, size in
         [("good", "64x64"), ("bad", "7x7")]) + "\n")
     submitted = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "batch", "submit", str(jsonl), "--wait", *common],
+        [sys.executable, "-m", "cli", "batch", "submit", str(jsonl), "--wait", *common],
         capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     status = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "batch", "status", submitted.stdout.strip(),
+        [sys.executable, "-m", "cli", "batch", "status", submitted.stdout.strip(),
          *common], capture_output=True, text=True, timeout=60)
     batch = json.loads(status.stdout)
     assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}

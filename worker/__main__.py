@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from shared.redact import install
+from shared.core.redact import install
 from worker.main import run_consumer
 
 install()  # before anything logs: no secret in any line of this process

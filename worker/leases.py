@@ -13,10 +13,10 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlmodel import col
 
-from shared.db import session_scope
-from shared.models import Job, JobStatus
-from shared.settings import get_settings
-from shared.timeutil import utcnow
+from shared.core.clock import utcnow
+from shared.core.db import session_scope
+from shared.core.settings import get_settings
+from shared.jobs.models import Job, JobStatus
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import os
 import signal
 import threading
 
-from shared.queue import get_celery
-from shared.settings import get_settings
+from shared.core.broker import get_celery
+from shared.core.settings import get_settings
 from worker.runner import heartbeat_thread
 from worker.supervisor import PARENT_ENV
 from worker.sweeper import sweeper_thread
@@ -32,12 +32,12 @@ log = logging.getLogger(__name__)
 
 def warm_up() -> None:
     """Build every per-process resource once, single-threaded."""
-    from shared.db import get_engine
+    from shared.core.db import get_engine
+    from shared.core.storage import get_storage
     from shared.providers.openai_compat import OpenAICompatibleProvider
     from shared.registry import get_registry
-    from shared.storage import get_storage
+    from shared.webhooks.delivery import _client
     from worker.runner import _fanout_pool, _lines_pool
-    from worker.webhook_delivery import _client
 
     get_engine()
     get_registry()

@@ -23,14 +23,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from shared.batches import item_finished, lines_succeeded, pump
-from shared.calls import finish_call, normalise_usage
-from shared.db import session_scope
-from shared.events import publish_job_changed
+from shared.batches.pump import item_finished, lines_succeeded, pump
+from shared.core.broker import publish_deliveries
+from shared.core.clock import utcnow
+from shared.core.columns import table
+from shared.core.db import session_scope
+from shared.core.events import publish_job_changed
+from shared.core.settings import get_settings
+from shared.core.storage import Storage, StorageUnavailable, get_storage, image_key
 from shared.imaging import UnreadableImage, encode
-from shared.jobs import job_params
-from shared.limits import get_limiter
-from shared.models import Image, Job, JobStatus, table
+from shared.jobs.models import Image, Job, JobStatus
+from shared.jobs.schemas import GenerationParams, job_params
+from shared.projects.limits import get_limiter
 from shared.providers import (
     GeneratedImage,
     PermanentProviderError,
@@ -39,13 +43,9 @@ from shared.providers import (
     get_provider,
 )
 from shared.providers.base import Generation
-from shared.queue import publish_deliveries
 from shared.registry import ModelSpec, get_registry
-from shared.schemas import GenerationParams
-from shared.settings import get_settings
-from shared.storage import Storage, StorageUnavailable, get_storage, image_key
-from shared.timeutil import utcnow
-from shared.webhooks import record_job_event
+from shared.traces.service import finish_call, normalise_usage
+from shared.webhooks.events import record_job_event
 from worker.leases import LEASES
 
 log = logging.getLogger(__name__)

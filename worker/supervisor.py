@@ -21,7 +21,7 @@ import threading
 import time
 from types import FrameType
 
-from shared.settings import Settings
+from shared.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

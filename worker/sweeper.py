@@ -21,13 +21,16 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlmodel import col, select
 
-from shared.batches import pump, refinalize
-from shared.db import session_scope
-from shared.jobs import job_queue, mark_published
-from shared.models import Batch, Job, JobStatus, WebhookDelivery
-from shared.queue import publish_batch_validation, publish_deliveries, publish_job, queue_size
-from shared.settings import get_settings
-from shared.timeutil import utcnow
+from shared.batches.models import Batch
+from shared.batches.pump import pump
+from shared.batches.results import refinalize
+from shared.core.broker import publish_batch_validation, publish_deliveries, publish_job, queue_size
+from shared.core.clock import utcnow
+from shared.core.db import session_scope
+from shared.core.settings import get_settings
+from shared.jobs.models import Job, JobStatus
+from shared.jobs.service import job_queue, mark_published
+from shared.webhooks.models import WebhookDelivery
 
 log = logging.getLogger(__name__)
 BATCH = 500

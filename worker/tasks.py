@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from celery import Celery
 
-from shared.batches import validate_batch
-from shared.queue import DELIVER_WEBHOOK, RUN_JOB, RUN_JOBS, VALIDATE_BATCH
+from shared.batches.service import validate_batch
+from shared.core.broker import DELIVER_WEBHOOK, RUN_JOB, RUN_JOBS, VALIDATE_BATCH
+from shared.webhooks.delivery import deliver
 from worker.runner import run_job, run_jobs
-from worker.webhook_delivery import deliver
 
 
 def register(app: Celery) -> None:

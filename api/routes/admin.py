@@ -10,9 +10,11 @@ from pydantic import BaseModel, Field
 
 from api.deps import key_from_request
 from api.routes.images import ERRORS
-from shared.db import session_scope
-from shared.errors import AuthenticationError, NotFound
-from shared.keys import (
+from shared.core.db import session_scope
+from shared.core.errors import AuthenticationError, NotFound
+from shared.core.settings import get_settings
+from shared.projects.models import Project
+from shared.projects.service import (
     create_key,
     create_project,
     list_keys,
@@ -20,9 +22,7 @@ from shared.keys import (
     revoke_key,
     update_limits,
 )
-from shared.models import ApiKey, Project
-from shared.settings import get_settings
-from shared.timeutil import to_unix
+from shared.projects.views import key_view, project_view
 
 
 def require_admin(request: Request) -> None:
@@ -54,21 +54,6 @@ class KeyCreate(BaseModel):
     project: str = Field(min_length=1, max_length=200)
     name: str = Field(default="default", max_length=200)
     user: str = Field(default="", max_length=200)
-
-
-def project_view(project: Project) -> dict[str, Any]:
-    return {"id": project.id, "object": "project", "name": project.name,
-            "created_at": to_unix(project.created_at),
-            "key_requests_per_minute": project.key_requests_per_minute,
-            "images_per_day": project.images_per_day,
-            "jobs_in_flight": project.jobs_in_flight}
-
-
-def key_view(key: ApiKey, project: Project) -> dict[str, Any]:
-    return {"id": key.id, "object": "api_key", "name": key.name, "user": key.user,
-            "prefix": key.prefix, "project": project.name,
-            "created_at": to_unix(key.created_at), "last_used_at": to_unix(key.last_used_at),
-            "revoked_at": to_unix(key.revoked_at)}
 
 
 @router.get("/projects", responses=ERRORS)

@@ -13,20 +13,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import CurrentPrincipal
 from api.routes.images import ERRORS
 from api.sse import Frame, event_stream
-from shared.batches import (
+from shared.batches.pump import pump
+from shared.batches.service import (
     cancel_batch,
     create_native_batch,
     create_openai_batch,
     get_batch,
     list_batches,
-    list_items,
-    pump,
-    render_batch,
 )
-from shared.db import session_scope
-from shared.errors import InvalidRequest
-from shared.queue import publish_batch_validation
-from shared.webhooks import check_url
+from shared.batches.views import list_items, render_batch
+from shared.core.broker import publish_batch_validation
+from shared.core.db import session_scope
+from shared.core.errors import InvalidRequest
+from shared.webhooks.service import check_url
 
 router = APIRouter(tags=["batches"])
 TERMINAL = ("completed", "failed", "expired", "cancelled")

@@ -15,9 +15,10 @@ from fastapi.responses import StreamingResponse
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
 from api.routes.images import ERRORS
 from api.sse import Frame, event_stream
-from shared.db import session_scope
-from shared.jobs import get_job, job_images, queue_position, render_job
-from shared.models import FINISHED
+from shared.core.db import session_scope
+from shared.jobs.models import FINISHED
+from shared.jobs.service import get_job, job_images, queue_position
+from shared.jobs.views import render_job
 
 router = APIRouter(tags=["jobs"])
 

@@ -11,17 +11,17 @@ from fastapi.responses import Response
 from api.deps import CurrentPrincipal, StorageDep
 from api.input_guard import check_text
 from api.routes.images import ERRORS
-from shared.db import session_scope
-from shared.errors import InvalidRequest, InvalidValue
-from shared.files import (
+from shared.core.db import session_scope
+from shared.core.errors import InvalidRequest, InvalidValue
+from shared.files.service import (
     MAX_FILE_BYTES,
     MAX_FILENAME_CHARS,
     create_file,
     delete_file,
-    file_view,
     get_file,
     list_files,
 )
+from shared.files.views import file_view
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 

@@ -9,9 +9,9 @@ from fastapi.responses import Response
 
 from api.deps import StorageDep
 from api.routes.images import ERRORS
-from shared.errors import NotFound
+from shared.core.errors import NotFound
+from shared.core.storage import LocalStorage
 from shared.imaging import CONTENT_TYPES
-from shared.storage import LocalStorage
 
 router = APIRouter(tags=["files"])
 

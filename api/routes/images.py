@@ -11,12 +11,14 @@ from fastapi.responses import JSONResponse
 
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
 from api.generation import submit
-from shared.db import session_scope
-from shared.jobs import job_failure, queue_position, render_job, render_result, webhook_of
-from shared.models import Job, JobStatus
+from shared.core.db import session_scope
+from shared.jobs.input import validate_generation
+from shared.jobs.models import Job, JobStatus
+from shared.jobs.schemas import ErrorResponse, ImageGenerationRequest, ImagesResponse, JobObject
+from shared.jobs.service import queue_position
+from shared.jobs.views import job_failure, render_job, render_result
 from shared.registry import get_registry
-from shared.schemas import ErrorResponse, ImageGenerationRequest, ImagesResponse, JobObject
-from shared.validation import validate_generation
+from shared.webhooks.service import webhook_of
 
 router = APIRouter(tags=["images"])
 

@@ -9,20 +9,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
 from api.routes.images import ERRORS
-from shared.db import session_scope
-from shared.events import publish_job_changed
-from shared.jobs import (
-    cancel_job,
-    get_job,
-    job_images,
-    list_jobs,
-    queue_position,
-    render_job,
-    render_list,
-)
-from shared.limits import get_limiter
-from shared.queue import publish_deliveries
-from shared.schemas import JobList, JobObject
+from shared.core.broker import publish_deliveries
+from shared.core.db import session_scope
+from shared.core.events import publish_job_changed
+from shared.jobs.schemas import JobList, JobObject
+from shared.jobs.service import cancel_job, get_job, job_images, list_jobs, queue_position
+from shared.jobs.views import render_job, render_list
+from shared.projects.limits import get_limiter
 
 router = APIRouter(prefix="/v1/images/jobs", tags=["jobs"])
 JobStatusName = Annotated[

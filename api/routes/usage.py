@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import CurrentPrincipal
 from api.routes.images import ERRORS
-from shared.db import session_scope
+from shared.core.db import session_scope
 from shared.usage import usage_report
 
 router = APIRouter(tags=["usage"])

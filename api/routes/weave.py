@@ -17,26 +17,21 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from api.deps import BaseUrl, SettingsDep, StorageDep, WeavePrincipal
 from api.generation import submit
-from shared.calls import (
-    OP_WEAVE,
-    CallFilter,
-    CallsQuery,
-    call_schema,
-    count_calls,
-    jsonl,
-    normalise_usage,
-    query_calls,
-    read_call,
-)
-from shared.db import session_scope
-from shared.errors import Forbidden, ImagegenError
-from shared.jobs import job_images, render_result, webhook_of
-from shared.keys import Principal
-from shared.models import Call, Job, JobStatus
+from shared.core.db import session_scope
+from shared.core.errors import Forbidden, ImagegenError
+from shared.core.storage import Storage
+from shared.jobs.input import parse_request, validate_generation
+from shared.jobs.models import Job, JobStatus
+from shared.jobs.schemas import ImageGenerationRequest
+from shared.jobs.service import job_images
+from shared.jobs.views import render_result
+from shared.projects.service import Principal
 from shared.registry import get_registry
-from shared.schemas import ImageGenerationRequest
-from shared.storage import Storage
-from shared.validation import parse_request, validate_generation
+from shared.traces.models import Call
+from shared.traces.schemas import CallFilter, CallsQuery
+from shared.traces.service import OP_WEAVE, count_calls, normalise_usage, query_calls, read_call
+from shared.traces.views import call_schema, jsonl
+from shared.webhooks.service import webhook_of
 
 router = APIRouter(tags=["weave"])
 

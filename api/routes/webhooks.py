@@ -10,11 +10,9 @@ from pydantic import BaseModel, Field
 
 from api.deps import CurrentPrincipal
 from api.routes.images import ERRORS
-from shared.db import session_scope
-from shared.models import WebhookDelivery, WebhookEndpoint
-from shared.queue import publish_deliveries
-from shared.timeutil import to_unix
-from shared.webhooks import (
+from shared.core.broker import publish_deliveries
+from shared.core.db import session_scope
+from shared.webhooks.service import (
     create_endpoint,
     default_secret,
     delete_endpoint,
@@ -25,6 +23,7 @@ from shared.webhooks import (
     redeliver,
     rotate_secret,
 )
+from shared.webhooks.views import delivery_view, endpoint_view
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -33,19 +32,6 @@ class EndpointCreate(BaseModel):
     url: str = Field(max_length=2000)
     events: list[str] | None = Field(default=None, max_length=100)
     description: str | None = Field(default=None, max_length=500)
-
-
-def endpoint_view(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:
-    view: dict[str, Any] = {
-        "id": endpoint.id, "object": "webhook_endpoint", "url": endpoint.url,
-        "events": endpoint.events, "description": endpoint.description,
-        "created_at": to_unix(endpoint.created_at),
-        "disabled_at": to_unix(endpoint.disabled_at),
-        "disabled_reason": endpoint.disabled_reason,
-    }
-    if with_secret:  # only when created or rotated
-        view["secret"] = endpoint.secret
-    return view
 
 
 @router.post("/endpoints", responses=ERRORS)
@@ -91,21 +77,6 @@ def get_default_secret(principal: CurrentPrincipal) -> dict[str, str]:
     """The secret that signs per-job webhooks (``webhook_url`` on a request)."""
     with session_scope() as session:
         return {"key": default_secret(session, principal.project_id)}
-
-
-def delivery_view(delivery: WebhookDelivery, attempts: list[Any]) -> dict[str, Any]:
-    return {
-        "id": delivery.id, "object": "webhook_delivery", "event_type": delivery.event_type,
-        "url": delivery.url, "endpoint_id": delivery.endpoint_id, "job_id": delivery.job_id,
-        "status": delivery.status, "attempts": delivery.attempts,
-        "next_attempt_at": to_unix(delivery.next_attempt_at)
-        if delivery.status == "pending" else None,
-        "last_status_code": delivery.last_status_code, "last_error": delivery.last_error,
-        "created_at": to_unix(delivery.created_at),
-        "attempt_log": [{"number": a.number, "attempted_at": to_unix(a.attempted_at),
-                         "status_code": a.status_code, "error": a.error,
-                         "duration_ms": a.duration_ms} for a in attempts],
-    }
 
 
 @router.get("/deliveries", responses=ERRORS)

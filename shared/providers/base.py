@@ -3,8 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from shared.jobs.schemas import GenerationParams
 from shared.registry import ModelSpec
-from shared.schemas import GenerationParams
 
 
 @dataclass

@@ -13,6 +13,9 @@ from typing import Any
 
 import httpx
 
+from shared.core.settings import get_settings
+from shared.core.storable import clean
+from shared.jobs.schemas import GenerationParams
 from shared.providers.base import (
     GeneratedImage,
     Generation,
@@ -20,9 +23,6 @@ from shared.providers.base import (
     TransientProviderError,
 )
 from shared.registry import ModelSpec
-from shared.schemas import GenerationParams
-from shared.settings import get_settings
-from shared.storable import clean
 
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 

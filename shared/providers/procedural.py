@@ -12,9 +12,9 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw
 
+from shared.jobs.schemas import GenerationParams
 from shared.providers.base import GeneratedImage, Generation
 from shared.registry import ModelSpec, parse_size
-from shared.schemas import GenerationParams
 
 
 def render(prompt: str, width: int, height: int, index: int) -> Image.Image:

@@ -271,7 +271,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_an_oversize_upload_is_refused_without_holding_it(stack: Stack) -> None:
-    from shared.files import MAX_FILE_BYTES
+    from shared.files.service import MAX_FILE_BYTES
 
     assert stack.api.proc is not None
     pid = stack.api.proc.pid

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from shared.fs_broker import SCHEME
+from shared.core.fs_broker import SCHEME
 
 
 def test_concurrent_writers_and_a_reader_lose_and_garble_nothing(tmp_path: Path) -> None:
@@ -47,16 +47,16 @@ def test_a_message_file_appears_only_complete(tmp_path: Path,
     """Deterministic check of the mechanism: while the payload is being serialized
     (before any byte is written) no ``.msg`` file may exist yet. kombu's own
     transport creates the file first, which is the window a reader fell into."""
-    import shared.fs_broker
+    import shared.core.fs_broker
 
     seen: list[list[str]] = []
-    real_dumps = shared.fs_broker.dumps
+    real_dumps = shared.core.fs_broker.dumps
 
     def spying_dumps(payload: object) -> str:
         seen.append(sorted(p.name for p in tmp_path.glob("*.msg")))
         return str(real_dumps(payload))
 
-    monkeypatch.setattr(shared.fs_broker, "dumps", spying_dumps)
+    monkeypatch.setattr(shared.core.fs_broker, "dumps", spying_dumps)
     options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
     with Connection(f"{SCHEME}://", transport_options=options) as conn:
         conn.default_channel._put("jobs", {"n": 1})

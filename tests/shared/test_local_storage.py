@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import NotFound
-from shared.storage import LocalStorage
+from shared.core.errors import NotFound
+from shared.core.storage import LocalStorage
 
 
 def test_put_then_get_returns_the_bytes(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from shared.db import make_engine
-from shared.redact import install, redact
+from shared.core.db import make_engine
+from shared.core.redact import install, redact
 
 
 def test_keys_secrets_and_signatures_are_redacted() -> None:

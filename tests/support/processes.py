@@ -147,7 +147,7 @@ class ServiceProcess:
 
     def start(self) -> ServiceProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *self.args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli", *self.args],
                                      env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=self.cwd)
         return self

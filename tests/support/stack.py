@@ -119,7 +119,7 @@ class Stack:
         wait_http(f"{self.base_url}/healthz")
 
     def _cli(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "shared.cli", *args], env=self.env,
+        result = subprocess.run([sys.executable, "-m", "cli", *args], env=self.env,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         return result.stdout

@@ -1,0 +1,272 @@
+"""The ``imagegen`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cli.batch import batch_app
+
+app = typer.Typer(help="imagegen: image generation with an OpenAI-compatible API.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
+app.add_typer(projects_app, name="projects")
+
+app.add_typer(batch_app, name="batch")
+console = Console(stderr=True)
+
+
+def _serve_api(host: str | None, port: int | None) -> None:
+    import uvicorn
+
+    from shared.core.settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run("api.app:create_app", factory=True, host=host or settings.host,
+                port=port or settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=5)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations."""
+    from shared.core.migrate import upgrade
+
+    upgrade()
+    console.print("[green]database is up to date[/green]")
+
+
+@app.command()
+def api(host: Annotated[str | None, typer.Option()] = None,
+        port: Annotated[int | None, typer.Option()] = None) -> None:
+    """Run the HTTP API."""
+    _serve_api(host, port)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues")
+                      ] = "default,webhooks,batch",
+    concurrency: Annotated[int | None, typer.Option(help="Provider calls held at once")] = None,
+    sweeper: Annotated[bool, typer.Option(help="Run the lease/outbox sweeper here")] = True,
+) -> None:
+    """Run a worker: a supervisor whose consumer processes each hold many provider
+    calls at once, started again whenever one dies (with the batch queue among
+    others, batch lines run in a second consumer at lower priority)."""
+    from shared.core.settings import get_settings
+    from worker.supervisor import supervise
+
+    supervise(get_settings(), queues.split(","), concurrency, sweeper)
+
+
+@app.command()
+def dev(host: Annotated[str | None, typer.Option()] = None,
+        port: Annotated[int | None, typer.Option()] = None) -> None:
+    """API and worker together on embedded defaults (SQLite, local files, no Redis)."""
+    from shared.core.db import session_scope
+    from shared.core.migrate import upgrade
+    from shared.core.settings import get_settings
+    from shared.projects.service import KEY_PREFIX, ensure_key
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade()
+    key = settings.dev_api_key
+    key_file = settings.data_dir / "dev_api_key"
+    if not key:
+        if not key_file.exists():
+            import secrets
+
+            key_file.write_text(KEY_PREFIX + secrets.token_urlsafe(32))
+        key = key_file.read_text().strip()
+    with session_scope() as session:
+        ensure_key(session, "default", key)
+    from worker.supervisor import WorkerGroup
+
+    worker_proc = WorkerGroup(settings, ["default", "webhooks", settings.batch_queue])
+    url = f"http://{host or settings.host}:{port or settings.port}"
+    console.print(f"[bold]imagegen[/bold] dev server on {url}")
+    console.print(f"API key: [bold]{key}[/bold]", soft_wrap=True)
+    console.print(f'  curl {url}/v1/images/generations -H "Authorization: Bearer {key}" '
+                  "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
+                  soft_wrap=True, highlight=False)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default
+    # handler that ends the process before `finally` could stop the worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        _serve_api(host, port)
+    finally:
+        worker_proc.stop(timeout=10)
+
+
+@keys_app.command("create")
+def keys_create(project: Annotated[str, typer.Option(help="Project name")],
+                name: Annotated[str, typer.Option(help="Key name")] = "default",
+                user: Annotated[str, typer.Option(help="User identity (wb_user_id)")] = "",
+                ) -> None:
+    """Create an API key for PROJECT (created if new). The key is printed once."""
+    from shared.core.db import session_scope
+    from shared.projects.service import create_key
+
+    with session_scope() as session:
+        key, plaintext = create_key(session, project, name, user)
+    console.print(f"[green]created key {key.id} for project '{project}'[/green] "
+                  "(shown only once):")
+    print(plaintext)
+
+
+@keys_app.command("list")
+def keys_list(project: Annotated[str | None, typer.Option(help="Only this project")] = None,
+              as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")]
+              = False) -> None:
+    """List keys (prefix, user, created, last used, revoked); never the keys themselves."""
+    from rich.table import Table
+
+    from shared.core.db import session_scope
+    from shared.projects.service import list_keys
+
+    table = Table("id", "project", "name", "user", "prefix", "created", "last used", "revoked")
+    with session_scope() as session:
+        for key, proj in list_keys(session, project):
+            if as_json:
+                print(json.dumps({"id": key.id, "project": proj.name, "name": key.name,
+                                  "user": key.user, "prefix": key.prefix,
+                                  "created_at": _when(key.created_at),
+                                  "last_used_at": _when(key.last_used_at),
+                                  "revoked_at": _when(key.revoked_at)}))
+            table.add_row(key.id, proj.name, key.name, key.user, key.prefix + "...",
+                          _when(key.created_at), _when(key.last_used_at),
+                          _when(key.revoked_at))
+    if not as_json:
+        Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by id; it stops working at once."""
+    from shared.core.db import session_scope
+    from shared.projects.service import revoke_key
+
+    with session_scope() as session:
+        revoke_key(session, key_id)
+    console.print(f"[green]revoked {key_id}[/green]")
+
+
+LimitOption = Annotated[int | None, typer.Option(help="0 = unlimited; unset = default")]
+
+
+@projects_app.command("create")
+def projects_create(name: str, rpm: Annotated[int | None, typer.Option(
+                        "--key-requests-per-minute", help="0 = unlimited")] = None,
+                    images_per_day: LimitOption = None,
+                    jobs_in_flight: LimitOption = None) -> None:
+    """Create a project, optionally with its own limits."""
+    from shared.core.db import session_scope
+    from shared.projects.service import create_project
+
+    with session_scope() as session:
+        project = create_project(session, name, key_requests_per_minute=rpm,
+                                 images_per_day=images_per_day, jobs_in_flight=jobs_in_flight)
+    console.print(f"[green]created project '{name}'[/green] ({project.id})")
+
+
+@projects_app.command("set-limits")
+def projects_set_limits(name: str, rpm: Annotated[int | None, typer.Option(
+                            "--key-requests-per-minute", help="0 = unlimited")] = None,
+                        images_per_day: LimitOption = None,
+                        jobs_in_flight: LimitOption = None) -> None:
+    """Change a project's limits (only the ones given)."""
+    from shared.core.db import session_scope
+    from shared.projects.service import update_limits
+
+    given = {"key_requests_per_minute": rpm, "images_per_day": images_per_day,
+             "jobs_in_flight": jobs_in_flight}
+    with session_scope() as session:
+        update_limits(session, name, **{k: v for k, v in given.items() if v is not None})
+    console.print(f"[green]updated project '{name}'[/green]")
+
+
+@projects_app.command("list")
+def projects_list() -> None:
+    """List projects and their limits."""
+    from rich.table import Table
+
+    from shared.core.db import session_scope
+    from shared.projects.service import list_projects
+
+    table = Table("id", "name", "created", "requests/min/key", "images/day", "jobs in flight")
+    with session_scope() as session:
+        for p in list_projects(session):
+            table.add_row(p.id, p.name, _when(p.created_at), _limit(p.key_requests_per_minute),
+                          _limit(p.images_per_day), _limit(p.jobs_in_flight))
+    Console().print(table)
+
+
+def _when(value: datetime | None) -> str | None:
+    return value.strftime("%Y-%m-%d %H:%M") if value else None
+
+
+def _limit(value: int | None) -> str:
+    return "default" if value is None else ("unlimited" if value == 0 else str(value))
+
+
+@app.command()
+def generate(
+    prompt: str,
+    model: Annotated[str | None, typer.Option()] = None,
+    size: Annotated[str | None, typer.Option()] = None,
+    n: Annotated[int, typer.Option()] = 1,
+    out: Annotated[Path, typer.Option(help="Directory for the images")] = Path("."),
+    base_url: Annotated[str, typer.Option(envvar="IMAGEGEN_URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="IMAGEGEN_API_KEY")] = None,
+) -> None:
+    """Generate images on a running server and save them to OUT."""
+    from cli.client import generate_images
+
+    key = resolve_key(api_key)
+    started = time.monotonic()
+    paths = generate_images(base_url, key, prompt, model=model, size=size, n=n, out=out,
+                            console=console)
+    for path in paths:
+        print(path)
+    console.print(f"[green]{len(paths)} image(s) in {time.monotonic() - started:.1f}s[/green]")
+
+
+def resolve_key(api_key: str | None) -> str:
+    """--api-key, IMAGEGEN_API_KEY, IMAGEGEN_DEV_API_KEY, or the dev server's key file."""
+    key = api_key or os.environ.get("IMAGEGEN_DEV_API_KEY")
+    if not key:
+        key_file = Path(os.environ.get("IMAGEGEN_DATA_DIR", ".imagegen")) / "dev_api_key"
+        key = key_file.read_text().strip() if key_file.exists() else None
+    if not key:
+        console.print("[red]no API key: pass --api-key or set IMAGEGEN_API_KEY[/red]")
+        raise typer.Exit(2)
+    return key
+
+
+def main() -> None:
+    """Entry point: errors the user can act on print as one line, not a traceback."""
+    from shared.core.errors import ImagegenError
+    from shared.core.redact import install
+
+    install()  # before anything logs: no secret in any line of this process
+    try:
+        app()
+    except ImagegenError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Batches and their lines (items)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from shared.core.clock import utcnow
+from shared.core.columns import UTCDateTime, ts_field
+from shared.core.ids import new_id
+
+
+class Batch(SQLModel, table=True):
+    __table_args__ = (sa.Index("ix_batch_project_id_id", "project_id", "id"),)
+
+    id: str = Field(default_factory=lambda: new_id("batch"), primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="project.id", max_length=64)
+    kind: str = Field(default="openai", max_length=16)  # openai (a file) | native (JSON)
+    endpoint: str = Field(default="/v1/images/generations", max_length=100)
+    input_file_id: str | None = Field(default=None, max_length=64)
+    completion_window: str = Field(default="24h", max_length=16)
+    # validating -> in_progress -> finalizing -> completed | failed | expired |
+    # cancelling -> cancelled
+    status: str = Field(default="validating", index=True, max_length=16)
+    batch_metadata: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    errors: list[dict[str, Any]] | None = Field(default=None, sa_type=sa.JSON)
+    output_file_id: str | None = Field(default=None, max_length=64)
+    error_file_id: str | None = Field(default=None, max_length=64)
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    total: int = 0
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime | None = ts_field()
+    in_progress_at: datetime | None = ts_field()
+    finalizing_at: datetime | None = ts_field()
+    completed_at: datetime | None = ts_field()
+    failed_at: datetime | None = ts_field()
+    expired_at: datetime | None = ts_field()
+    cancelling_at: datetime | None = ts_field()
+    cancelled_at: datetime | None = ts_field()
+
+
+
+class BatchItem(SQLModel, table=True):
+    """One line of a batch. Its job runs it; its result is kept when the job ends."""
+
+    __tablename__ = "batch_item"
+    __table_args__ = (
+        sa.UniqueConstraint("batch_id", "custom_id", name="uq_batch_item_custom_id"),
+        sa.Index("ix_batch_item_batch_status_line", "batch_id", "status", "line"),
+    )
+
+    id: str = Field(default_factory=lambda: new_id("batch_req"), primary_key=True,
+                    max_length=64)
+    batch_id: str = Field(foreign_key="batch.id", max_length=64)
+    project_id: str = Field(foreign_key="project.id", max_length=64)
+    line: int
+    custom_id: str = Field(max_length=500)
+    body: dict[str, Any] = Field(sa_type=sa.JSON)
+    # pending (no job yet) -> queued (job made) -> succeeded | failed | canceled
+    status: str = Field(default="pending", max_length=16)
+    job_id: str | None = Field(default=None, max_length=64)
+    status_code: int | None = None
+    error: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    finished_at: datetime | None = ts_field()

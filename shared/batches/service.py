@@ -1,0 +1,170 @@
+"""Batches: OpenAI's Batch API over a JSONL file, and a native JSON batch.
+
+A batch's lines become items; items become ordinary jobs on the batch queue a
+few at a time (at most ``batch_max_in_flight`` per batch), so a 50,000-line
+batch never floods the broker or starves other projects' sync requests. Every
+step is a guarded transition in SQL: a restart of any process resumes the batch
+(the sweeper pumps it), an item's job is created once, and a job runs to
+completion once, so each line gets exactly one result.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from shared.batches.input import (
+    ENDPOINT,
+    MAX_CUSTOM_ID_CHARS,
+    MAX_LINES,
+    check_metadata,
+    parse_input,
+)
+from shared.batches.models import Batch, BatchItem
+from shared.batches.pump import _stop_pending, pump
+from shared.batches.views import render_batch
+from shared.core.broker import publish_deliveries
+from shared.core.clock import utcnow
+from shared.core.db import session_scope
+from shared.core.errors import Conflict, InvalidRequest, InvalidValue, NotFound
+from shared.core.events import publish_job_changed
+from shared.core.ids import new_id
+from shared.core.storage import get_storage
+from shared.files.models import File
+from shared.files.service import get_file
+from shared.projects.service import Principal
+from shared.webhooks.events import record_batch_event
+
+log = logging.getLogger(__name__)
+
+OPEN = ("validating", "in_progress", "cancelling")
+
+
+# --- creating ----------------------------------------------------------------------
+
+def create_openai_batch(session: Session, principal: Principal, *, input_file_id: str,
+                        endpoint: str, completion_window: str,
+                        metadata: dict[str, str] | None) -> Batch:
+    if endpoint != ENDPOINT:
+        raise InvalidRequest(f"Unsupported endpoint '{endpoint}': this service batches "
+                             f"'{ENDPOINT}'.", param="endpoint")
+    if completion_window != "24h":
+        raise InvalidRequest("completion_window must be '24h'.", param="completion_window")
+    check_metadata(metadata)
+    file = get_file(session, principal.project_id, input_file_id)
+    if file.purpose != "batch":
+        raise InvalidRequest(f"File '{input_file_id}' has purpose '{file.purpose}', not "
+                             "'batch'.", param="input_file_id")
+    now = utcnow()
+    batch = Batch(project_id=principal.project_id, input_file_id=file.id, endpoint=endpoint,
+                  completion_window=completion_window, batch_metadata=metadata,
+                  created_at=now, expires_at=now + timedelta(hours=24))
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def _insert_items(session: Session, batch: Batch, items: list[dict[str, Any]]) -> None:
+    rows = [{"id": new_id("batch_req"), "batch_id": batch.id, "project_id": batch.project_id,
+             "line": it["line"], "custom_id": it["custom_id"], "body": it["body"],
+             "status": "pending"} for it in items]
+    for start in range(0, len(rows), 5000):
+        session.execute(sa.insert(BatchItem), rows[start:start + 5000])
+    batch.total = len(rows)
+    batch.status = "in_progress"
+    batch.in_progress_at = utcnow()
+    session.add(batch)
+
+
+def validate_batch(batch_id: str) -> None:
+    """Worker step: read the input file, fail the batch or create its items."""
+    with session_scope() as session:
+        batch = session.get(Batch, batch_id)
+        if batch is None or batch.status != "validating":
+            return
+        file = session.get(File, batch.input_file_id)
+        lines = get_storage().lines(file.storage_key) if file is not None else iter(())
+        items, errors = parse_input(lines)
+        if errors:
+            now = utcnow()
+            batch.status, batch.failed_at, batch.errors = "failed", now, errors[:1000]
+            session.add(batch)
+            deliveries = record_batch_event(session, batch, "batch.failed",
+                                            render_batch(session, batch))
+        else:
+            _insert_items(session, batch, items)
+            deliveries = []
+    publish_deliveries(deliveries)
+    publish_job_changed(batch_id, "validated")
+    pump(batch_id)
+
+
+def create_native_batch(session: Session, principal: Principal, requests: list[dict[str, Any]],
+                        webhook_url: str | None, metadata: dict[str, str] | None) -> Batch:
+    if not requests:
+        raise InvalidRequest("A batch needs at least one request.", param="requests")
+    if len(requests) > MAX_LINES:
+        raise InvalidRequest(f"At most {MAX_LINES} requests per batch.", param="requests")
+    check_metadata(metadata)
+    items, seen = [], set()
+    for index, req in enumerate(requests):
+        body = dict(req)
+        custom_id = str(body.pop("custom_id", None) or f"request-{index + 1}")
+        if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+            raise InvalidValue(f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters.",
+                               param=f"requests.{index}.custom_id")
+        if custom_id in seen:
+            raise InvalidRequest(f"The custom_id '{custom_id}' is used twice.",
+                                 param=f"requests.{index}.custom_id")
+        seen.add(custom_id)
+        items.append({"line": index + 1, "custom_id": custom_id, "body": body})
+    now = utcnow()
+    batch = Batch(project_id=principal.project_id, kind="native", webhook_url=webhook_url,
+                  batch_metadata=metadata, created_at=now, expires_at=now + timedelta(hours=24))
+    session.add(batch)
+    session.flush()
+    _insert_items(session, batch, items)
+    session.flush()
+    return batch
+
+
+# --- running -----------------------------------------------------------------------
+
+
+def cancel_batch(session: Session, project_id: str, batch_id: str) -> Batch:
+    batch = get_batch(session, project_id, batch_id)
+    if batch.status in ("cancelling", "cancelled"):
+        return batch
+    if batch.status not in ("validating", "in_progress"):
+        raise Conflict(f"Batch '{batch_id}' is {batch.status} and cannot be cancelled.",
+                       param="batch_id")
+    batch.status, batch.cancelling_at = "cancelling", utcnow()
+    _stop_pending(session, batch, "batch_cancelled", "The batch was cancelled.")
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+# --- reading -----------------------------------------------------------------------
+
+def get_batch(session: Session, project_id: str, batch_id: str) -> Batch:
+    batch = session.exec(select(Batch).where(col(Batch.id) == batch_id,
+                                             col(Batch.project_id) == project_id)).first()
+    if batch is None:
+        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
+    return batch
+
+
+def list_batches(session: Session, project_id: str, *, limit: int,
+                 after: str | None) -> tuple[list[Batch], bool]:
+    query = select(Batch).where(col(Batch.project_id) == project_id)
+    if after is not None:
+        query = query.where(col(Batch.id) < after)
+    rows = list(session.exec(query.order_by(col(Batch.id).desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+

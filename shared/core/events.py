@@ -1,0 +1,36 @@
+""""Job changed" notifications over Redis pub/sub.
+
+Only a hint that wakes waiters: the SQL row stays the truth, so a lost message
+delays a waiter (it re-reads the row on its fallback timer), it never misleads one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+
+import redis
+
+from shared.core.settings import get_settings
+
+CHANNEL = "imagegen:jobs"
+log = logging.getLogger(__name__)
+
+
+@lru_cache
+def _client() -> redis.Redis | None:
+    url = get_settings().redis_url
+    if not url:
+        return None
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+
+def publish_job_changed(job_id: str, status: str) -> None:
+    client = _client()
+    if client is None:
+        return
+    try:
+        client.publish(CHANNEL, json.dumps({"id": job_id, "status": status}))
+    except redis.RedisError as exc:
+        log.warning("could not publish change of %s: %s", job_id, exc)

@@ -1,0 +1,92 @@
+"""Validate a generation request against the chosen model's declared capabilities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from shared.core.errors import InvalidRequest
+from shared.jobs.schemas import GenerationParams, ImageGenerationRequest
+from shared.registry import Registry, parse_size
+
+
+def parse_request(body: Any) -> ImageGenerationRequest:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return ImageGenerationRequest.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        if err["type"] == "missing":
+            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param) from None
+        raise InvalidRequest(
+            f"Invalid value for '{param}': {err['msg']}.", param=param, code="invalid_value"
+        ) from None
+
+
+def _choice(value: str | None, allowed: list[str], default: str | None, param: str,
+            model: str) -> str | None:
+    if value is None:
+        return default
+    if value not in allowed:
+        if not allowed:
+            raise InvalidRequest(
+                f"The model '{model}' does not support '{param}'.", param=param,
+                code="invalid_value",
+            )
+        raise InvalidRequest(
+            f"Invalid value '{value}' for '{param}' with model '{model}'. "
+            f"Supported values are: {', '.join(repr(a) for a in allowed)}.",
+            param=param, code="invalid_value",
+        )
+    return value
+
+
+def validate_generation(req: ImageGenerationRequest, registry: Registry) -> GenerationParams:
+    spec = registry.get(req.model if req.model is not None else registry.default_model)
+    caps = spec.capabilities
+    name = spec.name
+    if not req.prompt.strip():
+        raise InvalidRequest("'prompt' must not be empty.", param="prompt", code="invalid_value")
+    if len(req.prompt) > caps.max_prompt_chars:
+        raise InvalidRequest(
+            f"'prompt' is too long: {len(req.prompt)} characters, the maximum for '{name}' "
+            f"is {caps.max_prompt_chars}.", param="prompt", code="string_above_max_length",
+        )
+    n = req.n if req.n is not None else 1
+    if n > caps.max_n:
+        raise InvalidRequest(
+            f"Invalid value {n} for 'n' with model '{name}': at most {caps.max_n}.",
+            param="n", code="invalid_value",
+        )
+    size = _choice(req.size, caps.sizes, spec.default_size, "size", name)
+    if size != "auto" and (size is None or parse_size(size) is None):
+        raise InvalidRequest(f"Invalid size '{size}'.", param="size")
+    output_format = _choice(req.output_format, caps.output_formats, "png", "output_format", name)
+    if req.output_compression is not None:
+        if not caps.output_compression:
+            raise InvalidRequest(
+                f"The model '{name}' does not support 'output_compression'.",
+                param="output_compression", code="invalid_value",
+            )
+        if output_format == "png":
+            raise InvalidRequest(
+                "'output_compression' applies to jpeg and webp output only.",
+                param="output_compression", code="invalid_value",
+            )
+    return GenerationParams(
+        model=name,
+        prompt=req.prompt,
+        n=n,
+        size=size or spec.default_size,
+        quality=_choice(req.quality, caps.qualities, caps.default_quality, "quality", name),
+        style=_choice(req.style, caps.styles, caps.default_style, "style", name),
+        response_format=req.response_format or "url",
+        output_format=output_format,  # type: ignore[arg-type]
+        output_compression=req.output_compression,
+        background=_choice(req.background, caps.backgrounds, None, "background", name),
+        moderation=_choice(req.moderation, caps.moderations, None, "moderation", name),
+        user=req.user,
+    )

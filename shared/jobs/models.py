@@ -1,0 +1,85 @@
+"""Jobs and their images. The SQL row is the truth; a broker message only says
+"run job X"."""
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from shared.core.clock import utcnow
+from shared.core.columns import UTCDateTime, ts_field
+from shared.core.ids import new_id
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+
+FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+
+class Job(SQLModel, table=True):
+    __table_args__ = (
+        sa.Index("ix_job_project_id_id", "project_id", "id"),
+        sa.Index("ix_job_queue_status_id", "queue", "status", "id"),
+    )
+
+    id: str = Field(default_factory=lambda: new_id("job"), primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="project.id", max_length=64)
+    status: str = Field(default=JobStatus.queued, index=True, max_length=16)
+    surface: str = Field(default="openai", max_length=16)
+    model: str = Field(max_length=200)
+    queue: str = Field(default="default", max_length=64)
+    # Per-job webhook (signed with the project's default secret), and its events.
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    webhook_events: list[str] | None = Field(default=None, sa_type=sa.JSON)
+    # Set when the job runs one line of a batch.
+    batch_id: str | None = Field(default=None, max_length=64, index=True)
+    batch_item_id: str | None = Field(default=None, max_length=64)
+    request: dict[str, Any] = Field(sa_type=sa.JSON)
+    attempts: int = 0
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, sa_type=sa.Text)
+    usage: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    # The trace call recording this generation (None when tracking is off).
+    call_id: str | None = Field(default=None, max_length=64)
+    key_id: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    started_at: datetime | None = ts_field()
+    finished_at: datetime | None = ts_field()
+    canceled_at: datetime | None = ts_field()
+    # Outbox bookkeeping: when the "run job X" message was last handed to the broker.
+    published_at: datetime | None = ts_field()
+    # Set while running: the claim of one attempt, renewed by the worker's heartbeat.
+    lease_token: str | None = Field(default=None, max_length=64)
+    lease_expires_at: datetime | None = ts_field()
+
+
+
+class Image(SQLModel, table=True):
+    __table_args__ = (sa.UniqueConstraint("job_id", "index", name="uq_image_job_index"),)
+
+    id: str = Field(default_factory=lambda: new_id("img"), primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="project.id", index=True, max_length=64)
+    job_id: str = Field(foreign_key="job.id", index=True, max_length=64)
+    index: int
+    storage_key: str = Field(max_length=500)
+    content_type: str = Field(max_length=64)
+    width: int
+    height: int
+    size_bytes: int
+    revised_prompt: str | None = Field(default=None, sa_type=sa.Text)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -1,0 +1,95 @@
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from shared.core.clock import to_unix
+from shared.core.errors import Conflict, ImagegenError, InvalidRequest, RateLimited, UpstreamError
+from shared.core.storage import Storage
+from shared.jobs.models import Image, Job, JobStatus
+from shared.jobs.schemas import ImageData, ImagesResponse, JobError, JobList, JobObject, job_params
+
+
+def job_failure(job: Job) -> ImagegenError:
+    """How a failed job answers a waiting sync request."""
+    code = job.error_code or "job_failed"
+    message = job.error_message or "The job failed."
+    if job.status == JobStatus.canceled:
+        return Conflict("The job was canceled before it finished.", code="job_canceled")
+    if code == "upstream_timeout":
+        err: ImagegenError = UpstreamError(message, code=code)
+        err.status_code = 504
+        return err
+    if code == "upstream_rate_limited":
+        return RateLimited(message, code=code, retry_after=30)
+    if code.startswith("upstream_") or code in ("internal_error", "provider_misconfigured"):
+        err = UpstreamError(message, code=code)
+        if code == "internal_error":
+            err.status_code = 500
+        return err
+    # The provider refused the request itself (content policy, invalid prompt):
+    # the client's request is at fault, as OpenAI answers it.
+    return InvalidRequest(message, code=code, param="prompt")
+
+
+
+def render_result(job: Job, images: list[Image], storage: Storage, base_url: str,
+                  url_expiry: int) -> ImagesResponse:
+    params = job_params(job)
+    data = []
+    for image in images:
+        if params.response_format == "b64_json":
+            b64 = base64.b64encode(storage.get(image.storage_key)).decode()
+            data.append(ImageData(b64_json=b64, revised_prompt=image.revised_prompt))
+        else:
+            data.append(ImageData(url=storage.url(image.storage_key, url_expiry, base_url),
+                                  revised_prompt=image.revised_prompt))
+    usage: dict[str, Any] | None = job.usage or None
+    return ImagesResponse(
+        created=to_unix(job.finished_at) or to_unix(job.created_at) or 0,
+        data=data,
+        size=params.size,
+        quality=params.quality,
+        output_format=params.output_format,
+        background=params.background,
+        usage=usage,
+    )
+
+
+
+def render_job(job: Job, images: list[Image] | None, storage: Storage, base_url: str,
+               url_expiry: int) -> JobObject:
+    result = None
+    if job.status == JobStatus.succeeded and images is not None:
+        result = render_result(job, images, storage, base_url, url_expiry)
+    error = None
+    if job.status == JobStatus.failed:
+        error = JobError(code=job.error_code or "job_failed",
+                         message=job.error_message or "The job failed.")
+    return JobObject(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        model=job.model,
+        created_at=to_unix(job.created_at) or 0,
+        started_at=to_unix(job.started_at),
+        finished_at=to_unix(job.finished_at),
+        canceled_at=to_unix(job.canceled_at),
+        attempts=job.attempts,
+        request=job.request,
+        result=result,
+        error=error,
+        call_id=job.call_id,
+        webhook_url=job.webhook_url,
+        webhook_events=job.webhook_events,
+    )
+
+
+
+def render_list(jobs: list[Job], has_more: bool, storage: Storage, base_url: str,
+                url_expiry: int) -> JobList:
+    # Listings carry no result (no presigning or b64 reads for a whole page);
+    # fetch one job to get its images.
+    data = [render_job(job, None, storage, base_url, url_expiry) for job in jobs]
+    return JobList(data=data, first_id=data[0].id if data else None,
+                   last_id=data[-1].id if data else None, has_more=has_more)

@@ -1,0 +1,152 @@
+"""Projects and API keys. Keys are random 256-bit tokens stored as SHA-256 hashes.
+
+A fast hash is right here (unlike for passwords): the key has full entropy, so
+there is nothing to brute-force, and lookup must be cheap on every request.
+Keys are looked up on every request (no cache), so a revocation holds at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from shared.core.clock import utcnow
+from shared.core.errors import Conflict, InvalidRequest, NotFound
+from shared.projects.models import ApiKey, Project
+
+KEY_PREFIX = "sk-ig-"
+# last_used_at is written at most this often per key: a write per request would
+# turn every read into a write.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key, its user identity and the project it belongs to."""
+
+    key_id: str
+    project_id: str
+    project_name: str
+    user: str
+    key_requests_per_minute: int | None = None
+    images_per_day: int | None = None
+    jobs_in_flight: int | None = None
+
+    def owns_project(self, project_ref: str) -> bool:
+        """Weave's ``project_id`` names the project by name (``entity/project``) or id."""
+        return project_ref in (self.project_name, self.project_id)
+
+
+def get_project(session: Session, name: str) -> Project:
+    project = session.exec(select(Project).where(col(Project.name) == name)).first()
+    if project is None:
+        raise NotFound(f"No project named '{name}'.", param="project")
+    return project
+
+
+def create_project(session: Session, name: str, *, key_requests_per_minute: int | None = None,
+                   images_per_day: int | None = None,
+                   jobs_in_flight: int | None = None) -> Project:
+    name = name.strip()
+    if not name:
+        raise InvalidRequest("A project needs a name.", param="name")
+    if session.exec(select(Project).where(col(Project.name) == name)).first() is not None:
+        raise Conflict(f"A project named '{name}' exists already.", param="name")
+    project = Project(name=name, key_requests_per_minute=key_requests_per_minute,
+                      images_per_day=images_per_day, jobs_in_flight=jobs_in_flight)
+    session.add(project)
+    session.flush()
+    return project
+
+
+def get_or_create_project(session: Session, name: str) -> Project:
+    project = session.exec(select(Project).where(col(Project.name) == name)).first()
+    return project if project is not None else create_project(session, name)
+
+
+def update_limits(session: Session, name: str, **limits: int | None) -> Project:
+    project = get_project(session, name)
+    for field, value in limits.items():
+        if field not in ("key_requests_per_minute", "images_per_day", "jobs_in_flight"):
+            raise InvalidRequest(f"Unknown limit '{field}'.", param=field)
+        if value is not None and value < 0:
+            raise InvalidRequest(f"'{field}' must be 0 (unlimited) or more.", param=field)
+        setattr(project, field, value)
+    session.add(project)
+    session.flush()
+    return project
+
+
+def list_projects(session: Session) -> list[Project]:
+    return list(session.exec(select(Project).order_by(col(Project.created_at))))
+
+
+def create_key(session: Session, project_name: str, name: str = "default", user: str = "",
+               plaintext: str | None = None) -> tuple[ApiKey, str]:
+    """Create a key (and its project if new); the plaintext is returned once, never stored."""
+    project = get_or_create_project(session, project_name)
+    plaintext = plaintext or KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(project_id=project.id, name=name, user=user or name,
+                 prefix=plaintext[:10], key_hash=hash_key(plaintext))
+    session.add(key)
+    session.flush()
+    return key, plaintext
+
+
+def ensure_key(session: Session, project_name: str, plaintext: str) -> ApiKey:
+    """Make sure ``plaintext`` is a valid key of the project (the fixed dev key)."""
+    existing = session.exec(
+        select(ApiKey).where(col(ApiKey.key_hash) == hash_key(plaintext))
+    ).first()
+    if existing is not None:
+        return existing
+    key, _ = create_key(session, project_name, name="dev", plaintext=plaintext)
+    return key
+
+
+def list_keys(session: Session, project_name: str | None = None) -> list[tuple[ApiKey, Project]]:
+    query = select(ApiKey, Project).join(Project, col(Project.id) == col(ApiKey.project_id))
+    if project_name is not None:
+        query = query.where(col(Project.name) == project_name)
+    return [(k, p) for k, p in session.exec(query.order_by(col(ApiKey.created_at)))]
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey:
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"No key with id '{key_id}'.", param="key_id")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.add(key)
+        session.flush()
+    return key
+
+
+def authenticate(session: Session, plaintext: str) -> Principal | None:
+    row = session.exec(
+        select(ApiKey, Project)
+        .join(Project, col(Project.id) == col(ApiKey.project_id))
+        .where(col(ApiKey.key_hash) == hash_key(plaintext), col(ApiKey.revoked_at).is_(None))
+    ).first()
+    if row is None:
+        return None
+    key, project = row
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+        session.execute(sa.update(ApiKey).where(col(ApiKey.id) == key.id)
+                        .values(last_used_at=now))
+    return Principal(
+        key_id=key.id, project_id=project.id, project_name=project.name,
+        user=key.user or key.id,
+        key_requests_per_minute=project.key_requests_per_minute,
+        images_per_day=project.images_per_day, jobs_in_flight=project.jobs_in_flight,
+    )

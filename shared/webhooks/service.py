@@ -1,0 +1,158 @@
+"""Webhook endpoints, secrets, and turning job events into deliveries.
+
+Deliveries are written in the same transaction as the job transition that causes
+them (an outbox): an event is never lost between the two, and a worker restart
+only delays it. The payload is fixed when the event happens, so every retry
+carries the same body under the same ``webhook-id``.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from shared.core.clock import utcnow
+from shared.core.errors import InvalidRequest, NotFound
+from shared.core.settings import get_settings
+from shared.projects.models import Project
+from shared.webhooks.models import ALL_EVENTS, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from shared.webhooks.targets import check_target
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def validate_events(events: list[str] | None, param: str,
+                    known: tuple[str, ...] = ALL_EVENTS) -> list[str]:
+    if events is None:
+        return list(known)
+    if not events:
+        raise InvalidRequest("Name at least one event.", param=param)
+    unknown = [e for e in events if e not in known]
+    if unknown:
+        raise InvalidRequest(f"Unknown webhook events: {', '.join(unknown)}. Known: "
+                             f"{', '.join(known)}.", param=param)
+    return list(dict.fromkeys(events))
+
+
+def check_url(url: str, param: str) -> str:
+    check_target(url, allow_private=get_settings().webhook_allow_private_targets, param=param)
+    return url
+
+
+def default_secret(session: Session, project_id: str) -> str:
+    project = session.get(Project, project_id)
+    assert project is not None
+    if project.webhook_secret is None:
+        project.webhook_secret = new_secret()
+        session.add(project)
+        session.flush()
+    return project.webhook_secret
+
+
+def create_endpoint(session: Session, project_id: str, url: str, events: list[str] | None,
+                    description: str | None) -> WebhookEndpoint:
+    endpoint = WebhookEndpoint(project_id=project_id, url=check_url(url, "url"),
+                               events=validate_events(events, "events"),
+                               secret=new_secret(), description=description)
+    session.add(endpoint)
+    session.flush()
+    return endpoint
+
+
+def get_endpoint(session: Session, project_id: str, endpoint_id: str) -> WebhookEndpoint:
+    endpoint = session.exec(select(WebhookEndpoint).where(
+        col(WebhookEndpoint.id) == endpoint_id, col(WebhookEndpoint.project_id) == project_id,
+        col(WebhookEndpoint.deleted_at).is_(None))).first()
+    if endpoint is None:
+        raise NotFound(f"No webhook endpoint '{endpoint_id}'.", param="endpoint_id")
+    return endpoint
+
+
+def list_endpoints(session: Session, project_id: str) -> list[WebhookEndpoint]:
+    return list(session.exec(select(WebhookEndpoint).where(
+        col(WebhookEndpoint.project_id) == project_id,
+        col(WebhookEndpoint.deleted_at).is_(None)).order_by(col(WebhookEndpoint.created_at))))
+
+
+def delete_endpoint(session: Session, project_id: str, endpoint_id: str) -> WebhookEndpoint:
+    endpoint = get_endpoint(session, project_id, endpoint_id)
+    endpoint.deleted_at = utcnow()
+    session.add(endpoint)
+    session.flush()
+    return endpoint
+
+
+def rotate_secret(session: Session, project_id: str, endpoint_id: str) -> WebhookEndpoint:
+    endpoint = get_endpoint(session, project_id, endpoint_id)
+    endpoint.secret = new_secret()
+    session.add(endpoint)
+    session.flush()
+    return endpoint
+
+
+def list_deliveries(session: Session, project_id: str, *, job_id: str | None,
+                    endpoint_id: str | None, status: str | None, limit: int,
+                    after: str | None) -> tuple[list[WebhookDelivery], bool]:
+    query = select(WebhookDelivery).where(col(WebhookDelivery.project_id) == project_id)
+    if job_id is not None:
+        query = query.where(col(WebhookDelivery.job_id) == job_id)
+    if endpoint_id is not None:
+        query = query.where(col(WebhookDelivery.endpoint_id) == endpoint_id)
+    if status is not None:
+        query = query.where(col(WebhookDelivery.status) == status)
+    if after is not None:
+        query = query.where(col(WebhookDelivery.id) < after)
+    rows = list(session.exec(query.order_by(col(WebhookDelivery.id).desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delivery_attempts(session: Session, delivery_id: str) -> list[WebhookAttempt]:
+    return list(session.exec(select(WebhookAttempt).where(
+        col(WebhookAttempt.delivery_id) == delivery_id).order_by(col(WebhookAttempt.number))))
+
+
+def redeliver(session: Session, project_id: str, delivery_id: str) -> WebhookDelivery:
+    delivery = session.exec(select(WebhookDelivery).where(
+        col(WebhookDelivery.id) == delivery_id,
+        col(WebhookDelivery.project_id) == project_id)).first()
+    if delivery is None:
+        raise NotFound(f"No delivery '{delivery_id}'.", param="delivery_id")
+    now = utcnow()
+    delivery.status = "pending"
+    delivery.next_attempt_at = now
+    delivery.dispatched_at = now
+    delivery.lease_expires_at = None
+    delivery.updated_at = now
+    session.add(delivery)
+    session.flush()
+    return delivery
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A per-job webhook: where, and for which events."""
+
+    url: str
+    events: list[str]
+
+
+def webhook_of(req: Any, param_prefix: str = "") -> Webhook | None:
+    """A per-job webhook from request fields, its target checked now."""
+    from shared.webhooks.service import check_url, validate_events
+
+    if req.webhook_url is None:
+        if req.webhook_events is not None:
+            raise InvalidRequest("'webhook_events' needs 'webhook_url'.",
+                                 param=param_prefix + "webhook_events")
+        return None
+    from shared.webhooks.models import JOB_EVENTS
+
+    return Webhook(url=check_url(req.webhook_url, param_prefix + "webhook_url"),
+                   events=validate_events(req.webhook_events, param_prefix + "webhook_events",
+                                          JOB_EVENTS))
