@@ -1,9 +1,14 @@
-"""Request dependencies: authentication, settings, storage."""
+"""Request dependencies: the request's transaction, authentication, settings, storage.
+
+Authentication runs in a short transaction of its own (the key lookup and its
+``last_used_at``): a request that then waits for a job must not hold a database
+connection while it waits."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,8 +18,9 @@ from fastapi.security import (
     HTTPBasicCredentials,
     HTTPBearer,
 )
+from sqlmodel import Session
 
-from shared.core.db import session_scope
+from shared.core.db import unit_of_work
 from shared.core.errors import AuthenticationError
 from shared.core.settings import Settings, get_settings
 from shared.core.storage import Storage, get_storage
@@ -54,7 +60,7 @@ def current_principal(
         raise AuthenticationError(
             "You didn't provide an API key. Provide it as 'Authorization: Bearer YOUR_KEY'.",
             code="missing_api_key")
-    with session_scope() as session:
+    with unit_of_work() as session:
         principal = authenticate(session, key)
     if principal is None:
         raise AuthenticationError(f"Incorrect API key provided: {key[:6]}***.")
@@ -71,10 +77,19 @@ def weave_principal(
     return current_principal(request, _bearer)
 
 
+def request_session() -> Iterator[Session]:
+    """The request's unit of work: committed when the route returns, before the
+    answer is sent (``scope="function"``), so a client never reads an answer
+    about a row that is not there; rolled back if the route raised."""
+    with unit_of_work() as session:
+        yield session
+
+
 def base_url(request: Request) -> str:
     return get_settings().public_url or str(request.base_url)
 
 
+DbSession = Annotated[Session, Depends(request_session, scope="function")]
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 WeavePrincipal = Annotated[Principal, Depends(weave_principal)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

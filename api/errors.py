@@ -17,8 +17,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.core.errors import ImagegenError, InvalidValue
-from shared.core.storage import StorageUnavailable
+from shared.core.errors import (
+    ClientError,
+    ErrorCode,
+    ImagegenError,
+    InternalError,
+    InvalidRequest,
+    InvalidValue,
+    ServiceUnavailable,
+    StorageUnavailable,
+    UpstreamError,
+    render,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +53,26 @@ def weave_validation_error(param: str | None, message: str) -> JSONResponse:
                         status_code=422)
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   code: str | None = None, retry_after: float | None = None) -> JSONResponse:
-    headers = {}
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(retry_after)))
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+def error_response(err: ImagegenError) -> JSONResponse:
+    """OpenAI's error shape, from the one renderer (``shared.core.errors.render``)."""
+    retry = err.retry_after
+    if err.status_code in (429, 503) and retry is None:
+        retry = 5.0
+    headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else {}
+    return JSONResponse({"error": render(err).model_dump()}, status_code=err.status_code,
+                        headers=headers)
+
+
+def _respond(request: Request, err: ImagegenError) -> JSONResponse:
+    """The error in the surface's shape: OpenAI's, or the Weave server's ``detail``."""
+    if not is_weave(request):
+        return error_response(err)
+    if isinstance(err, InvalidValue):
+        return weave_validation_error(err.param, err.message)
+    retry = err.retry_after
+    if err.status_code in (429, 503) and retry is None:
+        retry = 5.0
+    return weave_error(err.status_code, render(err).message, retry)
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
@@ -59,18 +82,26 @@ def _param(loc: tuple[Any, ...]) -> str | None:
 
 async def _imagegen_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImagegenError)
-    retry = exc.retry_after
-    if exc.status_code in (429, 503) and retry is None:
-        retry = 5.0
-    if is_weave(request):
-        if isinstance(exc, InvalidValue):
-            return weave_validation_error(exc.param, exc.message)
-        return weave_error(exc.status_code, exc.message, retry)
-    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code,
-                          retry)
+    if isinstance(exc, InternalError):
+        # An internal condition no route turned into a client error: a 5xx whose
+        # message names nothing internal.
+        log.error("internal error reached the API: %s", type(exc).__name__)
+        exc = UpstreamError("The server had an error while processing your request.",
+                            code=ErrorCode.internal_error, status=500)
+    return _respond(request, exc)
+
+
+def _client_error(status: int, message: str, code: str | None,
+                  param: str | None = None) -> ClientError:
+    err = ClientError(message, param=param, code=code)
+    err.status_code = status
+    err.error_type = "invalid_request_error" if status < 500 else "server_error"
+    return err
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's schema errors: 400 naming the ``param`` (the Weave surface keeps
+    FastAPI's own 422)."""
     assert isinstance(exc, RequestValidationError)
     if is_weave(request):
         return await request_validation_exception_handler(request, exc)
@@ -78,16 +109,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     err = errors[0] if errors else {"loc": (), "msg": "Invalid request", "type": "invalid"}
     param = _param(tuple(err.get("loc", ())))
     if err.get("type") == "json_invalid":
-        return error_response(400, "We could not parse the JSON body of your request.",
-                              "invalid_request_error", None, "invalid_json")
+        return error_response(InvalidRequest(
+            "We could not parse the JSON body of your request.", code=ErrorCode.invalid_json))
     if err.get("type") == "missing":
         if param is None:
-            return error_response(400, "The request body must be a JSON object.",
-                                  "invalid_request_error", None, "invalid_request")
-        return error_response(400, f"Missing required parameter: '{param}'.",
-                              "invalid_request_error", param, "missing_required_parameter")
+            return error_response(InvalidRequest("The request body must be a JSON object.",
+                                                 code=ErrorCode.invalid_request))
+        return error_response(InvalidRequest(f"Missing required parameter: '{param}'.",
+                                             param=param,
+                                             code=ErrorCode.missing_required_parameter))
     message = f"Invalid value for '{param}': {err.get('msg')}." if param else str(err.get("msg"))
-    return error_response(400, message, "invalid_request_error", param, "invalid_value")
+    return error_response(InvalidValue(message, param=param))
 
 
 def _allowed_methods(request: Request) -> str:
@@ -105,14 +137,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 405:
         exc.headers = {**(exc.headers or {}), "Allow": _allowed_methods(request)}
-    if is_weave(request):
-        response = weave_error(exc.status_code, str(exc.detail))
-        response.headers.update(exc.headers or {})
-        return response
-    code = {404: "not_found", 405: "method_not_allowed",
-            413: "file_too_large"}.get(exc.status_code)
-    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    response = error_response(exc.status_code, str(exc.detail), type_, None, code)
+    code = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed,
+            413: ErrorCode.file_too_large}.get(exc.status_code)
+    response = _respond(request, _client_error(exc.status_code, str(exc.detail), code))
     response.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return response
 
@@ -124,10 +151,7 @@ def _unavailable(what: str) -> Callable[[Request, Exception], Awaitable[JSONResp
 
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s unavailable: %s", what.lower(), type(exc).__name__)
-        if is_weave(request):
-            return weave_error(503, message, 5)
-        return error_response(503, message, "server_error", None, "service_unavailable",
-                              retry_after=5)
+        return _respond(request, ServiceUnavailable(message, retry_after=5))
 
     return handler
 
@@ -138,18 +162,16 @@ async def _data_error(request: Request, exc: Exception) -> JSONResponse:
     fault, 400, never a 5xx a client would retry forever. The driver's message is
     not echoed (it can quote the value)."""
     log.warning("database refused a value: %s", type(getattr(exc, "orig", exc)).__name__)
-    message = "A value in the request is out of range or cannot be stored."
-    if is_weave(request):
-        return weave_validation_error(None, message)
-    return error_response(400, message, "invalid_request_error", None, "invalid_value")
+    return _respond(request, InvalidValue(
+        "A value in the request is out of range or cannot be stored."))
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     if is_weave(request):
         return weave_error(500, "Internal server error")
-    return error_response(500, "The server had an error while processing your request.",
-                          "server_error", None, "internal_error")
+    return error_response(UpstreamError("The server had an error while processing your "
+                                        "request.", code=ErrorCode.internal_error, status=500))
 
 
 def install(app: FastAPI) -> None:

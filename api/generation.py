@@ -1,6 +1,10 @@
 """Submit a generation and (optionally) wait for it: the flow both surfaces share.
 
 reserve limits -> record job (+ trace call) and commit -> publish -> wait.
+
+The one route flow with a transaction of its own instead of the request's: the
+job must be committed and published before the request waits for it, and a
+request waiting up to a minute must not hold a database connection meanwhile.
 """
 
 from __future__ import annotations
@@ -11,12 +15,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
-from shared.core.broker import publish_job
-from shared.core.db import session_scope
+from shared.core.db import unit_of_work
 from shared.core.ids import new_id
 from shared.jobs.models import FINISHED, Image, Job
 from shared.jobs.schemas import GenerationParams
-from shared.jobs.service import create_job, get_job, job_images, job_queue, mark_unpublished
+from shared.jobs.service import create_job, get_job, job_images, queue_position
 from shared.projects.limits import get_limiter
 from shared.projects.service import Principal
 from shared.registry import ModelSpec
@@ -41,22 +44,18 @@ def _record(principal: Principal, params: GenerationParams, spec: ModelSpec, *,
     limiter = get_limiter()
     limiter.reserve_job(principal, job_id, params.n)
     try:
-        with session_scope() as session:
+        with unit_of_work() as session:
             job = create_job(session, principal, params, spec, job_id=job_id, surface=surface,
                              track=track, op_name=op_name, call_inputs=call_inputs,
                              webhook=webhook)
     except BaseException:
         limiter.release_job(principal.project_id, job_id)
         raise
-    if not publish_job(job.id, job_queue(job)):
-        # The job is committed; the sweeper publishes it once the broker is back.
-        with session_scope() as session:
-            mark_unpublished(session, job.id)
     return job
 
 
 def load(principal: Principal, job_id: str) -> Outcome:
-    with session_scope() as session:
+    with unit_of_work() as session:
         job = get_job(session, principal.project_id, job_id)
         images = job_images(session, job) if job.status in FINISHED else []
     return Outcome(job, images)
@@ -83,3 +82,9 @@ async def submit(request: Request, principal: Principal, params: GenerationParam
 
     await request.app.state.waiter.wait(job.id, wait, finished)
     return latest
+
+
+def position(job: Job) -> int | None:
+    """Where a job just accepted stands in its queue (read after the wait)."""
+    with unit_of_work() as session:
+        return queue_position(session, job)

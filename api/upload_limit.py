@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
+from shared.core.errors import ErrorCode, InvalidRequest
 from shared.files.service import MAX_FILE_BYTES
 
 # Room for the multipart envelope around the file (boundaries, the purpose field).
@@ -54,7 +55,9 @@ class UploadLimit:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    response = error_response(413, str(_too_large(limit).detail), "invalid_request_error",
-                              "file", "file_too_large")
+    err = InvalidRequest(str(_too_large(limit).detail), param="file",
+                         code=ErrorCode.file_too_large)
+    err.status_code = 413
+    response = error_response(err)
     response.headers["connection"] = "close"  # the unread body is not drained
     await response(scope, receive, send)

@@ -74,7 +74,7 @@ def worker(
 def dev(host: Annotated[str | None, typer.Option()] = None,
         port: Annotated[int | None, typer.Option()] = None) -> None:
     """API and worker together on embedded defaults (SQLite, local files, no Redis)."""
-    from shared.core.db import session_scope
+    from shared.core.db import unit_of_work
     from shared.core.migrate import upgrade
     from shared.core.settings import get_settings
     from shared.projects.service import KEY_PREFIX, ensure_key
@@ -90,7 +90,7 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
 
             key_file.write_text(KEY_PREFIX + secrets.token_urlsafe(32))
         key = key_file.read_text().strip()
-    with session_scope() as session:
+    with unit_of_work() as session:
         ensure_key(session, "default", key)
     from worker.supervisor import WorkerGroup
 
@@ -116,10 +116,10 @@ def keys_create(project: Annotated[str, typer.Option(help="Project name")],
                 user: Annotated[str, typer.Option(help="User identity (wb_user_id)")] = "",
                 ) -> None:
     """Create an API key for PROJECT (created if new). The key is printed once."""
-    from shared.core.db import session_scope
+    from shared.core.db import unit_of_work
     from shared.projects.service import create_key
 
-    with session_scope() as session:
+    with unit_of_work() as session:
         key, plaintext = create_key(session, project, name, user)
     console.print(f"[green]created key {key.id} for project '{project}'[/green] "
                   "(shown only once):")
@@ -133,11 +133,11 @@ def keys_list(project: Annotated[str | None, typer.Option(help="Only this projec
     """List keys (prefix, user, created, last used, revoked); never the keys themselves."""
     from rich.table import Table
 
-    from shared.core.db import session_scope
+    from shared.core.db import unit_of_work
     from shared.projects.service import list_keys
 
     table = Table("id", "project", "name", "user", "prefix", "created", "last used", "revoked")
-    with session_scope() as session:
+    with unit_of_work() as session:
         for key, proj in list_keys(session, project):
             if as_json:
                 print(json.dumps({"id": key.id, "project": proj.name, "name": key.name,
@@ -155,10 +155,10 @@ def keys_list(project: Annotated[str | None, typer.Option(help="Only this projec
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by id; it stops working at once."""
-    from shared.core.db import session_scope
+    from shared.core.db import unit_of_work
     from shared.projects.service import revoke_key
 
-    with session_scope() as session:
+    with unit_of_work() as session:
         revoke_key(session, key_id)
     console.print(f"[green]revoked {key_id}[/green]")
 
@@ -172,10 +172,10 @@ def projects_create(name: str, rpm: Annotated[int | None, typer.Option(
                     images_per_day: LimitOption = None,
                     jobs_in_flight: LimitOption = None) -> None:
     """Create a project, optionally with its own limits."""
-    from shared.core.db import session_scope
+    from shared.core.db import unit_of_work
     from shared.projects.service import create_project
 
-    with session_scope() as session:
+    with unit_of_work() as session:
         project = create_project(session, name, key_requests_per_minute=rpm,
                                  images_per_day=images_per_day, jobs_in_flight=jobs_in_flight)
     console.print(f"[green]created project '{name}'[/green] ({project.id})")
@@ -187,12 +187,12 @@ def projects_set_limits(name: str, rpm: Annotated[int | None, typer.Option(
                         images_per_day: LimitOption = None,
                         jobs_in_flight: LimitOption = None) -> None:
     """Change a project's limits (only the ones given)."""
-    from shared.core.db import session_scope
+    from shared.core.db import unit_of_work
     from shared.projects.service import update_limits
 
     given = {"key_requests_per_minute": rpm, "images_per_day": images_per_day,
              "jobs_in_flight": jobs_in_flight}
-    with session_scope() as session:
+    with unit_of_work() as session:
         update_limits(session, name, **{k: v for k, v in given.items() if v is not None})
     console.print(f"[green]updated project '{name}'[/green]")
 
@@ -202,11 +202,11 @@ def projects_list() -> None:
     """List projects and their limits."""
     from rich.table import Table
 
-    from shared.core.db import session_scope
+    from shared.core.db import unit_of_work
     from shared.projects.service import list_projects
 
     table = Table("id", "name", "created", "requests/min/key", "images/day", "jobs in flight")
-    with session_scope() as session:
+    with unit_of_work() as session:
         for p in list_projects(session):
             table.add_row(p.id, p.name, _when(p.created_at), _limit(p.key_requests_per_minute),
                           _limit(p.images_per_day), _limit(p.jobs_in_flight))

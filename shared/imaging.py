@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from shared.core.errors import UnreadableImage
+
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
@@ -21,10 +23,6 @@ class EncodedImage:
     @property
     def content_type(self) -> str:
         return CONTENT_TYPES[self.fmt]
-
-
-class UnreadableImage(ValueError):
-    """The provider returned bytes that are not an image."""
 
 
 def encode(data: bytes, fmt: str, compression: int | None = None) -> EncodedImage:

@@ -162,3 +162,15 @@ def load_registry(path: Path | None) -> Registry:
 @lru_cache
 def get_registry() -> Registry:
     return load_registry(get_settings().models_file)
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

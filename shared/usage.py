@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
+from pydantic import BaseModel
 from sqlmodel import Session, col
 
 from shared.core.errors import InvalidRequest
@@ -16,7 +17,32 @@ from shared.jobs.models import Image, Job, JobStatus
 MAX_DAYS = 92
 
 
-def usage_report(session: Session, project_id: str, start: date, end: date) -> dict[str, Any]:
+class UsageBucket(BaseModel):
+    date: str
+    model: str
+    jobs: dict[str, int]  # by status
+    images: int
+    pixels: int
+    provider_usage: dict[str, int]  # the provider's own figures (tokens), summed
+
+
+class UsageTotals(BaseModel):
+    jobs: int
+    images: int
+    pixels: int
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage"] = "usage"
+    project: str
+    start_date: str
+    end_date: str
+    data: list[UsageBucket]
+    totals: UsageTotals
+
+
+def usage_report(session: Session, project_id: str, project_name: str, start: date,
+                 end: date) -> UsageReport:
     if end < start:
         raise InvalidRequest("'end_date' is before 'start_date'.", param="end_date")
     if (end - start).days >= MAX_DAYS:
@@ -54,5 +80,6 @@ def usage_report(session: Session, project_id: str, start: date, end: date) -> d
     totals = {"jobs": sum(sum(b["jobs"].values()) for b in data),
               "images": sum(b["images"] for b in data),
               "pixels": sum(b["pixels"] for b in data)}
-    return {"object": "usage", "start_date": start.isoformat(), "end_date": end.isoformat(),
-            "data": data, "totals": totals}
+    return UsageReport(project=project_name, start_date=start.isoformat(),
+                       end_date=end.isoformat(), data=[UsageBucket(**b) for b in data],
+                       totals=UsageTotals(**totals))

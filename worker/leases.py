@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlmodel import col
 
 from shared.core.clock import utcnow
-from shared.core.db import session_scope
+from shared.core.db import unit_of_work
 from shared.core.settings import get_settings
 from shared.jobs.models import Job, JobStatus
 
@@ -47,7 +47,7 @@ class LeaseBook:
         if not held:
             return
         expires = utcnow() + timedelta(seconds=get_settings().job_lease_seconds)
-        with session_scope() as session:
+        with unit_of_work() as session:
             session.execute(
                 sa.update(Job)
                 .where(col(Job.id).in_(held), col(Job.lease_token).in_(held.values()),

@@ -36,15 +36,16 @@ def warm_up() -> None:
     from shared.core.storage import get_storage
     from shared.providers.openai_compat import OpenAICompatibleProvider
     from shared.registry import get_registry
-    from shared.webhooks.delivery import _client
-    from worker.runner import _fanout_pool, _lines_pool
+    from worker.produce import fanout_pool
+    from worker.runner import _lines_pool
+    from worker.webhooks import _client
 
     get_engine()
     get_registry()
     get_storage()
     get_celery()
     OpenAICompatibleProvider.shared()
-    _fanout_pool()
+    fanout_pool()
     _lines_pool()
     _client()
 

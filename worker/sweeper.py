@@ -21,16 +21,16 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlmodel import col, select
 
-from shared.batches.models import Batch
-from shared.batches.pump import pump
-from shared.batches.results import refinalize
+from shared.batches.models import PUMPED, Batch, BatchStatus
 from shared.core.broker import publish_batch_validation, publish_deliveries, publish_job, queue_size
 from shared.core.clock import utcnow
-from shared.core.db import session_scope
+from shared.core.db import unit_of_work
+from shared.core.outbox import after_commit
 from shared.core.settings import get_settings
 from shared.jobs.models import Job, JobStatus
-from shared.jobs.service import job_queue, mark_published
-from shared.webhooks.models import WebhookDelivery
+from shared.jobs.service import mark_published
+from shared.webhooks.models import DeliveryStatus, WebhookDelivery
+from worker.batches import pump_batch, refinalize
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -38,7 +38,7 @@ BATCH = 500
 
 def requeue_expired() -> int:
     now = utcnow()
-    with session_scope() as session:
+    with unit_of_work() as session:
         result = session.execute(
             sa.update(Job)
             .where(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now)
@@ -54,7 +54,7 @@ def publish_pending() -> int:
     # A fresh job is published by the API itself; give it a moment before stepping in.
     fresh = now - timedelta(seconds=2)
     stale = now - timedelta(seconds=settings.redeliver_after_seconds)
-    with session_scope() as session:
+    with unit_of_work() as session:
         jobs = list(session.exec(
             select(Job)
             .where(col(Job.status) == JobStatus.queued, Job.created_at < fresh)
@@ -66,15 +66,15 @@ def publish_pending() -> int:
     due = []
     for job in jobs:
         if job.published_at is not None:  # stale, not unpublished
-            queue = job_queue(job)
+            queue = job.queue
             if queue not in waiting:
                 waiting[queue] = queue_size(queue)
             if waiting[queue] != 0:
                 continue
         due.append(job)
-    published = [job.id for job in due if publish_job(job.id, job_queue(job))]
+    published = [job.id for job in due if publish_job(job.id, job.queue)]
     if published:
-        with session_scope() as session:
+        with unit_of_work() as session:
             mark_published(session, published)
     return len(published)
 
@@ -83,10 +83,10 @@ def publish_due_deliveries() -> int:
     """Send webhook attempts that are due and have no fresh message on the way."""
     now = utcnow()
     stale = now - timedelta(seconds=max(30.0, get_settings().sweep_interval_seconds * 6))
-    with session_scope() as session:
+    with unit_of_work() as session:
         due = list(session.execute(
             sa.select(col(WebhookDelivery.id))
-            .where(col(WebhookDelivery.status) == "pending",
+            .where(col(WebhookDelivery.status) == DeliveryStatus.pending,
                    col(WebhookDelivery.next_attempt_at) <= now,
                    sa.or_(col(WebhookDelivery.lease_expires_at).is_(None),
                           col(WebhookDelivery.lease_expires_at) < now),
@@ -98,7 +98,7 @@ def publish_due_deliveries() -> int:
             session.execute(sa.update(WebhookDelivery)
                             .where(col(WebhookDelivery.id).in_(due))
                             .values(dispatched_at=now))
-    publish_deliveries(due)
+            after_commit(session, lambda: publish_deliveries(due))
     return len(due)
 
 
@@ -107,22 +107,22 @@ def tend_batches() -> None:
     open batches, finalize again what died while finalizing."""
     now = utcnow()
     stale = now - timedelta(seconds=max(30.0, get_settings().sweep_interval_seconds * 6))
-    with session_scope() as session:
+    with unit_of_work() as session:
         rows = session.execute(
             sa.select(col(Batch.id), col(Batch.status))
-            .where(sa.or_(col(Batch.status).in_(["in_progress", "cancelling", "expiring"]),
-                          sa.and_(col(Batch.status) == "validating",
+            .where(sa.or_(col(Batch.status).in_(PUMPED),
+                          sa.and_(col(Batch.status) == BatchStatus.validating,
                                   col(Batch.created_at) < stale),
-                          sa.and_(col(Batch.status) == "finalizing",
+                          sa.and_(col(Batch.status) == BatchStatus.finalizing,
                                   col(Batch.finalizing_at) < stale - timedelta(minutes=5))))
         ).all()
     for batch_id, status in rows:
-        if status == "validating":
+        if status == BatchStatus.validating:
             publish_batch_validation(batch_id)
-        elif status == "finalizing":
+        elif status == BatchStatus.finalizing:
             refinalize(batch_id)
         else:
-            pump(batch_id)
+            pump_batch(batch_id)
 
 
 def sweep_once() -> tuple[int, int]:

@@ -1,13 +1,13 @@
-"""Celery tasks: thin wrappers over the runner."""
+"""Celery tasks: one line each, over the worker's steps."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from shared.batches.service import validate_batch
-from shared.core.broker import DELIVER_WEBHOOK, RUN_JOB, RUN_JOBS, VALIDATE_BATCH
-from shared.webhooks.delivery import deliver
+from shared.core.broker import DELIVER_WEBHOOK, PUMP_BATCH, RUN_JOB, RUN_JOBS, VALIDATE_BATCH
+from worker.batches import pump_batch, validate
 from worker.runner import run_job, run_jobs
+from worker.webhooks import deliver
 
 
 def register(app: Celery) -> None:
@@ -25,4 +25,8 @@ def register(app: Celery) -> None:
 
     @app.task(name=VALIDATE_BATCH, acks_late=True, ignore_result=True)
     def validate_batch_task(batch_id: str) -> None:
-        validate_batch(batch_id)
+        validate(batch_id)
+
+    @app.task(name=PUMP_BATCH, acks_late=True, ignore_result=True)
+    def pump_batch_task(batch_id: str) -> int:
+        return pump_batch(batch_id)

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
 from api.routes.images import ERRORS
 from api.sse import Frame, event_stream
-from shared.core.db import session_scope
+from shared.core.db import unit_of_work
 from shared.jobs.models import FINISHED
 from shared.jobs.service import get_job, job_images, queue_position
 from shared.jobs.views import render_job
@@ -29,7 +29,7 @@ async def job_events(job_id: str, request: Request, principal: CurrentPrincipal,
                      settings: SettingsDep, storage: StorageDep,
                      base_url: BaseUrl) -> StreamingResponse:
     def snapshot() -> Frame:
-        with session_scope() as session:
+        with unit_of_work() as session:
             job = get_job(session, principal.project_id, job_id)
             images = job_images(session, job) if job.status in FINISHED else []
             position = queue_position(session, job)

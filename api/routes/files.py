@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from api.deps import CurrentPrincipal, StorageDep
+from api.deps import CurrentPrincipal, DbSession, StorageDep
 from api.input_guard import check_text
 from api.routes.images import ERRORS
-from shared.core.db import session_scope
 from shared.core.errors import InvalidRequest, InvalidValue
+from shared.core.schemas import Deleted, ListPage
+from shared.files.schemas import FileObject
 from shared.files.service import (
     MAX_FILE_BYTES,
     MAX_FILENAME_CHARS,
@@ -26,9 +27,9 @@ from shared.files.views import file_view
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", responses=ERRORS)
+@router.post("", response_model=FileObject, responses=ERRORS)
 async def upload(file: UploadFile, purpose: Annotated[str, Form()], principal: CurrentPrincipal,
-                 storage: StorageDep) -> dict[str, Any]:
+                 session: DbSession, storage: StorageDep) -> FileObject:
     check_text(purpose, "purpose")
     filename = file.filename or "upload.jsonl"
     check_text(filename, "file")
@@ -45,44 +46,38 @@ async def upload(file: UploadFile, purpose: Annotated[str, Form()], principal: C
         raise InvalidRequest(f"The file is larger than {MAX_FILE_BYTES} bytes.", param="file")
     file.file.seek(0)
 
-    def store() -> dict[str, Any]:
-        with session_scope() as session:
-            return file_view(create_file(session, storage, principal.project_id,
-                                         filename, purpose, file.file, size))
+    def store() -> FileObject:
+        return file_view(create_file(session, storage, principal.project_id, filename,
+                                     purpose, file.file, size))
 
     return await run_in_threadpool(store)
 
 
-@router.get("", responses=ERRORS)
-def read_files(principal: CurrentPrincipal,
+@router.get("", response_model=ListPage[FileObject], responses=ERRORS)
+def read_files(principal: CurrentPrincipal, session: DbSession,
                purpose: Annotated[str | None, Query(max_length=32)] = None,
                limit: Annotated[int, Query(ge=1, le=10000)] = 100,
-               after: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
-    with session_scope() as session:
-        files, has_more = list_files(session, principal.project_id, purpose=purpose,
-                                     limit=limit, after=after)
-        data = [file_view(f) for f in files]
-    return {"object": "list", "data": data, "has_more": has_more,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None}
+               after: Annotated[str | None, Query(max_length=64)] = None,
+               ) -> ListPage[FileObject]:
+    files, has_more = list_files(session, principal.project_id, purpose=purpose,
+                                 limit=limit, after=after)
+    return ListPage.of([file_view(f) for f in files], has_more)
 
 
-@router.get("/{file_id}", responses=ERRORS)
-def read_file(file_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
-    with session_scope() as session:
-        return file_view(get_file(session, principal.project_id, file_id))
+@router.get("/{file_id}", response_model=FileObject, responses=ERRORS)
+def read_file(file_id: str, principal: CurrentPrincipal, session: DbSession) -> FileObject:
+    return file_view(get_file(session, principal.project_id, file_id))
 
 
 @router.get("/{file_id}/content", responses={200: {"content": {"application/jsonl": {}}},
                                             **ERRORS})
-def read_content(file_id: str, principal: CurrentPrincipal, storage: StorageDep) -> Response:
-    with session_scope() as session:
-        file = get_file(session, principal.project_id, file_id)
+def read_content(file_id: str, principal: CurrentPrincipal, session: DbSession,
+                 storage: StorageDep) -> Response:
+    file = get_file(session, principal.project_id, file_id)
     return Response(storage.get(file.storage_key), media_type="application/jsonl")
 
 
-@router.delete("/{file_id}", responses=ERRORS)
-def remove_file(file_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
-    with session_scope() as session:
-        file = delete_file(session, principal.project_id, file_id)
-    return {"id": file.id, "object": "file", "deleted": True}
+@router.delete("/{file_id}", response_model=Deleted, responses=ERRORS)
+def remove_file(file_id: str, principal: CurrentPrincipal, session: DbSession) -> Deleted:
+    file = delete_file(session, principal.project_id, file_id)
+    return Deleted(id=file.id, object="file")

@@ -10,12 +10,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
-from api.generation import submit
-from shared.core.db import session_scope
+from api.generation import position, submit
+from shared.core.errors import ErrorResponse
 from shared.jobs.input import validate_generation
-from shared.jobs.models import Job, JobStatus
-from shared.jobs.schemas import ErrorResponse, ImageGenerationRequest, ImagesResponse, JobObject
-from shared.jobs.service import queue_position
+from shared.jobs.models import JobStatus
+from shared.jobs.schemas import ImageGenerationRequest, ImagesResponse, JobObject
 from shared.jobs.views import job_failure, render_job, render_result
 from shared.registry import get_registry
 from shared.webhooks.service import webhook_of
@@ -78,10 +77,5 @@ async def create_image(
                                            base_url, settings.url_expiry_seconds)
         raise job_failure(job)
     obj = render_job(job, None, storage, base_url, settings.url_expiry_seconds)
-    obj.queue_position = await run_in_threadpool(_position, job)
+    obj.queue_position = await run_in_threadpool(position, job)
     return accepted(obj)
-
-
-def _position(job: Job) -> int | None:
-    with session_scope() as session:
-        return queue_position(session, job)

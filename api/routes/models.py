@@ -6,8 +6,7 @@ from fastapi import APIRouter
 
 from api.deps import CurrentPrincipal
 from api.routes.images import ERRORS
-from shared.jobs.schemas import ModelList, ModelObject
-from shared.registry import get_registry
+from shared.registry import ModelList, ModelObject, get_registry
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 _CREATED = 1735689600  # 2025-01-01: registry entries have no creation time of their own

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import CurrentPrincipal
+from api.deps import CurrentPrincipal, DbSession
 from api.routes.images import ERRORS
-from shared.core.db import session_scope
-from shared.usage import usage_report
+from shared.usage import UsageReport, usage_report
 
 router = APIRouter(tags=["usage"])
 # Days a report may name: no job predates 1970, and the day after the last must
@@ -19,13 +18,11 @@ FIRST_DAY = date(1970, 1, 1)
 LAST_DAY = date(9999, 12, 30)
 
 
-@router.get("/v1/usage", responses=ERRORS)
-def read_usage(principal: CurrentPrincipal,
+@router.get("/v1/usage", response_model=UsageReport, responses=ERRORS)
+def read_usage(principal: CurrentPrincipal, session: DbSession,
                start_date: Annotated[date | None, Query(ge=FIRST_DAY, le=LAST_DAY)] = None,
                end_date: Annotated[date | None, Query(ge=FIRST_DAY, le=LAST_DAY)] = None,
-               ) -> dict[str, Any]:
+               ) -> UsageReport:
     end = end_date or datetime.now(UTC).date()
     start = start_date or end - timedelta(days=29)
-    with session_scope() as session:
-        report = usage_report(session, principal.project_id, start, end)
-    return {"project": principal.project_name, **report}
+    return usage_report(session, principal.project_id, principal.project_name, start, end)

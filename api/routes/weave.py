@@ -15,22 +15,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from api.deps import BaseUrl, SettingsDep, StorageDep, WeavePrincipal
+from api.deps import BaseUrl, DbSession, SettingsDep, StorageDep, WeavePrincipal
 from api.generation import submit
-from shared.core.db import session_scope
+from shared.core.db import unit_of_work
 from shared.core.errors import Forbidden, ImagegenError
-from shared.core.storage import Storage
 from shared.jobs.input import parse_request, validate_generation
-from shared.jobs.models import Job, JobStatus
+from shared.jobs.models import JobStatus
 from shared.jobs.schemas import ImageGenerationRequest
-from shared.jobs.service import job_images
 from shared.jobs.views import render_result
 from shared.projects.service import Principal
 from shared.registry import get_registry
-from shared.traces.models import Call
 from shared.traces.schemas import CallFilter, CallsQuery
 from shared.traces.service import OP_WEAVE, count_calls, normalise_usage, query_calls, read_call
-from shared.traces.views import call_schema, jsonl
+from shared.traces.views import jsonl, render_calls
 from shared.webhooks.service import webhook_of
 
 router = APIRouter(tags=["weave"])
@@ -148,65 +145,42 @@ async def image_create(
     return ImageGenerationCreateRes(response=response, weave_call_id=job.call_id)
 
 
-def _call_output(call: Call, storage: Storage, base_url: str, expiry: int,
-                 jobs: dict[str, tuple[Job, list[Any]]]) -> dict[str, Any] | None:
-    """The stored output, with image URLs made fresh (never b64 blobs in traces)."""
-    if call.output is None or call.job_id not in jobs:
-        return call.output
-    job, images = jobs[call.job_id]
-    job_as_url = job.model_copy(update={"request": {**job.request, "response_format": "url"}})
-    data = render_result(job_as_url, images, storage, base_url, expiry).data
-    return {**call.output, "data": [d.model_dump(exclude_none=True) for d in data]}
-
-
-def _render_calls(calls: list[Call], project_ref: str, storage: Storage, base_url: str,
-                  expiry: int) -> list[dict[str, Any]]:
-    with session_scope() as session:
-        jobs: dict[str, tuple[Job, list[Any]]] = {}
-        for call in calls:
-            if call.job_id and call.output is not None:
-                job = session.get(Job, call.job_id)
-                if job is not None and job.project_id == call.project_id:
-                    jobs[call.job_id] = (job, job_images(session, job))
-    return [call_schema(c, project_ref, _call_output(c, storage, base_url, expiry, jobs))
-            for c in calls]
-
-
 @router.post("/call/read", response_model=CallReadRes, summary="Call Read",
              responses=WEAVE_ERRORS)
-def call_read(body: CallReadReq, principal: WeavePrincipal, settings: SettingsDep,
-              storage: StorageDep, base_url: BaseUrl) -> CallReadRes:
+def call_read(body: CallReadReq, principal: WeavePrincipal, session: DbSession,
+              settings: SettingsDep, storage: StorageDep, base_url: BaseUrl) -> CallReadRes:
     _check_project(principal, body.project_id)
-    with session_scope() as session:
-        call = read_call(session, principal.project_id, body.id)
+    call = read_call(session, principal.project_id, body.id)
     if call is None:
         return CallReadRes(call=None)
-    rendered = _render_calls([call], body.project_id, storage, base_url,
-                             settings.url_expiry_seconds)
+    rendered = render_calls(session, [call], body.project_id, storage, base_url,
+                            settings.url_expiry_seconds)
     return CallReadRes(call=rendered[0])
 
 
 @router.post("/calls/stream_query", summary="Calls Query Stream",
              responses={200: {"content": {"application/jsonl": {}}}, **WEAVE_ERRORS})
-def calls_stream_query(body: CallsQuery, principal: WeavePrincipal, settings: SettingsDep,
-                       storage: StorageDep, base_url: BaseUrl) -> StreamingResponse:
+def calls_stream_query(body: CallsQuery, principal: WeavePrincipal, session: DbSession,
+                       settings: SettingsDep, storage: StorageDep,
+                       base_url: BaseUrl) -> StreamingResponse:
     _check_project(principal, body.project_id)
-    with session_scope() as session:
-        calls = query_calls(session, principal.project_id, body)
+    calls = query_calls(session, principal.project_id, body)
 
     def rows() -> Iterator[dict[str, Any]]:
-        # Rendered a page at a time so a large answer never sits whole in memory.
+        # Rendered a page at a time so a large answer never sits whole in memory; the
+        # stream outlives the request's transaction, so each page reads in its own.
         for start in range(0, len(calls), 100):
-            yield from _render_calls(calls[start:start + 100], body.project_id, storage,
-                                     base_url, settings.url_expiry_seconds)
+            with unit_of_work() as page_session:
+                yield from render_calls(page_session, calls[start:start + 100],
+                                        body.project_id, storage, base_url,
+                                        settings.url_expiry_seconds)
 
     return StreamingResponse(jsonl(rows()), media_type="application/jsonl")
 
 
 @router.post("/calls/query_stats", response_model=CallsQueryStatsRes,
              summary="Calls Query Stats", responses=WEAVE_ERRORS)
-def calls_query_stats(body: CallsQueryStatsReq,
-                      principal: WeavePrincipal) -> CallsQueryStatsRes:
+def calls_query_stats(body: CallsQueryStatsReq, principal: WeavePrincipal,
+                      session: DbSession) -> CallsQueryStatsRes:
     _check_project(principal, body.project_id)
-    with session_scope() as session:
-        return CallsQueryStatsRes(count=count_calls(session, principal.project_id, body.filter))
+    return CallsQueryStatsRes(count=count_calls(session, principal.project_id, body.filter))

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
 
-from api.deps import CurrentPrincipal
+from api.deps import CurrentPrincipal, DbSession
 from api.routes.images import ERRORS
-from shared.core.broker import publish_deliveries
-from shared.core.db import session_scope
+from shared.core.schemas import Deleted, ListPage
+from shared.webhooks.models import DeliveryStatus
+from shared.webhooks.schemas import (
+    DefaultSecret,
+    DeliveryObject,
+    EndpointCreate,
+    EndpointObject,
+    EndpointWithSecret,
+)
 from shared.webhooks.service import (
     create_endpoint,
     default_secret,
@@ -23,83 +29,72 @@ from shared.webhooks.service import (
     redeliver,
     rotate_secret,
 )
-from shared.webhooks.views import delivery_view, endpoint_view
+from shared.webhooks.views import delivery_view, endpoint_view, endpoint_with_secret
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 
-class EndpointCreate(BaseModel):
-    url: str = Field(max_length=2000)
-    events: list[str] | None = Field(default=None, max_length=100)
-    description: str | None = Field(default=None, max_length=500)
+@router.post("/endpoints", response_model=EndpointWithSecret, responses=ERRORS)
+async def post_endpoint(body: EndpointCreate, principal: CurrentPrincipal,
+                        session: DbSession) -> EndpointWithSecret:
+    def create() -> EndpointWithSecret:  # resolves the host: off the event loop
+        return endpoint_with_secret(create_endpoint(
+            session, principal.project_id, body.url, body.events, body.description))
+
+    return await run_in_threadpool(create)
 
 
-@router.post("/endpoints", responses=ERRORS)
-async def post_endpoint(body: EndpointCreate, principal: CurrentPrincipal) -> dict[str, Any]:
-    def do() -> dict[str, Any]:
-        with session_scope() as session:
-            endpoint = create_endpoint(session, principal.project_id, body.url, body.events,
-                                       body.description)
-            return endpoint_view(endpoint, with_secret=True)
-
-    return await run_in_threadpool(do)  # resolves the host: off the event loop
+@router.get("/endpoints", response_model=ListPage[EndpointObject], responses=ERRORS)
+def get_endpoints(principal: CurrentPrincipal, session: DbSession) -> ListPage[EndpointObject]:
+    return ListPage.of([endpoint_view(e) for e in list_endpoints(session, principal.project_id)])
 
 
-@router.get("/endpoints", responses=ERRORS)
-def get_endpoints(principal: CurrentPrincipal) -> dict[str, Any]:
-    with session_scope() as session:
-        return {"object": "list",
-                "data": [endpoint_view(e) for e in list_endpoints(session, principal.project_id)]}
+@router.get("/endpoints/{endpoint_id}", response_model=EndpointObject, responses=ERRORS)
+def get_one_endpoint(endpoint_id: str, principal: CurrentPrincipal,
+                     session: DbSession) -> EndpointObject:
+    return endpoint_view(get_endpoint(session, principal.project_id, endpoint_id))
 
 
-@router.get("/endpoints/{endpoint_id}", responses=ERRORS)
-def get_one_endpoint(endpoint_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
-    with session_scope() as session:
-        return endpoint_view(get_endpoint(session, principal.project_id, endpoint_id))
+@router.delete("/endpoints/{endpoint_id}", response_model=Deleted, responses=ERRORS)
+def remove_endpoint(endpoint_id: str, principal: CurrentPrincipal,
+                    session: DbSession) -> Deleted:
+    endpoint = delete_endpoint(session, principal.project_id, endpoint_id)
+    return Deleted(id=endpoint.id, object="webhook_endpoint")
 
 
-@router.delete("/endpoints/{endpoint_id}", responses=ERRORS)
-def remove_endpoint(endpoint_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
-    with session_scope() as session:
-        endpoint = delete_endpoint(session, principal.project_id, endpoint_id)
-    return {"id": endpoint.id, "object": "webhook_endpoint", "deleted": True}
+@router.post("/endpoints/{endpoint_id}/rotate_secret", response_model=EndpointWithSecret,
+             responses=ERRORS)
+def post_rotate(endpoint_id: str, principal: CurrentPrincipal,
+                session: DbSession) -> EndpointWithSecret:
+    return endpoint_with_secret(rotate_secret(session, principal.project_id, endpoint_id))
 
 
-@router.post("/endpoints/{endpoint_id}/rotate_secret", responses=ERRORS)
-def post_rotate(endpoint_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
-    with session_scope() as session:
-        return endpoint_view(rotate_secret(session, principal.project_id, endpoint_id),
-                             with_secret=True)
-
-
-@router.get("/default/secret", responses=ERRORS)
-def get_default_secret(principal: CurrentPrincipal) -> dict[str, str]:
+@router.get("/default/secret", response_model=DefaultSecret, responses=ERRORS)
+def get_default_secret(principal: CurrentPrincipal, session: DbSession) -> DefaultSecret:
     """The secret that signs per-job webhooks (``webhook_url`` on a request)."""
-    with session_scope() as session:
-        return {"key": default_secret(session, principal.project_id)}
+    return DefaultSecret(key=default_secret(session, principal.project_id))
 
 
-@router.get("/deliveries", responses=ERRORS)
+@router.get("/deliveries", response_model=ListPage[DeliveryObject], responses=ERRORS)
 def get_deliveries(
     principal: CurrentPrincipal,
+    session: DbSession,
     job_id: Annotated[str | None, Query(max_length=64)] = None,
     endpoint_id: Annotated[str | None, Query(max_length=64)] = None,
-    status: Annotated[str | None, Query(pattern="^(pending|succeeded|failed)$")] = None,
+    status: DeliveryStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64)] = None,
-) -> dict[str, Any]:
-    with session_scope() as session:
-        rows, has_more = list_deliveries(session, principal.project_id, job_id=job_id,
-                                         endpoint_id=endpoint_id, status=status, limit=limit,
-                                         after=after)
-        data = [delivery_view(d, delivery_attempts(session, d.id)) for d in rows]
-    return {"object": "list", "data": data, "has_more": has_more}
+) -> ListPage[DeliveryObject]:
+    rows, has_more = list_deliveries(session, principal.project_id, job_id=job_id,
+                                     endpoint_id=endpoint_id, status=status, limit=limit,
+                                     after=after)
+    return ListPage.of([delivery_view(d, delivery_attempts(session, d.id)) for d in rows],
+                       has_more)
 
 
-@router.post("/deliveries/{delivery_id}/redeliver", responses=ERRORS)
-def post_redeliver(delivery_id: str, principal: CurrentPrincipal) -> dict[str, Any]:
-    with session_scope() as session:
-        delivery = redeliver(session, principal.project_id, delivery_id)
-        view = delivery_view(delivery, delivery_attempts(session, delivery.id))
-    publish_deliveries([delivery_id])
-    return view
+@router.post("/deliveries/{delivery_id}/redeliver", response_model=DeliveryObject,
+             responses=ERRORS)
+def post_redeliver(delivery_id: str, principal: CurrentPrincipal,
+                   session: DbSession) -> DeliveryObject:
+    delivery = redeliver(session, principal.project_id, delivery_id)
+    return delivery_view(delivery, delivery_attempts(session, delivery.id))

@@ -1,3 +1,4 @@
+"""Reading a batch's input: the OpenAI JSONL file line by line, and metadata."""
 
 from __future__ import annotations
 

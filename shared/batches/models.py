@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -10,6 +11,58 @@ from sqlmodel import Field, SQLModel
 from shared.core.clock import utcnow
 from shared.core.columns import UTCDateTime, ts_field
 from shared.core.ids import new_id
+
+
+class BatchStatus(StrEnum):
+    """OpenAI's batch states, plus ``expiring``: past its window, its running lines
+    draining (shown as ``finalizing``)."""
+
+    validating = "validating"
+    in_progress = "in_progress"
+    finalizing = "finalizing"
+    completed = "completed"
+    failed = "failed"
+    expiring = "expiring"
+    expired = "expired"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+
+# validating -> in_progress (lines made) | failed (the input is bad) | cancelling
+# in_progress -> finalizing (every line ended) | expiring (past its window) | cancelling
+# expiring | cancelling -> finalizing (once no line is running)
+# finalizing -> completed | expired | cancelled (output files written)
+BATCH_TRANSITIONS: dict[BatchStatus, tuple[BatchStatus, ...]] = {
+    BatchStatus.validating: (BatchStatus.in_progress, BatchStatus.failed,
+                             BatchStatus.cancelling),
+    BatchStatus.in_progress: (BatchStatus.finalizing, BatchStatus.expiring,
+                              BatchStatus.cancelling),
+    BatchStatus.expiring: (BatchStatus.finalizing,),
+    BatchStatus.cancelling: (BatchStatus.finalizing,),
+    BatchStatus.finalizing: (BatchStatus.completed, BatchStatus.expired, BatchStatus.cancelled),
+    BatchStatus.completed: (),
+    BatchStatus.failed: (),
+    BatchStatus.expired: (),
+    BatchStatus.cancelled: (),
+}
+TERMINAL = tuple(status for status, moves in BATCH_TRANSITIONS.items() if not moves)
+# Pumped: lines are started (in_progress) or drained (expiring, cancelling).
+PUMPED = (BatchStatus.in_progress, BatchStatus.cancelling, BatchStatus.expiring)
+# What a batch that reaches finalizing from each status ends as.
+FINAL_STATUS = {BatchStatus.in_progress: BatchStatus.completed,
+                BatchStatus.cancelling: BatchStatus.cancelled,
+                BatchStatus.expiring: BatchStatus.expired}
+
+
+class ItemStatus(StrEnum):
+    """A line: pending (no job yet) -> queued (its job made) -> succeeded | failed |
+    canceled (its job ended, or the batch stopped before it ran)."""
+
+    pending = "pending"
+    queued = "queued"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
 
 
 class Batch(SQLModel, table=True):
@@ -21,9 +74,7 @@ class Batch(SQLModel, table=True):
     endpoint: str = Field(default="/v1/images/generations", max_length=100)
     input_file_id: str | None = Field(default=None, max_length=64)
     completion_window: str = Field(default="24h", max_length=16)
-    # validating -> in_progress -> finalizing -> completed | failed | expired |
-    # cancelling -> cancelled
-    status: str = Field(default="validating", index=True, max_length=16)
+    status: str = Field(default=BatchStatus.validating, index=True, max_length=16)
     batch_metadata: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
     errors: list[dict[str, Any]] | None = Field(default=None, sa_type=sa.JSON)
     output_file_id: str | None = Field(default=None, max_length=64)
@@ -58,8 +109,7 @@ class BatchItem(SQLModel, table=True):
     line: int
     custom_id: str = Field(max_length=500)
     body: dict[str, Any] = Field(sa_type=sa.JSON)
-    # pending (no job yet) -> queued (job made) -> succeeded | failed | canceled
-    status: str = Field(default="pending", max_length=16)
+    status: str = Field(default=ItemStatus.pending, max_length=16)
     job_id: str | None = Field(default=None, max_length=64)
     status_code: int | None = None
     error: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)

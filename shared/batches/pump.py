@@ -1,20 +1,24 @@
+"""Running a batch: lines become jobs a few at a time, and each finished job's
+result is kept on its line. Every change is a guarded statement, so any number
+of pumps (the worker's batch tick, the sweeper) may run side by side."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col
 
-from shared.batches.models import Batch, BatchItem
-from shared.batches.results import finalize
+from shared.batches.models import PUMPED, Batch, BatchItem, BatchStatus, ItemStatus
 from shared.core.broker import publish_jobs
 from shared.core.clock import utcnow
 from shared.core.columns import table
-from shared.core.db import session_scope
-from shared.core.errors import ImagegenError
+from shared.core.errors import ClientError, ErrorCode, ImagegenError, render
 from shared.core.ids import new_id
+from shared.core.outbox import after_commit
 from shared.core.settings import get_settings
 from shared.jobs.input import parse_request, validate_generation
 from shared.jobs.models import Job, JobStatus
@@ -25,51 +29,56 @@ from shared.projects.models import Project
 from shared.registry import get_registry
 
 
-def pump(batch_id: str) -> int:
-    """Top the batch up to its in-flight bound; finalize it once nothing is left."""
+@dataclass(frozen=True)
+class Pumped:
+    started: int  # lines that became jobs now
+    finished: bool  # nothing left to run: the batch is ready to finalize
+
+
+def pump(session: Session, batch_id: str) -> Pumped:
+    """Top the batch up to its in-flight bound (the new jobs are published after
+    commit, in chunks); says whether nothing is left, so the caller finalizes it."""
     settings = get_settings()
     bound = settings.batch_max_in_flight
     registry = get_registry()
-    created: list[str] = []
-    with session_scope() as session:
-        batch = session.get(Batch, batch_id)
-        if batch is None or batch.status not in ("in_progress", "cancelling", "expiring"):
-            return 0
-        now = utcnow()
-        if batch.status == "in_progress" and batch.expires_at and batch.expires_at < now:
-            _stop_pending(session, batch, "batch_expired",
-                          "The batch expired before this request ran.")
-            batch.status = "expiring"
-            session.add(batch)
-        in_flight = _count(session, batch.id, "queued")
-        room = bound - in_flight
-        pending: list[sa.Row[Any]] = []
-        if batch.status == "in_progress" and room >= max(1, bound // 4):
-            pending = list(session.execute(
-                sa.select(col(BatchItem.id), col(BatchItem.body))
-                .where(col(BatchItem.batch_id) == batch.id, col(BatchItem.status) == "pending")
-                .order_by(col(BatchItem.line)).limit(room)
-                .with_for_update(skip_locked=True)).all())
-        valid: list[tuple[str, GenerationParams, str]] = []
-        for item_id, body in pending:
-            try:
-                params = validate_generation(parse_request(body), registry)
-                valid.append((item_id, params, registry.get(params.model).name))
-            except ImagegenError as exc:
-                _fail_item(session, item_id, exc, now)
-        jobs = _queue_lines(session, batch, valid, now) if valid else []
-        created = [job["id"] for job in jobs]
-        finished = not created and in_flight == 0 and _count(session, batch.id, "pending") == 0
+    batch = session.get(Batch, batch_id)
+    if batch is None or batch.status not in PUMPED:
+        return Pumped(0, False)
+    now = utcnow()
+    if batch.status == BatchStatus.in_progress and batch.expires_at and batch.expires_at < now:
+        stop_pending(session, batch, ErrorCode.batch_expired,
+                     "The batch expired before this request ran.")
+        batch.status = BatchStatus.expiring
+        session.add(batch)
+    in_flight = _count(session, batch.id, ItemStatus.queued)
+    room = bound - in_flight
+    pending: list[sa.Row[Any]] = []
+    if batch.status == BatchStatus.in_progress and room >= max(1, bound // 4):
+        pending = list(session.execute(
+            sa.select(col(BatchItem.id), col(BatchItem.body))
+            .where(col(BatchItem.batch_id) == batch.id,
+                   col(BatchItem.status) == ItemStatus.pending)
+            .order_by(col(BatchItem.line)).limit(room)
+            .with_for_update(skip_locked=True)).all())
+    valid: list[tuple[str, GenerationParams, str]] = []
+    for item_id, body in pending:
+        try:
+            params = validate_generation(parse_request(body), registry)
+            valid.append((item_id, params, registry.get(params.model).name))
+        except ClientError as exc:
+            _fail_item(session, item_id, exc, now)
+    jobs = _queue_lines(session, batch, valid, now) if valid else []
+    created = [job["id"] for job in jobs]
+    finished = (not created and in_flight == 0
+                and _count(session, batch.id, ItemStatus.pending) == 0)
     # Lines run in chunks: one message, one claim and one finishing transaction per
     # chunk instead of per line (if a message is lost, the job sweeper re-publishes
     # its jobs one by one).
     size = max(1, settings.batch_chunk_size)
     for start in range(0, len(created), size):
-        publish_jobs(created[start:start + size], settings.batch_queue)
-    if finished:
-        finalize(batch_id)
-    return len(created)
-
+        chunk = created[start:start + size]
+        after_commit(session, partial(publish_jobs, chunk, settings.batch_queue))
+    return Pumped(len(created), finished)
 
 
 def _queue_lines(session: Session, batch: Batch, valid: list[tuple[str, GenerationParams, str]],
@@ -94,42 +103,33 @@ def _queue_lines(session: Session, batch: Batch, valid: list[tuple[str, Generati
         items = table(BatchItem).c
         session.execute(sa.update(table(BatchItem))
                         .where(items.id == sa.bindparam("item_id"))
-                        .values(status="queued", job_id=sa.bindparam("new_job_id")),
+                        .values(status=ItemStatus.queued, job_id=sa.bindparam("new_job_id")),
                         [{"item_id": job["batch_item_id"], "new_job_id": job["id"]}
                          for job in jobs])
     return jobs
 
 
-
-def _error_body(err: ImagegenError) -> dict[str, Any]:
-    """A line's error as OpenAI's error object."""
-    return {"message": err.message, "type": err.error_type, "param": err.param,
-            "code": err.code}
-
-
-
 def _fail_item(session: Session, item_id: str, exc: ImagegenError, now: datetime) -> None:
     session.execute(sa.update(BatchItem).where(col(BatchItem.id) == item_id).values(
-        status="failed", status_code=exc.status_code, finished_at=now, error=_error_body(exc)))
+        status=ItemStatus.failed, status_code=exc.status_code, finished_at=now,
+        error=render(exc).model_dump()))
 
 
-
-def _count(session: Session, batch_id: str, status: str) -> int:
+def _count(session: Session, batch_id: str, status: ItemStatus) -> int:
     return int(session.execute(
         sa.select(sa.func.count()).select_from(BatchItem)
         .where(col(BatchItem.batch_id) == batch_id, col(BatchItem.status) == status)
     ).scalar_one())
 
 
-
-def _stop_pending(session: Session, batch: Batch, code: str, message: str) -> None:
+def stop_pending(session: Session, batch: Batch, code: str, message: str) -> None:
     """Items not started end canceled: pending ones, and queued jobs not yet running."""
     now = utcnow()
     error = {"code": code, "message": message}
     session.execute(sa.update(BatchItem)
                     .where(col(BatchItem.batch_id) == batch.id,
-                           col(BatchItem.status) == "pending")
-                    .values(status="canceled", error=error, finished_at=now))
+                           col(BatchItem.status) == ItemStatus.pending)
+                    .values(status=ItemStatus.canceled, error=error, finished_at=now))
     queued = list(session.execute(
         sa.update(Job)
         .where(col(Job.batch_id) == batch.id, col(Job.status) == JobStatus.queued)
@@ -137,9 +137,9 @@ def _stop_pending(session: Session, batch: Batch, code: str, message: str) -> No
         .returning(col(Job.batch_item_id))).scalars())
     if queued:
         session.execute(sa.update(BatchItem)
-                        .where(col(BatchItem.id).in_(queued), col(BatchItem.status) == "queued")
-                        .values(status="canceled", error=error, finished_at=now))
-
+                        .where(col(BatchItem.id).in_(queued),
+                               col(BatchItem.status) == ItemStatus.queued)
+                        .values(status=ItemStatus.canceled, error=error, finished_at=now))
 
 
 def item_finished(session: Session, job: Job) -> None:
@@ -148,18 +148,18 @@ def item_finished(session: Session, job: Job) -> None:
         return
     values: dict[str, Any] = {"finished_at": utcnow()}
     if job.status == JobStatus.succeeded:
-        values |= {"status": "succeeded", "status_code": 200}
+        values |= {"status": ItemStatus.succeeded, "status_code": 200}
     elif job.status == JobStatus.canceled:
-        values |= {"status": "canceled",
-                   "error": {"code": "batch_cancelled", "message": "The batch was cancelled."}}
+        values |= {"status": ItemStatus.canceled,
+                   "error": {"code": ErrorCode.batch_cancelled,
+                             "message": "The batch was cancelled."}}
     else:
         err = job_failure(job)
-        values |= {"status": "failed", "status_code": err.status_code,
-                   "error": _error_body(err)}
+        values |= {"status": ItemStatus.failed, "status_code": err.status_code,
+                   "error": render(err).model_dump()}
     session.execute(sa.update(BatchItem)
                     .where(col(BatchItem.id) == job.batch_item_id,
-                           col(BatchItem.status) == "queued").values(**values))
-
+                           col(BatchItem.status) == ItemStatus.queued).values(**values))
 
 
 def lines_succeeded(session: Session, item_ids: list[str]) -> None:
@@ -167,6 +167,7 @@ def lines_succeeded(session: Session, item_ids: list[str]) -> None:
     if item_ids:
         session.execute(sa.update(BatchItem)
                         .where(col(BatchItem.id).in_(item_ids),
-                               col(BatchItem.status) == "queued")
-                        .values(status="succeeded", status_code=200, finished_at=utcnow())
+                               col(BatchItem.status) == ItemStatus.queued)
+                        .values(status=ItemStatus.succeeded, status_code=200,
+                                finished_at=utcnow())
                         .execution_options(synchronize_session=False))

@@ -1,16 +1,17 @@
 """Batches: OpenAI's Batch API over a JSONL file, and a native JSON batch.
 
 A batch's lines become items; items become ordinary jobs on the batch queue a
-few at a time (at most ``batch_max_in_flight`` per batch), so a 50,000-line
-batch never floods the broker or starves other projects' sync requests. Every
-step is a guarded transition in SQL: a restart of any process resumes the batch
-(the sweeper pumps it), an item's job is created once, and a job runs to
-completion once, so each line gets exactly one result.
+few at a time (``pump``: at most ``batch_max_in_flight`` per batch), so a
+50,000-line batch never floods the broker or starves other projects' sync
+requests. Every step is a guarded transition in SQL: a restart of any process
+resumes the batch (the sweeper pumps it), an item's job is created once, and a
+job runs to completion once, so each line gets exactly one result. Heavy steps
+(validating the input, pumping, finalizing) run in the worker: a request only
+records its change and enqueues the step.
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 from typing import Any
 
@@ -24,31 +25,28 @@ from shared.batches.input import (
     check_metadata,
     parse_input,
 )
-from shared.batches.models import Batch, BatchItem
-from shared.batches.pump import _stop_pending, pump
+from shared.batches.models import BATCH_TRANSITIONS, Batch, BatchItem, BatchStatus, ItemStatus
+from shared.batches.pump import stop_pending
 from shared.batches.views import render_batch
-from shared.core.broker import publish_deliveries
+from shared.core.broker import publish_batch_pump, publish_batch_validation
 from shared.core.clock import utcnow
-from shared.core.db import session_scope
 from shared.core.errors import Conflict, InvalidRequest, InvalidValue, NotFound
 from shared.core.events import publish_job_changed
 from shared.core.ids import new_id
+from shared.core.outbox import after_commit
 from shared.core.storage import get_storage
 from shared.files.models import File
 from shared.files.service import get_file
 from shared.projects.service import Principal
 from shared.webhooks.events import record_batch_event
 
-log = logging.getLogger(__name__)
-
-OPEN = ("validating", "in_progress", "cancelling")
-
-
 # --- creating ----------------------------------------------------------------------
+
 
 def create_openai_batch(session: Session, principal: Principal, *, input_file_id: str,
                         endpoint: str, completion_window: str,
                         metadata: dict[str, str] | None) -> Batch:
+    """Record the batch; the worker validates its input file (enqueued after commit)."""
     if endpoint != ENDPOINT:
         raise InvalidRequest(f"Unsupported endpoint '{endpoint}': this service batches "
                              f"'{ENDPOINT}'.", param="endpoint")
@@ -65,46 +63,14 @@ def create_openai_batch(session: Session, principal: Principal, *, input_file_id
                   created_at=now, expires_at=now + timedelta(hours=24))
     session.add(batch)
     session.flush()
+    batch_id = batch.id
+    after_commit(session, lambda: publish_batch_validation(batch_id))  # if lost: the sweeper
     return batch
-
-
-def _insert_items(session: Session, batch: Batch, items: list[dict[str, Any]]) -> None:
-    rows = [{"id": new_id("batch_req"), "batch_id": batch.id, "project_id": batch.project_id,
-             "line": it["line"], "custom_id": it["custom_id"], "body": it["body"],
-             "status": "pending"} for it in items]
-    for start in range(0, len(rows), 5000):
-        session.execute(sa.insert(BatchItem), rows[start:start + 5000])
-    batch.total = len(rows)
-    batch.status = "in_progress"
-    batch.in_progress_at = utcnow()
-    session.add(batch)
-
-
-def validate_batch(batch_id: str) -> None:
-    """Worker step: read the input file, fail the batch or create its items."""
-    with session_scope() as session:
-        batch = session.get(Batch, batch_id)
-        if batch is None or batch.status != "validating":
-            return
-        file = session.get(File, batch.input_file_id)
-        lines = get_storage().lines(file.storage_key) if file is not None else iter(())
-        items, errors = parse_input(lines)
-        if errors:
-            now = utcnow()
-            batch.status, batch.failed_at, batch.errors = "failed", now, errors[:1000]
-            session.add(batch)
-            deliveries = record_batch_event(session, batch, "batch.failed",
-                                            render_batch(session, batch))
-        else:
-            _insert_items(session, batch, items)
-            deliveries = []
-    publish_deliveries(deliveries)
-    publish_job_changed(batch_id, "validated")
-    pump(batch_id)
 
 
 def create_native_batch(session: Session, principal: Principal, requests: list[dict[str, Any]],
                         webhook_url: str | None, metadata: dict[str, str] | None) -> Batch:
+    """Record the batch and its lines; the worker starts them (enqueued after commit)."""
     if not requests:
         raise InvalidRequest("A batch needs at least one request.", param="requests")
     if len(requests) > MAX_LINES:
@@ -129,24 +95,65 @@ def create_native_batch(session: Session, principal: Principal, requests: list[d
     session.flush()
     _insert_items(session, batch, items)
     session.flush()
+    batch_id = batch.id
+    after_commit(session, lambda: publish_batch_pump(batch_id))
     return batch
 
 
-# --- running -----------------------------------------------------------------------
+def _insert_items(session: Session, batch: Batch, items: list[dict[str, Any]]) -> None:
+    rows = [{"id": new_id("batch_req"), "batch_id": batch.id, "project_id": batch.project_id,
+             "line": it["line"], "custom_id": it["custom_id"], "body": it["body"],
+             "status": ItemStatus.pending} for it in items]
+    for start in range(0, len(rows), 5000):
+        session.execute(sa.insert(BatchItem), rows[start:start + 5000])
+    batch.total = len(rows)
+    batch.status = BatchStatus.in_progress
+    batch.in_progress_at = utcnow()
+    session.add(batch)
 
+
+def validate_batch(session: Session, batch_id: str) -> bool:
+    """Worker step: read the input file, then fail the batch or create its lines.
+    True when the batch now has lines to run."""
+    batch = session.get(Batch, batch_id)
+    if batch is None or batch.status != BatchStatus.validating:
+        return False
+    file = session.get(File, batch.input_file_id)
+    lines = get_storage().lines(file.storage_key) if file is not None else iter(())
+    items, errors = parse_input(lines)
+    if errors:
+        batch.status, batch.failed_at, batch.errors = BatchStatus.failed, utcnow(), errors[:1000]
+        session.add(batch)
+        session.flush()
+        record_batch_event(session, batch, "batch.failed",
+                           render_batch(session, batch).model_dump(mode="json"))
+    else:
+        _insert_items(session, batch, items)
+    after_commit(session, lambda: publish_job_changed(batch_id, "validated"))
+    return not errors
+
+
+# --- cancelling --------------------------------------------------------------------
 
 def cancel_batch(session: Session, project_id: str, batch_id: str) -> Batch:
+    """Lines not started end canceled; running ones finish. The worker finalizes the
+    batch once none is running (a pump enqueued after commit)."""
     batch = get_batch(session, project_id, batch_id)
-    if batch.status in ("cancelling", "cancelled"):
+    if batch.status in (BatchStatus.cancelling, BatchStatus.cancelled):
         return batch
-    if batch.status not in ("validating", "in_progress"):
+    if BatchStatus.cancelling not in _moves(batch.status):
         raise Conflict(f"Batch '{batch_id}' is {batch.status} and cannot be cancelled.",
                        param="batch_id")
-    batch.status, batch.cancelling_at = "cancelling", utcnow()
-    _stop_pending(session, batch, "batch_cancelled", "The batch was cancelled.")
+    batch.status, batch.cancelling_at = BatchStatus.cancelling, utcnow()
+    stop_pending(session, batch, "batch_cancelled", "The batch was cancelled.")
     session.add(batch)
     session.flush()
+    after_commit(session, lambda: publish_batch_pump(batch_id))
     return batch
+
+
+def _moves(status: str) -> tuple[BatchStatus, ...]:
+    return BATCH_TRANSITIONS[BatchStatus(status)]
 
 
 # --- reading -----------------------------------------------------------------------
@@ -166,5 +173,3 @@ def list_batches(session: Session, project_id: str, *, limit: int,
         query = query.where(col(Batch.id) < after)
     rows = list(session.exec(query.order_by(col(Batch.id).desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
-
-

@@ -1,3 +1,4 @@
+"""Rendering batches and their lines."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from shared.batches.models import Batch, BatchItem
+from shared.batches.models import Batch, BatchItem, BatchStatus, ItemStatus
+from shared.batches.schemas import (
+    BatchErrors,
+    BatchItemObject,
+    BatchItemPage,
+    BatchObject,
+    ItemResponse,
+    RequestCounts,
+)
 from shared.core.clock import to_unix
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
@@ -16,35 +25,32 @@ from shared.jobs.service import images_by_job
 from shared.jobs.views import render_result
 
 
-def request_counts(session: Session, batch: Batch) -> dict[str, int]:
+def request_counts(session: Session, batch: Batch) -> RequestCounts:
     counts: Counter[str] = Counter(dict(session.execute(  # type: ignore[arg-type]
         sa.select(col(BatchItem.status), sa.func.count()).where(
             col(BatchItem.batch_id) == batch.id).group_by(col(BatchItem.status))).all()))
-    return {"total": batch.total, "completed": counts["succeeded"],
-            "failed": counts["failed"] + counts["canceled"]}
+    return RequestCounts(total=batch.total, completed=counts[ItemStatus.succeeded],
+                         failed=counts[ItemStatus.failed] + counts[ItemStatus.canceled])
 
 
 
-def render_batch(session: Session, batch: Batch) -> dict[str, Any]:
-    status = "finalizing" if batch.status == "expiring" else batch.status
-    return {
-        "id": batch.id, "object": "batch", "endpoint": batch.endpoint,
-        "errors": {"object": "list", "data": batch.errors} if batch.errors else None,
-        "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
-        "status": status, "output_file_id": batch.output_file_id,
-        "error_file_id": batch.error_file_id, "created_at": to_unix(batch.created_at),
-        "in_progress_at": to_unix(batch.in_progress_at),
-        "expires_at": to_unix(batch.expires_at), "finalizing_at": to_unix(batch.finalizing_at),
-        "completed_at": to_unix(batch.completed_at), "failed_at": to_unix(batch.failed_at),
-        "expired_at": to_unix(batch.expired_at), "cancelling_at": to_unix(batch.cancelling_at),
-        "cancelled_at": to_unix(batch.cancelled_at),
-        "request_counts": request_counts(session, batch),
-        "metadata": batch.batch_metadata,
-    }
+def render_batch(session: Session, batch: Batch) -> BatchObject:
+    status = BatchStatus.finalizing if batch.status == BatchStatus.expiring else batch.status
+    return BatchObject(
+        id=batch.id, endpoint=batch.endpoint,
+        errors=BatchErrors(data=batch.errors) if batch.errors else None,
+        input_file_id=batch.input_file_id, completion_window=batch.completion_window,
+        status=BatchStatus(status), output_file_id=batch.output_file_id,
+        error_file_id=batch.error_file_id, created_at=to_unix(batch.created_at) or 0,
+        in_progress_at=to_unix(batch.in_progress_at), expires_at=to_unix(batch.expires_at),
+        finalizing_at=to_unix(batch.finalizing_at), completed_at=to_unix(batch.completed_at),
+        failed_at=to_unix(batch.failed_at), expired_at=to_unix(batch.expired_at),
+        cancelling_at=to_unix(batch.cancelling_at), cancelled_at=to_unix(batch.cancelled_at),
+        request_counts=request_counts(session, batch), metadata=batch.batch_metadata,
+    )
 
 
-
-def _items_with_jobs(session: Session, batch: Batch, where: Any,
+def items_with_jobs(session: Session, batch: Batch, where: Any,
                      limit: int | None) -> list[tuple[BatchItem, Job | None]]:
     """The batch's lines in order, each with its job, in one query."""
     query = (select(BatchItem, Job)
@@ -58,24 +64,27 @@ def _items_with_jobs(session: Session, batch: Batch, where: Any,
 
 
 def list_items(session: Session, batch: Batch, *, limit: int,
-               after: int | None) -> tuple[list[dict[str, Any]], bool]:
+               after: int | None) -> BatchItemPage:
     """A page of lines with their results (fresh URLs), by line number."""
     settings = get_settings()
     after_clause = col(BatchItem.line) > after if after is not None else sa.true()
-    rows = _items_with_jobs(session, batch, after_clause, limit + 1)
+    rows = items_with_jobs(session, batch, after_clause, limit + 1)
     images = images_by_job(session, batch.project_id,
                            [job.id for item, job in rows[:limit]
-                            if item.status == "succeeded" and job is not None])
+                            if item.status == ItemStatus.succeeded and job is not None])
     page = []
     for item, job in rows[:limit]:
-        entry: dict[str, Any] = {"id": item.id, "custom_id": item.custom_id, "line": item.line,
-                                 "status": item.status, "job_id": item.job_id,
-                                 "response": None, "error": item.error}
-        if item.status == "succeeded" and job is not None:
+        response = None
+        if item.status == ItemStatus.succeeded and job is not None:
             body = render_result(job, images[job.id], get_storage(),
                                  settings.public_base_url(), settings.url_expiry_seconds)
-            entry["response"] = {"status_code": 200, "body": body.model_dump(exclude_none=True)}
+            response = ItemResponse(status_code=200, body=body.model_dump(exclude_none=True))
         elif item.status_code is not None:
-            entry["response"] = {"status_code": item.status_code, "body": {"error": item.error}}
-        page.append(entry)
-    return page, len(rows) > limit
+            response = ItemResponse(status_code=item.status_code, body={"error": item.error})
+        page.append(BatchItemObject(id=item.id, custom_id=item.custom_id, line=item.line,
+                                    status=ItemStatus(item.status), job_id=item.job_id,
+                                    response=response, error=item.error))
+    return BatchItemPage(data=page, has_more=len(rows) > limit,
+                         first_id=page[0].id if page else None,
+                         last_id=page[-1].id if page else None,
+                         last_line=page[-1].line if page else None)

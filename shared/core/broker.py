@@ -135,11 +135,22 @@ def publish_deliveries(delivery_ids: list[str]) -> None:
 
 
 VALIDATE_BATCH = "imagegen.validate_batch"
+PUMP_BATCH = "imagegen.pump_batch"
+
+
+def _send_batch_step(task: str, batch_id: str) -> None:
+    """Best effort: a batch whose step message is lost is tended by the sweeper."""
+    try:
+        get_celery().send_task(task, args=[batch_id], queue=get_settings().batch_queue)
+    except Exception as exc:  # kombu raises many types for an unreachable broker
+        log.warning("broker did not take %s for batch %s: %s", task, batch_id, exc)
 
 
 def publish_batch_validation(batch_id: str) -> None:
-    """Best effort: a batch left validating is sent again by the sweeper."""
-    try:
-        get_celery().send_task(VALIDATE_BATCH, args=[batch_id], queue=get_settings().batch_queue)
-    except Exception as exc:  # kombu raises many types for an unreachable broker
-        log.warning("broker did not take batch %s: %s", batch_id, exc)
+    _send_batch_step(VALIDATE_BATCH, batch_id)
+
+
+def publish_batch_pump(batch_id: str) -> None:
+    """Start (or drain) a batch's lines, and finalize it once none is left: heavy
+    work a request never does inline."""
+    _send_batch_step(PUMP_BATCH, batch_id)

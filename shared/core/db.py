@@ -1,4 +1,4 @@
-"""Engine and session scopes. The boundary (a request, a task) owns the transaction."""
+"""The engine, and the unit of work: the one place a transaction commits."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from shared.core import outbox
 from shared.core.settings import get_settings
 
 
@@ -48,12 +49,17 @@ def get_engine() -> Engine:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """One transaction: commit on success, roll back on error."""
+def unit_of_work() -> Iterator[Session]:
+    """The one transaction boundary: commit on success, then send what the work
+    collected for after the commit (``shared.core.outbox``); on error roll back and
+    drop it. Services take the session and only flush; a request (``api.deps``),
+    a worker step and a CLI command each open one of these."""
     with Session(get_engine(), expire_on_commit=False) as session:
         try:
             yield session
             session.commit()
         except BaseException:
             session.rollback()
+            outbox.discard(session)
             raise
+        outbox.flush_sends(session)

@@ -1,23 +1,97 @@
-"""The error tree. Each error carries its HTTP status and renders in the surface's shape."""
+"""The error tree: one root, two branches, one list of codes, one renderer.
+
+- ``ClientError``: the request cannot be served as asked. Carries its HTTP status
+  and OpenAI ``type``; raised by services and rendered by the API as is.
+- ``InternalError``: a condition inside the service (a provider failed, storage is
+  out, an image is unreadable, a job was canceled under a worker). The worker
+  decides what each means for a job; should one reach the API it answers 5xx.
+
+Every error has a ``code``: one of ``ErrorCode``, or (for a provider's own refusal)
+the code the upstream gave, passed through as OpenAI's clients expect it.
+``render`` turns any error into OpenAI's error object; API answers, failed jobs,
+batch output lines and the Weave surface's ``detail`` all come from it.
+"""
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+from pydantic import BaseModel
+
+
+class ErrorCode(StrEnum):
+    # The request
+    invalid_request = "invalid_request"
+    invalid_value = "invalid_value"
+    invalid_json = "invalid_json"
+    missing_required_parameter = "missing_required_parameter"
+    string_above_max_length = "string_above_max_length"
+    file_too_large = "file_too_large"
+    method_not_allowed = "method_not_allowed"
+    # Who is asking, and for what
+    invalid_api_key = "invalid_api_key"
+    missing_api_key = "missing_api_key"
+    forbidden = "forbidden"
+    not_found = "not_found"
+    model_not_found = "model_not_found"
+    conflict = "conflict"
+    # Limits
+    rate_limit_exceeded = "rate_limit_exceeded"
+    images_per_day_exceeded = "images_per_day_exceeded"
+    jobs_in_flight_exceeded = "jobs_in_flight_exceeded"
+    # The service and its providers
+    service_unavailable = "service_unavailable"
+    internal_error = "internal_error"
+    upstream_error = "upstream_error"
+    upstream_timeout = "upstream_timeout"
+    upstream_unavailable = "upstream_unavailable"
+    upstream_rate_limited = "upstream_rate_limited"
+    upstream_rejected = "upstream_rejected"
+    upstream_auth_error = "upstream_auth_error"
+    upstream_bad_response = "upstream_bad_response"
+    provider_misconfigured = "provider_misconfigured"
+    storage_unavailable = "storage_unavailable"
+    unsafe_target = "unsafe_target"
+    unresolvable_target = "unresolvable_target"
+    # Jobs
+    job_failed = "job_failed"
+    job_canceled = "job_canceled"
+    max_attempts_exceeded = "max_attempts_exceeded"
+    # Batches and their lines
+    batch_cancelled = "batch_cancelled"
+    batch_expired = "batch_expired"
+    invalid_file = "invalid_file"
+    invalid_json_line = "invalid_json_line"
+    invalid_method = "invalid_method"
+    invalid_url = "invalid_url"
+    invalid_body = "invalid_body"
+    duplicate_custom_id = "duplicate_custom_id"
+    too_many_lines = "too_many_lines"
+    empty_file = "empty_file"
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
 
 class ImagegenError(Exception):
-    """Base: an error a client should see, with its status and OpenAI error fields."""
+    """The root of every error this service raises on purpose."""
 
     status_code = 500
     error_type = "server_error"
-    code: str | None = None
+    code: str | None = ErrorCode.internal_error
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -26,11 +100,22 @@ class ImagegenError(Exception):
         self.retry_after = retry_after
 
 
-class InvalidRequest(ImagegenError):
-    """The request is malformed or breaks the model's capabilities (400)."""
+def render(err: ImagegenError) -> ErrorBody:
+    """The one rendering of an error, as OpenAI's error object."""
+    return ErrorBody(message=err.message, type=err.error_type, param=err.param,
+                     code=None if err.code is None else str(err.code))
 
+
+# --- client errors: the request, as asked, cannot be served ---------------------------
+
+class ClientError(ImagegenError):
     status_code = 400
     error_type = "invalid_request_error"
+    code: str | None = None
+
+
+class InvalidRequest(ClientError):
+    """The request is malformed or breaks the model's capabilities (400)."""
 
 
 class InvalidValue(InvalidRequest):
@@ -38,66 +123,129 @@ class InvalidValue(InvalidRequest):
     number or length out of range): 400 on the OpenAI surface, and the Weave
     surface's own 422 ``HTTPValidationError`` naming the field."""
 
-    code = "invalid_value"
+    code = ErrorCode.invalid_value
 
 
-class AuthenticationError(ImagegenError):
+class AuthenticationError(ClientError):
     """Missing, unknown or revoked API key (401)."""
 
     status_code = 401
-    error_type = "invalid_request_error"
-    code = "invalid_api_key"
+    code = ErrorCode.invalid_api_key
 
 
-class NotFound(ImagegenError):
+class Forbidden(ClientError):
+    """A wrong or expired file signature, or another project's resource (403)."""
+
+    status_code = 403
+    code = ErrorCode.forbidden
+
+
+class NotFound(ClientError):
     """The object does not exist in the caller's project (404)."""
 
     status_code = 404
-    error_type = "invalid_request_error"
-    code = "not_found"
+    code = ErrorCode.not_found
 
 
 class ModelNotFound(NotFound):
     """The model is not in the registry (404 ``model_not_found``)."""
 
-    code = "model_not_found"
+    code = ErrorCode.model_not_found
 
 
-class Forbidden(ImagegenError):
-    """A wrong or expired file signature (403)."""
+class Conflict(ClientError):
+    """The object is in a state that does not allow the operation (409)."""
 
-    status_code = 403
-    error_type = "invalid_request_error"
-    code = "forbidden"
+    status_code = 409
+    code = ErrorCode.conflict
 
 
-class RateLimited(ImagegenError):
+class RateLimited(ClientError):
     """Too many requests; always carries ``retry_after`` (429)."""
 
     status_code = 429
     error_type = "rate_limit_error"
-    code = "rate_limit_exceeded"
+    code = ErrorCode.rate_limit_exceeded
 
 
-class ServiceUnavailable(ImagegenError):
-    """A dependency the request needs is down (503)."""
+class ServiceUnavailable(ClientError):
+    """A dependency the request needs is down (503): try again later."""
 
     status_code = 503
     error_type = "server_error"
-    code = "service_unavailable"
+    code = ErrorCode.service_unavailable
 
 
-class UpstreamError(ImagegenError):
-    """The provider failed after retries (502) or timed out (504)."""
+class UpstreamError(ClientError):
+    """How a job the provider failed answers a waiting request: 502, or 504 for a
+    timeout, or 500 for our own fault (``status`` says)."""
 
     status_code = 502
     error_type = "server_error"
-    code = "upstream_error"
+    code = ErrorCode.upstream_error
+
+    def __init__(self, message: str, *, code: str | None = None, status: int = 502) -> None:
+        super().__init__(message, code=code)
+        self.status_code = status
 
 
-class Conflict(ImagegenError):
-    """The object is in a state that does not allow the operation (409)."""
+# --- internal errors: conditions inside the service ----------------------------------
 
-    status_code = 409
-    error_type = "invalid_request_error"
-    code = "conflict"
+class InternalError(ImagegenError):
+    """A condition inside the service; the worker decides what it means for a job."""
+
+
+class ProviderError(InternalError):
+    """A provider call failed."""
+
+    code = ErrorCode.upstream_error
+
+
+class TransientProviderError(ProviderError):
+    """Worth retrying: timeouts, connection errors, 429, 5xx."""
+
+    code = ErrorCode.upstream_unavailable
+
+
+class PermanentProviderError(ProviderError):
+    """Never retried: invalid request, content policy, bad credentials. Its code may be
+    the upstream's own (``content_policy_violation``)."""
+
+    code = ErrorCode.upstream_rejected
+
+
+class UnreadableImage(InternalError):
+    """The provider returned bytes that are not an image."""
+
+    code = ErrorCode.upstream_bad_response
+
+
+class StorageUnavailable(InternalError):
+    """The store can't take the write now (unreachable, a server error, a full
+    disk): the caller waits and tries again, it does not fail the work."""
+
+    status_code = 503
+    code = ErrorCode.storage_unavailable
+
+
+class JobCanceled(InternalError):
+    """The job was canceled (or taken over) while this attempt ran."""
+
+    code = ErrorCode.job_canceled
+
+    def __init__(self, message: str = "The job was canceled.") -> None:
+        super().__init__(message)
+
+
+class UnsafeTarget(InternalError):
+    """A webhook URL that is not http(s) or points at a non-public address. At the
+    edge it becomes the request's 400 (``shared.webhooks.service.check_url``); in
+    the worker it ends the delivery."""
+
+    code = ErrorCode.unsafe_target
+
+
+class UnresolvableTarget(InternalError):
+    """The webhook host does not resolve (now): worth another try later."""
+
+    code = ErrorCode.unresolvable_target

@@ -24,17 +24,12 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as S3ConnectionError
 
-from shared.core.errors import Forbidden, NotFound
+from shared.core.errors import Forbidden, NotFound, StorageUnavailable
 from shared.core.settings import Settings, get_settings
 
 
 def image_key(project_id: str, job_id: str, index: int, ext: str) -> str:
     return f"{project_id}/{job_id}/{index}.{ext}"
-
-
-class StorageUnavailable(Exception):
-    """The store can't take the write now (unreachable, a server error, a full
-    disk): the caller waits and tries again, it does not fail the work."""
 
 
 # S3 error codes that mean "later", besides any 5xx status.

@@ -1,14 +1,12 @@
+"""Rendering files as OpenAI's File object."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from shared.core.clock import to_unix
 from shared.files.models import File
+from shared.files.schemas import FileObject
 
 
-def file_view(file: File) -> dict[str, Any]:
-    return {"id": file.id, "object": "file", "bytes": file.bytes,
-            "created_at": to_unix(file.created_at), "filename": file.filename,
-            "purpose": file.purpose, "status": "processed", "expires_at": None,
-            "status_details": None}
+def file_view(file: File) -> FileObject:
+    return FileObject(id=file.id, bytes=file.bytes, created_at=to_unix(file.created_at) or 0,
+                      filename=file.filename, purpose=file.purpose)

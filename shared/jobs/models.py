@@ -21,13 +21,22 @@ class JobStatus(StrEnum):
     failed = "failed"
     canceled = "canceled"
 
-    @property
-    def finished(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
 
-
-
-FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+# The moves a job makes, each a guarded UPDATE whose WHERE names the sources:
+#   queued -> running (a worker claims it) or canceled
+#   running -> succeeded | failed (its attempt ends) or canceled,
+#              or queued again (its lease expired: the worker died) or running
+#              again (another worker claims it once the lease expired)
+TRANSITIONS: dict[JobStatus, tuple[JobStatus, ...]] = {
+    JobStatus.queued: (JobStatus.running, JobStatus.canceled),
+    JobStatus.running: (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled,
+                        JobStatus.queued, JobStatus.running),
+    JobStatus.succeeded: (),
+    JobStatus.failed: (),
+    JobStatus.canceled: (),
+}
+FINISHED = tuple(status for status, moves in TRANSITIONS.items() if not moves)
+CANCELABLE = tuple(s for s, moves in TRANSITIONS.items() if JobStatus.canceled in moves)
 
 
 

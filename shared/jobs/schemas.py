@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from shared.jobs.models import Job
+from shared.core.schemas import ListPage
+from shared.jobs.models import Job, JobStatus
 
 
 class ImageGenerationRequest(BaseModel):
@@ -77,7 +78,7 @@ class JobError(BaseModel):
 class JobObject(BaseModel):
     id: str
     object: Literal["image.job"] = "image.job"
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: JobStatus
     model: str
     created_at: int
     started_at: int | None = None
@@ -96,35 +97,7 @@ class JobObject(BaseModel):
     webhook_events: list[str] | None = None
 
 
-class JobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[JobObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool
-
-
-class ModelObject(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelObject]
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+JobList = ListPage[JobObject]
 
 
 def job_params(job: Job) -> GenerationParams:

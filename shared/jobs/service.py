@@ -11,15 +11,19 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from shared.core.broker import publish_job
 from shared.core.clock import utcnow
+from shared.core.db import unit_of_work
 from shared.core.errors import (
     Conflict,
-    InvalidRequest,
     NotFound,
 )
+from shared.core.events import publish_job_changed
 from shared.core.ids import new_id
-from shared.jobs.models import Image, Job, JobStatus
+from shared.core.outbox import after_commit
+from shared.jobs.models import CANCELABLE, Image, Job, JobStatus
 from shared.jobs.schemas import GenerationParams
+from shared.projects.limits import get_limiter
 from shared.projects.service import Principal
 from shared.registry import ModelSpec
 from shared.traces.service import OP_OPENAI, finish_call, start_call
@@ -43,21 +47,26 @@ def create_job(session: Session, principal: Principal, params: GenerationParams,
         request=params.model_dump(),
         webhook_url=webhook.url if webhook else None,
         webhook_events=webhook.events if webhook else None,
-        # Optimistic: the caller publishes right after commit and clears this if the
-        # broker refuses (mark_unpublished), saving a write per request. If the API
-        # dies in between, the sweeper re-publishes after redeliver_after_seconds.
+        # Optimistic: published right after commit, and cleared if the broker refuses
+        # (saving a write per request). If the process dies in between, the sweeper
+        # re-publishes after redeliver_after_seconds.
         published_at=utcnow(),
     )
     session.add(job)
     session.flush()
+    after_commit(session, lambda: send_job(job.id, job.queue))
     if track:
         inputs = call_inputs if call_inputs is not None else params.model_dump(exclude_none=True)
         start_call(session, job, op_name=op_name, inputs=inputs, wb_user_id=principal.user)
     return job
 
 
-def job_queue(job: Job) -> str:
-    return job.queue
+def send_job(job_id: str, queue: str) -> None:
+    """After commit: hand "run job X" to the broker. If it refuses, the job is marked
+    unpublished (its own short transaction) for the sweeper to publish later."""
+    if not publish_job(job_id, queue):
+        with unit_of_work() as session:
+            mark_unpublished(session, job_id)
 
 
 def mark_published(session: Session, job_ids: Sequence[str]) -> None:
@@ -104,11 +113,9 @@ def images_by_job(session: Session, project_id: str,
 
 
 def list_jobs(session: Session, project_id: str, *, limit: int, after: str | None,
-              status: str | None) -> tuple[list[Job], bool]:
+              status: JobStatus | None) -> tuple[list[Job], bool]:
     query = select(Job).where(Job.project_id == project_id)
     if status is not None:
-        if status not in JobStatus.__members__:
-            raise InvalidRequest(f"Invalid status '{status}'.", param="status")
         query = query.where(col(Job.status) == status)
     if after is not None:
         # Ids are UUIDv7: newest-first order is descending id order.
@@ -117,15 +124,13 @@ def list_jobs(session: Session, project_id: str, *, limit: int, after: str | Non
     return rows[:limit], len(rows) > limit
 
 
-def cancel_job(session: Session, project_id: str, job_id: str) -> tuple[Job, list[str]]:
-    """Queued: it never runs. Running: it ends canceled and its result is discarded.
-
-    Returns the job and the ids of the webhook deliveries to send after commit."""
+def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
+    """Queued: it never runs. Running: it ends canceled and its result is discarded."""
     job = get_job(session, project_id, job_id)
     now = utcnow()
     result = session.execute(
         sa.update(Job)
-        .where(col(Job.id) == job.id, col(Job.status).in_([JobStatus.queued, JobStatus.running]))
+        .where(col(Job.id) == job.id, col(Job.status).in_(CANCELABLE))
         .values(status=JobStatus.canceled, canceled_at=now, finished_at=now, lease_token=None,
                 lease_expires_at=None)
     )
@@ -134,9 +139,12 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> tuple[Job, lis
     if not changed:
         if job.status != JobStatus.canceled:
             raise Conflict(f"Job '{job_id}' has already {job.status}.", param="job_id")
-        return job, []  # canceled before: idempotent, no second event
+        return job  # canceled before: idempotent, no second event
     finish_call(session, job, output=None, exception="canceled", usage=None)
-    return job, record_job_event(session, job, [])
+    record_job_event(session, job, [])
+    after_commit(session, lambda: get_limiter().release_job(project_id, job.id))
+    after_commit(session, lambda: publish_job_changed(job.id, job.status))
+    return job
 
 
 def queue_position(session: Session, job: Job) -> int | None:

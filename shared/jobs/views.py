@@ -5,29 +5,33 @@ import base64
 from typing import Any
 
 from shared.core.clock import to_unix
-from shared.core.errors import Conflict, ImagegenError, InvalidRequest, RateLimited, UpstreamError
+from shared.core.errors import (
+    ClientError,
+    Conflict,
+    ErrorCode,
+    InvalidRequest,
+    RateLimited,
+    UpstreamError,
+)
 from shared.core.storage import Storage
 from shared.jobs.models import Image, Job, JobStatus
 from shared.jobs.schemas import ImageData, ImagesResponse, JobError, JobList, JobObject, job_params
 
 
-def job_failure(job: Job) -> ImagegenError:
-    """How a failed job answers a waiting sync request."""
-    code = job.error_code or "job_failed"
+def job_failure(job: Job) -> ClientError:
+    """How a failed (or canceled) job answers a waiting request, and its batch line."""
+    code = job.error_code or ErrorCode.job_failed
     message = job.error_message or "The job failed."
     if job.status == JobStatus.canceled:
-        return Conflict("The job was canceled before it finished.", code="job_canceled")
-    if code == "upstream_timeout":
-        err: ImagegenError = UpstreamError(message, code=code)
-        err.status_code = 504
-        return err
-    if code == "upstream_rate_limited":
+        return Conflict("The job was canceled before it finished.", code=ErrorCode.job_canceled)
+    if code == ErrorCode.upstream_timeout:
+        return UpstreamError(message, code=code, status=504)
+    if code == ErrorCode.upstream_rate_limited:
         return RateLimited(message, code=code, retry_after=30)
-    if code.startswith("upstream_") or code in ("internal_error", "provider_misconfigured"):
-        err = UpstreamError(message, code=code)
-        if code == "internal_error":
-            err.status_code = 500
-        return err
+    if code == ErrorCode.internal_error:
+        return UpstreamError(message, code=code, status=500)
+    if code.startswith("upstream_") or code == ErrorCode.provider_misconfigured:
+        return UpstreamError(message, code=code)
     # The provider refused the request itself (content policy, invalid prompt):
     # the client's request is at fault, as OpenAI answers it.
     return InvalidRequest(message, code=code, param="prompt")
@@ -69,7 +73,7 @@ def render_job(job: Job, images: list[Image] | None, storage: Storage, base_url:
                          message=job.error_message or "The job failed.")
     return JobObject(
         id=job.id,
-        status=job.status,  # type: ignore[arg-type]
+        status=JobStatus(job.status),
         model=job.model,
         created_at=to_unix(job.created_at) or 0,
         started_at=to_unix(job.started_at),
@@ -91,5 +95,4 @@ def render_list(jobs: list[Job], has_more: bool, storage: Storage, base_url: str
     # Listings carry no result (no presigning or b64 reads for a whole page);
     # fetch one job to get its images.
     data = [render_job(job, None, storage, base_url, url_expiry) for job in jobs]
-    return JobList(data=data, first_id=data[0].id if data else None,
-                   last_id=data[-1].id if data else None, has_more=has_more)
+    return JobList.of(data, has_more)

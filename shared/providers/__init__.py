@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+from shared.core.errors import PermanentProviderError, ProviderError, TransientProviderError
 from shared.providers.base import (
     GeneratedImage,
-    PermanentProviderError,
     Provider,
-    ProviderError,
-    TransientProviderError,
 )
 from shared.registry import ModelSpec
 

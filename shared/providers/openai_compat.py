@@ -13,14 +13,13 @@ from typing import Any
 
 import httpx
 
+from shared.core.errors import PermanentProviderError, TransientProviderError
 from shared.core.settings import get_settings
 from shared.core.storable import clean
 from shared.jobs.schemas import GenerationParams
 from shared.providers.base import (
     GeneratedImage,
     Generation,
-    PermanentProviderError,
-    TransientProviderError,
 )
 from shared.registry import ModelSpec
 

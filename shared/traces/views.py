@@ -1,3 +1,4 @@
+"""Rendering trace calls in Weave's CallSchema."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+from sqlmodel import Session
+
+from shared.core.storage import Storage
+from shared.jobs.models import Image, Job
+from shared.jobs.service import job_images
+from shared.jobs.views import render_result
 from shared.traces.models import Call
 
 
@@ -45,3 +52,27 @@ def call_schema(call: Call, project_ref: str, output: dict[str, Any] | None) -> 
 def jsonl(rows: Iterator[dict[str, Any]]) -> Iterator[bytes]:
     for row in rows:
         yield json.dumps(row).encode() + b"\n"
+
+
+def _call_output(call: Call, storage: Storage, base_url: str, expiry: int,
+                 jobs: dict[str, tuple[Job, list[Image]]]) -> dict[str, Any] | None:
+    """The stored output, with image URLs made fresh (never b64 blobs in traces)."""
+    if call.output is None or call.job_id not in jobs:
+        return call.output
+    job, images = jobs[call.job_id]
+    job_as_url = job.model_copy(update={"request": {**job.request, "response_format": "url"}})
+    data = render_result(job_as_url, images, storage, base_url, expiry).data
+    return {**call.output, "data": [d.model_dump(exclude_none=True) for d in data]}
+
+
+def render_calls(session: Session, calls: list[Call], project_ref: str, storage: Storage,
+                 base_url: str, expiry: int) -> list[dict[str, Any]]:
+    """Calls as Weave's CallSchema, each output with its job's images (fresh URLs)."""
+    jobs: dict[str, tuple[Job, list[Image]]] = {}
+    for call in calls:
+        if call.job_id and call.output is not None:
+            job = session.get(Job, call.job_id)
+            if job is not None and job.project_id == call.project_id:
+                jobs[call.job_id] = (job, job_images(session, job))
+    return [call_schema(c, project_ref, _call_output(c, storage, base_url, expiry, jobs))
+            for c in calls]

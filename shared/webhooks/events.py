@@ -6,20 +6,22 @@ from typing import Any
 
 from sqlmodel import Session
 
+from shared.batches.models import Batch
+from shared.core.broker import publish_deliveries
 from shared.core.clock import utcnow
+from shared.core.outbox import after_commit
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
-from shared.jobs.models import Image, Job
+from shared.jobs.models import Image, Job, JobStatus
+from shared.jobs.views import render_job
 from shared.webhooks.models import JOB_EVENTS, WebhookDelivery
 from shared.webhooks.service import list_endpoints
 
-EVENT_FOR_STATUS = {"running": "job.started", "succeeded": "job.succeeded",
-                    "failed": "job.failed", "canceled": "job.canceled"}
+EVENT_FOR_STATUS: dict[JobStatus, str] = {JobStatus.running: "job.started", JobStatus.succeeded: "job.succeeded",
+                    JobStatus.failed: "job.failed", JobStatus.canceled: "job.canceled"}
 
 
 def _job_payload(job: Job, images: list[Image]) -> dict[str, Any]:
-    from shared.jobs.views import render_job
-
     # URLs, never image bytes, whatever response_format the job asked for.
     as_url = job.model_copy(update={"request": {**job.request, "response_format": "url"}})
     settings = get_settings()
@@ -31,16 +33,16 @@ def _job_payload(job: Job, images: list[Image]) -> dict[str, Any]:
 
 
 def _record(session: Session, project_id: str, event: str, own_url: str | None,
-            data: Callable[[], dict[str, Any]], job_id: str | None = None) -> list[str]:
+            data: Callable[[], dict[str, Any]], job_id: str | None = None) -> None:
     """Deliveries of one event: to ``own_url`` (the job's or batch's webhook, signed
     with the project's default secret) and to every enabled endpoint subscribed to
-    it. ``data`` is only rendered when someone listens. Returns the delivery ids."""
+    it. ``data`` is only rendered when someone listens. They are sent after commit."""
     targets: list[tuple[str, str | None]] = [(own_url, None)] if own_url else []
     for endpoint in list_endpoints(session, project_id):
         if endpoint.disabled_at is None and event in endpoint.events:
             targets.append((endpoint.url, endpoint.id))
     if not targets:
-        return []
+        return
     now = utcnow()
     payload = {"type": event, "timestamp": now.isoformat().replace("+00:00", "Z"),
                "data": data()}
@@ -50,20 +52,21 @@ def _record(session: Session, project_id: str, event: str, own_url: str | None,
                   for url, endpoint_id in targets]
     session.add_all(deliveries)
     session.flush()
-    return [d.id for d in deliveries]
+    ids = [d.id for d in deliveries]
+    after_commit(session, lambda: publish_deliveries(ids))
 
 
-def record_job_event(session: Session, job: Job, images: list[Image]) -> list[str]:
-    """Create the deliveries of this job's current status; returns their ids."""
-    event = EVENT_FOR_STATUS.get(job.status)
+def record_job_event(session: Session, job: Job, images: list[Image]) -> None:
+    """Create the deliveries of this job's current status, sent after commit."""
+    event = EVENT_FOR_STATUS.get(JobStatus(job.status))
     if event is None:
-        return []
+        return
     own = job.webhook_url if event in (job.webhook_events or JOB_EVENTS) else None
-    return _record(session, job.project_id, event, own, lambda: _job_payload(job, images),
+    _record(session, job.project_id, event, own, lambda: _job_payload(job, images),
                    job_id=job.id)
 
 
-def record_batch_event(session: Session, batch: Any, event: str,
-                       data: dict[str, Any]) -> list[str]:
+def record_batch_event(session: Session, batch: Batch, event: str,
+                       data: dict[str, Any]) -> None:
     """Deliveries of a batch event: to the batch's own webhook_url and subscribed endpoints."""
-    return _record(session, batch.project_id, event, batch.webhook_url, lambda: data)
+    _record(session, batch.project_id, event, batch.webhook_url, lambda: data)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -10,6 +11,19 @@ from sqlmodel import Field, SQLModel
 from shared.core.clock import utcnow
 from shared.core.columns import UTCDateTime, ts_field
 from shared.core.ids import new_id
+
+JOB_EVENTS = ("job.started", "job.succeeded", "job.failed", "job.canceled")
+BATCH_EVENTS = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
+ALL_EVENTS = JOB_EVENTS + BATCH_EVENTS
+
+
+class DeliveryStatus(StrEnum):
+    """pending -> succeeded | failed (schedule exhausted, 410, endpoint gone, or an
+    unsafe target); ``redeliver`` puts a delivery back to pending."""
+
+    pending = "pending"
+    succeeded = "succeeded"
+    failed = "failed"
 
 
 class WebhookEndpoint(SQLModel, table=True):
@@ -43,8 +57,7 @@ class WebhookDelivery(SQLModel, table=True):
     url: str = Field(max_length=2000)
     event_type: str = Field(max_length=64)
     payload: dict[str, Any] = Field(sa_type=sa.JSON)
-    # pending -> succeeded | failed (schedule exhausted, 410, or endpoint gone)
-    status: str = Field(default="pending", max_length=16)
+    status: str = Field(default=DeliveryStatus.pending, max_length=16)
     attempts: int = 0
     next_attempt_at: datetime | None = Field(default_factory=utcnow, sa_type=UTCDateTime)
     # When a "deliver" message was last sent for the due attempt (the sweeper does
@@ -68,14 +81,3 @@ class WebhookAttempt(SQLModel, table=True):
     status_code: int | None = None
     error: str | None = Field(default=None, max_length=1000)
     duration_ms: int
-
-
-JOB_EVENTS = ("job.started", "job.succeeded", "job.failed", "job.canceled")
-
-
-
-BATCH_EVENTS = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
-
-
-
-ALL_EVENTS = JOB_EVENTS + BATCH_EVENTS

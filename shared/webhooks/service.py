@@ -15,8 +15,10 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from shared.core.broker import publish_deliveries
 from shared.core.clock import utcnow
-from shared.core.errors import InvalidRequest, NotFound
+from shared.core.errors import InvalidRequest, NotFound, UnresolvableTarget, UnsafeTarget
+from shared.core.outbox import after_commit
 from shared.core.settings import get_settings
 from shared.projects.models import Project
 from shared.webhooks.models import ALL_EVENTS, WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -41,7 +43,12 @@ def validate_events(events: list[str] | None, param: str,
 
 
 def check_url(url: str, param: str) -> str:
-    check_target(url, allow_private=get_settings().webhook_allow_private_targets, param=param)
+    """A webhook target named in a request, checked now: refused as the request's 400."""
+    try:
+        check_target(url, allow_private=get_settings().webhook_allow_private_targets,
+                     param=param)
+    except (UnsafeTarget, UnresolvableTarget) as exc:
+        raise InvalidRequest(exc.message, param=param) from None
     return url
 
 
@@ -131,6 +138,7 @@ def redeliver(session: Session, project_id: str, delivery_id: str) -> WebhookDel
     delivery.updated_at = now
     session.add(delivery)
     session.flush()
+    after_commit(session, lambda: publish_deliveries([delivery_id]))
     return delivery
 
 

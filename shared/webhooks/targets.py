@@ -18,15 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from shared.core.errors import InvalidRequest
-
-
-class UnsafeTarget(InvalidRequest):
-    """The webhook URL is not http(s) or points at a non-public address."""
-
-
-class UnresolvableTarget(InvalidRequest):
-    """The webhook host does not resolve (now): worth another try later."""
+from shared.core.errors import UnresolvableTarget, UnsafeTarget
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.webhooks.targets import UnsafeTarget, check_target
+from shared.core.errors import UnsafeTarget
+from shared.webhooks.targets import check_target
 
 # (URL, refused without the private-targets flag, refused even with it)
 CASES: list[tuple[str, bool, bool]] = [

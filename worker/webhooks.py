@@ -22,11 +22,12 @@ from sqlmodel import col
 from standardwebhooks.webhooks import Webhook
 
 from shared.core.clock import utcnow
-from shared.core.db import session_scope
+from shared.core.db import unit_of_work
+from shared.core.errors import UnresolvableTarget, UnsafeTarget
 from shared.core.settings import get_settings
-from shared.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from shared.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from shared.webhooks.service import default_secret
-from shared.webhooks.targets import UnresolvableTarget, UnsafeTarget, check_target
+from shared.webhooks.targets import check_target
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,11 @@ def _client() -> httpx.Client:
 
 def _claim(delivery_id: str) -> WebhookDelivery | None:
     now = utcnow()
-    with session_scope() as session:
+    with unit_of_work() as session:
         result = session.execute(
             sa.update(WebhookDelivery)
             .where(col(WebhookDelivery.id) == delivery_id,
-                   col(WebhookDelivery.status) == "pending",
+                   col(WebhookDelivery.status) == DeliveryStatus.pending,
                    col(WebhookDelivery.next_attempt_at) <= now,
                    sa.or_(col(WebhookDelivery.lease_expires_at).is_(None),
                           col(WebhookDelivery.lease_expires_at) < now))
@@ -62,7 +63,7 @@ def _claim(delivery_id: str) -> WebhookDelivery | None:
 
 def _secret_and_endpoint(delivery: WebhookDelivery) -> tuple[str | None, str | None]:
     """The signing secret, or (None, reason) when the target is gone."""
-    with session_scope() as session:
+    with unit_of_work() as session:
         if delivery.endpoint_id is None:
             return default_secret(session, delivery.project_id), None
         endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
@@ -133,19 +134,19 @@ def _record(delivery: WebhookDelivery, status_code: int | None, error: str | Non
                                  "lease_expires_at": None, "updated_at": now}
     disable = False
     if error is None:
-        values["status"] = "succeeded"
+        values["status"] = DeliveryStatus.succeeded
     elif status_code == 410 or permanent:
-        values["status"] = "failed"  # gone, or refused as unsafe: retrying cannot help
+        values["status"] = DeliveryStatus.failed  # gone, or refused as unsafe: retrying cannot help
         disable = status_code == 410
     elif delivery.attempts >= len(schedule):
-        values["status"] = "failed"
+        values["status"] = DeliveryStatus.failed
     else:
         delay = schedule[delivery.attempts] * random.uniform(0.9, 1.1)  # jitter
         if retry_after is not None:
             delay = max(delay, retry_after)
         values["next_attempt_at"] = now + timedelta(seconds=delay)
         values["dispatched_at"] = None
-    with session_scope() as session:
+    with unit_of_work() as session:
         session.add(WebhookAttempt(delivery_id=delivery.id, number=delivery.attempts,
                                    status_code=status_code, error=error,
                                    duration_ms=duration_ms))

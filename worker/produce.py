@@ -1,0 +1,150 @@
+"""Producing a job's images: provider calls with retries, fan-out when a model makes
+fewer images per call than asked, then encoding and storing each image (waiting
+out a storage outage). Nothing here writes to the database."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+from shared.core.errors import (
+    JobCanceled,
+    PermanentProviderError,
+    ProviderError,
+    StorageUnavailable,
+    TransientProviderError,
+    UnreadableImage,
+)
+from shared.core.settings import get_settings
+from shared.core.storage import Storage, get_storage, image_key
+from shared.imaging import encode
+from shared.jobs.models import Image, Job, JobStatus
+from shared.jobs.schemas import GenerationParams, job_params
+from shared.providers import get_provider
+from shared.providers.base import GeneratedImage, Generation
+from shared.registry import ModelSpec, get_registry
+from worker.leases import LEASES
+from worker.record import Result
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache
+def fanout_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=get_settings().worker_concurrency,
+                              thread_name_prefix="fanout")
+
+
+
+def _call_with_retries(spec: ModelSpec, params: GenerationParams, count: int, first: int,
+                       job_id: str) -> Generation:
+    settings = get_settings()
+    provider = get_provider(spec)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return provider.generate(spec, params, count, first)
+        except TransientProviderError as exc:
+            if attempt >= settings.provider_max_attempts:
+                raise
+            delay = exc.retry_after
+            if delay is None:
+                delay = settings.provider_backoff_seconds * 2 ** (attempt - 1)
+                delay *= random.uniform(0.8, 1.2)
+            delay = min(delay, settings.provider_backoff_max_seconds)
+            log.info("job %s: %s; retry %d in %.1fs", job_id, exc.message, attempt, delay)
+            _wait_unless_lost(job_id, delay)
+
+
+
+def _generate(spec: ModelSpec, params: GenerationParams, job_id: str) -> Generation:
+    """All ``n`` images, fanning out when the upstream makes fewer per call."""
+    per_call = max(1, spec.batch_size)
+    chunks = [(first, min(per_call, params.n - first)) for first in range(0, params.n, per_call)]
+    if len(chunks) == 1:
+        return _call_with_retries(spec, params, params.n, 0, job_id)
+    futures = [fanout_pool().submit(_call_with_retries, spec, params, count, first, job_id)
+               for first, count in chunks]
+    images: list[GeneratedImage] = []
+    usage: dict[str, int] = {}
+    errors: list[BaseException] = []
+    for future in futures:  # wait for all, so no call outlives the attempt
+        try:
+            gen = future.result()
+        except BaseException as exc:
+            errors.append(exc)
+            continue
+        images += gen.images
+        for key, value in (gen.usage or {}).items():
+            if isinstance(value, int):
+                usage[key] = usage.get(key, 0) + value
+    if errors:
+        permanent = [e for e in errors if isinstance(e, PermanentProviderError)]
+        raise (permanent or errors)[0]
+    return Generation(images=images, usage=usage or None)
+
+
+
+def produce(job: Job) -> Result | None:
+    """Generate and store the job's images; None when the attempt was canceled."""
+    params = job_params(job)
+    try:
+        spec = get_registry().get(job.model)
+        generation = _generate(spec, params, job.id)
+        if LEASES.lost(job.id):
+            raise JobCanceled()
+        storage = get_storage()
+        images = []
+        for index, generated in enumerate(generation.images):
+            encoded = encode(generated.data, params.output_format, params.output_compression)
+            key = image_key(job.project_id, job.id, index, encoded.fmt)
+            _store(storage, key, encoded.data, encoded.content_type, job.id)
+            images.append(Image(
+                project_id=job.project_id, job_id=job.id, index=index, storage_key=key,
+                content_type=encoded.content_type, width=encoded.width, height=encoded.height,
+                size_bytes=len(encoded.data), revised_prompt=generated.revised_prompt,
+            ))
+        return Result(job, {"status": JobStatus.succeeded, "usage": generation.usage}, images)
+    except JobCanceled:
+        return None
+    except (ProviderError, UnreadableImage) as exc:
+        code = exc.code if isinstance(exc, ProviderError) else "upstream_bad_response"
+        message = exc.message if isinstance(exc, ProviderError) else str(exc)
+        log.info("job %s failed: %s: %s", job.id, code, message)
+        return Result(job, {"status": JobStatus.failed, "error_code": code,
+                            "error_message": message})
+    except Exception as exc:
+        # Our own fault (storage down, a bug): fail the job visibly, never as an
+        # empty success. The message names the kind of fault, not internals.
+        log.exception("job %s crashed", job.id)
+        return Result(job, {"status": JobStatus.failed, "error_code": "internal_error",
+                            "error_message": f"internal error: {type(exc).__name__}"})
+
+
+
+def _store(storage: Storage, key: str, data: bytes, content_type: str, job_id: str) -> None:
+    """Upload, waiting out a storage outage: the job keeps its generated images
+    (its lease renewed meanwhile) instead of failing or paying the provider again."""
+    delay = 0.5
+    while True:
+        try:
+            storage.put(key, data, content_type)
+            return
+        except StorageUnavailable as exc:
+            log.warning("job %s: %s; trying again in %.1fs", job_id, exc, delay)
+        _wait_unless_lost(job_id, delay)
+        delay = min(delay * 2, get_settings().storage_backoff_max_seconds)
+
+
+
+def _wait_unless_lost(job_id: str, seconds: float) -> None:
+    """Sleep before a retry; raises JobCanceled as soon as the job's lease is lost."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if LEASES.lost(job_id):
+            raise JobCanceled()
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
