@@ -54,9 +54,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="imagegen", version="0.1.0", lifespan=lifespan,
-                  dependencies=[Depends(guard_input)],
-                  description="Image generation with an OpenAI-compatible API, as a job queue.")
+    app = FastAPI(
+        title="imagegen",
+        version="0.1.0",
+        lifespan=lifespan,
+        dependencies=[Depends(guard_input)],
+        description="Image generation with an OpenAI-compatible API, as a job queue.",
+    )
     errors.install(app)
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(UploadLimit)

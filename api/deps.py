@@ -59,7 +59,8 @@ def current_principal(
     if not key:
         raise AuthenticationError(
             "You didn't provide an API key. Provide it as 'Authorization: Bearer YOUR_KEY'.",
-            code="missing_api_key")
+            code="missing_api_key",
+        )
     with unit_of_work() as session:
         principal = authenticate(session, key)
     if principal is None:

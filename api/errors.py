@@ -49,8 +49,9 @@ def weave_error(status: int, message: str, retry_after: float | None = None) -> 
 def weave_validation_error(param: str | None, message: str) -> JSONResponse:
     """Weave's ``HTTPValidationError``, as its reference server answers a bad field."""
     loc = ["body", *(param.split(".") if param else [])]
-    return JSONResponse({"detail": [{"loc": loc, "msg": message, "type": "value_error"}]},
-                        status_code=422)
+    return JSONResponse(
+        {"detail": [{"loc": loc, "msg": message, "type": "value_error"}]}, status_code=422
+    )
 
 
 def error_response(err: ImagegenError) -> JSONResponse:
@@ -59,8 +60,9 @@ def error_response(err: ImagegenError) -> JSONResponse:
     if err.status_code in (429, 503) and retry is None:
         retry = 5.0
     headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else {}
-    return JSONResponse({"error": render(err).model_dump()}, status_code=err.status_code,
-                        headers=headers)
+    return JSONResponse(
+        {"error": render(err).model_dump()}, status_code=err.status_code, headers=headers
+    )
 
 
 def _respond(request: Request, err: ImagegenError) -> JSONResponse:
@@ -86,13 +88,17 @@ async def _imagegen_error(request: Request, exc: Exception) -> JSONResponse:
         # An internal condition no route turned into a client error: a 5xx whose
         # message names nothing internal.
         log.error("internal error reached the API: %s", type(exc).__name__)
-        exc = UpstreamError("The server had an error while processing your request.",
-                            code=ErrorCode.internal_error, status=500)
+        exc = UpstreamError(
+            "The server had an error while processing your request.",
+            code=ErrorCode.internal_error,
+            status=500,
+        )
     return _respond(request, exc)
 
 
-def _client_error(status: int, message: str, code: str | None,
-                  param: str | None = None) -> ClientError:
+def _client_error(
+    status: int, message: str, code: str | None, param: str | None = None
+) -> ClientError:
     err = ClientError(message, param=param, code=code)
     err.status_code = status
     err.error_type = "invalid_request_error" if status < 500 else "server_error"
@@ -109,15 +115,25 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     err = errors[0] if errors else {"loc": (), "msg": "Invalid request", "type": "invalid"}
     param = _param(tuple(err.get("loc", ())))
     if err.get("type") == "json_invalid":
-        return error_response(InvalidRequest(
-            "We could not parse the JSON body of your request.", code=ErrorCode.invalid_json))
+        return error_response(
+            InvalidRequest(
+                "We could not parse the JSON body of your request.", code=ErrorCode.invalid_json
+            )
+        )
     if err.get("type") == "missing":
         if param is None:
-            return error_response(InvalidRequest("The request body must be a JSON object.",
-                                                 code=ErrorCode.invalid_request))
-        return error_response(InvalidRequest(f"Missing required parameter: '{param}'.",
-                                             param=param,
-                                             code=ErrorCode.missing_required_parameter))
+            return error_response(
+                InvalidRequest(
+                    "The request body must be a JSON object.", code=ErrorCode.invalid_request
+                )
+            )
+        return error_response(
+            InvalidRequest(
+                f"Missing required parameter: '{param}'.",
+                param=param,
+                code=ErrorCode.missing_required_parameter,
+            )
+        )
     message = f"Invalid value for '{param}': {err.get('msg')}." if param else str(err.get("msg"))
     return error_response(InvalidValue(message, param=param))
 
@@ -137,8 +153,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 405:
         exc.headers = {**(exc.headers or {}), "Allow": _allowed_methods(request)}
-    code = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed,
-            413: ErrorCode.file_too_large}.get(exc.status_code)
+    code = {
+        404: ErrorCode.not_found,
+        405: ErrorCode.method_not_allowed,
+        413: ErrorCode.file_too_large,
+    }.get(exc.status_code)
     response = _respond(request, _client_error(exc.status_code, str(exc.detail), code))
     response.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return response
@@ -162,16 +181,22 @@ async def _data_error(request: Request, exc: Exception) -> JSONResponse:
     fault, 400, never a 5xx a client would retry forever. The driver's message is
     not echoed (it can quote the value)."""
     log.warning("database refused a value: %s", type(getattr(exc, "orig", exc)).__name__)
-    return _respond(request, InvalidValue(
-        "A value in the request is out of range or cannot be stored."))
+    return _respond(
+        request, InvalidValue("A value in the request is out of range or cannot be stored.")
+    )
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     if is_weave(request):
         return weave_error(500, "Internal server error")
-    return error_response(UpstreamError("The server had an error while processing your "
-                                        "request.", code=ErrorCode.internal_error, status=500))
+    return error_response(
+        UpstreamError(
+            "The server had an error while processing your request.",
+            code=ErrorCode.internal_error,
+            status=500,
+        )
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -37,17 +37,34 @@ class Outcome:
         return self.job.status in FINISHED
 
 
-def _record(principal: Principal, params: GenerationParams, spec: ModelSpec, *,
-            surface: str, track: bool, op_name: str,
-            call_inputs: dict[str, Any] | None, webhook: Webhook | None) -> Job:
+def _record(
+    principal: Principal,
+    params: GenerationParams,
+    spec: ModelSpec,
+    *,
+    surface: str,
+    track: bool,
+    op_name: str,
+    call_inputs: dict[str, Any] | None,
+    webhook: Webhook | None,
+) -> Job:
     job_id = new_id("job")
     limiter = get_limiter()
     limiter.reserve_job(principal, job_id, params.n)
     try:
         with unit_of_work() as session:
-            job = create_job(session, principal, params, spec, job_id=job_id, surface=surface,
-                             track=track, op_name=op_name, call_inputs=call_inputs,
-                             webhook=webhook)
+            job = create_job(
+                session,
+                principal,
+                params,
+                spec,
+                job_id=job_id,
+                surface=surface,
+                track=track,
+                op_name=op_name,
+                call_inputs=call_inputs,
+                webhook=webhook,
+            )
     except BaseException:
         limiter.release_job(principal.project_id, job_id)
         raise
@@ -61,16 +78,33 @@ def load(principal: Principal, job_id: str) -> Outcome:
     return Outcome(job, images)
 
 
-async def submit(request: Request, principal: Principal, params: GenerationParams,
-                 spec: ModelSpec, *, wait: float, surface: str = "openai", track: bool = True,
-                 op_name: str = OP_OPENAI, call_inputs: dict[str, Any] | None = None,
-                 webhook: Webhook | None = None) -> Outcome:
+async def submit(
+    request: Request,
+    principal: Principal,
+    params: GenerationParams,
+    spec: ModelSpec,
+    *,
+    wait: float,
+    surface: str = "openai",
+    track: bool = True,
+    op_name: str = OP_OPENAI,
+    call_inputs: dict[str, Any] | None = None,
+    webhook: Webhook | None = None,
+) -> Outcome:
     """Record and enqueue the job; wait up to ``wait`` seconds for it to finish."""
     if params.user is None and principal.user:
         params = params.model_copy(update={"user": principal.user})
-    job = await run_in_threadpool(_record, principal, params, spec, surface=surface,
-                                  track=track, op_name=op_name, call_inputs=call_inputs,
-                                  webhook=webhook)
+    job = await run_in_threadpool(
+        _record,
+        principal,
+        params,
+        spec,
+        surface=surface,
+        track=track,
+        op_name=op_name,
+        call_inputs=call_inputs,
+        webhook=webhook,
+    )
     if wait <= 0:
         return Outcome(job, [])
     latest: Outcome = Outcome(job, [])

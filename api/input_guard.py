@@ -23,8 +23,9 @@ _SUSPECT = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 
 
 def refuse(param: str, what: str) -> InvalidValue:
-    return InvalidValue(f"Invalid value for '{param}': it contains {what}, which is not "
-                        "allowed.", param=param)
+    return InvalidValue(
+        f"Invalid value for '{param}': it contains {what}, which is not allowed.", param=param
+    )
 
 
 def check_text(value: str, param: str) -> None:

@@ -16,9 +16,14 @@ class DefaultJSONContentType:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["method"] == "POST"
-                and scope["path"].startswith(WEAVE_PREFIXES)
-                and not any(name == b"content-type" for name, _ in scope["headers"])):
-            scope = {**scope, "headers": [*scope["headers"],
-                                          (b"content-type", b"application/json")]}
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].startswith(WEAVE_PREFIXES)
+            and not any(name == b"content-type" for name, _ in scope["headers"])
+        ):
+            scope = {
+                **scope,
+                "headers": [*scope["headers"], (b"content-type", b"application/json")],
+            }
         await self.app(scope, receive, send)

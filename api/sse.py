@@ -28,8 +28,9 @@ class Frame:
     final: bool
 
 
-def event_stream(waiter: JobWaiter, key: str, first: Frame, snapshot: Callable[[], Frame],
-                 coalesce: float = 0.0) -> StreamingResponse:
+def event_stream(
+    waiter: JobWaiter, key: str, first: Frame, snapshot: Callable[[], Frame], coalesce: float = 0.0
+) -> StreamingResponse:
     """``first`` is taken before the response starts (so a 404 is still a 404);
     ``coalesce`` waits that long after a wake-up to fold bursts into one event."""
 
@@ -40,8 +41,9 @@ def event_stream(waiter: JobWaiter, key: str, first: Frame, snapshot: Callable[[
                 if current.state != last:
                     number += 1
                     last = current.state
-                    yield (f"id: {number}\nevent: {current.name}\n"
-                           f"data: {json.dumps(current.data)}\n\n").encode()
+                    yield (
+                        f"id: {number}\nevent: {current.name}\ndata: {json.dumps(current.data)}\n\n"
+                    ).encode()
                 if current.final:
                     return
                 event.clear()
@@ -52,5 +54,8 @@ def event_stream(waiter: JobWaiter, key: str, first: Frame, snapshot: Callable[[
                     await asyncio.sleep(coalesce)
                 current = await run_in_threadpool(snapshot)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -30,8 +30,11 @@ class UploadLimit:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope["method"] != "POST"
-                or scope["path"].rstrip("/") not in UPLOAD_PATHS):
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"].rstrip("/") not in UPLOAD_PATHS
+        ):
             await self.app(scope, receive, send)
             return
         for name, value in scope["headers"]:
@@ -55,8 +58,7 @@ class UploadLimit:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    err = InvalidRequest(str(_too_large(limit).detail), param="file",
-                         code=ErrorCode.file_too_large)
+    err = InvalidRequest(str(_too_large(limit).detail), param="file", code=ErrorCode.file_too_large)
     err.status_code = 413
     response = error_response(err)
     response.headers["connection"] = "close"  # the unread body is not drained

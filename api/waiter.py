@@ -95,16 +95,17 @@ class JobWaiter:
                 if not events:
                     del self._events[job_id]
 
-    async def changed(self, event: asyncio.Event, timeout: float) -> None:
-        """Sleep until ``event`` is set, the fallback timer fires, or ``timeout``."""
+    async def changed(self, event: asyncio.Event, seconds: float) -> None:
+        """Sleep until ``event`` is set, the fallback timer fires, or ``seconds`` pass."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), min(timeout, self._fallback()))
+            await asyncio.wait_for(event.wait(), min(seconds, self._fallback()))
 
-    async def wait(self, job_id: str, timeout: float,
-                   is_finished: Callable[[], Awaitable[bool]]) -> bool:
-        """True once ``is_finished()`` holds; False after ``timeout`` seconds."""
+    async def wait(
+        self, job_id: str, seconds: float, is_finished: Callable[[], Awaitable[bool]]
+    ) -> bool:
+        """True once ``is_finished()`` holds; False after ``seconds``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + seconds
         async with self.subscribe(job_id) as event:
             while True:
                 # Subscribed before the check: a change between the two still wakes us.

@@ -39,16 +39,24 @@ BENCH_ENV = {
 
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def sync_load(stack: Stack, concurrency: int, requests: int) -> dict[str, float]:
-    body = {"model": "fake-fast", "prompt": "bench sync", "size": "64x64",
-            "response_format": "b64_json"}
+    body = {
+        "model": "fake-fast",
+        "prompt": "bench sync",
+        "size": "64x64",
+        "response_format": "b64_json",
+    }
     latencies: list[float] = []
-    with httpx.Client(base_url=stack.base_url, timeout=120,
-                      headers={"Authorization": f"Bearer {stack.key_a}"},
-                      limits=httpx.Limits(max_connections=concurrency * 2)) as client:
+    with httpx.Client(
+        base_url=stack.base_url,
+        timeout=120,
+        headers={"Authorization": f"Bearer {stack.key_a}"},
+        limits=httpx.Limits(max_connections=concurrency * 2),
+    ) as client:
+
         def one(_: int) -> None:
             started = time.perf_counter()
             resp = client.post("/v1/images/generations", json=body)
@@ -62,17 +70,25 @@ def sync_load(stack: Stack, concurrency: int, requests: int) -> dict[str, float]
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(one, range(requests)))
         elapsed = time.perf_counter() - started
-    return {"rps": requests / elapsed, "p50_ms": statistics.median(latencies) * 1000,
-            "p99_ms": pct(latencies, 99) * 1000}
+    return {
+        "rps": requests / elapsed,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": pct(latencies, 99) * 1000,
+    }
 
 
 def count_status(stack: Stack, status: str, prefix: str) -> int:
     engine = sa.create_engine(stack.database_url)
     try:
         with engine.connect() as conn:
-            return int(conn.execute(sa.text(
-                "SELECT count(*) FROM job WHERE status = :s AND request->>'prompt' LIKE :p"),
-                {"s": status, "p": prefix + "%"}).scalar_one())
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM job WHERE status = :s AND request->>'prompt' LIKE :p"
+                    ),
+                    {"s": status, "p": prefix + "%"},
+                ).scalar_one()
+            )
     finally:
         engine.dispose()
 
@@ -82,9 +98,17 @@ def finish_offsets(stack: Stack, prefix: str, since: float) -> list[float]:
     engine = sa.create_engine(stack.database_url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(sa.text(
-                "SELECT extract(epoch FROM finished_at) FROM job "
-                "WHERE request->>'prompt' LIKE :p"), {"p": prefix + "%"}).scalars().all()
+            rows = (
+                conn.execute(
+                    sa.text(
+                        "SELECT extract(epoch FROM finished_at) FROM job "
+                        "WHERE request->>'prompt' LIKE :p"
+                    ),
+                    {"p": prefix + "%"},
+                )
+                .scalars()
+                .all()
+            )
     finally:
         engine.dispose()
     return sorted(float(r) - since for r in rows)
@@ -92,10 +116,13 @@ def finish_offsets(stack: Stack, prefix: str, since: float) -> list[float]:
 
 def submit_async(stack: Stack, jobs: int, prompt: str, model: str) -> float:
     body = {"model": model, "prompt": prompt, "size": "64x64"}
-    with httpx.Client(base_url=stack.base_url, timeout=120,
-                      headers={"Authorization": f"Bearer {stack.key_a}",
-                               "Prefer": "respond-async"},
-                      limits=httpx.Limits(max_connections=64)) as client:
+    with httpx.Client(
+        base_url=stack.base_url,
+        timeout=120,
+        headers={"Authorization": f"Bearer {stack.key_a}", "Prefer": "respond-async"},
+        limits=httpx.Limits(max_connections=64),
+    ) as client:
+
         def one(_: int) -> None:
             resp = client.post("/v1/images/generations", json=body)
             assert resp.status_code == 202, resp.text
@@ -125,22 +152,30 @@ def main() -> None:
     port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
-    stack = Stack(Path(tempfile.mkdtemp(prefix="imagegen-bench-")), f"http://127.0.0.1:{port}",
-                  worker_env=BENCH_ENV, api_env=BENCH_ENV)
+    stack = Stack(
+        Path(tempfile.mkdtemp(prefix="imagegen-bench-")),
+        f"http://127.0.0.1:{port}",
+        worker_env=BENCH_ENV,
+        api_env=BENCH_ENV,
+    )
     try:
         print("(a) sync b64_json, instant upstream, 64x64")
         for concurrency in (1, 32):
             r = sync_load(stack, concurrency, args.sync_requests if concurrency > 1 else 100)
-            print(f"    concurrency {concurrency:>2}: {r['rps']:7.1f} req/s  "
-                  f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms")
+            print(
+                f"    concurrency {concurrency:>2}: {r['rps']:7.1f} req/s  "
+                f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms"
+            )
 
         print(f"(b) end-to-end async jobs, {args.async_jobs} jobs, instant upstream")
         started = time.perf_counter()
         submit_s = submit_async(stack, args.async_jobs, "bench async", "fake-fast")
         wait_done(stack, "bench async", args.async_jobs, 600)
         total = time.perf_counter() - started
-        print(f"    accepted in {submit_s:.1f}s ({args.async_jobs / submit_s:.0f} jobs/s); "
-              f"all done in {total:.1f}s: {args.async_jobs / total:.0f} jobs/s end to end")
+        print(
+            f"    accepted in {submit_s:.1f}s ({args.async_jobs / submit_s:.0f} jobs/s); "
+            f"all done in {total:.1f}s: {args.async_jobs / total:.0f} jobs/s end to end"
+        )
 
         print(f"(c) {args.slow_jobs} jobs against an upstream taking 2 s per image, one worker")
         # Queue every job first with no worker running, then start one worker:
@@ -154,12 +189,16 @@ def main() -> None:
         wait_done(stack, "[slow=2] bench slow", args.slow_jobs, 600)
         total = time.perf_counter() - started
         offsets = finish_offsets(stack, "[slow=2] bench slow", wall)
-        print(f"    finished after worker start: first {offsets[0]:.1f}s, "
-              f"p50 {statistics.median(offsets):.1f}s, p90 {pct(offsets, 90):.1f}s, "
-              f"last {offsets[-1]:.1f}s")
-        print(f"    peak upstream calls in flight: {stack.upstream.max_in_flight}; "
-              f"{args.slow_jobs} jobs in {total:.1f}s "
-              f"(serial would take {args.slow_jobs * 2}s)")
+        print(
+            f"    finished after worker start: first {offsets[0]:.1f}s, "
+            f"p50 {statistics.median(offsets):.1f}s, p90 {pct(offsets, 90):.1f}s, "
+            f"last {offsets[-1]:.1f}s"
+        )
+        print(
+            f"    peak upstream calls in flight: {stack.upstream.max_in_flight}; "
+            f"{args.slow_jobs} jobs in {total:.1f}s "
+            f"(serial would take {args.slow_jobs * 2}s)"
+        )
     finally:
         stack.close()
         moto.stop()

@@ -20,8 +20,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-batch_app = typer.Typer(help="Bulk generation: submit, follow and download batches.",
-                        no_args_is_help=True)
+batch_app = typer.Typer(
+    help="Bulk generation: submit, follow and download batches.", no_args_is_help=True
+)
 console = Console(stderr=True)
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -32,8 +33,9 @@ KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="IMAGEGEN_API_KE
 def _client(base_url: str, api_key: str | None) -> httpx.Client:
     from cli.main import resolve_key
 
-    return httpx.Client(base_url=base_url, timeout=120,
-                        headers={"Authorization": f"Bearer {resolve_key(api_key)}"})
+    return httpx.Client(
+        base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {resolve_key(api_key)}"}
+    )
 
 
 def _check(resp: httpx.Response) -> dict[str, Any]:
@@ -50,22 +52,33 @@ def _check(resp: httpx.Response) -> dict[str, Any]:
 def follow(client: httpx.Client, batch_id: str) -> dict[str, Any]:
     """A live progress bar (done/failed/total, rate, ETA) until the batch ends."""
     batch = _check(client.get(f"/v1/batches/{batch_id}"))
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                  TextColumn("{task.fields[done]} done, {task.fields[failed]} failed / "
-                             "{task.total:.0f}"),
-                  TextColumn("{task.fields[rate]:.1f}/s"), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[done]} done, {task.fields[failed]} failed / {task.total:.0f}"),
+        TextColumn("{task.fields[rate]:.1f}/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
         counts = batch["request_counts"]
-        task = progress.add_task(batch["status"], total=max(1, counts["total"]), done=0,
-                                 failed=0, rate=0.0)
+        task = progress.add_task(
+            batch["status"], total=max(1, counts["total"]), done=0, failed=0, rate=0.0
+        )
         started = time.monotonic()
         while True:
             counts = batch["request_counts"]
             finished = counts["completed"] + counts["failed"]
             elapsed = max(1e-6, time.monotonic() - started)
-            progress.update(task, description=batch["status"], total=max(1, counts["total"]),
-                            completed=finished, done=counts["completed"],
-                            failed=counts["failed"], rate=finished / elapsed)
+            progress.update(
+                task,
+                description=batch["status"],
+                total=max(1, counts["total"]),
+                completed=finished,
+                done=counts["completed"],
+                failed=counts["failed"],
+                rate=finished / elapsed,
+            )
             if batch["status"] in TERMINAL:
                 return batch
             time.sleep(0.5)
@@ -73,36 +86,52 @@ def follow(client: httpx.Client, batch_id: str) -> dict[str, Any]:
 
 
 @batch_app.command("submit")
-def submit(path: Path,
-           model: Annotated[str | None, typer.Option(help="For .txt files")] = None,
-           size: Annotated[str | None, typer.Option(help="For .txt files")] = None,
-           n: Annotated[int | None, typer.Option(help="For .txt files")] = None,
-           wait: Annotated[bool, typer.Option("--wait", help="Follow until it ends")] = False,
-           base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None) -> None:
+def submit(
+    path: Path,
+    model: Annotated[str | None, typer.Option(help="For .txt files")] = None,
+    size: Annotated[str | None, typer.Option(help="For .txt files")] = None,
+    n: Annotated[int | None, typer.Option(help="For .txt files")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow until it ends")] = False,
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+) -> None:
     """Submit a .jsonl in OpenAI's batch format, or a .txt of one prompt per line."""
     with _client(base_url, api_key) as client:
         if path.suffix == ".txt":
             prompts = [p for p in path.read_text().splitlines() if p.strip()]
-            shared = {k: v for k, v in {"model": model, "size": size, "n": n}.items()
-                      if v is not None}
-            batch = _check(client.post("/v1/images/batches",
-                                       json={"prompts": prompts, **shared}))
+            shared = {
+                k: v for k, v in {"model": model, "size": size, "n": n}.items() if v is not None
+            }
+            batch = _check(client.post("/v1/images/batches", json={"prompts": prompts, **shared}))
         else:
             with path.open("rb") as fh:
-                file = _check(client.post("/v1/files", data={"purpose": "batch"},
-                                          files={"file": (path.name, fh)}))
-            batch = _check(client.post("/v1/batches", json={
-                "input_file_id": file["id"], "endpoint": "/v1/images/generations",
-                "completion_window": "24h"}))
+                file = _check(
+                    client.post(
+                        "/v1/files", data={"purpose": "batch"}, files={"file": (path.name, fh)}
+                    )
+                )
+            batch = _check(
+                client.post(
+                    "/v1/batches",
+                    json={
+                        "input_file_id": file["id"],
+                        "endpoint": "/v1/images/generations",
+                        "completion_window": "24h",
+                    },
+                )
+            )
         print(batch["id"])
         if wait:
             _report(follow(client, batch["id"]))
 
 
 @batch_app.command("status")
-def status(batch_id: str,
-           wait: Annotated[bool, typer.Option("--wait", help="Follow until it ends")] = False,
-           base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None) -> None:
+def status(
+    batch_id: str,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow until it ends")] = False,
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+) -> None:
     """Show a batch (as JSON), or follow it with --wait."""
     with _client(base_url, api_key) as client:
         batch = follow(client, batch_id) if wait else _check(client.get(f"/v1/batches/{batch_id}"))
@@ -112,8 +141,10 @@ def status(batch_id: str,
 def _report(batch: dict[str, Any]) -> None:
     c = batch["request_counts"]
     colour = "green" if batch["status"] == "completed" else "yellow"
-    console.print(f"[{colour}]{batch['id']} {batch['status']}: {c['completed']} done, "
-                  f"{c['failed']} failed of {c['total']}[/{colour}]")
+    console.print(
+        f"[{colour}]{batch['id']} {batch['status']}: {c['completed']} done, "
+        f"{c['failed']} failed of {c['total']}[/{colour}]"
+    )
 
 
 def _safe(name: str) -> str:
@@ -121,8 +152,12 @@ def _safe(name: str) -> str:
 
 
 @batch_app.command("download")
-def download(batch_id: str, out: Annotated[Path, typer.Option(help="Directory")] = Path("."),
-             base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None) -> None:
+def download(
+    batch_id: str,
+    out: Annotated[Path, typer.Option(help="Directory")] = Path("."),
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+) -> None:
     """Save the images (named by custom_id) and the output and error JSONL files."""
     out.mkdir(parents=True, exist_ok=True)
     with _client(base_url, api_key) as client:
@@ -145,8 +180,11 @@ def download(batch_id: str, out: Annotated[Path, typer.Option(help="Directory")]
                 body = row["response"]["body"]
                 ext = body.get("output_format") or "png"
                 for index, item in enumerate(body["data"]):
-                    data = (base64.b64decode(item["b64_json"]) if item.get("b64_json")
-                            else httpx.get(item["url"], timeout=60).raise_for_status().content)
+                    data = (
+                        base64.b64decode(item["b64_json"])
+                        if item.get("b64_json")
+                        else httpx.get(item["url"], timeout=60).raise_for_status().content
+                    )
                     (out / f"{_safe(row['custom_id'])}-{index}.{ext}").write_bytes(data)
                     saved += 1
     console.print(f"[green]{saved} image(s) and the result files in {out}[/green]")

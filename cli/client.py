@@ -16,20 +16,31 @@ from rich.console import Console
 def follow(client: httpx.Client, job_id: str, console: Console) -> dict[str, Any]:
     """Show each change from ``/events`` until the job ends; returns the final job."""
     job: dict[str, Any] = {"id": job_id, "status": "queued"}
-    with console.status(f"job {job_id}: queued") as status, \
-            client.stream("GET", f"/v1/images/jobs/{job_id}/events", timeout=None) as resp:
+    with (
+        console.status(f"job {job_id}: queued") as status,
+        client.stream("GET", f"/v1/images/jobs/{job_id}/events", timeout=None) as resp,
+    ):
         resp.raise_for_status()
         for line in resp.iter_lines():
             if not line.startswith("data: "):
                 continue
-            job = json.loads(line[len("data: "):])
+            job = json.loads(line[len("data: ") :])
             where = f", {job['queue_position']} in queue" if job.get("queue_position") else ""
             status.update(f"job {job_id}: {job['status']}{where}")
     return job
 
 
-def generate_images(base_url: str, key: str, prompt: str, *, model: str | None,
-                    size: str | None, n: int, out: Path, console: Console) -> list[Path]:
+def generate_images(
+    base_url: str,
+    key: str,
+    prompt: str,
+    *,
+    model: str | None,
+    size: str | None,
+    n: int,
+    out: Path,
+    console: Console,
+) -> list[Path]:
     body: dict[str, Any] = {"prompt": prompt, "n": n}
     if model:
         body["model"] = model
@@ -51,8 +62,11 @@ def generate_images(base_url: str, key: str, prompt: str, *, model: str | None,
         paths = []
         for index, item in enumerate(job["result"]["data"]):
             # Presigned S3 URLs must not carry our Authorization header: plain GET.
-            data = (base64.b64decode(item["b64_json"]) if item.get("b64_json")
-                    else httpx.get(item["url"], timeout=60).raise_for_status().content)
+            data = (
+                base64.b64decode(item["b64_json"])
+                if item.get("b64_json")
+                else httpx.get(item["url"], timeout=60).raise_for_status().content
+            )
             path = out / f"{job['id']}-{index}.{ext}"
             path.write_bytes(data)
             paths.append(path)

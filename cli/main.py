@@ -16,8 +16,11 @@ from rich.console import Console
 
 from cli.batch import batch_app
 
-app = typer.Typer(help="imagegen: image generation with an OpenAI-compatible API.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="imagegen: image generation with an OpenAI-compatible API.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
@@ -33,9 +36,14 @@ def _serve_api(host: str | None, port: int | None) -> None:
     from shared.core.settings import get_settings
 
     settings = get_settings()
-    uvicorn.run("api.app:create_app", factory=True, host=host or settings.host,
-                port=port or settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )
 
 
 @app.command()
@@ -48,16 +56,17 @@ def migrate() -> None:
 
 
 @app.command()
-def api(host: Annotated[str | None, typer.Option()] = None,
-        port: Annotated[int | None, typer.Option()] = None) -> None:
+def api(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
     """Run the HTTP API."""
     _serve_api(host, port)
 
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma-separated queues")
-                      ] = "default,webhooks,batch",
+    queues: Annotated[str, typer.Option(help="Comma-separated queues")] = "default,webhooks,batch",
     concurrency: Annotated[int | None, typer.Option(help="Provider calls held at once")] = None,
     sweeper: Annotated[bool, typer.Option(help="Run the lease/outbox sweeper here")] = True,
 ) -> None:
@@ -71,8 +80,10 @@ def worker(
 
 
 @app.command()
-def dev(host: Annotated[str | None, typer.Option()] = None,
-        port: Annotated[int | None, typer.Option()] = None) -> None:
+def dev(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
     """API and worker together on embedded defaults (SQLite, local files, no Redis)."""
     from shared.core.db import unit_of_work
     from shared.core.migrate import upgrade
@@ -98,9 +109,12 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
     url = f"http://{host or settings.host}:{port or settings.port}"
     console.print(f"[bold]imagegen[/bold] dev server on {url}")
     console.print(f"API key: [bold]{key}[/bold]", soft_wrap=True)
-    console.print(f'  curl {url}/v1/images/generations -H "Authorization: Bearer {key}" '
-                  "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
-                  soft_wrap=True, highlight=False)
+    console.print(
+        f'  curl {url}/v1/images/generations -H "Authorization: Bearer {key}" '
+        "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
+        soft_wrap=True,
+        highlight=False,
+    )
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default
     # handler that ends the process before `finally` could stop the worker.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -111,25 +125,26 @@ def dev(host: Annotated[str | None, typer.Option()] = None,
 
 
 @keys_app.command("create")
-def keys_create(project: Annotated[str, typer.Option(help="Project name")],
-                name: Annotated[str, typer.Option(help="Key name")] = "default",
-                user: Annotated[str, typer.Option(help="User identity (wb_user_id)")] = "",
-                ) -> None:
+def keys_create(
+    project: Annotated[str, typer.Option(help="Project name")],
+    name: Annotated[str, typer.Option(help="Key name")] = "default",
+    user: Annotated[str, typer.Option(help="User identity (wb_user_id)")] = "",
+) -> None:
     """Create an API key for PROJECT (created if new). The key is printed once."""
     from shared.core.db import unit_of_work
     from shared.projects.service import create_key
 
     with unit_of_work() as session:
         key, plaintext = create_key(session, project, name, user)
-    console.print(f"[green]created key {key.id} for project '{project}'[/green] "
-                  "(shown only once):")
+    console.print(f"[green]created key {key.id} for project '{project}'[/green] (shown only once):")
     print(plaintext)
 
 
 @keys_app.command("list")
-def keys_list(project: Annotated[str | None, typer.Option(help="Only this project")] = None,
-              as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")]
-              = False) -> None:
+def keys_list(
+    project: Annotated[str | None, typer.Option(help="Only this project")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")] = False,
+) -> None:
     """List keys (prefix, user, created, last used, revoked); never the keys themselves."""
     from rich.table import Table
 
@@ -140,14 +155,30 @@ def keys_list(project: Annotated[str | None, typer.Option(help="Only this projec
     with unit_of_work() as session:
         for key, proj in list_keys(session, project):
             if as_json:
-                print(json.dumps({"id": key.id, "project": proj.name, "name": key.name,
-                                  "user": key.user, "prefix": key.prefix,
-                                  "created_at": _when(key.created_at),
-                                  "last_used_at": _when(key.last_used_at),
-                                  "revoked_at": _when(key.revoked_at)}))
-            table.add_row(key.id, proj.name, key.name, key.user, key.prefix + "...",
-                          _when(key.created_at), _when(key.last_used_at),
-                          _when(key.revoked_at))
+                print(
+                    json.dumps(
+                        {
+                            "id": key.id,
+                            "project": proj.name,
+                            "name": key.name,
+                            "user": key.user,
+                            "prefix": key.prefix,
+                            "created_at": _when(key.created_at),
+                            "last_used_at": _when(key.last_used_at),
+                            "revoked_at": _when(key.revoked_at),
+                        }
+                    )
+                )
+            table.add_row(
+                key.id,
+                proj.name,
+                key.name,
+                key.user,
+                key.prefix + "...",
+                _when(key.created_at),
+                _when(key.last_used_at),
+                _when(key.revoked_at),
+            )
     if not as_json:
         Console().print(table)
 
@@ -167,31 +198,47 @@ LimitOption = Annotated[int | None, typer.Option(help="0 = unlimited; unset = de
 
 
 @projects_app.command("create")
-def projects_create(name: str, rpm: Annotated[int | None, typer.Option(
-                        "--key-requests-per-minute", help="0 = unlimited")] = None,
-                    images_per_day: LimitOption = None,
-                    jobs_in_flight: LimitOption = None) -> None:
+def projects_create(
+    name: str,
+    rpm: Annotated[
+        int | None, typer.Option("--key-requests-per-minute", help="0 = unlimited")
+    ] = None,
+    images_per_day: LimitOption = None,
+    jobs_in_flight: LimitOption = None,
+) -> None:
     """Create a project, optionally with its own limits."""
     from shared.core.db import unit_of_work
     from shared.projects.service import create_project
 
     with unit_of_work() as session:
-        project = create_project(session, name, key_requests_per_minute=rpm,
-                                 images_per_day=images_per_day, jobs_in_flight=jobs_in_flight)
+        project = create_project(
+            session,
+            name,
+            key_requests_per_minute=rpm,
+            images_per_day=images_per_day,
+            jobs_in_flight=jobs_in_flight,
+        )
     console.print(f"[green]created project '{name}'[/green] ({project.id})")
 
 
 @projects_app.command("set-limits")
-def projects_set_limits(name: str, rpm: Annotated[int | None, typer.Option(
-                            "--key-requests-per-minute", help="0 = unlimited")] = None,
-                        images_per_day: LimitOption = None,
-                        jobs_in_flight: LimitOption = None) -> None:
+def projects_set_limits(
+    name: str,
+    rpm: Annotated[
+        int | None, typer.Option("--key-requests-per-minute", help="0 = unlimited")
+    ] = None,
+    images_per_day: LimitOption = None,
+    jobs_in_flight: LimitOption = None,
+) -> None:
     """Change a project's limits (only the ones given)."""
     from shared.core.db import unit_of_work
     from shared.projects.service import update_limits
 
-    given = {"key_requests_per_minute": rpm, "images_per_day": images_per_day,
-             "jobs_in_flight": jobs_in_flight}
+    given = {
+        "key_requests_per_minute": rpm,
+        "images_per_day": images_per_day,
+        "jobs_in_flight": jobs_in_flight,
+    }
     with unit_of_work() as session:
         update_limits(session, name, **{k: v for k, v in given.items() if v is not None})
     console.print(f"[green]updated project '{name}'[/green]")
@@ -208,8 +255,14 @@ def projects_list() -> None:
     table = Table("id", "name", "created", "requests/min/key", "images/day", "jobs in flight")
     with unit_of_work() as session:
         for p in list_projects(session):
-            table.add_row(p.id, p.name, _when(p.created_at), _limit(p.key_requests_per_minute),
-                          _limit(p.images_per_day), _limit(p.jobs_in_flight))
+            table.add_row(
+                p.id,
+                p.name,
+                _when(p.created_at),
+                _limit(p.key_requests_per_minute),
+                _limit(p.images_per_day),
+                _limit(p.jobs_in_flight),
+            )
     Console().print(table)
 
 
@@ -236,8 +289,9 @@ def generate(
 
     key = resolve_key(api_key)
     started = time.monotonic()
-    paths = generate_images(base_url, key, prompt, model=model, size=size, n=n, out=out,
-                            console=console)
+    paths = generate_images(
+        base_url, key, prompt, model=model, size=size, n=n, out=out, console=console
+    )
     for path in paths:
         print(path)
     console.print(f"[green]{len(paths)} image(s) in {time.monotonic() - started:.1f}s[/green]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-import shared.models  # noqa: F401  (registers the tables on the metadata)
+import shared.models  # noqa: F401  (registers every table on the metadata)
 from shared.core.db import get_engine
 
 target_metadata = SQLModel.metadata

@@ -11,5 +11,17 @@ from shared.projects.models import ApiKey, Project
 from shared.traces.models import Call
 from shared.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
-__all__ = ["ApiKey", "Batch", "BatchItem", "Call", "File", "Image", "Job", "Project",
-           "UTCDateTime", "WebhookAttempt", "WebhookDelivery", "WebhookEndpoint"]
+__all__ = [
+    "ApiKey",
+    "Batch",
+    "BatchItem",
+    "Call",
+    "File",
+    "Image",
+    "Job",
+    "Project",
+    "UTCDateTime",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+]

@@ -101,8 +101,14 @@ PROCEDURAL = ModelSpec(
     owned_by="imagegen",
     capabilities=Capabilities(
         sizes=[
-            "1024x1024", "64x64", "256x256", "512x512", "1536x1024",
-            "1024x1536", "1792x1024", "1024x1792",
+            "1024x1024",
+            "64x64",
+            "256x256",
+            "512x512",
+            "1536x1024",
+            "1024x1536",
+            "1792x1024",
+            "1024x1792",
         ],
         max_n=10,
         qualities=["standard", "hd", "low", "medium", "high", "auto"],
@@ -117,33 +123,54 @@ PROCEDURAL = ModelSpec(
 
 def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec]:
     """OpenAI's three image models with the limits OpenAI documents."""
-    common: dict[str, Any] = {"provider": "openai", "base_url": base_url,
-                              "api_key_env": "OPENAI_API_KEY", "owned_by": "openai"}
+    common: dict[str, Any] = {
+        "provider": "openai",
+        "base_url": base_url,
+        "api_key_env": "OPENAI_API_KEY",
+        "owned_by": "openai",
+    }
     return [
         ModelSpec(
-            name="dall-e-2", upstream_model="dall-e-2", **common,
+            name="dall-e-2",
+            upstream_model="dall-e-2",
+            **common,
             capabilities=Capabilities(
-                sizes=["1024x1024", "256x256", "512x512"], max_n=10,
-                output_formats=list(OUTPUT_FORMATS), max_prompt_chars=1000,
+                sizes=["1024x1024", "256x256", "512x512"],
+                max_n=10,
+                output_formats=list(OUTPUT_FORMATS),
+                max_prompt_chars=1000,
             ),
         ),
         ModelSpec(
-            name="dall-e-3", upstream_model="dall-e-3", **common,
+            name="dall-e-3",
+            upstream_model="dall-e-3",
+            **common,
             capabilities=Capabilities(
-                sizes=["1024x1024", "1792x1024", "1024x1792"], max_n=1, upstream_max_n=1,
-                qualities=["standard", "hd"], default_quality="standard",
-                styles=["vivid", "natural"], default_style="vivid",
+                sizes=["1024x1024", "1792x1024", "1024x1792"],
+                max_n=1,
+                upstream_max_n=1,
+                qualities=["standard", "hd"],
+                default_quality="standard",
+                styles=["vivid", "natural"],
+                default_style="vivid",
                 max_prompt_chars=4000,
             ),
         ),
         ModelSpec(
-            name="gpt-image-1", upstream_model="gpt-image-1", upstream_response_format=None,
+            name="gpt-image-1",
+            upstream_model="gpt-image-1",
+            upstream_response_format=None,
             **common,
             capabilities=Capabilities(
-                sizes=["auto", "1024x1024", "1536x1024", "1024x1536"], default_size="auto",
-                max_n=10, qualities=["auto", "low", "medium", "high"], default_quality="auto",
-                backgrounds=["auto", "transparent", "opaque"], moderations=["auto", "low"],
-                output_compression=True, max_prompt_chars=32000,
+                sizes=["auto", "1024x1024", "1536x1024", "1024x1536"],
+                default_size="auto",
+                max_n=10,
+                qualities=["auto", "low", "medium", "high"],
+                default_quality="auto",
+                backgrounds=["auto", "transparent", "opaque"],
+                moderations=["auto", "low"],
+                output_compression=True,
+                max_prompt_chars=32000,
             ),
         ),
     ]

@@ -41,8 +41,9 @@ class UsageReport(BaseModel):
     totals: UsageTotals
 
 
-def usage_report(session: Session, project_id: str, project_name: str, start: date,
-                 end: date) -> UsageReport:
+def usage_report(
+    session: Session, project_id: str, project_name: str, start: date, end: date
+) -> UsageReport:
     if end < start:
         raise InvalidRequest("'end_date' is before 'start_date'.", param="end_date")
     if (end - start).days >= MAX_DAYS:
@@ -50,36 +51,58 @@ def usage_report(session: Session, project_id: str, project_name: str, start: da
     lo = datetime.combine(start, time.min, tzinfo=UTC)
     hi = datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC)
     images = (
-        sa.select(col(Image.job_id), sa.func.count().label("images"),
-                  sa.func.sum(col(Image.width) * col(Image.height)).label("pixels"))
-        .group_by(col(Image.job_id)).subquery()
+        sa.select(
+            col(Image.job_id),
+            sa.func.count().label("images"),
+            sa.func.sum(col(Image.width) * col(Image.height)).label("pixels"),
+        )
+        .group_by(col(Image.job_id))
+        .subquery()
     )
     rows = session.execute(
-        sa.select(col(Job.created_at), col(Job.model), col(Job.status), col(Job.usage),
-                  images.c.images, images.c.pixels)
+        sa.select(
+            col(Job.created_at),
+            col(Job.model),
+            col(Job.status),
+            col(Job.usage),
+            images.c.images,
+            images.c.pixels,
+        )
         .outerjoin(images, images.c.job_id == col(Job.id))
-        .where(col(Job.project_id) == project_id, col(Job.created_at) >= lo,
-               col(Job.created_at) < hi)
+        .where(
+            col(Job.project_id) == project_id, col(Job.created_at) >= lo, col(Job.created_at) < hi
+        )
     ).all()
     buckets: dict[tuple[str, str], dict[str, Any]] = {}
     for created_at, model, status, usage, n_images, pixels in rows:
         key = (created_at.astimezone(UTC).date().isoformat(), model)
-        bucket = buckets.setdefault(key, {
-            "date": key[0], "model": model,
-            "jobs": {s.value: 0 for s in JobStatus}, "images": 0, "pixels": 0,
-            "provider_usage": defaultdict(int),
-        })
+        bucket = buckets.setdefault(
+            key,
+            {
+                "date": key[0],
+                "model": model,
+                "jobs": {s.value: 0 for s in JobStatus},
+                "images": 0,
+                "pixels": 0,
+                "provider_usage": defaultdict(int),
+            },
+        )
         bucket["jobs"][status] += 1
         bucket["images"] += int(n_images or 0)
         bucket["pixels"] += int(pixels or 0)
         for name, value in (usage or {}).items():
             if isinstance(value, int):
                 bucket["provider_usage"][name] += value
-    data = [{**b, "provider_usage": dict(b["provider_usage"])}
-            for _, b in sorted(buckets.items())]
-    totals = {"jobs": sum(sum(b["jobs"].values()) for b in data),
-              "images": sum(b["images"] for b in data),
-              "pixels": sum(b["pixels"] for b in data)}
-    return UsageReport(project=project_name, start_date=start.isoformat(),
-                       end_date=end.isoformat(), data=[UsageBucket(**b) for b in data],
-                       totals=UsageTotals(**totals))
+    data = [{**b, "provider_usage": dict(b["provider_usage"])} for _, b in sorted(buckets.items())]
+    totals = {
+        "jobs": sum(sum(b["jobs"].values()) for b in data),
+        "images": sum(b["images"] for b in data),
+        "pixels": sum(b["pixels"] for b in data),
+    }
+    return UsageReport(
+        project=project_name,
+        start_date=start.isoformat(),
+        end_date=end.isoformat(),
+        data=[UsageBucket(**b) for b in data],
+        totals=UsageTotals(**totals),
+    )

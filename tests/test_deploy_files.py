@@ -26,17 +26,24 @@ def test_compose_has_every_service_with_healthchecks_and_ordering() -> None:
         assert deps["postgres"]["condition"] == "service_healthy"
         assert deps["redis"]["condition"] == "service_healthy"
         env = services[name]["environment"]
-        for var in ("IMAGEGEN_DATABASE_URL", "IMAGEGEN_BROKER_URL", "IMAGEGEN_REDIS_URL",
-                    "IMAGEGEN_S3_ENDPOINT_URL", "IMAGEGEN_S3_BUCKET"):
+        for var in (
+            "IMAGEGEN_DATABASE_URL",
+            "IMAGEGEN_BROKER_URL",
+            "IMAGEGEN_REDIS_URL",
+            "IMAGEGEN_S3_ENDPOINT_URL",
+            "IMAGEGEN_S3_BUCKET",
+        ):
             assert var in env, (name, var)
     # Every service comes back after a crash or a host restart (a one-shot job
     # only on failure).
     for name, service in services.items():
-        assert service.get("restart") == ("on-failure" if name == "minio-init"
-                                          else "unless-stopped"), name
+        assert service.get("restart") == (
+            "on-failure" if name == "minio-init" else "unless-stopped"
+        ), name
     # The bucket exists before anything uses it.
-    assert services["api"]["depends_on"]["minio-init"]["condition"] == \
-        "service_completed_successfully"
+    assert (
+        services["api"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    )
 
 
 def test_every_setting_and_compose_variable_is_documented() -> None:
@@ -51,5 +58,6 @@ def test_every_setting_and_compose_variable_is_documented() -> None:
 def test_readme_commands_match_ci() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "bash scripts/test" in readme and "bash scripts/test" in ci
+    assert "bash scripts/test" in readme
+    assert "bash scripts/test" in ci
     assert "imagegen dev" in readme

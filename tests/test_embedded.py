@@ -48,11 +48,14 @@ def test_openai_package_works_on_embedded_defaults(dev_server: tuple[str, Path])
     base, home = dev_server
     client = openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0)
     result = client.images.generate(prompt="embedded otter", size="256x256", n=2)
-    assert result.data is not None and len(result.data) == 2
+    assert result.data is not None
+    assert len(result.data) == 2
     url = result.data[0].url
-    assert url is not None and url.startswith(base)
+    assert url is not None
+    assert url.startswith(base)
     resp = httpx.get(url)
-    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == "image/png"
     assert (home / ".imagegen" / "imagegen.db").exists()  # SQLite, under the data dir
     assert list((home / ".imagegen" / "files").rglob("*.png"))
     # The embedded broker keeps all its files under the data dir, none in the cwd.
@@ -62,8 +65,12 @@ def test_openai_package_works_on_embedded_defaults(dev_server: tuple[str, Path])
 
 def test_local_file_urls_need_a_valid_unexpired_signature(dev_server: tuple[str, Path]) -> None:
     base, _ = dev_server
-    resp = httpx.post(f"{base}/v1/images/generations", json={"prompt": "signed", "size": "64x64"},
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    resp = httpx.post(
+        f"{base}/v1/images/generations",
+        json={"prompt": "signed", "size": "64x64"},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
     url = resp.json()["data"][0]["url"]
     parsed = urlparse(url)
     query = {k: v[0] for k, v in parse_qs(parsed.query).items()}
@@ -84,9 +91,26 @@ def test_cli_generate_saves_images(dev_server: tuple[str, Path], tmp_path: Path)
     base, _ = dev_server
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "generate", "a cli heron", "--size", "64x64",
-         "--n", "2", "--out", str(out), "--base-url", base, "--api-key", KEY],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "generate",
+            "a cli heron",
+            "--size",
+            "64x64",
+            "--n",
+            "2",
+            "--out",
+            str(out),
+            "--base-url",
+            base,
+            "--api-key",
+            KEY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     files = sorted(out.glob("*.png"))
@@ -101,16 +125,35 @@ def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\na blue owl\n\na green frog\n")
     submitted = subprocess.run(
-        [sys.executable, "-m", "cli", "batch", "submit", str(prompts), "--model",
-         "procedural", "--size", "64x64", "--wait", *common],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "batch",
+            "submit",
+            str(prompts),
+            "--model",
+            "procedural",
+            "--size",
+            "64x64",
+            "--wait",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert submitted.returncode == 0, submitted.stderr
     batch_id = submitted.stdout.strip()
-    assert batch_id.startswith("batch_") and "completed" in submitted.stderr
+    assert batch_id.startswith("batch_")
+    assert "completed" in submitted.stderr
     out = tmp_path / "out"
     downloaded = subprocess.run(
-        [sys.executable, "-m", "cli", "batch", "download", batch_id, "--out", str(out),
-         *common], capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "cli", "batch", "download", batch_id, "--out", str(out), *common],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert downloaded.returncode == 0, downloaded.stderr
     names = sorted(p.name for p in out.glob("*.png"))
     assert names == ["request-1-0.png", "request-2-0.png", "request-3-0.png"]
@@ -118,17 +161,33 @@ def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_pa
     assert (out / f"{batch_id}_output.jsonl").read_text().count("\n") == 3
 
     jsonl = tmp_path / "in.jsonl"
-    jsonl.write_text("\n".join(json.dumps({
-        "custom_id": cid, "method": "POST", "url": "/v1/images/generations",
-        "body": {"prompt": cid, "size": size}}) for cid, size in
-        [("good", "64x64"), ("bad", "7x7")]) + "\n")
+    jsonl.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "custom_id": cid,
+                    "method": "POST",
+                    "url": "/v1/images/generations",
+                    "body": {"prompt": cid, "size": size},
+                }
+            )
+            for cid, size in [("good", "64x64"), ("bad", "7x7")]
+        )
+        + "\n"
+    )
     submitted = subprocess.run(
         [sys.executable, "-m", "cli", "batch", "submit", str(jsonl), "--wait", *common],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert submitted.returncode == 0, submitted.stderr
     status = subprocess.run(
-        [sys.executable, "-m", "cli", "batch", "status", submitted.stdout.strip(),
-         *common], capture_output=True, text=True, timeout=60)
+        [sys.executable, "-m", "cli", "batch", "status", submitted.stdout.strip(), *common],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     batch = json.loads(status.stdout)
     assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
 
@@ -140,11 +199,13 @@ def test_dev_starts_its_worker_again_when_it_dies(dev_server: tuple[str, Path]) 
     wait_for(lambda: imagegen_workers(cwd=home) not in ([], [worker]), 30, "a new worker")
     client = openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0, timeout=60)
     result = client.images.generate(prompt="after the crash", size="256x256")
-    assert result.data is not None and result.data[0].url
+    assert result.data is not None
+    assert result.data[0].url
 
 
 def test_dev_killed_outright_leaves_no_worker_behind(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     home = Path(tmp_path_factory.mktemp("embedded-kill"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}

@@ -55,5 +55,4 @@ def batch_tick(batch_id: str) -> None:
     pump_batch(batch_id)
 
 
-
 BATCH_TICKS = Throttle(0.2)

@@ -23,17 +23,29 @@ def claim(job_ids: list[str]) -> tuple[list[Job], str]:
     expires = now + timedelta(seconds=get_settings().job_lease_seconds)
     with unit_of_work() as session:
         # One statement: the guarded UPDATE hands back the rows it took.
-        jobs = list(session.scalars(
-            sa.update(Job)
-            .where(col(Job.id).in_(job_ids))
-            .where(sa.or_(col(Job.status) == JobStatus.queued,
-                          sa.and_(col(Job.status) == JobStatus.running,
-                                  col(Job.lease_expires_at) < now)))
-            .values(status=JobStatus.running, attempts=Job.attempts + 1, lease_token=token,
+        jobs = list(
+            session.scalars(
+                sa.update(Job)
+                .where(col(Job.id).in_(job_ids))
+                .where(
+                    sa.or_(
+                        col(Job.status) == JobStatus.queued,
+                        sa.and_(
+                            col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now
+                        ),
+                    )
+                )
+                .values(
+                    status=JobStatus.running,
+                    attempts=Job.attempts + 1,
+                    lease_token=token,
                     lease_expires_at=expires,
-                    started_at=sa.func.coalesce(Job.started_at, now))
-            .returning(Job)
-            .execution_options(synchronize_session=False)))
+                    started_at=sa.func.coalesce(Job.started_at, now),
+                )
+                .returning(Job)
+                .execution_options(synchronize_session=False)
+            )
+        )
         for job in jobs:
             # job.started once per job, not again when a crashed attempt is re-run.
             # Batch lines send no job events: their batch has its own.

@@ -50,15 +50,22 @@ class LeaseBook:
         with unit_of_work() as session:
             session.execute(
                 sa.update(Job)
-                .where(col(Job.id).in_(held), col(Job.lease_token).in_(held.values()),
-                       col(Job.status) == JobStatus.running)
+                .where(
+                    col(Job.id).in_(held),
+                    col(Job.lease_token).in_(held.values()),
+                    col(Job.status) == JobStatus.running,
+                )
                 .values(lease_expires_at=expires)
             )
-            still = set(session.execute(
-                sa.select(col(Job.id)).where(col(Job.id).in_(held),
-                                        col(Job.lease_token).in_(held.values()),
-                                        col(Job.status) == JobStatus.running)
-            ).scalars())
+            still = set(
+                session.execute(
+                    sa.select(col(Job.id)).where(
+                        col(Job.id).in_(held),
+                        col(Job.lease_token).in_(held.values()),
+                        col(Job.status) == JobStatus.running,
+                    )
+                ).scalars()
+            )
         with self._lock:
             self._lost |= {job_id for job_id in held if job_id not in still}
 

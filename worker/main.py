@@ -50,12 +50,12 @@ def warm_up() -> None:
     _client()
 
 
-def run_consumer(queues: list[str], concurrency: int | None = None,
-                 sweeper: bool = True) -> None:
+def run_consumer(queues: list[str], concurrency: int | None = None, sweeper: bool = True) -> None:
     """One consumer process: Celery's threads pool over ``queues``."""
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
+    )
     if set(queues) == {settings.batch_queue} and settings.batch_worker_nice:
         # Batch-only worker: yield the CPU to sync work on shared cores (measured on
         # 2 cores: a sync request's p50 during a 10,000-line batch went from 6.9x
@@ -70,16 +70,18 @@ def run_consumer(queues: list[str], concurrency: int | None = None,
     sweeping = sweeper_thread(stop) if sweeper else None
     _exit_with_parent(stop)
     try:
-        app.worker_main([
-            "worker",
-            "--pool=threads",
-            f"--concurrency={concurrency or settings.worker_concurrency}",
-            f"--queues={','.join(queues)}",
-            f"--loglevel={settings.log_level}",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ])
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={concurrency or settings.worker_concurrency}",
+                f"--queues={','.join(queues)}",
+                f"--loglevel={settings.log_level}",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
+        )
     finally:
         stop.set()
         if sweeping is not None:

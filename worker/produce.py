@@ -34,13 +34,14 @@ log = logging.getLogger(__name__)
 
 @lru_cache
 def fanout_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=get_settings().worker_concurrency,
-                              thread_name_prefix="fanout")
+    return ThreadPoolExecutor(
+        max_workers=get_settings().worker_concurrency, thread_name_prefix="fanout"
+    )
 
 
-
-def _call_with_retries(spec: ModelSpec, params: GenerationParams, count: int, first: int,
-                       job_id: str) -> Generation:
+def _call_with_retries(
+    spec: ModelSpec, params: GenerationParams, count: int, first: int, job_id: str
+) -> Generation:
     settings = get_settings()
     provider = get_provider(spec)
     attempt = 0
@@ -60,15 +61,16 @@ def _call_with_retries(spec: ModelSpec, params: GenerationParams, count: int, fi
             _wait_unless_lost(job_id, delay)
 
 
-
 def _generate(spec: ModelSpec, params: GenerationParams, job_id: str) -> Generation:
     """All ``n`` images, fanning out when the upstream makes fewer per call."""
     per_call = max(1, spec.batch_size)
     chunks = [(first, min(per_call, params.n - first)) for first in range(0, params.n, per_call)]
     if len(chunks) == 1:
         return _call_with_retries(spec, params, params.n, 0, job_id)
-    futures = [fanout_pool().submit(_call_with_retries, spec, params, count, first, job_id)
-               for first, count in chunks]
+    futures = [
+        fanout_pool().submit(_call_with_retries, spec, params, count, first, job_id)
+        for first, count in chunks
+    ]
     images: list[GeneratedImage] = []
     usage: dict[str, int] = {}
     errors: list[BaseException] = []
@@ -88,7 +90,6 @@ def _generate(spec: ModelSpec, params: GenerationParams, job_id: str) -> Generat
     return Generation(images=images, usage=usage or None)
 
 
-
 def produce(job: Job) -> Result | None:
     """Generate and store the job's images; None when the attempt was canceled."""
     params = job_params(job)
@@ -103,11 +104,19 @@ def produce(job: Job) -> Result | None:
             encoded = encode(generated.data, params.output_format, params.output_compression)
             key = image_key(job.project_id, job.id, index, encoded.fmt)
             _store(storage, key, encoded.data, encoded.content_type, job.id)
-            images.append(Image(
-                project_id=job.project_id, job_id=job.id, index=index, storage_key=key,
-                content_type=encoded.content_type, width=encoded.width, height=encoded.height,
-                size_bytes=len(encoded.data), revised_prompt=generated.revised_prompt,
-            ))
+            images.append(
+                Image(
+                    project_id=job.project_id,
+                    job_id=job.id,
+                    index=index,
+                    storage_key=key,
+                    content_type=encoded.content_type,
+                    width=encoded.width,
+                    height=encoded.height,
+                    size_bytes=len(encoded.data),
+                    revised_prompt=generated.revised_prompt,
+                )
+            )
         return Result(job, {"status": JobStatus.succeeded, "usage": generation.usage}, images)
     except JobCanceled:
         return None
@@ -115,15 +124,21 @@ def produce(job: Job) -> Result | None:
         code = exc.code if isinstance(exc, ProviderError) else "upstream_bad_response"
         message = exc.message if isinstance(exc, ProviderError) else str(exc)
         log.info("job %s failed: %s: %s", job.id, code, message)
-        return Result(job, {"status": JobStatus.failed, "error_code": code,
-                            "error_message": message})
+        return Result(
+            job, {"status": JobStatus.failed, "error_code": code, "error_message": message}
+        )
     except Exception as exc:
         # Our own fault (storage down, a bug): fail the job visibly, never as an
         # empty success. The message names the kind of fault, not internals.
         log.exception("job %s crashed", job.id)
-        return Result(job, {"status": JobStatus.failed, "error_code": "internal_error",
-                            "error_message": f"internal error: {type(exc).__name__}"})
-
+        return Result(
+            job,
+            {
+                "status": JobStatus.failed,
+                "error_code": "internal_error",
+                "error_message": f"internal error: {type(exc).__name__}",
+            },
+        )
 
 
 def _store(storage: Storage, key: str, data: bytes, content_type: str, job_id: str) -> None:
@@ -138,7 +153,6 @@ def _store(storage: Storage, key: str, data: bytes, content_type: str, job_id: s
             log.warning("job %s: %s; trying again in %.1fs", job_id, exc, delay)
         _wait_unless_lost(job_id, delay)
         delay = min(delay * 2, get_settings().storage_backoff_max_seconds)
-
 
 
 def _wait_unless_lost(job_id: str, seconds: float) -> None:

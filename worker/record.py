@@ -36,7 +36,6 @@ class Result:
     images: list[Image] = field(default_factory=list)
 
 
-
 def finish(token: str, results: list[Result]) -> dict[str, str]:
     """The guarded end of an attempt, for one job or a chunk of batch lines: each job
     with its images, trace call, webhook events and batch line, in one transaction.
@@ -45,32 +44,52 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
     ended: dict[str, str] = {}
     # Succeeded batch lines (the bulk of a big batch) are recorded with one
     # statement each for jobs, images and lines; the rest one by one below.
-    bulk = [r for r in results if r.job.batch_id is not None
-            and r.values["status"] == JobStatus.succeeded and not r.values.get("usage")]
+    bulk = [
+        r
+        for r in results
+        if r.job.batch_id is not None
+        and r.values["status"] == JobStatus.succeeded
+        and not r.values.get("usage")
+    ]
     rest = [r for r in results if not any(r is b for b in bulk)]
     with unit_of_work() as session:
         if bulk:
-            done = set(session.execute(
-                sa.update(Job)
-                .where(col(Job.id).in_([r.job.id for r in bulk]),
-                       col(Job.status) == JobStatus.running, col(Job.lease_token) == token)
-                .values(status=JobStatus.succeeded, finished_at=now, lease_token=None,
-                        lease_expires_at=None)
-                .returning(col(Job.id))
-                .execution_options(synchronize_session=False)).scalars())
+            done = set(
+                session.execute(
+                    sa.update(Job)
+                    .where(
+                        col(Job.id).in_([r.job.id for r in bulk]),
+                        col(Job.status) == JobStatus.running,
+                        col(Job.lease_token) == token,
+                    )
+                    .values(
+                        status=JobStatus.succeeded,
+                        finished_at=now,
+                        lease_token=None,
+                        lease_expires_at=None,
+                    )
+                    .returning(col(Job.id))
+                    .execution_options(synchronize_session=False)
+                ).scalars()
+            )
             rows = [image.model_dump() for r in bulk if r.job.id in done for image in r.images]
             if rows:
                 session.execute(sa.insert(table(Image)), rows)
-            lines_succeeded(session, [r.job.batch_item_id for r in bulk
-                                      if r.job.id in done and r.job.batch_item_id])
+            lines_succeeded(
+                session,
+                [r.job.batch_item_id for r in bulk if r.job.id in done and r.job.batch_item_id],
+            )
             for r in bulk:
                 ended[r.job.id] = JobStatus.succeeded if r.job.id in done else "discarded"
         for result in rest:
             job, values = result.job, result.values
             outcome = session.execute(
                 sa.update(Job)
-                .where(col(Job.id) == job.id, col(Job.status) == JobStatus.running,
-                       col(Job.lease_token) == token)
+                .where(
+                    col(Job.id) == job.id,
+                    col(Job.status) == JobStatus.running,
+                    col(Job.lease_token) == token,
+                )
                 .values(finished_at=now, lease_token=None, lease_expires_at=None, **values)
             )
             if outcome.rowcount != 1:  # type: ignore[attr-defined]
@@ -79,8 +98,12 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
             ended[job.id] = str(values["status"])
             session.add_all(result.images)
             # The in-memory job now equals the row just written: no need to read it back.
-            for name, value in {**values, "finished_at": now, "lease_token": None,
-                                "lease_expires_at": None}.items():
+            for name, value in {
+                **values,
+                "finished_at": now,
+                "lease_token": None,
+                "lease_expires_at": None,
+            }.items():
                 setattr(job, name, value)
             if job.batch_id is not None:
                 item_finished(session, job)
@@ -89,7 +112,8 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
             usage = values.get("usage")
             succeeded = values["status"] == JobStatus.succeeded
             finish_call(
-                session, job,
+                session,
+                job,
                 output=_call_output(job, now, usage) if succeeded else None,
                 exception=None if succeeded else str(values.get("error_message")),
                 usage=usage,
@@ -105,7 +129,6 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
     return ended
 
 
-
 def _call_output(job: Job, now: datetime, usage: Any) -> dict[str, Any]:
     """What a trace call keeps as output; image URLs are added fresh on read."""
     output: dict[str, Any] = {"created": int(now.timestamp()), "model": job.model}
@@ -115,17 +138,20 @@ def _call_output(job: Job, now: datetime, usage: Any) -> dict[str, Any]:
     return output
 
 
-
 def exhausted(job: Job, limit: int) -> Result:
     """A job claimed once more than it may be: it ends here, without a provider call.
     Its earlier attempts each ended without a result (a worker died, a lease was
     lost), so it would most likely fail the same way again."""
     last = f" The last error: {job.error_message}" if job.error_message else ""
-    return Result(job, {"status": JobStatus.failed, "error_code": "max_attempts_exceeded",
-                        "error_message": f"The job was attempted {limit} times without "
-                                         f"finishing.{last}",
-                        "attempts": limit})  # this claim ran nothing: not an attempt
-
+    return Result(
+        job,
+        {
+            "status": JobStatus.failed,
+            "error_code": "max_attempts_exceeded",
+            "error_message": f"The job was attempted {limit} times without finishing.{last}",
+            "attempts": limit,
+        },
+    )  # this claim ran nothing: not an attempt
 
 
 def record(token: str, results: list[Result]) -> dict[str, str]:
@@ -141,8 +167,12 @@ def record(token: str, results: list[Result]) -> dict[str, str]:
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             if time.monotonic() >= deadline:
                 raise
-            log.warning("could not record %d job(s), database unreachable (%s); "
-                        "trying again in %.1fs", len(results), type(exc).__name__, delay)
+            log.warning(
+                "could not record %d job(s), database unreachable (%s); trying again in %.1fs",
+                len(results),
+                type(exc).__name__,
+                delay,
+            )
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
         except Exception as exc:
@@ -153,10 +183,16 @@ def record(token: str, results: list[Result]) -> dict[str, str]:
                 return ended
             if all(r.values["status"] == JobStatus.failed and not r.images for r in results):
                 raise  # already the plainest record there is
-            log.exception("could not record the result of %s",
-                          ", ".join(r.job.id for r in results))
-            message = (f"internal error: the result could not be recorded "
-                       f"({type(exc).__name__})")
-            results = [Result(r.job, {"status": JobStatus.failed,
-                                      "error_code": "internal_error",
-                                      "error_message": message}) for r in results]
+            log.exception("could not record the result of %s", ", ".join(r.job.id for r in results))
+            message = f"internal error: the result could not be recorded ({type(exc).__name__})"
+            results = [
+                Result(
+                    r.job,
+                    {
+                        "status": JobStatus.failed,
+                        "error_code": "internal_error",
+                        "error_message": message,
+                    },
+                )
+                for r in results
+            ]

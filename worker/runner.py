@@ -65,14 +65,14 @@ def run_jobs(job_ids: list[str]) -> dict[str, str]:
 def _lines_pool() -> ThreadPoolExecutor:
     # Separate from the fan-out pool: a line's own fan-out must never wait for a
     # thread held by a line of the same chunk.
-    return ThreadPoolExecutor(max_workers=get_settings().worker_concurrency,
-                              thread_name_prefix="lines")
+    return ThreadPoolExecutor(
+        max_workers=get_settings().worker_concurrency, thread_name_prefix="lines"
+    )
 
 
 def heartbeat_thread(stop: threading.Event) -> threading.Thread:
-    thread = threading.Thread(target=LEASES.run_forever, args=(stop,), name="lease-heartbeat",
-                              daemon=True)
+    thread = threading.Thread(
+        target=LEASES.run_forever, args=(stop,), name="lease-heartbeat", daemon=True
+    )
     thread.start()
     return thread
-
-

@@ -32,20 +32,27 @@ HEALTHY_AFTER_SECONDS = 10.0
 MAX_RESTART_DELAY = 30.0
 
 
-def consumer_args(settings: Settings, queues: list[str], concurrency: int | None,
-                  sweeper: bool) -> list[list[str]]:
+def consumer_args(
+    settings: Settings, queues: list[str], concurrency: int | None, sweeper: bool
+) -> list[list[str]]:
     """The consumer processes that serve ``queues``: one, or two when the batch queue
     is among others (its own lower-priority process: inside one Python process a big
     batch took most of the interpreter from sync jobs, p50 44 -> 440 ms measured)."""
     extra = ["--concurrency", str(concurrency)] if concurrency else []
     main = [*extra, *([] if sweeper else ["--no-sweeper"])]
-    split = (settings.worker_split_batch and settings.batch_queue in queues
-             and len(queues) > 1 and not settings.embedded_broker)
+    split = (
+        settings.worker_split_batch
+        and settings.batch_queue in queues
+        and len(queues) > 1
+        and not settings.embedded_broker
+    )
     if not split:
         return [["--queues", ",".join(queues), *main]]
     rest = [q for q in queues if q != settings.batch_queue]
-    return [["--queues", ",".join(rest), *main],
-            ["--queues", settings.batch_queue, *extra, "--no-sweeper"]]
+    return [
+        ["--queues", ",".join(rest), *main],
+        ["--queues", settings.batch_queue, *extra, "--no-sweeper"],
+    ]
 
 
 class ChildWorker:
@@ -76,8 +83,12 @@ class ChildWorker:
             if self._stopping.wait(delay):
                 return
             self.restarts += 1
-            log.warning("worker %s exited (%s) after %.0fs; starting it again",
-                        " ".join(self.args[3:]), code, lived)
+            log.warning(
+                "worker %s exited (%s) after %.0fs; starting it again",
+                " ".join(self.args[3:]),
+                code,
+                lived,
+            )
             self.proc = self._start()
 
     def stop(self, timeout: float = 60) -> None:
@@ -95,10 +106,16 @@ class ChildWorker:
 class WorkerGroup:
     """The consumers of one ``imagegen worker`` (or of ``imagegen dev``)."""
 
-    def __init__(self, settings: Settings, queues: list[str], concurrency: int | None = None,
-                 sweeper: bool = True) -> None:
-        self.children = [ChildWorker(args)
-                         for args in consumer_args(settings, queues, concurrency, sweeper)]
+    def __init__(
+        self,
+        settings: Settings,
+        queues: list[str],
+        concurrency: int | None = None,
+        sweeper: bool = True,
+    ) -> None:
+        self.children = [
+            ChildWorker(args) for args in consumer_args(settings, queues, concurrency, sweeper)
+        ]
 
     def stop(self, timeout: float = 60) -> None:
         stoppers = [threading.Thread(target=c.stop, args=(timeout,)) for c in self.children]
@@ -108,11 +125,13 @@ class WorkerGroup:
             t.join()
 
 
-def supervise(settings: Settings, queues: list[str], concurrency: int | None,
-              sweeper: bool) -> None:
+def supervise(
+    settings: Settings, queues: list[str], concurrency: int | None, sweeper: bool
+) -> None:
     """Run the consumers until SIGTERM or SIGINT, then stop them warm."""
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -121,8 +140,11 @@ def supervise(settings: Settings, queues: list[str], concurrency: int | None,
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     group = WorkerGroup(settings, queues, concurrency, sweeper)
-    log.info("supervising %d worker process(es): %s", len(group.children),
-             ", ".join(str(c.proc.pid) for c in group.children))
+    log.info(
+        "supervising %d worker process(es): %s",
+        len(group.children),
+        ", ".join(str(c.proc.pid) for c in group.children),
+    )
     stop.wait()
     log.info("stopping workers")
     group.stop()

@@ -42,8 +42,9 @@ def requeue_expired() -> int:
         result = session.execute(
             sa.update(Job)
             .where(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now)
-            .values(status=JobStatus.queued, lease_token=None, lease_expires_at=None,
-                    published_at=None)
+            .values(
+                status=JobStatus.queued, lease_token=None, lease_expires_at=None, published_at=None
+            )
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
@@ -55,13 +56,15 @@ def publish_pending() -> int:
     fresh = now - timedelta(seconds=2)
     stale = now - timedelta(seconds=settings.redeliver_after_seconds)
     with unit_of_work() as session:
-        jobs = list(session.exec(
-            select(Job)
-            .where(col(Job.status) == JobStatus.queued, Job.created_at < fresh)
-            .where(sa.or_(col(Job.published_at).is_(None), col(Job.published_at) < stale))
-            .order_by(col(Job.created_at))
-            .limit(BATCH)
-        ))
+        jobs = list(
+            session.exec(
+                select(Job)
+                .where(col(Job.status) == JobStatus.queued, Job.created_at < fresh)
+                .where(sa.or_(col(Job.published_at).is_(None), col(Job.published_at) < stale))
+                .order_by(col(Job.created_at))
+                .limit(BATCH)
+            )
+        )
     waiting: dict[str, int | None] = {}
     due = []
     for job in jobs:
@@ -84,20 +87,30 @@ def publish_due_deliveries() -> int:
     now = utcnow()
     stale = now - timedelta(seconds=max(30.0, get_settings().sweep_interval_seconds * 6))
     with unit_of_work() as session:
-        due = list(session.execute(
-            sa.select(col(WebhookDelivery.id))
-            .where(col(WebhookDelivery.status) == DeliveryStatus.pending,
-                   col(WebhookDelivery.next_attempt_at) <= now,
-                   sa.or_(col(WebhookDelivery.lease_expires_at).is_(None),
-                          col(WebhookDelivery.lease_expires_at) < now),
-                   sa.or_(col(WebhookDelivery.dispatched_at).is_(None),
-                          col(WebhookDelivery.dispatched_at) < stale))
-            .limit(BATCH)
-        ).scalars())
+        due = list(
+            session.execute(
+                sa.select(col(WebhookDelivery.id))
+                .where(
+                    col(WebhookDelivery.status) == DeliveryStatus.pending,
+                    col(WebhookDelivery.next_attempt_at) <= now,
+                    sa.or_(
+                        col(WebhookDelivery.lease_expires_at).is_(None),
+                        col(WebhookDelivery.lease_expires_at) < now,
+                    ),
+                    sa.or_(
+                        col(WebhookDelivery.dispatched_at).is_(None),
+                        col(WebhookDelivery.dispatched_at) < stale,
+                    ),
+                )
+                .limit(BATCH)
+            ).scalars()
+        )
         if due:
-            session.execute(sa.update(WebhookDelivery)
-                            .where(col(WebhookDelivery.id).in_(due))
-                            .values(dispatched_at=now))
+            session.execute(
+                sa.update(WebhookDelivery)
+                .where(col(WebhookDelivery.id).in_(due))
+                .values(dispatched_at=now)
+            )
             after_commit(session, lambda: publish_deliveries(due))
     return len(due)
 
@@ -109,12 +122,18 @@ def tend_batches() -> None:
     stale = now - timedelta(seconds=max(30.0, get_settings().sweep_interval_seconds * 6))
     with unit_of_work() as session:
         rows = session.execute(
-            sa.select(col(Batch.id), col(Batch.status))
-            .where(sa.or_(col(Batch.status).in_(PUMPED),
-                          sa.and_(col(Batch.status) == BatchStatus.validating,
-                                  col(Batch.created_at) < stale),
-                          sa.and_(col(Batch.status) == BatchStatus.finalizing,
-                                  col(Batch.finalizing_at) < stale - timedelta(minutes=5))))
+            sa.select(col(Batch.id), col(Batch.status)).where(
+                sa.or_(
+                    col(Batch.status).in_(PUMPED),
+                    sa.and_(
+                        col(Batch.status) == BatchStatus.validating, col(Batch.created_at) < stale
+                    ),
+                    sa.and_(
+                        col(Batch.status) == BatchStatus.finalizing,
+                        col(Batch.finalizing_at) < stale - timedelta(minutes=5),
+                    ),
+                )
+            )
         ).all()
     for batch_id, status in rows:
         if status == BatchStatus.validating:

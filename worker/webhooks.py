@@ -40,8 +40,11 @@ def _lease() -> timedelta:
 @lru_cache
 def _client() -> httpx.Client:
     settings = get_settings()
-    return httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False,
-                        limits=httpx.Limits(max_connections=200))
+    return httpx.Client(
+        timeout=settings.webhook_timeout_seconds,
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=200),
+    )
 
 
 def _claim(delivery_id: str) -> WebhookDelivery | None:
@@ -49,11 +52,15 @@ def _claim(delivery_id: str) -> WebhookDelivery | None:
     with unit_of_work() as session:
         result = session.execute(
             sa.update(WebhookDelivery)
-            .where(col(WebhookDelivery.id) == delivery_id,
-                   col(WebhookDelivery.status) == DeliveryStatus.pending,
-                   col(WebhookDelivery.next_attempt_at) <= now,
-                   sa.or_(col(WebhookDelivery.lease_expires_at).is_(None),
-                          col(WebhookDelivery.lease_expires_at) < now))
+            .where(
+                col(WebhookDelivery.id) == delivery_id,
+                col(WebhookDelivery.status) == DeliveryStatus.pending,
+                col(WebhookDelivery.next_attempt_at) <= now,
+                sa.or_(
+                    col(WebhookDelivery.lease_expires_at).is_(None),
+                    col(WebhookDelivery.lease_expires_at) < now,
+                ),
+            )
             .values(lease_expires_at=now + _lease(), attempts=WebhookDelivery.attempts + 1)
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -97,8 +104,9 @@ def deliver(delivery_id: str) -> str:
     else:
         body = json.dumps(delivery.payload, separators=(",", ":"))
         try:
-            target = check_target(delivery.url,
-                                  allow_private=settings.webhook_allow_private_targets)
+            target = check_target(
+                delivery.url, allow_private=settings.webhook_allow_private_targets
+            )
             now = utcnow()
             headers = {
                 "content-type": "application/json",
@@ -108,10 +116,10 @@ def deliver(delivery_id: str) -> str:
                 "webhook-timestamp": str(int(now.timestamp())),
                 "webhook-signature": Webhook(secret).sign(delivery.id, now, body),
             }
-            extensions = ({"sni_hostname": target.url.host}
-                          if target.url.scheme == "https" else {})
-            response = _client().post(target.connect_url(), content=body, headers=headers,
-                                      extensions=extensions)
+            extensions = {"sni_hostname": target.url.host} if target.url.scheme == "https" else {}
+            response = _client().post(
+                target.connect_url(), content=body, headers=headers, extensions=extensions
+            )
             status_code = response.status_code
             retry_after = _retry_after(response)
             if not 200 <= status_code < 300:
@@ -126,12 +134,22 @@ def deliver(delivery_id: str) -> str:
     return _record(delivery, status_code, error, retry_after, duration_ms, permanent)
 
 
-def _record(delivery: WebhookDelivery, status_code: int | None, error: str | None,
-            retry_after: float | None, duration_ms: int, permanent: bool) -> str:
+def _record(
+    delivery: WebhookDelivery,
+    status_code: int | None,
+    error: str | None,
+    retry_after: float | None,
+    duration_ms: int,
+    permanent: bool,
+) -> str:
     schedule = get_settings().webhook_retry_schedule
     now = utcnow()
-    values: dict[str, object] = {"last_status_code": status_code, "last_error": error,
-                                 "lease_expires_at": None, "updated_at": now}
+    values: dict[str, object] = {
+        "last_status_code": status_code,
+        "last_error": error,
+        "lease_expires_at": None,
+        "updated_at": now,
+    }
     disable = False
     if error is None:
         values["status"] = DeliveryStatus.succeeded
@@ -147,17 +165,33 @@ def _record(delivery: WebhookDelivery, status_code: int | None, error: str | Non
         values["next_attempt_at"] = now + timedelta(seconds=delay)
         values["dispatched_at"] = None
     with unit_of_work() as session:
-        session.add(WebhookAttempt(delivery_id=delivery.id, number=delivery.attempts,
-                                   status_code=status_code, error=error,
-                                   duration_ms=duration_ms))
-        session.execute(sa.update(WebhookDelivery)
-                        .where(col(WebhookDelivery.id) == delivery.id).values(**values))
+        session.add(
+            WebhookAttempt(
+                delivery_id=delivery.id,
+                number=delivery.attempts,
+                status_code=status_code,
+                error=error,
+                duration_ms=duration_ms,
+            )
+        )
+        session.execute(
+            sa.update(WebhookDelivery)
+            .where(col(WebhookDelivery.id) == delivery.id)
+            .values(**values)
+        )
         if disable and delivery.endpoint_id is not None:
             session.execute(
                 sa.update(WebhookEndpoint)
-                .where(col(WebhookEndpoint.id) == delivery.endpoint_id,
-                       col(WebhookEndpoint.disabled_at).is_(None))
-                .values(disabled_at=now, disabled_reason="receiver answered 410 Gone"))
-    log.info("webhook %s attempt %d: %s", delivery.id, delivery.attempts,
-             error or f"delivered ({status_code})")
+                .where(
+                    col(WebhookEndpoint.id) == delivery.endpoint_id,
+                    col(WebhookEndpoint.disabled_at).is_(None),
+                )
+                .values(disabled_at=now, disabled_reason="receiver answered 410 Gone")
+            )
+    log.info(
+        "webhook %s attempt %d: %s",
+        delivery.id,
+        delivery.attempts,
+        error or f"delivered ({status_code})",
+    )
     return str(values.get("status", "retrying"))

@@ -51,8 +51,7 @@ def get_projects(session: DbSession) -> ListPage[ProjectObject]:
 
 @router.post("/projects", response_model=ProjectObject, responses=ERRORS)
 def post_project(body: ProjectCreate, session: DbSession) -> ProjectObject:
-    return project_view(create_project(session, body.name,
-                                       **body.model_dump(exclude={"name"})))
+    return project_view(create_project(session, body.name, **body.model_dump(exclude={"name"})))
 
 
 @router.patch("/projects/{name:path}", response_model=ProjectObject, responses=ERRORS)
@@ -61,9 +60,10 @@ def patch_project(name: str, body: Limits, session: DbSession) -> ProjectObject:
 
 
 @router.get("/keys", response_model=ListPage[KeyObject], responses=ERRORS)
-def get_keys(session: DbSession,
-             project: Annotated[str | None, Query(max_length=200)] = None,
-             ) -> ListPage[KeyObject]:
+def get_keys(
+    session: DbSession,
+    project: Annotated[str | None, Query(max_length=200)] = None,
+) -> ListPage[KeyObject]:
     return ListPage.of([key_view(k, p) for k, p in list_keys(session, project)])
 
 

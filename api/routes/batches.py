@@ -36,88 +36,102 @@ router = APIRouter(tags=["batches"])
 
 
 @router.post("/v1/batches", response_model=BatchObject, responses=ERRORS)
-def post_batch(body: BatchCreate, principal: CurrentPrincipal,
-               session: DbSession) -> BatchObject:
-    batch = create_openai_batch(session, principal, input_file_id=body.input_file_id,
-                                endpoint=body.endpoint,
-                                completion_window=body.completion_window,
-                                metadata=body.metadata)
+def post_batch(body: BatchCreate, principal: CurrentPrincipal, session: DbSession) -> BatchObject:
+    batch = create_openai_batch(
+        session,
+        principal,
+        input_file_id=body.input_file_id,
+        endpoint=body.endpoint,
+        completion_window=body.completion_window,
+        metadata=body.metadata,
+    )
     return render_batch(session, batch)
 
 
 @router.get("/v1/batches", response_model=ListPage[BatchObject], responses=ERRORS)
-def get_batches(principal: CurrentPrincipal, session: DbSession,
-                limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                after: Annotated[str | None, Query(max_length=64)] = None,
-                ) -> ListPage[BatchObject]:
+def get_batches(
+    principal: CurrentPrincipal,
+    session: DbSession,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> ListPage[BatchObject]:
     rows, has_more = list_batches(session, principal.project_id, limit=limit, after=after)
     return ListPage.of([render_batch(session, b) for b in rows], has_more)
 
 
 @router.get("/v1/batches/{batch_id}", response_model=BatchObject, responses=ERRORS)
 @router.get("/v1/images/batches/{batch_id}", response_model=BatchObject, responses=ERRORS)
-def get_one_batch(batch_id: str, principal: CurrentPrincipal,
-                  session: DbSession) -> BatchObject:
+def get_one_batch(batch_id: str, principal: CurrentPrincipal, session: DbSession) -> BatchObject:
     return render_batch(session, get_batch(session, principal.project_id, batch_id))
 
 
 @router.post("/v1/batches/{batch_id}/cancel", response_model=BatchObject, responses=ERRORS)
-@router.post("/v1/images/batches/{batch_id}/cancel", response_model=BatchObject,
-             responses=ERRORS)
-def post_cancel(batch_id: str, principal: CurrentPrincipal,
-                session: DbSession) -> BatchObject:
+@router.post("/v1/images/batches/{batch_id}/cancel", response_model=BatchObject, responses=ERRORS)
+def post_cancel(batch_id: str, principal: CurrentPrincipal, session: DbSession) -> BatchObject:
     """``cancelling`` at once; the worker finalizes it to ``cancelled`` as soon as no
     line is running."""
     return render_batch(session, cancel_batch(session, principal.project_id, batch_id))
 
 
 @router.post("/v1/images/batches", response_model=BatchObject, responses=ERRORS)
-async def post_native_batch(body: NativeBatchCreate, principal: CurrentPrincipal,
-                            session: DbSession) -> BatchObject:
+async def post_native_batch(
+    body: NativeBatchCreate, principal: CurrentPrincipal, session: DbSession
+) -> BatchObject:
     if (body.requests is None) == (body.prompts is None):
         raise InvalidRequest("Give either 'requests' or 'prompts'.", param="requests")
     shared = body.model_extra or {}
-    requests = (body.requests if body.requests is not None
-                else [{**shared, "prompt": p} for p in body.prompts or []])
+    requests = (
+        body.requests
+        if body.requests is not None
+        else [{**shared, "prompt": p} for p in body.prompts or []]
+    )
     if body.webhook_url is not None:
         await run_in_threadpool(check_url, body.webhook_url, "webhook_url")  # resolves DNS
 
     def create() -> BatchObject:
-        batch = create_native_batch(session, principal, requests, body.webhook_url,
-                                    body.metadata)
+        batch = create_native_batch(session, principal, requests, body.webhook_url, body.metadata)
         return render_batch(session, batch)
 
     return await run_in_threadpool(create)
 
 
-@router.get("/v1/images/batches/{batch_id}/items", response_model=BatchItemPage,
-            responses=ERRORS)
-def get_items(batch_id: str, principal: CurrentPrincipal, session: DbSession,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              after: Annotated[int | None, Query(ge=0, le=2**31 - 1,
-                                                 description="last line seen")] = None,
-              ) -> BatchItemPage:
+@router.get("/v1/images/batches/{batch_id}/items", response_model=BatchItemPage, responses=ERRORS)
+def get_items(
+    batch_id: str,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="last line seen")] = None,
+) -> BatchItemPage:
     batch = get_batch(session, principal.project_id, batch_id)
     return list_items(session, batch, limit=limit, after=after)
 
 
-@router.get("/v1/batches/{batch_id}/events",
-            responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
-@router.get("/v1/images/batches/{batch_id}/events",
-            responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
-async def batch_events(batch_id: str, request: Request,
-                       principal: CurrentPrincipal) -> StreamingResponse:
+@router.get(
+    "/v1/batches/{batch_id}/events",
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+)
+@router.get(
+    "/v1/images/batches/{batch_id}/events",
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+)
+async def batch_events(
+    batch_id: str, request: Request, principal: CurrentPrincipal
+) -> StreamingResponse:
     """Server-sent progress: ``event: batch.progress`` with the batch object, at most
     twice a second, until the batch ends (its last event names the final status)."""
+
     def snapshot() -> Frame:
         # A stream outlives any one transaction: each snapshot reads in its own.
         with unit_of_work() as session:
             batch = render_batch(session, get_batch(session, principal.project_id, batch_id))
         final = batch.status in TERMINAL
-        return Frame(name=f"batch.{batch.status}" if final else "batch.progress",
-                     data=batch.model_dump(mode="json"),
-                     state=(batch.status, json.dumps(batch.request_counts.model_dump())),
-                     final=final)
+        return Frame(
+            name=f"batch.{batch.status}" if final else "batch.progress",
+            data=batch.model_dump(mode="json"),
+            state=(batch.status, json.dumps(batch.request_counts.model_dump())),
+            final=final,
+        )
 
     first = await run_in_threadpool(snapshot)
     # Lines finish in bursts: fold each burst into one event.

@@ -23,11 +23,18 @@ from shared.jobs.views import render_job
 router = APIRouter(tags=["jobs"])
 
 
-@router.get("/v1/images/jobs/{job_id}/events",
-            responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
-async def job_events(job_id: str, request: Request, principal: CurrentPrincipal,
-                     settings: SettingsDep, storage: StorageDep,
-                     base_url: BaseUrl) -> StreamingResponse:
+@router.get(
+    "/v1/images/jobs/{job_id}/events",
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    principal: CurrentPrincipal,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base_url: BaseUrl,
+) -> StreamingResponse:
     def snapshot() -> Frame:
         with unit_of_work() as session:
             job = get_job(session, principal.project_id, job_id)
@@ -35,8 +42,12 @@ async def job_events(job_id: str, request: Request, principal: CurrentPrincipal,
             position = queue_position(session, job)
         obj = render_job(job, images, storage, base_url, settings.url_expiry_seconds)
         obj.queue_position = position
-        return Frame(name=f"job.{obj.status}", data=obj.model_dump(mode="json", exclude_none=True),
-                     state=(obj.status, position), final=obj.status in FINISHED)
+        return Frame(
+            name=f"job.{obj.status}",
+            data=obj.model_dump(mode="json", exclude_none=True),
+            state=(obj.status, position),
+            final=obj.status in FINISHED,
+        )
 
     first = await run_in_threadpool(snapshot)  # a 404 here, before the stream starts
     return event_stream(request.app.state.waiter, job_id, first, snapshot)

@@ -28,17 +28,24 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
 @router.post("", response_model=FileObject, responses=ERRORS)
-async def upload(file: UploadFile, purpose: Annotated[str, Form()], principal: CurrentPrincipal,
-                 session: DbSession, storage: StorageDep) -> FileObject:
+async def upload(
+    file: UploadFile,
+    purpose: Annotated[str, Form()],
+    principal: CurrentPrincipal,
+    session: DbSession,
+    storage: StorageDep,
+) -> FileObject:
     check_text(purpose, "purpose")
     filename = file.filename or "upload.jsonl"
     check_text(filename, "file")
     if len(filename) > MAX_FILENAME_CHARS:
-        raise InvalidValue(f"The file name is longer than {MAX_FILENAME_CHARS} characters.",
-                           param="file")
+        raise InvalidValue(
+            f"The file name is longer than {MAX_FILENAME_CHARS} characters.", param="file"
+        )
     if purpose != "batch":
-        raise InvalidRequest(f"Invalid purpose '{purpose}': only 'batch' is supported.",
-                             param="purpose")
+        raise InvalidRequest(
+            f"Invalid purpose '{purpose}': only 'batch' is supported.", param="purpose"
+        )
     # The body was counted as it arrived (api/upload_limit.py) and the part spooled
     # to a temporary file; it is streamed from there to storage, never read whole.
     size = file.size if file.size is not None else 0
@@ -47,20 +54,24 @@ async def upload(file: UploadFile, purpose: Annotated[str, Form()], principal: C
     file.file.seek(0)
 
     def store() -> FileObject:
-        return file_view(create_file(session, storage, principal.project_id, filename,
-                                     purpose, file.file, size))
+        return file_view(
+            create_file(session, storage, principal.project_id, filename, purpose, file.file, size)
+        )
 
     return await run_in_threadpool(store)
 
 
 @router.get("", response_model=ListPage[FileObject], responses=ERRORS)
-def read_files(principal: CurrentPrincipal, session: DbSession,
-               purpose: Annotated[str | None, Query(max_length=32)] = None,
-               limit: Annotated[int, Query(ge=1, le=10000)] = 100,
-               after: Annotated[str | None, Query(max_length=64)] = None,
-               ) -> ListPage[FileObject]:
-    files, has_more = list_files(session, principal.project_id, purpose=purpose,
-                                 limit=limit, after=after)
+def read_files(
+    principal: CurrentPrincipal,
+    session: DbSession,
+    purpose: Annotated[str | None, Query(max_length=32)] = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> ListPage[FileObject]:
+    files, has_more = list_files(
+        session, principal.project_id, purpose=purpose, limit=limit, after=after
+    )
     return ListPage.of([file_view(f) for f in files], has_more)
 
 
@@ -69,10 +80,10 @@ def read_file(file_id: str, principal: CurrentPrincipal, session: DbSession) -> 
     return file_view(get_file(session, principal.project_id, file_id))
 
 
-@router.get("/{file_id}/content", responses={200: {"content": {"application/jsonl": {}}},
-                                            **ERRORS})
-def read_content(file_id: str, principal: CurrentPrincipal, session: DbSession,
-                 storage: StorageDep) -> Response:
+@router.get("/{file_id}/content", responses={200: {"content": {"application/jsonl": {}}}, **ERRORS})
+def read_content(
+    file_id: str, principal: CurrentPrincipal, session: DbSession, storage: StorageDep
+) -> Response:
     file = get_file(session, principal.project_id, file_id)
     return Response(storage.get(file.storage_key), media_type="application/jsonl")
 

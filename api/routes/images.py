@@ -25,10 +25,16 @@ _WAIT = re.compile(r"\bwait\s*=\s*(\d+(?:\.\d+)?)")
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse, "description": desc}
-    for code, desc in [(400, "Invalid request"), (401, "Missing or invalid API key"),
-                       (404, "Model not found"), (429, "Rate limited"),
-                       (500, "Server error"), (502, "Upstream error"),
-                       (503, "Service unavailable"), (504, "Upstream timed out")]
+    for code, desc in [
+        (400, "Invalid request"),
+        (401, "Missing or invalid API key"),
+        (404, "Model not found"),
+        (429, "Rate limited"),
+        (500, "Server error"),
+        (502, "Upstream error"),
+        (503, "Service unavailable"),
+        (504, "Upstream timed out"),
+    ]
 }
 
 
@@ -44,8 +50,11 @@ def parse_prefer(prefer: str | None, default_wait: float) -> tuple[bool, float]:
 
 
 def accepted(job: JobObject) -> JSONResponse:
-    return JSONResponse(job.model_dump(mode="json"), status_code=202,
-                        headers={"Location": f"/v1/images/jobs/{job.id}"})
+    return JSONResponse(
+        job.model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": f"/v1/images/jobs/{job.id}"},
+    )
 
 
 @router.post(
@@ -68,13 +77,20 @@ async def create_image(
     params = validate_generation(body, registry)
     webhook = await run_in_threadpool(webhook_of, body)  # resolves DNS: off the loop
     respond_async, wait = parse_prefer(prefer, settings.sync_wait_seconds)
-    outcome = await submit(request, principal, params, registry.get(params.model),
-                           wait=0 if respond_async else wait, webhook=webhook)
+    outcome = await submit(
+        request,
+        principal,
+        params,
+        registry.get(params.model),
+        wait=0 if respond_async else wait,
+        webhook=webhook,
+    )
     job = outcome.job
     if outcome.finished:
         if job.status == JobStatus.succeeded:
-            return await run_in_threadpool(render_result, job, outcome.images, storage,
-                                           base_url, settings.url_expiry_seconds)
+            return await run_in_threadpool(
+                render_result, job, outcome.images, storage, base_url, settings.url_expiry_seconds
+            )
         raise job_failure(job)
     obj = render_job(job, None, storage, base_url, settings.url_expiry_seconds)
     obj.queue_position = await run_in_threadpool(position, job)

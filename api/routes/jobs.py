@@ -16,36 +16,54 @@ from shared.jobs.views import render_job, render_list
 router = APIRouter(prefix="/v1/images/jobs", tags=["jobs"])
 
 
-@router.get("/{job_id}", response_model=JobObject, response_model_exclude_none=True,
-            responses=ERRORS)
-def read_job(job_id: str, principal: CurrentPrincipal, session: DbSession,
-             settings: SettingsDep, storage: StorageDep, base_url: BaseUrl) -> JobObject:
+@router.get(
+    "/{job_id}", response_model=JobObject, response_model_exclude_none=True, responses=ERRORS
+)
+def read_job(
+    job_id: str,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base_url: BaseUrl,
+) -> JobObject:
     job = get_job(session, principal.project_id, job_id)
     # Fresh presigned URLs on every read.
-    obj = render_job(job, job_images(session, job), storage, base_url,
-                     settings.url_expiry_seconds)
+    obj = render_job(job, job_images(session, job), storage, base_url, settings.url_expiry_seconds)
     obj.queue_position = queue_position(session, job)
     return obj
 
 
 @router.get("", response_model=JobList, response_model_exclude_none=True, responses=ERRORS)
-def read_jobs(principal: CurrentPrincipal, session: DbSession, settings: SettingsDep,
-              storage: StorageDep, base_url: BaseUrl,
-              limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=64)] = None,
-              status: JobStatus | None = None) -> JobList:
-    jobs, has_more = list_jobs(session, principal.project_id, limit=limit, after=after,
-                               status=status)
+def read_jobs(
+    principal: CurrentPrincipal,
+    session: DbSession,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base_url: BaseUrl,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    status: JobStatus | None = None,
+) -> JobList:
+    jobs, has_more = list_jobs(
+        session, principal.project_id, limit=limit, after=after, status=status
+    )
     page = render_list(jobs, has_more, storage, base_url, settings.url_expiry_seconds)
     for job, obj in zip(jobs, page.data, strict=True):
         obj.queue_position = queue_position(session, job)
     return page
 
 
-@router.post("/{job_id}/cancel", response_model=JobObject, response_model_exclude_none=True,
-             responses=ERRORS)
-def cancel(job_id: str, principal: CurrentPrincipal, session: DbSession,
-           settings: SettingsDep, storage: StorageDep, base_url: BaseUrl) -> JobObject:
+@router.post(
+    "/{job_id}/cancel", response_model=JobObject, response_model_exclude_none=True, responses=ERRORS
+)
+def cancel(
+    job_id: str,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base_url: BaseUrl,
+) -> JobObject:
     job = cancel_job(session, principal.project_id, job_id)
-    return render_job(job, job_images(session, job), storage, base_url,
-                      settings.url_expiry_seconds)
+    return render_job(job, job_images(session, job), storage, base_url, settings.url_expiry_seconds)

@@ -14,8 +14,12 @@ _CREATED = 1735689600  # 2025-01-01: registry entries have no creation time of t
 
 @router.get("", response_model=ModelList, responses=ERRORS)
 def list_models(_: CurrentPrincipal) -> ModelList:
-    return ModelList(data=[ModelObject(id=m.name, created=_CREATED, owned_by=m.owned_by)
-                           for m in get_registry().models])
+    return ModelList(
+        data=[
+            ModelObject(id=m.name, created=_CREATED, owned_by=m.owned_by)
+            for m in get_registry().models
+        ]
+    )
 
 
 @router.get("/{model_id:path}", response_model=ModelObject, responses=ERRORS)

@@ -19,10 +19,12 @@ LAST_DAY = date(9999, 12, 30)
 
 
 @router.get("/v1/usage", response_model=UsageReport, responses=ERRORS)
-def read_usage(principal: CurrentPrincipal, session: DbSession,
-               start_date: Annotated[date | None, Query(ge=FIRST_DAY, le=LAST_DAY)] = None,
-               end_date: Annotated[date | None, Query(ge=FIRST_DAY, le=LAST_DAY)] = None,
-               ) -> UsageReport:
+def read_usage(
+    principal: CurrentPrincipal,
+    session: DbSession,
+    start_date: Annotated[date | None, Query(ge=FIRST_DAY, le=LAST_DAY)] = None,
+    end_date: Annotated[date | None, Query(ge=FIRST_DAY, le=LAST_DAY)] = None,
+) -> UsageReport:
     end = end_date or datetime.now(UTC).date()
     start = start_date or end - timedelta(days=29)
     return usage_report(session, principal.project_id, principal.project_name, start, end)

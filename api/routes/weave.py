@@ -49,7 +49,8 @@ class ImageGenerationCreateReq(BaseModel):
     inputs: ImageGenerationRequestInputs
     wb_user_id: StrictStr | None = Field(
         default=None,
-        description="Do not set directly. Server will automatically populate this field.")
+        description="Do not set directly. Server will automatically populate this field.",
+    )
     track_llm_call: StrictBool | None = True
     # Extensions, as on the OpenAI surface: a per-job webhook.
     webhook_url: StrictStr | None = Field(default=None, max_length=2000)
@@ -62,10 +63,13 @@ class WeaveError(BaseModel):
 
 WEAVE_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": WeaveError, "description": desc}
-    for code, desc in [(400, "The body could not be parsed"),
-                       (401, "Missing or invalid API key"),
-                       (403, "The key may not use this project"), (429, "Rate limited"),
-                       (503, "Service unavailable")]
+    for code, desc in [
+        (400, "The body could not be parsed"),
+        (401, "Missing or invalid API key"),
+        (403, "The key may not use this project"),
+        (429, "Rate limited"),
+        (503, "Service unavailable"),
+    ]
 }
 
 
@@ -105,8 +109,12 @@ def _failure(message: str) -> ImageGenerationCreateRes:
     return ImageGenerationCreateRes(response={"error": message}, weave_call_id=None)
 
 
-@router.post("/image/create", response_model=ImageGenerationCreateRes,
-             summary="Image Create", responses=WEAVE_ERRORS)
+@router.post(
+    "/image/create",
+    response_model=ImageGenerationCreateRes,
+    summary="Image Create",
+    responses=WEAVE_ERRORS,
+)
 async def image_create(
     body: Annotated[ImageGenerationCreateReq, Body()],
     request: Request,
@@ -124,19 +132,31 @@ async def image_create(
     except ImagegenError as exc:  # as the reference: the provider would refuse it
         return _failure(exc.message)
     outcome = await submit(
-        request, principal, params, get_registry().get(params.model),
-        wait=settings.sync_wait_seconds, surface="weave",
-        track=body.track_llm_call is not False, op_name=OP_WEAVE, call_inputs=inputs,
-        webhook=webhook)
+        request,
+        principal,
+        params,
+        get_registry().get(params.model),
+        wait=settings.sync_wait_seconds,
+        surface="weave",
+        track=body.track_llm_call is not False,
+        op_name=OP_WEAVE,
+        call_inputs=inputs,
+        webhook=webhook,
+    )
     job = outcome.job
     if not outcome.finished:
         return ImageGenerationCreateRes(
-            response={"error": f"The generation is still running; poll job {job.id}.",
-                      "job_id": job.id}, weave_call_id=job.call_id)
+            response={
+                "error": f"The generation is still running; poll job {job.id}.",
+                "job_id": job.id,
+            },
+            weave_call_id=job.call_id,
+        )
     if job.status != JobStatus.succeeded:
         return _failure(job.error_message or f"The generation {job.status}.")
-    result = await run_in_threadpool(render_result, job, outcome.images, storage, base_url,
-                                     settings.url_expiry_seconds)
+    result = await run_in_threadpool(
+        render_result, job, outcome.images, storage, base_url, settings.url_expiry_seconds
+    )
     response = result.model_dump(exclude_none=True)
     response["model"] = job.model
     usage = normalise_usage(job.usage)
@@ -145,24 +165,38 @@ async def image_create(
     return ImageGenerationCreateRes(response=response, weave_call_id=job.call_id)
 
 
-@router.post("/call/read", response_model=CallReadRes, summary="Call Read",
-             responses=WEAVE_ERRORS)
-def call_read(body: CallReadReq, principal: WeavePrincipal, session: DbSession,
-              settings: SettingsDep, storage: StorageDep, base_url: BaseUrl) -> CallReadRes:
+@router.post("/call/read", response_model=CallReadRes, summary="Call Read", responses=WEAVE_ERRORS)
+def call_read(
+    body: CallReadReq,
+    principal: WeavePrincipal,
+    session: DbSession,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base_url: BaseUrl,
+) -> CallReadRes:
     _check_project(principal, body.project_id)
     call = read_call(session, principal.project_id, body.id)
     if call is None:
         return CallReadRes(call=None)
-    rendered = render_calls(session, [call], body.project_id, storage, base_url,
-                            settings.url_expiry_seconds)
+    rendered = render_calls(
+        session, [call], body.project_id, storage, base_url, settings.url_expiry_seconds
+    )
     return CallReadRes(call=rendered[0])
 
 
-@router.post("/calls/stream_query", summary="Calls Query Stream",
-             responses={200: {"content": {"application/jsonl": {}}}, **WEAVE_ERRORS})
-def calls_stream_query(body: CallsQuery, principal: WeavePrincipal, session: DbSession,
-                       settings: SettingsDep, storage: StorageDep,
-                       base_url: BaseUrl) -> StreamingResponse:
+@router.post(
+    "/calls/stream_query",
+    summary="Calls Query Stream",
+    responses={200: {"content": {"application/jsonl": {}}}, **WEAVE_ERRORS},
+)
+def calls_stream_query(
+    body: CallsQuery,
+    principal: WeavePrincipal,
+    session: DbSession,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base_url: BaseUrl,
+) -> StreamingResponse:
     _check_project(principal, body.project_id)
     calls = query_calls(session, principal.project_id, body)
 
@@ -171,16 +205,26 @@ def calls_stream_query(body: CallsQuery, principal: WeavePrincipal, session: DbS
         # stream outlives the request's transaction, so each page reads in its own.
         for start in range(0, len(calls), 100):
             with unit_of_work() as page_session:
-                yield from render_calls(page_session, calls[start:start + 100],
-                                        body.project_id, storage, base_url,
-                                        settings.url_expiry_seconds)
+                yield from render_calls(
+                    page_session,
+                    calls[start : start + 100],
+                    body.project_id,
+                    storage,
+                    base_url,
+                    settings.url_expiry_seconds,
+                )
 
     return StreamingResponse(jsonl(rows()), media_type="application/jsonl")
 
 
-@router.post("/calls/query_stats", response_model=CallsQueryStatsRes,
-             summary="Calls Query Stats", responses=WEAVE_ERRORS)
-def calls_query_stats(body: CallsQueryStatsReq, principal: WeavePrincipal,
-                      session: DbSession) -> CallsQueryStatsRes:
+@router.post(
+    "/calls/query_stats",
+    response_model=CallsQueryStatsRes,
+    summary="Calls Query Stats",
+    responses=WEAVE_ERRORS,
+)
+def calls_query_stats(
+    body: CallsQueryStatsReq, principal: WeavePrincipal, session: DbSession
+) -> CallsQueryStatsRes:
     _check_project(principal, body.project_id)
     return CallsQueryStatsRes(count=count_calls(session, principal.project_id, body.filter))

@@ -35,11 +35,13 @@ router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 
 @router.post("/endpoints", response_model=EndpointWithSecret, responses=ERRORS)
-async def post_endpoint(body: EndpointCreate, principal: CurrentPrincipal,
-                        session: DbSession) -> EndpointWithSecret:
+async def post_endpoint(
+    body: EndpointCreate, principal: CurrentPrincipal, session: DbSession
+) -> EndpointWithSecret:
     def create() -> EndpointWithSecret:  # resolves the host: off the event loop
-        return endpoint_with_secret(create_endpoint(
-            session, principal.project_id, body.url, body.events, body.description))
+        return endpoint_with_secret(
+            create_endpoint(session, principal.project_id, body.url, body.events, body.description)
+        )
 
     return await run_in_threadpool(create)
 
@@ -50,22 +52,24 @@ def get_endpoints(principal: CurrentPrincipal, session: DbSession) -> ListPage[E
 
 
 @router.get("/endpoints/{endpoint_id}", response_model=EndpointObject, responses=ERRORS)
-def get_one_endpoint(endpoint_id: str, principal: CurrentPrincipal,
-                     session: DbSession) -> EndpointObject:
+def get_one_endpoint(
+    endpoint_id: str, principal: CurrentPrincipal, session: DbSession
+) -> EndpointObject:
     return endpoint_view(get_endpoint(session, principal.project_id, endpoint_id))
 
 
 @router.delete("/endpoints/{endpoint_id}", response_model=Deleted, responses=ERRORS)
-def remove_endpoint(endpoint_id: str, principal: CurrentPrincipal,
-                    session: DbSession) -> Deleted:
+def remove_endpoint(endpoint_id: str, principal: CurrentPrincipal, session: DbSession) -> Deleted:
     endpoint = delete_endpoint(session, principal.project_id, endpoint_id)
     return Deleted(id=endpoint.id, object="webhook_endpoint")
 
 
-@router.post("/endpoints/{endpoint_id}/rotate_secret", response_model=EndpointWithSecret,
-             responses=ERRORS)
-def post_rotate(endpoint_id: str, principal: CurrentPrincipal,
-                session: DbSession) -> EndpointWithSecret:
+@router.post(
+    "/endpoints/{endpoint_id}/rotate_secret", response_model=EndpointWithSecret, responses=ERRORS
+)
+def post_rotate(
+    endpoint_id: str, principal: CurrentPrincipal, session: DbSession
+) -> EndpointWithSecret:
     return endpoint_with_secret(rotate_secret(session, principal.project_id, endpoint_id))
 
 
@@ -85,16 +89,21 @@ def get_deliveries(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> ListPage[DeliveryObject]:
-    rows, has_more = list_deliveries(session, principal.project_id, job_id=job_id,
-                                     endpoint_id=endpoint_id, status=status, limit=limit,
-                                     after=after)
-    return ListPage.of([delivery_view(d, delivery_attempts(session, d.id)) for d in rows],
-                       has_more)
+    rows, has_more = list_deliveries(
+        session,
+        principal.project_id,
+        job_id=job_id,
+        endpoint_id=endpoint_id,
+        status=status,
+        limit=limit,
+        after=after,
+    )
+    return ListPage.of([delivery_view(d, delivery_attempts(session, d.id)) for d in rows], has_more)
 
 
-@router.post("/deliveries/{delivery_id}/redeliver", response_model=DeliveryObject,
-             responses=ERRORS)
-def post_redeliver(delivery_id: str, principal: CurrentPrincipal,
-                   session: DbSession) -> DeliveryObject:
+@router.post("/deliveries/{delivery_id}/redeliver", response_model=DeliveryObject, responses=ERRORS)
+def post_redeliver(
+    delivery_id: str, principal: CurrentPrincipal, session: DbSession
+) -> DeliveryObject:
     delivery = redeliver(session, principal.project_id, delivery_id)
     return delivery_view(delivery, delivery_attempts(session, delivery.id))

@@ -1,4 +1,5 @@
 """Batches and their lines (items)."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -33,10 +34,8 @@ class BatchStatus(StrEnum):
 # expiring | cancelling -> finalizing (once no line is running)
 # finalizing -> completed | expired | cancelled (output files written)
 BATCH_TRANSITIONS: dict[BatchStatus, tuple[BatchStatus, ...]] = {
-    BatchStatus.validating: (BatchStatus.in_progress, BatchStatus.failed,
-                             BatchStatus.cancelling),
-    BatchStatus.in_progress: (BatchStatus.finalizing, BatchStatus.expiring,
-                              BatchStatus.cancelling),
+    BatchStatus.validating: (BatchStatus.in_progress, BatchStatus.failed, BatchStatus.cancelling),
+    BatchStatus.in_progress: (BatchStatus.finalizing, BatchStatus.expiring, BatchStatus.cancelling),
     BatchStatus.expiring: (BatchStatus.finalizing,),
     BatchStatus.cancelling: (BatchStatus.finalizing,),
     BatchStatus.finalizing: (BatchStatus.completed, BatchStatus.expired, BatchStatus.cancelled),
@@ -49,9 +48,11 @@ TERMINAL = tuple(status for status, moves in BATCH_TRANSITIONS.items() if not mo
 # Pumped: lines are started (in_progress) or drained (expiring, cancelling).
 PUMPED = (BatchStatus.in_progress, BatchStatus.cancelling, BatchStatus.expiring)
 # What a batch that reaches finalizing from each status ends as.
-FINAL_STATUS = {BatchStatus.in_progress: BatchStatus.completed,
-                BatchStatus.cancelling: BatchStatus.cancelled,
-                BatchStatus.expiring: BatchStatus.expired}
+FINAL_STATUS = {
+    BatchStatus.in_progress: BatchStatus.completed,
+    BatchStatus.cancelling: BatchStatus.cancelled,
+    BatchStatus.expiring: BatchStatus.expired,
+}
 
 
 class ItemStatus(StrEnum):
@@ -92,7 +93,6 @@ class Batch(SQLModel, table=True):
     cancelled_at: datetime | None = ts_field()
 
 
-
 class BatchItem(SQLModel, table=True):
     """One line of a batch. Its job runs it; its result is kept when the job ends."""
 
@@ -102,8 +102,7 @@ class BatchItem(SQLModel, table=True):
         sa.Index("ix_batch_item_batch_status_line", "batch_id", "status", "line"),
     )
 
-    id: str = Field(default_factory=lambda: new_id("batch_req"), primary_key=True,
-                    max_length=64)
+    id: str = Field(default_factory=lambda: new_id("batch_req"), primary_key=True, max_length=64)
     batch_id: str = Field(foreign_key="batch.id", max_length=64)
     project_id: str = Field(foreign_key="project.id", max_length=64)
     line: int

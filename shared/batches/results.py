@@ -35,9 +35,10 @@ def start_finalizing(session: Session, batch_id: str) -> BatchStatus | None:
         return None
     final = FINAL_STATUS.get(BatchStatus(batch.status))
     moved = session.execute(
-        sa.update(Batch).where(col(Batch.id) == batch_id,
-                               col(Batch.status).in_(list(FINAL_STATUS)))
-        .values(status=BatchStatus.finalizing, finalizing_at=utcnow()))
+        sa.update(Batch)
+        .where(col(Batch.id) == batch_id, col(Batch.status).in_(list(FINAL_STATUS)))
+        .values(status=BatchStatus.finalizing, finalizing_at=utcnow())
+    )
     if final is None or moved.rowcount != 1:  # type: ignore[attr-defined]
         return None
     return final
@@ -70,40 +71,70 @@ def write_results(session: Session, batch_id: str, final: BatchStatus) -> None:
     batch = session.get(Batch, batch_id)
     assert batch is not None
     rows = items_with_jobs(session, batch, sa.true(), None)
-    images = images_by_job(session, batch.project_id,
-                           [job.id for item, job in rows if item.status == ItemStatus.succeeded
-                            and job is not None])
+    images = images_by_job(
+        session,
+        batch.project_id,
+        [job.id for item, job in rows if item.status == ItemStatus.succeeded and job is not None],
+    )
     for item, job in rows:
-        line: dict[str, Any] = {"id": item.id, "custom_id": item.custom_id,
-                                "response": None, "error": None}
+        line: dict[str, Any] = {
+            "id": item.id,
+            "custom_id": item.custom_id,
+            "response": None,
+            "error": None,
+        }
         if item.status == ItemStatus.succeeded and job is not None:
-            body = render_result(job, images[job.id], storage, base_url,
-                                 settings.batch_url_expiry_seconds)
-            line["response"] = {"status_code": 200, "request_id": job.id,
-                                "body": body.model_dump(exclude_none=True)}
+            body = render_result(
+                job, images[job.id], storage, base_url, settings.batch_url_expiry_seconds
+            )
+            line["response"] = {
+                "status_code": 200,
+                "request_id": job.id,
+                "body": body.model_dump(exclude_none=True),
+            }
             out_lines.append(json.dumps(line))
             continue
         if item.status_code is not None:
-            line["response"] = {"status_code": item.status_code,
-                                "request_id": item.job_id or item.id,
-                                "body": {"error": item.error}}
+            line["response"] = {
+                "status_code": item.status_code,
+                "request_id": item.job_id or item.id,
+                "body": {"error": item.error},
+            }
         else:
             line["error"] = item.error
         err_lines.append(json.dumps(line))
     now = utcnow()
     if out_lines:
         batch.output_file_id = create_file(
-            session, storage, batch.project_id, f"{batch.id}_output.jsonl",
-            "batch_output", ("\n".join(out_lines) + "\n").encode()).id
+            session,
+            storage,
+            batch.project_id,
+            f"{batch.id}_output.jsonl",
+            "batch_output",
+            ("\n".join(out_lines) + "\n").encode(),
+        ).id
     if err_lines:
         batch.error_file_id = create_file(
-            session, storage, batch.project_id, f"{batch.id}_error.jsonl",
-            "batch_output", ("\n".join(err_lines) + "\n").encode()).id
+            session,
+            storage,
+            batch.project_id,
+            f"{batch.id}_error.jsonl",
+            "batch_output",
+            ("\n".join(err_lines) + "\n").encode(),
+        ).id
     batch.status = final
-    setattr(batch, {BatchStatus.completed: "completed_at", BatchStatus.cancelled: "cancelled_at",
-                    BatchStatus.expired: "expired_at"}[final], now)
+    setattr(
+        batch,
+        {
+            BatchStatus.completed: "completed_at",
+            BatchStatus.cancelled: "cancelled_at",
+            BatchStatus.expired: "expired_at",
+        }[final],
+        now,
+    )
     session.add(batch)
     session.flush()
-    record_batch_event(session, batch, f"batch.{final}",
-                       render_batch(session, batch).model_dump(mode="json"))
+    record_batch_event(
+        session, batch, f"batch.{final}", render_batch(session, batch).model_dump(mode="json")
+    )
     after_commit(session, lambda: publish_job_changed(batch_id, final))

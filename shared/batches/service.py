@@ -43,24 +43,40 @@ from shared.webhooks.events import record_batch_event
 # --- creating ----------------------------------------------------------------------
 
 
-def create_openai_batch(session: Session, principal: Principal, *, input_file_id: str,
-                        endpoint: str, completion_window: str,
-                        metadata: dict[str, str] | None) -> Batch:
+def create_openai_batch(
+    session: Session,
+    principal: Principal,
+    *,
+    input_file_id: str,
+    endpoint: str,
+    completion_window: str,
+    metadata: dict[str, str] | None,
+) -> Batch:
     """Record the batch; the worker validates its input file (enqueued after commit)."""
     if endpoint != ENDPOINT:
-        raise InvalidRequest(f"Unsupported endpoint '{endpoint}': this service batches "
-                             f"'{ENDPOINT}'.", param="endpoint")
+        raise InvalidRequest(
+            f"Unsupported endpoint '{endpoint}': this service batches '{ENDPOINT}'.",
+            param="endpoint",
+        )
     if completion_window != "24h":
         raise InvalidRequest("completion_window must be '24h'.", param="completion_window")
     check_metadata(metadata)
     file = get_file(session, principal.project_id, input_file_id)
     if file.purpose != "batch":
-        raise InvalidRequest(f"File '{input_file_id}' has purpose '{file.purpose}', not "
-                             "'batch'.", param="input_file_id")
+        raise InvalidRequest(
+            f"File '{input_file_id}' has purpose '{file.purpose}', not 'batch'.",
+            param="input_file_id",
+        )
     now = utcnow()
-    batch = Batch(project_id=principal.project_id, input_file_id=file.id, endpoint=endpoint,
-                  completion_window=completion_window, batch_metadata=metadata,
-                  created_at=now, expires_at=now + timedelta(hours=24))
+    batch = Batch(
+        project_id=principal.project_id,
+        input_file_id=file.id,
+        endpoint=endpoint,
+        completion_window=completion_window,
+        batch_metadata=metadata,
+        created_at=now,
+        expires_at=now + timedelta(hours=24),
+    )
     session.add(batch)
     session.flush()
     batch_id = batch.id
@@ -68,8 +84,13 @@ def create_openai_batch(session: Session, principal: Principal, *, input_file_id
     return batch
 
 
-def create_native_batch(session: Session, principal: Principal, requests: list[dict[str, Any]],
-                        webhook_url: str | None, metadata: dict[str, str] | None) -> Batch:
+def create_native_batch(
+    session: Session,
+    principal: Principal,
+    requests: list[dict[str, Any]],
+    webhook_url: str | None,
+    metadata: dict[str, str] | None,
+) -> Batch:
     """Record the batch and its lines; the worker starts them (enqueued after commit)."""
     if not requests:
         raise InvalidRequest("A batch needs at least one request.", param="requests")
@@ -81,16 +102,25 @@ def create_native_batch(session: Session, principal: Principal, requests: list[d
         body = dict(req)
         custom_id = str(body.pop("custom_id", None) or f"request-{index + 1}")
         if len(custom_id) > MAX_CUSTOM_ID_CHARS:
-            raise InvalidValue(f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters.",
-                               param=f"requests.{index}.custom_id")
+            raise InvalidValue(
+                f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters.",
+                param=f"requests.{index}.custom_id",
+            )
         if custom_id in seen:
-            raise InvalidRequest(f"The custom_id '{custom_id}' is used twice.",
-                                 param=f"requests.{index}.custom_id")
+            raise InvalidRequest(
+                f"The custom_id '{custom_id}' is used twice.", param=f"requests.{index}.custom_id"
+            )
         seen.add(custom_id)
         items.append({"line": index + 1, "custom_id": custom_id, "body": body})
     now = utcnow()
-    batch = Batch(project_id=principal.project_id, kind="native", webhook_url=webhook_url,
-                  batch_metadata=metadata, created_at=now, expires_at=now + timedelta(hours=24))
+    batch = Batch(
+        project_id=principal.project_id,
+        kind="native",
+        webhook_url=webhook_url,
+        batch_metadata=metadata,
+        created_at=now,
+        expires_at=now + timedelta(hours=24),
+    )
     session.add(batch)
     session.flush()
     _insert_items(session, batch, items)
@@ -101,11 +131,20 @@ def create_native_batch(session: Session, principal: Principal, requests: list[d
 
 
 def _insert_items(session: Session, batch: Batch, items: list[dict[str, Any]]) -> None:
-    rows = [{"id": new_id("batch_req"), "batch_id": batch.id, "project_id": batch.project_id,
-             "line": it["line"], "custom_id": it["custom_id"], "body": it["body"],
-             "status": ItemStatus.pending} for it in items]
+    rows = [
+        {
+            "id": new_id("batch_req"),
+            "batch_id": batch.id,
+            "project_id": batch.project_id,
+            "line": it["line"],
+            "custom_id": it["custom_id"],
+            "body": it["body"],
+            "status": ItemStatus.pending,
+        }
+        for it in items
+    ]
     for start in range(0, len(rows), 5000):
-        session.execute(sa.insert(BatchItem), rows[start:start + 5000])
+        session.execute(sa.insert(BatchItem), rows[start : start + 5000])
     batch.total = len(rows)
     batch.status = BatchStatus.in_progress
     batch.in_progress_at = utcnow()
@@ -125,8 +164,9 @@ def validate_batch(session: Session, batch_id: str) -> bool:
         batch.status, batch.failed_at, batch.errors = BatchStatus.failed, utcnow(), errors[:1000]
         session.add(batch)
         session.flush()
-        record_batch_event(session, batch, "batch.failed",
-                           render_batch(session, batch).model_dump(mode="json"))
+        record_batch_event(
+            session, batch, "batch.failed", render_batch(session, batch).model_dump(mode="json")
+        )
     else:
         _insert_items(session, batch, items)
     after_commit(session, lambda: publish_job_changed(batch_id, "validated"))
@@ -135,6 +175,7 @@ def validate_batch(session: Session, batch_id: str) -> bool:
 
 # --- cancelling --------------------------------------------------------------------
 
+
 def cancel_batch(session: Session, project_id: str, batch_id: str) -> Batch:
     """Lines not started end canceled; running ones finish. The worker finalizes the
     batch once none is running (a pump enqueued after commit)."""
@@ -142,8 +183,9 @@ def cancel_batch(session: Session, project_id: str, batch_id: str) -> Batch:
     if batch.status in (BatchStatus.cancelling, BatchStatus.cancelled):
         return batch
     if BatchStatus.cancelling not in _moves(batch.status):
-        raise Conflict(f"Batch '{batch_id}' is {batch.status} and cannot be cancelled.",
-                       param="batch_id")
+        raise Conflict(
+            f"Batch '{batch_id}' is {batch.status} and cannot be cancelled.", param="batch_id"
+        )
     batch.status, batch.cancelling_at = BatchStatus.cancelling, utcnow()
     stop_pending(session, batch, "batch_cancelled", "The batch was cancelled.")
     session.add(batch)
@@ -158,16 +200,19 @@ def _moves(status: str) -> tuple[BatchStatus, ...]:
 
 # --- reading -----------------------------------------------------------------------
 
+
 def get_batch(session: Session, project_id: str, batch_id: str) -> Batch:
-    batch = session.exec(select(Batch).where(col(Batch.id) == batch_id,
-                                             col(Batch.project_id) == project_id)).first()
+    batch = session.exec(
+        select(Batch).where(col(Batch.id) == batch_id, col(Batch.project_id) == project_id)
+    ).first()
     if batch is None:
         raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
     return batch
 
 
-def list_batches(session: Session, project_id: str, *, limit: int,
-                 after: str | None) -> tuple[list[Batch], bool]:
+def list_batches(
+    session: Session, project_id: str, *, limit: int, after: str | None
+) -> tuple[list[Batch], bool]:
     query = select(Batch).where(col(Batch.project_id) == project_id)
     if after is not None:
         query = query.where(col(Batch.id) < after)

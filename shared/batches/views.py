@@ -26,65 +26,105 @@ from shared.jobs.views import render_result
 
 
 def request_counts(session: Session, batch: Batch) -> RequestCounts:
-    counts: Counter[str] = Counter(dict(session.execute(  # type: ignore[arg-type]
-        sa.select(col(BatchItem.status), sa.func.count()).where(
-            col(BatchItem.batch_id) == batch.id).group_by(col(BatchItem.status))).all()))
-    return RequestCounts(total=batch.total, completed=counts[ItemStatus.succeeded],
-                         failed=counts[ItemStatus.failed] + counts[ItemStatus.canceled])
-
+    counts: Counter[str] = Counter(
+        dict(
+            session.execute(  # type: ignore[arg-type]
+                sa.select(col(BatchItem.status), sa.func.count())
+                .where(col(BatchItem.batch_id) == batch.id)
+                .group_by(col(BatchItem.status))
+            ).all()
+        )
+    )
+    return RequestCounts(
+        total=batch.total,
+        completed=counts[ItemStatus.succeeded],
+        failed=counts[ItemStatus.failed] + counts[ItemStatus.canceled],
+    )
 
 
 def render_batch(session: Session, batch: Batch) -> BatchObject:
     status = BatchStatus.finalizing if batch.status == BatchStatus.expiring else batch.status
     return BatchObject(
-        id=batch.id, endpoint=batch.endpoint,
+        id=batch.id,
+        endpoint=batch.endpoint,
         errors=BatchErrors(data=batch.errors) if batch.errors else None,
-        input_file_id=batch.input_file_id, completion_window=batch.completion_window,
-        status=BatchStatus(status), output_file_id=batch.output_file_id,
-        error_file_id=batch.error_file_id, created_at=to_unix(batch.created_at) or 0,
-        in_progress_at=to_unix(batch.in_progress_at), expires_at=to_unix(batch.expires_at),
-        finalizing_at=to_unix(batch.finalizing_at), completed_at=to_unix(batch.completed_at),
-        failed_at=to_unix(batch.failed_at), expired_at=to_unix(batch.expired_at),
-        cancelling_at=to_unix(batch.cancelling_at), cancelled_at=to_unix(batch.cancelled_at),
-        request_counts=request_counts(session, batch), metadata=batch.batch_metadata,
+        input_file_id=batch.input_file_id,
+        completion_window=batch.completion_window,
+        status=BatchStatus(status),
+        output_file_id=batch.output_file_id,
+        error_file_id=batch.error_file_id,
+        created_at=to_unix(batch.created_at) or 0,
+        in_progress_at=to_unix(batch.in_progress_at),
+        expires_at=to_unix(batch.expires_at),
+        finalizing_at=to_unix(batch.finalizing_at),
+        completed_at=to_unix(batch.completed_at),
+        failed_at=to_unix(batch.failed_at),
+        expired_at=to_unix(batch.expired_at),
+        cancelling_at=to_unix(batch.cancelling_at),
+        cancelled_at=to_unix(batch.cancelled_at),
+        request_counts=request_counts(session, batch),
+        metadata=batch.batch_metadata,
     )
 
 
-def items_with_jobs(session: Session, batch: Batch, where: Any,
-                     limit: int | None) -> list[tuple[BatchItem, Job | None]]:
+def items_with_jobs(
+    session: Session, batch: Batch, where: Any, limit: int | None
+) -> list[tuple[BatchItem, Job | None]]:
     """The batch's lines in order, each with its job, in one query."""
-    query = (select(BatchItem, Job)
-             .join(Job, col(Job.id) == col(BatchItem.job_id), isouter=True)
-             .where(col(BatchItem.batch_id) == batch.id, where)
-             .order_by(col(BatchItem.line)))
+    query = (
+        select(BatchItem, Job)
+        .join(Job, col(Job.id) == col(BatchItem.job_id), isouter=True)
+        .where(col(BatchItem.batch_id) == batch.id, where)
+        .order_by(col(BatchItem.line))
+    )
     if limit is not None:
         query = query.limit(limit)
     return [(item, job) for item, job in session.exec(query)]
 
 
-
-def list_items(session: Session, batch: Batch, *, limit: int,
-               after: int | None) -> BatchItemPage:
+def list_items(session: Session, batch: Batch, *, limit: int, after: int | None) -> BatchItemPage:
     """A page of lines with their results (fresh URLs), by line number."""
     settings = get_settings()
     after_clause = col(BatchItem.line) > after if after is not None else sa.true()
     rows = items_with_jobs(session, batch, after_clause, limit + 1)
-    images = images_by_job(session, batch.project_id,
-                           [job.id for item, job in rows[:limit]
-                            if item.status == ItemStatus.succeeded and job is not None])
+    images = images_by_job(
+        session,
+        batch.project_id,
+        [
+            job.id
+            for item, job in rows[:limit]
+            if item.status == ItemStatus.succeeded and job is not None
+        ],
+    )
     page = []
     for item, job in rows[:limit]:
         response = None
         if item.status == ItemStatus.succeeded and job is not None:
-            body = render_result(job, images[job.id], get_storage(),
-                                 settings.public_base_url(), settings.url_expiry_seconds)
+            body = render_result(
+                job,
+                images[job.id],
+                get_storage(),
+                settings.public_base_url(),
+                settings.url_expiry_seconds,
+            )
             response = ItemResponse(status_code=200, body=body.model_dump(exclude_none=True))
         elif item.status_code is not None:
             response = ItemResponse(status_code=item.status_code, body={"error": item.error})
-        page.append(BatchItemObject(id=item.id, custom_id=item.custom_id, line=item.line,
-                                    status=ItemStatus(item.status), job_id=item.job_id,
-                                    response=response, error=item.error))
-    return BatchItemPage(data=page, has_more=len(rows) > limit,
-                         first_id=page[0].id if page else None,
-                         last_id=page[-1].id if page else None,
-                         last_line=page[-1].line if page else None)
+        page.append(
+            BatchItemObject(
+                id=item.id,
+                custom_id=item.custom_id,
+                line=item.line,
+                status=ItemStatus(item.status),
+                job_id=item.job_id,
+                response=response,
+                error=item.error,
+            )
+        )
+    return BatchItemPage(
+        data=page,
+        has_more=len(rows) > limit,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        last_line=page[-1].line if page else None,
+    )

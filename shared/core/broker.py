@@ -71,8 +71,12 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_default_queue="default",
         task_publish_retry=True,
-        task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2,
-                                   "interval_step": 0.2, "interval_max": 0.5},
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0.2,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -113,8 +117,7 @@ def queue_size(queue: str) -> int | None:
         with get_celery().connection_for_write() as conn:
             # Not passive: after a broker restart the queue is not declared yet, and
             # declaring an (empty) queue we publish to anyway is harmless.
-            ok = conn.default_channel.queue_declare(queue=queue, durable=True,
-                                                    auto_delete=False)
+            ok = conn.default_channel.queue_declare(queue=queue, durable=True, auto_delete=False)
             return int(ok.message_count)
     except Exception as exc:  # kombu raises many types for an unreachable broker
         log.debug("could not size queue %s: %s", queue, exc)

@@ -26,10 +26,8 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         return value
 
 
-
 def ts_field(nullable: bool = True) -> Any:
     return Field(default=None, sa_type=UTCDateTime, nullable=nullable)
-
 
 
 def table(model: type[SQLModel]) -> sa.Table:

@@ -22,7 +22,9 @@ def make_engine(url: str) -> Engine:
         # Many threads (API threadpool, worker threads) share one SQLite file:
         # WAL lets readers run beside the one writer, busy_timeout queues writers.
         engine = sa.create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=20,
             hide_parameters=True,
         )
 
@@ -36,8 +38,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True,
-                            hide_parameters=True)
+    return sa.create_engine(
+        url, pool_size=20, max_overflow=40, pool_pre_ping=True, hide_parameters=True
+    )
 
 
 @lru_cache

@@ -90,8 +90,14 @@ class ImagegenError(Exception):
     error_type = "server_error"
     code: str | None = ErrorCode.internal_error
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -102,11 +108,16 @@ class ImagegenError(Exception):
 
 def render(err: ImagegenError) -> ErrorBody:
     """The one rendering of an error, as OpenAI's error object."""
-    return ErrorBody(message=err.message, type=err.error_type, param=err.param,
-                     code=None if err.code is None else str(err.code))
+    return ErrorBody(
+        message=err.message,
+        type=err.error_type,
+        param=err.param,
+        code=None if err.code is None else str(err.code),
+    )
 
 
 # --- client errors: the request, as asked, cannot be served ---------------------------
+
 
 class ClientError(ImagegenError):
     status_code = 400
@@ -190,6 +201,7 @@ class UpstreamError(ClientError):
 
 
 # --- internal errors: conditions inside the service ----------------------------------
+
 
 class InternalError(ImagegenError):
     """A condition inside the service; the worker decides what it means for a job."""

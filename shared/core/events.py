@@ -1,4 +1,4 @@
-""""Job changed" notifications over Redis pub/sub.
+""" "Job changed" notifications over Redis pub/sub.
 
 Only a hint that wakes waiters: the SQL row stays the truth, so a lost message
 delays a waiter (it re-reads the row on its fallback timer), it never misleads one.

@@ -27,8 +27,12 @@ class ListPage(BaseModel, Generic[T]):
     @classmethod
     def of(cls, data: Sequence[T], has_more: bool = False) -> ListPage[T]:
         ids = [getattr(item, "id", None) for item in data]
-        return cls(data=list(data), has_more=has_more,
-                   first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None)
+        return cls(
+            data=list(data),
+            has_more=has_more,
+            first_id=ids[0] if ids else None,
+            last_id=ids[-1] if ids else None,
+        )
 
 
 class Deleted(BaseModel):

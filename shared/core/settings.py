@@ -74,8 +74,7 @@ class Settings(BaseSettings):
     # Webhooks: the Standard Webhooks retry schedule (seconds before each attempt;
     # the first is immediate), the timeout of one attempt, and whether targets may
     # resolve to loopback, private, link-local or metadata addresses (development).
-    webhook_retry_schedule: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000, 50400,
-                                           72000, 86400]
+    webhook_retry_schedule: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
     webhook_timeout_seconds: float = 15.0
     webhook_allow_private_targets: bool = False
     # Batches: their jobs' queue, how many lines of one batch are queued or running

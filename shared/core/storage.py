@@ -33,8 +33,13 @@ def image_key(project_id: str, job_id: str, index: int, ext: str) -> str:
 
 
 # S3 error codes that mean "later", besides any 5xx status.
-_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
-                    "RequestTimeTooSkewed"}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+}
 
 
 class Storage(Protocol):
@@ -84,24 +89,32 @@ class S3Storage:
             signature_version="s3v4",
         )
         session = boto3.session.Session()
-        self.client = session.client("s3", endpoint_url=settings.s3_endpoint_url,
-                                     region_name=settings.s3_region, config=config)
+        self.client = session.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            config=config,
+        )
         self.signer = self.client
         if settings.s3_public_endpoint_url:
             # Presigning is local computation: this client never opens a connection.
-            self.signer = session.client("s3", endpoint_url=settings.s3_public_endpoint_url,
-                                         region_name=settings.s3_region, config=config)
+            self.signer = session.client(
+                "s3",
+                endpoint_url=settings.s3_public_endpoint_url,
+                region_name=settings.s3_region,
+                config=config,
+            )
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         with _outage_as_unavailable():
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
-                                   ContentType=content_type)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
 
     def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> None:
         # upload_fileobj reads in 8 MB parts (a multipart upload for big files).
         with _outage_as_unavailable():
-            self.client.upload_fileobj(fileobj, self.bucket, key,
-                                       ExtraArgs={"ContentType": content_type})
+            self.client.upload_fileobj(
+                fileobj, self.bucket, key, ExtraArgs={"ContentType": content_type}
+            )
 
     def get(self, key: str) -> bytes:
         obj = self.client.get_object(Bucket=self.bucket, Key=key)

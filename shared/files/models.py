@@ -1,4 +1,5 @@
 """Files (OpenAI's Files API): metadata here, bytes in storage."""
+
 from __future__ import annotations
 
 from datetime import datetime

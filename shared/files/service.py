@@ -17,8 +17,15 @@ MAX_FILENAME_CHARS = 500  # the column
 PURPOSES = ("batch", "batch_output")  # clients upload "batch"; batches write "batch_output"
 
 
-def create_file(session: Session, storage: Storage, project_id: str, filename: str,
-                purpose: str, data: bytes | BinaryIO, size: int | None = None) -> File:
+def create_file(
+    session: Session,
+    storage: Storage,
+    project_id: str,
+    filename: str,
+    purpose: str,
+    data: bytes | BinaryIO,
+    size: int | None = None,
+) -> File:
     """Store a file (bytes, or an open file streamed to storage in chunks: an
     upload is never held in memory whole) and record it."""
     if purpose not in PURPOSES:
@@ -26,34 +33,45 @@ def create_file(session: Session, storage: Storage, project_id: str, filename: s
     size = len(data) if isinstance(data, bytes) else size
     assert size is not None
     if size > MAX_FILE_BYTES:
-        raise InvalidRequest(f"The file is {size} bytes; the limit is {MAX_FILE_BYTES}.",
-                             param="file")
+        raise InvalidRequest(
+            f"The file is {size} bytes; the limit is {MAX_FILE_BYTES}.", param="file"
+        )
     file_id = new_id("file")
     key = f"{project_id}/files/{file_id}"
     if isinstance(data, bytes):
         storage.put(key, data, "application/jsonl")
     else:
         storage.put_file(key, data, "application/jsonl")
-    file = File(id=file_id, project_id=project_id, filename=filename, purpose=purpose,
-                bytes=size, storage_key=key)
+    file = File(
+        id=file_id,
+        project_id=project_id,
+        filename=filename,
+        purpose=purpose,
+        bytes=size,
+        storage_key=key,
+    )
     session.add(file)
     session.flush()
     return file
 
 
 def get_file(session: Session, project_id: str, file_id: str) -> File:
-    file = session.exec(select(File).where(
-        col(File.id) == file_id, col(File.project_id) == project_id,
-        col(File.deleted_at).is_(None))).first()
+    file = session.exec(
+        select(File).where(
+            col(File.id) == file_id,
+            col(File.project_id) == project_id,
+            col(File.deleted_at).is_(None),
+        )
+    ).first()
     if file is None:
         raise NotFound(f"No such File object: {file_id}", param="file_id")
     return file
 
 
-def list_files(session: Session, project_id: str, *, purpose: str | None, limit: int,
-               after: str | None) -> tuple[list[File], bool]:
-    query = select(File).where(col(File.project_id) == project_id,
-                               col(File.deleted_at).is_(None))
+def list_files(
+    session: Session, project_id: str, *, purpose: str | None, limit: int, after: str | None
+) -> tuple[list[File], bool]:
+    query = select(File).where(col(File.project_id) == project_id, col(File.deleted_at).is_(None))
     if purpose is not None:
         query = query.where(col(File.purpose) == purpose)
     if after is not None:
@@ -68,5 +86,3 @@ def delete_file(session: Session, project_id: str, file_id: str) -> File:
     session.add(file)
     session.flush()
     return file
-
-

@@ -8,5 +8,10 @@ from shared.files.schemas import FileObject
 
 
 def file_view(file: File) -> FileObject:
-    return FileObject(id=file.id, bytes=file.bytes, created_at=to_unix(file.created_at) or 0,
-                      filename=file.filename, purpose=file.purpose)
+    return FileObject(
+        id=file.id,
+        bytes=file.bytes,
+        created_at=to_unix(file.created_at) or 0,
+        filename=file.filename,
+        purpose=file.purpose,
+    )

@@ -26,20 +26,23 @@ def parse_request(body: Any) -> ImageGenerationRequest:
         ) from None
 
 
-def _choice(value: str | None, allowed: list[str], default: str | None, param: str,
-            model: str) -> str | None:
+def _choice(
+    value: str | None, allowed: list[str], default: str | None, param: str, model: str
+) -> str | None:
     if value is None:
         return default
     if value not in allowed:
         if not allowed:
             raise InvalidRequest(
-                f"The model '{model}' does not support '{param}'.", param=param,
+                f"The model '{model}' does not support '{param}'.",
+                param=param,
                 code="invalid_value",
             )
         raise InvalidRequest(
             f"Invalid value '{value}' for '{param}' with model '{model}'. "
             f"Supported values are: {', '.join(repr(a) for a in allowed)}.",
-            param=param, code="invalid_value",
+            param=param,
+            code="invalid_value",
         )
     return value
 
@@ -53,13 +56,16 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
     if len(req.prompt) > caps.max_prompt_chars:
         raise InvalidRequest(
             f"'prompt' is too long: {len(req.prompt)} characters, the maximum for '{name}' "
-            f"is {caps.max_prompt_chars}.", param="prompt", code="string_above_max_length",
+            f"is {caps.max_prompt_chars}.",
+            param="prompt",
+            code="string_above_max_length",
         )
     n = req.n if req.n is not None else 1
     if n > caps.max_n:
         raise InvalidRequest(
             f"Invalid value {n} for 'n' with model '{name}': at most {caps.max_n}.",
-            param="n", code="invalid_value",
+            param="n",
+            code="invalid_value",
         )
     size = _choice(req.size, caps.sizes, spec.default_size, "size", name)
     if size != "auto" and (size is None or parse_size(size) is None):
@@ -69,12 +75,14 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
         if not caps.output_compression:
             raise InvalidRequest(
                 f"The model '{name}' does not support 'output_compression'.",
-                param="output_compression", code="invalid_value",
+                param="output_compression",
+                code="invalid_value",
             )
         if output_format == "png":
             raise InvalidRequest(
                 "'output_compression' applies to jpeg and webp output only.",
-                param="output_compression", code="invalid_value",
+                param="output_compression",
+                code="invalid_value",
             )
     return GenerationParams(
         model=name,

@@ -1,5 +1,6 @@
 """Jobs and their images. The SQL row is the truth; a broker message only says
 "run job X"."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -29,15 +30,19 @@ class JobStatus(StrEnum):
 #              again (another worker claims it once the lease expired)
 TRANSITIONS: dict[JobStatus, tuple[JobStatus, ...]] = {
     JobStatus.queued: (JobStatus.running, JobStatus.canceled),
-    JobStatus.running: (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled,
-                        JobStatus.queued, JobStatus.running),
+    JobStatus.running: (
+        JobStatus.succeeded,
+        JobStatus.failed,
+        JobStatus.canceled,
+        JobStatus.queued,
+        JobStatus.running,
+    ),
     JobStatus.succeeded: (),
     JobStatus.failed: (),
     JobStatus.canceled: (),
 }
 FINISHED = tuple(status for status, moves in TRANSITIONS.items() if not moves)
 CANCELABLE = tuple(s for s, moves in TRANSITIONS.items() if JobStatus.canceled in moves)
-
 
 
 class Job(SQLModel, table=True):
@@ -75,7 +80,6 @@ class Job(SQLModel, table=True):
     # Set while running: the claim of one attempt, renewed by the worker's heartbeat.
     lease_token: str | None = Field(default=None, max_length=64)
     lease_expires_at: datetime | None = ts_field()
-
 
 
 class Image(SQLModel, table=True):

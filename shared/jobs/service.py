@@ -31,11 +31,19 @@ from shared.webhooks.events import record_job_event
 from shared.webhooks.service import Webhook
 
 
-def create_job(session: Session, principal: Principal, params: GenerationParams,
-               spec: ModelSpec, *, job_id: str | None = None, surface: str = "openai",
-               track: bool = True, op_name: str = OP_OPENAI,
-               call_inputs: dict[str, Any] | None = None,
-               webhook: Webhook | None = None) -> Job:
+def create_job(
+    session: Session,
+    principal: Principal,
+    params: GenerationParams,
+    spec: ModelSpec,
+    *,
+    job_id: str | None = None,
+    surface: str = "openai",
+    track: bool = True,
+    op_name: str = OP_OPENAI,
+    call_inputs: dict[str, Any] | None = None,
+    webhook: Webhook | None = None,
+) -> Job:
     """Record a job (and its trace call unless ``track`` is off) for ``principal``."""
     job = Job(
         id=job_id or new_id("job"),
@@ -79,7 +87,8 @@ def mark_published(session: Session, job_ids: Sequence[str]) -> None:
 def mark_unpublished(session: Session, job_id: str) -> None:
     """The broker refused the message: leave the job for the sweeper to publish."""
     session.execute(
-        sa.update(Job).where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
+        sa.update(Job)
+        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
         .values(published_at=None)
     )
 
@@ -97,23 +106,29 @@ def job_images(session: Session, job: Job) -> list[Image]:
     return images_by_job(session, job.project_id, [job.id])[job.id]
 
 
-def images_by_job(session: Session, project_id: str,
-                  job_ids: Sequence[str]) -> dict[str, list[Image]]:
+def images_by_job(
+    session: Session, project_id: str, job_ids: Sequence[str]
+) -> dict[str, list[Image]]:
     """``job_images`` for many jobs in a few queries (a batch's output file has one
     line per job: one query each made finalizing a 10,000-line batch take ~20 s)."""
     found: dict[str, list[Image]] = {job_id: [] for job_id in job_ids}
     ids = list(found)
     for start in range(0, len(ids), 5000):  # well under PostgreSQL's bind limit
         for image in session.exec(
-                select(Image).where(col(Image.project_id) == project_id,
-                                    col(Image.job_id).in_(ids[start:start + 5000]))
-                .order_by(col(Image.job_id), col(Image.index))):
+            select(Image)
+            .where(
+                col(Image.project_id) == project_id,
+                col(Image.job_id).in_(ids[start : start + 5000]),
+            )
+            .order_by(col(Image.job_id), col(Image.index))
+        ):
             found[image.job_id].append(image)
     return found
 
 
-def list_jobs(session: Session, project_id: str, *, limit: int, after: str | None,
-              status: JobStatus | None) -> tuple[list[Job], bool]:
+def list_jobs(
+    session: Session, project_id: str, *, limit: int, after: str | None, status: JobStatus | None
+) -> tuple[list[Job], bool]:
     query = select(Job).where(Job.project_id == project_id)
     if status is not None:
         query = query.where(col(Job.status) == status)
@@ -131,8 +146,13 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
     result = session.execute(
         sa.update(Job)
         .where(col(Job.id) == job.id, col(Job.status).in_(CANCELABLE))
-        .values(status=JobStatus.canceled, canceled_at=now, finished_at=now, lease_token=None,
-                lease_expires_at=None)
+        .values(
+            status=JobStatus.canceled,
+            canceled_at=now,
+            finished_at=now,
+            lease_token=None,
+            lease_expires_at=None,
+        )
     )
     changed = result.rowcount == 1  # type: ignore[attr-defined]
     session.refresh(job)
@@ -156,10 +176,10 @@ def queue_position(session: Session, job: Job) -> int | None:
     if job.status != JobStatus.queued:
         return None
     ahead = session.execute(
-        sa.select(sa.func.count()).select_from(Job)
-        .where(col(Job.queue) == job.queue, col(Job.status) == JobStatus.queued,
-               col(Job.id) < job.id)
+        sa.select(sa.func.count())
+        .select_from(Job)
+        .where(
+            col(Job.queue) == job.queue, col(Job.status) == JobStatus.queued, col(Job.id) < job.id
+        )
     ).scalar_one()
     return int(ahead) + 1
-
-

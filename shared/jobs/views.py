@@ -1,4 +1,3 @@
-
 from __future__ import annotations
 
 import base64
@@ -37,9 +36,9 @@ def job_failure(job: Job) -> ClientError:
     return InvalidRequest(message, code=code, param="prompt")
 
 
-
-def render_result(job: Job, images: list[Image], storage: Storage, base_url: str,
-                  url_expiry: int) -> ImagesResponse:
+def render_result(
+    job: Job, images: list[Image], storage: Storage, base_url: str, url_expiry: int
+) -> ImagesResponse:
     params = job_params(job)
     data = []
     for image in images:
@@ -47,8 +46,12 @@ def render_result(job: Job, images: list[Image], storage: Storage, base_url: str
             b64 = base64.b64encode(storage.get(image.storage_key)).decode()
             data.append(ImageData(b64_json=b64, revised_prompt=image.revised_prompt))
         else:
-            data.append(ImageData(url=storage.url(image.storage_key, url_expiry, base_url),
-                                  revised_prompt=image.revised_prompt))
+            data.append(
+                ImageData(
+                    url=storage.url(image.storage_key, url_expiry, base_url),
+                    revised_prompt=image.revised_prompt,
+                )
+            )
     usage: dict[str, Any] | None = job.usage or None
     return ImagesResponse(
         created=to_unix(job.finished_at) or to_unix(job.created_at) or 0,
@@ -61,16 +64,17 @@ def render_result(job: Job, images: list[Image], storage: Storage, base_url: str
     )
 
 
-
-def render_job(job: Job, images: list[Image] | None, storage: Storage, base_url: str,
-               url_expiry: int) -> JobObject:
+def render_job(
+    job: Job, images: list[Image] | None, storage: Storage, base_url: str, url_expiry: int
+) -> JobObject:
     result = None
     if job.status == JobStatus.succeeded and images is not None:
         result = render_result(job, images, storage, base_url, url_expiry)
     error = None
     if job.status == JobStatus.failed:
-        error = JobError(code=job.error_code or "job_failed",
-                         message=job.error_message or "The job failed.")
+        error = JobError(
+            code=job.error_code or "job_failed", message=job.error_message or "The job failed."
+        )
     return JobObject(
         id=job.id,
         status=JobStatus(job.status),
@@ -89,9 +93,9 @@ def render_job(job: Job, images: list[Image] | None, storage: Storage, base_url:
     )
 
 
-
-def render_list(jobs: list[Job], has_more: bool, storage: Storage, base_url: str,
-                url_expiry: int) -> JobList:
+def render_list(
+    jobs: list[Job], has_more: bool, storage: Storage, base_url: str, url_expiry: int
+) -> JobList:
     # Listings carry no result (no presigning or b64 reads for a whole page);
     # fetch one job to get its images.
     data = [render_job(job, None, storage, base_url, url_expiry) for job in jobs]

@@ -60,8 +60,11 @@ return granted
 def images_per_day_exceeded(project_value: int | None) -> RateLimited:
     limit = _limit(project_value, get_settings().project_images_per_day)
     now = time.time()
-    return RateLimited(f"Daily image limit reached for this project ({limit} images a day).",
-                       code="images_per_day_exceeded", retry_after=86400 - now % 86400)
+    return RateLimited(
+        f"Daily image limit reached for this project ({limit} images a day).",
+        code="images_per_day_exceeded",
+        retry_after=86400 - now % 86400,
+    )
 
 
 def _images_key(project_id: str, now: float) -> str:
@@ -79,8 +82,7 @@ class Limiter:
         self._take_images = self.client.register_script(_TAKE_IMAGES)
 
     def check_request(self, principal: Principal) -> None:
-        limit = _limit(principal.key_requests_per_minute,
-                       get_settings().key_requests_per_minute)
+        limit = _limit(principal.key_requests_per_minute, get_settings().key_requests_per_minute)
         if limit <= 0:
             return
         now = time.time()
@@ -98,38 +100,45 @@ class Limiter:
         if count > limit:
             raise RateLimited(
                 f"Rate limit reached: {limit} requests per minute for this key.",
-                retry_after=max(1.0, (window + 1) * length - now))
+                retry_after=max(1.0, (window + 1) * length - now),
+            )
 
     def reserve_job(self, principal: Principal, job_id: str, n: int) -> None:
         settings = get_settings()
         max_inflight = _limit(principal.jobs_in_flight, settings.project_jobs_in_flight)
         max_images = _limit(principal.images_per_day, settings.project_images_per_day)
         now = time.time()
-        keys = [f"imagegen:inflight:{principal.project_id}",
-                _images_key(principal.project_id, now)]
+        keys = [f"imagegen:inflight:{principal.project_id}", _images_key(principal.project_id, now)]
         try:
-            result = int(self._reserve(keys=keys,
-                                       args=[job_id, n, max_inflight, max_images, 2 * 86400]))
+            result = int(
+                self._reserve(keys=keys, args=[job_id, n, max_inflight, max_images, 2 * 86400])
+            )
         except redis.RedisError as exc:
             log.warning("rate limiter unavailable, not enforcing: %s", exc)
             return
         if result == -1:
             raise RateLimited(
                 f"Too many jobs in flight for this project (limit {max_inflight}); "
-                "wait for some to finish.", code="jobs_in_flight_exceeded", retry_after=5)
+                "wait for some to finish.",
+                code="jobs_in_flight_exceeded",
+                retry_after=5,
+            )
         if result == -2:
             raise images_per_day_exceeded(principal.images_per_day)
 
-    def take_images(self, project_id: str, images_per_day: int | None,
-                    counts: list[int]) -> int:
+    def take_images(self, project_id: str, images_per_day: int | None, counts: list[int]) -> int:
         """Count batch lines (their ``n`` each, in order) against the project's images
         a day, in one round trip; returns how many lines fit."""
         max_images = _limit(images_per_day, get_settings().project_images_per_day)
         if max_images <= 0 or not counts:
             return len(counts)
         try:
-            return int(self._take_images(keys=[_images_key(project_id, time.time())],
-                                         args=[max_images, 2 * 86400, *counts]))
+            return int(
+                self._take_images(
+                    keys=[_images_key(project_id, time.time())],
+                    args=[max_images, 2 * 86400, *counts],
+                )
+            )
         except redis.RedisError as exc:
             log.warning("rate limiter unavailable, not enforcing: %s", exc)
             return len(counts)
@@ -151,8 +160,7 @@ class NoLimits:
     def release_job(self, project_id: str, job_id: str) -> None:
         pass
 
-    def take_images(self, project_id: str, images_per_day: int | None,
-                    counts: list[int]) -> int:
+    def take_images(self, project_id: str, images_per_day: int | None, counts: list[int]) -> int:
         return len(counts)
 
 

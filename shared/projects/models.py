@@ -1,4 +1,5 @@
 """Projects (the tenant every row belongs to) and their API keys."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -20,7 +21,6 @@ class Project(SQLModel, table=True):
     jobs_in_flight: int | None = None
     # Signs per-job webhooks (GET /v1/webhooks/default/secret); made on first use.
     webhook_secret: str | None = Field(default=None, max_length=100)
-
 
 
 class ApiKey(SQLModel, table=True):

@@ -53,16 +53,25 @@ def get_project(session: Session, name: str) -> Project:
     return project
 
 
-def create_project(session: Session, name: str, *, key_requests_per_minute: int | None = None,
-                   images_per_day: int | None = None,
-                   jobs_in_flight: int | None = None) -> Project:
+def create_project(
+    session: Session,
+    name: str,
+    *,
+    key_requests_per_minute: int | None = None,
+    images_per_day: int | None = None,
+    jobs_in_flight: int | None = None,
+) -> Project:
     name = name.strip()
     if not name:
         raise InvalidRequest("A project needs a name.", param="name")
     if session.exec(select(Project).where(col(Project.name) == name)).first() is not None:
         raise Conflict(f"A project named '{name}' exists already.", param="name")
-    project = Project(name=name, key_requests_per_minute=key_requests_per_minute,
-                      images_per_day=images_per_day, jobs_in_flight=jobs_in_flight)
+    project = Project(
+        name=name,
+        key_requests_per_minute=key_requests_per_minute,
+        images_per_day=images_per_day,
+        jobs_in_flight=jobs_in_flight,
+    )
     session.add(project)
     session.flush()
     return project
@@ -90,13 +99,23 @@ def list_projects(session: Session) -> list[Project]:
     return list(session.exec(select(Project).order_by(col(Project.created_at))))
 
 
-def create_key(session: Session, project_name: str, name: str = "default", user: str = "",
-               plaintext: str | None = None) -> tuple[ApiKey, str]:
+def create_key(
+    session: Session,
+    project_name: str,
+    name: str = "default",
+    user: str = "",
+    plaintext: str | None = None,
+) -> tuple[ApiKey, str]:
     """Create a key (and its project if new); the plaintext is returned once, never stored."""
     project = get_or_create_project(session, project_name)
     plaintext = plaintext or KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey(project_id=project.id, name=name, user=user or name,
-                 prefix=plaintext[:10], key_hash=hash_key(plaintext))
+    key = ApiKey(
+        project_id=project.id,
+        name=name,
+        user=user or name,
+        prefix=plaintext[:10],
+        key_hash=hash_key(plaintext),
+    )
     session.add(key)
     session.flush()
     return key, plaintext
@@ -142,11 +161,13 @@ def authenticate(session: Session, plaintext: str) -> Principal | None:
     key, project = row
     now = utcnow()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
-        session.execute(sa.update(ApiKey).where(col(ApiKey.id) == key.id)
-                        .values(last_used_at=now))
+        session.execute(sa.update(ApiKey).where(col(ApiKey.id) == key.id).values(last_used_at=now))
     return Principal(
-        key_id=key.id, project_id=project.id, project_name=project.name,
+        key_id=key.id,
+        project_id=project.id,
+        project_name=project.name,
         user=key.user or key.id,
         key_requests_per_minute=project.key_requests_per_minute,
-        images_per_day=project.images_per_day, jobs_in_flight=project.jobs_in_flight,
+        images_per_day=project.images_per_day,
+        jobs_in_flight=project.jobs_in_flight,
     )

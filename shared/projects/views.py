@@ -8,15 +8,24 @@ from shared.projects.schemas import KeyObject, ProjectObject
 
 
 def project_view(project: Project) -> ProjectObject:
-    return ProjectObject(id=project.id, name=project.name,
-                         created_at=to_unix(project.created_at) or 0,
-                         key_requests_per_minute=project.key_requests_per_minute,
-                         images_per_day=project.images_per_day,
-                         jobs_in_flight=project.jobs_in_flight)
+    return ProjectObject(
+        id=project.id,
+        name=project.name,
+        created_at=to_unix(project.created_at) or 0,
+        key_requests_per_minute=project.key_requests_per_minute,
+        images_per_day=project.images_per_day,
+        jobs_in_flight=project.jobs_in_flight,
+    )
 
 
 def key_view(key: ApiKey, project: Project) -> KeyObject:
-    return KeyObject(id=key.id, name=key.name, user=key.user, prefix=key.prefix,
-                     project=project.name, created_at=to_unix(key.created_at) or 0,
-                     last_used_at=to_unix(key.last_used_at),
-                     revoked_at=to_unix(key.revoked_at))
+    return KeyObject(
+        id=key.id,
+        name=key.name,
+        user=key.user,
+        prefix=key.prefix,
+        project=project.name,
+        created_at=to_unix(key.created_at) or 0,
+        last_used_at=to_unix(key.last_used_at),
+        revoked_at=to_unix(key.revoked_at),
+    )

@@ -20,7 +20,8 @@ class Generation:
 
 
 class Provider(Protocol):
-    def generate(self, spec: ModelSpec, params: GenerationParams, count: int,
-                 first_index: int) -> Generation:
+    def generate(
+        self, spec: ModelSpec, params: GenerationParams, count: int, first_index: int
+    ) -> Generation:
         """Make ``count`` images (images ``first_index`` .. of the job)."""
         ...

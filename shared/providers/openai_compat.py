@@ -69,11 +69,13 @@ class OpenAICompatibleProvider:
             if cls._shared is None:
                 settings = get_settings()
                 limit = max(64, settings.worker_concurrency * 2)
-                cls._shared = cls(httpx.Client(
-                    timeout=httpx.Timeout(settings.provider_timeout_seconds, connect=10.0),
-                    limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
-                    follow_redirects=True,
-                ))
+                cls._shared = cls(
+                    httpx.Client(
+                        timeout=httpx.Timeout(settings.provider_timeout_seconds, connect=10.0),
+                        limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+                        follow_redirects=True,
+                    )
+                )
             return cls._shared
 
     def _payload(self, spec: ModelSpec, params: GenerationParams, count: int) -> dict[str, Any]:
@@ -86,8 +88,7 @@ class OpenAICompatibleProvider:
             payload["size"] = params.size
         if spec.upstream_response_format:
             payload["response_format"] = spec.upstream_response_format
-        for name in ("quality", "style", "background", "moderation", "user",
-                     "output_compression"):
+        for name in ("quality", "style", "background", "moderation", "user", "output_compression"):
             value = getattr(params, name)
             if value is not None:
                 payload[name] = value
@@ -95,25 +96,30 @@ class OpenAICompatibleProvider:
             payload["output_format"] = params.output_format
         return payload
 
-    def generate(self, spec: ModelSpec, params: GenerationParams, count: int,
-                 first_index: int) -> Generation:
+    def generate(
+        self, spec: ModelSpec, params: GenerationParams, count: int, first_index: int
+    ) -> Generation:
         if not spec.base_url:
-            raise PermanentProviderError(f"model '{spec.name}' has no base_url",
-                                         code="provider_misconfigured")
+            raise PermanentProviderError(
+                f"model '{spec.name}' has no base_url", code="provider_misconfigured"
+            )
         headers = {}
         key = spec.api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
         url = spec.base_url.rstrip("/") + "/images/generations"
         try:
-            response = self.client.post(url, json=self._payload(spec, params, count),
-                                        headers=headers)
+            response = self.client.post(
+                url, json=self._payload(spec, params, count), headers=headers
+            )
         except httpx.TimeoutException as exc:
-            raise TransientProviderError(f"upstream timed out: {type(exc).__name__}",
-                                         code="upstream_timeout") from exc
+            raise TransientProviderError(
+                f"upstream timed out: {type(exc).__name__}", code="upstream_timeout"
+            ) from exc
         except httpx.TransportError as exc:
-            raise TransientProviderError(f"upstream connection failed: {exc}",
-                                         code="upstream_unavailable") from exc
+            raise TransientProviderError(
+                f"upstream connection failed: {exc}", code="upstream_unavailable"
+            ) from exc
         if response.status_code >= 400:
             message, code = _error_message(response)
             status = response.status_code
@@ -130,12 +136,15 @@ class OpenAICompatibleProvider:
             body = response.json()
             items = body["data"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise TransientProviderError("upstream answered without a data list",
-                                         code="upstream_bad_response") from exc
+            raise TransientProviderError(
+                "upstream answered without a data list", code="upstream_bad_response"
+            ) from exc
         if not isinstance(items, list) or len(items) != count:
             raise TransientProviderError(
                 f"upstream returned {len(items) if isinstance(items, list) else 'no'} images "
-                f"for n={count}", code="upstream_bad_response")
+                f"for n={count}",
+                code="upstream_bad_response",
+            )
         images = [self._image(item) for item in items]
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
         return Generation(images=images, usage=usage)
@@ -147,18 +156,22 @@ class OpenAICompatibleProvider:
             try:
                 return GeneratedImage(base64.b64decode(item["b64_json"], validate=True), revised)
             except (binascii.Error, ValueError) as exc:
-                raise TransientProviderError("upstream sent invalid base64",
-                                             code="upstream_bad_response") from exc
+                raise TransientProviderError(
+                    "upstream sent invalid base64", code="upstream_bad_response"
+                ) from exc
         if isinstance(item, dict) and item.get("url"):
             try:
                 resp = self.client.get(item["url"])
             except httpx.HTTPError as exc:
-                raise TransientProviderError(f"downloading the upstream image failed: {exc}",
-                                             code="upstream_unavailable") from exc
+                raise TransientProviderError(
+                    f"downloading the upstream image failed: {exc}", code="upstream_unavailable"
+                ) from exc
             if resp.status_code != 200:
                 raise TransientProviderError(
                     f"downloading the upstream image answered {resp.status_code}",
-                    code="upstream_unavailable")
+                    code="upstream_unavailable",
+                )
             return GeneratedImage(resp.content, revised)
-        raise TransientProviderError("upstream image has neither url nor b64_json",
-                                     code="upstream_bad_response")
+        raise TransientProviderError(
+            "upstream image has neither url nor b64_json", code="upstream_bad_response"
+        )

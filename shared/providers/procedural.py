@@ -22,12 +22,13 @@ def render(prompt: str, width: int, height: int, index: int) -> Image.Image:
     c1, c2 = tuple(digest[0:3]), tuple(digest[3:6])
     # A horizontal gradient between two colours derived from the prompt...
     ramp = _ramp(width, height)
-    img = Image.composite(Image.new("RGB", (width, height), c1),
-                          Image.new("RGB", (width, height), c2), ramp)
+    img = Image.composite(
+        Image.new("RGB", (width, height), c1), Image.new("RGB", (width, height), c2), ramp
+    )
     # ...with a few shapes whose position and colour also come from the digest.
     draw = ImageDraw.Draw(img)
     for i in range(4):
-        b = digest[6 + i * 6: 12 + i * 6]
+        b = digest[6 + i * 6 : 12 + i * 6]
         x0, y0 = b[0] * width // 256, b[1] * height // 256
         r = max(2, b[2] * min(width, height) // 1024)
         draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=(b[3], b[4], b[5]))
@@ -41,8 +42,9 @@ def _ramp(width: int, height: int) -> Image.Image:
 
 
 class ProceduralProvider:
-    def generate(self, spec: ModelSpec, params: GenerationParams, count: int,
-                 first_index: int) -> Generation:
+    def generate(
+        self, spec: ModelSpec, params: GenerationParams, count: int, first_index: int
+    ) -> Generation:
         width, height = parse_size(params.size) or (1024, 1024)
         images = []
         for index in range(first_index, first_index + count):

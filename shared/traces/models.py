@@ -1,4 +1,5 @@
 """Trace calls (Weave's CallSchema), one per tracked generation."""
+
 from __future__ import annotations
 
 from datetime import datetime

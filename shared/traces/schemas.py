@@ -1,4 +1,3 @@
-
 from __future__ import annotations
 
 from typing import Literal
@@ -9,9 +8,7 @@ from sqlmodel import Field
 MAX_FILTER_IDS = 10_000
 
 
-
 INT64_MAX = 2**63 - 1  # LIMIT and OFFSET are bigint
-
 
 
 class CallFilter(BaseModel):
@@ -27,11 +24,9 @@ class CallFilter(BaseModel):
     trace_roots_only: bool | None = None
 
 
-
 class SortBy(BaseModel):
     field: Literal["started_at", "ended_at", "op_name", "id", "display_name", "trace_id"]
     direction: Literal["asc", "desc"] = "asc"
-
 
 
 class CallsQuery(BaseModel):

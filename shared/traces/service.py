@@ -39,13 +39,21 @@ def normalise_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
 
-def start_call(session: Session, job: Job, *, op_name: str, inputs: dict[str, Any],
-               wb_user_id: str) -> Call:
+def start_call(
+    session: Session, job: Job, *, op_name: str, inputs: dict[str, Any], wb_user_id: str
+) -> Call:
     call_id = new_call_id()
-    call = Call(id=call_id, trace_id=new_call_id(), project_id=job.project_id, op_name=op_name,
-                inputs=inputs, wb_user_id=wb_user_id, job_id=job.id,
-                attributes={"job_id": job.id, "surface": job.surface},
-                started_at=job.created_at)
+    call = Call(
+        id=call_id,
+        trace_id=new_call_id(),
+        project_id=job.project_id,
+        op_name=op_name,
+        inputs=inputs,
+        wb_user_id=wb_user_id,
+        job_id=job.id,
+        attributes={"job_id": job.id, "surface": job.surface},
+        started_at=job.created_at,
+    )
     session.add(call)
     job.call_id = call_id
     session.add(job)
@@ -53,8 +61,14 @@ def start_call(session: Session, job: Job, *, op_name: str, inputs: dict[str, An
     return call
 
 
-def finish_call(session: Session, job: Job, *, output: dict[str, Any] | None,
-                exception: str | None, usage: dict[str, Any] | None) -> None:
+def finish_call(
+    session: Session,
+    job: Job,
+    *,
+    output: dict[str, Any] | None,
+    exception: str | None,
+    usage: dict[str, Any] | None,
+) -> None:
     if not job.call_id:
         return
     summary: dict[str, Any] = {}
@@ -62,7 +76,8 @@ def finish_call(session: Session, job: Job, *, output: dict[str, Any] | None,
     if norm:
         summary["usage"] = {job.model: {"requests": 1, **norm}}
     session.execute(
-        sa.update(Call).where(col(Call.id) == job.call_id, col(Call.ended_at).is_(None))
+        sa.update(Call)
+        .where(col(Call.id) == job.call_id, col(Call.ended_at).is_(None))
         .values(ended_at=utcnow(), output=output, exception=exception, summary=summary)
     )
 
@@ -71,9 +86,13 @@ def _filtered(project_id: str, flt: CallFilter | None) -> Any:
     query = select(Call).where(col(Call.project_id) == project_id)
     if flt is None:
         return query
-    for values, column in ((flt.op_names, Call.op_name), (flt.call_ids, Call.id),
-                           (flt.trace_ids, Call.trace_id), (flt.parent_ids, Call.parent_id),
-                           (flt.wb_user_ids, Call.wb_user_id)):
+    for values, column in (
+        (flt.op_names, Call.op_name),
+        (flt.call_ids, Call.id),
+        (flt.trace_ids, Call.trace_id),
+        (flt.parent_ids, Call.parent_id),
+        (flt.wb_user_ids, Call.wb_user_id),
+    ):
         if values is not None:
             query = query.where(col(column).in_(values))
     if flt.trace_roots_only:
@@ -103,5 +122,3 @@ def read_call(session: Session, project_id: str, call_id: str) -> Call | None:
     return session.exec(
         select(Call).where(col(Call.project_id) == project_id, col(Call.id) == call_id)
     ).first()
-
-

@@ -20,7 +20,6 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
-
 def call_schema(call: Call, project_ref: str, output: dict[str, Any] | None) -> dict[str, Any]:
     """Weave's CallSchema, with the derived ``summary.weave`` the reference adds on read."""
     if call.ended_at is None:
@@ -29,24 +28,42 @@ def call_schema(call: Call, project_ref: str, output: dict[str, Any] | None) -> 
         status = "error"
     else:
         status = "success"
-    latency = (int((call.ended_at - call.started_at).total_seconds() * 1000)
-               if call.ended_at else None)
-    summary = {**(call.summary or {}), "weave": {
-        "status": status, "trace_name": call.display_name or call.op_name,
-        "latency_ms": latency, "display_name": call.display_name,
-    }}
+    latency = (
+        int((call.ended_at - call.started_at).total_seconds() * 1000) if call.ended_at else None
+    )
+    summary = {
+        **(call.summary or {}),
+        "weave": {
+            "status": status,
+            "trace_name": call.display_name or call.op_name,
+            "latency_ms": latency,
+            "display_name": call.display_name,
+        },
+    }
     return {
-        "id": call.id, "project_id": project_ref, "op_name": call.op_name,
-        "display_name": call.display_name, "trace_id": call.trace_id,
-        "parent_id": call.parent_id, "thread_id": None, "turn_id": None,
-        "started_at": _iso(call.started_at), "attributes": call.attributes or {},
-        "inputs": call.inputs or {}, "ended_at": _iso(call.ended_at),
-        "exception": call.exception, "output": output, "summary": summary,
-        "wb_user_id": call.wb_user_id, "wb_run_id": None, "wb_run_step": None,
-        "wb_run_step_end": None, "deleted_at": None, "storage_size_bytes": None,
+        "id": call.id,
+        "project_id": project_ref,
+        "op_name": call.op_name,
+        "display_name": call.display_name,
+        "trace_id": call.trace_id,
+        "parent_id": call.parent_id,
+        "thread_id": None,
+        "turn_id": None,
+        "started_at": _iso(call.started_at),
+        "attributes": call.attributes or {},
+        "inputs": call.inputs or {},
+        "ended_at": _iso(call.ended_at),
+        "exception": call.exception,
+        "output": output,
+        "summary": summary,
+        "wb_user_id": call.wb_user_id,
+        "wb_run_id": None,
+        "wb_run_step": None,
+        "wb_run_step_end": None,
+        "deleted_at": None,
+        "storage_size_bytes": None,
         "total_storage_size_bytes": None,
     }
-
 
 
 def jsonl(rows: Iterator[dict[str, Any]]) -> Iterator[bytes]:
@@ -54,8 +71,13 @@ def jsonl(rows: Iterator[dict[str, Any]]) -> Iterator[bytes]:
         yield json.dumps(row).encode() + b"\n"
 
 
-def _call_output(call: Call, storage: Storage, base_url: str, expiry: int,
-                 jobs: dict[str, tuple[Job, list[Image]]]) -> dict[str, Any] | None:
+def _call_output(
+    call: Call,
+    storage: Storage,
+    base_url: str,
+    expiry: int,
+    jobs: dict[str, tuple[Job, list[Image]]],
+) -> dict[str, Any] | None:
     """The stored output, with image URLs made fresh (never b64 blobs in traces)."""
     if call.output is None or call.job_id not in jobs:
         return call.output
@@ -65,8 +87,14 @@ def _call_output(call: Call, storage: Storage, base_url: str, expiry: int,
     return {**call.output, "data": [d.model_dump(exclude_none=True) for d in data]}
 
 
-def render_calls(session: Session, calls: list[Call], project_ref: str, storage: Storage,
-                 base_url: str, expiry: int) -> list[dict[str, Any]]:
+def render_calls(
+    session: Session,
+    calls: list[Call],
+    project_ref: str,
+    storage: Storage,
+    base_url: str,
+    expiry: int,
+) -> list[dict[str, Any]]:
     """Calls as Weave's CallSchema, each output with its job's images (fresh URLs)."""
     jobs: dict[str, tuple[Job, list[Image]]] = {}
     for call in calls:
@@ -74,5 +102,6 @@ def render_calls(session: Session, calls: list[Call], project_ref: str, storage:
             job = session.get(Job, call.job_id)
             if job is not None and job.project_id == call.project_id:
                 jobs[call.job_id] = (job, job_images(session, job))
-    return [call_schema(c, project_ref, _call_output(c, storage, base_url, expiry, jobs))
-            for c in calls]
+    return [
+        call_schema(c, project_ref, _call_output(c, storage, base_url, expiry, jobs)) for c in calls
+    ]

@@ -1,4 +1,5 @@
 """Webhook endpoints, deliveries (the outbox of events) and their attempts."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -41,7 +42,6 @@ class WebhookEndpoint(SQLModel, table=True):
     deleted_at: datetime | None = ts_field()
 
 
-
 class WebhookDelivery(SQLModel, table=True):
     """One event for one target. Its id is the ``webhook-id``, stable across retries,
     and its payload is fixed when the event happens."""
@@ -51,8 +51,9 @@ class WebhookDelivery(SQLModel, table=True):
 
     id: str = Field(default_factory=lambda: new_id("msg"), primary_key=True, max_length=64)
     project_id: str = Field(foreign_key="project.id", index=True, max_length=64)
-    endpoint_id: str | None = Field(default=None, foreign_key="webhook_endpoint.id",
-                                    index=True, max_length=64)
+    endpoint_id: str | None = Field(
+        default=None, foreign_key="webhook_endpoint.id", index=True, max_length=64
+    )
     job_id: str | None = Field(default=None, index=True, max_length=64)
     url: str = Field(max_length=2000)
     event_type: str = Field(max_length=64)
@@ -68,7 +69,6 @@ class WebhookDelivery(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=1000)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-
 
 
 class WebhookAttempt(SQLModel, table=True):

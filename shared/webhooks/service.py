@@ -29,24 +29,25 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def validate_events(events: list[str] | None, param: str,
-                    known: tuple[str, ...] = ALL_EVENTS) -> list[str]:
+def validate_events(
+    events: list[str] | None, param: str, known: tuple[str, ...] = ALL_EVENTS
+) -> list[str]:
     if events is None:
         return list(known)
     if not events:
         raise InvalidRequest("Name at least one event.", param=param)
     unknown = [e for e in events if e not in known]
     if unknown:
-        raise InvalidRequest(f"Unknown webhook events: {', '.join(unknown)}. Known: "
-                             f"{', '.join(known)}.", param=param)
+        raise InvalidRequest(
+            f"Unknown webhook events: {', '.join(unknown)}. Known: {', '.join(known)}.", param=param
+        )
     return list(dict.fromkeys(events))
 
 
 def check_url(url: str, param: str) -> str:
     """A webhook target named in a request, checked now: refused as the request's 400."""
     try:
-        check_target(url, allow_private=get_settings().webhook_allow_private_targets,
-                     param=param)
+        check_target(url, allow_private=get_settings().webhook_allow_private_targets, param=param)
     except (UnsafeTarget, UnresolvableTarget) as exc:
         raise InvalidRequest(exc.message, param=param) from None
     return url
@@ -62,29 +63,45 @@ def default_secret(session: Session, project_id: str) -> str:
     return project.webhook_secret
 
 
-def create_endpoint(session: Session, project_id: str, url: str, events: list[str] | None,
-                    description: str | None) -> WebhookEndpoint:
-    endpoint = WebhookEndpoint(project_id=project_id, url=check_url(url, "url"),
-                               events=validate_events(events, "events"),
-                               secret=new_secret(), description=description)
+def create_endpoint(
+    session: Session, project_id: str, url: str, events: list[str] | None, description: str | None
+) -> WebhookEndpoint:
+    endpoint = WebhookEndpoint(
+        project_id=project_id,
+        url=check_url(url, "url"),
+        events=validate_events(events, "events"),
+        secret=new_secret(),
+        description=description,
+    )
     session.add(endpoint)
     session.flush()
     return endpoint
 
 
 def get_endpoint(session: Session, project_id: str, endpoint_id: str) -> WebhookEndpoint:
-    endpoint = session.exec(select(WebhookEndpoint).where(
-        col(WebhookEndpoint.id) == endpoint_id, col(WebhookEndpoint.project_id) == project_id,
-        col(WebhookEndpoint.deleted_at).is_(None))).first()
+    endpoint = session.exec(
+        select(WebhookEndpoint).where(
+            col(WebhookEndpoint.id) == endpoint_id,
+            col(WebhookEndpoint.project_id) == project_id,
+            col(WebhookEndpoint.deleted_at).is_(None),
+        )
+    ).first()
     if endpoint is None:
         raise NotFound(f"No webhook endpoint '{endpoint_id}'.", param="endpoint_id")
     return endpoint
 
 
 def list_endpoints(session: Session, project_id: str) -> list[WebhookEndpoint]:
-    return list(session.exec(select(WebhookEndpoint).where(
-        col(WebhookEndpoint.project_id) == project_id,
-        col(WebhookEndpoint.deleted_at).is_(None)).order_by(col(WebhookEndpoint.created_at))))
+    return list(
+        session.exec(
+            select(WebhookEndpoint)
+            .where(
+                col(WebhookEndpoint.project_id) == project_id,
+                col(WebhookEndpoint.deleted_at).is_(None),
+            )
+            .order_by(col(WebhookEndpoint.created_at))
+        )
+    )
 
 
 def delete_endpoint(session: Session, project_id: str, endpoint_id: str) -> WebhookEndpoint:
@@ -103,9 +120,16 @@ def rotate_secret(session: Session, project_id: str, endpoint_id: str) -> Webhoo
     return endpoint
 
 
-def list_deliveries(session: Session, project_id: str, *, job_id: str | None,
-                    endpoint_id: str | None, status: str | None, limit: int,
-                    after: str | None) -> tuple[list[WebhookDelivery], bool]:
+def list_deliveries(
+    session: Session,
+    project_id: str,
+    *,
+    job_id: str | None,
+    endpoint_id: str | None,
+    status: str | None,
+    limit: int,
+    after: str | None,
+) -> tuple[list[WebhookDelivery], bool]:
     query = select(WebhookDelivery).where(col(WebhookDelivery.project_id) == project_id)
     if job_id is not None:
         query = query.where(col(WebhookDelivery.job_id) == job_id)
@@ -120,14 +144,21 @@ def list_deliveries(session: Session, project_id: str, *, job_id: str | None,
 
 
 def delivery_attempts(session: Session, delivery_id: str) -> list[WebhookAttempt]:
-    return list(session.exec(select(WebhookAttempt).where(
-        col(WebhookAttempt.delivery_id) == delivery_id).order_by(col(WebhookAttempt.number))))
+    return list(
+        session.exec(
+            select(WebhookAttempt)
+            .where(col(WebhookAttempt.delivery_id) == delivery_id)
+            .order_by(col(WebhookAttempt.number))
+        )
+    )
 
 
 def redeliver(session: Session, project_id: str, delivery_id: str) -> WebhookDelivery:
-    delivery = session.exec(select(WebhookDelivery).where(
-        col(WebhookDelivery.id) == delivery_id,
-        col(WebhookDelivery.project_id) == project_id)).first()
+    delivery = session.exec(
+        select(WebhookDelivery).where(
+            col(WebhookDelivery.id) == delivery_id, col(WebhookDelivery.project_id) == project_id
+        )
+    ).first()
     if delivery is None:
         raise NotFound(f"No delivery '{delivery_id}'.", param="delivery_id")
     now = utcnow()
@@ -156,11 +187,13 @@ def webhook_of(req: Any, param_prefix: str = "") -> Webhook | None:
 
     if req.webhook_url is None:
         if req.webhook_events is not None:
-            raise InvalidRequest("'webhook_events' needs 'webhook_url'.",
-                                 param=param_prefix + "webhook_events")
+            raise InvalidRequest(
+                "'webhook_events' needs 'webhook_url'.", param=param_prefix + "webhook_events"
+            )
         return None
     from shared.webhooks.models import JOB_EVENTS
 
-    return Webhook(url=check_url(req.webhook_url, param_prefix + "webhook_url"),
-                   events=validate_events(req.webhook_events, param_prefix + "webhook_events",
-                                          JOB_EVENTS))
+    return Webhook(
+        url=check_url(req.webhook_url, param_prefix + "webhook_url"),
+        events=validate_events(req.webhook_events, param_prefix + "webhook_events", JOB_EVENTS),
+    )

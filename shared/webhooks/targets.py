@@ -42,20 +42,25 @@ IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # IPv6 prefixes that carry an IPv4 address in their last 32 bits, which a gateway
 # or the host's own stack may turn back into that IPv4 address.
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"),     # RFC 6052 well-known prefix
-          ipaddress.ip_network("64:ff9b:1::/48"))   # RFC 8215 local-use NAT64
+_NAT64 = (
+    ipaddress.ip_network("64:ff9b::/96"),  # RFC 6052 well-known prefix
+    ipaddress.ip_network("64:ff9b:1::/48"),
+)  # RFC 8215 local-use NAT64
 _IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 (SIIT)
-_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")    # deprecated ::a.b.c.d
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
 
 # Cloud metadata services: refused even where private targets are allowed for
 # development (that flag is for loopback and LAN receivers, never for these).
-METADATA = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",   # AWS, GCP, Azure, OpenStack, DigitalOcean, ...
-    "fd00:ec2::254",     # AWS over IPv6
-    "100.100.100.200",   # Alibaba Cloud
-    "169.254.170.2",     # AWS ECS task metadata
-    "169.254.169.123",   # AWS time sync
-))
+METADATA = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean, ...
+        "fd00:ec2::254",  # AWS over IPv6
+        "100.100.100.200",  # Alibaba Cloud
+        "169.254.170.2",  # AWS ECS task metadata
+        "169.254.169.123",  # AWS time sync
+    )
+)
 
 
 def embedded_ipv4(ip: IP) -> ipaddress.IPv4Address | None:
@@ -117,15 +122,22 @@ def check_target(url: str, *, allow_private: bool, param: str = "url") -> Target
     try:
         infos = socket.getaddrinfo(parsed.host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise UnresolvableTarget(f"The webhook host '{parsed.host}' does not resolve: {exc}",
-                           param=param) from None
+        raise UnresolvableTarget(
+            f"The webhook host '{parsed.host}' does not resolve: {exc}", param=param
+        ) from None
     addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
     for ip in addresses:
         why = refusal(ip, allow_private=allow_private)
         if why:
-            hint = ("" if allow_private or why != "a non-public address" else
-                    " (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE_TARGETS=true allows loopback and LAN "
-                    "receivers for development)")
-            raise UnsafeTarget(f"The webhook host '{parsed.host}' resolves to {ip}, {why}; "
-                               f"such targets are refused{hint}.", param=param)
+            hint = (
+                ""
+                if allow_private or why != "a non-public address"
+                else " (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE_TARGETS=true allows loopback and LAN "
+                "receivers for development)"
+            )
+            raise UnsafeTarget(
+                f"The webhook host '{parsed.host}' resolves to {ip}, {why}; "
+                f"such targets are refused{hint}.",
+                param=param,
+            )
     return Target(url=parsed, address=str(addresses[0]))

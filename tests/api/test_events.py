@@ -11,28 +11,36 @@ from tests.support.stack import Stack
 ORDER = ["queued", "running", "succeeded"]
 
 
-def read_events(stack: Stack, job_id: str, key: str | None = None) -> list[tuple[str, dict]]:
+def read_events(
+    stack: Stack, job_id: str, key: str | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     events: list[tuple[str, dict[str, Any]]] = []
-    with stack.client(key) as client, client.stream(
-            "GET", f"/v1/images/jobs/{job_id}/events", timeout=60) as resp:
+    with (
+        stack.client(key) as client,
+        client.stream("GET", f"/v1/images/jobs/{job_id}/events", timeout=60) as resp,
+    ):
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         name = None
         for line in resp.iter_lines():  # ends when the server closes the stream
             if line.startswith("event: "):
-                name = line[len("event: "):]
+                name = line[len("event: ") :]
             elif line.startswith("data: "):
                 assert name is not None
-                events.append((name, json.loads(line[len("data: "):])))
+                events.append((name, json.loads(line[len("data: ") :])))
     return events
 
 
 def submit(stack: Stack, prompt: str, model: str = "fake-fast") -> dict[str, Any]:
     with stack.client() as client:
-        resp = client.post("/v1/images/generations", headers={"Prefer": "respond-async"},
-                           json={"model": model, "prompt": prompt, "size": "64x64"})
+        resp = client.post(
+            "/v1/images/generations",
+            headers={"Prefer": "respond-async"},
+            json={"model": model, "prompt": prompt, "size": "64x64"},
+        )
     assert resp.status_code == 202
-    return resp.json()
+    job: dict[str, Any] = resp.json()
+    return job
 
 
 def test_stream_shows_queued_running_succeeded_in_order_then_closes(stack: Stack) -> None:
@@ -49,8 +57,11 @@ def test_stream_shows_queued_running_succeeded_in_order_then_closes(stack: Stack
 def test_late_subscriber_starts_from_the_current_state(stack: Stack) -> None:
     job = submit(stack, "late sse [slow=1.5]")
     with stack.client() as client:
-        wait_for(lambda: client.get(f"/v1/images/jobs/{job['id']}").json()["status"]
-                 == "running", 15, "running")
+        wait_for(
+            lambda: client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "running",
+            15,
+            "running",
+        )
     events = read_events(stack, job["id"])
     assert [data["status"] for _, data in events] == ["running", "succeeded"]
 

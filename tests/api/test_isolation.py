@@ -20,10 +20,14 @@ def owned(stack: Stack) -> dict[str, Any]:
     """A finished job with images and a trace call in project 'owner'."""
     key = stack.create_key("owner")
     with stack.client(key) as client:
-        resp = client.post("/v1/images/generations", headers={"Prefer": "respond-async"},
-                           json={"model": "procedural", "prompt": SECRET, "size": "64x64"})
+        resp = client.post(
+            "/v1/images/generations",
+            headers={"Prefer": "respond-async"},
+            json={"model": "procedural", "prompt": SECRET, "size": "64x64"},
+        )
         job = stack.wait_job(resp.json()["id"], key)
-    assert job["status"] == "succeeded" and job["call_id"]
+    assert job["status"] == "succeeded"
+    assert job["call_id"]
     intruder = stack.create_key("intruder")
     return {"key": key, "job": job, "intruder": intruder}
 
@@ -35,44 +39,94 @@ def _basic(key: str) -> dict[str, str]:
 Case = Callable[[Stack, dict[str, Any]], httpx.Response]
 
 CASES: dict[str, tuple[Case, set[int]]] = {
-    "read job": (lambda s, o: httpx.get(
-        f"{s.base_url}/v1/images/jobs/{o['job']['id']}",
-        headers={"Authorization": f"Bearer {o['intruder']}"}), {404}),
-    "cancel job": (lambda s, o: httpx.post(
-        f"{s.base_url}/v1/images/jobs/{o['job']['id']}/cancel",
-        headers={"Authorization": f"Bearer {o['intruder']}"}), {404}),
-    "call read, owner's project": (lambda s, o: httpx.post(
-        f"{s.base_url}/call/read", headers=_basic(o["intruder"]),
-        json={"project_id": "owner", "id": o["job"]["call_id"]}), {403}),
-    "call read, own project": (lambda s, o: httpx.post(
-        f"{s.base_url}/call/read", headers=_basic(o["intruder"]),
-        json={"project_id": "intruder", "id": o["job"]["call_id"]}), {200}),
-    "calls stream": (lambda s, o: httpx.post(
-        f"{s.base_url}/calls/stream_query", headers=_basic(o["intruder"]),
-        json={"project_id": "owner"}), {403}),
-    "calls stream, own project by call id": (lambda s, o: httpx.post(
-        f"{s.base_url}/calls/stream_query", headers=_basic(o["intruder"]),
-        json={"project_id": "intruder", "filter": {"call_ids": [o["job"]["call_id"]]}}), {200}),
-    "calls stats": (lambda s, o: httpx.post(
-        f"{s.base_url}/calls/query_stats", headers=_basic(o["intruder"]),
-        json={"project_id": "owner"}), {403}),
-    "image create in owner's project": (lambda s, o: httpx.post(
-        f"{s.base_url}/image/create", headers=_basic(o["intruder"]),
-        json={"project_id": "owner", "inputs": {"model": "procedural", "prompt": "x"}}), {403}),
-    "list jobs": (lambda s, o: httpx.get(
-        f"{s.base_url}/v1/images/jobs", params={"limit": 100},
-        headers={"Authorization": f"Bearer {o['intruder']}"}), {200}),
-    "usage": (lambda s, o: httpx.get(
-        f"{s.base_url}/v1/usage", headers={"Authorization": f"Bearer {o['intruder']}"}), {200}),
-    "local file route": (lambda s, o: httpx.get(
-        f"{s.base_url}/v1/images/files/x/{o['job']['id']}/0.png",
-        params={"expires": 9999999999, "signature": "0" * 64}), {404}),
+    "read job": (
+        lambda s, o: httpx.get(
+            f"{s.base_url}/v1/images/jobs/{o['job']['id']}",
+            headers={"Authorization": f"Bearer {o['intruder']}"},
+        ),
+        {404},
+    ),
+    "cancel job": (
+        lambda s, o: httpx.post(
+            f"{s.base_url}/v1/images/jobs/{o['job']['id']}/cancel",
+            headers={"Authorization": f"Bearer {o['intruder']}"},
+        ),
+        {404},
+    ),
+    "call read, owner's project": (
+        lambda s, o: httpx.post(
+            f"{s.base_url}/call/read",
+            headers=_basic(o["intruder"]),
+            json={"project_id": "owner", "id": o["job"]["call_id"]},
+        ),
+        {403},
+    ),
+    "call read, own project": (
+        lambda s, o: httpx.post(
+            f"{s.base_url}/call/read",
+            headers=_basic(o["intruder"]),
+            json={"project_id": "intruder", "id": o["job"]["call_id"]},
+        ),
+        {200},
+    ),
+    "calls stream": (
+        lambda s, o: httpx.post(
+            f"{s.base_url}/calls/stream_query",
+            headers=_basic(o["intruder"]),
+            json={"project_id": "owner"},
+        ),
+        {403},
+    ),
+    "calls stream, own project by call id": (
+        lambda s, o: httpx.post(
+            f"{s.base_url}/calls/stream_query",
+            headers=_basic(o["intruder"]),
+            json={"project_id": "intruder", "filter": {"call_ids": [o["job"]["call_id"]]}},
+        ),
+        {200},
+    ),
+    "calls stats": (
+        lambda s, o: httpx.post(
+            f"{s.base_url}/calls/query_stats",
+            headers=_basic(o["intruder"]),
+            json={"project_id": "owner"},
+        ),
+        {403},
+    ),
+    "image create in owner's project": (
+        lambda s, o: httpx.post(
+            f"{s.base_url}/image/create",
+            headers=_basic(o["intruder"]),
+            json={"project_id": "owner", "inputs": {"model": "procedural", "prompt": "x"}},
+        ),
+        {403},
+    ),
+    "list jobs": (
+        lambda s, o: httpx.get(
+            f"{s.base_url}/v1/images/jobs",
+            params={"limit": 100},
+            headers={"Authorization": f"Bearer {o['intruder']}"},
+        ),
+        {200},
+    ),
+    "usage": (
+        lambda s, o: httpx.get(
+            f"{s.base_url}/v1/usage", headers={"Authorization": f"Bearer {o['intruder']}"}
+        ),
+        {200},
+    ),
+    "local file route": (
+        lambda s, o: httpx.get(
+            f"{s.base_url}/v1/images/files/x/{o['job']['id']}/0.png",
+            params={"expires": 9999999999, "signature": "0" * 64},
+        ),
+        {404},
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_another_projects_key_gets_no_data(stack: Stack, owned: dict[str, Any],
-                                           name: str) -> None:
+def test_another_projects_key_gets_no_data(stack: Stack, owned: dict[str, Any], name: str) -> None:
     case, statuses = CASES[name]
     resp = case(stack, owned)
     assert resp.status_code in statuses, resp.text
@@ -96,8 +150,11 @@ def test_owner_still_sees_everything(stack: Stack, owned: dict[str, Any]) -> Non
     url = job.json()["result"]["data"][0]["url"]
     assert httpx.get(url).status_code == 200
     assert f"/{owned['job']['id']}/" in url  # objects are namespaced by project and job
-    call = httpx.post(f"{stack.base_url}/call/read", headers=_basic(owned["key"]),
-                      json={"project_id": "owner", "id": owned["job"]["call_id"]}).json()
+    call = httpx.post(
+        f"{stack.base_url}/call/read",
+        headers=_basic(owned["key"]),
+        json={"project_id": "owner", "id": owned["job"]["call_id"]},
+    ).json()
     assert call["call"]["inputs"]["prompt"] == SECRET
     usage = httpx.get(f"{stack.base_url}/v1/usage", headers=headers).json()
     assert usage["totals"]["jobs"] >= 1

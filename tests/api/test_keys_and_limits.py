@@ -19,8 +19,12 @@ ADMIN = {"Authorization": "Bearer sk-admin-test"}
 
 def gen(stack: Stack, key: str, base: str | None = None, **extra: object) -> httpx.Response:
     body = {"model": "procedural", "prompt": "limits", "size": "64x64", **extra}
-    return httpx.post(f"{base or stack.base_url}/v1/images/generations", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {key}"})
+    return httpx.post(
+        f"{base or stack.base_url}/v1/images/generations",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {key}"},
+    )
 
 
 def test_revoked_key_fails_at_once(stack: Stack) -> None:
@@ -28,8 +32,11 @@ def test_revoked_key_fails_at_once(stack: Stack) -> None:
     assert gen(stack, key).status_code == 200
     listing = stack.cli("keys", "list", "--project", "revocable", "--json")
     rows = [json.loads(line) for line in listing.splitlines()]
-    assert len(rows) == 1 and rows[0]["user"] == "dave" and rows[0]["last_used_at"]
-    assert key not in listing and rows[0]["prefix"] == key[:10]  # never printed again
+    assert len(rows) == 1
+    assert rows[0]["user"] == "dave"
+    assert rows[0]["last_used_at"]
+    assert key not in listing
+    assert rows[0]["prefix"] == key[:10]
     stack.cli("keys", "revoke", rows[0]["id"])
     resp = gen(stack, key)
     assert resp.status_code == 401
@@ -39,25 +46,41 @@ def test_revoked_key_fails_at_once(stack: Stack) -> None:
 def test_admin_api_manages_projects_and_keys(stack: Stack) -> None:
     base = stack.base_url
     assert httpx.get(f"{base}/v1/admin/projects").status_code == 401
-    assert httpx.get(f"{base}/v1/admin/projects",
-                     headers={"Authorization": f"Bearer {stack.key_a}"}).status_code == 401
-    resp = httpx.post(f"{base}/v1/admin/projects", headers=ADMIN,
-                      json={"name": "admin-made", "images_per_day": 100})
-    assert resp.status_code == 200 and resp.json()["images_per_day"] == 100
+    assert (
+        httpx.get(
+            f"{base}/v1/admin/projects", headers={"Authorization": f"Bearer {stack.key_a}"}
+        ).status_code
+        == 401
+    )
+    resp = httpx.post(
+        f"{base}/v1/admin/projects",
+        headers=ADMIN,
+        json={"name": "admin-made", "images_per_day": 100},
+    )
+    assert resp.status_code == 200
+    assert resp.json()["images_per_day"] == 100
     dup = httpx.post(f"{base}/v1/admin/projects", headers=ADMIN, json={"name": "admin-made"})
     assert dup.status_code == 409
-    made = httpx.post(f"{base}/v1/admin/keys", headers=ADMIN,
-                      json={"project": "admin-made", "name": "ci", "user": "erin"}).json()
+    made = httpx.post(
+        f"{base}/v1/admin/keys",
+        headers=ADMIN,
+        json={"project": "admin-made", "name": "ci", "user": "erin"},
+    ).json()
     key = made["key"]
-    assert made["prefix"] == key[:10] and made["user"] == "erin"
+    assert made["prefix"] == key[:10]
+    assert made["user"] == "erin"
     assert gen(stack, key).status_code == 200
-    keys = httpx.get(f"{base}/v1/admin/keys", headers=ADMIN,
-                     params={"project": "admin-made"}).json()["data"]
+    keys = httpx.get(
+        f"{base}/v1/admin/keys", headers=ADMIN, params={"project": "admin-made"}
+    ).json()["data"]
     assert [k["id"] for k in keys] == [made["id"]]
-    assert "key" not in keys[0] and keys[0]["last_used_at"] is not None
-    patched = httpx.patch(f"{base}/v1/admin/projects/admin-made", headers=ADMIN,
-                          json={"jobs_in_flight": 7}).json()
-    assert patched["jobs_in_flight"] == 7 and patched["images_per_day"] == 100
+    assert "key" not in keys[0]
+    assert keys[0]["last_used_at"] is not None
+    patched = httpx.patch(
+        f"{base}/v1/admin/projects/admin-made", headers=ADMIN, json={"jobs_in_flight": 7}
+    ).json()
+    assert patched["jobs_in_flight"] == 7
+    assert patched["images_per_day"] == 100
     revoked = httpx.post(f"{base}/v1/admin/keys/{made['id']}/revoke", headers=ADMIN).json()
     assert revoked["revoked_at"] is not None
     assert gen(stack, key).status_code == 401
@@ -67,8 +90,9 @@ def test_admin_api_manages_projects_and_keys(stack: Stack) -> None:
 def test_every_key_header_style_is_accepted(stack: Stack, style: str) -> None:
     headers = {
         "bearer": {"Authorization": f"Bearer {stack.key_a}"},
-        "basic": {"Authorization": "Basic " + base64.b64encode(
-            f"api:{stack.key_a}".encode()).decode()},
+        "basic": {
+            "Authorization": "Basic " + base64.b64encode(f"api:{stack.key_a}".encode()).decode()
+        },
         "x-api-key": {"x-api-key": stack.key_a},
         "x-obiguard-api-key": {"x-obiguard-api-key": stack.key_a},
     }[style]
@@ -79,19 +103,25 @@ def test_requests_per_minute_limit_answers_429_and_recovers(stack: Stack) -> Non
     stack.cli("projects", "create", "rpm-limited", "--key-requests-per-minute", "3")
     key = stack.create_key("rpm-limited")
     time.sleep(4 - time.time() % 4 + 0.05)  # start of a (4 s, in tests) window
-    codes = [httpx.get(f"{stack.base_url}/v1/models", headers={
-        "Authorization": f"Bearer {key}"}).status_code for _ in range(5)]
+    codes = [
+        httpx.get(
+            f"{stack.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"}
+        ).status_code
+        for _ in range(5)
+    ]
     assert codes == [200, 200, 200, 429, 429]
     resp = gen(stack, key)
     assert resp.status_code == 429
     assert resp.json()["error"]["type"] == "rate_limit_error"
     assert 1 <= int(resp.headers["Retry-After"]) <= 4
     # The Weave surface answers in its own shape.
-    weave = httpx.post(f"{stack.base_url}/image/create", headers={
-        "Authorization": f"Bearer {key}"}, json={"project_id": "rpm-limited",
-                                                  "inputs": {"model": "procedural",
-                                                             "prompt": "p"}})
-    assert weave.status_code == 429 and "detail" in weave.json()
+    weave = httpx.post(
+        f"{stack.base_url}/image/create",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"project_id": "rpm-limited", "inputs": {"model": "procedural", "prompt": "p"}},
+    )
+    assert weave.status_code == 429
+    assert "detail" in weave.json()
     time.sleep(int(resp.headers["Retry-After"]) + 0.1)
     assert gen(stack, key).status_code == 200
 
@@ -125,8 +155,11 @@ def test_jobs_in_flight_limit_frees_as_jobs_end(stack: Stack) -> None:
 @pytest.fixture
 def second_api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    api = ServiceProcess(["api"], {**stack.env, "IMAGEGEN_PORT": str(port)},
-                         tmp_path_factory.mktemp("api2") / "api.log").start()
+    api = ServiceProcess(
+        ["api"],
+        {**stack.env, "IMAGEGEN_PORT": str(port)},
+        tmp_path_factory.mktemp("api2") / "api.log",
+    ).start()
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         yield f"http://127.0.0.1:{port}"
@@ -135,8 +168,9 @@ def second_api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_limits_hold_across_two_api_processes(stack: Stack, second_api: str) -> None:
-    stack.cli("projects", "create", "two-apis", "--key-requests-per-minute", "0",
-              "--images-per-day", "6")
+    stack.cli(
+        "projects", "create", "two-apis", "--key-requests-per-minute", "0", "--images-per-day", "6"
+    )
     key = stack.create_key("two-apis")
     codes: list[int] = []
     lock = threading.Lock()
@@ -146,8 +180,9 @@ def test_limits_hold_across_two_api_processes(stack: Stack, second_api: str) -> 
         with lock:
             codes.append(code)
 
-    threads = [threading.Thread(target=hit, args=(base,))
-               for base in [stack.base_url, second_api] * 6]
+    threads = [
+        threading.Thread(target=hit, args=(base,)) for base in [stack.base_url, second_api] * 6
+    ]
     for t in threads:
         t.start()
     for t in threads:

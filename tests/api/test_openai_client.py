@@ -22,12 +22,19 @@ def client(stack: Stack) -> openai.OpenAI:
 def test_url_mode_returns_fetchable_image_of_requested_size_and_format(
     client: openai.OpenAI, fmt: str, pil: str
 ) -> None:
-    result = client.images.generate(model="procedural", prompt="a lighthouse at dusk",
-                                    size="256x256", n=2, response_format="url",
-                                    output_format=fmt)  # type: ignore[arg-type]
-    assert result.data is not None and len(result.data) == 2
+    result = client.images.generate(  # type: ignore[call-overload]
+        model="procedural",
+        prompt="a lighthouse at dusk",
+        size="256x256",
+        n=2,
+        response_format="url",
+        output_format=fmt,
+    )
+    assert result.data is not None
+    assert len(result.data) == 2
     for item in result.data:
-        assert item.url and item.b64_json is None
+        assert item.url
+        assert item.b64_json is None
         resp = httpx.get(item.url)
         assert resp.status_code == 200
         img = Image.open(io.BytesIO(resp.content))
@@ -38,9 +45,11 @@ def test_url_mode_returns_fetchable_image_of_requested_size_and_format(
 
 
 def test_b64_mode_returns_decodable_image(client: openai.OpenAI) -> None:
-    result = client.images.generate(model="procedural", prompt="a red fox", size="512x512",
-                                    response_format="b64_json")
-    assert result.data is not None and len(result.data) == 1
+    result = client.images.generate(
+        model="procedural", prompt="a red fox", size="512x512", response_format="b64_json"
+    )
+    assert result.data is not None
+    assert len(result.data) == 1
     assert result.data[0].b64_json
     img = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
     assert (img.format, img.size) == ("PNG", (512, 512))
@@ -49,18 +58,21 @@ def test_b64_mode_returns_decodable_image(client: openai.OpenAI) -> None:
 
 def test_default_model_and_size(client: openai.OpenAI) -> None:
     result = client.images.generate(prompt="defaults please", response_format="b64_json")
-    assert result.data is not None and result.data[0].b64_json
+    assert result.data is not None
+    assert result.data[0].b64_json
     img = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
     assert img.size == (1024, 1024)
 
 
 def test_openai_upstream_url_answer_is_rehosted(stack: Stack, client: openai.OpenAI) -> None:
     """The upstream answers with its own URL; we hand out a URL of our storage."""
-    result = client.images.generate(model="dall-e-2", prompt="upstream url mode",
-                                    size="256x256", response_format="url")
+    result = client.images.generate(
+        model="dall-e-2", prompt="upstream url mode", size="256x256", response_format="url"
+    )
     assert result.data is not None
     url = result.data[0].url
-    assert url and f"127.0.0.1:{stack.upstream.port}" not in url
+    assert url
+    assert f"127.0.0.1:{stack.upstream.port}" not in url
     assert result.data[0].revised_prompt == "revised: upstream url mode"
     img = Image.open(io.BytesIO(httpx.get(url).content))
     assert img.size == (256, 256)
@@ -70,15 +82,23 @@ def test_openai_upstream_url_answer_is_rehosted(stack: Stack, client: openai.Ope
 
 
 def test_gpt_image_usage_is_passed_through(client: openai.OpenAI) -> None:
-    result = client.images.generate(model="gpt-image-1", prompt="usage please", size="64x64",
-                                    quality="low", response_format="b64_json")
-    assert result.usage is not None and result.usage.total_tokens == 110
-    assert result.data is not None and result.data[0].b64_json
+    result = client.images.generate(
+        model="gpt-image-1",
+        prompt="usage please",
+        size="64x64",
+        quality="low",
+        response_format="b64_json",
+    )
+    assert result.usage is not None
+    assert result.usage.total_tokens == 110
+    assert result.data is not None
+    assert result.data[0].b64_json
 
 
 def test_models_list_and_read(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert "procedural" in ids and "dall-e-3" in ids
+    assert "procedural" in ids
+    assert "dall-e-3" in ids
     assert client.models.retrieve("dall-e-3").id == "dall-e-3"
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("no-such-model")

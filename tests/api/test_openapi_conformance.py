@@ -7,6 +7,8 @@ that); the calls go over HTTP to the running stack.
 
 from __future__ import annotations
 
+from typing import Any
+
 import schemathesis
 from hypothesis import HealthCheck, settings
 
@@ -23,14 +25,18 @@ schema = schemathesis.openapi.from_dict(create_app().openapi())
 # by most HTTP APIs and OpenAI's), and the key is added to every case here, so
 # its "no Authorization header" negatives are not what was sent; missing keys and
 # every invalid body are covered by tests/api/test_validation.py.
-EXCLUDED = [schemathesis.checks.positive_data_acceptance,
-            schemathesis.checks.negative_data_rejection]
+EXCLUDED = [
+    schemathesis.checks.positive_data_acceptance,
+    schemathesis.checks.negative_data_rejection,
+]
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
-def test_api_conforms_to_its_openapi_document(case: schemathesis.Case, stack: Stack) -> None:
-    case.call_and_validate(base_url=stack.base_url,
-                           headers={"Authorization": f"Bearer {stack.key_a}"}, timeout=60,
-                           excluded_checks=EXCLUDED)
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_its_openapi_document(case: schemathesis.Case[Any], stack: Stack) -> None:
+    case.call_and_validate(
+        base_url=stack.base_url,
+        headers={"Authorization": f"Bearer {stack.key_a}"},
+        timeout=60,
+        excluded_checks=EXCLUDED,
+    )

@@ -23,8 +23,11 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("n a float", {"prompt": "p", "n": 1.5}, "n"),
     ("bad response_format", {"prompt": "p", "response_format": "png"}, "response_format"),
     ("bad output_format", {"prompt": "p", "output_format": "gif"}, "output_format"),
-    ("compression above 100", {"prompt": "p", "output_format": "jpeg",
-                               "output_compression": 101}, "output_compression"),
+    (
+        "compression above 100",
+        {"prompt": "p", "output_format": "jpeg", "output_compression": 101},
+        "output_compression",
+    ),
     ("compression with png", {"prompt": "p", "output_compression": 50}, "output_compression"),
     ("dall-e-2 size", {"model": "dall-e-2", "prompt": "p", "size": "1792x1024"}, "size"),
     ("dall-e-2 prompt > 1000", {"model": "dall-e-2", "prompt": LONG}, "prompt"),
@@ -36,22 +39,31 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("dall-e-3 style", {"model": "dall-e-3", "prompt": "p", "style": "bold"}, "style"),
     ("dall-e-3 prompt > 4000", {"model": "dall-e-3", "prompt": "y" * 4001}, "prompt"),
     ("gpt-image-1 size", {"model": "gpt-image-1", "prompt": "p", "size": "1792x1024"}, "size"),
-    ("gpt-image-1 quality", {"model": "gpt-image-1", "prompt": "p", "quality": "hd"},
-     "quality"),
-    ("gpt-image-1 background", {"model": "gpt-image-1", "prompt": "p", "background": "pink"},
-     "background"),
-    ("gpt-image-1 moderation", {"model": "gpt-image-1", "prompt": "p", "moderation": "off"},
-     "moderation"),
-    ("procedural compression unsupported model",
-     {"model": "dall-e-3", "prompt": "p", "output_format": "jpeg", "output_compression": 10},
-     "output_compression"),
+    ("gpt-image-1 quality", {"model": "gpt-image-1", "prompt": "p", "quality": "hd"}, "quality"),
+    (
+        "gpt-image-1 background",
+        {"model": "gpt-image-1", "prompt": "p", "background": "pink"},
+        "background",
+    ),
+    (
+        "gpt-image-1 moderation",
+        {"model": "gpt-image-1", "prompt": "p", "moderation": "off"},
+        "moderation",
+    ),
+    (
+        "procedural compression unsupported model",
+        {"model": "dall-e-3", "prompt": "p", "output_format": "jpeg", "output_compression": 10},
+        "output_compression",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("body", "param"), [(c[1], c[2]) for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_invalid_request_answers_400_naming_param(stack: Stack, body: dict[str, Any],
-                                                  param: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "param"), [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_invalid_request_answers_400_naming_param(
+    stack: Stack, body: dict[str, Any], param: str
+) -> None:
     with stack.client() as client:
         resp = client.post("/v1/images/generations", json=body)
     assert resp.status_code == 400, resp.text
@@ -64,8 +76,9 @@ def test_invalid_request_answers_400_naming_param(stack: Stack, body: dict[str, 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"a string"', b""])
 def test_malformed_body_answers_400_not_422(stack: Stack, raw: bytes) -> None:
     with stack.client() as client:
-        resp = client.post("/v1/images/generations", content=raw,
-                           headers={"Content-Type": "application/json"})
+        resp = client.post(
+            "/v1/images/generations", content=raw, headers={"Content-Type": "application/json"}
+        )
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["type"] == "invalid_request_error"
 
@@ -78,11 +91,13 @@ def test_unknown_model_is_404_model_not_found(stack: Stack) -> None:
     assert resp.json()["error"]["param"] == "model"
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-wrong"},
-                                     {"Authorization": "Basic !!!"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "Basic !!!"}]
+)
 def test_missing_or_bad_key_is_401(stack: Stack, headers: dict[str, str]) -> None:
-    resp = httpx.post(f"{stack.base_url}/v1/images/generations", json={"prompt": "p"},
-                      headers=headers)
+    resp = httpx.post(
+        f"{stack.base_url}/v1/images/generations", json={"prompt": "p"}, headers=headers
+    )
     assert resp.status_code == 401
     body = resp.json()
     assert body["error"]["type"] == "invalid_request_error"
@@ -91,22 +106,46 @@ def test_missing_or_bad_key_is_401(stack: Stack, headers: dict[str, str]) -> Non
 
 def test_gateway_header_and_explicit_nulls_are_accepted(stack: Stack) -> None:
     """Obiguard-style: key in x-obiguard-api-key, every optional field null."""
-    body = {"prompt": "gateway", "model": None, "n": None, "size": None, "quality": None,
-            "style": None, "response_format": None, "user": None, "output_format": None,
-            "output_compression": None, "background": None, "moderation": None}
-    resp = httpx.post(f"{stack.base_url}/v1/images/generations", json=body, timeout=60,
-                      headers={"x-obiguard-api-key": stack.key_a})
+    body = {
+        "prompt": "gateway",
+        "model": None,
+        "n": None,
+        "size": None,
+        "quality": None,
+        "style": None,
+        "response_format": None,
+        "user": None,
+        "output_format": None,
+        "output_compression": None,
+        "background": None,
+        "moderation": None,
+    }
+    resp = httpx.post(
+        f"{stack.base_url}/v1/images/generations",
+        json=body,
+        timeout=60,
+        headers={"x-obiguard-api-key": stack.key_a},
+    )
     assert resp.status_code == 200, resp.text
     data = resp.json()["data"]
-    assert len(data) == 1 and data[0]["url"].startswith("http")
+    assert len(data) == 1
+    assert data[0]["url"].startswith("http")
 
 
 def test_proxy_style_request_every_item_has_url(stack: Stack) -> None:
     """Atoma-style: model always given; in url mode every data[] item has a url."""
     with stack.client() as client:
-        resp = client.post("/v1/images/generations", json={
-            "model": "procedural", "prompt": "three otters", "n": 3, "size": "64x64",
-            "quality": "hd", "response_format": "url"})
+        resp = client.post(
+            "/v1/images/generations",
+            json={
+                "model": "procedural",
+                "prompt": "three otters",
+                "n": 3,
+                "size": "64x64",
+                "quality": "hd",
+                "response_format": "url",
+            },
+        )
     assert resp.status_code == 200, resp.text
     data = resp.json()["data"]
     assert len(data) == 3

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kombu import Connection
+from kombu.connection import Connection
 
 from shared.core.fs_broker import SCHEME
 
@@ -16,8 +16,11 @@ from shared.core.fs_broker import SCHEME
 def test_concurrent_writers_and_a_reader_lose_and_garble_nothing(tmp_path: Path) -> None:
     folder = tmp_path / "q"
     folder.mkdir()
-    options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
-               "store_processed": False}
+    options = {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "store_processed": False,
+    }
 
     def write(start: int) -> None:
         with Connection(f"{SCHEME}://", transport_options=options) as conn:
@@ -42,8 +45,9 @@ def test_concurrent_writers_and_a_reader_lose_and_garble_nothing(tmp_path: Path)
     assert not list(folder.glob("*.tmp"))
 
 
-def test_a_message_file_appears_only_complete(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_message_file_appears_only_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Deterministic check of the mechanism: while the payload is being serialized
     (before any byte is written) no ``.msg`` file may exist yet. kombu's own
     transport creates the file first, which is the window a reader fell into."""
@@ -62,5 +66,6 @@ def test_a_message_file_appears_only_complete(tmp_path: Path,
         conn.default_channel._put("jobs", {"n": 1})
         conn.default_channel._put("jobs", {"n": 2})
     # Serializing the first: nothing yet; the second: only the finished first one.
-    assert seen[0] == [] and len(seen[1]) == 1
+    assert seen[0] == []
+    assert len(seen[1]) == 1
     assert len(list(tmp_path.glob("*.jobs.msg"))) == 2

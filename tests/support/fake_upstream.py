@@ -67,8 +67,13 @@ class FakeUpstream:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _send(self, status: int, body: bytes, ctype: str = "application/json",
-                      headers: dict[str, str] | None = None) -> None:
+            def _send(
+                self,
+                status: int,
+                body: bytes,
+                ctype: str = "application/json",
+                headers: dict[str, str] | None = None,
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -77,13 +82,24 @@ class FakeUpstream:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def _error(self, status: int, message: str, code: str | None,
-                       headers: dict[str, str] | None = None) -> None:
-                body = {"error": {"message": message, "type": "invalid_request_error",
-                                  "param": None, "code": code}}
+            def _error(
+                self,
+                status: int,
+                message: str,
+                code: str | None,
+                headers: dict[str, str] | None = None,
+            ) -> None:
+                body = {
+                    "error": {
+                        "message": message,
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": code,
+                    }
+                }
                 self._send(status, json.dumps(body).encode(), headers=headers)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 name = self.path.rsplit("/", 1)[-1]
                 data = upstream.files.get(name)
                 if data is None:
@@ -91,7 +107,7 @@ class FakeUpstream:
                 else:
                     self._send(200, data, "image/png")
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 with upstream.lock:
                     upstream.in_flight += 1
                     upstream.max_in_flight = max(upstream.max_in_flight, upstream.in_flight)
@@ -108,8 +124,9 @@ class FakeUpstream:
                 with upstream.lock:
                     upstream.counts[prompt] += 1
                     count = upstream.counts[prompt]
-                    upstream.calls.append({"path": self.path, "body": body,
-                                           "auth": self.headers.get("Authorization")})
+                    upstream.calls.append(
+                        {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
+                    )
                 if self.path != "/v1/images/generations":
                     return self._error(404, "not found", None)
                 if self.headers.get("Authorization") != f"Bearer {EXPECTED_KEY}":
@@ -117,14 +134,17 @@ class FakeUpstream:
                 if body.get("model") == "fake-n1-upstream" and body.get("n", 1) != 1:
                     return self._error(400, "n must be 1 for this model", "invalid_value")
                 if "[429-once]" in prompt and count == 1:
-                    return self._error(429, "Rate limit reached", "rate_limit_exceeded",
-                                       {"Retry-After": "1"})
+                    return self._error(
+                        429, "Rate limit reached", "rate_limit_exceeded", {"Retry-After": "1"}
+                    )
                 if "[500-once]" in prompt and count == 1:
                     return self._error(500, "The server had an error", None)
                 if "[content-policy]" in prompt:
                     return self._error(
-                        400, "Your request was rejected as a result of our safety system.",
-                        "content_policy_violation")
+                        400,
+                        "Your request was rejected as a result of our safety system.",
+                        "content_policy_violation",
+                    )
                 if "[hang]" in prompt:
                     time.sleep(30)
                     return self._error(500, "too late", None)
@@ -139,7 +159,8 @@ class FakeUpstream:
                     else:
                         buf = io.BytesIO()
                         Image.new("RGB", (width, height), (i * 40 % 256, 80, 160)).save(
-                            buf, format="PNG")
+                            buf, format="PNG"
+                        )
                         png = buf.getvalue()
                     item: dict[str, Any] = {"revised_prompt": f"revised: {prompt}"}
                     if body.get("response_format") == "url":
@@ -151,8 +172,7 @@ class FakeUpstream:
                     data.append(item)
                 resp: dict[str, Any] = {"created": int(time.time()), "data": data}
                 if body.get("model") == "gpt-image-1":
-                    resp["usage"] = {"input_tokens": 10, "output_tokens": 100,
-                                     "total_tokens": 110}
+                    resp["usage"] = {"input_tokens": 10, "output_tokens": 100, "total_tokens": 110}
                 self._send(200, json.dumps(resp).encode())
 
         return Handler

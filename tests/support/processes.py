@@ -20,7 +20,9 @@ import httpx
 import psycopg
 from werkzeug.serving import BaseWSGIServer, make_server
 
-PG_ADMIN_URL = os.environ.get("IMAGEGEN_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "IMAGEGEN_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def free_port() -> int:
@@ -53,9 +55,21 @@ class RedisServer:
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for(self._ping, 10, "redis")
         return self
@@ -113,15 +127,30 @@ class PostgresCluster:
         if self.prefix:
             shutil.chown(self.home, "postgres")
             shutil.chown(self.dir, "postgres")
-        self._run(str(self.bin / "initdb"), "-D", str(self.dir), "-U", "postgres",
-                  "-A", "trust", "--no-sync")
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.dir),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+        )
         return self.start()
 
     def start(self) -> PostgresCluster:
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir), "-w", "-l",
-                  str(self.dir / "server.log"), "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
-                  "start")
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.dir),
+            "-w",
+            "-l",
+            str(self.dir / "server.log"),
+            "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
         return self
 
     def stop(self) -> None:
@@ -136,8 +165,9 @@ class PostgresCluster:
 class ServiceProcess:
     """``imagegen api`` or ``imagegen worker`` in its own process."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
+    ) -> None:
         self.args = args
         self.cwd = cwd
         self.env = env
@@ -146,10 +176,14 @@ class ServiceProcess:
         self._log: IO[bytes] | None = None
 
     def start(self) -> ServiceProcess:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "cli", *self.args],
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=self.cwd)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115  (open while the process runs; closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", *self.args],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.cwd,
+        )
         return self
 
     def kill(self) -> None:
@@ -197,10 +231,9 @@ class S3Server:
         self._server: BaseWSGIServer | None = None
 
     def start(self) -> S3Server:
-        from moto.server import create_backend_app
+        from moto.server import create_backend_app  # type: ignore[attr-defined]
 
-        self._server = make_server("127.0.0.1", self.port, create_backend_app("s3"),
-                                   threaded=True)
+        self._server = make_server("127.0.0.1", self.port, create_backend_app("s3"), threaded=True)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -234,9 +267,13 @@ def live_processes() -> list[tuple[int, int, list[str], str]]:
 def imagegen_workers(*, parent: int | None = None, cwd: Path | None = None) -> list[int]:
     """Live consumer processes (``python -m worker``, started by ``imagegen worker`` or
     ``imagegen dev``), by parent or working directory."""
-    return [pid for pid, ppid, argv, wd in live_processes()
-            if argv[1:3] == ["-m", "worker"]
-            and (parent is None or ppid == parent) and (cwd is None or wd == str(cwd))]
+    return [
+        pid
+        for pid, ppid, argv, wd in live_processes()
+        if argv[1:3] == ["-m", "worker"]
+        and (parent is None or ppid == parent)
+        and (cwd is None or wd == str(cwd))
+    ]
 
 
 def cmdline(pid: int) -> list[str]:

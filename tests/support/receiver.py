@@ -33,14 +33,17 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver.lock:
-                    receiver.requests.append({"path": self.path, "body": body,
-                                              "headers": {k.lower(): v for k, v
-                                                          in self.headers.items()}})
-                    status, headers = (receiver.script.popleft() if receiver.script
-                                       else (200, {}))
+                    receiver.requests.append(
+                        {
+                            "path": self.path,
+                            "body": body,
+                            "headers": {k.lower(): v for k, v in self.headers.items()},
+                        }
+                    )
+                    status, headers = receiver.script.popleft() if receiver.script else (200, {})
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)

@@ -32,42 +32,98 @@ FINISHED = ("succeeded", "failed", "canceled")
 
 def models_yaml(upstream_url: str) -> dict[str, Any]:
     upstream = {"provider": "openai", "base_url": upstream_url, "api_key_env": "FAKE_UPSTREAM_KEY"}
-    return {"models": [
-        {"name": "procedural", "provider": "procedural", "capabilities": {
-            "sizes": ["1024x1024", "64x64", "256x256", "512x512"], "max_n": 10,
-            "qualities": ["standard", "hd"], "styles": ["vivid", "natural"],
-            "output_compression": True, "max_prompt_chars": 32000}},
-        {"name": "dall-e-2", "upstream_model": "dall-e-2", "upstream_response_format": "url",
-         **upstream, "capabilities": {"sizes": ["1024x1024", "256x256", "512x512"],
-                                      "max_n": 10, "max_prompt_chars": 1000}},
-        {"name": "dall-e-3", "upstream_model": "dall-e-3", **upstream, "capabilities": {
-            "sizes": ["1024x1024", "1792x1024", "1024x1792"], "max_n": 1, "upstream_max_n": 1,
-            "qualities": ["standard", "hd"], "default_quality": "standard",
-            "styles": ["vivid", "natural"], "default_style": "vivid",
-            "max_prompt_chars": 4000}},
-        {"name": "gpt-image-1", "upstream_model": "gpt-image-1",
-         "upstream_response_format": None, **upstream, "capabilities": {
-             "sizes": ["auto", "1024x1024", "1536x1024", "1024x1536", "64x64"],
-             "default_size": "auto", "max_n": 10,
-             "qualities": ["auto", "low", "medium", "high"], "default_quality": "auto",
-             "backgrounds": ["auto", "transparent", "opaque"], "moderations": ["auto", "low"],
-             "output_compression": True, "max_prompt_chars": 32000}},
-        # An upstream that makes one image per call: the worker must fan out.
-        {"name": "fake-n1", "upstream_model": "fake-n1-upstream", **upstream,
-         "capabilities": {"sizes": ["64x64"], "max_n": 4, "upstream_max_n": 1}},
-        # A fast-upstream model on the default queue used by fault tests.
-        {"name": "fake-fast", "upstream_model": "fake-fast", **upstream,
-         "capabilities": {"sizes": ["64x64", "256x256"], "max_n": 4}},
-        # A queue no worker consumes: its jobs stay queued (cancel tests).
-        {"name": "parked", "provider": "procedural", "queue": "parked",
-         "capabilities": {"sizes": ["64x64"], "max_n": 2}},
-    ]}
+    return {
+        "models": [
+            {
+                "name": "procedural",
+                "provider": "procedural",
+                "capabilities": {
+                    "sizes": ["1024x1024", "64x64", "256x256", "512x512"],
+                    "max_n": 10,
+                    "qualities": ["standard", "hd"],
+                    "styles": ["vivid", "natural"],
+                    "output_compression": True,
+                    "max_prompt_chars": 32000,
+                },
+            },
+            {
+                "name": "dall-e-2",
+                "upstream_model": "dall-e-2",
+                "upstream_response_format": "url",
+                **upstream,
+                "capabilities": {
+                    "sizes": ["1024x1024", "256x256", "512x512"],
+                    "max_n": 10,
+                    "max_prompt_chars": 1000,
+                },
+            },
+            {
+                "name": "dall-e-3",
+                "upstream_model": "dall-e-3",
+                **upstream,
+                "capabilities": {
+                    "sizes": ["1024x1024", "1792x1024", "1024x1792"],
+                    "max_n": 1,
+                    "upstream_max_n": 1,
+                    "qualities": ["standard", "hd"],
+                    "default_quality": "standard",
+                    "styles": ["vivid", "natural"],
+                    "default_style": "vivid",
+                    "max_prompt_chars": 4000,
+                },
+            },
+            {
+                "name": "gpt-image-1",
+                "upstream_model": "gpt-image-1",
+                "upstream_response_format": None,
+                **upstream,
+                "capabilities": {
+                    "sizes": ["auto", "1024x1024", "1536x1024", "1024x1536", "64x64"],
+                    "default_size": "auto",
+                    "max_n": 10,
+                    "qualities": ["auto", "low", "medium", "high"],
+                    "default_quality": "auto",
+                    "backgrounds": ["auto", "transparent", "opaque"],
+                    "moderations": ["auto", "low"],
+                    "output_compression": True,
+                    "max_prompt_chars": 32000,
+                },
+            },
+            # An upstream that makes one image per call: the worker must fan out.
+            {
+                "name": "fake-n1",
+                "upstream_model": "fake-n1-upstream",
+                **upstream,
+                "capabilities": {"sizes": ["64x64"], "max_n": 4, "upstream_max_n": 1},
+            },
+            # A fast-upstream model on the default queue used by fault tests.
+            {
+                "name": "fake-fast",
+                "upstream_model": "fake-fast",
+                **upstream,
+                "capabilities": {"sizes": ["64x64", "256x256"], "max_n": 4},
+            },
+            # A queue no worker consumes: its jobs stay queued (cancel tests).
+            {
+                "name": "parked",
+                "provider": "procedural",
+                "queue": "parked",
+                "capabilities": {"sizes": ["64x64"], "max_n": 2},
+            },
+        ]
+    }
 
 
 class Stack:
-    def __init__(self, workdir: Path, s3_endpoint: str, *, worker_env: dict[str, str] | None = None,
-                 api_env: dict[str, str] | None = None, pg_admin_url: str = PG_ADMIN_URL,
-                 ) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        s3_endpoint: str,
+        *,
+        worker_env: dict[str, str] | None = None,
+        api_env: dict[str, str] | None = None,
+        pg_admin_url: str = PG_ADMIN_URL,
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.upstream = FakeUpstream().start()
@@ -113,23 +169,33 @@ class Stack:
         self._make_bucket()
         self.key_a = self.create_key("alpha")
         self.key_b = self.create_key("beta")
-        self.api = ServiceProcess(["api"], {**self.env, **(api_env or {})},
-                                  workdir / "api.log").start()
+        self.api = ServiceProcess(
+            ["api"], {**self.env, **(api_env or {})}, workdir / "api.log"
+        ).start()
         self.worker = self.new_worker(worker_env)
         wait_http(f"{self.base_url}/healthz")
 
     def _cli(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "cli", *args], env=self.env,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 
     def _make_bucket(self) -> None:
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=self.env["IMAGEGEN_S3_ENDPOINT_URL"],
-                          region_name="us-east-1", aws_access_key_id="testing",
-                          aws_secret_access_key="testing")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.env["IMAGEGEN_S3_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         s3.create_bucket(Bucket=self.env["IMAGEGEN_S3_BUCKET"])
 
     def create_key(self, project: str, user: str = "") -> str:
@@ -140,15 +206,18 @@ class Stack:
         return self._cli(*args)
 
     def new_worker(self, extra_env: dict[str, str] | None = None) -> ServiceProcess:
-        worker = ServiceProcess(["worker", "--queues", "default,webhooks,batch"],
-                                {**self.env, **(extra_env or {})},
-                                self.workdir / "worker.log").start()
+        worker = ServiceProcess(
+            ["worker", "--queues", "default,webhooks,batch"],
+            {**self.env, **(extra_env or {})},
+            self.workdir / "worker.log",
+        ).start()
         self.worker = worker
         return worker
 
     def consumers(self) -> list[int]:
         """The consumer processes under this stack's ``imagegen worker``."""
-        assert self.worker is not None and self.worker.proc is not None
+        assert self.worker is not None
+        assert self.worker.proc is not None
         return imagegen_workers(parent=self.worker.proc.pid)
 
     def kill_consumers(self) -> None:
@@ -158,12 +227,18 @@ class Stack:
         assert before, "no consumer running"
         for pid in before:
             os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: len(set(self.consumers()) - set(before)) == len(before), 60,
-                 "the supervisor to start new consumers")
+        wait_for(
+            lambda: len(set(self.consumers()) - set(before)) == len(before),
+            60,
+            "the supervisor to start new consumers",
+        )
 
     def client(self, key: str | None = None) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=90,
-                            headers={"Authorization": f"Bearer {key or self.key_a}"})
+        return httpx.Client(
+            base_url=self.base_url,
+            timeout=90,
+            headers={"Authorization": f"Bearer {key or self.key_a}"},
+        )
 
     def wait_job(self, job_id: str, key: str | None = None, timeout: float = 60) -> dict[str, Any]:
         with self.client(key) as client:

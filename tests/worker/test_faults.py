@@ -29,13 +29,18 @@ MAX_ATTEMPTS = 5
 
 
 @pytest.fixture(scope="module")
-def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        tuple[Stack, PostgresCluster, S3Server]]:
+def fault_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Stack, PostgresCluster, S3Server]]:
     workdir = Path(tmp_path_factory.mktemp("faults"))
     pg = PostgresCluster().init()
     s3 = S3Server(free_port()).start()
-    stack = Stack(workdir / "stack", s3.url, pg_admin_url=pg.admin_url,
-                  worker_env={"IMAGEGEN_JOB_MAX_ATTEMPTS": str(MAX_ATTEMPTS)})
+    stack = Stack(
+        workdir / "stack",
+        s3.url,
+        pg_admin_url=pg.admin_url,
+        worker_env={"IMAGEGEN_JOB_MAX_ATTEMPTS": str(MAX_ATTEMPTS)},
+    )
     try:
         yield stack, pg, s3
     finally:
@@ -80,9 +85,12 @@ class Load:
                 n = rng.randint(1, 3)
                 prompt = f"[slow=0.4] fault {i}"
                 try:
-                    resp = client.post("/v1/images/generations", timeout=10, json={
-                        "model": "fake-fast", "prompt": prompt, "n": n, "size": "64x64"},
-                        headers={"Prefer": "respond-async"})
+                    resp = client.post(
+                        "/v1/images/generations",
+                        timeout=10,
+                        json={"model": "fake-fast", "prompt": prompt, "n": n, "size": "64x64"},
+                        headers={"Prefer": "respond-async"},
+                    )
                     if resp.status_code == 202:
                         self.accepted[resp.json()["id"]] = (prompt, n)
                     else:
@@ -96,7 +104,8 @@ class Load:
 
 
 def test_faults_under_load_lose_duplicate_and_repeat_nothing(
-        fault_stack: tuple[Stack, PostgresCluster, S3Server]) -> None:
+    fault_stack: tuple[Stack, PostgresCluster, S3Server],
+) -> None:
     stack, pg, s3 = fault_stack
     kills = 0
     with Load(stack) as load:
@@ -131,19 +140,33 @@ def test_faults_under_load_lose_duplicate_and_repeat_nothing(
 
     wait_for(all_finished, 120, "every accepted job to finish", interval=1)
 
-    jobs = {r[0]: r for r in _query(
-        stack, "SELECT id, status, attempts, error_code FROM job WHERE id = ANY(:ids)",
-        ids=list(accepted))}
-    images = _query(stack, 'SELECT job_id, "index", storage_key FROM image '
-                           "WHERE job_id = ANY(:ids)", ids=list(accepted))
+    jobs = {
+        r[0]: r
+        for r in _query(
+            stack,
+            "SELECT id, status, attempts, error_code FROM job WHERE id = ANY(:ids)",
+            ids=list(accepted),
+        )
+    }
+    images = _query(
+        stack,
+        'SELECT job_id, "index", storage_key FROM image WHERE job_id = ANY(:ids)',
+        ids=list(accepted),
+    )
     per_job: dict[str, list[int]] = {}
     for job_id, index, _key in images:
         per_job.setdefault(job_id, []).append(index)
-    s3_client = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1",
-                             aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3_client = boto3.client(
+        "s3",
+        endpoint_url=s3.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     stored: set[str] = set()
     for page in s3_client.get_paginator("list_objects_v2").paginate(
-            Bucket=stack.env["IMAGEGEN_S3_BUCKET"]):
+        Bucket=stack.env["IMAGEGEN_S3_BUCKET"]
+    ):
         stored |= {obj["Key"] for obj in page.get("Contents", [])}
     failures = []
     for job_id, (prompt, n) in accepted.items():
@@ -159,23 +182,32 @@ def test_faults_under_load_lose_duplicate_and_repeat_nothing(
     assert "Unrecoverable error" not in stack.worker.log()
     keys = {key for _, _, key in images}
     assert keys <= stored, "every recorded image is in storage"
-    print(f"faults: {kills} consumer kills, Redis 20 s, PostgreSQL 15 s, S3 15 s; "
-          f"{len(accepted)} accepted, {load.refused} refused, 0 lost, 0 duplicated, "
-          f"attempts max {max(j[2] for j in jobs.values())}")
+    print(
+        f"faults: {kills} consumer kills, Redis 20 s, PostgreSQL 15 s, S3 15 s; "
+        f"{len(accepted)} accepted, {load.refused} refused, 0 lost, 0 duplicated, "
+        f"attempts max {max(j[2] for j in jobs.values())}"
+    )
 
 
 def test_a_job_out_of_attempts_fails_without_calling_the_provider(
-        fault_stack: tuple[Stack, PostgresCluster, S3Server]) -> None:
+    fault_stack: tuple[Stack, PostgresCluster, S3Server],
+) -> None:
     stack = fault_stack[0]
     with stack.client() as client:
-        job = client.post("/v1/images/generations", headers={"Prefer": "respond-async"},
-                          json={"model": "parked", "prompt": "[spent] attempts",
-                                "size": "64x64"}).json()
+        job = client.post(
+            "/v1/images/generations",
+            headers={"Prefer": "respond-async"},
+            json={"model": "parked", "prompt": "[spent] attempts", "size": "64x64"},
+        ).json()
     # As if five workers in a row had died holding it: its lease has run out.
-    _query(stack, "UPDATE job SET model = 'fake-fast', queue = 'default', status = 'running', "
-                  "attempts = :a, lease_token = 'gone', "
-                  "lease_expires_at = now() - interval '1 minute' WHERE id = :id",
-           a=MAX_ATTEMPTS, id=job["id"])
+    _query(
+        stack,
+        "UPDATE job SET model = 'fake-fast', queue = 'default', status = 'running', "
+        "attempts = :a, lease_token = 'gone', "
+        "lease_expires_at = now() - interval '1 minute' WHERE id = :id",
+        a=MAX_ATTEMPTS,
+        id=job["id"],
+    )
     done = stack.wait_job(job["id"], timeout=60)
     assert done["status"] == "failed"
     assert done["error"]["code"] == "max_attempts_exceeded"
@@ -185,20 +217,28 @@ def test_a_job_out_of_attempts_fails_without_calling_the_provider(
 
 
 def test_a_result_the_database_refuses_fails_the_job_once(
-        fault_stack: tuple[Stack, PostgresCluster, S3Server]) -> None:
+    fault_stack: tuple[Stack, PostgresCluster, S3Server],
+) -> None:
     """Recording fails for good (here a constraint refuses the upstream's revised
     prompt): the job ends failed on its first attempt; the provider is paid once."""
     stack = fault_stack[0]
-    _query(stack, "ALTER TABLE image ADD CONSTRAINT refuse_marked "
-                  "CHECK (revised_prompt NOT LIKE '%[refuse-record]%')")
+    _query(
+        stack,
+        "ALTER TABLE image ADD CONSTRAINT refuse_marked "
+        "CHECK (revised_prompt NOT LIKE '%[refuse-record]%')",
+    )
     with stack.client() as client:
-        resp = client.post("/v1/images/generations", json={
-            "model": "fake-fast", "prompt": "[refuse-record] poison", "size": "64x64"})
+        resp = client.post(
+            "/v1/images/generations",
+            json={"model": "fake-fast", "prompt": "[refuse-record] poison", "size": "64x64"},
+        )
     assert resp.status_code == 500, resp.text
     assert resp.json()["error"]["code"] == "internal_error"
     [(job_id, status, attempts, code)] = _query(
-        stack, "SELECT id, status, attempts, error_code FROM job WHERE request->>'prompt' = "
-               "'[refuse-record] poison'")
+        stack,
+        "SELECT id, status, attempts, error_code FROM job WHERE request->>'prompt' = "
+        "'[refuse-record] poison'",
+    )
     assert (status, attempts, code) == ("failed", 1, "internal_error")
     time.sleep(stack_lease_seconds(stack) * 2)  # past a lease: no second attempt runs
     assert len(stack.upstream.calls_for("[refuse-record]")) == 1

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 from PIL import Image
 
 from tests.support.stack import Stack
 
 
-def generate(stack: Stack, prompt: str, **extra: object) -> tuple[int, dict]:
-    body = {"model": "fake-fast", "prompt": prompt, "size": "64x64",
-            "response_format": "b64_json", **extra}
+def generate(stack: Stack, prompt: str, **extra: object) -> tuple[int, dict[str, Any]]:
+    body = {
+        "model": "fake-fast",
+        "prompt": prompt,
+        "size": "64x64",
+        "response_format": "b64_json",
+        **extra,
+    }
     with stack.client() as client:
         resp = client.post("/v1/images/generations", json=body)
     return resp.status_code, resp.json()
@@ -60,16 +66,24 @@ def test_garbage_image_bytes_fail_the_job_not_an_empty_success(stack: Stack) -> 
 
 def test_fan_out_when_upstream_makes_one_image_per_call(stack: Stack) -> None:
     with stack.client() as client:
-        resp = client.post("/v1/images/generations", json={
-            "model": "fake-n1", "prompt": "fan out", "n": 3, "size": "64x64",
-            "response_format": "b64_json"})
+        resp = client.post(
+            "/v1/images/generations",
+            json={
+                "model": "fake-n1",
+                "prompt": "fan out",
+                "n": 3,
+                "size": "64x64",
+                "response_format": "b64_json",
+            },
+        )
     assert resp.status_code == 200, resp.text
     data = resp.json()["data"]
     assert len(data) == 3
     for item in data:
         assert Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).size == (64, 64)
     calls = stack.upstream.calls_for("fan out")
-    assert len(calls) == 3 and all(c["body"]["n"] == 1 for c in calls)
+    assert len(calls) == 3
+    assert all(c["body"]["n"] == 1 for c in calls)
 
 
 def test_output_format_conversion_of_upstream_png(stack: Stack) -> None:
