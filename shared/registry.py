@@ -67,7 +67,8 @@ class ModelSpec(BaseModel):
         return self.capabilities.default_size or self.capabilities.sizes[0]
 
     @property
-    def batch_size(self) -> int:
+    # Images one upstream call makes; above it the worker fans out in parallel calls.
+    def images_per_call(self) -> int:
         return self.capabilities.upstream_max_n or self.capabilities.max_n
 
     def api_key(self) -> str | None:

@@ -63,7 +63,7 @@ def _call_with_retries(
 
 def _generate(spec: ModelSpec, params: GenerationParams, job_id: str) -> Generation:
     """All ``n`` images, fanning out when the upstream makes fewer per call."""
-    per_call = max(1, spec.batch_size)
+    per_call = max(1, spec.images_per_call)
     chunks = [(first, min(per_call, params.n - first)) for first in range(0, params.n, per_call)]
     if len(chunks) == 1:
         return _call_with_retries(spec, params, params.n, 0, job_id)

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from api.deps import CurrentPrincipal, DbSession, StorageDep
 from api.input_guard import check_text
+from api.responses import JSONLinesFile
 from api.routes.images import ERRORS
 from shared.core.errors import InvalidRequest, InvalidValue
 from shared.core.schemas import Deleted, ListPage
@@ -80,12 +81,12 @@ def read_file(file_id: str, principal: CurrentPrincipal, session: DbSession) -> 
     return file_view(get_file(session, principal.project_id, file_id))
 
 
-@router.get("/{file_id}/content", responses={200: {"content": {"application/jsonl": {}}}, **ERRORS})
+@router.get("/{file_id}/content", response_class=JSONLinesFile, responses=ERRORS)
 def read_content(
     file_id: str, principal: CurrentPrincipal, session: DbSession, storage: StorageDep
 ) -> Response:
     file = get_file(session, principal.project_id, file_id)
-    return Response(storage.get(file.storage_key), media_type="application/jsonl")
+    return JSONLinesFile(storage.get(file.storage_key))
 
 
 @router.delete("/{file_id}", response_model=Deleted, responses=ERRORS)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from api.deps import BaseUrl, DbSession, SettingsDep, StorageDep, WeavePrincipal
 from api.generation import submit
+from api.responses import JSONLinesStream
 from shared.core.db import unit_of_work
 from shared.core.errors import Forbidden, ImagegenError
 from shared.jobs.input import parse_request, validate_generation
@@ -187,7 +188,8 @@ def call_read(
 @router.post(
     "/calls/stream_query",
     summary="Calls Query Stream",
-    responses={200: {"content": {"application/jsonl": {}}}, **WEAVE_ERRORS},
+    response_class=JSONLinesStream,
+    responses=WEAVE_ERRORS,
 )
 def calls_stream_query(
     body: CallsQuery,
@@ -214,7 +216,7 @@ def calls_stream_query(
                     settings.url_expiry_seconds,
                 )
 
-    return StreamingResponse(jsonl(rows()), media_type="application/jsonl")
+    return JSONLinesStream(jsonl(rows()))
 
 
 @router.post(

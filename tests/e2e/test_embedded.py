@@ -46,8 +46,8 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 
 def test_openai_package_works_on_embedded_defaults(dev_server: tuple[str, Path]) -> None:
     base, home = dev_server
-    client = openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0)
-    result = client.images.generate(prompt="embedded otter", size="256x256", n=2)
+    with openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0) as client:
+        result = client.images.generate(prompt="embedded otter", size="256x256", n=2)
     assert result.data is not None
     assert len(result.data) == 2
     url = result.data[0].url
@@ -197,8 +197,8 @@ def test_dev_starts_its_worker_again_when_it_dies(dev_server: tuple[str, Path]) 
     [worker] = imagegen_workers(cwd=home)
     os.kill(worker, signal.SIGKILL)
     wait_for(lambda: imagegen_workers(cwd=home) not in ([], [worker]), 30, "a new worker")
-    client = openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0, timeout=60)
-    result = client.images.generate(prompt="after the crash", size="256x256")
+    with openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0, timeout=60) as client:
+        result = client.images.generate(prompt="after the crash", size="256x256")
     assert result.data is not None
     assert result.data[0].url
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.support.stack import Stack
+from tests.service.conftest import Service
 
 LONG = "x" * 1001
 
@@ -62,9 +61,9 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("body", "param"), [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES]
 )
 def test_invalid_request_answers_400_naming_param(
-    stack: Stack, body: dict[str, Any], param: str
+    service: Service, body: dict[str, Any], param: str
 ) -> None:
-    with stack.client() as client:
+    with service.client() as client:
         resp = client.post("/v1/images/generations", json=body)
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
@@ -74,8 +73,8 @@ def test_invalid_request_answers_400_naming_param(
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"a string"', b""])
-def test_malformed_body_answers_400_not_422(stack: Stack, raw: bytes) -> None:
-    with stack.client() as client:
+def test_malformed_body_answers_400_not_422(service: Service, raw: bytes) -> None:
+    with service.client() as client:
         resp = client.post(
             "/v1/images/generations", content=raw, headers={"Content-Type": "application/json"}
         )
@@ -83,8 +82,8 @@ def test_malformed_body_answers_400_not_422(stack: Stack, raw: bytes) -> None:
     assert resp.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_unknown_model_is_404_model_not_found(stack: Stack) -> None:
-    with stack.client() as client:
+def test_unknown_model_is_404_model_not_found(service: Service) -> None:
+    with service.client() as client:
         resp = client.post("/v1/images/generations", json={"model": "nope", "prompt": "p"})
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "model_not_found"
@@ -94,17 +93,15 @@ def test_unknown_model_is_404_model_not_found(stack: Stack) -> None:
 @pytest.mark.parametrize(
     "headers", [{}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "Basic !!!"}]
 )
-def test_missing_or_bad_key_is_401(stack: Stack, headers: dict[str, str]) -> None:
-    resp = httpx.post(
-        f"{stack.base_url}/v1/images/generations", json={"prompt": "p"}, headers=headers
-    )
+def test_missing_or_bad_key_is_401(service: Service, headers: dict[str, str]) -> None:
+    resp = service.anonymous().post("/v1/images/generations", json={"prompt": "p"}, headers=headers)
     assert resp.status_code == 401
     body = resp.json()
     assert body["error"]["type"] == "invalid_request_error"
     assert "sk-wrong" not in body["error"]["message"]  # the key is never echoed whole
 
 
-def test_gateway_header_and_explicit_nulls_are_accepted(stack: Stack) -> None:
+def test_gateway_header_and_explicit_nulls_are_accepted(service: Service) -> None:
     """Obiguard-style: key in x-obiguard-api-key, every optional field null."""
     body = {
         "prompt": "gateway",
@@ -120,11 +117,10 @@ def test_gateway_header_and_explicit_nulls_are_accepted(stack: Stack) -> None:
         "background": None,
         "moderation": None,
     }
-    resp = httpx.post(
-        f"{stack.base_url}/v1/images/generations",
+    resp = service.anonymous().post(
+        "/v1/images/generations",
         json=body,
-        timeout=60,
-        headers={"x-obiguard-api-key": stack.key_a},
+        headers={"x-obiguard-api-key": service.key_a},
     )
     assert resp.status_code == 200, resp.text
     data = resp.json()["data"]
@@ -132,9 +128,9 @@ def test_gateway_header_and_explicit_nulls_are_accepted(stack: Stack) -> None:
     assert data[0]["url"].startswith("http")
 
 
-def test_proxy_style_request_every_item_has_url(stack: Stack) -> None:
+def test_proxy_style_request_every_item_has_url(service: Service) -> None:
     """Atoma-style: model always given; in url mode every data[] item has a url."""
-    with stack.client() as client:
+    with service.client() as client:
         resp = client.post(
             "/v1/images/generations",
             json={

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -14,8 +15,11 @@ from tests.support.stack import Stack
 
 
 @pytest.fixture
-def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(api_key=stack.key_a, base_url=f"{stack.base_url}/v1", max_retries=0)
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        api_key=stack.key_a, base_url=f"{stack.base_url}/v1", max_retries=0
+    ) as client:
+        yield client
 
 
 @pytest.mark.parametrize(("fmt", "pil"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])

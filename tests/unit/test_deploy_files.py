@@ -12,7 +12,7 @@ import yaml
 
 from shared.core.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_compose_has_every_service_with_healthchecks_and_ordering() -> None:

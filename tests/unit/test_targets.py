@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.core.errors import UnsafeTarget
-from shared.core.errors import ErrorCode
+from shared.core.errors import ErrorCode, UnsafeTarget
 from shared.webhooks.targets import check_target
 
 # (URL, refused without the private-targets flag, refused even with it)

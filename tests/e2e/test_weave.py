@@ -113,7 +113,8 @@ def test_raw_body_without_content_type_and_basic_auth(stack: Stack, weave_key: s
         headers={"Authorization": basic(weave_key), "X-Weave-Retry-Id": "retry-1"},
     )
     req.headers.pop("Content-Type", None)
-    resp = httpx.Client(timeout=60).send(req)
+    with httpx.Client(timeout=60) as plain:
+        resp = plain.send(req)
     assert resp.status_code == 200, resp.text
     out = resp.json()
     assert out["weave_call_id"]

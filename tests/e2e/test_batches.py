@@ -8,7 +8,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -35,8 +35,21 @@ def line(custom_id: str, **body: Any) -> dict[str, Any]:
     }
 
 
+OPEN_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while OPEN_CLIENTS:
+        OPEN_CLIENTS.pop().close()
+
+
 def client_for(stack: Stack, key: str) -> openai.OpenAI:
-    return openai.OpenAI(api_key=key, base_url=f"{stack.base_url}/v1", max_retries=0)
+    """A client closed when the test ends."""
+    client = openai.OpenAI(api_key=key, base_url=f"{stack.base_url}/v1", max_retries=0)
+    OPEN_CLIENTS.append(client)
+    return client
 
 
 def start_batch(client: openai.OpenAI, name: str, lines: list[dict[str, Any]]) -> Any:

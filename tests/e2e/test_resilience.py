@@ -131,7 +131,11 @@ def test_database_down_answers_503_in_openai_shape(own_stack: Stack, tmp_path: P
 def test_sweeper_does_not_flood_a_queue_whose_messages_still_wait(stack: Stack) -> None:
     """Queued jobs older than the redelivery age are re-published only when their
     queue is empty (their message was lost), not while messages still wait."""
-    client = redis.Redis.from_url(stack.redis.url)
+    with redis.Redis.from_url(stack.redis.url) as client:
+        _sweeper_leaves_waiting_messages(stack, client)
+
+
+def _sweeper_leaves_waiting_messages(stack: Stack, client: redis.Redis) -> None:
     before = int(client.llen("parked"))
     with stack.client() as api:
         for i in range(2):

@@ -1,0 +1,72 @@
+"""The house rules, seen from outside: one transaction per request, heavy batch work
+enqueued, response schemas on every route, one error shape."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from shared.batches.models import Batch
+from shared.core.db import unit_of_work
+from tests.service.conftest import Service
+
+
+def count_batches() -> int:
+    with unit_of_work() as session:
+        return int(session.execute(sa.select(sa.func.count()).select_from(Batch)).scalar_one())
+
+
+def test_a_request_that_fails_after_a_write_leaves_nothing(service: Service) -> None:
+    """The native batch is flushed before its second line is refused: the request's
+    rollback takes the batch with it."""
+    before = count_batches()
+    resp = service.client().post(
+        "/v1/images/batches",
+        json={"requests": [{"prompt": "a", "custom_id": "x"}, {"prompt": "b", "custom_id": "x"}]},
+    )
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "requests.1.custom_id"
+    assert count_batches() == before
+
+
+def test_cancelling_a_batch_answers_at_once_and_the_worker_finalizes_it(
+    service: Service,
+) -> None:
+    client = service.client()
+    with service.paused():  # the lines stay pending until cancelled
+        batch = client.post(
+            "/v1/images/batches", json={"prompts": ["one", "two"], "size": "64x64"}
+        ).json()
+        cancelled = client.post(f"/v1/batches/{batch['id']}/cancel")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelling"  # finalizing is the worker's job
+    service.runner.run_once()
+    done = client.get(f"/v1/batches/{batch['id']}").json()
+    assert done["status"] == "cancelled"
+    assert done["request_counts"] == {"total": 2, "completed": 0, "failed": 2}
+    errors = client.get(f"/v1/files/{done['error_file_id']}/content").text.splitlines()
+    assert len(errors) == 2
+
+
+def test_every_json_route_declares_its_response_schema(service: Service) -> None:
+    spec = service.client().get("/openapi.json").json()
+    missing = []
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            ok = op["responses"].get("200", {}).get("content", {})
+            if "application/json" in ok and not ok["application/json"].get("schema"):
+                missing.append(f"{method.upper()} {path}")
+    assert missing == []
+    files = spec["paths"]["/v1/files"]["get"]["responses"]["200"]["content"]
+    assert files["application/json"]["schema"]["$ref"].endswith("ListPage_FileObject_")
+
+
+def test_errors_share_one_shape(service: Service) -> None:
+    client = service.client()
+    not_found = client.get("/v1/batches/batch_nope").json()["error"]
+    invalid = client.post("/v1/images/generations", json={"prompt": "p", "n": 99}).json()["error"]
+    anonymous = service.anonymous().get("/v1/images/jobs").json()["error"]
+    for body in (not_found, invalid, anonymous):
+        assert set(body) == {"message", "type", "param", "code"}
+    assert not_found["code"] == "not_found"
+    assert invalid["param"] == "n"
+    assert anonymous["code"] == "missing_api_key"
