@@ -1,5 +1,6 @@
-"""Response classes of the routes that answer something other than JSON, so the
-OpenAPI document names their real media type instead of an empty JSON body."""
+"""Responses of the routes that answer something other than JSON. (Their OpenAPI
+entries name the media type in ``responses``: as a route's ``response_class`` it
+would also move the JSON error answers under that media type.)"""
 
 from __future__ import annotations
 

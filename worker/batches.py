@@ -12,7 +12,7 @@ from shared.batches.pump import pump
 from shared.batches.results import finalizing_intent, start_finalizing, write_results
 from shared.batches.service import validate_batch
 from shared.core.db import unit_of_work
-from shared.core.events import publish_job_changed
+from shared.core.events import publish_changed
 from worker.throttle import Throttle
 
 
@@ -51,7 +51,7 @@ def refinalize(batch_id: str) -> None:
 
 
 def batch_tick(batch_id: str) -> None:
-    publish_job_changed(batch_id, "progress")  # the batch's event stream
+    publish_changed(batch_id, "progress")  # the batch's event stream
     pump_batch(batch_id)
 
 

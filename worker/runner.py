@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
-from shared.core.events import publish_job_changed
+from shared.core.events import publish_changed
 from shared.core.settings import get_settings
 from shared.jobs.models import JobStatus
 from worker.claim import claim
@@ -43,7 +43,7 @@ def run_jobs(job_ids: list[str]) -> dict[str, str]:
         LEASES.hold(job.id, token)
     for job in runnable:
         if job.batch_id is None:
-            publish_job_changed(job.id, JobStatus.running)
+            publish_changed(job.id, JobStatus.running)
     try:
         produced: list[Result | None] = [exhausted(job, limit) for job in spent]
         if len(runnable) == 1:
@@ -57,7 +57,7 @@ def run_jobs(job_ids: list[str]) -> dict[str, str]:
     for job in jobs:
         ended.setdefault(job.id, "discarded")
         if job.batch_id is None:
-            publish_job_changed(job.id, ended[job.id])
+            publish_changed(job.id, ended[job.id])
     return ended
 
 

@@ -10,7 +10,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import CurrentPrincipal, DbSession
-from api.responses import EventStream
 from api.routes.images import ERRORS
 from api.sse import Frame, event_stream
 from shared.batches.models import TERMINAL
@@ -110,13 +109,11 @@ def get_items(
 
 @router.get(
     "/v1/batches/{batch_id}/events",
-    response_class=EventStream,
-    responses=ERRORS,
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
 )
 @router.get(
     "/v1/images/batches/{batch_id}/events",
-    response_class=EventStream,
-    responses=ERRORS,
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
 )
 async def batch_events(
     batch_id: str, request: Request, principal: CurrentPrincipal

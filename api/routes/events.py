@@ -13,7 +13,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
-from api.responses import EventStream
 from api.routes.images import ERRORS
 from api.sse import Frame, event_stream
 from shared.core.db import unit_of_work
@@ -26,8 +25,7 @@ router = APIRouter(tags=["jobs"])
 
 @router.get(
     "/v1/images/jobs/{job_id}/events",
-    response_class=EventStream,
-    responses=ERRORS,
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
 )
 async def job_events(
     job_id: str,

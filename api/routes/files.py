@@ -81,7 +81,7 @@ def read_file(file_id: str, principal: CurrentPrincipal, session: DbSession) -> 
     return file_view(get_file(session, principal.project_id, file_id))
 
 
-@router.get("/{file_id}/content", response_class=JSONLinesFile, responses=ERRORS)
+@router.get("/{file_id}/content", responses={200: {"content": {"application/jsonl": {}}}, **ERRORS})
 def read_content(
     file_id: str, principal: CurrentPrincipal, session: DbSession, storage: StorageDep
 ) -> Response:

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from api.deps import StorageDep
-from api.responses import ImageFile
 from api.routes.images import ERRORS
 from shared.core.errors import NotFound
 from shared.core.storage import LocalStorage
@@ -17,7 +16,9 @@ from shared.imaging import CONTENT_TYPES
 router = APIRouter(tags=["files"])
 
 
-@router.get("/v1/images/files/{key:path}", response_class=ImageFile, responses=ERRORS)
+@router.get(
+    "/v1/images/files/{key:path}", responses={200: {"content": {"image/png": {}}}, **ERRORS}
+)
 def read_file(
     key: str,
     storage: StorageDep,

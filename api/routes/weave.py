@@ -188,8 +188,7 @@ def call_read(
 @router.post(
     "/calls/stream_query",
     summary="Calls Query Stream",
-    response_class=JSONLinesStream,
-    responses=WEAVE_ERRORS,
+    responses={200: {"content": {"application/jsonl": {}}}, **WEAVE_ERRORS},
 )
 def calls_stream_query(
     body: CallsQuery,

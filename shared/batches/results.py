@@ -17,7 +17,7 @@ from sqlmodel import Session, col
 from shared.batches.models import FINAL_STATUS, Batch, BatchStatus, ItemStatus
 from shared.batches.views import items_with_jobs, render_batch
 from shared.core.clock import utcnow
-from shared.core.events import publish_job_changed
+from shared.core.events import publish_changed
 from shared.core.outbox import after_commit
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
@@ -137,4 +137,4 @@ def write_results(session: Session, batch_id: str, final: BatchStatus) -> None:
     record_batch_event(
         session, batch, f"batch.{final}", render_batch(session, batch).model_dump(mode="json")
     )
-    after_commit(session, lambda: publish_job_changed(batch_id, final))
+    after_commit(session, lambda: publish_changed(batch_id, final))

@@ -31,7 +31,7 @@ from shared.batches.views import render_batch
 from shared.core.broker import publish_batch_pump, publish_batch_validation
 from shared.core.clock import utcnow
 from shared.core.errors import Conflict, InvalidRequest, InvalidValue, NotFound
-from shared.core.events import publish_job_changed
+from shared.core.events import publish_changed
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
 from shared.core.storage import get_storage
@@ -169,7 +169,7 @@ def validate_batch(session: Session, batch_id: str) -> bool:
         )
     else:
         _insert_items(session, batch, items)
-    after_commit(session, lambda: publish_job_changed(batch_id, "validated"))
+    after_commit(session, lambda: publish_changed(batch_id, "validated"))
     return not errors
 
 

@@ -1,4 +1,4 @@
-""" "Job changed" notifications over Redis pub/sub.
+"""Change notifications over Redis pub/sub: a job's status, a batch's progress.
 
 Only a hint that wakes waiters: the SQL row stays the truth, so a lost message
 delays a waiter (it re-reads the row on its fallback timer), it never misleads one.
@@ -26,11 +26,12 @@ def _client() -> redis.Redis | None:
     return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
 
 
-def publish_job_changed(job_id: str, status: str) -> None:
+def publish_changed(object_id: str, status: str) -> None:
+    """Wake whoever waits on ``object_id`` (a job or a batch: sync waits, SSE streams)."""
     client = _client()
     if client is None:
         return
     try:
-        client.publish(CHANNEL, json.dumps({"id": job_id, "status": status}))
+        client.publish(CHANNEL, json.dumps({"id": object_id, "status": status}))
     except redis.RedisError as exc:
-        log.warning("could not publish change of %s: %s", job_id, exc)
+        log.warning("could not publish change of %s: %s", object_id, exc)

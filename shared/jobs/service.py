@@ -18,7 +18,7 @@ from shared.core.errors import (
     Conflict,
     NotFound,
 )
-from shared.core.events import publish_job_changed
+from shared.core.events import publish_changed
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
 from shared.jobs.models import CANCELABLE, Image, Job, JobStatus
@@ -163,7 +163,7 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
     finish_call(session, job, output=None, exception="canceled", usage=None)
     record_job_event(session, job, [])
     after_commit(session, lambda: get_limiter().release_job(project_id, job.id))
-    after_commit(session, lambda: publish_job_changed(job.id, job.status))
+    after_commit(session, lambda: publish_changed(job.id, job.status))
     return job
 
 

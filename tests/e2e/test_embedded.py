@@ -115,7 +115,7 @@ def test_cli_generate_saves_images(dev_server: tuple[str, Path], tmp_path: Path)
     assert result.returncode == 0, result.stderr
     files = sorted(out.glob("*.png"))
     assert len(files) == 2
-    assert all(Image.open(f).size == (64, 64) for f in files)
+    assert all(image_size(f) == (64, 64) for f in files)
 
 
 def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_path: Path) -> None:
@@ -157,7 +157,7 @@ def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_pa
     assert downloaded.returncode == 0, downloaded.stderr
     names = sorted(p.name for p in out.glob("*.png"))
     assert names == ["request-1-0.png", "request-2-0.png", "request-3-0.png"]
-    assert all(Image.open(p).size == (64, 64) for p in out.glob("*.png"))
+    assert all(image_size(p) == (64, 64) for p in out.glob("*.png"))
     assert (out / f"{batch_id}_output.jsonl").read_text().count("\n") == 3
 
     jsonl = tmp_path / "in.jsonl"
@@ -218,3 +218,8 @@ def test_dev_killed_outright_leaves_no_worker_behind(
         wait_for(lambda: not imagegen_workers(cwd=home), 30, "the orphaned worker to exit")
     finally:
         proc.stop()
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size

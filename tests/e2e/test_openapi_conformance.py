@@ -7,8 +7,11 @@ that); the calls go over HTTP to the running stack.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 
@@ -24,18 +27,29 @@ schema = schemathesis.openapi.from_dict(create_app().openapi())
 # negative_data_rejection too: unknown query parameters are ignored by design (as
 # by most HTTP APIs and OpenAI's), and the key is added to every case here, so
 # its "no Authorization header" negatives are not what was sent; missing keys and
-# every invalid body are covered by tests/api/test_validation.py.
+# every invalid body are covered by tests/service/test_validation.py.
 EXCLUDED = [
     schemathesis.checks.positive_data_acceptance,
     schemathesis.checks.negative_data_rejection,
 ]
 
 
+@pytest.fixture(scope="module")
+def http() -> Iterator[requests.Session]:
+    """One connection pool for every case, closed at the end (schemathesis would
+    otherwise open a session per call and leave its sockets to the collector)."""
+    with requests.Session() as session:
+        yield session
+
+
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-def test_api_conforms_to_its_openapi_document(case: schemathesis.Case[Any], stack: Stack) -> None:
+def test_api_conforms_to_its_openapi_document(
+    case: schemathesis.Case[Any], stack: Stack, http: requests.Session
+) -> None:
     case.call_and_validate(
         base_url=stack.base_url,
+        session=http,
         headers={"Authorization": f"Bearer {stack.key_a}"},
         timeout=60,
         excluded_checks=EXCLUDED,

@@ -53,7 +53,9 @@ def test_every_json_route_declares_its_response_schema(service: Service) -> None
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
             ok = op["responses"].get("200", {}).get("content", {})
-            if "application/json" in ok and not ok["application/json"].get("schema"):
+            if set(ok) != {"application/json"}:
+                continue  # a stream or a file: its media type is documented instead
+            if not ok["application/json"].get("schema"):
                 missing.append(f"{method.upper()} {path}")
     assert missing == []
     files = spec["paths"]["/v1/files"]["get"]["responses"]["200"]["content"]
