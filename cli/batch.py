@@ -20,6 +20,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from cli.client import resolve_key
+
 batch_app = typer.Typer(
     help="Bulk generation: submit, follow and download batches.", no_args_is_help=True
 )
@@ -31,7 +33,6 @@ KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="IMAGEGEN_API_KE
 
 
 def _client(base_url: str, api_key: str | None) -> httpx.Client:
-    from cli.main import resolve_key
 
     return httpx.Client(
         base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {resolve_key(api_key)}"}

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import httpx
 import typer
 from rich.console import Console
+
+console = Console(stderr=True)
 
 
 def follow(client: httpx.Client, job_id: str, console: Console) -> dict[str, Any]:
@@ -71,3 +74,15 @@ def generate_images(
             path.write_bytes(data)
             paths.append(path)
         return paths
+
+
+def resolve_key(api_key: str | None) -> str:
+    """--api-key, IMAGEGEN_API_KEY, IMAGEGEN_DEV_API_KEY, or the dev server's key file."""
+    key = api_key or os.environ.get("IMAGEGEN_DEV_API_KEY")
+    if not key:
+        key_file = Path(os.environ.get("IMAGEGEN_DATA_DIR", ".imagegen")) / "dev_api_key"
+        key = key_file.read_text().strip() if key_file.exists() else None
+    if not key:
+        console.print("[red]no API key: pass --api-key or set IMAGEGEN_API_KEY[/red]")
+        raise typer.Exit(2)
+    return key

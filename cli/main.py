@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -15,6 +14,7 @@ import typer
 from rich.console import Console
 
 from cli.batch import batch_app
+from cli.client import resolve_key
 
 app = typer.Typer(
     help="imagegen: image generation with an OpenAI-compatible API.",
@@ -295,18 +295,6 @@ def generate(
     for path in paths:
         print(path)
     console.print(f"[green]{len(paths)} image(s) in {time.monotonic() - started:.1f}s[/green]")
-
-
-def resolve_key(api_key: str | None) -> str:
-    """--api-key, IMAGEGEN_API_KEY, IMAGEGEN_DEV_API_KEY, or the dev server's key file."""
-    key = api_key or os.environ.get("IMAGEGEN_DEV_API_KEY")
-    if not key:
-        key_file = Path(os.environ.get("IMAGEGEN_DATA_DIR", ".imagegen")) / "dev_api_key"
-        key = key_file.read_text().strip() if key_file.exists() else None
-    if not key:
-        console.print("[red]no API key: pass --api-key or set IMAGEGEN_API_KEY[/red]")
-        raise typer.Exit(2)
-    return key
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from shared.core.errors import Conflict, InvalidRequest, InvalidValue, NotFound
 from shared.core.events import publish_changed
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
+from shared.core.pages import newest_first
 from shared.core.storage import get_storage
 from shared.files.models import File
 from shared.files.service import get_file
@@ -214,7 +215,4 @@ def list_batches(
     session: Session, project_id: str, *, limit: int, after: str | None
 ) -> tuple[list[Batch], bool]:
     query = select(Batch).where(col(Batch.project_id) == project_id)
-    if after is not None:
-        query = query.where(col(Batch.id) < after)
-    rows = list(session.exec(query.order_by(col(Batch.id).desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first(session, query, col(Batch.id), limit=limit, after=after)

@@ -9,6 +9,7 @@ from sqlmodel import Session, col, select
 from shared.core.clock import utcnow
 from shared.core.errors import InvalidRequest, NotFound
 from shared.core.ids import new_id
+from shared.core.pages import newest_first
 from shared.core.storage import Storage
 from shared.files.models import File
 
@@ -74,10 +75,7 @@ def list_files(
     query = select(File).where(col(File.project_id) == project_id, col(File.deleted_at).is_(None))
     if purpose is not None:
         query = query.where(col(File.purpose) == purpose)
-    if after is not None:
-        query = query.where(col(File.id) < after)
-    rows = list(session.exec(query.order_by(col(File.id).desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first(session, query, col(File.id), limit=limit, after=after)
 
 
 def delete_file(session: Session, project_id: str, file_id: str) -> File:

@@ -21,6 +21,7 @@ from shared.core.errors import (
 from shared.core.events import publish_changed
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
+from shared.core.pages import newest_first
 from shared.jobs.models import CANCELABLE, Image, Job, JobStatus
 from shared.jobs.schemas import GenerationParams
 from shared.projects.limits import get_limiter
@@ -132,11 +133,7 @@ def list_jobs(
     query = select(Job).where(Job.project_id == project_id)
     if status is not None:
         query = query.where(col(Job.status) == status)
-    if after is not None:
-        # Ids are UUIDv7: newest-first order is descending id order.
-        query = query.where(col(Job.id) < after)
-    rows = list(session.exec(query.order_by(col(Job.id).desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first(session, query, col(Job.id), limit=limit, after=after)
 
 
 def cancel_job(session: Session, project_id: str, job_id: str) -> Job:

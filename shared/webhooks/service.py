@@ -19,6 +19,7 @@ from shared.core.broker import publish_deliveries
 from shared.core.clock import utcnow
 from shared.core.errors import InvalidRequest, NotFound, UnresolvableTarget, UnsafeTarget
 from shared.core.outbox import after_commit
+from shared.core.pages import newest_first
 from shared.core.settings import get_settings
 from shared.projects.models import Project
 from shared.webhooks.models import ALL_EVENTS, WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -137,10 +138,7 @@ def list_deliveries(
         query = query.where(col(WebhookDelivery.endpoint_id) == endpoint_id)
     if status is not None:
         query = query.where(col(WebhookDelivery.status) == status)
-    if after is not None:
-        query = query.where(col(WebhookDelivery.id) < after)
-    rows = list(session.exec(query.order_by(col(WebhookDelivery.id).desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first(session, query, col(WebhookDelivery.id), limit=limit, after=after)
 
 
 def delivery_attempts(session: Session, delivery_id: str) -> list[WebhookAttempt]:

@@ -8,7 +8,8 @@ What needs real processes (Celery, Redis, PostgreSQL, S3, crashes) is in e2e."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,17 @@ class Service:
             yield
         finally:
             self.runner = InProcessRunner().start()
+
+    def wait_for(
+        self, path: str, done: Callable[[dict[str, Any]], bool], timeout: float = 15
+    ) -> dict[str, Any]:
+        """GET ``path`` until ``done(body)`` holds (the runner works in the background)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            body: dict[str, Any] = self.client().get(path).json()
+            if done(body) or time.monotonic() > deadline:
+                return body
+            time.sleep(0.02)
 
     def anonymous(self) -> TestClient:
         return TestClient(self.app, base_url=BASE_URL)

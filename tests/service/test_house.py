@@ -39,8 +39,7 @@ def test_cancelling_a_batch_answers_at_once_and_the_worker_finalizes_it(
         cancelled = client.post(f"/v1/batches/{batch['id']}/cancel")
     assert cancelled.status_code == 200
     assert cancelled.json()["status"] == "cancelling"  # finalizing is the worker's job
-    service.runner.run_once()
-    done = client.get(f"/v1/batches/{batch['id']}").json()
+    done = service.wait_for(f"/v1/batches/{batch['id']}", lambda b: b["status"] == "cancelled")
     assert done["status"] == "cancelled"
     assert done["request_counts"] == {"total": 2, "completed": 0, "failed": 2}
     errors = client.get(f"/v1/files/{done['error_file_id']}/content").text.splitlines()
