@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from weave.trace_server_bindings.remote_http_trace_server import RemoteHTTPTraceServer
+from weave.utils import http_requests
 
 from tests.support.stack import Stack
 
@@ -22,10 +24,14 @@ def weave_key(stack: Stack) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(stack: Stack, weave_key: str) -> RemoteHTTPTraceServer:
+def server(stack: Stack, weave_key: str) -> Iterator[RemoteHTTPTraceServer]:
     srv = RemoteHTTPTraceServer(stack.base_url)
     srv.set_auth(("api", weave_key))
-    return srv
+    yield srv
+    # The weave client keeps one process-wide connection pool (functools.cache);
+    # close it with this module so no socket outlives the stack it talked to.
+    http_requests._get_client().close()
+    http_requests._build_client.cache_clear()
 
 
 def basic(key: str) -> str:
