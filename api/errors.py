@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
@@ -22,12 +21,12 @@ from shared.core.errors import (
     ErrorCode,
     ImagegenError,
     InternalError,
-    InvalidRequest,
     InvalidValue,
     ServiceUnavailable,
     StorageUnavailable,
     UpstreamError,
     render,
+    schema_error,
 )
 
 log = logging.getLogger(__name__)
@@ -77,11 +76,6 @@ def _respond(request: Request, err: ImagegenError) -> JSONResponse:
     return weave_error(err.status_code, render(err).message, retry)
 
 
-def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or None
-
-
 async def _imagegen_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImagegenError)
     if isinstance(exc, InternalError):
@@ -112,30 +106,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if is_weave(request):
         return await request_validation_exception_handler(request, exc)
     errors = exc.errors()
-    err = errors[0] if errors else {"loc": (), "msg": "Invalid request", "type": "invalid"}
-    param = _param(tuple(err.get("loc", ())))
-    if err.get("type") == "json_invalid":
-        return error_response(
-            InvalidRequest(
-                "We could not parse the JSON body of your request.", code=ErrorCode.invalid_json
-            )
-        )
-    if err.get("type") == "missing":
-        if param is None:
-            return error_response(
-                InvalidRequest(
-                    "The request body must be a JSON object.", code=ErrorCode.invalid_request
-                )
-            )
-        return error_response(
-            InvalidRequest(
-                f"Missing required parameter: '{param}'.",
-                param=param,
-                code=ErrorCode.missing_required_parameter,
-            )
-        )
-    message = f"Invalid value for '{param}': {err.get('msg')}." if param else str(err.get("msg"))
-    return error_response(InvalidValue(message, param=param))
+    return error_response(schema_error(errors[0] if errors else {}))
 
 
 def _allowed_methods(request: Request) -> str:

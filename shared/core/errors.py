@@ -14,7 +14,9 @@ batch output lines and the Weave surface's ``detail`` all come from it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -198,6 +200,31 @@ class UpstreamError(ClientError):
     def __init__(self, message: str, *, code: str | None = None, status: int = 502) -> None:
         super().__init__(message, code=code)
         self.status_code = status
+
+
+def schema_error(error: Mapping[str, Any]) -> InvalidRequest:
+    """A schema error (pydantic's, the first of a request) as the request's 400,
+    naming the offending ``param``: the one mapping for FastAPI's request
+    validation and for bodies validated later (batch lines, Weave inputs)."""
+    loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    kind = error.get("type")
+    if kind == "json_invalid":
+        return InvalidRequest(
+            "We could not parse the JSON body of your request.", code=ErrorCode.invalid_json
+        )
+    if kind == "missing":
+        if param is None:
+            return InvalidRequest(
+                "The request body must be a JSON object.", code=ErrorCode.invalid_request
+            )
+        return InvalidRequest(
+            f"Missing required parameter: '{param}'.",
+            param=param,
+            code=ErrorCode.missing_required_parameter,
+        )
+    msg = error.get("msg", "Invalid request")
+    return InvalidValue(f"Invalid value for '{param}': {msg}." if param else str(msg), param=param)
 
 
 # --- internal errors: conditions inside the service ----------------------------------

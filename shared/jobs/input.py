@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shared.core.errors import InvalidRequest
+from shared.core.errors import InvalidRequest, schema_error
 from shared.jobs.schemas import GenerationParams, ImageGenerationRequest
 from shared.registry import Registry, parse_size
 
@@ -17,13 +17,7 @@ def parse_request(body: Any) -> ImageGenerationRequest:
     try:
         return ImageGenerationRequest.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        if err["type"] == "missing":
-            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param) from None
-        raise InvalidRequest(
-            f"Invalid value for '{param}': {err['msg']}.", param=param, code="invalid_value"
-        ) from None
+        raise schema_error(exc.errors()[0]) from None
 
 
 def _choice(

@@ -29,7 +29,7 @@ def test_defaults_are_filled_in_from_the_model() -> None:
 @pytest.mark.parametrize(
     ("body", "param", "code"),
     [
-        ({}, "prompt", None),
+        ({}, "prompt", "missing_required_parameter"),
         ({"prompt": "  "}, "prompt", "invalid_value"),
         ({"prompt": "p", "n": 11}, "n", "invalid_value"),
         ({"prompt": "p", "size": "3x3"}, "size", "invalid_value"),
