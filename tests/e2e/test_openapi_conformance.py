@@ -1,5 +1,5 @@
 """Schemathesis against the service's own OpenAPI document: no 5xx, no response
-that contradicts the document. Examples are bounded to keep the suite fast.
+that contradicts the document. Examples are bounded (15 per operation) to keep the suite fast.
 
 The document is taken from the app object at import (no server is needed for
 that); the calls go over HTTP to the running stack.
@@ -43,7 +43,7 @@ def http() -> Iterator[requests.Session]:
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_openapi_document(
     case: schemathesis.Case[Any], stack: Stack, http: requests.Session
 ) -> None:

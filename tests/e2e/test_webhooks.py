@@ -224,9 +224,10 @@ def test_rotated_secret_signs_the_next_deliveries(hstack: Stack) -> None:
     assert verify(rotated["secret"], request)["type"] == "job.succeeded"
 
 
-@pytest.fixture
-def strict_api(hstack: Stack, tmp_path: Path) -> Iterator[str]:
-    """An API process with the default: private targets refused."""
+@pytest.fixture(scope="module")
+def strict_api(hstack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An API process with the default: private targets refused (one for the module)."""
+    tmp_path = tmp_path_factory.mktemp("strict-api")
     port = free_port()
     env = {
         **hstack.env,
