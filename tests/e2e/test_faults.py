@@ -167,10 +167,13 @@ def test_faults_under_load_lose_duplicate_and_repeat_nothing(
         aws_secret_access_key="testing",
     )
     stored: set[str] = set()
-    for page in s3_client.get_paginator("list_objects_v2").paginate(
-        Bucket=stack.env["IMAGEGEN_S3_BUCKET"]
-    ):
-        stored |= {obj["Key"] for obj in page.get("Contents", [])}
+    try:
+        for page in s3_client.get_paginator("list_objects_v2").paginate(
+            Bucket=stack.env["IMAGEGEN_S3_BUCKET"]
+        ):
+            stored |= {obj["Key"] for obj in page.get("Contents", [])}
+    finally:
+        s3_client.close()
     failures = []
     for job_id, (prompt, n) in accepted.items():
         _id, status, attempts, error = jobs[job_id]

@@ -196,7 +196,10 @@ class Stack:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
-        s3.create_bucket(Bucket=self.env["IMAGEGEN_S3_BUCKET"])
+        try:
+            s3.create_bucket(Bucket=self.env["IMAGEGEN_S3_BUCKET"])
+        finally:
+            s3.close()  # its keep-alive connection would outlive the test
 
     def create_key(self, project: str, user: str = "") -> str:
         args = ["keys", "create", "--project", project] + (["--user", user] if user else [])
