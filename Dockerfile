@@ -4,6 +4,7 @@ COPY pyproject.toml README.md ./
 COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
+COPY cli ./cli
 COPY migrations ./migrations
 RUN pip install --no-cache-dir . && useradd --create-home imagegen
 USER imagegen

@@ -6,6 +6,7 @@ Docker cannot run here; this checks the file parses and is wired as documented.
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -61,3 +62,15 @@ def test_readme_commands_match_ci() -> None:
     assert "bash scripts/test" in readme
     assert "bash scripts/test" in ci
     assert "imagegen dev" in readme
+
+
+def test_the_image_copies_every_package_it_installs() -> None:
+    """The Dockerfile copies each top-level package pyproject installs (a missing one
+    builds fine and fails at `imagegen` start)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = [
+        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    ]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    missing = [p for p in packages if f"COPY {p} ./{p}" not in dockerfile]
+    assert missing == []
