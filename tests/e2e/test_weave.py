@@ -28,8 +28,9 @@ def server(stack: Stack, weave_key: str) -> Iterator[RemoteHTTPTraceServer]:
     srv = RemoteHTTPTraceServer(stack.base_url)
     srv.set_auth(("api", weave_key))
     yield srv
-    # The weave client keeps one process-wide connection pool (functools.cache);
-    # close it with this module so no socket outlives the stack it talked to.
+    # The weave client keeps its SDK client and one process-wide connection pool
+    # (functools.cache); close both with this module so no socket outlives the stack.
+    srv._stainless_client.close()
     http_requests._get_client().close()
     http_requests._build_client.cache_clear()
 

@@ -127,7 +127,7 @@ class Service:
         return TestClient(self.app, base_url=BASE_URL)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     home: Path = tmp_path_factory.mktemp("service")
     models_file = home / "models.yaml"

@@ -1,0 +1,17 @@
+"""e2e fixtures: the shared stack lives in tests/conftest.py."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_at_module_end() -> Iterator[None]:
+    """A client left open (an unclosed socket is a ResourceWarning, an error here)
+    fails in the module that leaked it, not in whichever later test the garbage
+    collector happens to run in."""
+    yield
+    gc.collect()
