@@ -1,0 +1,210 @@
+"""imagegen against LiteLLM's proxy, side by side, run by hand (issue 11's table):
+
+    python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'
+    .venv/bin/python -m bench.bench_proxy --litellm /tmp/litellm-venv/bin/litellm
+
+Both serve sync ``b64_json`` 256x256 requests in front of the same fake
+OpenAI-compatible upstream (instant answers). imagegen runs its full stack (Redis,
+PostgreSQL, moto's S3 server, ``imagegen api`` and ``imagegen worker``); LiteLLM
+runs its proxy alone. Rounds alternate (imagegen, LiteLLM, imagegen, ...) and the
+figures are medians over rounds: throughput at concurrency 32, p50 at concurrency
+1, and CPU per request of each side's own processes (imagegen: api + worker and
+its consumers; LiteLLM: the proxy), from /proc. Quote medians and ratios from one
+run: these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import yaml
+from moto.server import ThreadedMotoServer
+
+from bench.bench_core import BENCH_ENV
+from tests.support.fake_upstream import EXPECTED_KEY
+from tests.support.processes import free_port, wait_http
+from tests.support.stack import Stack
+
+TICKS = os.sysconf("SC_CLK_TCK")
+LITELLM_KEY = "sk-bench-" + "0" * 32
+BODY = {
+    "model": "fake-fast",
+    "prompt": "bench proxy",
+    "size": "256x256",
+    "response_format": "b64_json",
+}
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def cpu_seconds(root: int) -> float:
+    """User + system CPU of a process and all its descendants (live ones)."""
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+        todo += _children(pid)
+    return total
+
+
+def load(base_url: str, key: str, concurrency: int, requests: int) -> tuple[float, float]:
+    """(requests per second, p50 seconds) for ``requests`` sync generations."""
+    latencies: list[float] = []
+    with httpx.Client(
+        base_url=base_url,
+        timeout=120,
+        headers={"Authorization": f"Bearer {key}"},
+        limits=httpx.Limits(max_connections=concurrency * 2),
+    ) as client:
+
+        def one(_: int) -> None:
+            started = time.perf_counter()
+            resp = client.post("/v1/images/generations", json=BODY)
+            assert resp.status_code == 200, resp.text
+            assert len(resp.json()["data"]) == 1
+            latencies.append(time.perf_counter() - started)
+
+        for i in range(5):  # warm-up
+            one(i)
+        latencies.clear()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(requests)))
+        elapsed = time.perf_counter() - started
+    return requests / elapsed, statistics.median(latencies)
+
+
+def measure(base_url: str, key: str, pids: list[int], requests: int) -> dict[str, float]:
+    _, p50 = load(base_url, key, 1, max(50, requests // 8))
+    before = sum(cpu_seconds(pid) for pid in pids)
+    rps, _ = load(base_url, key, 32, requests)
+    used = sum(cpu_seconds(pid) for pid in pids) - before
+    return {"rps": rps, "p50_ms": p50 * 1000, "cpu_ms": used / requests * 1000}
+
+
+def start_litellm(
+    binary: str, upstream_url: str, workdir: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    config = {
+        "model_list": [
+            {
+                "model_name": "fake-fast",
+                "litellm_params": {
+                    "model": "openai/fake-fast",
+                    "api_base": upstream_url,
+                    "api_key": EXPECTED_KEY,
+                },
+            }
+        ],
+        "litellm_settings": {"drop_params": True},
+        # Authenticated as imagegen is (a master key: no database behind it).
+        "general_settings": {"master_key": LITELLM_KEY},
+    }
+    path = workdir / "litellm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (workdir / "litellm.log").open("ab")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--config",
+            str(path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/health/liveliness", timeout=120)
+    return proc, base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--litellm", required=True, help="the litellm proxy executable")
+    parser.add_argument("--requests", type=int, default=640, help="per round at concurrency 32")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+    workdir = Path(tempfile.mkdtemp(prefix="imagegen-proxy-bench-"))
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    (workdir / "stack").mkdir()
+    stack = Stack(
+        workdir / "stack", f"http://127.0.0.1:{port}", worker_env=BENCH_ENV, api_env=BENCH_ENV
+    )
+    litellm, litellm_url = start_litellm(args.litellm, stack.upstream.base_url, workdir)
+    try:
+        assert stack.api.proc is not None
+        assert stack.worker is not None
+        assert stack.worker.proc is not None
+        ours = [stack.api.proc.pid, stack.worker.proc.pid]
+        results: dict[str, list[dict[str, float]]] = {"imagegen": [], "litellm": []}
+        for round_ in range(args.rounds):
+            results["imagegen"].append(measure(stack.base_url, stack.key_a, ours, args.requests))
+            results["litellm"].append(
+                measure(litellm_url, LITELLM_KEY, [litellm.pid], args.requests)
+            )
+            print(
+                f"round {round_ + 1}: imagegen {results['imagegen'][-1]}, "
+                f"litellm {results['litellm'][-1]}",
+                flush=True,
+            )
+        med = {
+            side: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+            for side, rounds in results.items()
+        }
+        i, lite = med["imagegen"], med["litellm"]
+        print("\n| | imagegen | LiteLLM proxy | ratio |\n|---|---|---|---|")
+        print(
+            f"| throughput at concurrency 32 | {i['rps']:.0f} rps | {lite['rps']:.0f} rps "
+            f"| {i['rps'] / lite['rps']:.2f}x |"
+        )
+        print(
+            f"| p50 at concurrency 1 | {i['p50_ms']:.1f} ms | {lite['p50_ms']:.1f} ms "
+            f"| {i['p50_ms'] / lite['p50_ms']:.2f}x |"
+        )
+        print(
+            f"| CPU per request (own processes) | {i['cpu_ms']:.1f} ms | "
+            f"{lite['cpu_ms']:.1f} ms | {i['cpu_ms'] / lite['cpu_ms']:.2f}x |"
+        )
+    finally:
+        litellm.terminate()
+        litellm.wait(30)
+        stack.close()
+        moto.stop()
+
+
+if __name__ == "__main__":
+    main()
