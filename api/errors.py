@@ -53,11 +53,16 @@ def weave_validation_error(param: str | None, message: str) -> JSONResponse:
     )
 
 
+def _retry_after(err: ImagegenError) -> float | None:
+    """Seconds to wait before trying again: the error's own, or 5 for any 429/503."""
+    if err.retry_after is None and err.status_code in (429, 503):
+        return 5.0
+    return err.retry_after
+
+
 def error_response(err: ImagegenError) -> JSONResponse:
     """OpenAI's error shape, from the one renderer (``shared.core.errors.render``)."""
-    retry = err.retry_after
-    if err.status_code in (429, 503) and retry is None:
-        retry = 5.0
+    retry = _retry_after(err)
     headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else {}
     return JSONResponse(
         {"error": render(err).model_dump()}, status_code=err.status_code, headers=headers
@@ -70,10 +75,7 @@ def _respond(request: Request, err: ImagegenError) -> JSONResponse:
         return error_response(err)
     if isinstance(err, InvalidValue):
         return weave_validation_error(err.param, err.message)
-    retry = err.retry_after
-    if err.status_code in (429, 503) and retry is None:
-        retry = 5.0
-    return weave_error(err.status_code, render(err).message, retry)
+    return weave_error(err.status_code, render(err).message, _retry_after(err))
 
 
 async def _imagegen_error(request: Request, exc: Exception) -> JSONResponse:
@@ -93,8 +95,7 @@ async def _imagegen_error(request: Request, exc: Exception) -> JSONResponse:
 def _client_error(
     status: int, message: str, code: str | None, param: str | None = None
 ) -> ClientError:
-    err = ClientError(message, param=param, code=code)
-    err.status_code = status
+    err = ClientError(message, param=param, code=code, status=status)
     err.error_type = "invalid_request_error" if status < 500 else "server_error"
     return err
 

@@ -58,8 +58,10 @@ class UploadLimit:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    err = InvalidRequest(str(_too_large(limit).detail), param="file", code=ErrorCode.file_too_large)
-    err.status_code = 413
-    response = error_response(err)
+    response = error_response(
+        InvalidRequest(
+            str(_too_large(limit).detail), param="file", code=ErrorCode.file_too_large, status=413
+        )
+    )
     response.headers["connection"] = "close"  # the unread body is not drained
     await response(scope, receive, send)

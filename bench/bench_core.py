@@ -42,18 +42,23 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def sync_load(stack: Stack, concurrency: int, requests: int) -> dict[str, float]:
-    body = {
-        "model": "fake-fast",
-        "prompt": "bench sync",
-        "size": "64x64",
-        "response_format": "b64_json",
-    }
+SYNC_BODY = {
+    "model": "fake-fast",
+    "prompt": "bench sync",
+    "size": "64x64",
+    "response_format": "b64_json",
+}
+
+
+def sync_load(
+    base_url: str, key: str, concurrency: int, requests: int, body: dict[str, str] = SYNC_BODY
+) -> dict[str, float]:
+    """Throughput and latency of ``requests`` sync generations at ``concurrency``."""
     latencies: list[float] = []
     with httpx.Client(
-        base_url=stack.base_url,
+        base_url=base_url,
         timeout=120,
-        headers={"Authorization": f"Bearer {stack.key_a}"},
+        headers={"Authorization": f"Bearer {key}"},
         limits=httpx.Limits(max_connections=concurrency * 2),
     ) as client:
 
@@ -161,7 +166,12 @@ def main() -> None:
     try:
         print("(a) sync b64_json, instant upstream, 64x64")
         for concurrency in (1, 32):
-            r = sync_load(stack, concurrency, args.sync_requests if concurrency > 1 else 100)
+            r = sync_load(
+                stack.base_url,
+                stack.key_a,
+                concurrency,
+                args.sync_requests if concurrency > 1 else 100,
+            )
             print(
                 f"    concurrency {concurrency:>2}: {r['rps']:7.1f} req/s  "
                 f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms"

@@ -21,15 +21,12 @@ import os
 import statistics
 import subprocess
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import yaml
 from moto.server import ThreadedMotoServer
 
-from bench.bench_core import BENCH_ENV
+from bench.bench_core import BENCH_ENV, sync_load
 from tests.support.fake_upstream import EXPECTED_KEY
 from tests.support.processes import free_port, wait_http
 from tests.support.stack import Stack
@@ -71,39 +68,12 @@ def cpu_seconds(root: int) -> float:
     return total
 
 
-def load(base_url: str, key: str, concurrency: int, requests: int) -> tuple[float, float]:
-    """(requests per second, p50 seconds) for ``requests`` sync generations."""
-    latencies: list[float] = []
-    with httpx.Client(
-        base_url=base_url,
-        timeout=120,
-        headers={"Authorization": f"Bearer {key}"},
-        limits=httpx.Limits(max_connections=concurrency * 2),
-    ) as client:
-
-        def one(_: int) -> None:
-            started = time.perf_counter()
-            resp = client.post("/v1/images/generations", json=BODY)
-            assert resp.status_code == 200, resp.text
-            assert len(resp.json()["data"]) == 1
-            latencies.append(time.perf_counter() - started)
-
-        for i in range(5):  # warm-up
-            one(i)
-        latencies.clear()
-        started = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(one, range(requests)))
-        elapsed = time.perf_counter() - started
-    return requests / elapsed, statistics.median(latencies)
-
-
 def measure(base_url: str, key: str, pids: list[int], requests: int) -> dict[str, float]:
-    _, p50 = load(base_url, key, 1, max(50, requests // 8))
+    p50_ms = sync_load(base_url, key, 1, max(50, requests // 8), BODY)["p50_ms"]
     before = sum(cpu_seconds(pid) for pid in pids)
-    rps, _ = load(base_url, key, 32, requests)
+    rps = sync_load(base_url, key, 32, requests, BODY)["rps"]
     used = sum(cpu_seconds(pid) for pid in pids) - before
-    return {"rps": rps, "p50_ms": p50 * 1000, "cpu_ms": used / requests * 1000}
+    return {"rps": rps, "p50_ms": p50_ms, "cpu_ms": used / requests * 1000}
 
 
 def start_litellm(

@@ -66,8 +66,8 @@ class ModelSpec(BaseModel):
     def default_size(self) -> str:
         return self.capabilities.default_size or self.capabilities.sizes[0]
 
-    @property
     # Images one upstream call makes; above it the worker fans out in parallel calls.
+    @property
     def images_per_call(self) -> int:
         return self.capabilities.upstream_max_n or self.capabilities.max_n
 

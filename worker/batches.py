@@ -8,6 +8,11 @@ runs in a request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from sqlmodel import Session
+
+from shared.batches.models import BatchStatus
 from shared.batches.pump import pump
 from shared.batches.results import finalizing_intent, start_finalizing, write_results
 from shared.batches.service import validate_batch
@@ -34,17 +39,19 @@ def pump_batch(batch_id: str) -> int:
 
 def finalize(batch_id: str) -> None:
     """Guarded: of several finalizers, one writes the files."""
-    with unit_of_work() as session:
-        final = start_finalizing(session, batch_id)
-    if final is not None:
-        with unit_of_work() as session:
-            write_results(session, batch_id, final)
+    _finalize(batch_id, start_finalizing)
 
 
 def refinalize(batch_id: str) -> None:
     """A finalizer died half-way (the sweeper noticed): write the files again."""
+    _finalize(batch_id, finalizing_intent)
+
+
+def _finalize(batch_id: str, decide: Callable[[Session, str], BatchStatus | None]) -> None:
+    """``decide`` (in its own transaction) the status the batch ends in, if any;
+    then write its files and that status (in another)."""
     with unit_of_work() as session:
-        final = finalizing_intent(session, batch_id)
+        final = decide(session, batch_id)
     if final is not None:
         with unit_of_work() as session:
             write_results(session, batch_id, final)

@@ -10,7 +10,6 @@ from fastapi.responses import Response
 
 from api.deps import CurrentPrincipal, DbSession, StorageDep
 from api.input_guard import check_text
-from api.responses import JSONLinesFile
 from api.routes.images import ERRORS
 from shared.core.errors import InvalidRequest, InvalidValue
 from shared.core.schemas import Deleted, ListPage
@@ -86,7 +85,7 @@ def read_content(
     file_id: str, principal: CurrentPrincipal, session: DbSession, storage: StorageDep
 ) -> Response:
     file = get_file(session, principal.project_id, file_id)
-    return JSONLinesFile(storage.get(file.storage_key))
+    return Response(storage.get(file.storage_key), media_type="application/jsonl")
 
 
 @router.delete("/{file_id}", response_model=Deleted, responses=ERRORS)

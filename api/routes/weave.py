@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from api.deps import BaseUrl, DbSession, SettingsDep, StorageDep, WeavePrincipal
 from api.generation import submit
-from api.responses import JSONLinesStream
 from shared.core.db import unit_of_work
 from shared.core.errors import Forbidden, ImagegenError
 from shared.jobs.input import parse_request, validate_generation
@@ -215,7 +214,7 @@ def calls_stream_query(
                     settings.url_expiry_seconds,
                 )
 
-    return JSONLinesStream(jsonl(rows()))
+    return StreamingResponse(jsonl(rows()), media_type="application/jsonl")
 
 
 @router.post(

@@ -34,7 +34,7 @@ from shared.core.errors import Conflict, InvalidRequest, InvalidValue, NotFound
 from shared.core.events import publish_changed
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
-from shared.core.pages import newest_first
+from shared.core.pages import newest_first, owned
 from shared.core.storage import get_storage
 from shared.files.models import File
 from shared.files.service import get_file
@@ -183,7 +183,7 @@ def cancel_batch(session: Session, project_id: str, batch_id: str) -> Batch:
     batch = get_batch(session, project_id, batch_id)
     if batch.status in (BatchStatus.cancelling, BatchStatus.cancelled):
         return batch
-    if BatchStatus.cancelling not in _moves(batch.status):
+    if BatchStatus.cancelling not in BATCH_TRANSITIONS[BatchStatus(batch.status)]:
         raise Conflict(
             f"Batch '{batch_id}' is {batch.status} and cannot be cancelled.", param="batch_id"
         )
@@ -195,20 +195,17 @@ def cancel_batch(session: Session, project_id: str, batch_id: str) -> Batch:
     return batch
 
 
-def _moves(status: str) -> tuple[BatchStatus, ...]:
-    return BATCH_TRANSITIONS[BatchStatus(status)]
-
-
 # --- reading -----------------------------------------------------------------------
 
 
 def get_batch(session: Session, project_id: str, batch_id: str) -> Batch:
-    batch = session.exec(
-        select(Batch).where(col(Batch.id) == batch_id, col(Batch.project_id) == project_id)
-    ).first()
-    if batch is None:
-        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
-    return batch
+    return owned(
+        session,
+        Batch,
+        project_id,
+        batch_id,
+        NotFound(f"No batch found with id '{batch_id}'.", param="batch_id"),
+    )
 
 
 def list_batches(

@@ -99,12 +99,17 @@ class ImagegenError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        status: int | None = None,
     ) -> None:
+        """``status`` overrides the class's HTTP status for this one error (a job's
+        timeout answers 504, an oversize upload 413)."""
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if status is not None:
+            self.status_code = status
         self.retry_after = retry_after
 
 
@@ -196,10 +201,6 @@ class UpstreamError(ClientError):
     status_code = 502
     error_type = "server_error"
     code = ErrorCode.upstream_error
-
-    def __init__(self, message: str, *, code: str | None = None, status: int = 502) -> None:
-        super().__init__(message, code=code)
-        self.status_code = status
 
 
 def schema_error(error: Mapping[str, Any]) -> InvalidRequest:

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel
-
-
-class _HasId(Protocol):
-    id: str
-
 
 T = TypeVar("T")
 

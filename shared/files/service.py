@@ -9,7 +9,7 @@ from sqlmodel import Session, col, select
 from shared.core.clock import utcnow
 from shared.core.errors import InvalidRequest, NotFound
 from shared.core.ids import new_id
-from shared.core.pages import newest_first
+from shared.core.pages import newest_first, owned
 from shared.core.storage import Storage
 from shared.files.models import File
 
@@ -57,16 +57,13 @@ def create_file(
 
 
 def get_file(session: Session, project_id: str, file_id: str) -> File:
-    file = session.exec(
-        select(File).where(
-            col(File.id) == file_id,
-            col(File.project_id) == project_id,
-            col(File.deleted_at).is_(None),
-        )
-    ).first()
-    if file is None:
-        raise NotFound(f"No such File object: {file_id}", param="file_id")
-    return file
+    return owned(
+        session,
+        File,
+        project_id,
+        file_id,
+        NotFound(f"No such File object: {file_id}", param="file_id"),
+    )
 
 
 def list_files(

@@ -21,7 +21,7 @@ from shared.core.errors import (
 from shared.core.events import publish_changed
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
-from shared.core.pages import newest_first
+from shared.core.pages import newest_first, owned
 from shared.jobs.models import CANCELABLE, Image, Job, JobStatus
 from shared.jobs.schemas import GenerationParams
 from shared.projects.limits import get_limiter
@@ -95,12 +95,13 @@ def mark_unpublished(session: Session, job_id: str) -> None:
 
 
 def get_job(session: Session, project_id: str, job_id: str) -> Job:
-    job = session.exec(
-        select(Job).where(col(Job.id) == job_id, col(Job.project_id) == project_id)
-    ).first()
-    if job is None:
-        raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
-    return job
+    return owned(
+        session,
+        Job,
+        project_id,
+        job_id,
+        NotFound(f"No job found with id '{job_id}'.", param="job_id"),
+    )
 
 
 def job_images(session: Session, job: Job) -> list[Image]:

@@ -19,10 +19,16 @@ from shared.core.broker import publish_deliveries
 from shared.core.clock import utcnow
 from shared.core.errors import InvalidRequest, NotFound, UnresolvableTarget, UnsafeTarget
 from shared.core.outbox import after_commit
-from shared.core.pages import newest_first
+from shared.core.pages import newest_first, owned
 from shared.core.settings import get_settings
 from shared.projects.models import Project
-from shared.webhooks.models import ALL_EVENTS, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from shared.webhooks.models import (
+    ALL_EVENTS,
+    DeliveryStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from shared.webhooks.targets import check_target
 
 
@@ -80,16 +86,13 @@ def create_endpoint(
 
 
 def get_endpoint(session: Session, project_id: str, endpoint_id: str) -> WebhookEndpoint:
-    endpoint = session.exec(
-        select(WebhookEndpoint).where(
-            col(WebhookEndpoint.id) == endpoint_id,
-            col(WebhookEndpoint.project_id) == project_id,
-            col(WebhookEndpoint.deleted_at).is_(None),
-        )
-    ).first()
-    if endpoint is None:
-        raise NotFound(f"No webhook endpoint '{endpoint_id}'.", param="endpoint_id")
-    return endpoint
+    return owned(
+        session,
+        WebhookEndpoint,
+        project_id,
+        endpoint_id,
+        NotFound(f"No webhook endpoint '{endpoint_id}'.", param="endpoint_id"),
+    )
 
 
 def list_endpoints(session: Session, project_id: str) -> list[WebhookEndpoint]:
@@ -152,15 +155,15 @@ def delivery_attempts(session: Session, delivery_id: str) -> list[WebhookAttempt
 
 
 def redeliver(session: Session, project_id: str, delivery_id: str) -> WebhookDelivery:
-    delivery = session.exec(
-        select(WebhookDelivery).where(
-            col(WebhookDelivery.id) == delivery_id, col(WebhookDelivery.project_id) == project_id
-        )
-    ).first()
-    if delivery is None:
-        raise NotFound(f"No delivery '{delivery_id}'.", param="delivery_id")
+    delivery = owned(
+        session,
+        WebhookDelivery,
+        project_id,
+        delivery_id,
+        NotFound(f"No delivery '{delivery_id}'.", param="delivery_id"),
+    )
     now = utcnow()
-    delivery.status = "pending"
+    delivery.status = DeliveryStatus.pending
     delivery.next_attempt_at = now
     delivery.dispatched_at = now
     delivery.lease_expires_at = None
