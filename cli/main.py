@@ -195,14 +195,13 @@ def keys_revoke(key_id: str) -> None:
 
 
 LimitOption = Annotated[int | None, typer.Option(help="0 = unlimited; unset = default")]
+RpmOption = Annotated[int | None, typer.Option("--key-requests-per-minute", help="0 = unlimited")]
 
 
 @projects_app.command("create")
 def projects_create(
     name: str,
-    rpm: Annotated[
-        int | None, typer.Option("--key-requests-per-minute", help="0 = unlimited")
-    ] = None,
+    rpm: RpmOption = None,
     images_per_day: LimitOption = None,
     jobs_in_flight: LimitOption = None,
 ) -> None:
@@ -224,9 +223,7 @@ def projects_create(
 @projects_app.command("set-limits")
 def projects_set_limits(
     name: str,
-    rpm: Annotated[
-        int | None, typer.Option("--key-requests-per-minute", help="0 = unlimited")
-    ] = None,
+    rpm: RpmOption = None,
     images_per_day: LimitOption = None,
     jobs_in_flight: LimitOption = None,
 ) -> None:
