@@ -9,32 +9,49 @@ request waiting up to a minute must not hold a database connection meanwhile.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
+from api.waiter import Change, JobWaiter
 from shared.core.db import unit_of_work
 from shared.core.ids import new_id
+from shared.core.storage import Storage
 from shared.jobs.models import FINISHED, Image, Job
-from shared.jobs.schemas import GenerationParams
+from shared.jobs.replies import take_reply
+from shared.jobs.schemas import GenerationParams, ImagesResponse, job_params
 from shared.jobs.service import create_job, get_job, job_images, queue_position
+from shared.jobs.views import render_result
 from shared.projects.limits import get_limiter
 from shared.projects.service import Principal
 from shared.registry import ModelSpec
 from shared.traces.service import OP_OPENAI
-from shared.webhooks.service import Webhook
+from shared.webhooks.service import Webhook, webhook_of
 
 
 @dataclass
 class Outcome:
     job: Job
-    images: list[Image]
+    images: list[Image] = field(default_factory=list)
+    # The images' base64, when the worker's reply carried it (no storage read).
+    b64: list[str] | None = None
 
     @property
     def finished(self) -> bool:
         return self.job.status in FINISHED
+
+    async def result(self, storage: Storage, base_url: str, url_expiry: int) -> ImagesResponse:
+        """The succeeded job's answer. Presigning is local computation, so only
+        reading images back from storage needs a thread."""
+        if self.b64 is not None or job_params(self.job).response_format == "url":
+            return render_result(self.job, self.images, storage, base_url, url_expiry, self.b64)
+        return await run_in_threadpool(
+            render_result, self.job, self.images, storage, base_url, url_expiry
+        )
 
 
 def _record(
@@ -42,13 +59,14 @@ def _record(
     params: GenerationParams,
     spec: ModelSpec,
     *,
+    job_id: str,
     surface: str,
     track: bool,
     op_name: str,
     call_inputs: dict[str, Any] | None,
     webhook: Webhook | None,
+    reply: bool,
 ) -> Job:
-    job_id = new_id("job")
     limiter = get_limiter()
     limiter.reserve_job(principal, job_id, params.n)
     try:
@@ -64,11 +82,20 @@ def _record(
                 op_name=op_name,
                 call_inputs=call_inputs,
                 webhook=webhook,
+                reply=reply,
             )
     except BaseException:
         limiter.release_job(principal.project_id, job_id)
         raise
     return job
+
+
+async def webhook_for(body: Any) -> Webhook | None:
+    """The request's own webhook, checked; resolving its target's DNS runs off the
+    loop, and only when there is a target."""
+    if body.webhook_url is None:
+        return webhook_of(body)  # no I/O: only refuses webhook_events alone
+    return await run_in_threadpool(webhook_of, body)
 
 
 def load(principal: Principal, job_id: str) -> Outcome:
@@ -94,28 +121,51 @@ async def submit(
     """Record and enqueue the job; wait up to ``wait`` seconds for it to finish."""
     if params.user is None and principal.user:
         params = params.model_copy(update={"user": principal.user})
-    job = await run_in_threadpool(
+    job_id = new_id("job")
+    record = partial(
         _record,
         principal,
         params,
         spec,
+        job_id=job_id,
         surface=surface,
         track=track,
         op_name=op_name,
         call_inputs=call_inputs,
         webhook=webhook,
+        reply=wait > 0,
     )
     if wait <= 0:
-        return Outcome(job, [])
-    latest: Outcome = Outcome(job, [])
+        return Outcome(await run_in_threadpool(record))
+    waiter: JobWaiter = request.app.state.waiter
+    # Subscribed before the job is published, so no change can be missed, and
+    # nothing needs reading until a message (or the fallback timer) says so.
+    async with waiter.subscribe(job_id) as change:
+        job = await run_in_threadpool(record)
+        return await _wait(waiter, change, principal, job, wait)
 
-    async def finished() -> bool:
-        nonlocal latest
-        latest = await run_in_threadpool(load, principal, job.id)
-        return latest.finished
 
-    await request.app.state.waiter.wait(job.id, wait, finished)
-    return latest
+async def _wait(
+    waiter: JobWaiter, change: Change, principal: Principal, job: Job, wait: float
+) -> Outcome:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    latest = Outcome(job)
+    while True:
+        await waiter.changed(change, max(0.0, deadline - loop.time()))
+        status = change.take()
+        if status is None or status in FINISHED:
+            # Finished as announced: the worker left its reply. Otherwise (or with no
+            # reply) the rows are the truth.
+            reply = await take_reply(job.id) if status is not None else None
+            if reply is not None:
+                images, b64 = reply.apply(job)
+                return Outcome(job, images, b64)
+            latest = await run_in_threadpool(load, principal, job.id)
+            if latest.finished:
+                return latest
+        if loop.time() >= deadline:
+            return latest
 
 
 def position(job: Job) -> int | None:

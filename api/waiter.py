@@ -2,8 +2,10 @@
 
 One Redis pub/sub subscription per API process feeds in-process events, so a
 sync request sleeps until the worker says its job changed; no loop polls the
-database on the Redis path. The row is re-read on each wake-up (and on a slow
-fallback timer, 10 s, in case a message was lost while Redis restarted). In
+database on the Redis path. A message names the status the job reached, so a
+waiter re-reads nothing until it is finished (and then takes the worker's reply,
+shared/jobs/replies.py); without a status (a reconnect) or on a slow fallback
+timer, 10 s, in case a message was lost while Redis restarted, it re-reads the row. In
 embedded mode there is no Redis: the fallback timer is then short (SQLite
 reads are cheap and local).
 """
@@ -14,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 
@@ -23,11 +25,27 @@ from shared.core.events import CHANNEL
 log = logging.getLogger(__name__)
 
 
+class Change(asyncio.Event):
+    """Set whenever the job may have changed. ``status`` is the status its last
+    message announced; None when unknown (a reconnect): re-read the row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status: str | None = None
+
+    def take(self) -> str | None:
+        """The announced status (None if the timer fired or none was announced), and clear."""
+        status = self.status if self.is_set() else None
+        self.status = None
+        self.clear()
+        return status
+
+
 class JobWaiter:
     def __init__(self, redis_url: str | None) -> None:
         self.redis_url = redis_url
         self.connected = False
-        self._events: dict[str, set[asyncio.Event]] = {}
+        self._events: dict[str, set[Change]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -40,10 +58,11 @@ class JobWaiter:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
-    def _wake(self, job_id: str | None = None) -> None:
+    def _wake(self, job_id: str | None = None, status: str | None = None) -> None:
         targets = self._events.values() if job_id is None else [self._events.get(job_id, set())]
         for events in targets:
             for event in events:
+                event.status = status
                 event.set()
 
     async def _listen(self) -> None:
@@ -59,10 +78,11 @@ class JobWaiter:
                         if message.get("type") != "message":
                             continue
                         try:
-                            job_id = json.loads(message["data"])["id"]
+                            data = json.loads(message["data"])
+                            job_id, status = data["id"], data.get("status")
                         except (ValueError, KeyError, TypeError):
                             continue
-                        self._wake(job_id)
+                        self._wake(job_id, status if isinstance(status, str) else None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -82,9 +102,9 @@ class JobWaiter:
         return 10.0 if self.connected else 1.0
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+    async def subscribe(self, job_id: str) -> AsyncIterator[Change]:
         """An event set whenever the job may have changed (clear it before re-reading)."""
-        event = asyncio.Event()
+        event = Change()
         self._events.setdefault(job_id, set()).add(event)
         try:
             yield event
@@ -99,20 +119,3 @@ class JobWaiter:
         """Sleep until ``event`` is set, the fallback timer fires, or ``seconds`` pass."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), min(seconds, self._fallback()))
-
-    async def wait(
-        self, job_id: str, seconds: float, is_finished: Callable[[], Awaitable[bool]]
-    ) -> bool:
-        """True once ``is_finished()`` holds; False after ``seconds``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        async with self.subscribe(job_id) as event:
-            while True:
-                # Subscribed before the check: a change between the two still wakes us.
-                event.clear()
-                if await is_finished():
-                    return True
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return False
-                await self.changed(event, remaining)

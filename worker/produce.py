@@ -99,11 +99,12 @@ def produce(job: Job) -> Result | None:
         if LEASES.lost(job.id):
             raise JobCanceled()
         storage = get_storage()
-        images = []
+        images, data = [], []
         for index, generated in enumerate(generation.images):
             encoded = encode(generated.data, params.output_format, params.output_compression)
             key = image_key(job.project_id, job.id, index, encoded.fmt)
             _store(storage, key, encoded.data, encoded.content_type, job.id)
+            data.append(encoded.data)
             images.append(
                 Image(
                     project_id=job.project_id,
@@ -117,7 +118,12 @@ def produce(job: Job) -> Result | None:
                     revised_prompt=generated.revised_prompt,
                 )
             )
-        return Result(job, {"status": JobStatus.succeeded, "usage": generation.usage}, images)
+        return Result(
+            job,
+            {"status": JobStatus.succeeded, "usage": generation.usage},
+            images,
+            data if job.batch_id is None else [],  # batch lines have no waiter
+        )
     except JobCanceled:
         return None
     except (ProviderError, UnreadableImage) as exc:

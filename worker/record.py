@@ -34,6 +34,8 @@ class Result:
     job: Job
     values: dict[str, Any]
     images: list[Image] = field(default_factory=list)
+    # The stored bytes of each image (a waiting request is answered from them).
+    data: list[bytes] = field(default_factory=list)
 
 
 def finish(token: str, results: list[Result]) -> dict[str, str]:

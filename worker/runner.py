@@ -17,6 +17,7 @@ from functools import lru_cache
 from shared.core.events import publish_changed
 from shared.core.settings import get_settings
 from shared.jobs.models import JobStatus
+from shared.jobs.replies import leave_reply
 from worker.claim import claim
 from worker.leases import LEASES
 from worker.produce import produce
@@ -25,12 +26,13 @@ from worker.record import Result, exhausted, record
 log = logging.getLogger(__name__)
 
 
-def run_job(job_id: str) -> str:
-    """Run the job if it can be claimed; returns the status it ended in (or 'skipped')."""
-    return run_jobs([job_id]).get(job_id, "skipped")
+def run_job(job_id: str, reply: bool = False) -> str:
+    """Run the job if it can be claimed; returns the status it ended in (or 'skipped').
+    ``reply``: a request waits for it; leave it the result (shared/jobs/replies.py)."""
+    return run_jobs([job_id], reply).get(job_id, "skipped")
 
 
-def run_jobs(job_ids: list[str]) -> dict[str, str]:
+def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, str]:
     """Run the jobs that can be claimed (a chunk of batch lines, or one job), their
     provider calls side by side, and record them in one transaction."""
     jobs, token = claim(job_ids)
@@ -54,9 +56,12 @@ def run_jobs(job_ids: list[str]) -> dict[str, str]:
     finally:
         for job in jobs:
             LEASES.release(job.id)
+    by_job = {r.job.id: r for r in produced if r is not None}
     for job in jobs:
         ended.setdefault(job.id, "discarded")
         if job.batch_id is None:
+            if reply and ended[job.id] != "discarded" and job.id in by_job:
+                leave_reply(job, by_job[job.id].images, by_job[job.id].data)
             publish_changed(job.id, ended[job.id])
     return ended
 

@@ -12,8 +12,8 @@ from worker.webhooks import deliver
 
 def register(app: Celery) -> None:
     @app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
-    def run_job_task(job_id: str) -> str:
-        return run_job(job_id)
+    def run_job_task(job_id: str, reply: bool = False) -> str:
+        return run_job(job_id, reply)
 
     @app.task(name=RUN_JOBS, acks_late=True, ignore_result=True)
     def run_jobs_task(job_ids: list[str]) -> dict[str, str]:

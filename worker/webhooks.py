@@ -26,7 +26,7 @@ from shared.core.db import unit_of_work
 from shared.core.errors import UnresolvableTarget, UnsafeTarget
 from shared.core.settings import get_settings
 from shared.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from shared.webhooks.service import default_secret
+from shared.webhooks.service import default_secret, disable_endpoint
 from shared.webhooks.targets import check_target
 
 log = logging.getLogger(__name__)
@@ -180,13 +180,8 @@ def _record(
             .values(**values)
         )
         if disable and delivery.endpoint_id is not None:
-            session.execute(
-                sa.update(WebhookEndpoint)
-                .where(
-                    col(WebhookEndpoint.id) == delivery.endpoint_id,
-                    col(WebhookEndpoint.disabled_at).is_(None),
-                )
-                .values(disabled_at=now, disabled_reason="receiver answered 410 Gone")
+            disable_endpoint(
+                session, delivery.project_id, delivery.endpoint_id, "receiver answered 410 Gone"
             )
     log.info(
         "webhook %s attempt %d: %s",

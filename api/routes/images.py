@@ -10,14 +10,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
-from api.generation import position, submit
+from api.generation import position, submit, webhook_for
 from shared.core.errors import ErrorResponse
 from shared.jobs.input import validate_generation
 from shared.jobs.models import JobStatus
 from shared.jobs.schemas import ImageGenerationRequest, ImagesResponse, JobObject
-from shared.jobs.views import job_failure, render_job, render_result
+from shared.jobs.views import job_failure, render_job
 from shared.registry import get_registry
-from shared.webhooks.service import webhook_of
 
 router = APIRouter(tags=["images"])
 
@@ -75,7 +74,7 @@ async def create_image(
 ) -> Response | ImagesResponse:
     registry = get_registry()
     params = validate_generation(body, registry)
-    webhook = await run_in_threadpool(webhook_of, body)  # resolves DNS: off the loop
+    webhook = await webhook_for(body)
     respond_async, wait = parse_prefer(prefer, settings.sync_wait_seconds)
     outcome = await submit(
         request,
@@ -88,9 +87,7 @@ async def create_image(
     job = outcome.job
     if outcome.finished:
         if job.status == JobStatus.succeeded:
-            return await run_in_threadpool(
-                render_result, job, outcome.images, storage, base_url, settings.url_expiry_seconds
-            )
+            return await outcome.result(storage, base_url, settings.url_expiry_seconds)
         raise job_failure(job)
     obj = render_job(job, None, storage, base_url, settings.url_expiry_seconds)
     obj.queue_position = await run_in_threadpool(position, job)

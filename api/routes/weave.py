@@ -11,24 +11,21 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from api.deps import BaseUrl, DbSession, SettingsDep, StorageDep, WeavePrincipal
-from api.generation import submit
+from api.generation import submit, webhook_for
 from shared.core.db import unit_of_work
 from shared.core.errors import Forbidden, ImagegenError
 from shared.jobs.input import parse_request, validate_generation
 from shared.jobs.models import JobStatus
 from shared.jobs.schemas import ImageGenerationRequest
-from shared.jobs.views import render_result
 from shared.projects.service import Principal
 from shared.registry import get_registry
 from shared.traces.schemas import CallFilter, CallsQuery
 from shared.traces.service import OP_WEAVE, count_calls, normalise_usage, query_calls, read_call
 from shared.traces.views import jsonl, render_calls
-from shared.webhooks.service import webhook_of
 
 router = APIRouter(tags=["weave"])
 
@@ -128,7 +125,7 @@ async def image_create(
     known = {k: v for k, v in inputs.items() if k in ImageGenerationRequest.model_fields}
     try:
         params = validate_generation(parse_request(known), get_registry())
-        webhook = await run_in_threadpool(webhook_of, body)
+        webhook = await webhook_for(body)
     except ImagegenError as exc:  # as the reference: the provider would refuse it
         return _failure(exc.message)
     outcome = await submit(
@@ -154,9 +151,7 @@ async def image_create(
         )
     if job.status != JobStatus.succeeded:
         return _failure(job.error_message or f"The generation {job.status}.")
-    result = await run_in_threadpool(
-        render_result, job, outcome.images, storage, base_url, settings.url_expiry_seconds
-    )
+    result = await outcome.result(storage, base_url, settings.url_expiry_seconds)
     response = result.model_dump(exclude_none=True)
     response["model"] = job.model
     usage = normalise_usage(job.usage)

@@ -91,10 +91,12 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def publish_job(job_id: str, queue: str) -> bool:
-    """Hand "run job X" to the broker; False when the broker cannot take it now."""
+def publish_job(job_id: str, queue: str, reply: bool = False) -> bool:
+    """Hand "run job X" to the broker; False when the broker cannot take it now.
+    ``reply``: a request waits for the job (shared/jobs/replies.py)."""
     try:
-        get_celery().send_task(RUN_JOB, args=[job_id], queue=queue)
+        kwargs = {"reply": True} if reply else {}
+        get_celery().send_task(RUN_JOB, args=[job_id], kwargs=kwargs, queue=queue)
     except Exception as exc:  # kombu raises many types for an unreachable broker
         log.warning("broker did not take job %s: %s", job_id, exc)
         return False

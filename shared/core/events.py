@@ -11,6 +11,7 @@ import logging
 from functools import lru_cache
 
 import redis
+import redis.asyncio as aioredis
 
 from shared.core.settings import get_settings
 
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 @lru_cache
-def _client() -> redis.Redis | None:
+def redis_client() -> redis.Redis | None:
+    """The process's Redis client for hints (None in embedded mode)."""
     url = get_settings().redis_url
     if not url:
         return None
@@ -28,10 +30,19 @@ def _client() -> redis.Redis | None:
 
 def publish_changed(object_id: str, status: str) -> None:
     """Wake whoever waits on ``object_id`` (a job or a batch: sync waits, SSE streams)."""
-    client = _client()
+    client = redis_client()
     if client is None:
         return
     try:
         client.publish(CHANNEL, json.dumps({"id": object_id, "status": status}))
     except redis.RedisError as exc:
         log.warning("could not publish change of %s: %s", object_id, exc)
+
+
+@lru_cache
+def async_redis_client() -> aioredis.Redis | None:
+    """The API's asyncio Redis client (made in, and bound to, its one event loop)."""
+    url = get_settings().redis_url
+    if not url:
+        return None
+    return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)

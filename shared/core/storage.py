@@ -13,6 +13,7 @@ import io
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +21,15 @@ from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlencode
 
 import boto3
+import obstore
+from obstore.auth.boto3 import Boto3CredentialProvider
+from obstore.exceptions import (
+    BaseError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
+from obstore.store import S3Store
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as S3ConnectionError
@@ -105,9 +115,37 @@ class S3Storage:
                 config=config,
             )
 
+        # Images are written with obstore (Rust, its own connection pool): measured
+        # against moto, 0.5 ms of CPU per 30 KB put where boto3's put_object took
+        # 3.0 ms, the worker's largest cost per job. It takes its credentials from
+        # the same boto3 session (the same chain and keys); boto3 stays for the rest
+        # (multipart uploads of files, streamed reads, presigning).
+        self.images = S3Store(
+            self.bucket,
+            endpoint=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            credential_provider=Boto3CredentialProvider(session),
+            client_options={
+                "allow_http": True,
+                "connect_timeout": timedelta(seconds=5),
+                "timeout": timedelta(seconds=30),
+            },
+            # As boto3's standard mode above: a few quick tries, then the outage is
+            # reported (the job waits it out with its images in hand).
+            retry_config={
+                "max_retries": 4,
+                "backoff": {"init_backoff": timedelta(milliseconds=100), "base": 2},
+                "retry_timeout": timedelta(seconds=20),
+            },
+        )
+
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        with _outage_as_unavailable():
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        try:
+            obstore.put(self.images, key, data, attributes={"Content-Type": content_type})
+        except (PermissionDeniedError, UnauthenticatedError, NotFoundError):
+            raise  # misconfigured (keys, bucket): not an outage to wait out
+        except BaseError as exc:  # 5xx and connection errors, after its retries
+            raise StorageUnavailable(f"storage unreachable: {exc}") from exc
 
     def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> None:
         # upload_fileobj reads in 8 MB parts (a multipart upload for big files).

@@ -44,8 +44,10 @@ def create_job(
     op_name: str = OP_OPENAI,
     call_inputs: dict[str, Any] | None = None,
     webhook: Webhook | None = None,
+    reply: bool = False,
 ) -> Job:
-    """Record a job (and its trace call unless ``track`` is off) for ``principal``."""
+    """Record a job (and its trace call unless ``track`` is off) for ``principal``.
+    ``reply``: a request waits for it (the worker leaves it the result)."""
     job = Job(
         id=job_id or new_id("job"),
         project_id=principal.project_id,
@@ -63,17 +65,17 @@ def create_job(
     )
     session.add(job)
     session.flush()
-    after_commit(session, lambda: send_job(job.id, job.queue))
+    after_commit(session, lambda: send_job(job.id, job.queue, reply))
     if track:
         inputs = call_inputs if call_inputs is not None else params.model_dump(exclude_none=True)
         start_call(session, job, op_name=op_name, inputs=inputs, wb_user_id=principal.user)
     return job
 
 
-def send_job(job_id: str, queue: str) -> None:
+def send_job(job_id: str, queue: str, reply: bool = False) -> None:
     """After commit: hand "run job X" to the broker. If it refuses, the job is marked
     unpublished (its own short transaction) for the sweeper to publish later."""
-    if not publish_job(job_id, queue):
+    if not publish_job(job_id, queue, reply):
         with unit_of_work() as session:
             mark_unpublished(session, job_id)
 

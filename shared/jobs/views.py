@@ -37,13 +37,20 @@ def job_failure(job: Job) -> ClientError:
 
 
 def render_result(
-    job: Job, images: list[Image], storage: Storage, base_url: str, url_expiry: int
+    job: Job,
+    images: list[Image],
+    storage: Storage,
+    base_url: str,
+    url_expiry: int,
+    inline: list[str] | None = None,
 ) -> ImagesResponse:
+    """The job's answer; ``inline`` is the images' base64 when already at hand
+    (otherwise a ``b64_json`` answer reads them back from storage)."""
     params = job_params(job)
     data = []
-    for image in images:
+    for i, image in enumerate(images):
         if params.response_format == "b64_json":
-            b64 = base64.b64encode(storage.get(image.storage_key)).decode()
+            b64 = inline[i] if inline else base64.b64encode(storage.get(image.storage_key)).decode()
             data.append(ImageData(b64_json=b64, revised_prompt=image.revised_prompt))
         else:
             data.append(

@@ -2,7 +2,9 @@
 
 A fast hash is right here (unlike for passwords): the key has full entropy, so
 there is nothing to brute-force, and lookup must be cheap on every request.
-Keys are looked up on every request (no cache), so a revocation holds at once.
+A key's principal is cached in each API process (``PRINCIPALS``) only while that
+process hears invalidations over Redis, and a revocation or a change of limits
+drops it everywhere after commit, so a revocation still holds at once.
 """
 
 from __future__ import annotations
@@ -10,19 +12,25 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from shared.core.clock import utcnow
 from shared.core.errors import Conflict, InvalidRequest, NotFound
+from shared.core.invalidation import InvalidatedCache, invalidate
+from shared.core.outbox import after_commit
 from shared.projects.models import ApiKey, Project
 
 KEY_PREFIX = "sk-ig-"
 # last_used_at is written at most this often per key: a write per request would
 # turn every read into a write.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+# Known keys by hash (see shared/core/invalidation.py for when a process caches).
+PRINCIPALS_CACHE = "principals"
 
 
 def hash_key(key: str) -> str:
@@ -92,6 +100,7 @@ def update_limits(session: Session, name: str, **limits: int | None) -> Project:
         setattr(project, field, value)
     session.add(project)
     session.flush()
+    after_commit(session, lambda: invalidate(PRINCIPALS_CACHE))  # principals carry limits
     return project
 
 
@@ -147,10 +156,23 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
         key.revoked_at = utcnow()
         session.add(key)
         session.flush()
+        digest = key.key_hash
+        after_commit(session, lambda: invalidate(PRINCIPALS_CACHE, digest))
     return key
 
 
-def authenticate(session: Session, plaintext: str) -> Principal | None:
+@dataclass
+class KnownKey:
+    """A cached principal, and when its key's ``last_used_at`` was last written."""
+
+    principal: Principal
+    used_at: datetime
+
+
+KNOWN_KEYS: InvalidatedCache[KnownKey] = InvalidatedCache(PRINCIPALS_CACHE)
+
+
+def authenticate(session: Session, plaintext: str) -> KnownKey | None:
     row = session.exec(
         select(ApiKey, Project)
         .join(Project, col(Project.id) == col(ApiKey.project_id))
@@ -160,9 +182,11 @@ def authenticate(session: Session, plaintext: str) -> Principal | None:
         return None
     key, project = row
     now = utcnow()
-    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
-        session.execute(sa.update(ApiKey).where(col(ApiKey.id) == key.id).values(last_used_at=now))
-    return Principal(
+    used_at = key.last_used_at
+    if used_at is None or now - used_at > LAST_USED_RESOLUTION:
+        touch_key(session, key.id, now)
+        used_at = now
+    principal = Principal(
         key_id=key.id,
         project_id=project.id,
         project_name=project.name,
@@ -171,3 +195,13 @@ def authenticate(session: Session, plaintext: str) -> Principal | None:
         images_per_day=project.images_per_day,
         jobs_in_flight=project.jobs_in_flight,
     )
+    return KnownKey(principal, used_at)
+
+
+def touch_key(session: Session, key_id: str, now: datetime) -> None:
+    session.execute(sa.update(ApiKey).where(col(ApiKey.id) == key_id).values(last_used_at=now))
+
+
+def needs_touch(known: KnownKey, now: datetime) -> bool:
+    """Whether a cached key's ``last_used_at`` is due to be written again."""
+    return now - known.used_at > LAST_USED_RESOLUTION

@@ -14,7 +14,7 @@ from shared.core.storage import get_storage
 from shared.jobs.models import Image, Job, JobStatus
 from shared.jobs.views import render_job
 from shared.webhooks.models import JOB_EVENTS, WebhookDelivery
-from shared.webhooks.service import list_endpoints
+from shared.webhooks.service import subscriptions
 
 EVENT_FOR_STATUS: dict[JobStatus, str] = {
     JobStatus.running: "job.started",
@@ -48,9 +48,9 @@ def _record(
     with the project's default secret) and to every enabled endpoint subscribed to
     it. ``data`` is only rendered when someone listens. They are sent after commit."""
     targets: list[tuple[str, str | None]] = [(own_url, None)] if own_url else []
-    for endpoint in list_endpoints(session, project_id):
-        if endpoint.disabled_at is None and event in endpoint.events:
-            targets.append((endpoint.url, endpoint.id))
+    for sub in subscriptions(session, project_id):
+        if event in sub.events:
+            targets.append((sub.url, sub.endpoint_id))
     if not targets:
         return
     now = utcnow()

@@ -13,11 +13,13 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from shared.core.broker import publish_deliveries
 from shared.core.clock import utcnow
 from shared.core.errors import InvalidRequest, NotFound, UnresolvableTarget, UnsafeTarget
+from shared.core.invalidation import InvalidatedCache, invalidate
 from shared.core.outbox import after_commit
 from shared.core.pages import newest_first, owned
 from shared.core.settings import get_settings
@@ -82,6 +84,7 @@ def create_endpoint(
     )
     session.add(endpoint)
     session.flush()
+    _subscriptions_changed(session, project_id)
     return endpoint
 
 
@@ -113,7 +116,46 @@ def delete_endpoint(session: Session, project_id: str, endpoint_id: str) -> Webh
     endpoint.deleted_at = utcnow()
     session.add(endpoint)
     session.flush()
+    _subscriptions_changed(session, project_id)
     return endpoint
+
+
+def disable_endpoint(session: Session, project_id: str, endpoint_id: str, reason: str) -> None:
+    session.execute(
+        sa.update(WebhookEndpoint)
+        .where(col(WebhookEndpoint.id) == endpoint_id, col(WebhookEndpoint.disabled_at).is_(None))
+        .values(disabled_at=utcnow(), disabled_reason=reason)
+    )
+    _subscriptions_changed(session, project_id)
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """An enabled endpoint and the events it takes."""
+
+    endpoint_id: str
+    url: str
+    events: frozenset[str]
+
+
+# Each project's subscriptions, cached per process: a job's events are recorded
+# only when someone listens, and finding out must not cost a query per event.
+SUBSCRIPTIONS: InvalidatedCache[list[Subscription]] = InvalidatedCache("subscriptions")
+
+
+def subscriptions(session: Session, project_id: str) -> list[Subscription]:
+    def load() -> list[Subscription]:
+        return [
+            Subscription(e.id, e.url, frozenset(e.events))
+            for e in list_endpoints(session, project_id)
+            if e.disabled_at is None
+        ]
+
+    return SUBSCRIPTIONS.get(project_id, load)
+
+
+def _subscriptions_changed(session: Session, project_id: str) -> None:
+    after_commit(session, lambda: invalidate(SUBSCRIPTIONS.name, project_id))
 
 
 def rotate_secret(session: Session, project_id: str, endpoint_id: str) -> WebhookEndpoint:

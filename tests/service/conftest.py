@@ -39,7 +39,7 @@ CACHED = [
     db.get_engine,
     storage.get_storage,
     broker.get_celery,
-    events._client,
+    events.redis_client,
     registry.get_registry,
     limits.get_limiter,
 ]

@@ -1,0 +1,110 @@
+"""A finished job's result, handed by the worker to the request waiting for it.
+
+A sync request waits for its job, and the worker holds the images' bytes when it
+records the job. So for a job whose request waits (``reply`` in its message), the
+worker leaves the result in Redis (``imagegen:reply:{job}``, a short TTL) right
+after the commit and before it announces the change; the waiting request takes
+it (GETDEL) and answers from it, without re-reading the rows or the images from
+storage. The SQL rows stay the truth: without a reply (no Redis, expired, a job
+re-published by the sweeper) the request reads them as before.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from datetime import datetime
+from typing import Any
+
+import redis
+from pydantic import BaseModel
+
+from shared.core.events import async_redis_client, redis_client
+from shared.jobs.models import Image, Job, JobStatus
+
+log = logging.getLogger(__name__)
+
+# The waiter takes its reply within milliseconds of the change; the TTL only
+# bounds what a reply nobody took (the request gave up) keeps in Redis.
+REPLY_TTL_SECONDS = 30
+
+
+class ReplyImage(BaseModel):
+    id: str
+    index: int
+    storage_key: str
+    content_type: str
+    width: int
+    height: int
+    size_bytes: int
+    revised_prompt: str | None = None
+    b64_json: str | None = None
+
+
+class Reply(BaseModel):
+    status: JobStatus
+    finished_at: datetime | None = None
+    usage: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    images: list[ReplyImage] = []
+
+    def apply(self, job: Job) -> tuple[list[Image], list[str] | None]:
+        """Bring the in-memory ``job`` to its recorded end; its images and, for a
+        ``b64_json`` request, their base64 data."""
+        job.status = self.status
+        job.finished_at = self.finished_at
+        job.usage = self.usage
+        job.error_code = self.error_code
+        job.error_message = self.error_message
+        images = [
+            Image(project_id=job.project_id, job_id=job.id, **i.model_dump(exclude={"b64_json"}))
+            for i in self.images
+        ]
+        b64 = [i.b64_json or "" for i in self.images]
+        return images, b64 if job.request.get("response_format") == "b64_json" else None
+
+
+def _key(job_id: str) -> str:
+    return f"imagegen:reply:{job_id}"
+
+
+def leave_reply(job: Job, images: list[Image], data: list[bytes]) -> None:
+    """Worker side, after the commit: the job as recorded, with its images' bytes."""
+    client = redis_client()
+    if client is None:
+        return
+    inline = job.request.get("response_format") == "b64_json"
+    reply = Reply(
+        status=JobStatus(job.status),
+        finished_at=job.finished_at,
+        usage=job.usage,
+        error_code=job.error_code,
+        error_message=job.error_message,
+        images=[
+            ReplyImage(
+                **image.model_dump(include=set(ReplyImage.model_fields) - {"b64_json"}),
+                b64_json=base64.b64encode(blob).decode() if inline else None,
+            )
+            for image, blob in zip(images, data, strict=True)
+        ]
+        if job.status == JobStatus.succeeded
+        else [],
+    )
+    try:
+        client.set(_key(job.id), reply.model_dump_json(), ex=REPLY_TTL_SECONDS)
+    except redis.RedisError as exc:
+        log.warning("could not leave the reply of %s: %s", job.id, exc)
+
+
+async def take_reply(job_id: str) -> Reply | None:
+    """API side: the reply the worker left, taken once; None if there is none."""
+    client = async_redis_client()
+    if client is None:
+        return None
+    try:
+        raw = await client.getdel(_key(job_id))
+    except redis.RedisError as exc:
+        log.warning("could not take the reply of %s: %s", job_id, exc)
+        return None
+    return None if raw is None else Reply.model_validate_json(raw)
