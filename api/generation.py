@@ -10,6 +10,7 @@ request waiting up to a minute must not hold a database connection meanwhile.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -21,11 +22,11 @@ from api.waiter import Change, JobWaiter
 from shared.core.db import unit_of_work
 from shared.core.ids import new_id
 from shared.core.storage import Storage
-from shared.jobs.models import FINISHED, Image, Job
+from shared.jobs.models import FINISHED, Job
 from shared.jobs.replies import take_reply
 from shared.jobs.schemas import GenerationParams, ImagesResponse, job_params
 from shared.jobs.service import create_job, get_job, job_images, queue_position
-from shared.jobs.views import render_result
+from shared.jobs.views import StoredImage, render_result
 from shared.projects.limits import get_limiter
 from shared.projects.service import Principal
 from shared.registry import ModelSpec
@@ -36,7 +37,7 @@ from shared.webhooks.service import Webhook, webhook_of
 @dataclass
 class Outcome:
     job: Job
-    images: list[Image] = field(default_factory=list)
+    images: Sequence[StoredImage] = field(default_factory=list)
     # The images' base64, when the worker's reply carried it (no storage read).
     b64: list[str] | None = None
 
@@ -159,8 +160,8 @@ async def _wait(
             # reply) the rows are the truth.
             reply = await take_reply(job.id) if status is not None else None
             if reply is not None:
-                images, b64 = reply.apply(job)
-                return Outcome(job, images, b64)
+                b64 = reply.apply(job)
+                return Outcome(job, reply.images, b64)
             latest = await run_in_threadpool(load, principal, job.id)
             if latest.finished:
                 return latest

@@ -26,13 +26,16 @@ class EncodedImage:
 
 
 def encode(data: bytes, fmt: str, compression: int | None = None) -> EncodedImage:
+    """The image in ``fmt``. Already in that format (the usual case): kept as it came,
+    checked by its header and chunk checksums (``verify``), never decoded."""
     try:
         img: Image.Image = Image.open(io.BytesIO(data))
+        if (img.format or "").upper() == _PIL_FORMATS[fmt] and compression is None:
+            img.verify()
+            return EncodedImage(data=data, width=img.width, height=img.height, fmt=fmt)
         img.load()
     except Exception as exc:  # Pillow raises several unrelated types here
         raise UnreadableImage(f"provider returned an unreadable image: {exc}") from exc
-    if (img.format or "").upper() == _PIL_FORMATS[fmt] and compression is None:
-        return EncodedImage(data=data, width=img.width, height=img.height, fmt=fmt)
     if fmt == "jpeg" and img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     buf = io.BytesIO()

@@ -54,6 +54,7 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
         and not r.values.get("usage")
     ]
     rest = [r for r in results if not any(r is b for b in bulk)]
+    jobs, images = table(Job), table(Image)
     with unit_of_work() as session:
         if bulk:
             done = set(
@@ -76,7 +77,7 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
             )
             rows = [image.model_dump() for r in bulk if r.job.id in done for image in r.images]
             if rows:
-                session.execute(sa.insert(table(Image)), rows)
+                session.execute(sa.insert(images), rows)
             lines_succeeded(
                 session,
                 [r.job.batch_item_id for r in bulk if r.job.id in done and r.job.batch_item_id],
@@ -85,12 +86,13 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
                 ended[r.job.id] = JobStatus.succeeded if r.job.id in done else "discarded"
         for result in rest:
             job, values = result.job, result.values
+            # Core statements (the table, not the model): no ORM bookkeeping per job.
             outcome = session.execute(
-                sa.update(Job)
+                sa.update(jobs)
                 .where(
-                    col(Job.id) == job.id,
-                    col(Job.status) == JobStatus.running,
-                    col(Job.lease_token) == token,
+                    jobs.c.id == job.id,
+                    jobs.c.status == JobStatus.running,
+                    jobs.c.lease_token == token,
                 )
                 .values(finished_at=now, lease_token=None, lease_expires_at=None, **values)
             )
@@ -98,7 +100,8 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
                 ended[job.id] = "discarded"  # canceled or taken over meanwhile
                 continue
             ended[job.id] = str(values["status"])
-            session.add_all(result.images)
+            if result.images:
+                session.execute(sa.insert(images), [i.model_dump() for i in result.images])
             # The in-memory job now equals the row just written: no need to read it back.
             for name, value in {
                 **values,

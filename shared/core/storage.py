@@ -13,8 +13,8 @@ import io
 import shutil
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -22,6 +22,9 @@ from urllib.parse import quote, urlencode
 
 import boto3
 import obstore
+from botocore.config import Config
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as S3ConnectionError
 from obstore.auth.boto3 import Boto3CredentialProvider
 from obstore.exceptions import (
     BaseError,
@@ -30,9 +33,6 @@ from obstore.exceptions import (
     UnauthenticatedError,
 )
 from obstore.store import S3Store
-from botocore.config import Config
-from botocore.exceptions import ClientError, HTTPClientError
-from botocore.exceptions import ConnectionError as S3ConnectionError
 
 from shared.core.errors import Forbidden, NotFound, StorageUnavailable
 from shared.core.settings import Settings, get_settings

@@ -30,13 +30,9 @@ REPLY_TTL_SECONDS = 30
 
 
 class ReplyImage(BaseModel):
-    id: str
-    index: int
+    """What the answer shows of an image (``shared.jobs.views.StoredImage``)."""
+
     storage_key: str
-    content_type: str
-    width: int
-    height: int
-    size_bytes: int
     revised_prompt: str | None = None
     b64_json: str | None = None
 
@@ -49,20 +45,17 @@ class Reply(BaseModel):
     error_message: str | None = None
     images: list[ReplyImage] = []
 
-    def apply(self, job: Job) -> tuple[list[Image], list[str] | None]:
-        """Bring the in-memory ``job`` to its recorded end; its images and, for a
-        ``b64_json`` request, their base64 data."""
+    def apply(self, job: Job) -> list[str] | None:
+        """Bring the in-memory ``job`` to its recorded end; for a ``b64_json``
+        request, the images' base64 data."""
         job.status = self.status
         job.finished_at = self.finished_at
         job.usage = self.usage
         job.error_code = self.error_code
         job.error_message = self.error_message
-        images = [
-            Image(project_id=job.project_id, job_id=job.id, **i.model_dump(exclude={"b64_json"}))
-            for i in self.images
-        ]
-        b64 = [i.b64_json or "" for i in self.images]
-        return images, b64 if job.request.get("response_format") == "b64_json" else None
+        if job.request.get("response_format") != "b64_json":
+            return None
+        return [i.b64_json or "" for i in self.images]
 
 
 def _key(job_id: str) -> str:
@@ -83,7 +76,8 @@ def leave_reply(job: Job, images: list[Image], data: list[bytes]) -> None:
         error_message=job.error_message,
         images=[
             ReplyImage(
-                **image.model_dump(include=set(ReplyImage.model_fields) - {"b64_json"}),
+                storage_key=image.storage_key,
+                revised_prompt=image.revised_prompt,
                 b64_json=base64.b64encode(blob).decode() if inline else None,
             )
             for image, blob in zip(images, data, strict=True)

@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 
 from shared.core.broker import publish_job
 from shared.core.clock import utcnow
+from shared.core.columns import table
 from shared.core.db import unit_of_work
 from shared.core.errors import (
     Conflict,
@@ -27,6 +28,7 @@ from shared.jobs.schemas import GenerationParams
 from shared.projects.limits import get_limiter
 from shared.projects.service import Principal
 from shared.registry import ModelSpec
+from shared.traces.models import Call
 from shared.traces.service import OP_OPENAI, finish_call, start_call
 from shared.webhooks.events import record_job_event
 from shared.webhooks.service import Webhook
@@ -63,12 +65,16 @@ def create_job(
         # re-publishes after redeliver_after_seconds.
         published_at=utcnow(),
     )
-    session.add(job)
-    session.flush()
-    after_commit(session, lambda: send_job(job.id, job.queue, reply))
+    call = None
     if track:
         inputs = call_inputs if call_inputs is not None else params.model_dump(exclude_none=True)
-        start_call(session, job, op_name=op_name, inputs=inputs, wb_user_id=principal.user)
+        call = start_call(job, op_name=op_name, inputs=inputs, wb_user_id=principal.user)
+    # Core inserts: one statement per row, none of the ORM's flush work on the
+    # API's hot path.
+    session.execute(sa.insert(table(Job)), [job.model_dump()])
+    if call is not None:
+        session.execute(sa.insert(table(Call)), [call.model_dump()])
+    after_commit(session, lambda: send_job(job.id, job.queue, reply))
     return job
 
 

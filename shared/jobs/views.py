@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from shared.core.clock import to_unix
 from shared.core.errors import (
@@ -36,9 +37,16 @@ def job_failure(job: Job) -> ClientError:
     return InvalidRequest(message, code=code, param="prompt")
 
 
+class StoredImage(Protocol):
+    """What an answer needs of an image: a row, or a worker's reply."""
+
+    storage_key: str
+    revised_prompt: str | None
+
+
 def render_result(
     job: Job,
-    images: list[Image],
+    images: Sequence[StoredImage],
     storage: Storage,
     base_url: str,
     url_expiry: int,

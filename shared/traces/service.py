@@ -15,6 +15,7 @@ import uuid6
 from sqlmodel import Session, col, select
 
 from shared.core.clock import utcnow
+from shared.core.columns import table
 from shared.jobs.models import Job
 from shared.traces.models import Call
 from shared.traces.schemas import CallFilter, CallsQuery, SortBy
@@ -39,9 +40,9 @@ def normalise_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
 
-def start_call(
-    session: Session, job: Job, *, op_name: str, inputs: dict[str, Any], wb_user_id: str
-) -> Call:
+def start_call(job: Job, *, op_name: str, inputs: dict[str, Any], wb_user_id: str) -> Call:
+    """The job's trace call, made before ``job`` is written: it sets ``job.call_id``,
+    so the job is inserted once, never updated. The caller inserts both."""
     call_id = new_call_id()
     call = Call(
         id=call_id,
@@ -54,10 +55,7 @@ def start_call(
         attributes={"job_id": job.id, "surface": job.surface},
         started_at=job.created_at,
     )
-    session.add(call)
     job.call_id = call_id
-    session.add(job)
-    session.flush()
     return call
 
 
@@ -75,9 +73,10 @@ def finish_call(
     norm = normalise_usage(usage)
     if norm:
         summary["usage"] = {job.model: {"requests": 1, **norm}}
+    calls = table(Call)
     session.execute(
-        sa.update(Call)
-        .where(col(Call.id) == job.call_id, col(Call.ended_at).is_(None))
+        sa.update(calls)
+        .where(calls.c.id == job.call_id, calls.c.ended_at.is_(None))
         .values(ended_at=utcnow(), output=output, exception=exception, summary=summary)
     )
 

@@ -103,6 +103,32 @@ def test_signed_webhooks_for_subscribed_events_only(hstack: Stack) -> None:
     assert len(ids) == 2
 
 
+def test_endpoint_added_or_deleted_counts_from_the_next_job(hstack: Stack) -> None:
+    """The worker caches who subscribes per project: a change takes effect at once."""
+    key = hstack.create_key("hooks-cache")
+    rx = Receiver().start()
+    try:
+        first = submit(hstack, key, "nobody listens yet")
+        hstack.wait_job(first["id"], key)  # the worker now knows: no endpoints
+        with hstack.client(key) as client:
+            endpoint = client.post(
+                "/v1/webhooks/endpoints", json={"url": rx.url(), "events": ["job.succeeded"]}
+            ).json()
+        second = submit(hstack, key, "now one listens")
+        hstack.wait_job(second["id"], key)
+        delivered = [verify(endpoint["secret"], r) for r in rx.wait_requests(1)]
+        assert [e["data"]["id"] for e in delivered] == [second["id"]]
+        with hstack.client(key) as client:
+            assert client.delete(f"/v1/webhooks/endpoints/{endpoint['id']}").status_code == 200
+        third = submit(hstack, key, "nobody listens again")
+        hstack.wait_job(third["id"], key)
+        assert deliveries(hstack, key, job_id=third["id"]) == []
+        assert deliveries(hstack, key, job_id=first["id"]) == []
+        assert len(rx.requests) == 1
+    finally:
+        rx.stop()
+
+
 def test_receiver_down_then_500_then_200_same_webhook_id(hstack: Stack) -> None:
     key = hstack.create_key("hooks-retry")
     rx = Receiver()  # not listening yet: connection refused

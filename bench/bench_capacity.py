@@ -1,0 +1,137 @@
+"""Provider calls one worker process holds in flight, run by hand (issue 11):
+
+    .venv/bin/python -m bench.bench_capacity --jobs 2000 --seconds 30
+
+Real Redis, PostgreSQL, moto's S3 server and the fake upstream, each call to which
+takes ``--seconds``. The jobs are queued with no worker running, then one worker
+starts (``IMAGEGEN_WORKER_CONCURRENCY=--concurrency``): the figure is what one
+process holds, not how fast we submit. Reported: the peak of calls the upstream
+saw at once, the consumer process's RSS idle (a worker started alone first) and
+at that peak, RSS per call in flight, and whether every job succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from moto.server import ThreadedMotoServer
+
+from bench.bench_core import BENCH_ENV, count_status, submit_async
+from tests.support.processes import free_port
+from tests.support.stack import Stack
+
+PAGE = 4096
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return 0
+    return int(fields[1]) * PAGE // 1024
+
+
+def consumer_pid(root: int) -> int | None:
+    """The worker's consumer of the default queue (a child of ``imagegen worker``)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if ppid == root and " worker" in cmd and "default" in cmd:
+            return int(entry.name)
+    return None
+
+
+def _wait_consumer(stack: Stack) -> int:
+    assert stack.worker is not None
+    assert stack.worker.proc is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pid = consumer_pid(stack.worker.proc.pid)
+        if pid is not None:
+            return pid
+        time.sleep(0.2)
+    raise TimeoutError("no consumer process")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--concurrency", type=int, default=2048)
+    args = parser.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    prompt = f"[slow={args.seconds:g}] capacity"
+    worker_env = {**BENCH_ENV, "IMAGEGEN_WORKER_CONCURRENCY": str(args.concurrency)}
+    api_env = {**BENCH_ENV, "IMAGEGEN_PROJECT_JOBS_IN_FLIGHT": "0"}
+
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    workdir = Path(tempfile.mkdtemp(prefix="imagegen-capacity-"))
+    stack = Stack(workdir, f"http://127.0.0.1:{port}", worker_env=worker_env, api_env=api_env)
+    try:
+        # Idle: the same worker, started with nothing to do.
+        stack.new_worker(worker_env)
+        pid = _wait_consumer(stack)
+        time.sleep(8)
+        idle = _rss_kb(pid)
+        assert stack.worker is not None
+        stack.worker.stop()
+
+        submit_s = submit_async(stack, args.jobs, prompt, "fake-fast")
+        print(f"queued {args.jobs} jobs in {submit_s:.1f}s; starting one worker")
+        stack.upstream.max_in_flight = 0
+        started = time.monotonic()
+        stack.new_worker(worker_env)
+        pid = _wait_consumer(stack)
+        peak = {"rss": idle, "calls": 0, "rss_at_calls": idle}
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.25):
+                rss, calls = _rss_kb(pid), stack.upstream.in_flight
+                peak["rss"] = max(peak["rss"], rss)
+                if calls >= peak["calls"]:
+                    peak["calls"], peak["rss_at_calls"] = calls, rss
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        deadline = time.monotonic() + args.seconds * 10 + 300
+        while (succeeded := count_status(stack, "succeeded", prompt)) < args.jobs:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        done.set()
+        sampler.join()
+        total = time.monotonic() - started
+        failed = count_status(stack, "failed", prompt)
+        calls = peak["calls"]
+        per_call = (peak["rss_at_calls"] - idle) / max(1, calls)
+        print(f"peak upstream calls in flight: {calls} (upstream's own count)")
+        mb = {k: v / 1024 for k, v in peak.items()}
+        print(
+            f"consumer RSS: idle {idle / 1024:.0f} MB, at that peak "
+            f"{mb['rss_at_calls']:.0f} MB, max {mb['rss']:.0f} MB"
+        )
+        print(f"RSS per call in flight: {per_call:.0f} KB")
+        print(
+            f"{succeeded}/{args.jobs} succeeded, {failed} failed, "
+            f"in {total:.0f}s after the worker started"
+        )
+    finally:
+        stack.close()
+        moto.stop()
+
+
+if __name__ == "__main__":
+    main()
