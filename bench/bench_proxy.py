@@ -123,7 +123,14 @@ def main() -> None:
     parser.add_argument("--litellm", required=True, help="the litellm proxy executable")
     parser.add_argument("--requests", type=int, default=640, help="per round at concurrency 32")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--storage",
+        choices=("moto", "local"),
+        default="moto",
+        help="imagegen's image store: moto's S3 server, or the local file store",
+    )
     args = parser.parse_args()
+    env = {**BENCH_ENV, "IMAGEGEN_S3_BUCKET": ""} if args.storage == "local" else BENCH_ENV
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     workdir = Path(tempfile.mkdtemp(prefix="imagegen-proxy-bench-"))
@@ -131,9 +138,7 @@ def main() -> None:
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     (workdir / "stack").mkdir()
-    stack = Stack(
-        workdir / "stack", f"http://127.0.0.1:{port}", worker_env=BENCH_ENV, api_env=BENCH_ENV
-    )
+    stack = Stack(workdir / "stack", f"http://127.0.0.1:{port}", worker_env=env, api_env=env)
     litellm, litellm_url = start_litellm(args.litellm, stack.upstream.base_url, workdir)
     try:
         assert stack.api.proc is not None
