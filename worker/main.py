@@ -3,10 +3,15 @@
 Concurrency model: Celery's ``threads`` pool with hundreds of threads in one
 process. A job spends nearly all its time waiting on a provider (10-150 s per
 image), so what matters is how many calls one process holds open, not CPU.
-Threads keep every library we use (SQLAlchemy, psycopg, boto3, httpx) in its
+Threads keep every library we use (SQLAlchemy, psycopg, obstore, httpx) in its
 ordinary blocking mode, with no monkey-patching (gevent) and no second async
-code path; an idle thread costs a stack page or two. bench/ measures how many
-jobs one process holds in flight against a slow upstream.
+code path; an idle thread costs a stack page or two. Measured against the
+alternative the issue named (jobs as coroutines on one asyncio loop): a pool of
+2,048 threads already holds 2,000 provider calls in flight against a 30 s
+upstream at about 13 KB of RSS per call (bench/bench_capacity.py: 135 MB idle,
+160 MB at most), an eighth of the 100 KB budget, and every job succeeded; the
+CPU per job goes to SQL, S3 and HTTP work that an event loop would not remove.
+So the pool stays threads, sized 2,048 by default.
 Per-process resources (engine, HTTP client, S3 client, thread pools) are made
 once here, before the pool's threads start: made lazily, hundreds of threads
 starting together each built their own boto3 client (measured: 85 at once, tens
