@@ -11,6 +11,10 @@ from ever serving a change late (a revoked key must stop working at once):
 - Each cache counts invalidations (a generation). A value read from the database
   is stored only if no invalidation arrived since the read began, so a read racing
   a change never stores the old value after the change was announced.
+
+A backstop bounds what a missed message could cost: an entry lives at most
+``MAX_AGE_SECONDS`` (a writer with no Redis configured, an operator's shell
+without ``IMAGEGEN_REDIS_URL``, cannot announce its change).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ V = TypeVar("V")
 
 # Bounds memory however many distinct keys a process sees; past it a cache starts over.
 MAX_ENTRIES = 10_000
+MAX_AGE_SECONDS = 60.0
 
 
 class _Listener:
@@ -105,7 +110,7 @@ def _apply(data: object) -> None:
 class InvalidatedCache(Generic[V]):
     def __init__(self, name: str) -> None:
         self.name = name
-        self._data: dict[str, V] = {}
+        self._data: dict[str, tuple[V, float]] = {}  # value, stored at (monotonic)
         self._generation = 0
         self._lock = threading.Lock()
         _CACHES[name] = self  # type: ignore[assignment]
@@ -116,8 +121,9 @@ class InvalidatedCache(Generic[V]):
         if not _LISTENER.ensure_started():
             return None, None
         with self._lock:
-            if key in self._data:
-                return self._data[key], None
+            entry = self._data.get(key)
+            if entry is not None and time.monotonic() - entry[1] < MAX_AGE_SECONDS:
+                return entry[0], None
             return None, self._generation
 
     def store(self, key: str, value: V, generation: int | None) -> None:
@@ -128,7 +134,7 @@ class InvalidatedCache(Generic[V]):
                 return  # changed meanwhile: the next lookup reads it again
             if len(self._data) >= MAX_ENTRIES:
                 self._data.clear()
-            self._data[key] = value
+            self._data[key] = (value, time.monotonic())
 
     def get(self, key: str, load: Callable[[], V]) -> V:
         """The cached value, or ``load()`` (stored when that is safe)."""

@@ -59,3 +59,17 @@ def test_losing_the_subscription_empties_every_cache(subscribed: None) -> None:
     cache.get("k", lambda: "before")
     invalidation._drop_everything()  # what the listener does when it disconnects
     assert cache.get("k", lambda: "after") == "after"
+
+
+def test_an_entry_is_read_again_after_its_max_age(
+    subscribed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backstop for a change whose writer could not announce it."""
+    cache: InvalidatedCache[str] = InvalidatedCache("unit-age")
+    now = [1000.0]
+    monkeypatch.setattr("shared.core.invalidation.time.monotonic", lambda: now[0])
+    cache.get("k", lambda: "first")
+    now[0] += invalidation.MAX_AGE_SECONDS - 1
+    assert cache.get("k", lambda: "second") == "first"
+    now[0] += 2
+    assert cache.get("k", lambda: "second") == "second"
