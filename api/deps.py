@@ -34,7 +34,7 @@ from shared.projects.service import (
     Principal,
     authenticate,
     hash_key,
-    needs_touch,
+    touch_due,
     touch_key,
 )
 
@@ -81,10 +81,10 @@ async def current_principal(
         if known is None:
             raise AuthenticationError(f"Incorrect API key provided: {key[:6]}***.")
         KNOWN_KEYS.store(digest, known, generation)
-    elif needs_touch(known, utcnow()):
-        known.used_at = utcnow()
-        await run_in_threadpool(_touch, known.principal.key_id, known.used_at)
-    await get_limiter().check_request_async(known.principal)
+    elif touch_due(known.used_at, now := utcnow()):
+        known.used_at = now
+        await run_in_threadpool(_touch, known.principal.key_id, now)
+    await get_limiter().check_request(known.principal)
     return known.principal
 
 

@@ -53,9 +53,14 @@ class Reply(BaseModel):
         job.usage = self.usage
         job.error_code = self.error_code
         job.error_message = self.error_message
-        if job.request.get("response_format") != "b64_json":
+        if not _inline(job):
             return None
         return [i.b64_json or "" for i in self.images]
+
+
+def _inline(job: Job) -> bool:
+    """A ``b64_json`` request: its reply carries the images themselves."""
+    return job.request.get("response_format") == "b64_json"
 
 
 def _key(job_id: str) -> str:
@@ -67,7 +72,7 @@ def leave_reply(job: Job, images: list[Image], data: list[bytes]) -> None:
     client = redis_client()
     if client is None:
         return
-    inline = job.request.get("response_format") == "b64_json"
+    inline = _inline(job)
     reply = Reply(
         status=JobStatus(job.status),
         finished_at=job.finished_at,

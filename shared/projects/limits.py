@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
-import redis.asyncio as aioredis
 
 from shared.core.errors import RateLimited
+from shared.core.events import async_redis_client
 from shared.core.settings import get_settings
 from shared.projects.service import Principal
 
@@ -77,79 +76,37 @@ def _limit(project_value: int | None, default: int) -> int:
     return default if project_value is None else project_value
 
 
-@dataclass(frozen=True)
-class _Window:
-    """A key's current fixed window of the requests-per-minute limit."""
-
-    limit: int
-    key: str
-    length: int
-    ends_at: float
-
-    @classmethod
-    def of(cls, principal: Principal) -> _Window | None:
-        settings = get_settings()
-        limit = _limit(principal.key_requests_per_minute, settings.key_requests_per_minute)
-        if limit <= 0:
-            return None
-        length = settings.rate_limit_window_seconds
-        window = int(time.time() // length)
-        key = f"imagegen:rl:key:{principal.key_id}:{window}"
-        return cls(limit, key, length, (window + 1) * length)
-
-    def check(self, count: int) -> None:
-        if count > self.limit:
-            raise RateLimited(
-                f"Rate limit reached: {self.limit} requests per minute for this key.",
-                retry_after=max(1.0, self.ends_at - time.time()),
-            )
-
-
 class Limiter:
     def __init__(self, url: str) -> None:
-        self.url = url
-        self._aclient: aioredis.Redis | None = None
         self.client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
         self._reserve = self.client.register_script(_RESERVE)
         self._take_images = self.client.register_script(_TAKE_IMAGES)
 
-    def check_request(self, principal: Principal) -> None:
-        window = _Window.of(principal)
-        if window is None:
+    async def check_request(self, principal: Principal) -> None:
+        """The key's requests per minute, counted on the API's event loop (its hot
+        path: no thread hop)."""
+        settings = get_settings()
+        limit = _limit(principal.key_requests_per_minute, settings.key_requests_per_minute)
+        client = async_redis_client()
+        if limit <= 0 or client is None:
             return
+        now = time.time()
+        length = settings.rate_limit_window_seconds
+        window = int(now // length)
+        key = f"imagegen:rl:key:{principal.key_id}:{window}"
         try:
-            pipe = self.client.pipeline()
-            pipe.incr(window.key)
-            pipe.expire(window.key, window.length + 1)
-            count = int(pipe.execute()[0])
-        except redis.RedisError as exc:
-            log.warning("rate limiter unavailable, not enforcing: %s", exc)
-            return
-        window.check(count)
-
-    async def check_request_async(self, principal: Principal) -> None:
-        """``check_request`` on the event loop (the API's hot path: no thread hop)."""
-        window = _Window.of(principal)
-        if window is None:
-            return
-        try:
-            async with self._async_client().pipeline() as pipe:
-                pipe.incr(window.key)
-                pipe.expire(window.key, window.length + 1)
+            async with client.pipeline() as pipe:
+                pipe.incr(key)
+                pipe.expire(key, length + 1)
                 count = int((await pipe.execute())[0])
         except redis.RedisError as exc:
             log.warning("rate limiter unavailable, not enforcing: %s", exc)
             return
-        window.check(count)
-
-    def _async_client(self) -> aioredis.Redis:
-        # Made on first use, inside the API's one event loop (its connections
-        # belong to that loop).
-        if self._aclient is None:
-            self._aclient = aioredis.Redis.from_url(
-                self.url, socket_connect_timeout=1, socket_timeout=2
+        if count > limit:
+            raise RateLimited(
+                f"Rate limit reached: {limit} requests per minute for this key.",
+                retry_after=max(1.0, (window + 1) * length - now),
             )
-        return self._aclient
 
     def reserve_job(self, principal: Principal, job_id: str, n: int) -> None:
         settings = get_settings()
@@ -199,10 +156,7 @@ class Limiter:
 
 
 class NoLimits:
-    def check_request(self, principal: Principal) -> None:
-        pass
-
-    async def check_request_async(self, principal: Principal) -> None:
+    async def check_request(self, principal: Principal) -> None:
         pass
 
     def reserve_job(self, principal: Principal, job_id: str, n: int) -> None:

@@ -183,7 +183,7 @@ def authenticate(session: Session, plaintext: str) -> KnownKey | None:
     key, project = row
     now = utcnow()
     used_at = key.last_used_at
-    if used_at is None or now - used_at > LAST_USED_RESOLUTION:
+    if used_at is None or touch_due(used_at, now):
         touch_key(session, key.id, now)
         used_at = now
     principal = Principal(
@@ -202,6 +202,6 @@ def touch_key(session: Session, key_id: str, now: datetime) -> None:
     session.execute(sa.update(ApiKey).where(col(ApiKey.id) == key_id).values(last_used_at=now))
 
 
-def needs_touch(known: KnownKey, now: datetime) -> bool:
-    """Whether a cached key's ``last_used_at`` is due to be written again."""
-    return now - known.used_at > LAST_USED_RESOLUTION
+def touch_due(used_at: datetime, now: datetime) -> bool:
+    """Whether a key's ``last_used_at`` is due to be written again."""
+    return now - used_at > LAST_USED_RESOLUTION
