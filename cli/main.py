@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from cli.batch import batch_app
 from cli.client import resolve_key
+
+if TYPE_CHECKING:
+    from shared.registry import Registry
 
 app = typer.Typer(
     help="imagegen: image generation with an OpenAI-compatible API.",
@@ -30,10 +34,23 @@ app.add_typer(batch_app, name="batch")
 console = Console(stderr=True)
 
 
+def _registry_or_exit() -> Registry:
+    """The model registry, or one line naming the entry and field that is wrong."""
+    from shared.registry import RegistryError, get_registry
+
+    try:
+        return get_registry()
+    except RegistryError as exc:
+        console.print(f"[red]models file: {exc}[/red]", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
 def _serve_api(host: str | None, port: int | None) -> None:
     import uvicorn
 
     from shared.core.settings import get_settings
+
+    _registry_or_exit()
 
     settings = get_settings()
     uvicorn.run(
@@ -69,14 +86,22 @@ def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues")] = "default,webhooks,batch",
     concurrency: Annotated[int | None, typer.Option(help="Provider calls held at once")] = None,
     sweeper: Annotated[bool, typer.Option(help="Run the lease/outbox sweeper here")] = True,
+    device: Annotated[
+        str | None, typer.Option(help="Run local models on this device (cuda:1, cpu)")
+    ] = None,
 ) -> None:
     """Run a worker: a supervisor whose consumer processes each hold many provider
     calls at once, started again whenever one dies (with the batch queue among
-    others, batch lines run in a second consumer at lower priority)."""
+    others, batch lines run in a second consumer at lower priority; the queues of
+    local models, `--queues gpu`, in a consumer of their own, one job at a time)."""
     from shared.core.settings import get_settings
     from worker.supervisor import supervise
 
-    supervise(get_settings(), queues.split(","), concurrency, sweeper)
+    if device is not None:
+        os.environ["IMAGEGEN_DEVICE"] = device  # read by the consumers it starts
+        get_settings.cache_clear()
+    local_queues = _registry_or_exit().local_queues
+    supervise(get_settings(), queues.split(","), concurrency, sweeper, local_queues)
 
 
 @app.command()
@@ -105,7 +130,10 @@ def dev(
         ensure_key(session, "default", key)
     from worker.supervisor import WorkerGroup
 
-    worker_proc = WorkerGroup(settings, ["default", "webhooks", settings.batch_queue])
+    # Local models' queues too, each in a consumer of its own (worker/supervisor.py).
+    local = sorted(_registry_or_exit().local_queues)
+    queues = ["default", "webhooks", settings.batch_queue, *local]
+    worker_proc = WorkerGroup(settings, queues, local_queues=local)
     url = f"http://{host or settings.host}:{port or settings.port}"
     console.print(f"[bold]imagegen[/bold] dev server on {url}")
     console.print(f"API key: [bold]{key}[/bold]", soft_wrap=True)

@@ -7,12 +7,13 @@ Loaded from the YAML file at ``IMAGEGEN_MODELS_FILE``; without one, the built-in
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.core.errors import ModelNotFound
 from shared.core.settings import get_settings
@@ -37,6 +38,8 @@ class Capabilities(BaseModel):
     moderations: list[str] = Field(default_factory=list)
     output_compression: bool = False
     max_prompt_chars: int = 4000
+    # Takes the ``seed`` extension field (local models: reproducible images).
+    seed: bool = False
 
     @field_validator("sizes")
     @classmethod
@@ -47,11 +50,28 @@ class Capabilities(BaseModel):
         return sizes
 
 
+# The fields only a local (diffusers) model takes; on any other entry they are refused.
+LOCAL_FIELDS = (
+    "model_path",
+    "pipeline",
+    "dtype",
+    "device",
+    "steps",
+    "guidance_scale",
+    "quality_steps",
+    "scheduler",
+    "cpu_offload",
+    "vae_tiling",
+)
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    provider: Literal["procedural", "openai"]
+    provider: Literal["procedural", "openai", "diffusers"]
     upstream_model: str | None = None
     base_url: str | None = None
     api_key_env: str | None = None
@@ -61,6 +81,70 @@ class ModelSpec(BaseModel):
     upstream_response_format: Literal["url", "b64_json"] | None = "b64_json"
     owned_by: str = "imagegen"
     capabilities: Capabilities
+
+    # Local models (provider: diffusers). model_path: a folder written by
+    # save_pretrained, or a Hugging Face Hub id (resolved from the local cache;
+    # downloaded on first use unless IMAGEGEN_HF_OFFLINE is set).
+    model_path: str | None = None
+    # A diffusers pipeline class name; "auto" is AutoPipelineForText2Image.
+    pipeline: str = "auto"
+    # "auto": bfloat16 on a GPU that has it (else float16), float32 on the CPU.
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # "auto": the worker's --device, else the first GPU, else the CPU.
+    device: str = "auto"
+    steps: int = Field(default=25, ge=1, le=1000)
+    guidance_scale: float = Field(default=7.5, ge=0, le=100)
+    # quality -> denoising steps (e.g. low: 12, medium: 25, high: 50); its keys are
+    # the model's qualities unless the capabilities name them.
+    quality_steps: dict[str, int] = Field(default_factory=dict)
+    # A diffusers scheduler class to swap in (e.g. EulerDiscreteScheduler).
+    scheduler: str | None = None
+    # Memory options: move each component to the GPU only while it runs (slower,
+    # about a third of the memory); decode the image in tiles (large sizes).
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_defaults(cls, data: Any) -> Any:
+        # Local models run on their own queue unless the entry names one: a GPU
+        # worker serves them one call at a time, apart from the provider calls.
+        if isinstance(data, dict) and data.get("provider") == "diffusers":
+            data = {"queue": "gpu", **data}
+            caps = data.get("capabilities")
+            if isinstance(caps, dict):
+                caps = {"seed": True, **caps}
+                if "qualities" not in caps and isinstance(data.get("quality_steps"), dict):
+                    caps["qualities"] = list(data["quality_steps"])
+                data["capabilities"] = caps
+        return data
+
+    @model_validator(mode="after")
+    def _local_fields(self) -> ModelSpec:
+        if self.provider != "diffusers":
+            for name in LOCAL_FIELDS:
+                if name in self.model_fields_set:
+                    raise ValueError(f"{name}: only a 'diffusers' model takes it")
+            return self
+        if not self.model_path:
+            raise ValueError("model_path: a local model needs one (a folder or a Hub id)")
+        if not DEVICE.match(self.device):
+            raise ValueError(f"device: {self.device!r} is not auto, cpu, mps, cuda or cuda:N")
+        for value, what in ((self.pipeline, "pipeline"), (self.scheduler, "scheduler")):
+            if value is not None and not IDENTIFIER.match(value):
+                raise ValueError(f"{what}: {value!r} is not a diffusers class name")
+        bad = [size for size in self.capabilities.sizes if not _multiple_of_8(size)]
+        if bad:
+            raise ValueError(f"capabilities.sizes: {bad[0]!r} is not WIDTHxHEIGHT, multiples of 8")
+        for quality, steps in self.quality_steps.items():
+            if quality not in self.capabilities.qualities:
+                raise ValueError(f"quality_steps: {quality!r} is not among capabilities.qualities")
+            if not 1 <= steps <= 1000:
+                raise ValueError(f"quality_steps: {quality}: {steps} steps, not 1 to 1000")
+        return self
+
+    def steps_for(self, quality: str | None) -> int:
+        return self.quality_steps.get(quality or "", self.steps)
 
     @property
     def default_size(self) -> str:
@@ -75,8 +159,17 @@ class ModelSpec(BaseModel):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class RegistryError(ValueError):
+    """A models file that cannot be used; the message names the entry and field."""
+
+
 class Registry(BaseModel):
     models: list[ModelSpec]
+
+    @property
+    def local_queues(self) -> set[str]:
+        """Queues that local models run on (served by GPU workers)."""
+        return {spec.queue for spec in self.models if spec.provider == "diffusers"}
 
     def get(self, name: str | None) -> ModelSpec:
         for spec in self.models:
@@ -87,6 +180,11 @@ class Registry(BaseModel):
     @property
     def default_model(self) -> str:
         return self.models[0].name
+
+
+def _multiple_of_8(size: str) -> bool:
+    wh = parse_size(size)
+    return wh is not None and wh[0] % 8 == 0 and wh[1] % 8 == 0
 
 
 def parse_size(size: str) -> tuple[int, int] | None:
@@ -180,11 +278,30 @@ def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec
 def load_registry(path: Path | None) -> Registry:
     if path is not None:
         data = yaml.safe_load(Path(path).read_text()) or {}
-        return Registry.model_validate(data)
+        try:
+            return Registry.model_validate(data)
+        except ValidationError as exc:
+            raise RegistryError(f"{path}: {_describe(exc, data)}") from None
     models = [PROCEDURAL]
     if os.environ.get("OPENAI_API_KEY"):
         models += openai_models(os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     return Registry(models=models)
+
+
+def _describe(exc: ValidationError, data: Any) -> str:
+    """The first problem, named by entry and field: "model 'sd15': steps: ..."."""
+    error = exc.errors()[0]
+    loc = list(error["loc"])
+    where = ""
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        entries = data.get("models") if isinstance(data, dict) else None
+        entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        where = f"model {name!r}: " if name else f"models[{loc[1]}]: "
+        loc = loc[2:]
+    field = ".".join(str(part) for part in loc)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}{field + ': ' if field else ''}{message}"
 
 
 @lru_cache

@@ -41,6 +41,7 @@ def claim(job_ids: list[str]) -> tuple[list[Job], str]:
                     lease_token=token,
                     lease_expires_at=expires,
                     started_at=sa.func.coalesce(Job.started_at, now),
+                    progress=None,  # a new attempt starts its steps again
                 )
                 .returning(Job)
                 .execution_options(synchronize_session=False)

@@ -35,8 +35,9 @@ from worker.tasks import register
 log = logging.getLogger(__name__)
 
 
-def warm_up() -> None:
-    """Build every per-process resource once, single-threaded."""
+def warm_up(queues: list[str]) -> None:
+    """Build every per-process resource once, single-threaded; load the local models
+    this process serves (a GPU worker keeps each for its life)."""
     from shared.core.db import get_engine
     from shared.core.storage import get_storage
     from shared.providers.openai_compat import OpenAICompatibleProvider
@@ -53,6 +54,13 @@ def warm_up() -> None:
     fanout_pool()
     _lines_pool()
     _client()
+    local = [m for m in get_registry().models if m.provider == "diffusers" and m.queue in queues]
+    if local:
+        # Imported only here: workers of other queues never load torch.
+        from shared.providers.local.pipelines import preload
+
+        for spec in local:
+            preload(spec)
 
 
 def run_consumer(queues: list[str], concurrency: int | None = None, sweeper: bool = True) -> None:
@@ -67,7 +75,7 @@ def run_consumer(queues: list[str], concurrency: int | None = None, sweeper: boo
         # its idle p50 to 1.7x, with two batch workers at nice 10).
         os.nice(settings.batch_worker_nice)
         log.info("batch worker at nice %d", settings.batch_worker_nice)
-    warm_up()
+    warm_up(queues)
     app = get_celery()
     register(app)
     stop = threading.Event()

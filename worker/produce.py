@@ -24,9 +24,10 @@ from shared.imaging import encode
 from shared.jobs.models import Image, Job, JobStatus
 from shared.jobs.schemas import GenerationParams, job_params
 from shared.providers import get_provider
-from shared.providers.base import GeneratedImage, Generation
+from shared.providers.base import GeneratedImage, Generation, Progress
 from shared.registry import ModelSpec, get_registry
 from worker.leases import LEASES
+from worker.progress import StepReporter
 from worker.record import Result
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,12 @@ def fanout_pool() -> ThreadPoolExecutor:
 
 
 def _call_with_retries(
-    spec: ModelSpec, params: GenerationParams, count: int, first: int, job_id: str
+    spec: ModelSpec,
+    params: GenerationParams,
+    count: int,
+    first: int,
+    job_id: str,
+    progress: Progress,
 ) -> Generation:
     settings = get_settings()
     provider = get_provider(spec)
@@ -48,7 +54,7 @@ def _call_with_retries(
     while True:
         attempt += 1
         try:
-            return provider.generate(spec, params, count, first)
+            return provider.generate(spec, params, count, first, progress)
         except TransientProviderError as exc:
             if attempt >= settings.provider_max_attempts:
                 raise
@@ -61,14 +67,16 @@ def _call_with_retries(
             _wait_unless_lost(job_id, delay)
 
 
-def _generate(spec: ModelSpec, params: GenerationParams, job_id: str) -> Generation:
+def _generate(
+    spec: ModelSpec, params: GenerationParams, job_id: str, progress: Progress
+) -> Generation:
     """All ``n`` images, fanning out when the upstream makes fewer per call."""
     per_call = max(1, spec.images_per_call)
     chunks = [(first, min(per_call, params.n - first)) for first in range(0, params.n, per_call)]
     if len(chunks) == 1:
-        return _call_with_retries(spec, params, params.n, 0, job_id)
+        return _call_with_retries(spec, params, params.n, 0, job_id, progress)
     futures = [
-        fanout_pool().submit(_call_with_retries, spec, params, count, first, job_id)
+        fanout_pool().submit(_call_with_retries, spec, params, count, first, job_id, progress)
         for first, count in chunks
     ]
     images: list[GeneratedImage] = []
@@ -95,7 +103,7 @@ def produce(job: Job) -> Result | None:
     params = job_params(job)
     try:
         spec = get_registry().get(job.model)
-        generation = _generate(spec, params, job.id)
+        generation = _generate(spec, params, job.id, StepReporter(job))
         if LEASES.lost(job.id):
             raise JobCanceled()
         storage = get_storage()

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from types import FrameType
 
 from shared.core.settings import Settings
@@ -33,13 +34,27 @@ MAX_RESTART_DELAY = 30.0
 
 
 def consumer_args(
-    settings: Settings, queues: list[str], concurrency: int | None, sweeper: bool
+    settings: Settings,
+    queues: list[str],
+    concurrency: int | None,
+    sweeper: bool,
+    local_queues: Collection[str] = (),
 ) -> list[list[str]]:
     """The consumer processes that serve ``queues``: one, or two when the batch queue
     is among others (its own lower-priority process: inside one Python process a big
-    batch took most of the interpreter from sync jobs, p50 44 -> 440 ms measured)."""
+    batch took most of the interpreter from sync jobs, p50 44 -> 440 ms measured).
+
+    Queues of local models (``local_queues``) get a consumer of their own, one job
+    at a time: the pipeline runs one call at a time per device anyway, and a job
+    taken while another holds the GPU would only wait there, marked running. It
+    alone imports torch."""
     extra = ["--concurrency", str(concurrency)] if concurrency else []
-    main = [*extra, *([] if sweeper else ["--no-sweeper"])]
+    gpu = [q for q in queues if q in local_queues]
+    queues = [q for q in queues if q not in local_queues]
+    if not queues:
+        return [["--queues", ",".join(gpu), "--concurrency", "1", *_sweeps(sweeper)]]
+    children = [["--queues", ",".join(gpu), "--concurrency", "1", "--no-sweeper"]] if gpu else []
+    main = [*extra, *_sweeps(sweeper)]
     split = (
         settings.worker_split_batch
         and settings.batch_queue in queues
@@ -47,12 +62,17 @@ def consumer_args(
         and not settings.embedded_broker
     )
     if not split:
-        return [["--queues", ",".join(queues), *main]]
+        return [["--queues", ",".join(queues), *main], *children]
     rest = [q for q in queues if q != settings.batch_queue]
     return [
         ["--queues", ",".join(rest), *main],
         ["--queues", settings.batch_queue, *extra, "--no-sweeper"],
+        *children,
     ]
+
+
+def _sweeps(sweeper: bool) -> list[str]:
+    return [] if sweeper else ["--no-sweeper"]
 
 
 class ChildWorker:
@@ -112,9 +132,11 @@ class WorkerGroup:
         queues: list[str],
         concurrency: int | None = None,
         sweeper: bool = True,
+        local_queues: Collection[str] = (),
     ) -> None:
         self.children = [
-            ChildWorker(args) for args in consumer_args(settings, queues, concurrency, sweeper)
+            ChildWorker(args)
+            for args in consumer_args(settings, queues, concurrency, sweeper, local_queues)
         ]
 
     def stop(self, timeout: float = 60) -> None:
@@ -126,7 +148,11 @@ class WorkerGroup:
 
 
 def supervise(
-    settings: Settings, queues: list[str], concurrency: int | None, sweeper: bool
+    settings: Settings,
+    queues: list[str],
+    concurrency: int | None,
+    sweeper: bool,
+    local_queues: Collection[str] = (),
 ) -> None:
     """Run the consumers until SIGTERM or SIGINT, then stop them warm."""
     logging.basicConfig(
@@ -139,7 +165,7 @@ def supervise(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    group = WorkerGroup(settings, queues, concurrency, sweeper)
+    group = WorkerGroup(settings, queues, concurrency, sweeper, local_queues)
     log.info(
         "supervising %d worker process(es): %s",
         len(group.children),

@@ -2,7 +2,8 @@
 
 It opens with the current state (a late subscriber misses nothing that matters:
 every event carries the whole job object), sends one event per status change
-until the job ends, then closes. Changes arrive through the same Redis pub/sub
+(and `job.progress` per recorded denoising step of a local model) until the job
+ends, then closes. Changes arrive through the same Redis pub/sub
 as sync waits, so any API process can serve any job's stream.
 """
 
@@ -42,10 +43,13 @@ async def job_events(
             position = queue_position(session, job)
         obj = render_job(job, images, storage, base_url, settings.url_expiry_seconds)
         obj.queue_position = position
+        # While a local model denoises, each recorded step is a `job.progress` event
+        # (the worker throttles them, IMAGEGEN_PROGRESS_INTERVAL_SECONDS).
+        steps = obj.progress if obj.status == "running" else None
         return Frame(
-            name=f"job.{obj.status}",
+            name="job.progress" if steps else f"job.{obj.status}",
             data=obj.model_dump(mode="json", exclude_none=True),
-            state=(obj.status, position),
+            state=(obj.status, position, steps.step if steps else None),
             final=obj.status in FINISHED,
         )
 

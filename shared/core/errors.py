@@ -52,6 +52,9 @@ class ErrorCode(StrEnum):
     upstream_auth_error = "upstream_auth_error"
     upstream_bad_response = "upstream_bad_response"
     provider_misconfigured = "provider_misconfigured"
+    # Local models: the model's files cannot be loaded; the GPU ran out of memory.
+    model_unavailable = "model_unavailable"
+    out_of_memory = "out_of_memory"
     storage_unavailable = "storage_unavailable"
     unsafe_target = "unsafe_target"
     unresolvable_target = "unresolvable_target"

@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     # While the database is unreachable, a worker holding a finished result keeps
     # trying to record it for this long before the job is left to its lease.
     record_retry_seconds: float = 300.0
+    # Local models: the device a GPU worker runs them on (`imagegen worker --device
+    # cuda:1` sets it), overriding a model's own `device: auto`; never download
+    # from the Hugging Face Hub (a Hub id must be in the local cache).
+    device: str | None = None
+    hf_offline: bool = False
+    # Least time between two progress writes of a denoising job (the job's
+    # `progress` and its SSE `job.progress` events); a cancel is noticed at each.
+    progress_interval_seconds: float = 0.5
     # A running job whose worker stops renewing its lease for this long is re-queued.
     job_lease_seconds: float = 60.0
     # A queued job whose broker message was published this long ago but never

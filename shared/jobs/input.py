@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from pydantic import ValidationError
 
 from shared.core.errors import InvalidRequest, schema_error
-from shared.jobs.schemas import GenerationParams, ImageGenerationRequest
+from shared.jobs.schemas import MAX_SEED, GenerationParams, ImageGenerationRequest
 from shared.registry import Registry, parse_size
 
 
@@ -78,6 +79,13 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
                 param="output_compression",
                 code="invalid_value",
             )
+    if req.seed is not None and not caps.seed:
+        raise InvalidRequest(
+            f"The model '{name}' does not support 'seed'.", param="seed", code="invalid_value"
+        )
+    # A seed is always recorded where the model takes one, so any job can be made
+    # again exactly.
+    seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
     return GenerationParams(
         model=name,
         prompt=req.prompt,
@@ -91,4 +99,5 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
         background=_choice(req.background, caps.backgrounds, None, "background", name),
         moderation=_choice(req.moderation, caps.moderations, None, "moderation", name),
         user=req.user,
+        seed=seed if caps.seed else None,
     )

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from shared.core.schemas import ListPage
 from shared.jobs.models import Job, JobStatus
 
+MAX_SEED = 2**32 - 1
+
 
 class ImageGenerationRequest(BaseModel):
     """``POST /v1/images/generations``. ``null`` means "use the default" everywhere.
@@ -35,6 +37,10 @@ class ImageGenerationRequest(BaseModel):
     # Extensions (the openai package sends them with extra_body): a per-job webhook.
     webhook_url: StrictStr | None = Field(default=None, max_length=2000)
     webhook_events: list[StrictStr] | None = Field(default=None, max_length=20)
+    # Extension, models with the seed capability (local models): image i of the job
+    # uses seed + i; the same request and seed give the same images on the same
+    # device and dtype. Without one a random seed is chosen and recorded.
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
 class GenerationParams(BaseModel):
@@ -52,6 +58,7 @@ class GenerationParams(BaseModel):
     background: str | None = None
     moderation: str | None = None
     user: str | None = None
+    seed: int | None = None
 
 
 class ImageData(BaseModel):
@@ -75,6 +82,13 @@ class JobError(BaseModel):
     message: str
 
 
+class JobProgress(BaseModel):
+    """Denoising steps done of the steps the job's model runs (local models)."""
+
+    step: int
+    steps: int
+
+
 class JobObject(BaseModel):
     id: str
     object: Literal["image.job"] = "image.job"
@@ -95,6 +109,9 @@ class JobObject(BaseModel):
     queue_position: int | None = None
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
+    progress: JobProgress | None = None
+    # The seed of each image, in order (models with the seed capability).
+    seeds: list[int] | None = None
 
 
 JobList = ListPage[JobObject]

@@ -15,7 +15,15 @@ from shared.core.errors import (
 )
 from shared.core.storage import Storage
 from shared.jobs.models import Image, Job, JobStatus
-from shared.jobs.schemas import ImageData, ImagesResponse, JobError, JobList, JobObject, job_params
+from shared.jobs.schemas import (
+    ImageData,
+    ImagesResponse,
+    JobError,
+    JobList,
+    JobObject,
+    JobProgress,
+    job_params,
+)
 
 
 def job_failure(job: Job) -> ClientError:
@@ -105,7 +113,16 @@ def render_job(
         call_id=job.call_id,
         webhook_url=job.webhook_url,
         webhook_events=job.webhook_events,
+        progress=JobProgress.model_validate(job.progress) if job.progress else None,
+        seeds=_seeds(job.request),
     )
+
+
+def _seeds(request: dict[str, Any]) -> list[int] | None:
+    seed, n = request.get("seed"), request.get("n")
+    if not isinstance(seed, int) or not isinstance(n, int):
+        return None
+    return [seed + index for index in range(n)]
 
 
 def render_list(

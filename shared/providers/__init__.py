@@ -15,6 +15,11 @@ def get_provider(spec: ModelSpec) -> Provider:
         from shared.providers.procedural import ProceduralProvider
 
         return ProceduralProvider()
+    if spec.provider == "diffusers":
+        # Imported only here: torch and diffusers load in GPU workers alone.
+        from shared.providers.local.diffusion import DiffusersProvider
+
+        return DiffusersProvider()
     from shared.providers.openai_compat import OpenAICompatibleProvider
 
     return OpenAICompatibleProvider.shared()

@@ -19,9 +19,25 @@ class Generation:
     usage: dict[str, Any] | None = field(default=None)
 
 
+class Progress(Protocol):
+    def __call__(self, step: int, steps: int) -> None:
+        """``step`` of ``steps`` done. Raises JobCanceled when the job must stop (it
+        was canceled, or its lease was lost): a provider lets it propagate."""
+
+
+def no_progress(step: int, steps: int) -> None:
+    """For callers that follow no progress."""
+
+
 class Provider(Protocol):
     def generate(
-        self, spec: ModelSpec, params: GenerationParams, count: int, first_index: int
+        self,
+        spec: ModelSpec,
+        params: GenerationParams,
+        count: int,
+        first_index: int,
+        progress: Progress = no_progress,
     ) -> Generation:
-        """Make ``count`` images (images ``first_index`` .. of the job)."""
+        """Make ``count`` images (images ``first_index`` .. of the job). Providers
+        that work in steps (local models) report them through ``progress``."""
         ...

@@ -17,10 +17,7 @@ from shared.core.errors import PermanentProviderError, TransientProviderError
 from shared.core.settings import get_settings
 from shared.core.storable import clean
 from shared.jobs.schemas import GenerationParams
-from shared.providers.base import (
-    GeneratedImage,
-    Generation,
-)
+from shared.providers.base import GeneratedImage, Generation, Progress, no_progress
 from shared.registry import ModelSpec
 
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
@@ -97,7 +94,12 @@ class OpenAICompatibleProvider:
         return payload
 
     def generate(
-        self, spec: ModelSpec, params: GenerationParams, count: int, first_index: int
+        self,
+        spec: ModelSpec,
+        params: GenerationParams,
+        count: int,
+        first_index: int,
+        progress: Progress = no_progress,
     ) -> Generation:
         if not spec.base_url:
             raise PermanentProviderError(

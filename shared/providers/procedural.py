@@ -13,7 +13,7 @@ from functools import lru_cache
 from PIL import Image, ImageDraw
 
 from shared.jobs.schemas import GenerationParams
-from shared.providers.base import GeneratedImage, Generation
+from shared.providers.base import GeneratedImage, Generation, Progress, no_progress
 from shared.registry import ModelSpec, parse_size
 
 
@@ -43,7 +43,12 @@ def _ramp(width: int, height: int) -> Image.Image:
 
 class ProceduralProvider:
     def generate(
-        self, spec: ModelSpec, params: GenerationParams, count: int, first_index: int
+        self,
+        spec: ModelSpec,
+        params: GenerationParams,
+        count: int,
+        first_index: int,
+        progress: Progress = no_progress,
     ) -> Generation:
         width, height = parse_size(params.size) or (1024, 1024)
         images = []

@@ -1,0 +1,123 @@
+"""``diffusers``: a local diffusion pipeline as a provider.
+
+A job's ``n`` images come from one pipeline call (``num_images_per_prompt``), image
+``i`` from its own generator seeded ``seed + i``: the same request and seed give
+the same images on the same device and dtype, whether made together or apart
+(the split after an out-of-memory error changes nothing). The generators live on
+the CPU, so the starting noise is the same on every device.
+
+Each denoising step reports through ``progress``, which raises ``JobCanceled``
+when the job was canceled or its lease lost: the exception leaves the loop from
+inside ``callback_on_step_end``, so a cancel stops the work within one step.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from shared.core.errors import ErrorCode, PermanentProviderError
+from shared.jobs.schemas import GenerationParams
+from shared.providers.base import GeneratedImage, Generation, Progress, no_progress
+from shared.providers.local.pipelines import device_lock, pipeline
+from shared.registry import ModelSpec, parse_size
+
+log = logging.getLogger(__name__)
+
+
+class DiffusersProvider:
+    def generate(
+        self,
+        spec: ModelSpec,
+        params: GenerationParams,
+        count: int,
+        first_index: int,
+        progress: Progress = no_progress,
+    ) -> Generation:
+        pipe, device = pipeline(spec, "text2image")
+        width, height = parse_size(params.size) or (512, 512)
+        first_seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+        seeds = [first_seed + first_index + i for i in range(count)]
+        steps = spec.steps_for(params.quality)
+
+        def run(chunk: list[int], done: int, total: int) -> list[Any]:
+            def on_step(_pipe: Any, step: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                progress(done + step + 1, total)
+                return tensors
+
+            with device_lock(device):
+                out = pipe(
+                    prompt=params.prompt,
+                    width=width,
+                    height=height,
+                    num_inference_steps=steps,
+                    guidance_scale=spec.guidance_scale,
+                    num_images_per_prompt=len(chunk),
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
+                    callback_on_step_end=on_step,
+                    output_type="pil",
+                )
+            return list(out.images)
+
+        images = _split_on_oom(spec, params.size, seeds, steps, run)
+        return Generation(images=[GeneratedImage(data=_png(image)) for image in images])
+
+
+def _split_on_oom(
+    spec: ModelSpec,
+    size: str,
+    seeds: list[int],
+    steps: int,
+    run: Callable[[list[int], int, int], list[Any]],
+) -> list[Any]:
+    """All images in one call; out of GPU memory, once more one image a call; out of
+    memory again, the job fails naming the model and size."""
+    try:
+        return _refusing_bad_input(spec, partial(run, seeds, 0, steps))
+    except torch.cuda.OutOfMemoryError:
+        _free_cache()
+        if len(seeds) > 1:
+            log.warning(
+                "model %s: out of GPU memory for %d images; one a call", spec.name, len(seeds)
+            )
+            try:
+                return [
+                    image
+                    for i, seed in enumerate(seeds)
+                    for image in _refusing_bad_input(
+                        spec, partial(run, [seed], i * steps, len(seeds) * steps)
+                    )
+                ]
+            except torch.cuda.OutOfMemoryError:
+                _free_cache()
+        raise PermanentProviderError(
+            f"The model '{spec.name}' ran out of GPU memory making a {size} image. "
+            "Try a smaller size or n, or set cpu_offload or vae_tiling on the model.",
+            code=ErrorCode.out_of_memory,
+        ) from None
+
+
+def _refusing_bad_input(spec: ModelSpec, call: Callable[[], list[Any]]) -> list[Any]:
+    try:
+        return call()
+    except ValueError as exc:  # the pipeline's own checks (a size it cannot make)
+        raise PermanentProviderError(
+            f"The model '{spec.name}' refused the request: {exc}", code=ErrorCode.invalid_value
+        ) from exc
+
+
+def _free_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # fast; re-encoded on request
+    return buf.getvalue()
