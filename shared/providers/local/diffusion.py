@@ -2,9 +2,10 @@
 
 A job's ``n`` images come from one pipeline call (``num_images_per_prompt``), image
 ``i`` from its own generator seeded ``seed + i``: the same request and seed give
-the same images on the same device and dtype, whether made together or apart
-(the split after an out-of-memory error changes nothing). The generators live on
-the CPU, so the starting noise is the same on every device.
+identical images on the same device and dtype. Made apart (the split after an
+out-of-memory error, or n=1 with seed + i) an image starts from the same noise and
+matches up to the rounding of batched kernels, not bit for bit. The generators
+live on the CPU, so the starting noise is the same on every device.
 
 Each denoising step reports through ``progress``, which raises ``JobCanceled``
 when the job was canceled or its lease lost: the exception leaves the loop from

@@ -132,8 +132,11 @@ def _load(spec: ModelSpec, device: torch.device) -> Any:
     log.info("loading model %s from %s on %s (%s)", spec.name, source, device, dtype)
     try:
         pipe = cls.from_pretrained(source, local_files_only=local_only, **{DTYPE_ARG: dtype})
-    except (OSError, ValueError) as exc:  # missing or partial files, not in the cache
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:
+        # Missing or partial files, not in the cache, a folder that is no pipeline,
+        # no memory to hold it: diffusers raises many kinds; each means the same here.
+        text = str(exc).strip()
+        reason = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
         raise PermanentProviderError(
             f"The model '{spec.name}' is not available: loading {source} failed: {reason}",
             code=ErrorCode.model_unavailable,

@@ -1,0 +1,170 @@
+"""The diffusers provider in-process, on a tiny pipeline the test builds (CPU)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy
+import pytest
+import torch
+from PIL import Image
+
+from shared.core.errors import JobCanceled, PermanentProviderError
+from shared.jobs.schemas import GenerationParams
+from shared.providers.local import diffusion
+from shared.providers.local.diffusion import DiffusersProvider
+from shared.registry import ModelSpec
+from tests.support.tiny_diffusion import build_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def spec_for(path: Path | str, name: str = "tiny") -> ModelSpec:
+    return ModelSpec.model_validate(
+        {
+            "name": name,
+            "provider": "diffusers",
+            "model_path": str(path),
+            "device": "cpu",
+            "steps": 6,
+            "quality_steps": {"low": 3, "high": 9},
+            "capabilities": {"sizes": ["64x64", "32x48"], "max_n": 4},
+        }
+    )
+
+
+def params(**kw: Any) -> GenerationParams:
+    return GenerationParams.model_validate(
+        {"model": "tiny", "prompt": "a red fox", "n": 1, "size": "64x64", "seed": 7, **kw}
+    )
+
+
+def test_n_images_of_the_requested_size_from_one_call_with_each_step_reported(
+    model_dir: Path,
+) -> None:
+    steps: list[tuple[int, int]] = []
+    gen = DiffusersProvider().generate(
+        spec_for(model_dir), params(n=3, size="32x48"), 3, 0, lambda s, t: steps.append((s, t))
+    )
+    assert len(gen.images) == 3
+    for image in gen.images:
+        decoded = Image.open(io.BytesIO(image.data))
+        assert (decoded.format, decoded.size) == ("PNG", (32, 48))
+    assert steps == [(s, 6) for s in range(1, 7)]  # one call: 6 steps, not 18
+    assert len({image.data for image in gen.images}) == 3  # three seeds, three images
+
+
+def pixels(data: bytes) -> Any:
+    return numpy.asarray(Image.open(io.BytesIO(data)), dtype=numpy.int16)
+
+
+def same_picture(a: bytes, b: bytes) -> bool:
+    """Equal up to the rounding of batched kernels (a batch of 3 and of 1 take
+    different code paths): at most a few levels on any pixel."""
+    return bool(numpy.abs(pixels(a) - pixels(b)).max() <= 3)
+
+
+def test_the_same_request_and_seed_give_identical_images(model_dir: Path) -> None:
+    provider, spec = DiffusersProvider(), spec_for(model_dir)
+    three = provider.generate(spec, params(n=3, seed=40), 3, 0)
+    again = provider.generate(spec, params(n=3, seed=40), 3, 0)
+    other = provider.generate(spec, params(n=3, seed=99), 3, 0)
+    assert [i.data for i in three.images] == [i.data for i in again.images]
+    assert not same_picture(three.images[0].data, other.images[0].data)
+    # Image i is seed + i: made alone with that seed, it is the same picture.
+    alone = provider.generate(spec, params(n=1, seed=42), 1, 0)
+    assert same_picture(alone.images[0].data, three.images[2].data)
+    assert not same_picture(alone.images[0].data, three.images[1].data)
+
+
+def test_quality_picks_the_number_of_steps(model_dir: Path) -> None:
+    seen: list[int] = []
+    DiffusersProvider().generate(
+        spec_for(model_dir), params(quality="high"), 1, 0, lambda s, t: seen.append(t)
+    )
+    assert set(seen) == {9}
+    assert len(seen) == 9
+
+
+def test_a_cancel_raised_by_progress_stops_the_loop_at_that_step(model_dir: Path) -> None:
+    steps: list[int] = []
+
+    def progress(step: int, total: int) -> None:
+        steps.append(step)
+        if step == 2:
+            raise JobCanceled()
+
+    with pytest.raises(JobCanceled):
+        DiffusersProvider().generate(spec_for(model_dir), params(quality="high"), 1, 0, progress)
+    assert steps == [1, 2]
+
+
+def test_a_missing_model_folder_fails_with_model_unavailable(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(PermanentProviderError) as caught:
+        DiffusersProvider().generate(spec_for(missing, "missing"), params(), 1, 0)
+    assert caught.value.code == "model_unavailable"
+    assert "'missing'" in caught.value.message
+    assert str(missing) in caught.value.message
+
+
+def test_a_folder_that_is_not_a_pipeline_fails_with_model_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(PermanentProviderError) as caught:
+        DiffusersProvider().generate(spec_for(tmp_path, "broken"), params(), 1, 0)
+    assert caught.value.code == "model_unavailable"
+
+
+class OutOfMemoryAbove:
+    """The loaded pipeline, except that a call for more than ``limit`` images runs out
+    of GPU memory (the condition a CPU cannot produce; raised as torch raises it)."""
+
+    def __init__(self, pipe: Any, limit: int) -> None:
+        self.pipe, self.limit, self.calls = pipe, limit, []
+
+    def __call__(self, **kw: Any) -> Any:
+        self.calls.append(kw["num_images_per_prompt"])
+        if kw["num_images_per_prompt"] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.pipe(**kw)
+
+
+@pytest.fixture
+def out_of_memory_above(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> list[OutOfMemoryAbove]:
+    made: list[OutOfMemoryAbove] = []
+    loaded = diffusion.pipeline
+
+    def limited(spec: ModelSpec, task: Any = "text2image") -> Any:
+        pipe, device = loaded(spec, task)
+        made.append(OutOfMemoryAbove(pipe, int(spec.name.rsplit("-", 1)[1])))
+        return made[-1], device
+
+    monkeypatch.setattr(diffusion, "pipeline", limited)
+    return made
+
+
+def test_out_of_memory_retries_once_one_image_a_call_with_the_same_images(
+    model_dir: Path, out_of_memory_above: list[OutOfMemoryAbove]
+) -> None:
+    expected = DiffusersProvider().generate(spec_for(model_dir, "oom-9"), params(n=3), 3, 0)
+    split = DiffusersProvider().generate(spec_for(model_dir, "oom-1"), params(n=3), 3, 0)
+    assert out_of_memory_above[-1].calls == [3, 1, 1, 1]
+    assert len(split.images) == 3
+    for got, want in zip(split.images, expected.images, strict=True):
+        assert same_picture(got.data, want.data)
+
+
+def test_out_of_memory_again_fails_naming_the_model_and_size(
+    model_dir: Path, out_of_memory_above: list[OutOfMemoryAbove]
+) -> None:
+    with pytest.raises(PermanentProviderError) as caught:
+        DiffusersProvider().generate(spec_for(model_dir, "oom-0"), params(n=2), 2, 0)
+    assert out_of_memory_above[-1].calls == [2, 1]
+    assert caught.value.code == "out_of_memory"
+    assert "'oom-0'" in caught.value.message
+    assert "64x64" in caught.value.message
