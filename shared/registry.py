@@ -63,6 +63,7 @@ LOCAL_FIELDS = (
     "cpu_offload",
     "vae_tiling",
 )
+MAX_STEPS = 500
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -92,7 +93,9 @@ class ModelSpec(BaseModel):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     # "auto": the worker's --device, else the first GPU, else the CPU.
     device: str = "auto"
-    steps: int = Field(default=25, ge=1, le=1000)
+    # At most 500: schedulers count 1,000 training timesteps, and some (DDIM) index
+    # past them at 1,000 inference steps; no model needs more than a few hundred.
+    steps: int = Field(default=25, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(default=7.5, ge=0, le=100)
     # quality -> denoising steps (e.g. low: 12, medium: 25, high: 50); its keys are
     # the model's qualities unless the capabilities name them.
@@ -139,8 +142,8 @@ class ModelSpec(BaseModel):
         for quality, steps in self.quality_steps.items():
             if quality not in self.capabilities.qualities:
                 raise ValueError(f"quality_steps: {quality!r} is not among capabilities.qualities")
-            if not 1 <= steps <= 1000:
-                raise ValueError(f"quality_steps: {quality}: {steps} steps, not 1 to 1000")
+            if not 1 <= steps <= MAX_STEPS:
+                raise ValueError(f"quality_steps: {quality}: {steps} steps, not 1 to {MAX_STEPS}")
         return self
 
     def steps_for(self, quality: str | None) -> int:

@@ -133,6 +133,7 @@ def produce(job: Job) -> Result | None:
             data if job.batch_id is None else [],  # batch lines have no waiter
         )
     except JobCanceled:
+        log.info("job %s stopped: canceled, or its lease was lost", job.id)
         return None
     except (ProviderError, UnreadableImage) as exc:
         code = exc.code if isinstance(exc, ProviderError) else "upstream_bad_response"

@@ -20,12 +20,12 @@ class Generation:
 
 
 class Progress(Protocol):
-    def __call__(self, step: int, steps: int) -> None:
+    def __call__(self, step: int, steps: int, /) -> None:
         """``step`` of ``steps`` done. Raises JobCanceled when the job must stop (it
         was canceled, or its lease was lost): a provider lets it propagate."""
 
 
-def no_progress(step: int, steps: int) -> None:
+def no_progress(step: int, steps: int, /) -> None:
     """For callers that follow no progress."""
 
 

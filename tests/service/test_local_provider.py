@@ -13,7 +13,7 @@ from PIL import Image
 
 from shared.core.errors import JobCanceled, PermanentProviderError
 from shared.jobs.schemas import GenerationParams
-from shared.providers.local import diffusion
+from shared.providers.local import diffusion, pipelines
 from shared.providers.local.diffusion import DiffusersProvider
 from shared.registry import ModelSpec
 from tests.support.tiny_diffusion import build_tiny_sd
@@ -125,7 +125,8 @@ class OutOfMemoryAbove:
     of GPU memory (the condition a CPU cannot produce; raised as torch raises it)."""
 
     def __init__(self, pipe: Any, limit: int) -> None:
-        self.pipe, self.limit, self.calls = pipe, limit, []
+        self.pipe, self.limit = pipe, limit
+        self.calls: list[int] = []
 
     def __call__(self, **kw: Any) -> Any:
         self.calls.append(kw["num_images_per_prompt"])
@@ -137,7 +138,7 @@ class OutOfMemoryAbove:
 @pytest.fixture
 def out_of_memory_above(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> list[OutOfMemoryAbove]:
     made: list[OutOfMemoryAbove] = []
-    loaded = diffusion.pipeline
+    loaded = pipelines.pipeline
 
     def limited(spec: ModelSpec, task: Any = "text2image") -> Any:
         pipe, device = loaded(spec, task)

@@ -123,6 +123,7 @@ class Stack:
         worker_env: dict[str, str] | None = None,
         api_env: dict[str, str] | None = None,
         pg_admin_url: str = PG_ADMIN_URL,
+        extra_models: list[dict[str, Any]] | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +134,9 @@ class Stack:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         models_file = workdir / "models.yaml"
-        models_file.write_text(yaml.safe_dump(models_yaml(self.upstream.base_url)))
+        models = models_yaml(self.upstream.base_url)
+        models["models"] += extra_models or []
+        models_file.write_text(yaml.safe_dump(models))
         self.env = {
             **os.environ,
             "IMAGEGEN_DATA_DIR": str(workdir / "data"),

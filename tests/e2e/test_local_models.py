@@ -1,0 +1,178 @@
+"""A local model end to end: a tiny Stable Diffusion pipeline built by the test, a
+real `imagegen worker --queues gpu` process (on the CPU here), the API, and the
+unmodified `openai` package."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.support.processes import ServiceProcess, wait_for
+from tests.support.stack import Stack
+from tests.support.tiny_diffusion import build_tiny_sd
+
+TINY = "tiny-sd"
+
+
+@pytest.fixture(scope="module")
+def local_stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("local")
+    model = {
+        "name": TINY,
+        "provider": "diffusers",
+        "model_path": str(build_tiny_sd(workdir)),
+        "device": "cpu",
+        "steps": 8,
+        # "high" takes long enough on the CPU to cancel in the middle.
+        "quality_steps": {"low": 8, "medium": 120, "high": 500},
+        "capabilities": {"sizes": ["64x64", "32x48", "256x256"], "max_n": 4},
+    }
+    stack = Stack(workdir, s3_endpoint, extra_models=[model])
+    gpu = ServiceProcess(
+        ["worker", "--queues", "gpu"],
+        {**stack.env, "IMAGEGEN_PROGRESS_INTERVAL_SECONDS": "0.1"},
+        workdir / "gpu-worker.log",
+    ).start()
+    try:
+        yield stack
+    finally:
+        gpu.stop()
+        stack.close()
+    assert "Traceback" not in gpu.log()
+
+
+@pytest.fixture
+def client(local_stack: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        api_key=local_stack.key_a, base_url=f"{local_stack.base_url}/v1", max_retries=0
+    ) as client:
+        yield client
+
+
+def decode(b64: str | None) -> Image.Image:
+    assert b64
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_url_images_of_the_requested_size(client: openai.OpenAI) -> None:
+    result = client.images.generate(
+        model=TINY, prompt="a lighthouse", size="64x64", n=2, response_format="url"
+    )
+    assert result.data is not None
+    assert len(result.data) == 2
+    for item in result.data:
+        assert item.url
+        image = Image.open(io.BytesIO(httpx.get(item.url).content))
+        assert (image.format, image.size) == ("PNG", (64, 64))
+
+
+def test_b64_json_in_the_requested_size_and_format(client: openai.OpenAI) -> None:
+    result = client.images.generate(  # type: ignore[call-overload]
+        model=TINY,
+        prompt="a lighthouse",
+        size="32x48",
+        response_format="b64_json",
+        output_format="jpeg",
+    )
+    image = decode(result.data[0].b64_json)
+    assert (image.format, image.size) == ("JPEG", (32, 48))
+
+
+def test_the_same_seed_gives_identical_bytes_and_is_recorded(
+    client: openai.OpenAI, local_stack: Stack
+) -> None:
+    def make(seed: int) -> list[bytes]:
+        result = client.images.generate(
+            model=TINY,
+            prompt="a red fox",
+            size="64x64",
+            n=2,
+            response_format="b64_json",
+            extra_body={"seed": seed},
+        )
+        assert result.data is not None
+        return [base64.b64decode(item.b64_json or "") for item in result.data]
+
+    first, again, other = make(1234), make(1234), make(99)
+    assert first == again
+    assert first[0] != first[1]
+    assert other[0] != first[0]
+    # The job records the seed of each image; without one, a random seed is chosen
+    # and recorded all the same, so any job can be made again.
+    with local_stack.client() as http:
+        job = http.post(
+            "/v1/images/generations",
+            headers={"Prefer": "respond-async"},
+            json={"model": TINY, "prompt": "a red fox", "size": "64x64", "n": 2},
+        ).json()
+        done = local_stack.wait_job(job["id"])
+        assert done["status"] == "succeeded"
+        seed = done["request"]["seed"]
+        assert done["seeds"] == [seed, seed + 1]
+
+
+def test_progress_events_on_the_job_stream(local_stack: Stack) -> None:
+    with local_stack.client() as http:
+        job = http.post(
+            "/v1/images/generations",
+            headers={"Prefer": "respond-async"},
+            json={"model": TINY, "prompt": "progress", "size": "64x64", "quality": "medium"},
+        ).json()
+        events: list[tuple[str, dict[str, Any]]] = []
+        with http.stream("GET", f"/v1/images/jobs/{job['id']}/events", timeout=60) as resp:
+            name = None
+            for line in resp.iter_lines():
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    assert name is not None
+                    events.append((name, json.loads(line.removeprefix("data: "))))
+    progress = [data["progress"] for name, data in events if name == "job.progress"]
+    assert len(progress) >= 2
+    assert all(p["steps"] == 120 for p in progress)
+    steps = [p["step"] for p in progress]
+    assert steps == sorted(steps)
+    assert len(set(steps)) == len(steps)
+    assert events[-1][0] == "job.succeeded"
+    assert events[-1][1]["progress"] == {"step": 120, "steps": 120}
+
+
+def test_cancel_mid_run_stops_the_denoising_loop(local_stack: Stack) -> None:
+    with local_stack.client() as http:
+        job = http.post(
+            "/v1/images/generations",
+            headers={"Prefer": "respond-async"},
+            json={"model": TINY, "prompt": "long", "size": "256x256", "quality": "high"},
+        ).json()
+        seen: dict[str, Any] = {}
+
+        def denoising() -> bool:
+            seen.update(http.get(f"/v1/images/jobs/{job['id']}").json())
+            assert seen["status"] in ("queued", "running"), seen
+            return bool(seen.get("progress"))
+
+        wait_for(denoising, 60, "the first progress step")
+        assert seen["progress"]["steps"] == 500
+        canceled_at = time.monotonic()
+        assert http.post(f"/v1/images/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+        # The GPU worker runs one job at a time: the next job can only run once the
+        # canceled one has left the loop (its 500 steps at 256x256 take minutes here).
+        after = http.post(
+            "/v1/images/generations",
+            json={"model": TINY, "prompt": "next", "size": "64x64", "response_format": "url"},
+        )
+        assert after.status_code == 200
+        assert time.monotonic() - canceled_at < 30
+        final = http.get(f"/v1/images/jobs/{job['id']}").json()
+        assert final["status"] == "canceled"
+        assert final["progress"]["step"] < 500
+        assert "result" not in final
