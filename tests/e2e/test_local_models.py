@@ -76,13 +76,14 @@ def test_url_images_of_the_requested_size(client: openai.OpenAI) -> None:
 
 
 def test_b64_json_in_the_requested_size_and_format(client: openai.OpenAI) -> None:
-    result = client.images.generate(  # type: ignore[call-overload]
+    result = client.images.generate(
         model=TINY,
         prompt="a lighthouse",
         size="32x48",
         response_format="b64_json",
         output_format="jpeg",
     )
+    assert result.data is not None
     image = decode(result.data[0].b64_json)
     assert (image.format, image.size) == ("JPEG", (32, 48))
 
