@@ -37,6 +37,12 @@ class LeaseBook:
             self._held.pop(job_id, None)
             self._lost.discard(job_id)
 
+    def lose(self, job_id: str, token: str) -> None:
+        """Someone found the job is no longer this attempt's (canceled, taken over)."""
+        with self._lock:
+            if self._held.get(job_id) == token:
+                self._lost.add(job_id)
+
     def lost(self, job_id: str) -> bool:
         with self._lock:
             return job_id in self._lost

@@ -103,7 +103,8 @@ def produce(job: Job) -> Result | None:
     params = job_params(job)
     try:
         spec = get_registry().get(job.model)
-        generation = _generate(spec, params, job.id, StepReporter(job))
+        steps = StepReporter(job)
+        generation = _generate(spec, params, job.id, steps)
         if LEASES.lost(job.id):
             raise JobCanceled()
         storage = get_storage()
@@ -126,9 +127,10 @@ def produce(job: Job) -> Result | None:
                     revised_prompt=generated.revised_prompt,
                 )
             )
+        done = {"progress": steps.final} if steps.final else {}
         return Result(
             job,
-            {"status": JobStatus.succeeded, "usage": generation.usage},
+            {"status": JobStatus.succeeded, "usage": generation.usage, **done},
             images,
             data if job.batch_id is None else [],  # batch lines have no waiter
         )

@@ -52,6 +52,7 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
         if r.job.batch_id is not None
         and r.values["status"] == JobStatus.succeeded
         and not r.values.get("usage")
+        and "progress" not in r.values
     ]
     rest = [r for r in results if not any(r is b for b in bulk)]
     jobs, images = table(Job), table(Image)
