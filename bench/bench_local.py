@@ -14,8 +14,9 @@ image, images per second, peak GPU memory, for n=1 and n=4 in one call and each
 dtype. ``queue``: the same model saved with ``save_pretrained``, served by a real
 ``imagegen api`` and ``imagegen worker --queues gpu`` (Redis broker and events,
 SQLite, local storage), timed per sync request (``response_format=url``) against
-the bare pipeline call in this process: the difference is what our queue adds
-(request, broker, claim, PNG encode, storage, record, wake-up).
+the bare pipeline call in this process, alternated request by request (the
+median of the paired differences): what our queue adds (request, broker, claim,
+PNG encode, storage, record, wake-up).
 """
 
 from __future__ import annotations
@@ -202,10 +203,8 @@ def queue(args: argparse.Namespace) -> None:
     dtype = args.dtype[0]
     work = Path(tempfile.mkdtemp(prefix="bench-local-"))
     pipe = build(arch, getattr(torch, dtype), work)
-    bare = timed(pipe, size, 1, args.requests)
+    call(pipe, size, 1)  # warm-up
     pipe.save_pretrained(work / "model")
-    del pipe
-    torch.cuda.empty_cache()
     redis_port, port = free_port(), free_port()
     redis = subprocess.Popen(
         [args.redis_server, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
@@ -246,7 +245,7 @@ def queue(args: argparse.Namespace) -> None:
     worker = ServiceProcess(["worker", "--queues", "gpu"], env, work / "worker.log").start()
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", 60)
-        seconds = []
+        seconds, bare = [], []
         with httpx.Client(
             base_url=f"http://127.0.0.1:{port}",
             headers={"Authorization": f"Bearer {key}"},
@@ -272,20 +271,27 @@ def queue(args: argparse.Namespace) -> None:
                 assert resp.status_code == 200, resp.text
                 if i:
                     seconds.append(time.perf_counter() - start)
+                    # The bare call right after, in the same conditions (the
+                    # services idle beside it): paired, so drift cancels out.
+                    start = time.perf_counter()
+                    call(pipe, size, 1, seed=i)
+                    bare.append(time.perf_counter() - start)
         if profiler is not None:
             profiler.send_signal(2)  # SIGINT: py-spy writes what it has
             profiler.wait(30)
         through = statistics.median(seconds)
+        alone = statistics.median(bare)
+        adds = statistics.median(q - b for q, b in zip(seconds, bare, strict=True))
         print(
             json.dumps(
                 {
                     "arch": arch,
                     "dtype": dtype,
                     "size": size,
-                    "bare_pipeline_s": bare["s_per_call"],
+                    "bare_pipeline_s": round(alone, 3),
                     "through_queue_s": round(through, 3),
-                    "queue_adds_ms": round((through - bare["s_per_call"]) * 1000, 1),
-                    "queue_adds_pct": round((through / bare["s_per_call"] - 1) * 100, 1),
+                    "queue_adds_ms": round(adds * 1000, 1),
+                    "queue_adds_pct": round(adds / alone * 100, 1),
                 }
             ),
             flush=True,
