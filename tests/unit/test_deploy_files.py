@@ -74,3 +74,21 @@ def test_the_image_copies_every_package_it_installs() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     missing = [p for p in packages if f"COPY {p} ./{p}" not in dockerfile]
     assert missing == []
+
+
+def test_the_gpu_profile_runs_local_models_on_a_reserved_gpu_with_the_local_extra() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    gpu = services["gpu-worker"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["command"] == ["imagegen", "worker", "--queues", "gpu"]
+    assert gpu["build"]["args"]["EXTRAS"] == "local"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    # Every process that reads the registry sees the same models file.
+    for name in ("api", "worker", "batch-worker", "webhook-worker", "gpu-worker"):
+        assert any(v.endswith(":/models") or ":/models:" in v for v in services[name]["volumes"])
+    assert 'pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}"' in (ROOT / "Dockerfile").read_text()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(dep.startswith("diffusers") for dep in extras["local"])

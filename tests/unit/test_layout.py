@@ -4,6 +4,8 @@ import which, and that only the unit of work commits."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,25 @@ def test_domain_services_open_no_transaction() -> None:
         if "unit_of_work()" in path.read_text()
     ]
     assert opened == ["shared/jobs/service.py"]  # send_job: marks a refused publish
+
+
+def test_only_the_local_provider_imports_torch() -> None:
+    """The API and the workers of other queues stay light: torch, diffusers and
+    transformers are imported by shared/providers/local alone (and lazily, by the
+    provider lookup and a GPU worker's warm-up)."""
+    heavy = ("torch", "diffusers", "transformers")
+    offenders = [
+        (path, module)
+        for package in ("api", "worker", "shared", "cli")
+        for path, module in imports(package)
+        if module.split(".")[0] in heavy and not path.startswith("shared/providers/local/")
+    ]
+    assert offenders == []
+    probe = (
+        "import sys, api.app, worker.main, worker.tasks, cli.main, shared.providers;"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
