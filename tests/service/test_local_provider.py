@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import numpy
 import pytest
 import torch
 from PIL import Image
 
 from shared.core.errors import JobCanceled, PermanentProviderError
+from shared.core.settings import get_settings
 from shared.jobs.schemas import GenerationParams
 from shared.providers.local import diffusion, pipelines
 from shared.providers.local.diffusion import DiffusersProvider
@@ -169,3 +173,31 @@ def test_out_of_memory_again_fails_naming_the_model_and_size(
     assert caught.value.code == "out_of_memory"
     assert "'oom-0'" in caught.value.message
     assert "64x64" in caught.value.message
+
+
+@pytest.fixture
+def hf_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """An empty Hugging Face cache of this test's own; offline as this machine is.
+    (huggingface_hub reads HF_HUB_CACHE once, at import: set where it keeps it.)"""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("IMAGEGEN_HF_OFFLINE", "true")
+    get_settings.cache_clear()
+    yield tmp_path / "hub"
+    get_settings.cache_clear()
+
+
+def test_a_hub_id_loads_from_the_local_cache(model_dir: Path, hf_cache: Path) -> None:
+    # The layout huggingface_hub writes: a snapshot folder named by its revision.
+    repo = hf_cache / "models--acme--tiny-sd"
+    shutil.copytree(model_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    gen = DiffusersProvider().generate(spec_for("acme/tiny-sd", "hub-cached"), params(), 1, 0)
+    assert Image.open(io.BytesIO(gen.images[0].data)).size == (64, 64)
+
+
+def test_a_hub_id_missing_from_the_cache_offline_is_model_unavailable(hf_cache: Path) -> None:
+    with pytest.raises(PermanentProviderError) as caught:
+        DiffusersProvider().generate(spec_for("acme/not-cached", "hub-missing"), params(), 1, 0)
+    assert caught.value.code == "model_unavailable"
+    assert "acme/not-cached" in caught.value.message
