@@ -43,8 +43,17 @@ bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api ke
 basic = HTTPBasic(auto_error=False, description="HTTP Basic: user 'api', password = api key")
 
 
+# Gateway SDKs send the real key in their own header beside an Authorization
+# header their vendored OpenAI client fills with a placeholder
+# ("Bearer OPENAI_API_KEY"): where one is present, it is the key.
+GATEWAY_KEY_HEADERS = ("x-obiguard-api-key", "x-portkey-api-key")
+
+
 def key_from_request(request: Request) -> str | None:
-    """The API key from Bearer, HTTP Basic (password), x-api-key or x-obiguard-api-key."""
+    """The API key from a gateway's header, Bearer, HTTP Basic (password) or x-api-key."""
+    for header in GATEWAY_KEY_HEADERS:
+        if request.headers.get(header, "").strip():
+            return request.headers[header].strip()
     auth = request.headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
     value = value.strip()
@@ -56,10 +65,7 @@ def key_from_request(request: Request) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
         return password or None
-    for header in ("x-api-key", "x-obiguard-api-key"):
-        if request.headers.get(header):
-            return request.headers[header].strip()
-    return None
+    return request.headers.get("x-api-key", "").strip() or None
 
 
 async def current_principal(

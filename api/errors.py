@@ -130,7 +130,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         405: ErrorCode.method_not_allowed,
         413: ErrorCode.file_too_large,
     }.get(exc.status_code)
-    response = _respond(request, _client_error(exc.status_code, str(exc.detail), code))
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":  # no route: name the path
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    response = _respond(request, _client_error(exc.status_code, message, code))
     response.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return response
 

@@ -128,6 +128,41 @@ def test_gateway_header_and_explicit_nulls_are_accepted(service: Service) -> Non
     assert data[0]["url"].startswith("http")
 
 
+@pytest.mark.parametrize("header", ["x-obiguard-api-key", "x-portkey-api-key"])
+def test_a_gateway_key_header_wins_over_the_sdk_placeholder_bearer(
+    service: Service, header: str
+) -> None:
+    """The obiguard SDK's vendored OpenAI client sends `Authorization: Bearer
+    OPENAI_API_KEY` (a placeholder) beside the real key in its own header."""
+    headers = {"Authorization": "Bearer OPENAI_API_KEY", header: service.key_a}
+    resp = service.anonymous().post(
+        "/v1/images/generations",
+        json={"prompt": "gateway", "size": "64x64"},
+        headers=headers,
+    )
+    assert resp.status_code == 200, resp.text
+    # A wrong gateway key is refused even beside a valid Bearer key.
+    wrong = {"Authorization": f"Bearer {service.key_a}", header: "sk-not-a-key"}
+    refused = service.anonymous().post(
+        "/v1/images/generations", json={"prompt": "gateway"}, headers=wrong
+    )
+    assert refused.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/images/unknown"), ("GET", "/v1/no/such/thing")]
+)
+def test_an_unknown_path_under_v1_is_404_in_openai_shape_naming_it(
+    service: Service, method: str, path: str
+) -> None:
+    with service.client() as client:
+        resp = client.request(method, path, json={})
+    assert resp.status_code == 404
+    error = resp.json()["error"]
+    assert error["message"] == f"Invalid URL ({method} {path})"
+    assert (error["type"], error["code"]) == ("invalid_request_error", "not_found")
+
+
 def test_proxy_style_request_every_item_has_url(service: Service) -> None:
     """Atoma-style: model always given; in url mode every data[] item has a url."""
     with service.client() as client:
