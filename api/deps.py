@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import (
     HTTPAuthorizationCredentials,
@@ -131,3 +131,6 @@ WeavePrincipal = Annotated[Principal, Depends(weave_principal)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 BaseUrl = Annotated[str, Depends(base_url)]
+
+# A client's key for retrying a POST that creates something (shared/idempotency).
+IdempotencyKeyHeader = Annotated[str | None, Header(alias="Idempotency-Key")]

@@ -17,11 +17,13 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import IntegrityError
 
 from api.waiter import Change, JobWaiter
 from shared.core.db import unit_of_work
 from shared.core.ids import new_id
 from shared.core.storage import Storage
+from shared.idempotency.service import Claim, recall, remember
 from shared.jobs.models import FINISHED, Job
 from shared.jobs.replies import take_reply
 from shared.jobs.schemas import GenerationParams, ImagesResponse, job_params
@@ -67,11 +69,14 @@ def _record(
     call_inputs: dict[str, Any] | None,
     webhook: Webhook | None,
     reply: bool,
+    idempotency: Claim | None,
 ) -> Job:
     limiter = get_limiter()
     limiter.reserve_job(principal, job_id, params.n)
     try:
         with unit_of_work() as session:
+            if idempotency is not None:
+                remember(session, principal.project_id, idempotency, "job", job_id)
             job = create_job(
                 session,
                 principal,
@@ -99,6 +104,11 @@ async def webhook_for(body: Any) -> Webhook | None:
     return await run_in_threadpool(webhook_of, body)
 
 
+def _recall(principal: Principal, claim: Claim) -> str | None:
+    with unit_of_work() as session:
+        return recall(session, principal.project_id, claim, "job")
+
+
 def load(principal: Principal, job_id: str) -> Outcome:
     with unit_of_work() as session:
         job = get_job(session, principal.project_id, job_id)
@@ -118,8 +128,62 @@ async def submit(
     op_name: str = OP_OPENAI,
     call_inputs: dict[str, Any] | None = None,
     webhook: Webhook | None = None,
+    idempotency: Claim | None = None,
 ) -> Outcome:
-    """Record and enqueue the job; wait up to ``wait`` seconds for it to finish."""
+    """Record and enqueue the job; wait up to ``wait`` seconds for it to finish.
+    With an idempotency claim already used for this request, the job it made."""
+    if idempotency is not None:
+        earlier = await run_in_threadpool(_recall, principal, idempotency)
+        if earlier is not None:
+            return await _replay(request, principal, earlier, wait)
+    try:
+        return await _submit(
+            request,
+            principal,
+            params,
+            spec,
+            wait=wait,
+            surface=surface,
+            track=track,
+            op_name=op_name,
+            call_inputs=call_inputs,
+            webhook=webhook,
+            idempotency=idempotency,
+        )
+    except IntegrityError:
+        # A twin under the same key committed first: answer with its job.
+        twin = await run_in_threadpool(_recall, principal, idempotency) if idempotency else None
+        if twin is None:
+            raise
+        return await _replay(request, principal, twin, wait)
+
+
+async def _replay(request: Request, principal: Principal, job_id: str, wait: float) -> Outcome:
+    """The job an earlier request made, waited for as that request would have."""
+    if wait <= 0:
+        return await run_in_threadpool(load, principal, job_id)
+    waiter: JobWaiter = request.app.state.waiter
+    async with waiter.subscribe(job_id) as change:
+        outcome = await run_in_threadpool(load, principal, job_id)
+        if outcome.finished:
+            return outcome
+        return await _wait(waiter, change, principal, outcome.job, wait)
+
+
+async def _submit(
+    request: Request,
+    principal: Principal,
+    params: GenerationParams,
+    spec: ModelSpec,
+    *,
+    wait: float,
+    surface: str,
+    track: bool,
+    op_name: str,
+    call_inputs: dict[str, Any] | None,
+    webhook: Webhook | None,
+    idempotency: Claim | None,
+) -> Outcome:
     if params.user is None and principal.user:
         params = params.model_copy(update={"user": principal.user})
     job_id = new_id("job")
@@ -135,6 +199,7 @@ async def submit(
         call_inputs=call_inputs,
         webhook=webhook,
         reply=wait > 0,
+        idempotency=idempotency,
     )
     if wait <= 0:
         return Outcome(await run_in_threadpool(record))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from shared.batches.models import Batch, BatchItem
 from shared.core.columns import UTCDateTime
 from shared.files.models import File
+from shared.idempotency.models import IdempotencyKey
 from shared.jobs.models import Image, Job
 from shared.projects.models import ApiKey, Project
 from shared.traces.models import Call
@@ -17,6 +18,7 @@ __all__ = [
     "BatchItem",
     "Call",
     "File",
+    "IdempotencyKey",
     "Image",
     "Job",
     "Project",

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from api.deps import CurrentPrincipal, DbSession
+from api.deps import CurrentPrincipal, DbSession, IdempotencyKeyHeader
 from api.routes.images import ERRORS
 from api.sse import Frame, event_stream
 from shared.batches.models import TERMINAL
@@ -30,22 +30,34 @@ from shared.batches.views import list_items, render_batch
 from shared.core.db import unit_of_work
 from shared.core.errors import InvalidRequest
 from shared.core.schemas import ListPage
+from shared.idempotency.service import claim_of, once
 from shared.webhooks.service import check_url
 
 router = APIRouter(tags=["batches"])
 
 
 @router.post("/v1/batches", response_model=BatchObject, responses=ERRORS)
-def post_batch(body: BatchCreate, principal: CurrentPrincipal, session: DbSession) -> BatchObject:
-    batch = create_openai_batch(
-        session,
-        principal,
-        input_file_id=body.input_file_id,
-        endpoint=body.endpoint,
-        completion_window=body.completion_window,
-        metadata=body.metadata,
-    )
-    return render_batch(session, batch)
+def post_batch(
+    body: BatchCreate,
+    request: Request,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> BatchObject:
+    claim = claim_of(idempotency_key, "POST", request.url.path, body.model_dump(mode="json"))
+
+    def create() -> str:
+        return create_openai_batch(
+            session,
+            principal,
+            input_file_id=body.input_file_id,
+            endpoint=body.endpoint,
+            completion_window=body.completion_window,
+            metadata=body.metadata,
+        ).id
+
+    batch_id = once(session, principal.project_id, claim, "batch", create)
+    return render_batch(session, get_batch(session, principal.project_id, batch_id))
 
 
 @router.get("/v1/batches", response_model=ListPage[BatchObject], responses=ERRORS)
@@ -75,8 +87,13 @@ def post_cancel(batch_id: str, principal: CurrentPrincipal, session: DbSession) 
 
 @router.post("/v1/images/batches", response_model=BatchObject, responses=ERRORS)
 async def post_native_batch(
-    body: NativeBatchCreate, principal: CurrentPrincipal, session: DbSession
+    body: NativeBatchCreate,
+    request: Request,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> BatchObject:
+    claim = claim_of(idempotency_key, "POST", request.url.path, body.model_dump(mode="json"))
     if (body.requests is None) == (body.prompts is None):
         raise InvalidRequest("Give either 'requests' or 'prompts'.", param="requests")
     shared = body.model_extra or {}
@@ -89,8 +106,18 @@ async def post_native_batch(
         await run_in_threadpool(check_url, body.webhook_url, "webhook_url")  # resolves DNS
 
     def create() -> BatchObject:
-        batch = create_native_batch(session, principal, requests, body.webhook_url, body.metadata)
-        return render_batch(session, batch)
+        batch_id = once(
+            session,
+            principal.project_id,
+            claim,
+            "batch",
+            lambda: (
+                create_native_batch(
+                    session, principal, requests, body.webhook_url, body.metadata
+                ).id
+            ),
+        )
+        return render_batch(session, get_batch(session, principal.project_id, batch_id))
 
     return await run_in_threadpool(create)
 

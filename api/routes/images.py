@@ -9,9 +9,10 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
+from api.deps import BaseUrl, CurrentPrincipal, IdempotencyKeyHeader, SettingsDep, StorageDep
 from api.generation import position, submit, webhook_for
 from shared.core.errors import ErrorResponse
+from shared.idempotency.service import claim_of
 from shared.jobs.input import validate_generation
 from shared.jobs.models import JobStatus
 from shared.jobs.schemas import ImageGenerationRequest, ImagesResponse, JobObject
@@ -71,8 +72,10 @@ async def create_image(
     storage: StorageDep,
     base_url: BaseUrl,
     prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response | ImagesResponse:
     registry = get_registry()
+    claim = claim_of(idempotency_key, "POST", request.url.path, body.model_dump(mode="json"))
     params = validate_generation(body, registry)
     webhook = await webhook_for(body)
     respond_async, wait = parse_prefer(prefer, settings.sync_wait_seconds)
@@ -83,9 +86,11 @@ async def create_image(
         registry.get(params.model),
         wait=0 if respond_async else wait,
         webhook=webhook,
+        idempotency=claim,
     )
     job = outcome.job
-    if outcome.finished:
+    # Asked for 202: the job, even one an idempotent retry finds already finished.
+    if outcome.finished and not respond_async:
         if job.status == JobStatus.succeeded:
             return await outcome.result(storage, base_url, settings.url_expiry_seconds)
         raise job_failure(job)

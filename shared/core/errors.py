@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     not_found = "not_found"
     model_not_found = "model_not_found"
     conflict = "conflict"
+    idempotency_key_reused = "idempotency_key_reused"
     # Limits
     rate_limit_exceeded = "rate_limit_exceeded"
     images_per_day_exceeded = "images_per_day_exceeded"
