@@ -27,6 +27,7 @@ from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
 from shared.core.outbox import after_commit
 from shared.core.settings import get_settings
+from shared.idempotency.service import purge_expired
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.service import mark_published
 from shared.webhooks.models import DeliveryStatus, WebhookDelivery
@@ -149,6 +150,8 @@ def sweep_once() -> tuple[int, int]:
     published = publish_pending()
     publish_due_deliveries()
     tend_batches()
+    with unit_of_work() as session:
+        purge_expired(session)  # idempotency keys past their 24 hours (indexed, cheap)
     if requeued or published:
         log.info("sweeper: re-queued %d expired, published %d pending", requeued, published)
     return requeued, published

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from api.deps import CurrentPrincipal, DbSession, StorageDep
+from api.deps import CurrentPrincipal, DbSession, IdempotencyKeyHeader, StorageDep
 from api.input_guard import check_text
 from api.routes.images import ERRORS
 from shared.core.errors import InvalidRequest, InvalidValue
@@ -23,6 +24,7 @@ from shared.files.service import (
     list_files,
 )
 from shared.files.views import file_view
+from shared.idempotency.service import claim_of, once
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -34,6 +36,8 @@ async def upload(
     principal: CurrentPrincipal,
     session: DbSession,
     storage: StorageDep,
+    request: Request,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> FileObject:
     check_text(purpose, "purpose")
     filename = file.filename or "upload.jsonl"
@@ -54,9 +58,28 @@ async def upload(
     file.file.seek(0)
 
     def store() -> FileObject:
-        return file_view(
-            create_file(session, storage, principal.project_id, filename, purpose, file.file, size)
+        claim = None
+        if idempotency_key is not None:
+            # "The same request": the same name, purpose and bytes (hashed from the
+            # spooled part, in chunks).
+            digest = hashlib.sha256()
+            while chunk := file.file.read(1 << 20):
+                digest.update(chunk)
+            file.file.seek(0)
+            form = {"purpose": purpose, "filename": filename, "sha256": digest.hexdigest()}
+            claim = claim_of(idempotency_key, "POST", request.url.path, form)
+        file_id = once(
+            session,
+            principal.project_id,
+            claim,
+            "file",
+            lambda: (
+                create_file(
+                    session, storage, principal.project_id, filename, purpose, file.file, size
+                ).id
+            ),
         )
+        return file_view(get_file(session, principal.project_id, file_id))
 
     return await run_in_threadpool(store)
 

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
 from shared.idempotency.models import IdempotencyKey
+from shared.idempotency.service import purge_expired
 from tests.service.conftest import Service
 
 ASYNC = {"Prefer": "respond-async"}
@@ -112,3 +113,36 @@ def test_twin_batches_sent_at_once_make_one_batch(service: Service) -> None:
         answers = list(pool.map(send, range(4)))
     assert {a.status_code for a in answers} == {200}
     assert len({a.json()["id"] for a in answers}) == 1
+
+
+def test_an_upload_retried_with_its_key_is_the_same_file(service: Service) -> None:
+    key = str(uuid.uuid4())
+    line = b'{"custom_id": "a", "method": "POST", "url": "/v1/images/generations", "body": {}}\n'
+
+    def upload(content: bytes) -> Any:
+        with service.client() as client:
+            return client.post(
+                "/v1/files",
+                data={"purpose": "batch"},
+                files={"file": ("in.jsonl", content, "application/jsonl")},
+                headers={"Idempotency-Key": key},
+            )
+
+    first, again, other = upload(line), upload(line), upload(line * 2)
+    assert first.status_code == again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert other.status_code == 409
+
+
+def test_the_sweeper_purges_keys_past_24_hours(service: Service) -> None:
+    key = str(uuid.uuid4())
+    post(service, key, {"prompt": "purged", "size": "64x64"}, **ASYNC)
+    with unit_of_work() as session:
+        session.execute(
+            sa.update(IdempotencyKey)
+            .where(IdempotencyKey.key == key)  # type: ignore[arg-type]
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    with unit_of_work() as session:
+        assert purge_expired(session) >= 1
+        assert session.scalar(sa.select(IdempotencyKey).where(IdempotencyKey.key == key)) is None  # type: ignore[arg-type]
