@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -107,3 +109,47 @@ def test_models_list_and_read(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("no-such-model")
     assert err.value.code == "model_not_found"
+
+
+def test_an_idempotent_retry_returns_the_first_requests_images(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    key = f"retry-{uuid.uuid4()}"
+
+    def generate() -> list[str]:
+        result = client.images.generate(
+            model="procedural",
+            prompt="an idempotent lighthouse",
+            size="64x64",
+            n=2,
+            response_format="url",
+            extra_headers={"Idempotency-Key": key},
+        )
+        assert result.data is not None
+        return [(item.url or "").split("?")[0] for item in result.data]
+
+    first, again = generate(), generate()
+    assert first == again  # the same stored images: the same job, not a second one
+    with pytest.raises(openai.ConflictError):
+        client.images.generate(
+            model="procedural", prompt="another body", extra_headers={"Idempotency-Key": key}
+        )
+
+
+def test_idempotent_twins_on_postgresql_make_one_job(stack: Stack) -> None:
+    key = f"twins-{uuid.uuid4()}"
+
+    def send(_: int) -> str:
+        with stack.client() as http:
+            resp = http.post(
+                "/v1/images/generations",
+                headers={"Idempotency-Key": key, "Prefer": "respond-async"},
+                json={"model": "procedural", "prompt": "twins", "size": "64x64"},
+            )
+        assert resp.status_code == 202, resp.text
+        job_id: str = resp.json()["id"]
+        return job_id
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(send, range(8)))
+    assert len(ids) == 1
