@@ -21,10 +21,37 @@ from shared.core.settings import get_settings
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 
 
+class SizeRule(BaseModel):
+    """Free-form ``WIDTHxHEIGHT`` sizes a model accepts beyond its listed ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    multiple_of: int = Field(default=16, ge=1)
+    max_side: int = Field(default=3840, ge=1)
+    max_pixels: int = Field(default=3840 * 2160, ge=1)
+    # Longest side over shortest: 3 allows 1:3 to 3:1.
+    max_aspect_ratio: float = Field(default=3.0, ge=1)
+
+    def problem(self, width: int, height: int) -> str | None:
+        """Why ``width`` x ``height`` is refused, or None."""
+        if width % self.multiple_of or height % self.multiple_of:
+            return f"both sides must be multiples of {self.multiple_of}"
+        if max(width, height) > self.max_side:
+            return f"the longer side must be at most {self.max_side}"
+        if width * height > self.max_pixels:
+            return f"at most {self.max_pixels} pixels"
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            ratio = f"{self.max_aspect_ratio:g}"
+            return f"the aspect ratio must be between 1:{ratio} and {ratio}:1"
+        return None
+
+
 class Capabilities(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sizes: list[str]
+    # Any WIDTHxHEIGHT within these bounds too (gpt-image-2).
+    custom_sizes: SizeRule | None = None
     default_size: str | None = None
     max_n: int = 1
     # Most images one upstream call may return; above it the worker fans out.
@@ -223,8 +250,14 @@ PROCEDURAL = ModelSpec(
 )
 
 
+# OpenAI's GPT image models; gpt-image-2 also takes free-form sizes (SizeRule's
+# defaults: sides multiples of 16, at most 3840 on a side and 3840x2160 pixels,
+# between 1:3 and 3:1).
+GPT_IMAGE_MODELS = ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2")
+
+
 def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec]:
-    """OpenAI's three image models with the limits OpenAI documents."""
+    """OpenAI's image models with the limits OpenAI documents."""
     common: dict[str, Any] = {
         "provider": "openai",
         "base_url": base_url,
@@ -258,22 +291,26 @@ def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec
                 max_prompt_chars=4000,
             ),
         ),
-        ModelSpec(
-            name="gpt-image-1",
-            upstream_model="gpt-image-1",
-            upstream_response_format=None,
-            **common,
-            capabilities=Capabilities(
-                sizes=["auto", "1024x1024", "1536x1024", "1024x1536"],
-                default_size="auto",
-                max_n=10,
-                qualities=["auto", "low", "medium", "high"],
-                default_quality="auto",
-                backgrounds=["auto", "transparent", "opaque"],
-                moderations=["auto", "low"],
-                output_compression=True,
-                max_prompt_chars=32000,
-            ),
+        *(
+            ModelSpec(
+                name=name,
+                upstream_model=name,
+                upstream_response_format=None,
+                **common,
+                capabilities=Capabilities(
+                    sizes=["auto", "1024x1024", "1536x1024", "1024x1536"],
+                    custom_sizes=SizeRule() if name == "gpt-image-2" else None,
+                    default_size="auto",
+                    max_n=10,
+                    qualities=["auto", "low", "medium", "high"],
+                    default_quality="auto",
+                    backgrounds=["auto", "transparent", "opaque"],
+                    moderations=["auto", "low"],
+                    output_compression=True,
+                    max_prompt_chars=32000,
+                ),
+            )
+            for name in GPT_IMAGE_MODELS
         ),
     ]
 

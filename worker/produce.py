@@ -9,6 +9,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import Any
 
 from shared.core.errors import (
     JobCanceled,
@@ -80,7 +81,7 @@ def _generate(
         for first, count in chunks
     ]
     images: list[GeneratedImage] = []
-    usage: dict[str, int] = {}
+    usage: dict[str, Any] = {}
     errors: list[BaseException] = []
     for future in futures:  # wait for all, so no call outlives the attempt
         try:
@@ -89,13 +90,25 @@ def _generate(
             errors.append(exc)
             continue
         images += gen.images
-        for key, value in (gen.usage or {}).items():
-            if isinstance(value, int):
-                usage[key] = usage.get(key, 0) + value
+        _add_usage(usage, gen.usage or {})
     if errors:
         permanent = [e for e in errors if isinstance(e, PermanentProviderError)]
         raise (permanent or errors)[0]
     return Generation(images=images, usage=usage or None)
+
+
+def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
+    """Sum one call's usage into the job's: counts, and the counts inside
+    ``input_tokens_details``/``output_tokens_details`` (kept, not flattened)."""
+    for key, value in usage.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            total[key] = total.get(key, 0) + value
+        elif isinstance(value, dict):
+            inner = total.setdefault(key, {})
+            if isinstance(inner, dict):
+                _add_usage(inner, value)
 
 
 def produce(job: Job) -> Result | None:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from shared.core.errors import InvalidRequest, schema_error
 from shared.jobs.schemas import MAX_SEED, GenerationParams, ImageGenerationRequest
-from shared.registry import Registry, parse_size
+from shared.registry import ModelSpec, Registry, parse_size
 
 
 def parse_request(body: Any) -> ImageGenerationRequest:
@@ -42,6 +42,29 @@ def _choice(
     return value
 
 
+def _size(value: str | None, spec: ModelSpec) -> str | None:
+    """A listed size, or (for a model with a size rule) any WIDTHxHEIGHT in its bounds."""
+    rule = spec.capabilities.custom_sizes
+    if rule is None or value is None or value in spec.capabilities.sizes:
+        return _choice(value, spec.capabilities.sizes, spec.default_size, "size", spec.name)
+    wh = parse_size(value)
+    if wh is None or 0 in wh:
+        raise InvalidRequest(
+            f"Invalid size '{value}' for model '{spec.name}': give WIDTHxHEIGHT or one of "
+            f"{', '.join(repr(s) for s in spec.capabilities.sizes)}.",
+            param="size",
+            code="invalid_value",
+        )
+    problem = rule.problem(*wh)
+    if problem:
+        raise InvalidRequest(
+            f"Invalid size '{value}' for model '{spec.name}': {problem}.",
+            param="size",
+            code="invalid_value",
+        )
+    return f"{wh[0]}x{wh[1]}"
+
+
 def validate_generation(req: ImageGenerationRequest, registry: Registry) -> GenerationParams:
     spec = registry.get(req.model if req.model is not None else registry.default_model)
     caps = spec.capabilities
@@ -62,7 +85,7 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
             param="n",
             code="invalid_value",
         )
-    size = _choice(req.size, caps.sizes, spec.default_size, "size", name)
+    size = _size(req.size, spec)
     if size != "auto" and (size is None or parse_size(size) is None):
         raise InvalidRequest(f"Invalid size '{size}'.", param="size")
     output_format = _choice(req.output_format, caps.output_formats, "png", "output_format", name)

@@ -153,3 +153,14 @@ def test_idempotent_twins_on_postgresql_make_one_job(stack: Stack) -> None:
     with ThreadPoolExecutor(8) as pool:
         ids = set(pool.map(send, range(8)))
     assert len(ids) == 1
+
+
+def test_usage_details_pass_through_to_the_openai_package(client: openai.OpenAI) -> None:
+    result = client.images.generate(
+        model="gpt-image-1", prompt="usage details", size="1024x1024", n=1
+    )
+    assert result.usage is not None
+    assert result.usage.input_tokens == 10
+    assert result.usage.input_tokens_details.text_tokens == 10
+    details = result.usage.model_dump()["output_tokens_details"]
+    assert details == {"image_tokens": 100, "text_tokens": 0}

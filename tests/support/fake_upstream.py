@@ -177,7 +177,13 @@ class FakeUpstream:
                     data.append(item)
                 resp: dict[str, Any] = {"created": int(time.time()), "data": data}
                 if body.get("model") == "gpt-image-1":
-                    resp["usage"] = {"input_tokens": 10, "output_tokens": 100, "total_tokens": 110}
+                    resp["usage"] = {
+                        "input_tokens": 10,
+                        "output_tokens": 100,
+                        "total_tokens": 110,
+                        "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+                        "output_tokens_details": {"image_tokens": 100, "text_tokens": 0},
+                    }
                 self._send(200, json.dumps(resp).encode())
 
         return Handler

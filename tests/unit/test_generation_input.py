@@ -8,7 +8,7 @@ import pytest
 
 from shared.core.errors import InvalidRequest, ModelNotFound
 from shared.jobs.input import parse_request, validate_generation
-from shared.registry import PROCEDURAL, Registry
+from shared.registry import PROCEDURAL, Registry, openai_models
 
 REGISTRY = Registry(models=[PROCEDURAL])
 
@@ -56,3 +56,65 @@ def test_an_unknown_model_is_404_model_not_found() -> None:
 def test_a_body_that_is_not_an_object_is_refused() -> None:
     with pytest.raises(InvalidRequest):
         parse_request(["prompt"])
+
+
+OPENAI = Registry(models=openai_models())
+
+
+def test_the_gpt_image_models_are_in_the_default_registry() -> None:
+    names = {spec.name for spec in OPENAI.models}
+    assert {"gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2"} <= names
+
+
+@pytest.mark.parametrize("size", ["2048x1152", "3840x2160", "1280x3840", "3840x1280", "16x48"])
+def test_gpt_image_2_takes_free_form_sizes_within_its_bounds(size: str) -> None:
+    params = validate_generation(
+        parse_request({"model": "gpt-image-2", "prompt": "p", "size": size}), OPENAI
+    )
+    assert params.size == size
+
+
+@pytest.mark.parametrize(
+    ("size", "why"),
+    [
+        ("1000x1000", "multiples of 16"),
+        ("4096x1024", "longer side must be at most 3840"),
+        ("3840x2304", "at most 8294400 pixels"),
+        ("3840x1264", "between 1:3 and 3:1"),
+        ("axb", "give WIDTHxHEIGHT"),
+        ("0x16", "give WIDTHxHEIGHT"),
+    ],
+)
+def test_gpt_image_2_refuses_sizes_outside_its_bounds_saying_why(size: str, why: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        validate_generation(
+            parse_request({"model": "gpt-image-2", "prompt": "p", "size": size}), OPENAI
+        )
+    assert caught.value.param == "size"
+    assert why in caught.value.message
+
+
+def test_older_gpt_image_models_keep_their_listed_sizes() -> None:
+    with pytest.raises(InvalidRequest):
+        validate_generation(
+            parse_request({"model": "gpt-image-1.5", "prompt": "p", "size": "2048x1152"}), OPENAI
+        )
+
+
+def test_usage_of_fanned_out_calls_sums_counts_and_their_details() -> None:
+    from worker.produce import _add_usage
+
+    total: dict[str, Any] = {}
+    for _ in range(3):
+        _add_usage(
+            total,
+            {
+                "input_tokens": 10,
+                "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+                "note": "ignored",
+            },
+        )
+    assert total == {
+        "input_tokens": 30,
+        "input_tokens_details": {"text_tokens": 30, "image_tokens": 0},
+    }
