@@ -10,7 +10,8 @@ request waiting up to a minute must not hold a database connection meanwhile.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -156,6 +157,59 @@ async def submit(
         if twin is None:
             raise
         return await _replay(request, principal, twin, wait)
+
+
+PartialFeed = Callable[[str], AbstractAsyncContextManager["asyncio.Queue[dict[str, Any]]"]]
+
+
+async def stream_job(
+    request: Request,
+    principal: Principal,
+    params: GenerationParams,
+    spec: ModelSpec,
+    *,
+    wait: float,
+    webhook: Webhook | None,
+    feed: PartialFeed,
+) -> AsyncIterator[tuple[dict[str, Any] | None, Outcome | None]]:
+    """Record and enqueue a streamed job, then yield ``(partial, None)`` for each
+    partial image as it comes and ``(None, outcome)`` once, at the end (finished,
+    or the wait ran out)."""
+    if params.user is None and principal.user:
+        params = params.model_copy(update={"user": principal.user})
+    job_id = new_id("job")
+    waiter: JobWaiter = request.app.state.waiter
+    record = partial(
+        _record,
+        principal,
+        params,
+        spec,
+        job_id=job_id,
+        surface="openai",
+        track=True,
+        op_name=OP_OPENAI,
+        call_inputs=None,
+        webhook=webhook,
+        reply=True,
+        idempotency=None,
+    )
+    # Both subscriptions before the job is published: nothing can be missed.
+    async with feed(job_id) as partials, waiter.subscribe(job_id) as change:
+        job = await run_in_threadpool(record)
+        waiting = asyncio.ensure_future(_wait(waiter, change, principal, job, wait))
+        try:
+            while not waiting.done():
+                getter = asyncio.ensure_future(partials.get())
+                await asyncio.wait({getter, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result(), None
+                else:
+                    getter.cancel()
+            while not partials.empty():  # published before the end, heard after it
+                yield partials.get_nowait(), None
+            yield None, waiting.result()
+        finally:
+            waiting.cancel()
 
 
 async def _replay(request: Request, principal: Principal, job_id: str, wait: float) -> Outcome:

@@ -23,9 +23,10 @@ from shared.core.settings import get_settings
 from shared.core.storage import Storage, get_storage, image_key
 from shared.imaging import encode
 from shared.jobs.models import Image, Job, JobStatus
+from shared.jobs.partials import PartialPublisher
 from shared.jobs.schemas import GenerationParams, job_params
 from shared.providers import get_provider
-from shared.providers.base import GeneratedImage, Generation, Progress
+from shared.providers.base import GeneratedImage, Generation, Partials, Progress, no_partials
 from shared.registry import ModelSpec, get_registry
 from worker.leases import LEASES
 from worker.progress import StepReporter
@@ -48,6 +49,7 @@ def _call_with_retries(
     first: int,
     job_id: str,
     progress: Progress,
+    partials: Partials,
 ) -> Generation:
     settings = get_settings()
     provider = get_provider(spec)
@@ -55,7 +57,7 @@ def _call_with_retries(
     while True:
         attempt += 1
         try:
-            return provider.generate(spec, params, count, first, progress)
+            return provider.generate(spec, params, count, first, progress, partials)
         except TransientProviderError as exc:
             if attempt >= settings.provider_max_attempts:
                 raise
@@ -69,15 +71,21 @@ def _call_with_retries(
 
 
 def _generate(
-    spec: ModelSpec, params: GenerationParams, job_id: str, progress: Progress
+    spec: ModelSpec,
+    params: GenerationParams,
+    job_id: str,
+    progress: Progress,
+    partials: Partials = no_partials,
 ) -> Generation:
     """All ``n`` images, fanning out when the upstream makes fewer per call."""
     per_call = max(1, spec.images_per_call)
     chunks = [(first, min(per_call, params.n - first)) for first in range(0, params.n, per_call)]
     if len(chunks) == 1:
-        return _call_with_retries(spec, params, params.n, 0, job_id, progress)
+        return _call_with_retries(spec, params, params.n, 0, job_id, progress, partials)
     futures = [
-        fanout_pool().submit(_call_with_retries, spec, params, count, first, job_id, progress)
+        fanout_pool().submit(
+            _call_with_retries, spec, params, count, first, job_id, progress, partials
+        )
         for first, count in chunks
     ]
     images: list[GeneratedImage] = []
@@ -117,7 +125,8 @@ def produce(job: Job) -> Result | None:
     try:
         spec = get_registry().get(job.model)
         steps = StepReporter(job)
-        generation = _generate(spec, params, job.id, steps)
+        sink = PartialPublisher(job.id) if params.stream and params.partial_images else None
+        generation = _generate(spec, params, job.id, steps, sink or no_partials)
         if LEASES.lost(job.id):
             raise JobCanceled()
         storage = get_storage()

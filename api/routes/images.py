@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import BaseUrl, CurrentPrincipal, IdempotencyKeyHeader, SettingsDep, StorageDep
 from api.generation import position, submit, webhook_for
+from api.streaming import stream_response
 from shared.core.errors import ErrorResponse
 from shared.idempotency.service import claim_of
 from shared.jobs.input import validate_generation
@@ -79,6 +80,18 @@ async def create_image(
     params = validate_generation(body, registry)
     webhook = await webhook_for(body)
     respond_async, wait = parse_prefer(prefer, settings.sync_wait_seconds)
+    if params.stream:
+        return stream_response(
+            request,
+            principal,
+            params,
+            registry.get(params.model),
+            wait=wait,
+            webhook=webhook,
+            storage=storage,
+            base_url=base_url,
+            url_expiry=settings.url_expiry_seconds,
+        )
     outcome = await submit(
         request,
         principal,

@@ -106,6 +106,19 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
         raise InvalidRequest(
             f"The model '{name}' does not support 'seed'.", param="seed", code="invalid_value"
         )
+    stream = bool(req.stream)
+    if req.partial_images and not stream:
+        raise InvalidRequest(
+            "'partial_images' applies to streamed requests ('stream': true) only.",
+            param="partial_images",
+            code="invalid_value",
+        )
+    if stream and req.response_format == "url":
+        raise InvalidRequest(
+            "Streamed images come as 'b64_json'; 'response_format': 'url' cannot stream.",
+            param="response_format",
+            code="invalid_value",
+        )
     # A seed is always recorded where the model takes one, so any job can be made
     # again exactly.
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
@@ -116,11 +129,14 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
         size=size or spec.default_size,
         quality=_choice(req.quality, caps.qualities, caps.default_quality, "quality", name),
         style=_choice(req.style, caps.styles, caps.default_style, "style", name),
-        response_format=req.response_format or "url",
+        # Streamed: the completed events carry the images themselves.
+        response_format="b64_json" if stream else req.response_format or "url",
         output_format=output_format,  # type: ignore[arg-type]
         output_compression=req.output_compression,
         background=_choice(req.background, caps.backgrounds, None, "background", name),
         moderation=_choice(req.moderation, caps.moderations, None, "moderation", name),
         user=req.user,
         seed=seed if caps.seed else None,
+        stream=stream,
+        partial_images=req.partial_images or 0,
     )

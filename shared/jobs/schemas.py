@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from shared.core.schemas import ListPage
 from shared.jobs.models import Job, JobStatus
@@ -41,6 +41,9 @@ class ImageGenerationRequest(BaseModel):
     # uses seed + i; the same request and seed give the same images on the same
     # device and dtype. Without one a random seed is chosen and recorded.
     seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
+    # OpenAI's streaming: text/event-stream of partial images, then the completed ones.
+    stream: StrictBool | None = None
+    partial_images: StrictInt | None = Field(default=None, ge=0, le=3)
 
 
 class GenerationParams(BaseModel):
@@ -59,6 +62,8 @@ class GenerationParams(BaseModel):
     moderation: str | None = None
     user: str | None = None
     seed: int | None = None
+    stream: bool = False
+    partial_images: int = 0
 
 
 class ImageData(BaseModel):

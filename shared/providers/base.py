@@ -29,6 +29,16 @@ def no_progress(step: int, steps: int, /) -> None:
     """For callers that follow no progress."""
 
 
+class Partials(Protocol):
+    def __call__(self, image_index: int, partial_index: int, png: bytes, /) -> None:
+        """A partial picture of image ``image_index`` (a streamed request's
+        ``partial_image_index`` ``partial_index``), PNG-encoded."""
+
+
+def no_partials(image_index: int, partial_index: int, png: bytes, /) -> None:
+    """For jobs that stream nothing."""
+
+
 class Provider(Protocol):
     def generate(
         self,
@@ -37,7 +47,10 @@ class Provider(Protocol):
         count: int,
         first_index: int,
         progress: Progress = no_progress,
+        partials: Partials = no_partials,
     ) -> Generation:
         """Make ``count`` images (images ``first_index`` .. of the job). Providers
-        that work in steps (local models) report them through ``progress``."""
+        that work in steps (local models) report them through ``progress``; where
+        ``params.partial_images`` asks for them, providers that can show a picture
+        before it is done send ``partials`` (image indexes count from 0 in the job)."""
         ...

@@ -17,7 +17,14 @@ from shared.core.errors import PermanentProviderError, TransientProviderError
 from shared.core.settings import get_settings
 from shared.core.storable import clean
 from shared.jobs.schemas import GenerationParams
-from shared.providers.base import GeneratedImage, Generation, Progress, no_progress
+from shared.providers.base import (
+    GeneratedImage,
+    Generation,
+    Partials,
+    Progress,
+    no_partials,
+    no_progress,
+)
 from shared.registry import ModelSpec
 
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
@@ -100,6 +107,7 @@ class OpenAICompatibleProvider:
         count: int,
         first_index: int,
         progress: Progress = no_progress,
+        partials: Partials = no_partials,
     ) -> Generation:
         if not spec.base_url:
             raise PermanentProviderError(

@@ -1,7 +1,8 @@
 """``procedural``: a deterministic picture computed from prompt, size and image index.
 
 Not an AI model, and not pretending to be one: it makes the service work out of the
-box with no keys and no network, and it is the test workhorse.
+box with no keys and no network, and it is the test workhorse. Streamed requests get
+its partial images as a progressive render (the final picture in coarse blocks).
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from functools import lru_cache
 from PIL import Image, ImageDraw
 
 from shared.jobs.schemas import GenerationParams
-from shared.providers.base import GeneratedImage, Generation, Progress, no_progress
+from shared.providers.base import (
+    GeneratedImage,
+    Generation,
+    Partials,
+    Progress,
+    no_partials,
+    no_progress,
+)
 from shared.registry import ModelSpec, parse_size
 
 
@@ -49,11 +57,23 @@ class ProceduralProvider:
         count: int,
         first_index: int,
         progress: Progress = no_progress,
+        partials: Partials = no_partials,
     ) -> Generation:
         width, height = parse_size(params.size) or (1024, 1024)
         images = []
         for index in range(first_index, first_index + count):
-            buf = io.BytesIO()
-            render(params.prompt, width, height, index).save(buf, format="PNG", compress_level=1)
-            images.append(GeneratedImage(data=buf.getvalue()))
+            image = render(params.prompt, width, height, index)
+            # A progressive render for streamed requests: the same picture, coarse
+            # blocks first, each partial twice as fine as the one before.
+            for k in range(params.partial_images):
+                block = 2 ** (params.partial_images - k + 1)
+                coarse = image.resize((max(1, width // block), max(1, height // block)))
+                partials(index, k, _png(coarse.resize((width, height), Image.Resampling.NEAREST)))
+            images.append(GeneratedImage(data=_png(image)))
         return Generation(images=images)
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

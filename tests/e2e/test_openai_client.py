@@ -164,3 +164,38 @@ def test_usage_details_pass_through_to_the_openai_package(client: openai.OpenAI)
     assert result.usage.input_tokens_details.text_tokens == 10
     details = result.usage.model_dump()["output_tokens_details"]
     assert details == {"image_tokens": 100, "text_tokens": 0}
+
+
+def test_stream_with_partial_images_iterates_to_the_completed_image(
+    client: openai.OpenAI,
+) -> None:
+    events = list(
+        client.images.generate(
+            model="procedural",
+            prompt="a streamed lighthouse",
+            size="256x256",
+            stream=True,
+            partial_images=2,
+        )
+    )
+    assert [e.type for e in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    partials = [e for e in events if e.type == "image_generation.partial_image"]
+    assert [e.partial_image_index for e in partials] == [0, 1]
+    pictures = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events]
+    assert {p.size for p in pictures} == {(256, 256)}
+    # Each partial is a coarser picture of the final one, not another image.
+    assert len({p.tobytes() for p in pictures}) == 3
+    assert events[-1].size == "256x256"
+
+
+def test_a_streamed_job_that_fails_raises_in_the_openai_package(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIError, match="safety system"):
+        list(
+            client.images.generate(
+                model="fake-fast", prompt="[content-policy] streamed", size="64x64", stream=True
+            )
+        )

@@ -201,3 +201,22 @@ def test_a_hub_id_missing_from_the_cache_offline_is_model_unavailable(hf_cache: 
         DiffusersProvider().generate(spec_for("acme/not-cached", "hub-missing"), params(), 1, 0)
     assert caught.value.code == "model_unavailable"
     assert "acme/not-cached" in caught.value.message
+
+
+def test_partial_images_are_the_latents_decoded_at_even_checkpoints(model_dir: Path) -> None:
+    seen: list[tuple[int, int, tuple[int, int]]] = []
+
+    def partials(image_index: int, partial_index: int, png: bytes) -> None:
+        seen.append((image_index, partial_index, Image.open(io.BytesIO(png)).size))
+
+    steps: list[int] = []
+    DiffusersProvider().generate(
+        spec_for(model_dir),
+        params(n=2, size="32x48", stream=True, partial_images=2),
+        2,
+        0,
+        lambda s, t: steps.append(s),
+        partials,
+    )
+    # 6 steps, 2 partials: after steps 2 and 4, for each of the 2 images.
+    assert sorted(seen) == [(i, k, (32, 48)) for i in (0, 1) for k in (0, 1)]

@@ -25,7 +25,14 @@ import torch
 
 from shared.core.errors import ErrorCode, PermanentProviderError
 from shared.jobs.schemas import GenerationParams
-from shared.providers.base import GeneratedImage, Generation, Progress, no_progress
+from shared.providers.base import (
+    GeneratedImage,
+    Generation,
+    Partials,
+    Progress,
+    no_partials,
+    no_progress,
+)
 from shared.providers.local.pipelines import device_lock, pipeline
 from shared.registry import ModelSpec, parse_size
 
@@ -40,6 +47,7 @@ class DiffusersProvider:
         count: int,
         first_index: int,
         progress: Progress = no_progress,
+        partials: Partials = no_partials,
     ) -> Generation:
         pipe, device = pipeline(spec, "text2image")
         width, height = parse_size(params.size) or (512, 512)
@@ -47,9 +55,16 @@ class DiffusersProvider:
         seeds = [first_seed + first_index + i for i in range(count)]
         steps = spec.steps_for(params.quality)
 
+        checkpoints = _checkpoints(steps, params.partial_images)
+
         def run(chunk: list[int], done: int, total: int) -> list[Any]:
+            first = first_index + seeds.index(chunk[0])
+
             def on_step(_pipe: Any, step: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
                 progress(done + step + 1, total)
+                if step + 1 in checkpoints:
+                    for i, image in enumerate(_preview(pipe, tensors["latents"])):
+                        partials(first + i, checkpoints.index(step + 1), _png(image))
                 return tensors
 
             with device_lock(device):
@@ -68,6 +83,20 @@ class DiffusersProvider:
 
         images = _split_on_oom(spec, params.size, seeds, steps, run)
         return Generation(images=[GeneratedImage(data=_png(image)) for image in images])
+
+
+def _checkpoints(steps: int, partial_images: int) -> list[int]:
+    """The steps after which a streamed request's partial images are decoded:
+    evenly spaced, none at the last step (the final image follows it)."""
+    return [round(steps * (k + 1) / (partial_images + 1)) for k in range(partial_images)]
+
+
+def _preview(pipe: Any, latents: Any) -> list[Any]:
+    """The pictures the latents hold so far, decoded by the model's VAE."""
+    with torch.no_grad():
+        vae = pipe.vae
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
+    return list(pipe.image_processor.postprocess(decoded[0], output_type="pil"))
 
 
 def _split_on_oom(
