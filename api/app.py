@@ -15,6 +15,7 @@ from api.middleware import DefaultJSONContentType
 from api.routes import (
     admin,
     batches,
+    edits,
     events,
     files,
     image_files,
@@ -65,6 +66,7 @@ def create_app() -> FastAPI:
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(UploadLimit)
     app.include_router(images.router)
+    app.include_router(edits.router)
     app.include_router(events.router)
     app.include_router(jobs.router)
     app.include_router(webhooks.router)

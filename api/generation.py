@@ -130,6 +130,7 @@ async def submit(
     call_inputs: dict[str, Any] | None = None,
     webhook: Webhook | None = None,
     idempotency: Claim | None = None,
+    job_id: str | None = None,
 ) -> Outcome:
     """Record and enqueue the job; wait up to ``wait`` seconds for it to finish.
     With an idempotency claim already used for this request, the job it made."""
@@ -150,6 +151,7 @@ async def submit(
             call_inputs=call_inputs,
             webhook=webhook,
             idempotency=idempotency,
+            job_id=job_id,
         )
     except IntegrityError:
         # A twin under the same key committed first: answer with its job.
@@ -171,13 +173,14 @@ async def stream_job(
     wait: float,
     webhook: Webhook | None,
     feed: PartialFeed,
+    job_id: str | None = None,
 ) -> AsyncIterator[tuple[dict[str, Any] | None, Outcome | None]]:
     """Record and enqueue a streamed job, then yield ``(partial, None)`` for each
     partial image as it comes and ``(None, outcome)`` once, at the end (finished,
     or the wait ran out)."""
     if params.user is None and principal.user:
         params = params.model_copy(update={"user": principal.user})
-    job_id = new_id("job")
+    job_id = job_id or new_id("job")
     waiter: JobWaiter = request.app.state.waiter
     record = partial(
         _record,
@@ -237,10 +240,11 @@ async def _submit(
     call_inputs: dict[str, Any] | None,
     webhook: Webhook | None,
     idempotency: Claim | None,
+    job_id: str | None,
 ) -> Outcome:
     if params.user is None and principal.user:
         params = params.model_copy(update={"user": principal.user})
-    job_id = new_id("job")
+    job_id = job_id or new_id("job")
     record = partial(
         _record,
         principal,

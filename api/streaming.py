@@ -97,6 +97,7 @@ def stream_response(
     base_url: str,
     url_expiry: int,
     prefix: str = "image_generation",
+    job_id: str | None = None,
 ) -> StreamingResponse:
     """``prefix``: ``image_generation`` for generations, ``image_edit`` for edits."""
     shape = {
@@ -109,7 +110,14 @@ def stream_response(
     async def events() -> AsyncIterator[bytes]:
         outcome: Outcome | None = None
         async for partial, done in stream_job(
-            request, principal, params, spec, wait=wait, webhook=webhook, feed=partial_feed
+            request,
+            principal,
+            params,
+            spec,
+            wait=wait,
+            webhook=webhook,
+            feed=partial_feed,
+            job_id=job_id,
         ):
             if done is not None:
                 outcome = done

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from shared.core.errors import UnreadableImage
+from shared.core.errors import InvalidRequest, UnreadableImage
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -45,3 +45,62 @@ def encode(data: bytes, fmt: str, compression: int | None = None) -> EncodedImag
         options["quality"] = max(1, 100 - compression)
     img.save(buf, format=_PIL_FORMATS[fmt], **options)
     return EncodedImage(data=buf.getvalue(), width=img.width, height=img.height, fmt=fmt)
+
+
+# --- input images of edits and variations ------------------------------------------
+
+INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """An uploaded image, checked: its format, size and whether it has transparency."""
+
+    data: bytes
+    fmt: str
+    width: int
+    height: int
+    has_alpha: bool
+
+
+def read_input(data: bytes, param: str, max_bytes: int) -> InputImage:
+    """``data`` as an input image, or a 400 naming ``param``: png, jpeg or webp, at most
+    ``max_bytes``, fully decodable."""
+    if not data:
+        raise InvalidRequest(f"'{param}' is empty.", param=param, code="invalid_value")
+    if len(data) > max_bytes:
+        raise InvalidRequest(
+            f"'{param}' is {len(data)} bytes; the most an input image may have is {max_bytes}.",
+            param=param,
+            code="file_too_large",
+        )
+    try:
+        img: Image.Image = Image.open(io.BytesIO(data))
+        fmt = INPUT_FORMATS.get(img.format or "")
+        img.load()
+    except Exception:  # Pillow raises several unrelated types here
+        fmt = None
+        img = None  # type: ignore[assignment]
+    if fmt is None or img is None:
+        raise InvalidRequest(
+            f"'{param}' must be a png, jpeg or webp image.", param=param, code="invalid_value"
+        )
+    alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    return InputImage(data, fmt, img.width, img.height, alpha)
+
+
+def check_mask(mask: InputImage, image: InputImage) -> None:
+    """A mask is a PNG of the image's size whose transparent pixels mark what to edit."""
+    if mask.fmt != "png" or not mask.has_alpha:
+        raise InvalidRequest(
+            "'mask' must be a PNG with an alpha channel (its transparent pixels are edited).",
+            param="mask",
+            code="invalid_value",
+        )
+    if (mask.width, mask.height) != (image.width, image.height):
+        raise InvalidRequest(
+            f"'mask' is {mask.width}x{mask.height}; it must be the size of the image "
+            f"({image.width}x{image.height}).",
+            param="mask",
+            code="invalid_value",
+        )

@@ -67,6 +67,9 @@ class Capabilities(BaseModel):
     max_prompt_chars: int = 4000
     # Takes the ``seed`` extension field (local models: reproducible images).
     seed: bool = False
+    # Serves /v1/images/edits and /v1/images/variations.
+    edits: bool = False
+    variations: bool = False
 
     @field_validator("sizes")
     @classmethod
@@ -143,7 +146,7 @@ class ModelSpec(BaseModel):
             data = {"queue": "gpu", **data}
             caps = data.get("capabilities")
             if isinstance(caps, dict):
-                caps = {"seed": True, **caps}
+                caps = {"seed": True, "edits": True, **caps}
                 if "qualities" not in caps and isinstance(data.get("quality_steps"), dict):
                     caps["qualities"] = list(data["quality_steps"])
                 data["capabilities"] = caps
@@ -246,6 +249,8 @@ PROCEDURAL = ModelSpec(
         moderations=["auto", "low"],
         output_compression=True,
         max_prompt_chars=32000,
+        edits=True,
+        variations=True,
     ),
 )
 
@@ -274,6 +279,8 @@ def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec
                 max_n=10,
                 output_formats=list(OUTPUT_FORMATS),
                 max_prompt_chars=1000,
+                edits=True,
+                variations=True,
             ),
         ),
         ModelSpec(
@@ -308,6 +315,7 @@ def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec
                     moderations=["auto", "low"],
                     output_compression=True,
                     max_prompt_chars=32000,
+                    edits=True,
                 ),
             )
             for name in GPT_IMAGE_MODELS

@@ -26,7 +26,14 @@ from shared.jobs.models import Image, Job, JobStatus
 from shared.jobs.partials import PartialPublisher
 from shared.jobs.schemas import GenerationParams, job_params
 from shared.providers import get_provider
-from shared.providers.base import GeneratedImage, Generation, Partials, Progress, no_partials
+from shared.providers.base import (
+    GeneratedImage,
+    Generation,
+    Inputs,
+    Partials,
+    Progress,
+    no_partials,
+)
 from shared.registry import ModelSpec, get_registry
 from worker.leases import LEASES
 from worker.progress import StepReporter
@@ -50,6 +57,7 @@ def _call_with_retries(
     job_id: str,
     progress: Progress,
     partials: Partials,
+    inputs: Inputs | None,
 ) -> Generation:
     settings = get_settings()
     provider = get_provider(spec)
@@ -57,7 +65,7 @@ def _call_with_retries(
     while True:
         attempt += 1
         try:
-            return provider.generate(spec, params, count, first, progress, partials)
+            return provider.generate(spec, params, count, first, progress, partials, inputs)
         except TransientProviderError as exc:
             if attempt >= settings.provider_max_attempts:
                 raise
@@ -76,15 +84,16 @@ def _generate(
     job_id: str,
     progress: Progress,
     partials: Partials = no_partials,
+    inputs: Inputs | None = None,
 ) -> Generation:
     """All ``n`` images, fanning out when the upstream makes fewer per call."""
     per_call = max(1, spec.images_per_call)
     chunks = [(first, min(per_call, params.n - first)) for first in range(0, params.n, per_call)]
     if len(chunks) == 1:
-        return _call_with_retries(spec, params, params.n, 0, job_id, progress, partials)
+        return _call_with_retries(spec, params, params.n, 0, job_id, progress, partials, inputs)
     futures = [
         fanout_pool().submit(
-            _call_with_retries, spec, params, count, first, job_id, progress, partials
+            _call_with_retries, spec, params, count, first, job_id, progress, partials, inputs
         )
         for first, count in chunks
     ]
@@ -103,6 +112,16 @@ def _generate(
         permanent = [e for e in errors if isinstance(e, PermanentProviderError)]
         raise (permanent or errors)[0]
     return Generation(images=images, usage=usage or None)
+
+
+def _inputs(params: GenerationParams) -> Inputs | None:
+    """An edit's or a variation's uploads, read back from storage (stored under the
+    job when it was accepted)."""
+    if params.operation == "generate":
+        return None
+    storage = get_storage()
+    mask = storage.get(params.mask) if params.mask else None
+    return Inputs([storage.get(key) for key in params.images], mask)
 
 
 def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
@@ -126,7 +145,8 @@ def produce(job: Job) -> Result | None:
         spec = get_registry().get(job.model)
         steps = StepReporter(job)
         sink = PartialPublisher(job.id) if params.stream and params.partial_images else None
-        generation = _generate(spec, params, job.id, steps, sink or no_partials)
+        inputs = _inputs(params)
+        generation = _generate(spec, params, job.id, steps, sink or no_partials, inputs)
         if LEASES.lost(job.id):
             raise JobCanceled()
         storage = get_storage()

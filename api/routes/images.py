@@ -13,12 +13,21 @@ from api.deps import BaseUrl, CurrentPrincipal, IdempotencyKeyHeader, SettingsDe
 from api.generation import position, submit, webhook_for
 from api.streaming import stream_response
 from shared.core.errors import ErrorResponse
-from shared.idempotency.service import claim_of
+from shared.core.settings import Settings
+from shared.core.storage import Storage
+from shared.idempotency.service import Claim, claim_of
 from shared.jobs.input import validate_generation
 from shared.jobs.models import JobStatus
-from shared.jobs.schemas import ImageGenerationRequest, ImagesResponse, JobObject
+from shared.jobs.schemas import (
+    GenerationParams,
+    ImageGenerationRequest,
+    ImagesResponse,
+    JobObject,
+)
 from shared.jobs.views import job_failure, render_job
+from shared.projects.service import Principal
 from shared.registry import get_registry
+from shared.webhooks.service import Webhook
 
 router = APIRouter(tags=["images"])
 
@@ -79,27 +88,52 @@ async def create_image(
     claim = claim_of(idempotency_key, "POST", request.url.path, body.model_dump(mode="json"))
     params = validate_generation(body, registry)
     webhook = await webhook_for(body)
+    return await answer(
+        request, principal, params, webhook, claim, prefer, settings, storage, base_url
+    )
+
+
+async def answer(
+    request: Request,
+    principal: Principal,
+    params: GenerationParams,
+    webhook: Webhook | None,
+    claim: Claim | None,
+    prefer: str | None,
+    settings: Settings,
+    storage: Storage,
+    base_url: str,
+    *,
+    job_id: str | None = None,
+    prefix: str = "image_generation",
+) -> Response | ImagesResponse:
+    """Record the validated request's job and answer: streamed events, the images
+    once it finished, or 202 with the job (generations, edits and variations)."""
+    spec = get_registry().get(params.model)
     respond_async, wait = parse_prefer(prefer, settings.sync_wait_seconds)
     if params.stream:
         return stream_response(
             request,
             principal,
             params,
-            registry.get(params.model),
+            spec,
             wait=wait,
             webhook=webhook,
             storage=storage,
             base_url=base_url,
             url_expiry=settings.url_expiry_seconds,
+            prefix=prefix,
+            job_id=job_id,
         )
     outcome = await submit(
         request,
         principal,
         params,
-        registry.get(params.model),
+        spec,
         wait=0 if respond_async else wait,
         webhook=webhook,
         idempotency=claim,
+        job_id=job_id,
     )
     job = outcome.job
     # Asked for 202: the job, even one an idempotent retry finds already finished.

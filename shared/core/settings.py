@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     # Least time between two progress writes of a denoising job (the job's
     # `progress` and its SSE `job.progress` events); a cancel is noticed at each.
     progress_interval_seconds: float = 0.5
+    # Edits and variations: the most bytes one input image (or mask) may have, and
+    # the most images one edit takes (OpenAI's limits for its GPT image models).
+    edit_max_image_bytes: int = 50 * 1024 * 1024
+    edit_max_images: int = 16
     # A running job whose worker stops renewing its lease for this long is re-queued.
     job_lease_seconds: float = 60.0
     # A queued job whose broker message was published this long ago but never

@@ -42,6 +42,11 @@ def image_key(project_id: str, job_id: str, index: int, ext: str) -> str:
     return f"{project_id}/{job_id}/{index}.{ext}"
 
 
+def input_key(project_id: str, job_id: str, name: str, ext: str) -> str:
+    """An edit's input image (``input-0``, ...) or mask, stored under its job."""
+    return f"{project_id}/{job_id}/{name}.{ext}"
+
+
 # S3 error codes that mean "later", besides any 5xx status.
 _TRANSIENT_CODES = {
     "SlowDown",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -140,3 +140,81 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
         stream=stream,
         partial_images=req.partial_images or 0,
     )
+
+
+# --- edits and variations: multipart form fields -------------------------------------
+
+_INT_FIELDS = ("n", "output_compression", "partial_images", "seed")
+_BOOL_FIELDS = ("stream",)
+_LIST_FIELDS = ("webhook_events",)
+# What a variation takes (dall-e-2's form); anything else there is refused.
+VARIATION_FIELDS = ("model", "n", "size", "response_format", "user", "webhook_url")
+
+
+def form_request(fields: dict[str, list[str]]) -> dict[str, Any]:
+    """A multipart form's text fields as the JSON body a generation would send:
+    numbers and booleans parsed, a bad one refused naming its field."""
+    body: dict[str, Any] = {}
+    for name, values in fields.items():
+        key = name.removesuffix("[]")
+        if key in _LIST_FIELDS:
+            body[key] = values
+            continue
+        value = values[-1]
+        if key in _INT_FIELDS:
+            try:
+                body[key] = int(value)
+            except ValueError:
+                raise InvalidRequest(
+                    f"'{key}' must be an integer, not {value[:40]!r}.",
+                    param=key,
+                    code="invalid_value",
+                ) from None
+        elif key in _BOOL_FIELDS:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise InvalidRequest(
+                    f"'{key}' must be true or false.", param=key, code="invalid_value"
+                )
+            body[key] = value.lower() in ("true", "1")
+        else:
+            body[key] = value
+    return body
+
+
+def validate_edit(
+    body: dict[str, Any], registry: Registry, operation: Literal["edit", "variation"]
+) -> GenerationParams:
+    """An edit's or a variation's fields, checked as a generation's are, against a
+    model that serves the operation (a variation has no prompt)."""
+    fidelity = body.pop("input_fidelity", None)
+    if operation == "variation":
+        extra = sorted(set(body) - set(VARIATION_FIELDS))
+        if extra:
+            raise InvalidRequest(
+                f"Variations do not take '{extra[0]}'.", param=extra[0], code="invalid_value"
+            )
+        body = {**body, "prompt": "a variation of the image"}
+    req = parse_request(body)
+    spec = registry.get(req.model if req.model is not None else _default_for(registry, operation))
+    if not getattr(spec.capabilities, f"{operation}s"):
+        raise InvalidRequest(
+            f"The model '{spec.name}' does not make {operation}s.",
+            param="model",
+            code="invalid_value",
+        )
+    if fidelity is not None and fidelity not in ("high", "low"):
+        raise InvalidRequest(
+            f"Invalid value '{fidelity}' for 'input_fidelity': 'high' or 'low'.",
+            param="input_fidelity",
+            code="invalid_value",
+        )
+    params = validate_generation(req.model_copy(update={"model": spec.name}), registry)
+    return params.model_copy(update={"operation": operation, "input_fidelity": fidelity})
+
+
+def _default_for(registry: Registry, operation: str) -> str:
+    """The first model that serves the operation (the registry's default otherwise)."""
+    for spec in registry.models:
+        if getattr(spec.capabilities, f"{operation}s"):
+            return spec.name
+    return registry.default_model

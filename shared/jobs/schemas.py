@@ -64,6 +64,11 @@ class GenerationParams(BaseModel):
     seed: int | None = None
     stream: bool = False
     partial_images: int = 0
+    # Edits and variations: the input images and mask, stored under the job (keys).
+    operation: Literal["generate", "edit", "variation"] = "generate"
+    images: list[str] = Field(default_factory=list)
+    mask: str | None = None
+    input_fidelity: Literal["high", "low"] | None = None
 
 
 class ImageData(BaseModel):

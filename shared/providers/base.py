@@ -29,6 +29,14 @@ def no_progress(step: int, steps: int, /) -> None:
     """For callers that follow no progress."""
 
 
+@dataclass
+class Inputs:
+    """An edit's or a variation's input images (and an edit's mask), as uploaded."""
+
+    images: list[bytes]
+    mask: bytes | None = None
+
+
 class Partials(Protocol):
     def __call__(self, image_index: int, partial_index: int, png: bytes, /) -> None:
         """A partial picture of image ``image_index`` (a streamed request's
@@ -48,8 +56,11 @@ class Provider(Protocol):
         first_index: int,
         progress: Progress = no_progress,
         partials: Partials = no_partials,
+        inputs: Inputs | None = None,
     ) -> Generation:
-        """Make ``count`` images (images ``first_index`` .. of the job). Providers
+        """Make ``count`` images (images ``first_index`` .. of the job): from the
+        prompt, or for ``params.operation`` ``edit``/``variation`` from ``inputs``
+        (a provider that cannot raises PermanentProviderError). Providers
         that work in steps (local models) report them through ``progress``; where
         ``params.partial_images`` asks for them, providers that can show a picture
         before it is done send ``partials`` (image indexes count from 0 in the job)."""

@@ -20,6 +20,7 @@ from shared.jobs.schemas import GenerationParams
 from shared.providers.base import (
     GeneratedImage,
     Generation,
+    Inputs,
     Partials,
     Progress,
     no_partials,
@@ -108,6 +109,7 @@ class OpenAICompatibleProvider:
         first_index: int,
         progress: Progress = no_progress,
         partials: Partials = no_partials,
+        inputs: Inputs | None = None,
     ) -> Generation:
         if not spec.base_url:
             raise PermanentProviderError(

@@ -3,6 +3,8 @@
 Not an AI model, and not pretending to be one: it makes the service work out of the
 box with no keys and no network, and it is the test workhorse. Streamed requests get
 its partial images as a progressive render (the final picture in coarse blocks).
+Edits blend the input with the prompt's picture inside the mask; variations mirror
+and tint the input: deterministic transforms, honestly not image models.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import hashlib
 import io
 from functools import lru_cache
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
+from shared.core.errors import PermanentProviderError
 from shared.jobs.schemas import GenerationParams
 from shared.providers.base import (
     GeneratedImage,
     Generation,
+    Inputs,
     Partials,
     Progress,
     no_partials,
@@ -58,11 +62,16 @@ class ProceduralProvider:
         first_index: int,
         progress: Progress = no_progress,
         partials: Partials = no_partials,
+        inputs: Inputs | None = None,
     ) -> Generation:
-        width, height = parse_size(params.size) or (1024, 1024)
+        base = _base(inputs) if params.operation != "generate" else None
+        fallback = base.size if base is not None else (1024, 1024)
+        width, height = parse_size(params.size) or fallback
         images = []
         for index in range(first_index, first_index + count):
             image = render(params.prompt, width, height, index)
+            if base is not None and inputs is not None:
+                image = _transform(params, inputs, base.resize((width, height)), image, index)
             # A progressive render for streamed requests: the same picture, coarse
             # blocks first, each partial twice as fine as the one before.
             for k in range(params.partial_images):
@@ -71,6 +80,34 @@ class ProceduralProvider:
                 partials(index, k, _png(coarse.resize((width, height), Image.Resampling.NEAREST)))
             images.append(GeneratedImage(data=_png(image)))
         return Generation(images=images)
+
+
+def _base(inputs: Inputs | None) -> Image.Image:
+    """The picture an edit or variation starts from: its input images, averaged."""
+    if inputs is None or not inputs.images:
+        raise PermanentProviderError("an edit needs an input image", code="invalid_value")
+    pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in inputs.images]
+    base = pictures[0]
+    for i, other in enumerate(pictures[1:], start=2):
+        base = Image.blend(base, other.resize(base.size), 1 / i)  # a running mean
+    return base
+
+
+def _transform(
+    params: GenerationParams, inputs: Inputs, base: Image.Image, picture: Image.Image, index: int
+) -> Image.Image:
+    """Edit: the input blended half and half with the prompt's picture, inside the
+    mask's transparent pixels only (all of it without a mask). Variation: the input,
+    mirrored on odd indexes, tinted a quarter towards the picture's colours."""
+    if params.operation == "variation":
+        varied = ImageOps.mirror(base) if index % 2 else base
+        return Image.blend(varied, picture, 0.25)
+    blended = Image.blend(base, picture, 0.5)
+    if inputs.mask is None:
+        return blended
+    alpha = Image.open(io.BytesIO(inputs.mask)).convert("RGBA").getchannel("A")
+    edit_here = ImageOps.invert(alpha.resize(base.size))  # transparent: 255 = edit
+    return Image.composite(blended, base, edit_here)
 
 
 def _png(image: Image.Image) -> bytes:

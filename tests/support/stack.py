@@ -44,6 +44,8 @@ def models_yaml(upstream_url: str) -> dict[str, Any]:
                     "styles": ["vivid", "natural"],
                     "output_compression": True,
                     "max_prompt_chars": 32000,
+                    "edits": True,
+                    "variations": True,
                 },
             },
             {
@@ -55,6 +57,8 @@ def models_yaml(upstream_url: str) -> dict[str, Any]:
                     "sizes": ["1024x1024", "256x256", "512x512"],
                     "max_n": 10,
                     "max_prompt_chars": 1000,
+                    "edits": True,
+                    "variations": True,
                 },
             },
             {
@@ -87,6 +91,7 @@ def models_yaml(upstream_url: str) -> dict[str, Any]:
                     "moderations": ["auto", "low"],
                     "output_compression": True,
                     "max_prompt_chars": 32000,
+                    "edits": True,
                 },
             },
             # An upstream that makes one image per call: the worker must fan out.

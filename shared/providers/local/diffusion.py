@@ -28,6 +28,7 @@ from shared.jobs.schemas import GenerationParams
 from shared.providers.base import (
     GeneratedImage,
     Generation,
+    Inputs,
     Partials,
     Progress,
     no_partials,
@@ -48,6 +49,7 @@ class DiffusersProvider:
         first_index: int,
         progress: Progress = no_progress,
         partials: Partials = no_partials,
+        inputs: Inputs | None = None,
     ) -> Generation:
         pipe, device = pipeline(spec, "text2image")
         width, height = parse_size(params.size) or (512, 512)

@@ -1,0 +1,175 @@
+"""``POST /v1/images/edits`` and ``POST /v1/images/variations``: OpenAI's multipart
+forms. The uploads are checked (format, size, the mask's alpha and size), stored
+under the job they belong to and referenced from it (``request.images``,
+``request.mask``); the job then runs, waits, streams (``image_edit.*`` events) and
+answers as a generation does."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from api.deps import BaseUrl, CurrentPrincipal, IdempotencyKeyHeader, SettingsDep, StorageDep
+from api.generation import webhook_for
+from api.routes.images import ERRORS, answer
+from shared.core.errors import InvalidRequest
+from shared.core.ids import new_id
+from shared.core.settings import Settings
+from shared.core.storage import Storage, input_key
+from shared.idempotency.service import claim_of
+from shared.imaging import CONTENT_TYPES, InputImage, check_mask, read_input
+from shared.jobs.input import form_request, parse_request, validate_edit
+from shared.jobs.schemas import ImagesResponse, JobObject
+from shared.projects.service import Principal
+from shared.registry import get_registry
+
+router = APIRouter(tags=["images"])
+RESPONSES: dict[int | str, dict[str, object]] = {
+    202: {"model": JobObject, "description": "Accepted; poll the job"},
+    **ERRORS,
+}
+IMAGE_FIELDS = ("image", "image[]")
+
+
+@router.post(
+    "/v1/images/edits",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=RESPONSES,
+    summary="Create image edit",
+)
+async def create_edit(
+    request: Request,
+    principal: CurrentPrincipal,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base_url: BaseUrl,
+    prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response | ImagesResponse:
+    return await _accept(
+        request, "edit", principal, settings, storage, base_url, prefer, idempotency_key
+    )
+
+
+@router.post(
+    "/v1/images/variations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=RESPONSES,
+    summary="Create image variation",
+)
+async def create_variation(
+    request: Request,
+    principal: CurrentPrincipal,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base_url: BaseUrl,
+    prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response | ImagesResponse:
+    return await _accept(
+        request, "variation", principal, settings, storage, base_url, prefer, idempotency_key
+    )
+
+
+async def _accept(
+    request: Request,
+    operation: Literal["edit", "variation"],
+    principal: Principal,
+    settings: Settings,
+    storage: Storage,
+    base_url: str,
+    prefer: str | None,
+    idempotency_key: str | None,
+) -> Response | ImagesResponse:
+    form = await request.form(max_files=settings.edit_max_images + 1, max_fields=200)
+    try:
+        fields: dict[str, list[str]] = {}
+        uploads: list[UploadFile] = []
+        mask_upload: UploadFile | None = None
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields.setdefault(name, []).append(value)
+            elif name in IMAGE_FIELDS:
+                uploads.append(value)
+            elif name == "mask" and operation == "edit":
+                mask_upload = value
+            else:
+                raise InvalidRequest(f"Unexpected file field '{name}'.", param=name)
+        _check_counts(operation, uploads, settings)
+        blobs = [await upload.read() for upload in uploads]
+        mask_blob = await mask_upload.read() if mask_upload is not None else None
+    finally:
+        await form.close()
+    limit = settings.edit_max_image_bytes
+    images = await run_in_threadpool(lambda: [read_input(b, "image", limit) for b in blobs])
+    mask = None
+    if mask_blob is not None:
+        mask = await run_in_threadpool(read_input, mask_blob, "mask", limit)
+        check_mask(mask, images[0])
+    body = form_request(fields)
+    params = validate_edit(dict(body), get_registry(), operation)
+    digests = {
+        "images": [hashlib.sha256(i.data).hexdigest() for i in images],
+        "mask": hashlib.sha256(mask.data).hexdigest() if mask else None,
+    }
+    claim = claim_of(idempotency_key, "POST", request.url.path, {**body, **digests})
+    webhook = await webhook_for(parse_request({**body, "prompt": params.prompt}))
+    job_id = new_id("job")
+    keys, mask_key = await run_in_threadpool(
+        _store, storage, principal.project_id, job_id, images, mask
+    )
+    params = params.model_copy(update={"images": keys, "mask": mask_key})
+    return await answer(
+        request,
+        principal,
+        params,
+        webhook,
+        claim,
+        prefer,
+        settings,
+        storage,
+        base_url,
+        job_id=job_id,
+        prefix="image_edit",
+    )
+
+
+def _check_counts(operation: str, uploads: list[UploadFile], settings: Settings) -> None:
+    if not uploads:
+        raise InvalidRequest(
+            "An 'image' file is required.", param="image", code="missing_required_parameter"
+        )
+    most = 1 if operation == "variation" else settings.edit_max_images
+    if len(uploads) > most:
+        raise InvalidRequest(
+            f"At most {most} image{'s' if most > 1 else ''} per {operation}; got {len(uploads)}.",
+            param="image",
+            code="invalid_value",
+        )
+
+
+def _store(
+    storage: Storage,
+    project_id: str,
+    job_id: str,
+    images: list[InputImage],
+    mask: InputImage | None,
+) -> tuple[list[str], str | None]:
+    """The uploads under the job, before it is recorded: a worker that takes the job
+    finds them there."""
+    keys = []
+    for i, image in enumerate(images):
+        key = input_key(project_id, job_id, f"input-{i}", image.fmt)
+        storage.put(key, image.data, CONTENT_TYPES[image.fmt])
+        keys.append(key)
+    mask_key = None
+    if mask is not None:
+        mask_key = input_key(project_id, job_id, "mask", "png")
+        storage.put(mask_key, mask.data, CONTENT_TYPES["png"])
+    return keys, mask_key
