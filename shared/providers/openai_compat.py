@@ -119,11 +119,17 @@ class OpenAICompatibleProvider:
         key = spec.api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        url = spec.base_url.rstrip("/") + "/images/generations"
+        payload = self._payload(spec, params, count)
+        if params.operation == "generate":
+            request: dict[str, Any] = {"json": payload}
+            path = "/images/generations"
+        else:
+            # Edits and variations: the upstream's own multipart form, as we took it.
+            request = _multipart(params, payload, inputs)
+            path = f"/images/{params.operation}s"
+        url = spec.base_url.rstrip("/") + path
         try:
-            response = self.client.post(
-                url, json=self._payload(spec, params, count), headers=headers
-            )
+            response = self.client.post(url, headers=headers, **request)
         except httpx.TimeoutException as exc:
             raise TransientProviderError(
                 f"upstream timed out: {type(exc).__name__}", code="upstream_timeout"
@@ -187,3 +193,22 @@ class OpenAICompatibleProvider:
         raise TransientProviderError(
             "upstream image has neither url nor b64_json", code="upstream_bad_response"
         )
+
+
+def _multipart(
+    params: GenerationParams, payload: dict[str, Any], inputs: Inputs | None
+) -> dict[str, Any]:
+    """The fields and files of an upstream edit or variation (``image`` for one
+    image, ``image[]`` for several, as OpenAI's clients send them)."""
+    if inputs is None or not inputs.images:
+        raise PermanentProviderError("an edit needs an input image", code="invalid_value")
+    fields = {name: str(value) for name, value in payload.items()}
+    if params.operation == "variation":
+        fields.pop("prompt", None)
+    elif params.input_fidelity is not None:
+        fields["input_fidelity"] = params.input_fidelity
+    name = "image" if len(inputs.images) == 1 else "image[]"
+    files = [(name, (f"image-{i}", data)) for i, data in enumerate(inputs.images)]
+    if inputs.mask is not None:
+        files.append(("mask", ("mask.png", inputs.mask)))
+    return {"data": fields, "files": files}

@@ -17,6 +17,8 @@ import threading
 import time
 import uuid
 from collections import Counter
+from email.parser import BytesParser
+from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -124,7 +126,13 @@ class FakeUpstream:
 
             def _post(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
+                raw = self.rfile.read(length)
+                ctype = self.headers.get("Content-Type", "")
+                body = (
+                    _form(ctype, raw)
+                    if ctype.startswith("multipart/")
+                    else json.loads(raw or b"{}")
+                )
                 prompt = body.get("prompt", "")
                 with upstream.lock:
                     upstream.counts[prompt] += 1
@@ -132,7 +140,11 @@ class FakeUpstream:
                     upstream.calls.append(
                         {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
                     )
-                if self.path != "/v1/images/generations":
+                if self.path not in (
+                    "/v1/images/generations",
+                    "/v1/images/edits",
+                    "/v1/images/variations",
+                ):
                     return self._error(404, "not found", None)
                 if self.headers.get("Authorization") != f"Bearer {EXPECTED_KEY}":
                     return self._error(401, "Incorrect API key provided", "invalid_api_key")
@@ -187,3 +199,23 @@ class FakeUpstream:
                 self._send(200, json.dumps(resp).encode())
 
         return Handler
+
+
+def _form(content_type: str, raw: bytes) -> dict[str, Any]:
+    """A multipart form (edits, variations) as the JSON body a generation sends, with
+    its files counted by field (``_files``) and their image sizes (``_sizes``)."""
+    message = BytesParser(policy=HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+    )
+    body: dict[str, Any] = {"_files": {}, "_sizes": []}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        if part.get_filename() is not None:
+            body["_files"][name] = body["_files"].get(name, 0) + 1
+            body["_sizes"].append(Image.open(io.BytesIO(payload)).size)
+        else:
+            value = payload.decode()
+            body[str(name)] = int(value) if name == "n" else value
+    return body
