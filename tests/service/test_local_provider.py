@@ -17,6 +17,7 @@ from PIL import Image
 from shared.core.errors import JobCanceled, PermanentProviderError
 from shared.core.settings import get_settings
 from shared.jobs.schemas import GenerationParams
+from shared.providers.base import Inputs
 from shared.providers.local import diffusion, pipelines
 from shared.providers.local.diffusion import DiffusersProvider
 from shared.registry import ModelSpec
@@ -220,3 +221,56 @@ def test_partial_images_are_the_latents_decoded_at_even_checkpoints(model_dir: P
     )
     # 6 steps, 2 partials: after steps 2 and 4, for each of the 2 images.
     assert sorted(seen) == [(i, k, (32, 48)) for i in (0, 1) for k in (0, 1)]
+
+
+def input_png(size: tuple[int, int], colour: tuple[int, ...], mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fidelity", "steps", "with_mask", "task"),
+    [
+        ("high", 3, False, "image2image"),
+        ("low", 4, False, "image2image"),
+        (None, 4, True, "inpainting"),
+    ],
+)
+def test_an_edit_runs_image_to_image_or_inpainting_over_the_last_steps(
+    model_dir: Path, fidelity: str | None, steps: int, with_mask: bool, task: str
+) -> None:
+    mask = input_png((48, 48), (0, 0, 0, 0), "RGBA") if with_mask else None
+    inputs = Inputs([input_png((48, 48), (250, 20, 20))], mask)
+    seen: list[tuple[int, int]] = []
+    spec = spec_for(model_dir, "tiny-edits")
+    gen = DiffusersProvider().generate(
+        spec,
+        params(n=2, size="32x48", operation="edit", input_fidelity=fidelity),
+        2,
+        0,
+        lambda s, t: seen.append((s, t)),
+        inputs=inputs,
+    )
+    assert [Image.open(io.BytesIO(i.data)).size for i in gen.images] == [(32, 48)] * 2
+    # strength 0.5 (high fidelity) or 0.8 of the 6 steps
+    assert seen == [(s, steps) for s in range(1, steps + 1)]
+    loaded, _ = pipelines.pipeline(spec, task)  # type: ignore[arg-type]
+    assert (
+        type(loaded).__name__
+        == {
+            "image2image": "StableDiffusionImg2ImgPipeline",
+            "inpainting": "StableDiffusionInpaintPipeline",
+        }[task]
+    )
+
+
+def test_a_variation_is_not_a_local_models_operation(model_dir: Path) -> None:
+    with pytest.raises(PermanentProviderError, match="not variations"):
+        DiffusersProvider().generate(
+            spec_for(model_dir),
+            params(operation="variation"),
+            1,
+            0,
+            inputs=Inputs([input_png((64, 64), (0, 0, 0))]),
+        )

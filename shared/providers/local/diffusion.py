@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from PIL import Image, ImageOps
 
 from shared.core.errors import ErrorCode, PermanentProviderError
 from shared.jobs.schemas import GenerationParams
@@ -34,7 +35,7 @@ from shared.providers.base import (
     no_partials,
     no_progress,
 )
-from shared.providers.local.pipelines import device_lock, pipeline
+from shared.providers.local.pipelines import Task, device_lock, pipeline
 from shared.registry import ModelSpec, parse_size
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,17 @@ class DiffusersProvider:
         partials: Partials = no_partials,
         inputs: Inputs | None = None,
     ) -> Generation:
-        pipe, device = pipeline(spec, "text2image")
         width, height = parse_size(params.size) or (512, 512)
+        task, extra = _task(params, inputs, (width, height))
+        pipe, device = pipeline(spec, task)
         first_seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         seeds = [first_seed + first_index + i for i in range(count)]
         steps = spec.steps_for(params.quality)
+        if "strength" in extra:  # image-to-image runs the last `strength` of the steps
+            steps = max(1, int(spec.steps_for(params.quality) * extra["strength"]))
+            extra["num_inference_steps"] = spec.steps_for(params.quality)
+        else:
+            extra["num_inference_steps"] = steps
 
         checkpoints = _checkpoints(steps, params.partial_images)
 
@@ -72,9 +79,7 @@ class DiffusersProvider:
             with device_lock(device):
                 out = pipe(
                     prompt=params.prompt,
-                    width=width,
-                    height=height,
-                    num_inference_steps=steps,
+                    **extra,
                     guidance_scale=spec.guidance_scale,
                     num_images_per_prompt=len(chunk),
                     generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
@@ -85,6 +90,34 @@ class DiffusersProvider:
 
         images = _split_on_oom(spec, params.size, seeds, steps, run)
         return Generation(images=[GeneratedImage(data=_png(image)) for image in images])
+
+
+# How much of the input an edit repaints (diffusers' `strength`): input_fidelity
+# "high" keeps more of it.
+STRENGTH = {"high": 0.5, "low": 0.8}
+
+
+def _task(
+    params: GenerationParams, inputs: Inputs | None, size: tuple[int, int]
+) -> tuple[Task, dict[str, Any]]:
+    """Which pipeline a job needs, and its arguments beside the prompt: text-to-image;
+    an edit is image-to-image from its (first) input, or inpainting where its mask is
+    transparent (diffusers repaints white)."""
+    if params.operation == "generate":
+        return "text2image", {"width": size[0], "height": size[1]}
+    if params.operation != "edit" or inputs is None or not inputs.images:
+        raise PermanentProviderError(
+            f"Local models make generations and edits, not {params.operation}s.",
+            code=ErrorCode.invalid_value,
+        )
+    image = Image.open(io.BytesIO(inputs.images[0])).convert("RGB").resize(size)
+    extra: dict[str, Any] = {"image": image, "strength": STRENGTH[params.input_fidelity or "low"]}
+    if inputs.mask is None:
+        return "image2image", extra
+    alpha = Image.open(io.BytesIO(inputs.mask)).convert("RGBA").getchannel("A")
+    extra["mask_image"] = ImageOps.invert(alpha.resize(size))
+    extra.update(width=size[0], height=size[1])
+    return "inpainting", extra
 
 
 def _checkpoints(steps: int, partial_images: int) -> list[int]:
