@@ -19,11 +19,12 @@ from api.routes.images import ERRORS, answer
 from shared.core.errors import InvalidRequest
 from shared.core.ids import new_id
 from shared.core.settings import Settings
-from shared.core.storage import Storage, input_key
+from shared.core.storage import Storage
 from shared.idempotency.service import claim_of
-from shared.imaging import CONTENT_TYPES, InputImage, check_mask, read_input
+from shared.imaging import check_mask, read_input
 from shared.jobs.input import form_request, parse_request, validate_edit
 from shared.jobs.schemas import ImagesResponse, JobObject
+from shared.jobs.service import store_inputs
 from shared.projects.service import Principal
 from shared.registry import get_registry
 
@@ -122,7 +123,7 @@ async def _accept(
     webhook = await webhook_for(parse_request({**body, "prompt": params.prompt}))
     job_id = new_id("job")
     keys, mask_key = await run_in_threadpool(
-        _store, storage, principal.project_id, job_id, images, mask
+        store_inputs, storage, principal.project_id, job_id, images, mask
     )
     params = params.model_copy(update={"images": keys, "mask": mask_key})
     return await answer(
@@ -152,24 +153,3 @@ def _check_counts(operation: str, uploads: list[UploadFile], settings: Settings)
             param="image",
             code="invalid_value",
         )
-
-
-def _store(
-    storage: Storage,
-    project_id: str,
-    job_id: str,
-    images: list[InputImage],
-    mask: InputImage | None,
-) -> tuple[list[str], str | None]:
-    """The uploads under the job, before it is recorded: a worker that takes the job
-    finds them there."""
-    keys = []
-    for i, image in enumerate(images):
-        key = input_key(project_id, job_id, f"input-{i}", image.fmt)
-        storage.put(key, image.data, CONTENT_TYPES[image.fmt])
-        keys.append(key)
-    mask_key = None
-    if mask is not None:
-        mask_key = input_key(project_id, job_id, "mask", "png")
-        storage.put(mask_key, mask.data, CONTENT_TYPES["png"])
-    return keys, mask_key

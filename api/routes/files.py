@@ -18,6 +18,7 @@ from shared.files.schemas import FileObject
 from shared.files.service import (
     MAX_FILE_BYTES,
     MAX_FILENAME_CHARS,
+    UPLOAD_PURPOSES,
     create_file,
     delete_file,
     get_file,
@@ -46,9 +47,10 @@ async def upload(
         raise InvalidValue(
             f"The file name is longer than {MAX_FILENAME_CHARS} characters.", param="file"
         )
-    if purpose != "batch":
+    if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(
-            f"Invalid purpose '{purpose}': only 'batch' is supported.", param="purpose"
+            f"Invalid purpose '{purpose}': use one of {', '.join(UPLOAD_PURPOSES)}.",
+            param="purpose",
         )
     # The body was counted as it arrived (api/upload_limit.py) and the part spooled
     # to a temporary file; it is streamed from there to storage, never read whole.

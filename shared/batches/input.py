@@ -10,6 +10,8 @@ from shared.core.errors import ErrorCode, InvalidRequest
 from shared.core.storable import find_unstorable
 
 ENDPOINT = "/v1/images/generations"
+EDITS_ENDPOINT = "/v1/images/edits"
+ENDPOINTS = (ENDPOINT, EDITS_ENDPOINT)
 
 
 MAX_LINES = 50_000
@@ -48,7 +50,7 @@ def _custom_id_refusal(custom_id: Any, seen: set[str]) -> tuple[ErrorCode, str] 
 
 
 def _line_errors(
-    number: int, raw_bytes: bytes, seen: set[str]
+    number: int, raw_bytes: bytes, seen: set[str], endpoint: str
 ) -> tuple[dict[str, Any] | None, list[LineError]]:
     """One line: its request object (None for a blank line or one that is not an
     object), and every error found in it."""
@@ -84,21 +86,23 @@ def _line_errors(
         bad(*refused, "custom_id")
     if obj.get("method") != "POST":
         bad(ErrorCode.invalid_method, "method must be 'POST'.", "method")
-    if obj.get("url") != ENDPOINT:
-        bad(ErrorCode.invalid_url, f"url must be '{ENDPOINT}', the batch's endpoint.", "url")
+    if obj.get("url") != endpoint:
+        bad(ErrorCode.invalid_url, f"url must be '{endpoint}', the batch's endpoint.", "url")
     if not isinstance(obj.get("body"), dict):
         bad(ErrorCode.invalid_body, "body must be a JSON object.", "body")
     return obj, errors
 
 
-def parse_input(lines: Iterable[bytes]) -> tuple[list[dict[str, Any]], list[LineError]]:
+def parse_input(
+    lines: Iterable[bytes], endpoint: str = ENDPOINT
+) -> tuple[list[dict[str, Any]], list[LineError]]:
     """Items from an OpenAI batch input file read line by line (never decoded whole),
     or the errors naming every bad line."""
     items: list[dict[str, Any]] = []
     errors: list[LineError] = []
     seen: set[str] = set()
     for number, raw_bytes in enumerate(lines, start=1):
-        obj, found = _line_errors(number, raw_bytes, seen)
+        obj, found = _line_errors(number, raw_bytes, seen, endpoint)
         errors += found
         if obj is not None:
             items.append(

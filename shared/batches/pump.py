@@ -4,6 +4,8 @@ of pumps (the worker's batch tick, the sweeper) may run side by side."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -12,17 +14,22 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col
 
+from shared.batches.input import EDITS_ENDPOINT
 from shared.batches.models import PUMPED, Batch, BatchItem, BatchStatus, ItemStatus
 from shared.core.broker import publish_jobs
 from shared.core.clock import utcnow
 from shared.core.columns import table
-from shared.core.errors import ClientError, ErrorCode, ImagegenError, render
+from shared.core.errors import ClientError, ErrorCode, ImagegenError, InvalidRequest, render
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
 from shared.core.settings import get_settings
-from shared.jobs.input import parse_request, validate_generation
+from shared.core.storage import get_storage
+from shared.files.service import get_file
+from shared.imaging import check_mask, read_input
+from shared.jobs.input import parse_request, validate_edit, validate_generation
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.schemas import GenerationParams
+from shared.jobs.service import store_inputs
 from shared.jobs.views import job_failure
 from shared.projects.limits import get_limiter, images_per_day_exceeded
 from shared.projects.models import Project
@@ -66,11 +73,15 @@ def pump(session: Session, batch_id: str) -> Pumped:
                 .with_for_update(skip_locked=True)
             ).all()
         )
-    valid: list[tuple[str, GenerationParams, str]] = []
+    valid: list[tuple[str, GenerationParams, str, str]] = []
     for item_id, body in pending:
+        job_id = new_id("job")
         try:
-            params = validate_generation(parse_request(body), registry)
-            valid.append((item_id, params, registry.get(params.model).name))
+            if batch.endpoint == EDITS_ENDPOINT:
+                params = _edit_line(session, batch.project_id, job_id, body)
+            else:
+                params = validate_generation(parse_request(body), registry)
+            valid.append((item_id, params, registry.get(params.model).name, job_id))
         except ClientError as exc:
             _fail_item(session, item_id, exc, now)
     jobs = _queue_lines(session, batch, valid, now) if valid else []
@@ -87,16 +98,19 @@ def pump(session: Session, batch_id: str) -> Pumped:
 
 
 def _queue_lines(
-    session: Session, batch: Batch, valid: list[tuple[str, GenerationParams, str]], now: datetime
+    session: Session,
+    batch: Batch,
+    valid: list[tuple[str, GenerationParams, str, str]],
+    now: datetime,
 ) -> list[dict[str, Any]]:
     """Jobs for validated lines, as far as the project's images a day allow (lines
     past it fail with its 429, like any request; the rest of the batch goes on)."""
     project = session.get(Project, batch.project_id)
     quota = project.images_per_day if project else None
     granted = get_limiter().take_images(
-        batch.project_id, quota, [params.n for _, params, _ in valid]
+        batch.project_id, quota, [params.n for _, params, _, _ in valid]
     )
-    for item_id, _, _ in valid[granted:]:
+    for item_id, _, _, _ in valid[granted:]:
         _fail_item(session, item_id, images_per_day_exceeded(quota), now)
     # Plain rows and two executemany statements: the ORM's unit of work for
     # hundreds of new jobs per second was a fifth of a batch worker's CPU.
@@ -114,12 +128,12 @@ def _queue_lines(
     jobs = [
         {
             **template,
-            "id": new_id("job"),
+            "id": job_id,
             "model": model,
             "request": params.model_dump(),
             "batch_item_id": item_id,
         }
-        for item_id, params, model in valid[:granted]
+        for item_id, params, model, job_id in valid[:granted]
     ]
     if jobs:
         session.execute(sa.insert(table(Job)), jobs)
@@ -216,3 +230,51 @@ def lines_succeeded(session: Session, item_ids: list[str]) -> None:
             .values(status=ItemStatus.succeeded, status_code=200, finished_at=utcnow())
             .execution_options(synchronize_session=False)
         )
+
+
+# --- batches of edits ----------------------------------------------------------------
+
+
+def _edit_line(session: Session, project_id: str, job_id: str, body: Any) -> GenerationParams:
+    """An edit line: its fields checked as an edit's are, its images (file ids or
+    data URLs) read, checked and stored under the job it becomes."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object.", param="body")
+    settings = get_settings()
+    fields = {k: v for k, v in body.items() if k not in ("image", "mask")}
+    params = validate_edit(fields, get_registry(), "edit")
+    refs = body.get("image")
+    refs = refs if isinstance(refs, list) else [] if refs is None else [refs]
+    if not refs:
+        raise InvalidRequest(
+            "'image' is required: a file id or a data URL, or a list of them.",
+            param="image",
+            code=ErrorCode.missing_required_parameter,
+        )
+    if len(refs) > settings.edit_max_images:
+        raise InvalidRequest(f"At most {settings.edit_max_images} images per edit.", param="image")
+    limit = settings.edit_max_image_bytes
+    images = [
+        read_input(_image_bytes(session, project_id, r, "image"), "image", limit) for r in refs
+    ]
+    mask = None
+    if body.get("mask") is not None:
+        mask = read_input(_image_bytes(session, project_id, body["mask"], "mask"), "mask", limit)
+        check_mask(mask, images[0])
+    keys, mask_key = store_inputs(get_storage(), project_id, job_id, images, mask)
+    return params.model_copy(update={"images": keys, "mask": mask_key})
+
+
+def _image_bytes(session: Session, project_id: str, ref: Any, param: str) -> bytes:
+    """A line's image: ``data:image/...;base64,...`` or the id of an uploaded file."""
+    if isinstance(ref, str) and ref.startswith("data:"):
+        header, _, data = ref.partition(",")
+        if header.endswith(";base64"):
+            try:
+                return base64.b64decode(data, validate=True)
+            except binascii.Error:
+                pass
+        raise InvalidRequest(f"'{param}' is not a base64 data URL.", param=param)
+    if isinstance(ref, str) and ref.startswith(("file_", "file-")):
+        return get_storage().get(get_file(session, project_id, ref).storage_key)
+    raise InvalidRequest(f"'{param}' must be a file id or a data URL.", param=param)

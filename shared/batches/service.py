@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from shared.batches.input import (
-    ENDPOINT,
+    ENDPOINTS,
     MAX_CUSTOM_ID_CHARS,
     MAX_LINES,
     check_metadata,
@@ -54,9 +54,10 @@ def create_openai_batch(
     metadata: dict[str, str] | None,
 ) -> Batch:
     """Record the batch; the worker validates its input file (enqueued after commit)."""
-    if endpoint != ENDPOINT:
+    if endpoint not in ENDPOINTS:
         raise InvalidRequest(
-            f"Unsupported endpoint '{endpoint}': this service batches '{ENDPOINT}'.",
+            f"Unsupported endpoint '{endpoint}': this service batches "
+            f"{' and '.join(repr(e) for e in ENDPOINTS)}.",
             param="endpoint",
         )
     if completion_window != "24h":
@@ -160,7 +161,7 @@ def validate_batch(session: Session, batch_id: str) -> bool:
         return False
     file = session.get(File, batch.input_file_id)
     lines = get_storage().lines(file.storage_key) if file is not None else iter(())
-    items, errors = parse_input(lines)
+    items, errors = parse_input(lines, batch.endpoint)
     if errors:
         batch.status, batch.failed_at, batch.errors = BatchStatus.failed, utcnow(), errors[:1000]
         session.add(batch)

@@ -15,7 +15,10 @@ from shared.files.models import File
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's batch input limit
 MAX_FILENAME_CHARS = 500  # the column
-PURPOSES = ("batch", "batch_output")  # clients upload "batch"; batches write "batch_output"
+# Clients upload "batch" (a batch's input) and "vision"/"user_data" (images a batch
+# of edits names by file id); batches write "batch_output".
+UPLOAD_PURPOSES = ("batch", "vision", "user_data")
+PURPOSES = (*UPLOAD_PURPOSES, "batch_output")
 
 
 def create_file(
@@ -30,7 +33,10 @@ def create_file(
     """Store a file (bytes, or an open file streamed to storage in chunks: an
     upload is never held in memory whole) and record it."""
     if purpose not in PURPOSES:
-        raise InvalidRequest(f"Invalid purpose '{purpose}': use 'batch'.", param="purpose")
+        raise InvalidRequest(
+            f"Invalid purpose '{purpose}': use one of {', '.join(UPLOAD_PURPOSES)}.",
+            param="purpose",
+        )
     size = len(data) if isinstance(data, bytes) else size
     assert size is not None
     if size > MAX_FILE_BYTES:

@@ -23,6 +23,8 @@ from shared.core.events import publish_changed
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
 from shared.core.pages import newest_first, owned
+from shared.core.storage import Storage, input_key
+from shared.imaging import CONTENT_TYPES, InputImage
 from shared.jobs.models import CANCELABLE, Image, Job, JobStatus
 from shared.jobs.schemas import GenerationParams
 from shared.projects.limits import get_limiter
@@ -189,3 +191,24 @@ def queue_position(session: Session, job: Job) -> int | None:
         )
     ).scalar_one()
     return int(ahead) + 1
+
+
+def store_inputs(
+    storage: Storage,
+    project_id: str,
+    job_id: str,
+    images: list[InputImage],
+    mask: InputImage | None,
+) -> tuple[list[str], str | None]:
+    """An edit's uploads, stored under its job before the job is recorded (a worker
+    that takes the job finds them there); their keys, for the job's request."""
+    keys = []
+    for i, image in enumerate(images):
+        key = input_key(project_id, job_id, f"input-{i}", image.fmt)
+        storage.put(key, image.data, CONTENT_TYPES[image.fmt])
+        keys.append(key)
+    mask_key = None
+    if mask is not None:
+        mask_key = input_key(project_id, job_id, "mask", "png")
+        storage.put(mask_key, mask.data, CONTENT_TYPES["png"])
+    return keys, mask_key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import warnings
 from typing import Any
 
@@ -168,3 +169,53 @@ def test_a_variation_refuses_a_prompt(service: Service) -> None:
         )
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == "prompt"
+
+
+def test_a_batch_of_edits_takes_data_urls_and_file_ids(service: Service) -> None:
+    picture = png((64, 64), (0, 120, 240))
+    data_url = "data:image/png;base64," + base64.b64encode(picture).decode()
+
+    def line(custom_id: str, body: dict[str, Any]) -> str:
+        request = {"custom_id": custom_id, "method": "POST", "url": "/v1/images/edits"}
+        return json.dumps({**request, "body": body})
+
+    with service.client() as http:
+        uploaded = http.post(
+            "/v1/files",
+            data={"purpose": "vision"},
+            files={"file": ("in.png", picture, "image/png")},
+        ).json()
+        lines = [
+            line("from-data-url", {"model": "procedural", "prompt": "a", "image": data_url}),
+            line(
+                "from-file-id",
+                {"model": "procedural", "prompt": "b", "image": [uploaded["id"]], "n": 2},
+            ),
+            line("no-image", {"model": "procedural", "prompt": "c"}),
+            line("bad-image", {"model": "procedural", "prompt": "d", "image": "http://x/y.png"}),
+        ]
+        source = http.post(
+            "/v1/files",
+            data={"purpose": "batch"},
+            files={"file": ("edits.jsonl", "\n".join(lines).encode(), "application/jsonl")},
+        ).json()
+        batch = http.post(
+            "/v1/batches",
+            json={
+                "input_file_id": source["id"],
+                "endpoint": "/v1/images/edits",
+                "completion_window": "24h",
+            },
+        ).json()
+        assert batch["endpoint"] == "/v1/images/edits", batch
+        done = service.wait_for(f"/v1/batches/{batch['id']}", lambda b: b["status"] == "completed")
+        errors = http.get(f"/v1/files/{done['error_file_id']}/content").text
+        assert done["request_counts"] == {"total": 4, "completed": 2, "failed": 2}, errors
+        output = http.get(f"/v1/files/{done['output_file_id']}/content").text
+        errors = http.get(f"/v1/files/{done['error_file_id']}/content").text
+    results = {r["custom_id"]: r for r in map(json.loads, output.splitlines())}
+    assert len(results["from-data-url"]["response"]["body"]["data"]) == 1
+    assert len(results["from-file-id"]["response"]["body"]["data"]) == 2
+    failed = {r["custom_id"]: r for r in map(json.loads, errors.splitlines())}
+    assert set(failed) == {"no-image", "bad-image"}
+    assert "'image'" in json.dumps(failed["no-image"])
