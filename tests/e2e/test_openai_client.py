@@ -199,3 +199,17 @@ def test_a_streamed_job_that_fails_raises_in_the_openai_package(client: openai.O
                 model="fake-fast", prompt="[content-policy] streamed", size="64x64", stream=True
             )
         )
+
+
+def test_the_obiguard_sdks_placeholder_bearer_beside_its_key_header_works(stack: Stack) -> None:
+    # What the obiguard SDK's vendored OpenAI client sends: a placeholder key as
+    # Bearer, the real key in its own header.
+    with openai.OpenAI(
+        api_key="OPENAI_API_KEY",
+        base_url=f"{stack.base_url}/v1",
+        default_headers={"x-obiguard-api-key": stack.key_a},
+        max_retries=0,
+    ) as gateway:
+        result = gateway.images.generate(model="procedural", prompt="via a gateway", size="64x64")
+    assert result.data is not None
+    assert result.data[0].url
