@@ -72,6 +72,8 @@ def _record(
     reply: bool,
     idempotency: Claim | None,
 ) -> Job:
+    if params.user is None and principal.user:  # the key's user, where none is given
+        params = params.model_copy(update={"user": principal.user})
     limiter = get_limiter()
     limiter.reserve_job(principal, job_id, params.n)
     try:
@@ -178,8 +180,6 @@ async def stream_job(
     """Record and enqueue a streamed job, then yield ``(partial, None)`` for each
     partial image as it comes and ``(None, outcome)`` once, at the end (finished,
     or the wait ran out)."""
-    if params.user is None and principal.user:
-        params = params.model_copy(update={"user": principal.user})
     job_id = job_id or new_id("job")
     waiter: JobWaiter = request.app.state.waiter
     record = partial(
@@ -242,8 +242,6 @@ async def _submit(
     idempotency: Claim | None,
     job_id: str | None,
 ) -> Outcome:
-    if params.user is None and principal.user:
-        params = params.model_copy(update={"user": principal.user})
     job_id = job_id or new_id("job")
     record = partial(
         _record,

@@ -38,7 +38,6 @@ import torch
 import yaml
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -50,7 +49,7 @@ from transformers import (
 )
 
 from tests.support.processes import ServiceProcess, free_port, imagegen_workers, wait_http
-from tests.support.tiny_diffusion import _tokenizer
+from tests.support.tiny_diffusion import byte_tokenizer, sd_scheduler
 
 STEPS = 25
 SIZES = {"sd15": 512, "sdxl": 1024}
@@ -88,21 +87,10 @@ def _vae(sample_size: int, scaling: float) -> Any:
     )
 
 
-def _scheduler() -> Any:
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
 def build(arch: str, dtype: torch.dtype, workdir: Path) -> Any:
     """The pipeline on the GPU, built there (random init of 2.6 B parameters on a
     CPU takes minutes)."""
-    tokenizer = _tokenizer(workdir / "tokenizer-src")
+    tokenizer = byte_tokenizer(workdir / "tokenizer-src")
     torch.manual_seed(0)
     with torch.device("cuda"):
         if arch == "sd15":
@@ -120,7 +108,7 @@ def build(arch: str, dtype: torch.dtype, workdir: Path) -> Any:
                 text_encoder=_clip(768, 12, 12, False, "quick_gelu"),
                 tokenizer=tokenizer,
                 unet=unet,
-                scheduler=_scheduler(),
+                scheduler=sd_scheduler(),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
@@ -147,7 +135,7 @@ def build(arch: str, dtype: torch.dtype, workdir: Path) -> Any:
                 tokenizer=tokenizer,
                 tokenizer_2=tokenizer,
                 unet=unet,
-                scheduler=_scheduler(),
+                scheduler=sd_scheduler(),
             )
     pipe.to("cuda", dtype)
     pipe.set_progress_bar_config(disable=True)

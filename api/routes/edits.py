@@ -7,7 +7,8 @@ answers as a generation does."""
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -36,46 +37,37 @@ RESPONSES: dict[int | str, dict[str, object]] = {
 IMAGE_FIELDS = ("image", "image[]")
 
 
-@router.post(
-    "/v1/images/edits",
-    response_model=ImagesResponse,
-    response_model_exclude_none=True,
-    responses=RESPONSES,
-    summary="Create image edit",
-)
-async def create_edit(
-    request: Request,
-    principal: CurrentPrincipal,
-    settings: SettingsDep,
-    storage: StorageDep,
-    base_url: BaseUrl,
-    prefer: Annotated[str | None, Header()] = None,
-    idempotency_key: IdempotencyKeyHeader = None,
-) -> Response | ImagesResponse:
-    return await _accept(
-        request, "edit", principal, settings, storage, base_url, prefer, idempotency_key
-    )
+def _route(operation: Literal["edit", "variation"]) -> Callable[..., Awaitable[Any]]:
+    """The handler of one form (edits and variations differ only in what they take)."""
+
+    async def handler(
+        request: Request,
+        principal: CurrentPrincipal,
+        settings: SettingsDep,
+        storage: StorageDep,
+        base_url: BaseUrl,
+        prefer: Annotated[str | None, Header()] = None,
+        idempotency_key: IdempotencyKeyHeader = None,
+    ) -> Response | ImagesResponse:
+        return await _accept(
+            request, operation, principal, settings, storage, base_url, prefer, idempotency_key
+        )
+
+    return handler
 
 
-@router.post(
-    "/v1/images/variations",
-    response_model=ImagesResponse,
-    response_model_exclude_none=True,
-    responses=RESPONSES,
-    summary="Create image variation",
-)
-async def create_variation(
-    request: Request,
-    principal: CurrentPrincipal,
-    settings: SettingsDep,
-    storage: StorageDep,
-    base_url: BaseUrl,
-    prefer: Annotated[str | None, Header()] = None,
-    idempotency_key: IdempotencyKeyHeader = None,
-) -> Response | ImagesResponse:
-    return await _accept(
-        request, "variation", principal, settings, storage, base_url, prefer, idempotency_key
-    )
+for _operation, _summary in (
+    ("edit", "Create image edit"),
+    ("variation", "Create image variation"),
+):
+    router.post(
+        f"/v1/images/{_operation}s",
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        responses=RESPONSES,
+        summary=_summary,
+        name=f"create_image_{_operation}",
+    )(_route(_operation))  # type: ignore[arg-type]
 
 
 async def _accept(

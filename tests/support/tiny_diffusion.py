@@ -26,7 +26,7 @@ def _byte_symbols() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
 
 
-def _tokenizer(folder: Path) -> CLIPTokenizer:
+def byte_tokenizer(folder: Path) -> CLIPTokenizer:
     """A CLIP tokenizer over single bytes (no merges): any prompt tokenizes."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -38,6 +38,18 @@ def _tokenizer(folder: Path) -> CLIPTokenizer:
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(
         vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77
+    )
+
+
+def sd_scheduler() -> DDIMScheduler:
+    """Stable Diffusion's DDIM schedule (its published scheduler config)."""
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
 
 
@@ -79,20 +91,12 @@ def build_tiny_sd(folder: Path) -> Path:
             max_position_embeddings=77,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     pipe = StableDiffusionPipeline(
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sd_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=_tokenizer(folder / "tokenizer-src"),
+        tokenizer=byte_tokenizer(folder / "tokenizer-src"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
