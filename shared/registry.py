@@ -112,6 +112,9 @@ class ModelSpec(BaseModel):
     upstream_response_format: Literal["url", "b64_json"] | None = "b64_json"
     owned_by: str = "imagegen"
     capabilities: Capabilities
+    # The upstream streams partial images itself (OpenAI's GPT image models): a
+    # streamed request with partial_images is forwarded with stream: true.
+    upstream_streams: bool = False
 
     # Local models (provider: diffusers). model_path: a folder written by
     # save_pretrained, or a Hugging Face Hub id (resolved from the local cache;
@@ -303,6 +306,7 @@ def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec
                 name=name,
                 upstream_model=name,
                 upstream_response_format=None,
+                upstream_streams=True,
                 **common,
                 capabilities=Capabilities(
                     sizes=["auto", "1024x1024", "1536x1024", "1024x1536"],

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import json
 import threading
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import httpx
 
@@ -128,28 +131,28 @@ class OpenAICompatibleProvider:
             request = _multipart(params, payload, inputs)
             path = f"/images/{params.operation}s"
         url = spec.base_url.rstrip("/") + path
-        try:
+        streamed = params.stream and params.partial_images > 0 and spec.upstream_streams
+        if streamed:
+            # The upstream's own partial images, relayed as they come.
+            extra = {"stream": True, "partial_images": params.partial_images}
+            if "json" in request:
+                request["json"] = {**request["json"], **extra}
+            else:
+                request["data"] = {
+                    **request["data"],
+                    "stream": "true",
+                    "partial_images": str(params.partial_images),
+                }
+        with _upstream_errors():
+            if streamed:
+                with self.client.stream("POST", url, headers=headers, **request) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        _refuse(response)
+                    return self._streamed(response, count, first_index, partials)
             response = self.client.post(url, headers=headers, **request)
-        except httpx.TimeoutException as exc:
-            raise TransientProviderError(
-                f"upstream timed out: {type(exc).__name__}", code="upstream_timeout"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise TransientProviderError(
-                f"upstream connection failed: {exc}", code="upstream_unavailable"
-            ) from exc
         if response.status_code >= 400:
-            message, code = _error_message(response)
-            status = response.status_code
-            if status in _TRANSIENT_STATUS:
-                raise TransientProviderError(
-                    f"upstream answered {status}: {message}",
-                    code="upstream_rate_limited" if status == 429 else "upstream_unavailable",
-                    retry_after=_retry_after(response),
-                )
-            if status in (401, 403):
-                code = "upstream_auth_error"
-            raise PermanentProviderError(message, code=code or "upstream_rejected")
+            _refuse(response)
         try:
             body = response.json()
             items = body["data"]
@@ -165,6 +168,32 @@ class OpenAICompatibleProvider:
             )
         images = [self._image(item) for item in items]
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
+        return Generation(images=images, usage=usage)
+
+    def _streamed(
+        self, response: httpx.Response, count: int, first_index: int, partials: Partials
+    ) -> Generation:
+        """An upstream's event stream: partial images relayed, completed ones kept."""
+        images: list[GeneratedImage] = []
+        usage: dict[str, Any] | None = None
+        for event in _events(response.iter_lines()):
+            kind = str(event.get("type", ""))
+            if kind.endswith(".partial_image"):
+                index = event.get("partial_image_index")
+                data = self._image(event).data
+                partials(first_index + len(images), index if isinstance(index, int) else 0, data)
+            elif kind.endswith(".completed"):
+                images.append(self._image(event))
+                if isinstance(event.get("usage"), dict):
+                    usage = event["usage"]
+            elif isinstance(event.get("error"), dict):
+                message = str(event["error"].get("message") or "upstream stream failed")
+                raise PermanentProviderError(message, code="upstream_rejected")
+        if len(images) != count:
+            raise TransientProviderError(
+                f"upstream streamed {len(images)} images for n={count}",
+                code="upstream_bad_response",
+            )
         return Generation(images=images, usage=usage)
 
     def _image(self, item: Any) -> GeneratedImage:
@@ -212,3 +241,51 @@ def _multipart(
     if inputs.mask is not None:
         files.append(("mask", ("mask.png", inputs.mask)))
     return {"data": fields, "files": files}
+
+
+@contextlib.contextmanager
+def _upstream_errors() -> Iterator[None]:
+    """Timeouts and connection failures as transient provider errors."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise TransientProviderError(
+            f"upstream timed out: {type(exc).__name__}", code="upstream_timeout"
+        ) from exc
+    except httpx.TransportError as exc:
+        raise TransientProviderError(
+            f"upstream connection failed: {exc}", code="upstream_unavailable"
+        ) from exc
+
+
+def _refuse(response: httpx.Response) -> NoReturn:
+    """An upstream's error answer as the provider error it means."""
+    message, code = _error_message(response)
+    status = response.status_code
+    if status in _TRANSIENT_STATUS:
+        raise TransientProviderError(
+            f"upstream answered {status}: {message}",
+            code="upstream_rate_limited" if status == 429 else "upstream_unavailable",
+            retry_after=_retry_after(response),
+        )
+    if status in (401, 403):
+        code = "upstream_auth_error"
+    raise PermanentProviderError(message, code=code or "upstream_rejected")
+
+
+def _events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Server-sent events' JSON data, one object per event."""
+    data: list[str] = []
+    for line in lines:
+        if line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line.strip() and data:
+            text, data = "\n".join(data), []
+            if text == "[DONE]":
+                return
+            try:
+                event = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                yield event

@@ -213,3 +213,27 @@ def test_the_obiguard_sdks_placeholder_bearer_beside_its_key_header_works(stack:
         result = gateway.images.generate(model="procedural", prompt="via a gateway", size="64x64")
     assert result.data is not None
     assert result.data[0].url
+
+
+def test_an_upstreams_own_partial_images_are_relayed(client: openai.OpenAI, stack: Stack) -> None:
+    events = list(
+        client.images.generate(
+            model="gpt-image-1",
+            prompt="relayed partials",
+            size="64x64",
+            stream=True,
+            partial_images=2,
+        )
+    )
+    assert [e.type for e in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    sent = [c for c in stack.upstream.calls if c["body"].get("prompt") == "relayed partials"]
+    assert sent[-1]["body"]["stream"] is True
+    assert sent[-1]["body"]["partial_images"] == 2
+    final = events[-1]
+    assert final.type == "image_generation.completed"
+    assert Image.open(io.BytesIO(base64.b64decode(final.b64_json))).size == (64, 64)
+    assert final.usage.input_tokens == 10

@@ -196,6 +196,8 @@ class FakeUpstream:
                         "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
                         "output_tokens_details": {"image_tokens": 100, "text_tokens": 0},
                     }
+                if body.get("stream") in (True, "true"):
+                    return self._send(200, _stream(body, resp), "text/event-stream")
                 self._send(200, json.dumps(resp).encode())
 
         return Handler
@@ -219,3 +221,32 @@ def _form(content_type: str, raw: bytes) -> dict[str, Any]:
             value = payload.decode()
             body[str(name)] = int(value) if name == "n" else value
     return body
+
+
+def _stream(body: dict[str, Any], resp: dict[str, Any]) -> bytes:
+    """OpenAI's image event stream: for each image its partial images (the final
+    picture, scaled down and up again), then the completed image."""
+    prefix = "image_edit" if "_files" in body else "image_generation"
+    events = []
+    for item in resp["data"]:
+        final = base64.b64decode(item["b64_json"])
+        picture = Image.open(io.BytesIO(final))
+        for k in range(int(body.get("partial_images", 0))):
+            buf = io.BytesIO()
+            coarse = picture.resize((max(1, picture.width // 4), max(1, picture.height // 4)))
+            coarse.resize(picture.size).save(buf, format="PNG")
+            events.append(
+                {
+                    "type": f"{prefix}.partial_image",
+                    "partial_image_index": k,
+                    "b64_json": base64.b64encode(buf.getvalue()).decode(),
+                }
+            )
+        events.append(
+            {
+                "type": f"{prefix}.completed",
+                "b64_json": item["b64_json"],
+                "usage": resp.get("usage"),
+            }
+        )
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)

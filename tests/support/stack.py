@@ -80,6 +80,7 @@ def models_yaml(upstream_url: str) -> dict[str, Any]:
                 "name": "gpt-image-1",
                 "upstream_model": "gpt-image-1",
                 "upstream_response_format": None,
+                "upstream_streams": True,
                 **upstream,
                 "capabilities": {
                     "sizes": ["auto", "1024x1024", "1536x1024", "1024x1536", "64x64"],
