@@ -88,7 +88,9 @@ def follow(client: httpx.Client, batch_id: str) -> dict[str, Any]:
 
 @batch_app.command("submit")
 def submit(
-    path: Path,
+    path: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="The file")
+    ],
     model: Annotated[str | None, typer.Option(help="For .txt files")] = None,
     size: Annotated[str | None, typer.Option(help="For .txt files")] = None,
     n: Annotated[int | None, typer.Option(help="For .txt files")] = None,

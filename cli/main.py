@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+import httpx
 import typer
 from rich.console import Console
 
@@ -322,6 +323,14 @@ def generate(
     console.print(f"[green]{len(paths)} image(s) in {time.monotonic() - started:.1f}s[/green]")
 
 
+def _origin(exc: httpx.ConnectError) -> str:
+    try:
+        url = exc.request.url
+    except RuntimeError:  # no request attached
+        return "the server's address"
+    return f"{url.scheme}://{url.netloc.decode()}"
+
+
 def main() -> None:
     """Entry point: errors the user can act on print as one line, not a traceback."""
     from shared.core.errors import ImagegenError
@@ -332,6 +341,15 @@ def main() -> None:
         app()
     except ImagegenError as exc:
         console.print(f"[red]error:[/red] {exc.message}")
+        sys.exit(1)
+    except httpx.ConnectError as exc:
+        # A client command (generate, batch) whose server is not there.
+        console.print(
+            f"[red]error:[/red] nothing answered at {_origin(exc)} (start one with "
+            "`imagegen dev`, or give --base-url / IMAGEGEN_URL).",
+            soft_wrap=True,
+            highlight=False,
+        )
         sys.exit(1)
 
 

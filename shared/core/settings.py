@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
-            return self.database_url
+            return _with_our_driver(self.database_url)
         return f"sqlite:///{(self.data_dir / 'imagegen.db').resolve()}"
 
     @property
@@ -154,3 +154,12 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def _with_our_driver(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` (what hosts and compose files hand out)
+    name no driver, and SQLAlchemy would then look for psycopg2: use psycopg 3."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url.removeprefix(scheme)
+    return url

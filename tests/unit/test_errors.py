@@ -63,3 +63,18 @@ def test_a_failed_job_answers_with_its_status(
     err = job_failure(job(status, code))
     assert err.status_code == http
     assert render(err).code == answer_code
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("postgresql://u:p@db:5432/imagegen", "postgresql+psycopg://u:p@db:5432/imagegen"),
+        ("postgres://u@db/imagegen", "postgresql+psycopg://u@db/imagegen"),
+        ("postgresql+psycopg://u@db/x", "postgresql+psycopg://u@db/x"),
+        ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
+    ],
+)
+def test_a_postgresql_url_without_a_driver_uses_psycopg(given: str, used: str) -> None:
+    from shared.core.settings import Settings
+
+    assert Settings(database_url=given).resolved_database_url == used

@@ -1,0 +1,38 @@
+"""The CLI's errors a user can act on: one line naming the fix, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.processes import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "IMAGEGEN_API_KEY": "sk-test", "COLUMNS": "200"},
+    )
+
+
+def test_generate_with_no_server_names_the_url_and_imagegen_dev() -> None:
+    port = free_port()
+    result = cli("generate", "a fox", "--base-url", f"http://127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"nothing answered at http://127.0.0.1:{port}" in result.stderr
+    assert "imagegen dev" in result.stderr
+
+
+def test_batch_submit_of_a_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    result = cli("batch", "submit", str(tmp_path / "missing.jsonl"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr
