@@ -46,6 +46,25 @@ def _registry_or_exit() -> Registry:
         raise typer.Exit(2) from None
 
 
+def _migrated_or_exit() -> None:
+    """The API and workers refuse an unmigrated or unreachable database, in one line."""
+    import sqlalchemy.exc
+
+    from shared.core.migrate import pending
+    from shared.core.settings import get_settings
+
+    try:
+        problem = pending()
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        url = sqlalchemy.engine.make_url(get_settings().resolved_database_url)
+        where = url.render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        problem = f"cannot reach the database at {where}: {reason}"
+    if problem:
+        console.print(f"[red]error:[/red] {problem}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1)
+
+
 def _serve_api(host: str | None, port: int | None) -> None:
     import uvicorn
 
@@ -79,6 +98,7 @@ def api(
     port: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Run the HTTP API."""
+    _migrated_or_exit()
     _serve_api(host, port)
 
 
@@ -102,6 +122,7 @@ def worker(
         os.environ["IMAGEGEN_DEVICE"] = device  # read by the consumers it starts
         get_settings.cache_clear()
     local_queues = _registry_or_exit().local_queues
+    _migrated_or_exit()
     supervise(get_settings(), queues.split(","), concurrency, sweeper, local_queues)
 
 

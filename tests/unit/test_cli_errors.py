@@ -36,3 +36,39 @@ def test_batch_submit_of_a_missing_file_is_a_usage_error(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "does not exist" in result.stderr
+
+
+def test_api_and_worker_refuse_an_unmigrated_database_naming_migrate(tmp_path: Path) -> None:
+    for command in ("api", "worker"):
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", command],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "IMAGEGEN_DATA_DIR": str(tmp_path / command)},
+        )
+        assert result.returncode == 1, command
+        assert "Traceback" not in result.stderr
+        assert "run `imagegen migrate`" in result.stderr
+
+
+def test_an_unreachable_database_is_one_line_naming_it_without_its_password() -> None:
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "worker"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "IMAGEGEN_DATABASE_URL": f"postgresql://app:s3cret@127.0.0.1:{port}/imagegen",
+        },
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"cannot reach the database at postgresql+psycopg://app:***@127.0.0.1:{port}" in (
+        result.stderr
+    )
+    assert "s3cret" not in result.stderr
