@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api import errors
@@ -30,6 +32,7 @@ from api.upload_limit import UploadLimit
 from api.waiter import JobWaiter
 from shared.core.broker import get_celery
 from shared.core.db import get_engine
+from shared.core.health import readiness
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
 from shared.projects.limits import get_limiter
@@ -86,5 +89,15 @@ def create_app() -> FastAPI:
 
         await run_in_threadpool(ping)
         return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], response_model=None)
+    async def readyz() -> dict[str, Any] | JSONResponse:
+        """Readiness: the database, the broker and storage each answer (503 naming
+        the ones that do not, and why), so a balancer sends work only where it can
+        be done. ``/healthz`` stays the cheap liveness check."""
+        checks = await run_in_threadpool(readiness)
+        ready = all(v == "ok" for v in checks.values())
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": checks}
+        return body if ready else JSONResponse(body, status_code=503)
 
     return app

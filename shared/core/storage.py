@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -73,6 +74,10 @@ class Storage(Protocol):
         ...
 
     def url(self, key: str, expires_in: int, base_url: str) -> str: ...
+
+    def check(self) -> None:
+        """Raise if the store cannot take objects now (readiness)."""
+        ...
 
 
 @contextmanager
@@ -170,6 +175,9 @@ class S3Storage:
         finally:
             body.close()
 
+    def check(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)  # reachable, and the bucket is there
+
     def url(self, key: str, expires_in: int, base_url: str) -> str:
         return str(
             self.signer.generate_presigned_url(
@@ -195,6 +203,11 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self.put_file(key, io.BytesIO(data), content_type)
+
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise PermissionError(f"{self.root} is not writable")
 
     def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> None:
         path = self._path(key)

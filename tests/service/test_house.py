@@ -71,3 +71,12 @@ def test_errors_share_one_shape(service: Service) -> None:
     assert not_found["code"] == "not_found"
     assert invalid["param"] == "n"
     assert anonymous["code"] == "missing_api_key"
+
+
+def test_readyz_checks_the_database_broker_and_storage(service: Service) -> None:
+    resp = service.anonymous().get("/readyz")
+    assert resp.status_code == 200
+    assert resp.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+    }
