@@ -9,7 +9,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import IO, TYPE_CHECKING, Annotated
 
 import httpx
 import typer
@@ -33,6 +33,24 @@ app.add_typer(projects_app, name="projects")
 
 app.add_typer(batch_app, name="batch")
 console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"imagegen {version('imagegen')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """imagegen: image generation with an OpenAI-compatible API."""
 
 
 def _registry_or_exit() -> Registry:
@@ -65,6 +83,45 @@ def _migrated_or_exit() -> None:
         raise typer.Exit(1)
 
 
+def _port_free_or_exit(host: str, port: int) -> None:
+    """Refuse a port something already listens on, before anything is printed or
+    started (uvicorn would fail only after the worker and the key)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            console.print(
+                f"[red]error:[/red] cannot listen on {host}:{port} ({exc.strerror}); "
+                "choose another port with --port or IMAGEGEN_PORT.",
+                soft_wrap=True,
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
+
+
+def _lock_data_dir_or_exit(data_dir: Path) -> IO[str]:
+    """One `imagegen dev` per data directory: a second would run beside the first on
+    the same database and files. The lock lasts as long as the process."""
+    import fcntl
+
+    lock = (data_dir / "dev.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        console.print(
+            f"[red]error:[/red] another `imagegen dev` is running on {data_dir.resolve()}; "
+            "stop it, or give this one its own IMAGEGEN_DATA_DIR.",
+            soft_wrap=True,
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+    return lock
+
+
 def _serve_api(host: str | None, port: int | None) -> None:
     import uvicorn
 
@@ -73,6 +130,7 @@ def _serve_api(host: str | None, port: int | None) -> None:
     _registry_or_exit()
 
     settings = get_settings()
+    _port_free_or_exit(host or settings.host, port or settings.port)
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -139,6 +197,8 @@ def dev(
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir_or_exit(settings.data_dir)  # noqa: F841  (held until exit)
+    _port_free_or_exit(host or settings.host, port or settings.port)
     upgrade()
     key = settings.dev_api_key
     key_file = settings.data_dir / "dev_api_key"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,46 @@ def test_an_unreachable_database_is_one_line_naming_it_without_its_password() ->
         result.stderr
     )
     assert "s3cret" not in result.stderr
+
+
+def test_dev_on_a_port_in_use_says_so_before_printing_a_key(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", "dev", "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "IMAGEGEN_DATA_DIR": str(tmp_path / "data")},
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "--port" in result.stderr
+    assert "API key" not in result.stdout + result.stderr
+
+
+def test_a_second_dev_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with (data / "dev.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `imagegen dev`
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", "dev", "--port", str(free_port())],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "IMAGEGEN_DATA_DIR": str(data)},
+        )
+    assert result.returncode == 1
+    assert "another `imagegen dev` is running" in result.stderr
+    assert "IMAGEGEN_DATA_DIR" in result.stderr
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("imagegen 0.")
