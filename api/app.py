@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from api import errors
 from api.input_guard import guard_input
-from api.middleware import DefaultJSONContentType
+from api.middleware import DefaultJSONContentType, RequestMetrics
 from api.routes import (
     admin,
     batches,
@@ -23,6 +23,7 @@ from api.routes import (
     image_files,
     images,
     jobs,
+    metrics,
     models,
     usage,
     weave,
@@ -68,6 +69,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(UploadLimit)
+    app.add_middleware(RequestMetrics)
     app.include_router(images.router)
     app.include_router(edits.router)
     app.include_router(events.router)
@@ -80,6 +82,7 @@ def create_app() -> FastAPI:
     app.include_router(weave.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
+    app.include_router(metrics.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

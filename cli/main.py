@@ -168,6 +168,9 @@ def worker(
     device: Annotated[
         str | None, typer.Option(help="Run local models on this device (cuda:1, cpu)")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve this host's metrics (Prometheus) on this port")
+    ] = None,
 ) -> None:
     """Run a worker: a supervisor whose consumer processes each hold many provider
     calls at once, started again whenever one dies (with the batch queue among
@@ -181,6 +184,12 @@ def worker(
         get_settings.cache_clear()
     local_queues = _registry_or_exit().local_queues
     _migrated_or_exit()
+    if metrics_port is not None:
+        # A worker host's own scrape target (its processes' counters; the work's
+        # gauges are the API's /metrics).
+        from shared.core.instruments import serve
+
+        serve(metrics_port)
     supervise(get_settings(), queues.split(","), concurrency, sweeper, local_queues)
 
 
@@ -412,12 +421,23 @@ def _origin(exc: httpx.ConnectError) -> str:
     return f"{url.scheme}://{url.netloc.decode()}"
 
 
+def _enable_metrics() -> None:
+    """Metrics of this process and those it starts go to the data dir's (or
+    IMAGEGEN_METRICS_DIR's) files, summed by one scrape (shared/core/metrics.py)."""
+    from shared.core.metrics import enable
+    from shared.core.settings import get_settings
+
+    settings = get_settings()
+    enable(settings.metrics_dir or settings.data_dir / "metrics")
+
+
 def main() -> None:
     """Entry point: errors the user can act on print as one line, not a traceback."""
     from shared.core.errors import ImagegenError
     from shared.core.redact import install
 
     install()  # before anything logs: no secret in any line of this process
+    _enable_metrics()
     try:
         app()
     except ImagegenError as exc:

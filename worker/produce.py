@@ -19,6 +19,7 @@ from shared.core.errors import (
     TransientProviderError,
     UnreadableImage,
 )
+from shared.core.instruments import PROVIDER_ERRORS, PROVIDER_SECONDS, STORAGE_WRITES
 from shared.core.settings import get_settings
 from shared.core.storage import Storage, get_storage, image_key
 from shared.imaging import encode
@@ -64,9 +65,15 @@ def _call_with_retries(
     attempt = 0
     while True:
         attempt += 1
+        started = time.monotonic()
         try:
-            return provider.generate(spec, params, count, first, progress, partials, inputs)
-        except TransientProviderError as exc:
+            generation = provider.generate(spec, params, count, first, progress, partials, inputs)
+            PROVIDER_SECONDS.labels(spec.name).observe(time.monotonic() - started)
+            return generation
+        except ProviderError as exc:
+            PROVIDER_ERRORS.labels(spec.name, str(exc.code)).inc()
+            if not isinstance(exc, TransientProviderError):
+                raise
             if attempt >= settings.provider_max_attempts:
                 raise
             delay = exc.retry_after
@@ -207,8 +214,10 @@ def _store(storage: Storage, key: str, data: bytes, content_type: str, job_id: s
     while True:
         try:
             storage.put(key, data, content_type)
+            STORAGE_WRITES.labels("ok").inc()
             return
         except StorageUnavailable as exc:
+            STORAGE_WRITES.labels("unavailable").inc()
             log.warning("job %s: %s; trying again in %.1fs", job_id, exc, delay)
         _wait_unless_lost(job_id, delay)
         delay = min(delay * 2, get_settings().storage_backoff_max_seconds)

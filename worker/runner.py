@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 from shared.core.events import publish_changed
+from shared.core.instruments import JOBS_FINISHED
 from shared.core.settings import get_settings
 from shared.jobs.models import JobStatus
 from shared.jobs.replies import leave_reply
@@ -59,6 +60,8 @@ def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, str]:
     by_job = {r.job.id: r for r in produced if r is not None}
     for job in jobs:
         ended.setdefault(job.id, "discarded")
+        if ended[job.id] != "discarded":
+            JOBS_FINISHED.labels(ended[job.id], job.model).inc()
         if job.batch_id is None:
             if reply and ended[job.id] != "discarded" and job.id in by_job:
                 leave_reply(job, by_job[job.id].images, by_job[job.id].data)

@@ -24,6 +24,7 @@ from standardwebhooks.webhooks import Webhook
 from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
 from shared.core.errors import UnresolvableTarget, UnsafeTarget
+from shared.core.instruments import WEBHOOK_DELIVERIES
 from shared.core.settings import get_settings
 from shared.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from shared.webhooks.service import default_secret, disable_endpoint
@@ -131,7 +132,9 @@ def deliver(delivery_id: str) -> str:
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
     duration_ms = int((time.monotonic() - started) * 1000)
-    return _record(delivery, status_code, error, retry_after, duration_ms, permanent)
+    outcome = _record(delivery, status_code, error, retry_after, duration_ms, permanent)
+    WEBHOOK_DELIVERIES.labels(outcome).inc()
+    return outcome
 
 
 def _record(

@@ -25,7 +25,14 @@ from shared.batches.input import (
     check_metadata,
     parse_input,
 )
-from shared.batches.models import BATCH_TRANSITIONS, Batch, BatchItem, BatchStatus, ItemStatus
+from shared.batches.models import (
+    BATCH_TRANSITIONS,
+    PUMPED,
+    Batch,
+    BatchItem,
+    BatchStatus,
+    ItemStatus,
+)
 from shared.batches.pump import stop_pending
 from shared.batches.views import render_batch
 from shared.core.broker import publish_batch_pump, publish_batch_validation
@@ -214,3 +221,14 @@ def list_batches(
 ) -> tuple[list[Batch], bool]:
     query = select(Batch).where(col(Batch.project_id) == project_id)
     return newest_first(session, query, col(Batch.id), limit=limit, after=after)
+
+
+def open_batch_lines(session: Session) -> list[tuple[str, int]]:
+    """(line status, count) over the batches still running, every project (metrics)."""
+    rows = session.execute(
+        sa.select(col(BatchItem.status), sa.func.count())
+        .join(Batch, col(Batch.id) == col(BatchItem.batch_id))
+        .where(col(Batch.status).in_(PUMPED))
+        .group_by(col(BatchItem.status))
+    ).all()
+    return [(str(status), int(n)) for status, n in rows]

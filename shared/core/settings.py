@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # the most images one edit takes (OpenAI's limits for its GPT image models).
     edit_max_image_bytes: int = 50 * 1024 * 1024
     edit_max_images: int = 16
+    # Where this host's imagegen processes write their metrics (prometheus-client's
+    # multiprocess files), summed by /metrics; data_dir/metrics when unset.
+    metrics_dir: Path | None = None
     # A running job whose worker stops renewing its lease for this long is re-queued.
     job_lease_seconds: float = 60.0
     # A queued job whose broker message was published this long ago but never

@@ -212,3 +212,14 @@ def store_inputs(
         mask_key = input_key(project_id, job_id, "mask", "png")
         storage.put(mask_key, mask.data, CONTENT_TYPES["png"])
     return keys, mask_key
+
+
+def active_jobs(session: Session) -> list[tuple[str, str, str, int]]:
+    """(status, model, queue, count) of the queued and running jobs of every project:
+    the operator's gauges (metrics), not any project's view."""
+    rows = session.execute(
+        sa.select(col(Job.status), col(Job.model), col(Job.queue), sa.func.count())
+        .where(col(Job.status).in_((JobStatus.queued, JobStatus.running)))
+        .group_by(col(Job.status), col(Job.model), col(Job.queue))
+    ).all()
+    return [(str(a), str(b), str(c), int(n)) for a, b, c, n in rows]

@@ -80,3 +80,26 @@ def test_readyz_checks_the_database_broker_and_storage(service: Service) -> None
         "status": "ready",
         "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
     }
+
+
+def test_metrics_show_requests_by_route_and_the_work_in_sql(service: Service) -> None:
+    with service.client() as client:
+        assert client.post("/v1/images/generations", json={"prompt": "metered"}).status_code == 200
+        with service.paused():
+            client.post(
+                "/v1/images/generations",
+                headers={"Prefer": "respond-async"},
+                json={"model": "parked", "prompt": "waiting", "size": "64x64"},
+            )
+            text = (
+                service.anonymous()
+                .get("/metrics", headers={"Authorization": "Bearer admin-service-key"})
+                .text
+            )
+        refused = service.anonymous().get("/metrics")
+    route = 'method="POST",route="/v1/images/generations",status="200"'
+    assert f"imagegen_http_request_duration_seconds_count{{{route}}}" in text
+    assert 'imagegen_queue_depth{queue="parked"}' in text
+    assert 'imagegen_jobs{model="parked",status="queued"}' in text
+    assert 'imagegen_jobs_finished_total{model="procedural",status="succeeded"}' in text
+    assert refused.status_code == 401  # the admin key is set here: scrapes need it

@@ -1,0 +1,66 @@
+"""``GET /metrics``: Prometheus' text format (shared/core/metrics.py says what is in
+it and where each figure comes from). With ``IMAGEGEN_ADMIN_API_KEY`` set it needs
+that key (a scrape config's ``authorization``); without one it is open, as the
+rest of a development setup is."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from api.routes.admin import require_admin
+from shared.batches.service import open_batch_lines
+from shared.core.db import unit_of_work
+from shared.core.instruments import scrape
+from shared.core.settings import get_settings
+from shared.jobs.service import active_jobs
+
+router = APIRouter()
+
+
+class WorkGauges(Collector):
+    """Jobs queued and running by model, queue depth, open batches' lines: from SQL,
+    at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        with unit_of_work() as session:
+            jobs = active_jobs(session)
+            lines = open_batch_lines(session)
+        by_model = GaugeMetricFamily(
+            "imagegen_jobs",
+            "Jobs queued or running, by status and model.",
+            labels=["status", "model"],
+        )
+        depth = GaugeMetricFamily(
+            "imagegen_queue_depth", "Jobs waiting on each queue.", labels=["queue"]
+        )
+        queued: dict[str, int] = {}
+        per_model: dict[tuple[str, str], int] = {}
+        for status, model, queue, count in jobs:
+            per_model[(status, model)] = per_model.get((status, model), 0) + count
+            if status == "queued":
+                queued[queue] = queued.get(queue, 0) + count
+        for (status, model), count in sorted(per_model.items()):
+            by_model.add_metric([status, model], count)
+        for queue, count in sorted(queued.items()):
+            depth.add_metric([queue], count)
+        batches = GaugeMetricFamily(
+            "imagegen_batch_lines",
+            "Lines of the batches still running, by line status.",
+            labels=["status"],
+        )
+        for status, count in lines:
+            batches.add_metric([status], count)
+        yield from (by_model, depth, batches)
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    if get_settings().admin_api_key:
+        require_admin(request)
+    return Response(scrape(WorkGauges()), media_type=CONTENT_TYPE_LATEST)
