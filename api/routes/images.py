@@ -39,6 +39,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
         (400, "Invalid request"),
         (401, "Missing or invalid API key"),
         (404, "Model not found"),
+        (409, "Conflict: an Idempotency-Key used for another request, a finished job"),
         (429, "Rate limited"),
         (500, "Server error"),
         (502, "Upstream error"),

@@ -146,3 +146,21 @@ def test_the_sweeper_purges_keys_past_24_hours(service: Service) -> None:
     with unit_of_work() as session:
         assert purge_expired(session) >= 1
         assert session.scalar(sa.select(IdempotencyKey).where(IdempotencyKey.key == key)) is None  # type: ignore[arg-type]
+
+
+def test_a_refused_request_does_not_use_up_its_key(service: Service) -> None:
+    key = str(uuid.uuid4())
+    with service.client() as client:
+        bad = client.post(
+            "/v1/batches",
+            json={"input_file_id": "file_nope", "endpoint": "", "completion_window": "24h"},
+            headers={"Idempotency-Key": key},
+        )
+        other = client.post(
+            "/v1/batches",
+            json={"input_file_id": "file_other", "endpoint": "", "completion_window": "24h"},
+            headers={"Idempotency-Key": key},
+        )
+        fine = post(service, key, {"prompt": "after refusals", "size": "64x64"}, **ASYNC)
+    assert bad.status_code == other.status_code == 400
+    assert fine.status_code == 202
