@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -13,7 +12,7 @@ from sqlalchemy import text
 
 from api import errors
 from api.input_guard import guard_input
-from api.middleware import DefaultJSONContentType, RequestMetrics
+from api.middleware import DefaultJSONContentType, RequestId, RequestMetrics
 from api.routes import (
     admin,
     batches,
@@ -33,7 +32,7 @@ from api.upload_limit import UploadLimit
 from api.waiter import JobWaiter
 from shared.core.broker import get_celery
 from shared.core.db import get_engine
-from shared.core.health import readiness
+from shared.core.health import Readiness, readiness
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
 from shared.projects.limits import get_limiter
@@ -70,6 +69,7 @@ def create_app() -> FastAPI:
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(UploadLimit)
     app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestId)  # outermost: every line of the request carries it
     app.include_router(images.router)
     app.include_router(edits.router)
     app.include_router(events.router)
@@ -93,14 +93,19 @@ def create_app() -> FastAPI:
         await run_in_threadpool(ping)
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], response_model=None)
-    async def readyz() -> dict[str, Any] | JSONResponse:
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Not ready: checks say why"}},
+    )
+    async def readyz() -> Readiness | JSONResponse:
         """Readiness: the database, the broker and storage each answer (503 naming
         the ones that do not, and why), so a balancer sends work only where it can
         be done. ``/healthz`` stays the cheap liveness check."""
         checks = await run_in_threadpool(readiness)
         ready = all(v == "ok" for v in checks.values())
-        body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": checks}
-        return body if ready else JSONResponse(body, status_code=503)
+        body = Readiness(status="ready" if ready else "not ready", checks=checks)
+        return body if ready else JSONResponse(body.model_dump(), status_code=503)
 
     return app

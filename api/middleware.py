@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import WEAVE_PREFIXES
+from shared.core.ids import new_id
 from shared.core.instruments import HTTP_SECONDS
+from shared.core.logs import bind
+
+_SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class DefaultJSONContentType:
@@ -59,3 +64,29 @@ class RequestMetrics:
             HTTP_SECONDS.labels(route, scope["method"], str(status)).observe(
                 time.perf_counter() - started
             )
+
+
+class RequestId:
+    """Every request gets an id: the caller's ``X-Request-Id`` when it is a sane one
+    (at most 64 of ``A-Za-z0-9._-``), else a new one. It is bound to every log line
+    written for the request, answered in ``X-Request-Id``, and recorded on a job the
+    request creates (so a job's worker lines carry it too)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _SANE_ID.fullmatch(given) else new_id("req")
+
+        async def sent(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        with bind(request_id=request_id):
+            await self.app(scope, receive, sent)

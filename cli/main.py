@@ -125,18 +125,21 @@ def _lock_data_dir_or_exit(data_dir: Path) -> IO[str]:
 def _serve_api(host: str | None, port: int | None) -> None:
     import uvicorn
 
+    from shared.core.logs import configure
     from shared.core.settings import get_settings
 
     _registry_or_exit()
 
     settings = get_settings()
     _port_free_or_exit(host or settings.host, port or settings.port)
+    configure(settings)  # uvicorn's own loggers too (log_config=None): one format
     uvicorn.run(
         "api.app:create_app",
         factory=True,
         host=host or settings.host,
         port=port or settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,
         timeout_graceful_shutdown=5,
     )
 

@@ -26,6 +26,7 @@ import signal
 import threading
 
 from shared.core.broker import get_celery
+from shared.core.logs import configure
 from shared.core.settings import get_settings
 from worker.runner import heartbeat_thread
 from worker.supervisor import PARENT_ENV
@@ -66,9 +67,7 @@ def warm_up(queues: list[str]) -> None:
 def run_consumer(queues: list[str], concurrency: int | None = None, sweeper: bool = True) -> None:
     """One consumer process: Celery's threads pool over ``queues``."""
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
-    )
+    configure(settings)
     if set(queues) == {settings.batch_queue} and settings.batch_worker_nice:
         # Batch-only worker: yield the CPU to sync work on shared cores (measured on
         # 2 cores: a sync request's p50 during a 10,000-line batch went from 6.9x

@@ -20,6 +20,7 @@ from shared.core.errors import (
     UnreadableImage,
 )
 from shared.core.instruments import PROVIDER_ERRORS, PROVIDER_SECONDS, STORAGE_WRITES
+from shared.core.logs import bind
 from shared.core.settings import get_settings
 from shared.core.storage import Storage, get_storage, image_key
 from shared.imaging import encode
@@ -146,7 +147,15 @@ def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
 
 
 def produce(job: Job) -> Result | None:
-    """Generate and store the job's images; None when the attempt was canceled."""
+    """Generate and store the job's images; None when the attempt was canceled.
+    Every line logged meanwhile names the job, its batch, project and request."""
+    with bind(
+        job_id=job.id, batch_id=job.batch_id, project=job.project_id, request_id=job.request_id
+    ):
+        return _produce(job)
+
+
+def _produce(job: Job) -> Result | None:
     params = job_params(job)
     try:
         spec = get_registry().get(job.model)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Collection
 from types import FrameType
 
+from shared.core.logs import configure
 from shared.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,7 @@ def supervise(
     local_queues: Collection[str] = (),
 ) -> None:
     """Run the consumers until SIGTERM or SIGINT, then stop them warm."""
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
-    )
+    configure(settings)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Literal
 
 import redis
 from kombu import Connection  # type: ignore[attr-defined]
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from shared.core.db import get_engine
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    # "database", "broker", "storage": "ok" or why not.
+    checks: dict[str, str]
 
 
 def _database() -> None:

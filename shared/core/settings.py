@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,6 +81,8 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = 5.0
     broker_polling_interval: float = 0.05
     log_level: str = "INFO"
+    # "text" (readable, the default) or "json" (one object a line, for a pipeline).
+    log_format: Literal["text", "json"] = "text"
     # Default limits (a project's own setting wins; 0 means unlimited). Enforced
     # only with IMAGEGEN_REDIS_URL set.
     key_requests_per_minute: int = 600

@@ -73,6 +73,8 @@ class Job(SQLModel, table=True):
     # The trace call recording this generation (None when tracking is off).
     call_id: str | None = Field(default=None, max_length=64)
     key_id: str | None = Field(default=None, max_length=64)
+    # The API request that created it (X-Request-Id), carried by the worker's logs.
+    request_id: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     started_at: datetime | None = ts_field()
     finished_at: datetime | None = ts_field()

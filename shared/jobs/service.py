@@ -21,6 +21,7 @@ from shared.core.errors import (
 )
 from shared.core.events import publish_changed
 from shared.core.ids import new_id
+from shared.core.logs import current
 from shared.core.outbox import after_commit
 from shared.core.pages import newest_first, owned
 from shared.core.storage import Storage, input_key
@@ -56,6 +57,7 @@ def create_job(
         id=job_id or new_id("job"),
         project_id=principal.project_id,
         key_id=principal.key_id,
+        request_id=current("request_id"),
         surface=surface,
         model=spec.name,
         queue=spec.queue,

@@ -113,6 +113,7 @@ def render_job(
         call_id=job.call_id,
         webhook_url=job.webhook_url,
         webhook_events=job.webhook_events,
+        request_id=job.request_id,
         progress=JobProgress.model_validate(job.progress) if job.progress else None,
         seeds=_seeds(job.request),
     )

@@ -103,3 +103,17 @@ def test_metrics_show_requests_by_route_and_the_work_in_sql(service: Service) ->
     assert 'imagegen_jobs{model="parked",status="queued"}' in text
     assert 'imagegen_jobs_finished_total{model="procedural",status="succeeded"}' in text
     assert refused.status_code == 401  # the admin key is set here: scrapes need it
+
+
+def test_a_request_id_is_answered_recorded_on_the_job_and_sane(service: Service) -> None:
+    with service.client() as client:
+        given = client.post(
+            "/v1/images/generations",
+            headers={"Prefer": "respond-async", "X-Request-Id": "trace-42.a_b"},
+            json={"prompt": "request id", "size": "64x64"},
+        )
+        made_up = client.get("/healthz", headers={"X-Request-Id": "no spaces allowed"})
+        job = client.get(f"/v1/images/jobs/{given.json()['id']}").json()
+    assert given.headers["x-request-id"] == "trace-42.a_b"
+    assert job["request_id"] == "trace-42.a_b"
+    assert made_up.headers["x-request-id"].startswith("req_")
