@@ -42,7 +42,7 @@ def configure(settings: Settings) -> None:
             JsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-                reserved_attrs=[*JsonFormatter().reserved_attrs, "context"],
+                reserved_attrs=[*JsonFormatter().reserved_attrs, "context", "color_message"],
             )
         )
     else:
