@@ -125,7 +125,7 @@ def submit(
             )
         print(batch["id"])
         if wait:
-            _report(follow(client, batch["id"]))
+            _report(client, follow(client, batch["id"]))
 
 
 @batch_app.command("status")
@@ -135,19 +135,88 @@ def status(
     base_url: BaseUrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
-    """Show a batch (as JSON), or follow it with --wait."""
+    """Show a batch (as JSON), or follow it with --wait (exit 1 if nothing succeeded)."""
     with _client(base_url, api_key) as client:
         batch = follow(client, batch_id) if wait else _check(client.get(f"/v1/batches/{batch_id}"))
-    print(json.dumps(batch, indent=2))
+        print(json.dumps(batch, indent=2))
+        if wait:
+            _report(client, batch)
 
 
-def _report(batch: dict[str, Any]) -> None:
+@batch_app.command("list")
+def list_batches(
+    limit: Annotated[int, typer.Option("--limit", "-l", help="At most this many")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+) -> None:
+    """The project's batches, newest first."""
+    from rich.table import Table
+
+    with _client(base_url, api_key) as client:
+        page = _check(client.get("/v1/batches", params={"limit": limit}))
+    if as_json:
+        for batch in page["data"]:
+            print(json.dumps(batch))
+        return
+    table = Table("id", "status", "endpoint", "done", "failed", "total")
+    table.columns[0].no_wrap = True
+    for b in page["data"]:
+        c = b["request_counts"]
+        table.add_row(
+            b["id"],
+            b["status"],
+            b["endpoint"],
+            str(c["completed"]),
+            str(c["failed"]),
+            str(c["total"]),
+        )
+    Console().print(table)
+
+
+@batch_app.command("cancel")
+def cancel(
+    batch_id: str, base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None
+) -> None:
+    """Cancel a batch: pending lines never run; it ends `cancelled` once none runs."""
+    with _client(base_url, api_key) as client:
+        batch = _check(client.post(f"/v1/batches/{batch_id}/cancel"))
+    console.print(f"{batch['id']} {batch['status']}")
+
+
+def _report(client: httpx.Client, batch: dict[str, Any]) -> None:
+    """The batch's end in one line; when nothing succeeded, its first reasons, and a
+    non-zero exit (a script must not take an all-failed batch for a done one)."""
     c = batch["request_counts"]
     colour = "green" if batch["status"] == "completed" else "yellow"
     console.print(
         f"[{colour}]{batch['id']} {batch['status']}: {c['completed']} done, "
         f"{c['failed']} failed of {c['total']}[/{colour}]"
     )
+    if c["completed"] or not (c["failed"] or batch["status"] == "failed"):
+        return
+    for reason in _first_reasons(client, batch):
+        console.print(f"[red]  {reason}[/red]", highlight=False)
+    raise typer.Exit(1)
+
+
+def _first_reasons(client: httpx.Client, batch: dict[str, Any], most: int = 3) -> list[str]:
+    errors = (batch.get("errors") or {}).get("data") or []
+    reasons = [f"line {e.get('line')}: {e.get('message')}" for e in errors[:most]]
+    if not reasons and batch.get("error_file_id"):
+        text = _check_text(client.get(f"/v1/files/{batch['error_file_id']}/content"))
+        for line in text.splitlines()[:most]:
+            row = json.loads(line)
+            body = (row.get("response") or {}).get("body") or {}
+            message = (body.get("error") or row.get("error") or {}).get("message", "")
+            reasons.append(f"{row.get('custom_id')}: {message}")
+    return reasons
+
+
+def _check_text(resp: httpx.Response) -> str:
+    if resp.status_code >= 400:
+        _check(resp)
+    return resp.text
 
 
 def _safe(name: str) -> str:

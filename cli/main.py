@@ -17,6 +17,7 @@ from rich.console import Console
 
 from cli.batch import batch_app
 from cli.client import resolve_key
+from cli.jobs import jobs_app
 
 if TYPE_CHECKING:
     from shared.registry import Registry
@@ -32,6 +33,7 @@ projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
 
 app.add_typer(batch_app, name="batch")
+app.add_typer(jobs_app, name="jobs")
 console = Console(stderr=True)
 
 
@@ -274,6 +276,7 @@ def keys_list(
     from shared.projects.service import list_keys
 
     table = Table("id", "project", "name", "user", "prefix", "created", "last used", "revoked")
+    table.columns[0].no_wrap = True  # ids whole: revoke takes them
     with unit_of_work() as session:
         for key, proj in list_keys(session, project):
             if as_json:
@@ -398,7 +401,7 @@ def generate(
     prompt: str,
     model: Annotated[str | None, typer.Option()] = None,
     size: Annotated[str | None, typer.Option()] = None,
-    n: Annotated[int, typer.Option()] = 1,
+    n: Annotated[int, typer.Option("--n", "-n", help="How many images")] = 1,
     out: Annotated[Path, typer.Option(help="Directory for the images")] = Path("."),
     base_url: Annotated[str, typer.Option(envvar="IMAGEGEN_URL")] = "http://127.0.0.1:8000",
     api_key: Annotated[str | None, typer.Option(envvar="IMAGEGEN_API_KEY")] = None,

@@ -223,3 +223,55 @@ def test_dev_killed_outright_leaves_no_worker_behind(
 def image_size(path: Path) -> tuple[int, int]:
     with Image.open(path) as image:
         return image.size
+
+
+def imagegen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+
+
+def test_cli_jobs_list_get_watch_cancel(dev_server: tuple[str, Path]) -> None:
+    base, _ = dev_server
+    common = ["--base-url", base, "--api-key", KEY]
+    made = httpx.post(
+        f"{base}/v1/images/generations",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"prompt": "cli jobs", "size": "64x64"},
+        timeout=60,
+    )
+    assert made.status_code == 200
+    listed = imagegen("jobs", "list", "--json", "-l", "5", *common)
+    assert listed.returncode == 0, listed.stderr
+    newest = json.loads(listed.stdout.splitlines()[0])
+    table = imagegen("jobs", "list", *common)
+    assert newest["id"] in table.stdout  # whole, even at 80 columns
+    got = imagegen("jobs", "get", newest["id"], *common)
+    assert json.loads(got.stdout)["id"] == newest["id"]
+    watched = imagegen("jobs", "watch", newest["id"], *common)
+    assert watched.returncode == 0
+    assert "job.succeeded" in watched.stderr
+    assert watched.stdout.strip().startswith("http")
+    finished = imagegen("jobs", "cancel", newest["id"], *common)
+    assert finished.returncode == 1
+    assert "409" in finished.stderr
+
+
+def test_cli_an_all_failed_batch_exits_non_zero_with_its_reasons(
+    dev_server: tuple[str, Path], tmp_path: Path
+) -> None:
+    base, _ = dev_server
+    common = ["--base-url", base, "--api-key", KEY]
+    prompts = tmp_path / "bad.txt"
+    prompts.write_text("one\ntwo\n")
+    result = imagegen("batch", "submit", str(prompts), "--size", "7x7", "--wait", *common)
+    assert result.returncode == 1
+    assert "0 done, 2 failed of 2" in result.stderr
+    assert "Invalid value '7x7' for 'size'" in result.stderr
+    listed = imagegen("batch", "list", "--json", *common)
+    assert listed.returncode == 0
+    assert json.loads(listed.stdout.splitlines()[0])["request_counts"]["failed"] == 2

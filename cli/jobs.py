@@ -1,0 +1,102 @@
+"""``imagegen jobs list|get|cancel|watch``: the project's jobs on a running server."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.batch import BaseUrlOpt, KeyOpt, _check, _client
+
+jobs_app = typer.Typer(help="Jobs: list, show, cancel, follow.", no_args_is_help=True)
+console = Console(stderr=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table")]
+
+
+def _when(ts: int | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+@jobs_app.command("list")
+def list_jobs(
+    status: Annotated[str | None, typer.Option(help="Only jobs in this status")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-l", help="At most this many")] = 20,
+    as_json: JsonOpt = False,
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+) -> None:
+    """The project's jobs, newest first."""
+    params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
+    with _client(base_url, api_key) as client:
+        page = _check(client.get("/v1/images/jobs", params=params))
+    if as_json:
+        for job in page["data"]:
+            print(json.dumps(job))
+        return
+    table = Table("id", "status", "model", "created", "finished", "error")
+    table.columns[0].no_wrap = True  # ids whole: they are what get/cancel take
+    for job in page["data"]:
+        error = (job.get("error") or {}).get("code", "")
+        table.add_row(
+            job["id"],
+            job["status"],
+            job["model"],
+            _when(job.get("created_at")),
+            _when(job.get("finished_at")),
+            error,
+        )
+    Console().print(table)
+
+
+@jobs_app.command("get")
+def get_job(
+    job_id: str, base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None
+) -> None:
+    """One job, as JSON (its result with fresh image URLs)."""
+    with _client(base_url, api_key) as client:
+        print(json.dumps(_check(client.get(f"/v1/images/jobs/{job_id}")), indent=2))
+
+
+@jobs_app.command("cancel")
+def cancel_job(
+    job_id: str, base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None
+) -> None:
+    """Cancel a queued or running job."""
+    with _client(base_url, api_key) as client:
+        job = _check(client.post(f"/v1/images/jobs/{job_id}/cancel"))
+    console.print(f"{job['id']} {job['status']}")
+
+
+@jobs_app.command("watch")
+def watch_job(
+    job_id: str, base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None
+) -> None:
+    """Follow a job's events (status, progress) until it ends; exit 1 unless it
+    succeeded."""
+    last: dict[str, Any] = {}
+    with (
+        _client(base_url, api_key) as client,
+        client.stream("GET", f"/v1/images/jobs/{job_id}/events", timeout=None) as resp,
+    ):
+        if resp.status_code >= 400:
+            resp.read()
+            _check(resp)
+        event = ""
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                last = json.loads(line.removeprefix("data: "))
+                step = last.get("progress")
+                detail = f" step {step['step']}/{step['steps']}" if step else ""
+                console.print(f"{event}{detail}")
+    if last.get("status") != "succeeded":
+        error = last.get("error") or {}
+        console.print(f"[red]{last.get('status')}: {error.get('message', '')}[/red]")
+        raise typer.Exit(1)
+    for item in (last.get("result") or {}).get("data", []):
+        print(item.get("url") or "(b64_json)")
