@@ -211,7 +211,13 @@ class Registry(BaseModel):
         for spec in self.models:
             if spec.name == name:
                 return spec
-        raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+        known = ", ".join(spec.name for spec in self.models)
+        hint = ""
+        if not os.environ.get("OPENAI_API_KEY") and str(name).startswith(("dall-e", "gpt-image")):
+            hint = " (OpenAI's models are served when OPENAI_API_KEY is set)"
+        raise ModelNotFound(
+            f"The model '{name}' does not exist. Available: {known}{hint}.", param="model"
+        )
 
     @property
     def default_model(self) -> str:

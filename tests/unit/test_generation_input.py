@@ -118,3 +118,13 @@ def test_usage_of_fanned_out_calls_sums_counts_and_their_details() -> None:
         "input_tokens": 30,
         "input_tokens_details": {"text_tokens": 30, "image_tokens": 0},
     }
+
+
+def test_an_unknown_model_lists_the_available_ones_and_says_how_to_get_openais(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ModelNotFound) as caught:
+        validate({"model": "gpt-image-1", "prompt": "p"})
+    assert "Available: procedural" in caught.value.message
+    assert "OPENAI_API_KEY" in caught.value.message
