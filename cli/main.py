@@ -124,6 +124,23 @@ def _lock_data_dir_or_exit(data_dir: Path) -> IO[str]:
     return lock
 
 
+def _say_if_storage_is_out() -> None:
+    """Storage out at start: said at once (jobs wait for it, and /readyz says 503),
+    not discovered by the first request minutes later."""
+    from shared.core.health import PROBES
+
+    try:
+        PROBES["storage"]()
+    except Exception as exc:  # any failure: report it, start all the same
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        console.print(
+            f"[yellow]warning:[/yellow] storage is not ready ({reason}); jobs will wait for "
+            "it and /readyz answers 503 until it is.",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
 def _serve_api(host: str | None, port: int | None) -> None:
     import uvicorn
 
@@ -135,6 +152,7 @@ def _serve_api(host: str | None, port: int | None) -> None:
     settings = get_settings()
     _port_free_or_exit(host or settings.host, port or settings.port)
     configure(settings)  # uvicorn's own loggers too (log_config=None): one format
+    _say_if_storage_is_out()
     uvicorn.run(
         "api.app:create_app",
         factory=True,

@@ -42,6 +42,7 @@ def claim(job_ids: list[str]) -> tuple[list[Job], str]:
                     lease_expires_at=expires,
                     started_at=sa.func.coalesce(Job.started_at, now),
                     progress=None,  # a new attempt starts its steps again
+                    status_detail=None,
                 )
                 .returning(Job)
                 .execution_options(synchronize_session=False)

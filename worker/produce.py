@@ -38,7 +38,7 @@ from shared.providers.base import (
 )
 from shared.registry import ModelSpec, get_registry
 from worker.leases import LEASES
-from worker.progress import StepReporter
+from worker.progress import StepReporter, set_detail
 from worker.record import Result
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def _produce(job: Job) -> Result | None:
         for index, generated in enumerate(generation.images):
             encoded = encode(generated.data, params.output_format, params.output_compression)
             key = image_key(job.project_id, job.id, index, encoded.fmt)
-            _store(storage, key, encoded.data, encoded.content_type, job.id)
+            _store(storage, key, encoded.data, encoded.content_type, job)
             data.append(encoded.data)
             images.append(
                 Image(
@@ -216,19 +216,25 @@ def _produce(job: Job) -> Result | None:
         )
 
 
-def _store(storage: Storage, key: str, data: bytes, content_type: str, job_id: str) -> None:
+def _store(storage: Storage, key: str, data: bytes, content_type: str, job: Job) -> None:
     """Upload, waiting out a storage outage: the job keeps its generated images
-    (its lease renewed meanwhile) instead of failing or paying the provider again."""
+    (its lease renewed meanwhile) instead of failing or paying the provider again,
+    and says what it waits on (``status_detail``) until storage is back."""
     delay = 0.5
+    waiting = False
     while True:
         try:
             storage.put(key, data, content_type)
             STORAGE_WRITES.labels("ok").inc()
+            if waiting:
+                set_detail(job, None)
             return
         except StorageUnavailable as exc:
             STORAGE_WRITES.labels("unavailable").inc()
-            log.warning("job %s: %s; trying again in %.1fs", job_id, exc, delay)
-        _wait_unless_lost(job_id, delay)
+            log.warning("job %s: %s; trying again in %.1fs", job.id, exc, delay)
+            if not waiting:
+                waiting = set_detail(job, f"waiting for storage: {exc.message}"[:500])
+        _wait_unless_lost(job.id, delay)
         delay = min(delay * 2, get_settings().storage_backoff_max_seconds)
 
 

@@ -105,3 +105,24 @@ class StepReporter:
             WRITER.note(self.job_id, self.token, step, steps)
         else:
             WRITER.forget(self.job_id)  # recorded with the job's end
+
+
+def set_detail(job: Job, detail: str | None) -> bool:
+    """Say what the running job waits on (None: nothing any more), guarded by its
+    lease token; False when it could not be said (the database is out too)."""
+    try:
+        with unit_of_work() as session:
+            session.execute(
+                sa.update(Job)
+                .where(
+                    col(Job.id) == job.id,
+                    col(Job.lease_token) == job.lease_token,
+                    col(Job.status) == JobStatus.running,
+                )
+                .values(status_detail=detail)
+            )
+    except SQLAlchemyError as exc:
+        log.warning("job %s: status detail not recorded: %s", job.id, exc)
+        return False
+    publish_changed(job.id, JobStatus.running)
+    return True

@@ -49,7 +49,7 @@ async def job_events(
         return Frame(
             name="job.progress" if steps else f"job.{obj.status}",
             data=obj.model_dump(mode="json", exclude_none=True),
-            state=(obj.status, position, steps.step if steps else None),
+            state=(obj.status, position, steps.step if steps else None, obj.status_detail),
             final=obj.status in FINISHED,
         )
 

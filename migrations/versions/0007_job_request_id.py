@@ -1,4 +1,4 @@
-"""job request id (X-Request-Id of the request that created it)
+"""job request id (X-Request-Id of the request that created it), status detail
 
 Revision ID: 0007
 Revises: 0006
@@ -22,8 +22,10 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("request_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True)
         )
+        batch_op.add_column(sa.Column("status_detail", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.drop_column("status_detail")
         batch_op.drop_column("request_id")

@@ -68,6 +68,8 @@ class Job(SQLModel, table=True):
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, sa_type=sa.Text)
     usage: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    # What a running job waits on, when it waits (storage being out), else None.
+    status_detail: str | None = Field(default=None, sa_type=sa.Text)
     # {"step": s, "steps": t} while a local model denoises (throttled writes).
     progress: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
     # The trace call recording this generation (None when tracking is off).

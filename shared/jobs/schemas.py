@@ -119,6 +119,8 @@ class JobObject(BaseModel):
     queue_position: int | None = None
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
+    # While running: what it waits on, if anything ("waiting for storage: ...").
+    status_detail: str | None = None
     # The X-Request-Id of the request that created the job.
     request_id: str | None = None
     progress: JobProgress | None = None

@@ -114,6 +114,7 @@ def render_job(
         webhook_url=job.webhook_url,
         webhook_events=job.webhook_events,
         request_id=job.request_id,
+        status_detail=job.status_detail if job.status == JobStatus.running else None,
         progress=JobProgress.model_validate(job.progress) if job.progress else None,
         seeds=_seeds(job.request),
     )

@@ -224,8 +224,18 @@ def test_storage_outage_delays_a_job_which_completes_once_storage_is_back(
                 json={"model": "procedural", "prompt": "outage", "size": "64x64"},
             ).json()
             wait_for(lambda: "storage unreachable" in stack.worker.log(), 60, "a failed upload")
-            # Still running: the job waits for storage, it is not failed.
-            assert client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "running"
+            # Still running: the job waits for storage, it is not failed, and says so.
+            waiting: dict[str, object] = {}
+            wait_for(
+                lambda: bool(
+                    waiting.update(client.get(f"/v1/images/jobs/{job['id']}").json())
+                    or waiting.get("status_detail")
+                ),
+                30,
+                "the job to say what it waits on",
+            )
+            assert waiting["status"] == "running"
+            assert str(waiting["status_detail"]).startswith("waiting for storage: ")
             # An upload the API cannot store answers 503 in OpenAI's shape.
             upload = client.post(
                 "/v1/files",
@@ -239,6 +249,7 @@ def test_storage_outage_delays_a_job_which_completes_once_storage_is_back(
             done = stack.wait_job(job["id"], timeout=90)
         assert done["status"] == "succeeded"
         assert done["attempts"] == 1
+        assert "status_detail" not in done
         image = httpx.get(done["result"]["data"][0]["url"])
         assert image.status_code == 200
         assert image.content.startswith(b"\x89PNG")
