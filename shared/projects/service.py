@@ -21,6 +21,7 @@ from shared.core.clock import utcnow
 from shared.core.errors import Conflict, InvalidRequest, NotFound
 from shared.core.invalidation import InvalidatedCache, invalidate
 from shared.core.outbox import after_commit
+from shared.core.settings import get_settings
 from shared.projects.models import ApiKey, Project
 
 KEY_PREFIX = "sk-ig-"
@@ -72,6 +73,11 @@ def create_project(
     name = name.strip()
     if not name:
         raise InvalidRequest("A project needs a name.", param="name")
+    _limits_enforceable(
+        key_requests_per_minute=key_requests_per_minute,
+        images_per_day=images_per_day,
+        jobs_in_flight=jobs_in_flight,
+    )
     if session.exec(select(Project).where(col(Project.name) == name)).first() is not None:
         raise Conflict(f"A project named '{name}' exists already.", param="name")
     project = Project(
@@ -90,7 +96,20 @@ def get_or_create_project(session: Session, name: str) -> Project:
     return project if project is not None else create_project(session, name)
 
 
+def _limits_enforceable(**limits: int | None) -> None:
+    """Limits are counted in Redis (shared/projects/limits.py): without it (embedded
+    mode) they would be accepted and never enforced, so they are refused instead."""
+    given = [field for field, value in limits.items() if value]
+    if given and not get_settings().redis_url:
+        raise InvalidRequest(
+            f"'{given[0]}' cannot be enforced here: limits are counted in Redis, and this "
+            "setup has none (set IMAGEGEN_REDIS_URL).",
+            param=given[0],
+        )
+
+
 def update_limits(session: Session, name: str, **limits: int | None) -> Project:
+    _limits_enforceable(**limits)
     project = get_project(session, name)
     for field, value in limits.items():
         if field not in ("key_requests_per_minute", "images_per_day", "jobs_in_flight"):

@@ -117,3 +117,18 @@ def test_a_request_id_is_answered_recorded_on_the_job_and_sane(service: Service)
     assert given.headers["x-request-id"] == "trace-42.a_b"
     assert job["request_id"] == "trace-42.a_b"
     assert made_up.headers["x-request-id"].startswith("req_")
+
+
+def test_project_limits_are_refused_where_they_cannot_be_enforced(service: Service) -> None:
+    """In-process there is no Redis, where limits are counted: accepting them would
+    be a promise nobody keeps."""
+    admin = {"Authorization": "Bearer admin-service-key"}
+    created = service.anonymous().post(
+        "/v1/admin/projects", headers=admin, json={"name": "limited", "images_per_day": 5}
+    )
+    assert created.status_code == 400
+    error = created.json()["error"]
+    assert error["param"] == "images_per_day"
+    assert "IMAGEGEN_REDIS_URL" in error["message"]
+    plain = service.anonymous().post("/v1/admin/projects", headers=admin, json={"name": "plain"})
+    assert plain.status_code == 200
