@@ -32,6 +32,14 @@ app.add_typer(keys_app, name="keys")
 projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
 
+
+@keys_app.callback()
+@projects_app.callback()
+def _admin_data() -> None:
+    """Keys and projects live in the server's database: found or refused first."""
+    _data_or_exit()
+
+
 app.add_typer(batch_app, name="batch")
 app.add_typer(jobs_app, name="jobs")
 console = Console(stderr=True)
@@ -139,6 +147,26 @@ def _say_if_storage_is_out() -> None:
             soft_wrap=True,
             highlight=False,
         )
+
+
+def _data_or_exit() -> None:
+    """Admin commands (keys, projects) act on the data a server uses: refuse, with
+    the fix, where there is none (instead of making an empty database here)."""
+    from shared.core.settings import get_settings
+
+    settings = get_settings()
+    if not settings.database_url:
+        database = (settings.data_dir / "imagegen.db").resolve()
+        if not database.exists():
+            console.print(
+                f"[red]error:[/red] no imagegen data at {database.parent}: run this where "
+                "`imagegen dev` runs (its data is ./.imagegen), set IMAGEGEN_DATA_DIR (or "
+                "IMAGEGEN_DATABASE_URL) to the server's, or create it with `imagegen migrate`.",
+                soft_wrap=True,
+                highlight=False,
+            )
+            raise typer.Exit(1)
+    _migrated_or_exit()
 
 
 def _serve_api(host: str | None, port: int | None) -> None:
@@ -250,6 +278,7 @@ def dev(
     worker_proc = WorkerGroup(settings, queues, local_queues=local)
     url = f"http://{host or settings.host}:{port or settings.port}"
     console.print(f"[bold]imagegen[/bold] dev server on {url}")
+    console.print(f"data: {settings.data_dir.resolve()} (IMAGEGEN_DATA_DIR)", highlight=False)
     console.print(f"API key: [bold]{key}[/bold]", soft_wrap=True)
     console.print(
         f'  curl {url}/v1/images/generations -H "Authorization: Bearer {key}" '

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,6 +16,9 @@ from prometheus_client import (
 from prometheus_client.registry import REGISTRY, Collector
 
 from shared.core.metrics import MULTIPROC_ENV
+
+if os.environ.get(MULTIPROC_ENV):  # before the first metric writes its file there
+    Path(os.environ[MULTIPROC_ENV]).mkdir(parents=True, exist_ok=True)
 
 # Image work spans milliseconds (a rejected request) to minutes (a slow provider).
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

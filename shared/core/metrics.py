@@ -23,6 +23,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def enable(folder: Path) -> None:
-    """Write this process's metrics (and its children's) to files in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault(MULTIPROC_ENV, str(folder))
+    """Write this process's metrics (and its children's) to files in ``folder``
+    (made by the first process that records one: a CLI command that records
+    nothing leaves no folder behind)."""
+    os.environ.setdefault(MULTIPROC_ENV, str(folder.resolve()))

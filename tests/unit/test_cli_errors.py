@@ -117,3 +117,18 @@ def test_version() -> None:
     result = cli("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("imagegen 0.")
+
+
+def test_keys_outside_a_data_dir_refuse_and_leave_nothing_behind(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "keys", "list"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 1
+    assert f"no imagegen data at {tmp_path / '.imagegen'}" in result.stderr
+    assert "IMAGEGEN_DATA_DIR" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no empty database made here
