@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import swagger_ui_bundle
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from api import errors
@@ -64,8 +67,12 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
         dependencies=[Depends(guard_input)],
         description="Image generation with an OpenAI-compatible API, as a job queue.",
+        # Served below from a package, not a CDN: /docs works offline.
+        docs_url=None,
+        redoc_url=None,
     )
     errors.install(app)
+    _offline_docs(app)
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(UploadLimit)
     app.add_middleware(RequestMetrics)
@@ -109,3 +116,22 @@ def create_app() -> FastAPI:
         return body if ready else JSONResponse(body.model_dump(), status_code=503)
 
     return app
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs with its assets from the swagger-ui-bundle package."""
+    app.mount(
+        "/docs/assets",
+        StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
+        name="docs-assets",
+    )
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="imagegen API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )

@@ -3,6 +3,8 @@ enqueued, response schemas on every route, one error shape."""
 
 from __future__ import annotations
 
+import re
+
 import sqlalchemy as sa
 
 from shared.batches.models import Batch
@@ -132,3 +134,15 @@ def test_project_limits_are_refused_where_they_cannot_be_enforced(service: Servi
     assert "IMAGEGEN_REDIS_URL" in error["message"]
     plain = service.anonymous().post("/v1/admin/projects", headers=admin, json={"name": "plain"})
     assert plain.status_code == 200
+
+
+def test_docs_work_offline(service: Service) -> None:
+    client = service.anonymous()
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    assert assets
+    assert not [a for a in assets if a.startswith(("http:", "https:", "//"))]  # no CDN
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
+    assert client.get("/openapi.json").status_code == 200
