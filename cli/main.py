@@ -414,7 +414,9 @@ def projects_set_limits(
 
 
 @projects_app.command("list")
-def projects_list() -> None:
+def projects_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")] = False,
+) -> None:
     """List projects and their limits."""
     from rich.table import Table
 
@@ -422,8 +424,14 @@ def projects_list() -> None:
     from shared.projects.service import list_projects
 
     table = Table("id", "name", "created", "requests/min/key", "images/day", "jobs in flight")
+    table.columns[0].no_wrap = True
     with unit_of_work() as session:
         for p in list_projects(session):
+            if as_json:
+                limits = ("key_requests_per_minute", "images_per_day", "jobs_in_flight")
+                row = {"id": p.id, "name": p.name, "created_at": _when(p.created_at)}
+                print(json.dumps(row | {name: getattr(p, name) for name in limits}))
+                continue
             table.add_row(
                 p.id,
                 p.name,
@@ -432,7 +440,8 @@ def projects_list() -> None:
                 _limit(p.images_per_day),
                 _limit(p.jobs_in_flight),
             )
-    Console().print(table)
+    if not as_json:
+        Console().print(table)
 
 
 def _when(value: datetime | None) -> str | None:

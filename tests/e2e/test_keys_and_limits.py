@@ -188,3 +188,10 @@ def test_limits_hold_across_two_api_processes(stack: Stack, second_api: str) -> 
     for t in threads:
         t.join(60)
     assert sorted(codes) == [200] * 6 + [429] * 6
+
+
+def test_projects_list_json_has_every_project_with_its_limits(stack: Stack) -> None:
+    rows = [json.loads(line) for line in stack.cli("projects", "list", "--json").splitlines()]
+    names = {row["name"]: row for row in rows}
+    assert {"alpha", "beta"} <= set(names)
+    assert set(names["alpha"]) >= {"id", "created_at", "images_per_day", "jobs_in_flight"}
