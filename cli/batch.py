@@ -23,7 +23,9 @@ from rich.progress import (
 from cli.client import resolve_key
 
 batch_app = typer.Typer(
-    help="Bulk generation: submit, follow and download batches.", no_args_is_help=True
+    help="Bulk generation: submit, follow and download batches.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 console = Console(stderr=True)
 TERMINAL = ("completed", "failed", "expired", "cancelled")

@@ -12,7 +12,9 @@ from rich.table import Table
 
 from cli.batch import BaseUrlOpt, KeyOpt, _check, _client
 
-jobs_app = typer.Typer(help="Jobs: list, show, cancel, follow.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Jobs: list, show, cancel, follow.", no_args_is_help=True, rich_markup_mode=None
+)
 console = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table")]
 

@@ -9,7 +9,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
@@ -26,10 +26,12 @@ app = typer.Typer(
     help="imagegen: image generation with an OpenAI-compatible API.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help: no boxes, and no "<bool>" beside flags (click's own layout).
+    rich_markup_mode=None,
 )
-keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(keys_app, name="keys")
-projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True)
+projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(projects_app, name="projects")
 
 
@@ -493,6 +495,16 @@ def _enable_metrics() -> None:
     enable(settings.metrics_dir or settings.data_dir / "metrics")
 
 
+def _name_values(command: Any) -> None:
+    """Help names what a value is (``--model MODEL``, ``PROMPT``), not its Python
+    type (typer's ``<str>``). Duck-typed: typer carries its own copy of click."""
+    for param in command.params:
+        if param.metavar is None and not getattr(param, "is_flag", False) and param.name:
+            param.metavar = param.name.upper()
+    for sub in getattr(command, "commands", {}).values():
+        _name_values(sub)
+
+
 def main() -> None:
     """Entry point: errors the user can act on print as one line, not a traceback."""
     from shared.core.errors import ImagegenError
@@ -500,8 +512,10 @@ def main() -> None:
 
     install()  # before anything logs: no secret in any line of this process
     _enable_metrics()
+    command = typer.main.get_command(app)
+    _name_values(command)
     try:
-        app()
+        command(prog_name="imagegen")
     except ImagegenError as exc:
         console.print(f"[red]error:[/red] {exc.message}")
         sys.exit(1)

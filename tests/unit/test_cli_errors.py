@@ -132,3 +132,13 @@ def test_keys_outside_a_data_dir_refuse_and_leave_nothing_behind(tmp_path: Path)
     assert f"no imagegen data at {tmp_path / '.imagegen'}" in result.stderr
     assert "IMAGEGEN_DATA_DIR" in result.stderr
     assert list(tmp_path.iterdir()) == []  # no empty database made here
+
+
+def test_help_names_values_not_python_types() -> None:
+    generate = cli("generate", "--help").stdout
+    worker = cli("worker", "--help").stdout
+    assert "--model MODEL" in generate
+    assert "-n, --n N" in generate
+    assert "<str>" not in generate.split("Options:")[1]
+    assert "<bool>" not in worker
+    assert "--sweeper / --no-sweeper" in worker
