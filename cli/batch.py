@@ -107,7 +107,13 @@ def submit(
             shared = {
                 k: v for k, v in {"model": model, "size": size, "n": n}.items() if v is not None
             }
-            batch = _check(client.post("/v1/images/batches", json={"prompts": prompts, **shared}))
+            # Each line's custom_id names it after its prompt: `batch download` saves
+            # 0001-a-red-fox-0.png, not request-1-0.png.
+            requests = [
+                {"custom_id": f"{i:04d}-{_slug(p)}", "prompt": p, **shared}
+                for i, p in enumerate(prompts, start=1)
+            ]
+            batch = _check(client.post("/v1/images/batches", json={"requests": requests}))
         else:
             with path.open("rb") as fh:
                 file = _check(
@@ -219,6 +225,10 @@ def _check_text(resp: httpx.Response) -> str:
     if resp.status_code >= 400:
         _check(resp)
     return resp.text
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt"
 
 
 def _safe(name: str) -> str:

@@ -156,7 +156,8 @@ def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_pa
     )
     assert downloaded.returncode == 0, downloaded.stderr
     names = sorted(p.name for p in out.glob("*.png"))
-    assert names == ["request-1-0.png", "request-2-0.png", "request-3-0.png"]
+    # named after their prompts
+    assert names == ["0001-a-red-fox-0.png", "0002-a-blue-owl-0.png", "0003-a-green-frog-0.png"]
     assert all(image_size(p) == (64, 64) for p in out.glob("*.png"))
     assert (out / f"{batch_id}_output.jsonl").read_text().count("\n") == 3
 
