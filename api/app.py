@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from api import errors
+from api.console import routes as console
 from api.input_guard import guard_input
 from api.middleware import DefaultJSONContentType, RequestId, RequestMetrics
 from api.routes import (
@@ -73,6 +74,7 @@ def create_app() -> FastAPI:
     )
     errors.install(app)
     _offline_docs(app)
+    console.install(app)
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(UploadLimit)
     app.add_middleware(RequestMetrics)

@@ -1,0 +1,334 @@
+// The imagegen console: plain JavaScript over the public API, no build step.
+// The key lives in sessionStorage and travels only in the Authorization header.
+"use strict";
+
+const main = document.getElementById("main");
+const signInForm = document.getElementById("sign-in");
+const KEY = "imagegen.key";
+const FINISHED = ["succeeded", "failed", "canceled"];
+const BATCH_DONE = ["completed", "failed", "expired", "cancelled"];
+let leaving = new AbortController(); // aborts the live streams of the page we leave
+
+const key = () => sessionStorage.getItem(KEY);
+
+async function api(path, options = {}) {
+  const headers = { Authorization: `Bearer ${key()}`, ...(options.headers || {}) };
+  const resp = await fetch(path, { ...options, headers });
+  const type = resp.headers.get("content-type") || "";
+  const body = type.includes("json") ? await resp.json() : null;
+  if (!resp.ok) {
+    const error = new Error((body && body.error && body.error.message) || `HTTP ${resp.status}`);
+    error.status = resp.status;
+    throw error;
+  }
+  return body;
+}
+
+// Server-sent events read with fetch: EventSource cannot send an Authorization header.
+async function follow(path, onEvent) {
+  const signal = leaving.signal;
+  try {
+    const resp = await fetch(path, { headers: { Authorization: `Bearer ${key()}` }, signal });
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const chunk = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        let event = "message";
+        let data = "";
+        for (const line of chunk.split("\n")) {
+          if (line.startsWith("event: ")) event = line.slice(7);
+          else if (line.startsWith("data: ")) data += line.slice(6);
+        }
+        if (data) onEvent(event, JSON.parse(data));
+      }
+    }
+  } catch (error) {
+    if (error.name !== "AbortError") console.warn("stream ended", error);
+  }
+}
+
+// Elements built with textContent only: nothing from the API is parsed as HTML.
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (name === "text") node.textContent = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else if (value !== null && value !== undefined && value !== false) node.setAttribute(name, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child);
+  }
+  return node;
+}
+
+const when = (ts) => (ts ? new Date(ts * 1000).toLocaleString() : "");
+const imageSrc = (item) => item.url || (item.b64_json ? `data:image/png;base64,${item.b64_json}` : "");
+const statusCell = (status) => el("span", { class: `status ${status}`, text: status });
+
+function show(...nodes) {
+  main.replaceChildren(...nodes);
+}
+
+function fail(error) {
+  if (error.status === 401) return signOut();
+  show(el("p", { class: "error", text: `Error: ${error.message}` }));
+}
+
+// --- jobs -------------------------------------------------------------------------
+
+async function jobsView() {
+  const page = await api("/v1/images/jobs?limit=30");
+  const rows = page.data.map((job) => {
+    const thumb = el("img", { class: "thumb", alt: "" });
+    const status = el("td", {}, statusCell(job.status));
+    const row = el(
+      "tr",
+      { "data-job-id": job.id },
+      el("td", {}, thumb),
+      el("td", {}, el("a", { href: `#/jobs/${job.id}`, text: job.id })),
+      status,
+      el("td", { text: job.model }),
+      el("td", { text: job.request.prompt || "" }),
+      el("td", { text: when(job.created_at) }),
+    );
+    const fill = (latest) => {
+      status.replaceChildren(statusCell(latest.status));
+      const first = latest.result && latest.result.data[0];
+      if (first) thumb.src = imageSrc(first);
+    };
+    if (job.status === "succeeded") {
+      api(`/v1/images/jobs/${job.id}`).then(fill, () => {});
+    } else if (!FINISHED.includes(job.status)) {
+      follow(`/v1/images/jobs/${job.id}/events`, (_event, latest) => fill(latest));
+    }
+    return row;
+  });
+  show(
+    el("h1", { text: "Jobs" }),
+    el(
+      "table",
+      { id: "jobs-table" },
+      el("thead", {}, el("tr", {}, ["", "job", "status", "model", "prompt", "created"].map((h) => el("th", { text: h })))),
+      el("tbody", {}, rows),
+    ),
+    page.data.length ? null : el("p", { text: "No jobs yet: generate one." }),
+  );
+}
+
+async function jobView(id) {
+  const holder = el("div");
+  const render = async (job) => {
+    const parts = [
+      el("h1", { text: `Job ${job.id}` }),
+      el(
+        "p",
+        {},
+        "Status: ",
+        el("span", { id: "job-status", class: `status ${job.status}`, text: job.status }),
+        job.progress ? ` (step ${job.progress.step} of ${job.progress.steps})` : "",
+        job.status_detail ? ` (${job.status_detail})` : "",
+      ),
+      el(
+        "table",
+        { class: "card" },
+        el("tbody", {}, [
+          ["model", job.model],
+          ["created", when(job.created_at)],
+          ["started", when(job.started_at)],
+          ["finished", when(job.finished_at)],
+          ["attempts", String(job.attempts)],
+          ["trace call", job.call_id || ""],
+          ["request id", job.request_id || ""],
+        ].map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v })))),
+      ),
+    ];
+    if (job.error) parts.push(el("p", { class: "error", text: `${job.error.code}: ${job.error.message}` }));
+    if (job.result) {
+      parts.push(el("div", { class: "images" }, job.result.data.map((item) => el("img", { src: imageSrc(item), alt: job.request.prompt || "" }))));
+    }
+    parts.push(el("h2", { text: "Parameters" }), el("pre", { text: JSON.stringify(job.request, null, 2) }));
+    try {
+      const deliveries = await api(`/v1/webhooks/deliveries?job_id=${encodeURIComponent(job.id)}`);
+      parts.push(
+        el("h2", { text: "Webhook deliveries" }),
+        deliveries.data.length
+          ? el("ul", {}, deliveries.data.map((d) => el("li", { text: `${d.event_type} to ${d.url}: ${d.status} (${d.attempts} attempts)` })))
+          : el("p", { text: "None." }),
+      );
+    } catch (_error) {
+      // deliveries are a detail; the job itself is shown either way
+    }
+    holder.replaceChildren(...parts);
+  };
+  const job = await api(`/v1/images/jobs/${id}`);
+  show(holder);
+  await render(job);
+  if (!FINISHED.includes(job.status)) {
+    follow(`/v1/images/jobs/${id}/events`, async (_event, latest) => {
+      if (FINISHED.includes(latest.status)) await render(await api(`/v1/images/jobs/${id}`));
+      else await render(latest);
+    });
+  }
+}
+
+// --- generate ---------------------------------------------------------------------
+
+async function generateView() {
+  const models = await api("/v1/models");
+  const model = el("select", { id: "gen-model" }, models.data.map((m) => el("option", { value: m.id, text: m.id })));
+  const prompt = el("textarea", { id: "gen-prompt", required: true, placeholder: "a lighthouse at dusk" });
+  const size = el("input", { id: "gen-size", placeholder: "size, e.g. 512x512 (default: the model's)" });
+  const n = el("input", { id: "gen-n", type: "number", min: "1", max: "10", value: "1" });
+  const error = el("p", { class: "error", hidden: true });
+  const form = el(
+    "form",
+    {
+      class: "card",
+      id: "generate",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        const body = { model: model.value, prompt: prompt.value, n: Number(n.value) };
+        if (size.value.trim()) body.size = size.value.trim();
+        try {
+          const job = await api("/v1/images/generations", {
+            method: "POST",
+            headers: { "Content-Type": "application/json", Prefer: "respond-async" },
+            body: JSON.stringify(body),
+          });
+          location.hash = `#/jobs/${job.id}`;
+        } catch (e) {
+          error.textContent = e.message;
+          error.hidden = false;
+        }
+      },
+    },
+    el("h1", { text: "Generate" }),
+    el("label", {}, "Model ", model),
+    el("label", {}, "Prompt", prompt),
+    el("label", {}, "Size ", size),
+    el("label", {}, " Images ", n),
+    el("div", {}, el("button", { type: "submit", text: "Generate" })),
+    error,
+  );
+  show(form);
+}
+
+// --- batches ----------------------------------------------------------------------
+
+async function batchesView() {
+  const page = await api("/v1/batches?limit=30");
+  const rows = page.data.map((batch) => {
+    const counts = batch.request_counts;
+    const bar = el("progress", { "data-batch-id": batch.id, max: String(Math.max(1, counts.total)), value: String(counts.completed + counts.failed) });
+    const label = el("span", { class: "counts" });
+    const status = el("td", {}, statusCell(batch.status));
+    const update = (b) => {
+      const c = b.request_counts;
+      bar.max = Math.max(1, c.total);
+      bar.value = c.completed + c.failed;
+      label.textContent = ` ${c.completed} done, ${c.failed} failed of ${c.total}`;
+      status.replaceChildren(statusCell(b.status));
+    };
+    update(batch);
+    if (!BATCH_DONE.includes(batch.status)) {
+      follow(`/v1/batches/${batch.id}/events`, (_event, latest) => update(latest));
+    }
+    return el("tr", { "data-batch-id": batch.id }, el("td", { text: batch.id }), status, el("td", {}, bar, label), el("td", { text: when(batch.created_at) }));
+  });
+  show(
+    el("h1", { text: "Batches" }),
+    el("table", { id: "batches-table" }, el("thead", {}, el("tr", {}, ["batch", "status", "progress", "created"].map((h) => el("th", { text: h })))), el("tbody", {}, rows)),
+    page.data.length ? null : el("p", { text: "No batches yet (imagegen batch submit prompts.txt)." }),
+  );
+}
+
+// --- usage ------------------------------------------------------------------------
+
+async function usageView() {
+  const report = await api("/v1/usage");
+  const perDay = new Map();
+  for (const row of report.data) perDay.set(row.date, (perDay.get(row.date) || 0) + row.images);
+  const days = [...perDay.keys()].sort();
+  const most = Math.max(1, ...perDay.values());
+  const width = Math.max(300, days.length * 40);
+  const svgNS = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(svgNS, "svg");
+  svg.setAttribute("id", "usage-chart");
+  svg.setAttribute("width", String(width));
+  svg.setAttribute("height", "200");
+  days.forEach((day, i) => {
+    const h = Math.round((perDay.get(day) / most) * 160);
+    const bar = document.createElementNS(svgNS, "rect");
+    for (const [k, v] of Object.entries({ class: "bar", x: i * 40 + 8, y: 170 - h, width: 28, height: h })) bar.setAttribute(k, String(v));
+    const title = document.createElementNS(svgNS, "title");
+    title.textContent = `${day}: ${perDay.get(day)} images`;
+    bar.append(title);
+    const label = document.createElementNS(svgNS, "text");
+    for (const [k, v] of Object.entries({ class: "axis", x: i * 40 + 8, y: 190 })) label.setAttribute(k, String(v));
+    label.textContent = day.slice(5);
+    svg.append(bar, label);
+  });
+  show(
+    el("h1", { text: "Usage" }),
+    el("p", { text: `${report.totals.images} images, ${report.totals.jobs} jobs in the period.` }),
+    el("div", { class: "card" }, svg),
+    el("table", {}, el("thead", {}, el("tr", {}, ["day", "model", "images", "succeeded", "failed"].map((h) => el("th", { text: h })))),
+      el("tbody", {}, report.data.map((r) => el("tr", {}, el("td", { text: r.date }), el("td", { text: r.model }), el("td", { text: String(r.images) }), el("td", { text: String(r.jobs.succeeded || 0) }), el("td", { text: String(r.jobs.failed || 0) }))))),
+  );
+}
+
+// --- signing in and routing -------------------------------------------------------
+
+function signOut() {
+  sessionStorage.removeItem(KEY);
+  location.hash = "";
+  route();
+}
+
+signInForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY, document.getElementById("key").value.trim());
+  try {
+    await api("/v1/images/jobs?limit=1");
+    location.hash = "#/jobs";
+    route();
+  } catch (error) {
+    sessionStorage.removeItem(KEY);
+    const message = document.getElementById("sign-in-error");
+    message.textContent = error.status === 401 ? "That key was not accepted." : error.message;
+    message.hidden = false;
+  }
+});
+document.getElementById("sign-out").addEventListener("click", signOut);
+
+async function route() {
+  leaving.abort();
+  leaving = new AbortController();
+  const nav = document.getElementById("nav");
+  if (!key()) {
+    nav.hidden = true;
+    show(signInForm);
+    return;
+  }
+  nav.hidden = false;
+  const [, view, id] = (location.hash || "#/jobs").split("/");
+  try {
+    if (view === "jobs" && id) await jobView(id);
+    else if (view === "generate") await generateView();
+    else if (view === "batches") await batchesView();
+    else if (view === "usage") await usageView();
+    else await jobsView();
+  } catch (error) {
+    fail(error);
+  }
+}
+
+window.addEventListener("hashchange", route);
+route();

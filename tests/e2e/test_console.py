@@ -1,0 +1,109 @@
+"""The console in a real browser: Debian's headless Chromium, driven by Playwright,
+against the running stack (API, worker, Redis, PostgreSQL, S3)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from PIL import Image, ImageStat
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.support.stack import Stack
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Chromium as root, offline (the machine's closed network refuses its own calls).
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser, stack: Stack) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    tab = context.new_page()
+    tab.goto(stack.base_url + "/")
+    yield tab
+    context.close()
+
+
+def sign_in(page: Page, key: str) -> None:
+    page.fill("#key", key)
+    page.click("#sign-in button[type=submit]")
+
+
+def test_a_wrong_key_is_refused_and_never_put_in_the_url(page: Page) -> None:
+    sign_in(page, "sk-not-a-key")
+    expect(page.locator("#sign-in-error")).to_have_text("That key was not accepted.")
+    assert "sk-not-a-key" not in page.url
+
+
+def test_sign_in_generate_and_see_the_image_appear(page: Page, stack: Stack) -> None:
+    sign_in(page, stack.key_a)
+    expect(page.locator("#jobs-table")).to_be_visible()
+    assert stack.key_a not in page.url
+    page.click("nav >> text=Generate")
+    page.select_option("#gen-model", "procedural")
+    page.fill("#gen-prompt", "a console lighthouse")
+    page.fill("#gen-size", "256x256")
+    page.click("#generate button[type=submit]")
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=30_000)
+    image = page.locator(".images img").first
+    expect(image).to_be_visible()
+    page.wait_for_function("document.querySelector('.images img').naturalWidth > 0")
+    assert image.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [256, 256]
+    # The new job is listed, with its thumbnail.
+    page.click("nav >> text=Jobs")
+    row = page.locator("#jobs-table tbody tr").first
+    expect(row.locator(".status")).to_have_text("succeeded")
+    page.wait_for_function(
+        "document.querySelector('#jobs-table tbody tr img.thumb').naturalWidth > 0"
+    )
+
+
+def test_a_batch_shows_its_progress_to_the_end(page: Page, stack: Stack) -> None:
+    with stack.client() as client:
+        batch = client.post(
+            "/v1/images/batches",
+            json={
+                "model": "fake-fast",
+                "size": "64x64",
+                "prompts": [f"console batch {i} [slow=0.5]" for i in range(6)],
+            },
+        ).json()
+    sign_in(page, stack.key_a)
+    expect(page.locator("#jobs-table")).to_be_visible()
+    page.click("nav >> text=Batches")
+    bar = page.locator(f"progress[data-batch-id='{batch['id']}']")
+    expect(bar).to_be_visible()
+    row = page.locator(f"tr[data-batch-id='{batch['id']}']")
+    expect(row.locator(".status")).to_have_text("completed", timeout=60_000)
+    assert bar.evaluate("b => [b.value, b.max]") == [6, 6]
+    expect(row.locator(".counts")).to_have_text(" 6 done, 0 failed of 6")
+
+
+def test_the_pages_render(page: Page, stack: Stack) -> None:
+    sign_in(page, stack.key_a)
+    expect(page.locator("#jobs-table")).to_be_visible()
+    page.click("nav >> text=Usage")
+    expect(page.locator("#usage-chart")).to_be_visible()
+    shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("L")
+    assert shot.width == 1200
+    # Rendered, not blank: the header bar, text and chart give the page contrast.
+    assert ImageStat.Stat(shot).stddev[0] > 20
