@@ -170,6 +170,17 @@ def supervise(
         len(group.children),
         ", ".join(str(c.proc.pid) for c in group.children),
     )
+    # Which broker, said once: with none configured it is the embedded one in the
+    # data directory, and a worker started elsewhere would wait on an empty queue.
+    log.info("queues %s on %s", ",".join(queues), _broker_name(settings))
     stop.wait()
     log.info("stopping workers")
     group.stop()
+
+
+def _broker_name(settings: Settings) -> str:
+    if settings.embedded_broker:
+        return f"the embedded broker in {settings.broker_dir.resolve()} (IMAGEGEN_BROKER_URL unset)"
+    scheme, _, rest = settings.resolved_broker_url.partition("://")
+    host = rest.rpartition("@")[2]  # never the password
+    return f"{scheme}://{host}"

@@ -99,3 +99,13 @@ def test_local_queues_get_a_consumer_of_their_own_one_job_at_a_time() -> None:
     ]
     alone = consumer_args(settings, ["gpu"], None, True, {"gpu"})
     assert alone == [["--queues", "gpu", "--concurrency", "1"]]
+
+
+def test_the_supervisor_names_its_broker_without_a_password(tmp_path: Path) -> None:
+    from worker.supervisor import _broker_name
+
+    embedded = _broker_name(Settings(data_dir=tmp_path))
+    assert embedded.startswith("the embedded broker in ")
+    assert "IMAGEGEN_BROKER_URL unset" in embedded
+    remote = _broker_name(Settings(broker_url="redis://user:s3cret@redis.internal:6379/0"))
+    assert remote == "redis://redis.internal:6379/0"
