@@ -77,7 +77,10 @@ def _registry_or_exit() -> Registry:
 
 
 def _migrated_or_exit() -> None:
-    """The API and workers refuse an unmigrated or unreachable database, in one line."""
+    """The API and workers refuse an unmigrated database, in one line naming the fix.
+    An unreachable one is said, and they start all the same: an outage must not
+    keep them down (the API answers 503 and /readyz says why until it is back;
+    workers wait for it)."""
     import sqlalchemy.exc
 
     from shared.core.migrate import pending
@@ -89,7 +92,13 @@ def _migrated_or_exit() -> None:
         url = sqlalchemy.engine.make_url(get_settings().resolved_database_url)
         where = url.render_as_string(hide_password=True)
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        problem = f"cannot reach the database at {where}: {reason}"
+        console.print(
+            f"[yellow]warning:[/yellow] cannot reach the database at {where}: {reason}; "
+            "starting anyway (requests answer 503 until it is back).",
+            soft_wrap=True,
+            highlight=False,
+        )
+        return
     if problem:
         console.print(f"[red]error:[/red] {problem}", soft_wrap=True, highlight=False)
         raise typer.Exit(1)
