@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import (
     HTTPAuthorizationCredentials,
@@ -134,3 +134,8 @@ BaseUrl = Annotated[str, Depends(base_url)]
 
 # A client's key for retrying a POST that creates something (shared/idempotency).
 IdempotencyKeyHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
+# A list's cursor, as OpenAI's lists take it.
+After = Annotated[
+    str | None,
+    Query(max_length=64, description="The previous page's `last_id`: list what comes after it"),
+]

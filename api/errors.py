@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shared.core.errors import (
     ClientError,
     ErrorCode,
+    ErrorResponse,
     ImagegenError,
     InternalError,
     InvalidValue,
@@ -33,6 +35,25 @@ log = logging.getLogger(__name__)
 
 
 WEAVE_PREFIXES = ("/image/", "/call/", "/calls/")
+
+# The error answers every route of the OpenAI surface declares in the OpenAPI
+# document. "4XX" covers the rest (403, 413, ...) and also stops FastAPI from
+# documenting its default 422, which this surface never answers.
+_ANSWERS: list[tuple[int | str, str]] = [
+    (400, "Invalid request: `error.param` names the field"),
+    (401, "Missing or invalid API key"),
+    (404, "Not found: the model, job, batch, file, endpoint or path"),
+    (409, "Conflict: an Idempotency-Key reused with another body, a finished job"),
+    (429, "Rate limited or over a quota: see Retry-After"),
+    ("4XX", "Any other client error (403 forbidden, 413 too large), same shape"),
+    (500, "Server error"),
+    (502, "Upstream error"),
+    (503, "Service unavailable (database, broker or storage down): see Retry-After"),
+    (504, "Upstream timed out"),
+]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc} for code, desc in _ANSWERS
+}
 
 
 def is_weave(request: Request) -> bool:

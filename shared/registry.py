@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.core.errors import ModelNotFound
+from shared.core.schemas import Schema
 from shared.core.settings import get_settings
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -367,13 +368,23 @@ def get_registry() -> Registry:
     return load_registry(get_settings().models_file)
 
 
-class ModelObject(BaseModel):
+class ModelObject(Schema):
+    """OpenAI's Model object: an entry of the model registry."""
+
     id: str
+    """The model's name, as requests give it."""
     object: Literal["model"] = "model"
+    """Always ``model``."""
     created: int
+    """Unix seconds (registry entries have no date of their own: 2025-01-01)."""
     owned_by: str
+    """Who makes it (the registry's ``owned_by``)."""
 
 
-class ModelList(BaseModel):
+class ModelList(Schema):
+    """``GET /v1/models``."""
+
     object: Literal["list"] = "list"
+    """Always ``list``."""
     data: list[ModelObject]
+    """Every model this service serves."""

@@ -8,37 +8,58 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from pydantic import BaseModel
 from sqlmodel import Session, col
 
 from shared.core.errors import InvalidRequest
+from shared.core.schemas import Schema
 from shared.jobs.models import Image, Job, JobStatus
 
 MAX_DAYS = 92
 
 
-class UsageBucket(BaseModel):
+class UsageBucket(Schema):
+    """One day and model."""
+
     date: str
+    """The UTC day, ``YYYY-MM-DD``."""
     model: str
-    jobs: dict[str, int]  # by status
+    """The model."""
+    jobs: dict[str, int]
+    """Jobs created that day, by status."""
     images: int
+    """Images made."""
     pixels: int
-    provider_usage: dict[str, int]  # the provider's own figures (tokens), summed
+    """Pixels made (width times height, summed)."""
+    provider_usage: dict[str, int]
+    """The providers' own figures (tokens), summed."""
 
 
-class UsageTotals(BaseModel):
+class UsageTotals(Schema):
+    """The sums over the whole report."""
+
     jobs: int
+    """Jobs created."""
     images: int
+    """Images made."""
     pixels: int
+    """Pixels made."""
 
 
-class UsageReport(BaseModel):
+class UsageReport(Schema):
+    """``GET /v1/usage``: the project's jobs and images per day and model."""
+
     object: Literal["usage"] = "usage"
+    """Always ``usage``."""
     project: str
+    """The project's name."""
     start_date: str
+    """The first UTC day, ``YYYY-MM-DD``."""
     end_date: str
+    """The last UTC day, included."""
     data: list[UsageBucket]
+    """One bucket per day and model that had jobs, oldest first."""
     totals: UsageTotals
+    """The sums over every bucket."""
 
 
 def usage_report(

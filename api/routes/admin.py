@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from api.deps import DbSession, key_from_request
-from api.routes.images import ERRORS
+from api.errors import ERRORS
 from shared.core.errors import AuthenticationError, NotFound
 from shared.core.schemas import ListPage
 from shared.core.settings import get_settings
@@ -62,7 +62,9 @@ def patch_project(name: str, body: Limits, session: DbSession) -> ProjectObject:
 @router.get("/keys", response_model=ListPage[KeyObject], responses=ERRORS)
 def get_keys(
     session: DbSession,
-    project: Annotated[str | None, Query(max_length=200)] = None,
+    project: Annotated[
+        str | None, Query(max_length=200, description="Only this project's keys")
+    ] = None,
 ) -> ListPage[KeyObject]:
     return ListPage.of([key_view(k, p) for k, p in list_keys(session, project)])
 

@@ -7,10 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
-from api.deps import CurrentPrincipal, DbSession, IdempotencyKeyHeader
-from api.routes.images import ERRORS
+from api import openapi
+from api.deps import After, CurrentPrincipal, DbSession, IdempotencyKeyHeader
+from api.errors import ERRORS
 from api.sse import Frame, event_stream
 from shared.batches.models import TERMINAL
 from shared.batches.schemas import (
@@ -64,8 +65,8 @@ def post_batch(
 def get_batches(
     principal: CurrentPrincipal,
     session: DbSession,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Objects per page")] = 20,
+    after: After = None,
 ) -> ListPage[BatchObject]:
     rows, has_more = list_batches(session, principal.project_id, limit=limit, after=after)
     return ListPage.of([render_batch(session, b) for b in rows], has_more)
@@ -127,21 +128,24 @@ def get_items(
     batch_id: str,
     principal: CurrentPrincipal,
     session: DbSession,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Objects per page")] = 100,
     after: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="last line seen")] = None,
 ) -> BatchItemPage:
     batch = get_batch(session, principal.project_id, batch_id)
     return list_items(session, batch, limit=limit, after=after)
 
 
-@router.get(
-    "/v1/batches/{batch_id}/events",
-    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
-)
-@router.get(
-    "/v1/images/batches/{batch_id}/events",
-    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
-)
+BATCH_EVENTS = {
+    **openapi.event_stream(
+        "`batch.progress` at most twice a second, then `batch.completed`, "
+        "`batch.failed`, `batch.expired` or `batch.cancelled`; each `data` is the batch"
+    ),
+    **ERRORS,
+}
+
+
+@router.get("/v1/batches/{batch_id}/events", response_class=Response, responses=BATCH_EVENTS)
+@router.get("/v1/images/batches/{batch_id}/events", response_class=Response, responses=BATCH_EVENTS)
 async def batch_events(
     batch_id: str, request: Request, principal: CurrentPrincipal
 ) -> StreamingResponse:

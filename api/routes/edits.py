@@ -12,11 +12,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
+from api import openapi
 from api.deps import BaseUrl, CurrentPrincipal, IdempotencyKeyHeader, SettingsDep, StorageDep
 from api.generation import webhook_for
-from api.routes.images import ERRORS, answer
+from api.routes.images import answer
 from shared.core.errors import InvalidRequest
 from shared.core.ids import new_id
 from shared.core.settings import Settings
@@ -24,16 +26,12 @@ from shared.core.storage import Storage
 from shared.idempotency.service import claim_of
 from shared.imaging import check_mask, read_input
 from shared.jobs.input import form_request, parse_request, validate_edit
-from shared.jobs.schemas import ImagesResponse, JobObject
+from shared.jobs.schemas import ImageEditForm, ImagesResponse, ImageVariationForm
 from shared.jobs.service import store_inputs
 from shared.projects.service import Principal
 from shared.registry import get_registry
 
 router = APIRouter(tags=["images"])
-RESPONSES: dict[int | str, dict[str, object]] = {
-    202: {"model": JobObject, "description": "Accepted; poll the job"},
-    **ERRORS,
-}
 IMAGE_FIELDS = ("image", "image[]")
 
 
@@ -56,17 +54,29 @@ def _route(operation: Literal["edit", "variation"]) -> Callable[..., Awaitable[A
     return handler
 
 
-for _operation, _summary in (
-    ("edit", "Create image edit"),
-    ("variation", "Create image variation"),
+def _form(schema: type[BaseModel]) -> dict[str, Any]:
+    """The multipart body in the OpenAPI document (the handler reads the form itself:
+    ``image[]`` repeats, and uploads are checked before anything is parsed)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": schema.model_json_schema()}},
+        }
+    }
+
+
+for _operation, _summary, _schema in (
+    ("edit", "Create image edit", ImageEditForm),
+    ("variation", "Create image variation", ImageVariationForm),
 ):
     router.post(
         f"/v1/images/{_operation}s",
         response_model=ImagesResponse,
         response_model_exclude_none=True,
-        responses=RESPONSES,
+        responses=openapi.IMAGE_ANSWERS,
         summary=_summary,
         name=f"create_image_{_operation}",
+        openapi_extra=_form(_schema),
     )(_route(_operation))  # type: ignore[arg-type]
 
 

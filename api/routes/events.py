@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
+from api import openapi
 from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
-from api.routes.images import ERRORS
+from api.errors import ERRORS
 from api.sse import Frame, event_stream
 from shared.core.db import unit_of_work
 from shared.jobs.models import FINISHED
@@ -26,7 +27,14 @@ router = APIRouter(tags=["jobs"])
 
 @router.get(
     "/v1/images/jobs/{job_id}/events",
-    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+    response_class=Response,
+    responses={
+        **openapi.event_stream(
+            "`job.queued`, `job.running`, `job.progress` (local models' steps) and, "
+            "last, `job.succeeded`, `job.failed` or `job.canceled`; each `data` is the job"
+        ),
+        **ERRORS,
+    },
 )
 async def job_events(
     job_id: str,

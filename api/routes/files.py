@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from api.deps import CurrentPrincipal, DbSession, IdempotencyKeyHeader, StorageDep
+from api import openapi
+from api.deps import After, CurrentPrincipal, DbSession, IdempotencyKeyHeader, StorageDep
+from api.errors import ERRORS
 from api.input_guard import check_text
-from api.routes.images import ERRORS
 from shared.core.errors import InvalidRequest, InvalidValue
 from shared.core.schemas import Deleted, ListPage
 from shared.files.schemas import FileObject
@@ -32,8 +33,10 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 @router.post("", response_model=FileObject, responses=ERRORS)
 async def upload(
-    file: UploadFile,
-    purpose: Annotated[str, Form()],
+    file: Annotated[
+        UploadFile, File(description="The file: JSONL for `batch`, an image for `vision`")
+    ],
+    purpose: Annotated[str, Form(description="`batch`, `vision` or `user_data`")],
     principal: CurrentPrincipal,
     session: DbSession,
     storage: StorageDep,
@@ -90,9 +93,11 @@ async def upload(
 def read_files(
     principal: CurrentPrincipal,
     session: DbSession,
-    purpose: Annotated[str | None, Query(max_length=32)] = None,
-    limit: Annotated[int, Query(ge=1, le=10000)] = 100,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    purpose: Annotated[
+        str | None, Query(max_length=32, description="Only files of this purpose")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=10000, description="Objects per page")] = 100,
+    after: After = None,
 ) -> ListPage[FileObject]:
     files, has_more = list_files(
         session, principal.project_id, purpose=purpose, limit=limit, after=after
@@ -105,7 +110,11 @@ def read_file(file_id: str, principal: CurrentPrincipal, session: DbSession) -> 
     return file_view(get_file(session, principal.project_id, file_id))
 
 
-@router.get("/{file_id}/content", responses={200: {"content": {"application/jsonl": {}}}, **ERRORS})
+@router.get(
+    "/{file_id}/content",
+    response_class=Response,
+    responses={**openapi.answer("application/jsonl", "The file's bytes"), **ERRORS},
+)
 def read_content(
     file_id: str, principal: CurrentPrincipal, session: DbSession, storage: StorageDep
 ) -> Response:

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
+from api import openapi
 from api.deps import StorageDep
-from api.routes.images import ERRORS
+from api.errors import ERRORS
 from shared.core.errors import NotFound
 from shared.core.storage import LocalStorage
 from shared.imaging import CONTENT_TYPES
@@ -17,13 +18,18 @@ router = APIRouter(tags=["files"])
 
 
 @router.get(
-    "/v1/images/files/{key:path}", responses={200: {"content": {"image/png": {}}}, **ERRORS}
+    "/v1/images/files/{key:path}",
+    response_class=Response,
+    responses={
+        **openapi.answer("image/png", "The image (png, jpeg or webp)", binary=True),
+        **ERRORS,
+    },
 )
 def read_file(
     key: str,
     storage: StorageDep,
-    expires: Annotated[int, Query()],
-    signature: Annotated[str, Query(max_length=128)],
+    expires: Annotated[int, Query(description="When the URL stops working, Unix seconds")],
+    signature: Annotated[str, Query(max_length=128, description="The URL's HMAC signature")],
 ) -> Response:
     if not isinstance(storage, LocalStorage):
         raise NotFound("No such file.")

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from api import openapi
 from api.deps import BaseUrl, CurrentPrincipal, IdempotencyKeyHeader, SettingsDep, StorageDep
 from api.generation import position, submit, webhook_for
 from api.streaming import stream_response
-from shared.core.errors import ErrorResponse
 from shared.core.settings import Settings
 from shared.core.storage import Storage
 from shared.idempotency.service import Claim, claim_of
@@ -32,21 +32,6 @@ from shared.webhooks.service import Webhook
 router = APIRouter(tags=["images"])
 
 _WAIT = re.compile(r"\bwait\s*=\s*(\d+(?:\.\d+)?)")
-
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse, "description": desc}
-    for code, desc in [
-        (400, "Invalid request"),
-        (401, "Missing or invalid API key"),
-        (404, "Model not found"),
-        (409, "Conflict: an Idempotency-Key used for another request, a finished job"),
-        (429, "Rate limited"),
-        (500, "Server error"),
-        (502, "Upstream error"),
-        (503, "Service unavailable"),
-        (504, "Upstream timed out"),
-    ]
-}
 
 
 def parse_prefer(prefer: str | None, default_wait: float) -> tuple[bool, float]:
@@ -72,7 +57,7 @@ def accepted(job: JobObject) -> JSONResponse:
     "/v1/images/generations",
     response_model=ImagesResponse,
     response_model_exclude_none=True,
-    responses={202: {"model": JobObject, "description": "Accepted; poll the job"}, **ERRORS},
+    responses=openapi.IMAGE_ANSWERS,
     summary="Create image",
 )
 async def create_image(

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import BaseUrl, CurrentPrincipal, DbSession, SettingsDep, StorageDep
-from api.routes.images import ERRORS
+from api.deps import After, BaseUrl, CurrentPrincipal, DbSession, SettingsDep, StorageDep
+from api.errors import ERRORS
 from shared.jobs.models import JobStatus
 from shared.jobs.schemas import JobList, JobObject
 from shared.jobs.service import cancel_job, get_job, job_images, list_jobs, queue_position
@@ -41,9 +41,9 @@ def read_jobs(
     settings: SettingsDep,
     storage: StorageDep,
     base_url: BaseUrl,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=64)] = None,
-    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Objects per page")] = 20,
+    after: After = None,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status")] = None,
 ) -> JobList:
     jobs, has_more = list_jobs(
         session, principal.project_id, limit=limit, after=after, status=status

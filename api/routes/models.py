@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import CurrentPrincipal
-from api.routes.images import ERRORS
+from api.errors import ERRORS
 from shared.registry import ModelList, ModelObject, get_registry
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import CurrentPrincipal, DbSession
-from api.routes.images import ERRORS
+from api.errors import ERRORS
 from shared.usage import UsageReport, usage_report
 
 router = APIRouter(tags=["usage"])
@@ -22,8 +22,18 @@ LAST_DAY = date(9999, 12, 30)
 def read_usage(
     principal: CurrentPrincipal,
     session: DbSession,
-    start_date: Annotated[date | None, Query(ge=FIRST_DAY, le=LAST_DAY)] = None,
-    end_date: Annotated[date | None, Query(ge=FIRST_DAY, le=LAST_DAY)] = None,
+    start_date: Annotated[
+        date | None,
+        Query(
+            ge=FIRST_DAY,
+            le=LAST_DAY,
+            description="First UTC day; 29 days before end_date when absent",
+        ),
+    ] = None,
+    end_date: Annotated[
+        date | None,
+        Query(ge=FIRST_DAY, le=LAST_DAY, description="Last UTC day, included; today when absent"),
+    ] = None,
 ) -> UsageReport:
     end = end_date or datetime.now(UTC).date()
     start = start_date or end - timedelta(days=29)

@@ -11,13 +11,15 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from api import openapi
 from api.deps import BaseUrl, DbSession, SettingsDep, StorageDep, WeavePrincipal
 from api.generation import submit, webhook_for
 from shared.core.db import unit_of_work
 from shared.core.errors import Forbidden, ImagegenError
+from shared.core.schemas import Schema
 from shared.jobs.input import parse_request, validate_generation
 from shared.jobs.models import JobStatus
 from shared.jobs.schemas import ImageGenerationRequest
@@ -30,32 +32,46 @@ from shared.traces.views import jsonl, render_calls
 router = APIRouter(tags=["weave"])
 
 
-class ImageGenerationRequestInputs(BaseModel):
+class ImageGenerationRequestInputs(Schema):
+    """The generation request, as ``POST /v1/images/generations`` takes it."""
+
     # Extra keys OpenAI knows (size, quality, ...) are honoured, others ignored.
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr
+    """A model from ``GET /v1/models``."""
     prompt: StrictStr
+    """What to draw."""
     n: StrictInt | None = None
+    """How many images; 1 when null."""
 
 
-class ImageGenerationCreateReq(BaseModel):
+class ImageGenerationCreateReq(Schema):
+    """``POST /image/create``, as the Weave trace server takes it."""
+
     model_config = ConfigDict(extra="ignore")
 
     project_id: StrictStr
+    """The project's name (``entity/project``) or id; the key must own it."""
     inputs: ImageGenerationRequestInputs
+    """The generation request."""
     wb_user_id: StrictStr | None = Field(
         default=None,
         description="Do not set directly. Server will automatically populate this field.",
     )
     track_llm_call: StrictBool | None = True
-    # Extensions, as on the OpenAI surface: a per-job webhook.
+    """Record the call as a trace (``POST /call/read`` reads it back)."""
     webhook_url: StrictStr | None = Field(default=None, max_length=2000)
+    """Extension, as on the OpenAI surface: a per-job webhook."""
     webhook_events: list[StrictStr] | None = None
+    """Extension: which job events ``webhook_url`` receives; all when null."""
 
 
-class WeaveError(BaseModel):
+class WeaveError(Schema):
+    """The Weave surface's error answer."""
+
     detail: str
+    """What went wrong."""
 
 
 WEAVE_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -70,31 +86,51 @@ WEAVE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class ImageGenerationCreateRes(BaseModel):
+class ImageGenerationCreateRes(Schema):
+    """The answer to ``POST /image/create``."""
+
     response: dict[str, Any]
+    """OpenAI's images answer (``created``, ``data``, ``usage``), or ``{"error": ...}``
+    when the generation failed (the call is still recorded)."""
     weave_call_id: str | None = None
+    """The trace call's id when tracked; null on failure."""
 
 
-class CallReadReq(BaseModel):
+class CallReadReq(Schema):
+    """``POST /call/read``."""
+
     model_config = ConfigDict(extra="ignore")
 
     project_id: StrictStr
+    """The project's name (``entity/project``) or id."""
     id: StrictStr
+    """The call's id."""
 
 
-class CallReadRes(BaseModel):
+class CallReadRes(Schema):
+    """The answer to ``POST /call/read``."""
+
     call: dict[str, Any] | None
+    """The call (inputs, output with fresh image URLs, summary, timings); null when
+    the project has no such call."""
 
 
-class CallsQueryStatsReq(BaseModel):
+class CallsQueryStatsReq(Schema):
+    """``POST /calls/query_stats``."""
+
     model_config = ConfigDict(extra="ignore")
 
     project_id: StrictStr
+    """The project's name (``entity/project``) or id."""
     filter: CallFilter | None = None
+    """Which calls; all of the project's when null."""
 
 
-class CallsQueryStatsRes(BaseModel):
+class CallsQueryStatsRes(Schema):
+    """The answer to ``POST /calls/query_stats``."""
+
     count: int
+    """How many calls match."""
 
 
 def _check_project(principal: Principal, project_ref: str) -> None:
@@ -182,7 +218,8 @@ def call_read(
 @router.post(
     "/calls/stream_query",
     summary="Calls Query Stream",
-    responses={200: {"content": {"application/jsonl": {}}}, **WEAVE_ERRORS},
+    response_class=Response,
+    responses={**openapi.answer("application/jsonl", "One call per line"), **WEAVE_ERRORS},
 )
 def calls_stream_query(
     body: CallsQuery,

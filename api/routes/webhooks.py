@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
-from api.deps import CurrentPrincipal, DbSession
-from api.routes.images import ERRORS
+from api.deps import After, CurrentPrincipal, DbSession
+from api.errors import ERRORS
 from shared.core.schemas import Deleted, ListPage
 from shared.webhooks.models import DeliveryStatus
 from shared.webhooks.schemas import (
@@ -83,11 +83,17 @@ def get_default_secret(principal: CurrentPrincipal, session: DbSession) -> Defau
 def get_deliveries(
     principal: CurrentPrincipal,
     session: DbSession,
-    job_id: Annotated[str | None, Query(max_length=64)] = None,
-    endpoint_id: Annotated[str | None, Query(max_length=64)] = None,
-    status: DeliveryStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    job_id: Annotated[
+        str | None, Query(max_length=64, description="Only this job's deliveries")
+    ] = None,
+    endpoint_id: Annotated[
+        str | None, Query(max_length=64, description="Only this endpoint's")
+    ] = None,
+    status: Annotated[
+        DeliveryStatus | None, Query(description="Only deliveries in this status")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Objects per page")] = 20,
+    after: After = None,
 ) -> ListPage[DeliveryObject]:
     rows, has_more = list_deliveries(
         session,

@@ -4,84 +4,141 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from shared.batches.models import BatchStatus, ItemStatus
-from shared.core.schemas import ListPage
+from shared.core.schemas import ListPage, Schema
 
 
-class BatchCreate(BaseModel):
+class BatchCreate(Schema):
+    """``POST /v1/batches``: OpenAI's Batch API over an uploaded JSONL file."""
+
     input_file_id: str = Field(max_length=64)
+    """A file uploaded with purpose ``batch``: one request per line, each with a
+    ``custom_id``, ``method: POST``, the ``url`` and a ``body``."""
     endpoint: str = Field(max_length=100)
+    """``/v1/images/generations`` or ``/v1/images/edits``."""
     completion_window: str = Field(max_length=16)
+    """Always ``24h``: lines not done by then are given up (``batch_expired``)."""
     metadata: dict[str, str] | None = None
+    """Your own labels, returned on the batch."""
 
 
-class NativeBatchCreate(BaseModel):
+class NativeBatchCreate(Schema):
     """Either ``requests`` (full generation requests, each with an optional
     ``custom_id``) or ``prompts`` with shared parameters."""
 
     model_config = ConfigDict(extra="allow")  # shared generation parameters
 
     requests: list[dict[str, Any]] | None = None
+    """Generation requests, one per line, each as ``POST /v1/images/generations``
+    takes it, with an optional ``custom_id``."""
     prompts: list[str] | None = None
+    """Prompts, one per line; the other fields of this body (``model``, ``size``,
+    ``n``, ...) apply to each."""
     webhook_url: str | None = Field(default=None, max_length=2000)
+    """A URL that receives the batch's end event, signed as a per-job webhook."""
     metadata: dict[str, str] | None = None
+    """Your own labels, returned on the batch."""
 
 
-class RequestCounts(BaseModel):
+class RequestCounts(Schema):
+    """How many lines the batch has, and how many ended."""
+
     total: int
+    """Lines in all."""
     completed: int
+    """Lines that succeeded."""
     failed: int
+    """Lines that failed (or were canceled, or expired)."""
 
 
-class BatchErrors(BaseModel):
+class BatchErrors(Schema):
+    """Lines refused while validating the input file."""
+
     object: Literal["list"] = "list"
+    """Always ``list``."""
     data: list[dict[str, Any]]
+    """Each with ``code``, ``message``, ``param`` and ``line``."""
 
 
-class BatchObject(BaseModel):
+class BatchObject(Schema):
     """OpenAI's Batch object (``expiring`` is shown as ``finalizing``)."""
 
     id: str
+    """The batch's id (``batch_...``)."""
     object: Literal["batch"] = "batch"
+    """Always ``batch``."""
     endpoint: str
+    """The endpoint every line calls."""
     errors: BatchErrors | None = None
+    """Lines refused while validating, if any."""
     input_file_id: str | None = None
+    """The input file (Batch API); null for a native batch."""
     completion_window: str
+    """``24h``."""
     status: BatchStatus
+    """``validating``, ``in_progress``, ``finalizing``, then ``completed``,
+    ``failed``, ``expired`` or ``cancelled`` (via ``cancelling``)."""
     output_file_id: str | None = None
+    """Once finished: a JSONL file with one line per succeeded request."""
     error_file_id: str | None = None
+    """Once finished: a JSONL file with one line per failed request."""
     created_at: int
+    """Unix seconds."""
     in_progress_at: int | None = None
+    """When its lines started to run, Unix seconds."""
     expires_at: int | None = None
+    """When the completion window closes, Unix seconds."""
     finalizing_at: int | None = None
+    """When its output files started to be written, Unix seconds."""
     completed_at: int | None = None
+    """Unix seconds."""
     failed_at: int | None = None
+    """Unix seconds."""
     expired_at: int | None = None
+    """Unix seconds."""
     cancelling_at: int | None = None
+    """Unix seconds."""
     cancelled_at: int | None = None
+    """Unix seconds."""
     request_counts: RequestCounts
+    """Progress: lines in all, succeeded and failed."""
     metadata: dict[str, Any] | None = None
+    """Your own labels."""
 
 
-class ItemResponse(BaseModel):
+class ItemResponse(Schema):
+    """A line's answer, as the endpoint would have given it."""
+
     status_code: int
+    """The HTTP status the request would have had."""
     body: dict[str, Any]
+    """The generation (``ImagesResponse``) or ``{"error": ...}``."""
 
 
-class BatchItemObject(BaseModel):
+class BatchItemObject(Schema):
     """One line with its result: ``response.body`` is the generation (fresh URLs) or
     ``{"error": ...}``; ``error`` alone for a line that never ran."""
 
     id: str
+    """The line's id."""
     custom_id: str
+    """The ``custom_id`` the line was given (or one made from its number)."""
     line: int
+    """The line's number in the batch, from 1."""
     status: ItemStatus
+    """``pending``, ``queued``, then ``succeeded``, ``failed`` or ``canceled``."""
     job_id: str | None = None
+    """The job running the line, once made."""
     response: ItemResponse | None = None
+    """The line's answer, once its job ended."""
     error: dict[str, Any] | None = None
+    """Why the line never ran (refused, the batch cancelled or expired)."""
 
 
 class BatchItemPage(ListPage[BatchItemObject]):
+    """A page of a batch's lines, in line order."""
+
     last_line: int | None = None
+    """The last line on this page: pass it as ``after`` for the next page."""

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel
+from shared.core.schemas import Schema
 
 
 class ErrorCode(StrEnum):
@@ -76,17 +76,26 @@ class ErrorCode(StrEnum):
     empty_file = "empty_file"
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(Schema):
     """OpenAI's error object."""
 
     message: str
+    """What went wrong and, where there is one, the fix."""
     type: str
+    """The family: ``invalid_request_error``, ``authentication_error``,
+    ``rate_limit_error``, ``server_error``, ..."""
     param: str | None = None
+    """The request field at fault (``size``, ``requests[3].prompt``), if any."""
     code: str | None = None
+    """A stable code (``invalid_value``, ``model_not_found``, ``rate_limit_exceeded``,
+    ``idempotency_key_reused``, ``upstream_timeout``, ...)."""
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(Schema):
+    """Every error answer of the OpenAI surface."""
+
     error: ErrorBody
+    """The error."""
 
 
 class ImagegenError(Exception):

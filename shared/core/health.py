@@ -10,18 +10,21 @@ from typing import Literal
 
 import redis
 from kombu import Connection  # type: ignore[attr-defined]
-from pydantic import BaseModel
 from sqlalchemy import text
 
 from shared.core.db import get_engine
+from shared.core.schemas import Schema
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
 
 
-class Readiness(BaseModel):
+class Readiness(Schema):
+    """``GET /readyz``."""
+
     status: Literal["ready", "not ready"]
-    # "database", "broker", "storage": "ok" or why not.
+    """``ready`` when every check is ``ok``."""
     checks: dict[str, str]
+    """``database``, ``broker`` and ``storage``: ``ok`` or why not."""
 
 
 def _database() -> None:

@@ -6,13 +6,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from shared.core.schemas import ListPage
+from shared.core.schemas import ListPage, Schema
 from shared.jobs.models import Job, JobStatus
 
 MAX_SEED = 2**32 - 1
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(Schema):
     """``POST /v1/images/generations``. ``null`` means "use the default" everywhere.
 
     Unknown fields are ignored rather than refused: gateways and SDKs add their own.
@@ -21,29 +21,81 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: StrictStr = Field(min_length=1)
+    """What to draw. The model's own limit on its length applies."""
     model: StrictStr | None = None
+    """A model from ``GET /v1/models``; the registry's default when null."""
     n: StrictInt | None = Field(default=None, ge=1, le=10)
+    """How many images, 1 to 10 (the model may allow fewer); 1 when null."""
     size: StrictStr | None = None
+    """``WIDTHxHEIGHT`` from the model's sizes, or ``auto``; the model's default when
+    null."""
     quality: StrictStr | None = None
+    """The model's quality levels (``low``, ``medium``, ``high``, ``auto``, ``hd``,
+    ``standard``); local models map them to step counts."""
     style: StrictStr | None = None
+    """``vivid`` or ``natural`` (dall-e-3 only)."""
     response_format: Literal["url", "b64_json"] | None = None
+    """``url`` (a presigned URL to our storage) or ``b64_json`` (the bytes inline)."""
     output_format: Literal["png", "jpeg", "webp"] | None = None
+    """The image file format; ``png`` when null."""
     output_compression: StrictInt | None = Field(default=None, ge=0, le=100)
+    """0 to 100, for ``jpeg`` and ``webp``."""
     background: StrictStr | None = None
+    """``transparent``, ``opaque`` or ``auto``, where the model supports it."""
     moderation: StrictStr | None = None
+    """``low`` or ``auto``, passed to providers that moderate."""
     # OpenAI sets no documented limit; end-user ids are short, and a bound keeps the
     # trace and the upstream call sane.
     user: StrictStr | None = Field(default=None, max_length=256)
-    # Extensions (the openai package sends them with extra_body): a per-job webhook.
+    """Your end user's id, recorded on the job and its trace, passed upstream."""
     webhook_url: StrictStr | None = Field(default=None, max_length=2000)
+    """Extension: a URL that receives this job's events, signed with the project's
+    default secret (Standard Webhooks). Send it with ``extra_body``."""
     webhook_events: list[StrictStr] | None = Field(default=None, max_length=20)
-    # Extension, models with the seed capability (local models): image i of the job
-    # uses seed + i; the same request and seed give the same images on the same
-    # device and dtype. Without one a random seed is chosen and recorded.
+    """Extension: which of ``job.started``, ``job.succeeded``, ``job.failed`` and
+    ``job.canceled`` ``webhook_url`` receives; all of them when null."""
     seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
-    # OpenAI's streaming: text/event-stream of partial images, then the completed ones.
+    """Extension, models with the seed capability (local models): image i of the job
+    uses ``seed + i``; the same request and seed give the same images on the same
+    device and dtype. Without one a random seed is chosen and recorded."""
     stream: StrictBool | None = None
+    """Answer ``text/event-stream`` in OpenAI's image events: partial images, then
+    ``image_generation.completed``."""
     partial_images: StrictInt | None = Field(default=None, ge=0, le=3)
+    """How many partial images a stream sends before the completed one, 0 to 3."""
+
+
+class ImageEditForm(ImageGenerationRequest):
+    """``POST /v1/images/edits``, multipart/form-data: the generation's fields (as
+    text), the images and an optional mask. Documents the form; the route reads it
+    part by part (``api/routes/edits.py``)."""
+
+    image: list[bytes]
+    """The image(s) to edit: ``image``, or ``image[]`` up to 16 times; png, webp or
+    jpeg, each at most ``IMAGEGEN_EDIT_MAX_IMAGE_BYTES``."""
+    mask: bytes | None = None
+    """A png of the first image's size whose transparent pixels mark where to edit."""
+    input_fidelity: Literal["high", "low"] | None = None
+    """How closely to keep the input's features (``high`` changes less)."""
+
+
+class ImageVariationForm(Schema):
+    """``POST /v1/images/variations``, multipart/form-data (dall-e-2 style)."""
+
+    image: bytes
+    """The image: png, webp or jpeg."""
+    model: str | None = None
+    """A model with the variations capability; the first such when null."""
+    n: int | None = Field(default=None, ge=1, le=10)
+    """How many images; 1 when null."""
+    size: str | None = None
+    """``WIDTHxHEIGHT`` from the model's sizes."""
+    response_format: Literal["url", "b64_json"] | None = None
+    """``url`` or ``b64_json``."""
+    user: str | None = None
+    """Your end user's id."""
+    webhook_url: str | None = None
+    """Extension: a per-job webhook."""
 
 
 class GenerationParams(BaseModel):
@@ -71,61 +123,101 @@ class GenerationParams(BaseModel):
     input_fidelity: Literal["high", "low"] | None = None
 
 
-class ImageData(BaseModel):
+class ImageData(Schema):
+    """One generated image."""
+
     url: str | None = None
+    """A presigned URL to the image in storage (``response_format: url``); it expires
+    after the configured time, and reading the job again gives a fresh one."""
     b64_json: str | None = None
+    """The image file, base64 (``response_format: b64_json``)."""
     revised_prompt: str | None = None
+    """The prompt the model used, where it rewrites prompts (dall-e-3)."""
 
 
-class ImagesResponse(BaseModel):
+class ImagesResponse(Schema):
+    """OpenAI's answer to an image request."""
+
     created: int
+    """When the job was created, Unix seconds."""
     data: list[ImageData]
+    """The images, exactly ``n``, in order."""
     background: str | None = None
+    """The background used, where the request set one."""
     output_format: str | None = None
+    """The image file format."""
     quality: str | None = None
+    """The quality used, where the request set one."""
     size: str | None = None
+    """The images' size, ``WIDTHxHEIGHT``."""
     usage: dict[str, Any] | None = None
+    """The provider's own usage figures (tokens, with ``input_tokens_details`` and
+    ``output_tokens_details``), where it reports them."""
 
 
-class JobError(BaseModel):
+class JobError(Schema):
+    """Why a job failed."""
+
     code: str
+    """A stable code: ``content_policy_violation``, ``upstream_error``,
+    ``upstream_timeout``, ``out_of_memory``, ``model_unavailable``, ..."""
     message: str
+    """What happened, for a person."""
 
 
-class JobProgress(BaseModel):
+class JobProgress(Schema):
     """Denoising steps done of the steps the job's model runs (local models)."""
 
     step: int
+    """Steps done."""
     steps: int
+    """Steps in all."""
 
 
-class JobObject(BaseModel):
+class JobObject(Schema):
+    """An image job: the request, its state and, once finished, its result."""
+
     id: str
+    """The job's id (``job_...``)."""
     object: Literal["image.job"] = "image.job"
+    """Always ``image.job``."""
     status: JobStatus
+    """``queued``, ``running``, then ``succeeded``, ``failed`` or ``canceled``."""
     model: str
+    """The model the job runs on."""
     created_at: int
+    """When it was accepted, Unix seconds."""
     started_at: int | None = None
+    """When a worker first claimed it, Unix seconds."""
     finished_at: int | None = None
+    """When it ended, Unix seconds."""
     canceled_at: int | None = None
+    """When it was canceled, Unix seconds."""
     attempts: int
+    """How many times a worker has claimed it (a retry after a crash counts)."""
     request: dict[str, Any]
+    """The validated request, every default filled in."""
     result: ImagesResponse | None = None
+    """The answer a synchronous request would have had, once succeeded; URLs fresh."""
     error: JobError | None = None
-    # The trace call recording this job (POST /call/read), when tracked.
+    """Why it failed, once failed."""
     call_id: str | None = None
-    # While queued: about how many jobs of the same queue run before this one
-    # (1 = next). Approximate: FIFO order by creation, all projects.
+    """The trace call recording this job (``POST /call/read``), when tracked."""
     queue_position: int | None = None
+    """While queued: about how many jobs of the same queue run before this one
+    (1 = next). Approximate: FIFO order by creation, all projects."""
     webhook_url: str | None = None
+    """The per-job webhook URL, when the request set one."""
     webhook_events: list[str] | None = None
-    # While running: what it waits on, if anything ("waiting for storage: ...").
+    """The events the per-job webhook receives."""
     status_detail: str | None = None
-    # The X-Request-Id of the request that created the job.
+    """While running: what it waits on, if anything (``waiting for storage: ...``)."""
     request_id: str | None = None
+    """The ``X-Request-Id`` of the request that created the job."""
     progress: JobProgress | None = None
-    # The seed of each image, in order (models with the seed capability).
+    """While running on a local model: denoising steps done."""
     seeds: list[int] | None = None
+    """The seed of each image, in order (models with the seed capability)."""
 
 
 JobList = ListPage[JobObject]

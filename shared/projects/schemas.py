@@ -4,50 +4,86 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from shared.core.schemas import Schema
 
 INT32_MAX = 2**31 - 1  # the limit columns are SQL INTEGER
 
 
-class Limits(BaseModel):
+class Limits(Schema):
+    """A project's limits; null means unlimited. They need Redis (the full stack)."""
+
     key_requests_per_minute: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    """Requests per minute per API key."""
     images_per_day: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    """Images per UTC day for the whole project."""
     jobs_in_flight: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    """Jobs queued or running at once for the whole project."""
 
 
 class ProjectCreate(Limits):
+    """``POST /v1/admin/projects``."""
+
     name: str = Field(min_length=1, max_length=200)
+    """A unique name; keys and the Weave surface's ``project_id`` refer to it."""
 
 
-class KeyCreate(BaseModel):
+class KeyCreate(Schema):
+    """``POST /v1/admin/keys``."""
+
     project: str = Field(min_length=1, max_length=200)
+    """The project the key acts for."""
     name: str = Field(default="default", max_length=200)
+    """A label for people."""
     user: str = Field(default="", max_length=200)
+    """Who holds it; recorded as ``wb_user_id`` on the Weave surface's traces."""
 
 
-class ProjectObject(BaseModel):
+class ProjectObject(Schema):
+    """A project: every job, batch, file and webhook belongs to one."""
+
     id: str
+    """The project's id (``proj_...``)."""
     object: Literal["project"] = "project"
+    """Always ``project``."""
     name: str
+    """Its unique name."""
     created_at: int
+    """Unix seconds."""
     key_requests_per_minute: int | None = None
+    """Requests per minute per API key; null for unlimited."""
     images_per_day: int | None = None
+    """Images per UTC day; null for unlimited."""
     jobs_in_flight: int | None = None
+    """Jobs queued or running at once; null for unlimited."""
 
 
-class KeyObject(BaseModel):
+class KeyObject(Schema):
+    """An API key, without the key itself (only its hash is stored)."""
+
     id: str
+    """The key's id (``key_...``): what ``revoke`` takes."""
     object: Literal["api_key"] = "api_key"
+    """Always ``api_key``."""
     name: str
+    """Its label."""
     user: str
+    """Who holds it."""
     prefix: str
+    """The key's first characters, to recognise it by."""
     project: str
+    """The name of the project it acts for."""
     created_at: int
+    """Unix seconds."""
     last_used_at: int | None = None
+    """When it last authenticated a request, to the minute, Unix seconds."""
     revoked_at: int | None = None
+    """When it was revoked (it authenticates nothing after), Unix seconds."""
 
 
 class CreatedKey(KeyObject):
     """A new key: ``key`` appears in this answer only; only its hash is stored."""
 
     key: str
+    """The secret key (``sk-ig-...``): keep it, it is never shown again."""
