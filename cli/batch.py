@@ -242,14 +242,16 @@ def download(
     base_url: BaseUrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
-    """Save the images (named by custom_id) and the output and error JSONL files."""
+    """Save the images (named by custom_id), the output and error JSONL files, and
+    <batch>_images.jsonl: each image's file with its custom_id, line and prompt."""
     out.mkdir(parents=True, exist_ok=True)
     with _client(base_url, api_key) as client:
         batch = _check(client.get(f"/v1/batches/{batch_id}"))
         if batch["status"] not in TERMINAL:
             console.print(f"[yellow]batch is {batch['status']}; try again when it ends[/yellow]")
             raise typer.Exit(1)
-        saved = 0
+        lines = _lines(client, batch_id)
+        saved: list[list[dict[str, Any]]] = []
         for kind in ("output", "error"):
             file_id = batch.get(f"{kind}_file_id")
             if not file_id:
@@ -257,18 +259,49 @@ def download(
             resp = client.get(f"/v1/files/{file_id}/content")
             resp.raise_for_status()
             (out / f"{batch_id}_{kind}.jsonl").write_bytes(resp.content)
-            if kind != "output":
-                continue
-            for text in resp.text.splitlines():
-                row = json.loads(text)
-                body = row["response"]["body"]
-                ext = body.get("output_format") or "png"
-                for index, item in enumerate(body["data"]):
-                    data = (
-                        base64.b64decode(item["b64_json"])
-                        if item.get("b64_json")
-                        else httpx.get(item["url"], timeout=60).raise_for_status().content
-                    )
-                    (out / f"{_safe(row['custom_id'])}-{index}.{ext}").write_bytes(data)
-                    saved += 1
-    console.print(f"[green]{saved} image(s) and the result files in {out}[/green]")
+            if kind == "output":
+                saved += [_save(out, json.loads(text), lines) for text in resp.text.splitlines()]
+    images = [image for row in saved for image in row]
+    (out / f"{batch_id}_images.jsonl").write_text("".join(json.dumps(i) + "\n" for i in images))
+    console.print(f"[green]{len(images)} image(s) and the result files in {out}[/green]")
+
+
+def _lines(client: httpx.Client, batch_id: str) -> dict[str, dict[str, Any]]:
+    """Each line's number and prompt by custom_id (the output file has neither)."""
+    lines: dict[str, dict[str, Any]] = {}
+    after: int | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 1000, **({"after": after} if after else {})}
+        page = _check(client.get(f"/v1/images/batches/{batch_id}/items", params=params))
+        for item in page["data"]:
+            lines[item["custom_id"]] = {"line": item["line"], "prompt": item.get("prompt")}
+        if not page["has_more"]:
+            return lines
+        after = page["last_line"]
+
+
+def _save(out: Path, row: dict[str, Any], lines: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One output line's images, written as <custom_id>-<index>.<ext>; what was saved."""
+    body = row["response"]["body"]
+    ext = body.get("output_format") or "png"
+    saved = []
+    for index, item in enumerate(body["data"]):
+        data = (
+            base64.b64decode(item["b64_json"])
+            if item.get("b64_json")
+            else httpx.get(item["url"], timeout=60).raise_for_status().content
+        )
+        name = f"{_safe(row['custom_id'])}-{index}.{ext}"
+        (out / name).write_bytes(data)
+        saved.append(
+            {
+                "file": name,
+                "custom_id": row["custom_id"],
+                **lines.get(row["custom_id"], {}),
+                "index": index,
+                **(
+                    {"revised_prompt": item["revised_prompt"]} if item.get("revised_prompt") else {}
+                ),
+            }
+        )
+    return saved

@@ -127,6 +127,8 @@ class BatchItemObject(Schema):
     """The ``custom_id`` the line was given (or one made from its number)."""
     line: int
     """The line's number in the batch, from 1."""
+    prompt: str | None = None
+    """The line's prompt (null for a variation)."""
     status: ItemStatus
     """``pending``, ``queued``, then ``succeeded``, ``failed`` or ``canceled``."""
     job_id: str | None = None

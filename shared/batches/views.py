@@ -115,6 +115,7 @@ def list_items(session: Session, batch: Batch, *, limit: int, after: int | None)
                 id=item.id,
                 custom_id=item.custom_id,
                 line=item.line,
+                prompt=_prompt(item.body),
                 status=ItemStatus(item.status),
                 job_id=item.job_id,
                 response=response,
@@ -128,3 +129,8 @@ def list_items(session: Session, batch: Batch, *, limit: int, after: int | None)
         last_id=page[-1].id if page else None,
         last_line=page[-1].line if page else None,
     )
+
+
+def _prompt(body: dict[str, Any]) -> str | None:
+    prompt = body.get("prompt")
+    return prompt if isinstance(prompt, str) else None

@@ -160,6 +160,13 @@ def test_cli_batch_submit_wait_and_download(dev_server: tuple[str, Path], tmp_pa
     assert names == ["0001-a-red-fox-0.png", "0002-a-blue-owl-0.png", "0003-a-green-frog-0.png"]
     assert all(image_size(p) == (64, 64) for p in out.glob("*.png"))
     assert (out / f"{batch_id}_output.jsonl").read_text().count("\n") == 3
+    manifest = [json.loads(x) for x in (out / f"{batch_id}_images.jsonl").read_text().splitlines()]
+    # the output keeps the prompt of each image, and the line it came from
+    assert sorted((m["file"], m["prompt"], m["line"]) for m in manifest) == [
+        ("0001-a-red-fox-0.png", "a red fox", 1),
+        ("0002-a-blue-owl-0.png", "a blue owl", 2),
+        ("0003-a-green-frog-0.png", "a green frog", 3),
+    ]
 
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text(
