@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
@@ -20,6 +22,8 @@ from cli.client import resolve_key
 from cli.jobs import jobs_app
 
 if TYPE_CHECKING:
+    from sqlmodel import Session
+
     from shared.registry import Registry
 
 app = typer.Typer(
@@ -33,13 +37,6 @@ keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True, rich_marku
 app.add_typer(keys_app, name="keys")
 projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(projects_app, name="projects")
-
-
-@keys_app.callback()
-@projects_app.callback()
-def _admin_data() -> None:
-    """Keys and projects live in the server's database: found or refused first."""
-    _data_or_exit()
 
 
 app.add_typer(batch_app, name="batch")
@@ -158,6 +155,17 @@ def _say_if_storage_is_out() -> None:
             soft_wrap=True,
             highlight=False,
         )
+
+
+@contextmanager
+def _admin_session() -> Iterator[Session]:
+    """Keys and projects live in the server's database: found (or refused with the
+    fix) when a command runs, so that ``--help`` works anywhere."""
+    from shared.core.db import unit_of_work
+
+    _data_or_exit()
+    with unit_of_work() as session:
+        yield session
 
 
 def _data_or_exit() -> None:
@@ -313,10 +321,9 @@ def keys_create(
     user: Annotated[str, typer.Option(help="User identity (wb_user_id)")] = "",
 ) -> None:
     """Create an API key for PROJECT (created if new). The key is printed once."""
-    from shared.core.db import unit_of_work
     from shared.projects.service import create_key
 
-    with unit_of_work() as session:
+    with _admin_session() as session:
         key, plaintext = create_key(session, project, name, user)
     console.print(f"[green]created key {key.id} for project '{project}'[/green] (shown only once):")
     print(plaintext)
@@ -330,12 +337,11 @@ def keys_list(
     """List keys (prefix, user, created, last used, revoked); never the keys themselves."""
     from rich.table import Table
 
-    from shared.core.db import unit_of_work
     from shared.projects.service import list_keys
 
     table = Table("id", "project", "name", "user", "prefix", "created", "last used", "revoked")
     table.columns[0].no_wrap = True  # ids whole: revoke takes them
-    with unit_of_work() as session:
+    with _admin_session() as session:
         for key, proj in list_keys(session, project):
             if as_json:
                 print(
@@ -369,10 +375,9 @@ def keys_list(
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by id; it stops working at once."""
-    from shared.core.db import unit_of_work
     from shared.projects.service import revoke_key
 
-    with unit_of_work() as session:
+    with _admin_session() as session:
         revoke_key(session, key_id)
     console.print(f"[green]revoked {key_id}[/green]")
 
@@ -389,10 +394,9 @@ def projects_create(
     jobs_in_flight: LimitOption = None,
 ) -> None:
     """Create a project, optionally with its own limits."""
-    from shared.core.db import unit_of_work
     from shared.projects.service import create_project
 
-    with unit_of_work() as session:
+    with _admin_session() as session:
         project = create_project(
             session,
             name,
@@ -411,7 +415,6 @@ def projects_set_limits(
     jobs_in_flight: LimitOption = None,
 ) -> None:
     """Change a project's limits (only the ones given)."""
-    from shared.core.db import unit_of_work
     from shared.projects.service import update_limits
 
     given = {
@@ -419,7 +422,7 @@ def projects_set_limits(
         "images_per_day": images_per_day,
         "jobs_in_flight": jobs_in_flight,
     }
-    with unit_of_work() as session:
+    with _admin_session() as session:
         update_limits(session, name, **{k: v for k, v in given.items() if v is not None})
     console.print(f"[green]updated project '{name}'[/green]")
 
@@ -431,12 +434,11 @@ def projects_list(
     """List projects and their limits."""
     from rich.table import Table
 
-    from shared.core.db import unit_of_work
     from shared.projects.service import list_projects
 
     table = Table("id", "name", "created", "requests/min/key", "images/day", "jobs in flight")
     table.columns[0].no_wrap = True
-    with unit_of_work() as session:
+    with _admin_session() as session:
         for p in list_projects(session):
             if as_json:
                 limits = ("key_requests_per_minute", "images_per_day", "jobs_in_flight")
@@ -504,12 +506,25 @@ def _enable_metrics() -> None:
     enable(settings.metrics_dir or settings.data_dir / "metrics")
 
 
+def _without_text_type(display: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """An argument's help line without typer's ``<str>`` (``PROMPT``, not
+    ``PROMPT <str>``); other types (``<int>``, a path) still show."""
+
+    def shown(ctx: Any) -> str | None:
+        label = display(ctx)
+        return None if label == "<str>" else label
+
+    return shown
+
+
 def _name_values(command: Any) -> None:
     """Help names what a value is (``--model MODEL``, ``PROMPT``), not its Python
     type (typer's ``<str>``). Duck-typed: typer carries its own copy of click."""
     for param in command.params:
         if param.metavar is None and not getattr(param, "is_flag", False) and param.name:
             param.metavar = param.name.upper()
+        if param.param_type_name == "argument" and hasattr(param, "display_type_rich"):
+            param.display_type_rich = _without_text_type(param.display_type_rich)
     for sub in getattr(command, "commands", {}).values():
         _name_values(sub)
 

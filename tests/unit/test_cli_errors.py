@@ -139,6 +139,18 @@ def test_keys_outside_a_data_dir_refuse_and_leave_nothing_behind(tmp_path: Path)
     assert f"no imagegen data at {tmp_path / '.imagegen'}" in result.stderr
     assert "IMAGEGEN_DATA_DIR" in result.stderr
     assert list(tmp_path.iterdir()) == []  # no empty database made here
+    # but a command's help works anywhere
+    helped = subprocess.run(
+        [sys.executable, "-m", "cli", "keys", "revoke", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert "Revoke a key by id" in helped.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_help_names_values_not_python_types() -> None:
@@ -146,6 +158,7 @@ def test_help_names_values_not_python_types() -> None:
     worker = cli("worker", "--help").stdout
     assert "--model MODEL" in generate
     assert "-n, --n N" in generate
-    assert "<str>" not in generate.split("Options:")[1]
+    assert "<str>" not in generate  # options and arguments alike
+    assert "  PROMPT  [required]" in generate
     assert "<bool>" not in worker
     assert "--sweeper / --no-sweeper" in worker
