@@ -96,13 +96,69 @@ def test_a_batch_shows_its_progress_to_the_end(page: Page, stack: Stack) -> None
     expect(row.locator(".status")).to_have_text("completed", timeout=60_000)
     assert bar.evaluate("b => [b.value, b.max]") == [6, 6]
     expect(row.locator(".counts")).to_have_text(" 6 done, 0 failed of 6")
+    # The batch's own page: each line with its prompt, status and image.
+    row.locator(f"a[href='#/batches/{batch['id']}']").click()
+    lines = page.locator("#lines-table tbody tr")
+    expect(lines).to_have_count(6)
+    expect(lines.first.locator(".status")).to_have_text("succeeded")
+    assert lines.first.locator("td").nth(3).inner_text() == "console batch 0 [slow=0.5]"
+    page.wait_for_function("document.querySelector('#lines-table img.thumb').naturalWidth > 0")
+    expect(page.locator("#cancel-batch")).to_have_count(0)  # nothing left to cancel
+
+
+def test_a_running_job_is_cancelled_from_its_page(page: Page, stack: Stack) -> None:
+    with stack.client() as client:
+        job = client.post(
+            "/v1/images/generations",
+            headers={"Prefer": "respond-async"},
+            json={"model": "fake-fast", "prompt": "a long one [slow=30]", "size": "64x64"},
+        ).json()
+    sign_in(page, stack.key_a)
+    expect(page.locator("#jobs-table")).to_be_visible()
+    page.goto(f"{stack.base_url}/#/jobs/{job['id']}")
+    page.click("#cancel-job")
+    expect(page.locator("#job-status")).to_have_text("canceled", timeout=10_000)
+    with stack.client() as client:
+        assert client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "canceled"
+
+
+def test_the_jobs_list_pages_back_to_older_jobs(page: Page, stack: Stack) -> None:
+    with stack.client() as client:
+        for i in range(31):
+            client.post(
+                "/v1/images/generations",
+                headers={"Prefer": "respond-async"},
+                json={"model": "procedural", "prompt": f"page {i}", "size": "64x64"},
+            ).raise_for_status()
+    sign_in(page, stack.key_a)
+    rows = page.locator("#jobs-table tbody tr")
+    expect(rows).to_have_count(30)
+    page.click("button.more")
+    expect(rows.nth(30)).to_be_visible()
+    ids = rows.evaluate_all("rows => rows.map(r => r.dataset.jobId)")
+    assert len(ids) == len(set(ids)) > 30  # the next page, not the first again
 
 
 def test_the_pages_render(page: Page, stack: Stack) -> None:
+    with stack.client() as client:
+        client.post(
+            "/v1/images/generations",
+            json={"model": "procedural", "prompt": "for the chart", "size": "64x64"},
+        ).raise_for_status()
     sign_in(page, stack.key_a)
     expect(page.locator("#jobs-table")).to_be_visible()
     page.click("nav >> text=Usage")
     expect(page.locator("#usage-chart")).to_be_visible()
+    # Per day and model: a bar segment and a legend entry for each model used.
+    legend = page.locator("#usage-legend li").all_inner_texts()
+    assert "procedural" in legend
+    models = page.locator("#usage-chart rect").evaluate_all("rs => rs.map(r => r.dataset.model)")
+    assert set(models) == set(legend)
+    # each model's segment is drawn in its own colour
+    fills = page.locator("#usage-chart rect").evaluate_all(
+        "rs => rs.map(r => r.dataset.model + '=' + getComputedStyle(r).fill)"
+    )
+    assert len({f.split("=")[1] for f in fills}) == len(legend)
     shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("L")
     assert shot.width == 1200
     # Rendered, not blank: the header bar, text and chart give the page contrast.

@@ -83,42 +83,64 @@ function fail(error) {
 
 // --- jobs -------------------------------------------------------------------------
 
+function jobRow(job) {
+  const thumb = el("img", { class: "thumb", alt: "" });
+  const status = el("td", {}, statusCell(job.status));
+  const row = el(
+    "tr",
+    { "data-job-id": job.id },
+    el("td", {}, thumb),
+    el("td", {}, el("a", { href: `#/jobs/${job.id}`, text: job.id })),
+    status,
+    el("td", { text: job.model }),
+    el("td", { text: job.request.prompt || "" }),
+    el("td", { text: when(job.created_at) }),
+  );
+  const fill = (latest) => {
+    status.replaceChildren(statusCell(latest.status));
+    const first = latest.result && latest.result.data[0];
+    if (first) thumb.src = imageSrc(first);
+  };
+  if (job.status === "succeeded") {
+    api(`/v1/images/jobs/${job.id}`).then(fill, () => {});
+  } else if (!FINISHED.includes(job.status)) {
+    follow(`/v1/images/jobs/${job.id}/events`, (_event, latest) => fill(latest));
+  }
+  return row;
+}
+
+// A list that grows a page at a time: `next(after)` answers OpenAI's list page.
+function pager(body, next, cursor, render) {
+  const more = el("button", { type: "button", class: "more", text: "Older" });
+  const load = async (after) => {
+    const page = await next(after);
+    body.append(...page.data.map(render));
+    more.hidden = !page.has_more;
+    more.onclick = () => load(cursor(page)).catch(fail);
+    return page;
+  };
+  return { more, load };
+}
+
 async function jobsView() {
-  const page = await api("/v1/images/jobs?limit=30");
-  const rows = page.data.map((job) => {
-    const thumb = el("img", { class: "thumb", alt: "" });
-    const status = el("td", {}, statusCell(job.status));
-    const row = el(
-      "tr",
-      { "data-job-id": job.id },
-      el("td", {}, thumb),
-      el("td", {}, el("a", { href: `#/jobs/${job.id}`, text: job.id })),
-      status,
-      el("td", { text: job.model }),
-      el("td", { text: job.request.prompt || "" }),
-      el("td", { text: when(job.created_at) }),
-    );
-    const fill = (latest) => {
-      status.replaceChildren(statusCell(latest.status));
-      const first = latest.result && latest.result.data[0];
-      if (first) thumb.src = imageSrc(first);
-    };
-    if (job.status === "succeeded") {
-      api(`/v1/images/jobs/${job.id}`).then(fill, () => {});
-    } else if (!FINISHED.includes(job.status)) {
-      follow(`/v1/images/jobs/${job.id}/events`, (_event, latest) => fill(latest));
-    }
-    return row;
-  });
+  const body = el("tbody");
+  const { more, load } = pager(
+    body,
+    (after) => api(`/v1/images/jobs?limit=30${after ? `&after=${encodeURIComponent(after)}` : ""}`),
+    (page) => page.last_id,
+    jobRow,
+  );
+  const first = await load(null);
   show(
     el("h1", { text: "Jobs" }),
     el(
       "table",
       { id: "jobs-table" },
       el("thead", {}, el("tr", {}, ["", "job", "status", "model", "prompt", "created"].map((h) => el("th", { text: h })))),
-      el("tbody", {}, rows),
+      body,
     ),
-    page.data.length ? null : el("p", { text: "No jobs yet: generate one." }),
+    more,
+    first.data.length ? null : el("p", { text: "No jobs yet: generate one." }),
   );
 }
 
@@ -134,6 +156,14 @@ async function jobView(id) {
         el("span", { id: "job-status", class: `status ${job.status}`, text: job.status }),
         job.progress ? ` (step ${job.progress.step} of ${job.progress.steps})` : "",
         job.status_detail ? ` (${job.status_detail})` : "",
+        FINISHED.includes(job.status)
+          ? null
+          : el("button", {
+              type: "button",
+              id: "cancel-job",
+              text: "Cancel",
+              onclick: () => api(`/v1/images/jobs/${job.id}/cancel`, { method: "POST" }).then(render, fail),
+            }),
       ),
       el(
         "table",
@@ -222,25 +252,36 @@ async function generateView() {
 
 // --- batches ----------------------------------------------------------------------
 
+function progressOf(batch) {
+  const bar = el("progress", { "data-batch-id": batch.id });
+  const label = el("span", { class: "counts" });
+  const status = el("span");
+  const update = (b) => {
+    const c = b.request_counts;
+    bar.max = Math.max(1, c.total);
+    bar.value = c.completed + c.failed;
+    label.textContent = ` ${c.completed} done, ${c.failed} failed of ${c.total}`;
+    status.replaceChildren(statusCell(b.status));
+  };
+  update(batch);
+  if (!BATCH_DONE.includes(batch.status)) {
+    follow(`/v1/batches/${batch.id}/events`, (_event, latest) => update(latest));
+  }
+  return { bar, label, status };
+}
+
 async function batchesView() {
   const page = await api("/v1/batches?limit=30");
   const rows = page.data.map((batch) => {
-    const counts = batch.request_counts;
-    const bar = el("progress", { "data-batch-id": batch.id, max: String(Math.max(1, counts.total)), value: String(counts.completed + counts.failed) });
-    const label = el("span", { class: "counts" });
-    const status = el("td", {}, statusCell(batch.status));
-    const update = (b) => {
-      const c = b.request_counts;
-      bar.max = Math.max(1, c.total);
-      bar.value = c.completed + c.failed;
-      label.textContent = ` ${c.completed} done, ${c.failed} failed of ${c.total}`;
-      status.replaceChildren(statusCell(b.status));
-    };
-    update(batch);
-    if (!BATCH_DONE.includes(batch.status)) {
-      follow(`/v1/batches/${batch.id}/events`, (_event, latest) => update(latest));
-    }
-    return el("tr", { "data-batch-id": batch.id }, el("td", { text: batch.id }), status, el("td", {}, bar, label), el("td", { text: when(batch.created_at) }));
+    const { bar, label, status } = progressOf(batch);
+    return el(
+      "tr",
+      { "data-batch-id": batch.id },
+      el("td", {}, el("a", { href: `#/batches/${batch.id}`, text: batch.id })),
+      el("td", {}, status),
+      el("td", {}, bar, label),
+      el("td", { text: when(batch.created_at) }),
+    );
   });
   show(
     el("h1", { text: "Batches" }),
@@ -249,36 +290,91 @@ async function batchesView() {
   );
 }
 
+function lineRow(item) {
+  const body = item.response && item.response.body;
+  const first = body && body.data && body.data[0];
+  const why = (body && body.error) || item.error;
+  return el(
+    "tr",
+    { "data-line": String(item.line) },
+    el("td", {}, first ? el("img", { class: "thumb", alt: "", src: imageSrc(first) }) : null),
+    el("td", { text: String(item.line) }),
+    el("td", { text: item.custom_id }),
+    el("td", { text: item.prompt || "" }),
+    el("td", {}, statusCell(item.status)),
+    el("td", {}, item.job_id ? el("a", { href: `#/jobs/${item.job_id}`, text: "job" }) : null, why ? ` ${why.message || ""}` : ""),
+  );
+}
+
+async function batchView(id) {
+  const batch = await api(`/v1/batches/${id}`);
+  const { bar, label, status } = progressOf(batch);
+  const body = el("tbody");
+  const { more, load } = pager(
+    body,
+    (after) => api(`/v1/images/batches/${id}/items?limit=100${after ? `&after=${after}` : ""}`),
+    (page) => page.last_line,
+    lineRow,
+  );
+  await load(null);
+  const cancel = BATCH_DONE.includes(batch.status)
+    ? null
+    : el("button", {
+        type: "button",
+        id: "cancel-batch",
+        text: "Cancel batch",
+        onclick: () => api(`/v1/batches/${id}/cancel`, { method: "POST" }).then(() => route(), fail),
+      });
+  show(
+    el("h1", { text: `Batch ${batch.id}` }),
+    el("div", { class: "card" }, el("p", {}, "Status: ", status, " ", cancel), bar, label),
+    el("h2", { text: "Lines" }),
+    el("table", { id: "lines-table" }, el("thead", {}, el("tr", {}, ["", "line", "custom_id", "prompt", "status", ""].map((h) => el("th", { text: h })))), body),
+    more,
+  );
+}
+
 // --- usage ------------------------------------------------------------------------
+
+const PALETTE = ["#4f6bed", "#e8833a", "#2f9e74", "#c2417a", "#8a6be0", "#c9a227", "#3aa7c9", "#7a7f8c"];
+
+function svgNode(tag, attrs, text) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// Images per day, one stacked segment per model, with a legend.
+function usageChart(rows) {
+  const days = [...new Set(rows.map((r) => r.date))].sort();
+  const models = [...new Set(rows.map((r) => r.model))].sort();
+  const color = new Map(models.map((m, i) => [m, PALETTE[i % PALETTE.length]]));
+  const perDay = new Map(days.map((d) => [d, 0]));
+  for (const r of rows) perDay.set(r.date, perDay.get(r.date) + r.images);
+  const most = Math.max(1, ...perDay.values());
+  const svg = svgNode("svg", { id: "usage-chart", width: Math.max(300, days.length * 40), height: 200 });
+  days.forEach((day, i) => {
+    let top = 170;
+    for (const r of rows.filter((row) => row.date === day && row.images > 0)) {
+      const h = Math.max(1, Math.round((r.images / most) * 160));
+      top -= h;
+      const bar = svgNode("rect", { class: "bar", "data-model": r.model, fill: color.get(r.model), x: i * 40 + 8, y: top, width: 28, height: h });
+      bar.append(svgNode("title", {}, `${day} ${r.model}: ${r.images} images`));
+      svg.append(bar);
+    }
+    svg.append(svgNode("text", { class: "axis", x: i * 40 + 8, y: 190 }, day.slice(5)));
+  });
+  const legend = el("ul", { class: "legend", id: "usage-legend" }, models.map((m) => el("li", {}, el("span", { class: "swatch", style: `background:${color.get(m)}` }), m)));
+  return el("div", { class: "card" }, svg, legend);
+}
 
 async function usageView() {
   const report = await api("/v1/usage");
-  const perDay = new Map();
-  for (const row of report.data) perDay.set(row.date, (perDay.get(row.date) || 0) + row.images);
-  const days = [...perDay.keys()].sort();
-  const most = Math.max(1, ...perDay.values());
-  const width = Math.max(300, days.length * 40);
-  const svgNS = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(svgNS, "svg");
-  svg.setAttribute("id", "usage-chart");
-  svg.setAttribute("width", String(width));
-  svg.setAttribute("height", "200");
-  days.forEach((day, i) => {
-    const h = Math.round((perDay.get(day) / most) * 160);
-    const bar = document.createElementNS(svgNS, "rect");
-    for (const [k, v] of Object.entries({ class: "bar", x: i * 40 + 8, y: 170 - h, width: 28, height: h })) bar.setAttribute(k, String(v));
-    const title = document.createElementNS(svgNS, "title");
-    title.textContent = `${day}: ${perDay.get(day)} images`;
-    bar.append(title);
-    const label = document.createElementNS(svgNS, "text");
-    for (const [k, v] of Object.entries({ class: "axis", x: i * 40 + 8, y: 190 })) label.setAttribute(k, String(v));
-    label.textContent = day.slice(5);
-    svg.append(bar, label);
-  });
   show(
     el("h1", { text: "Usage" }),
-    el("p", { text: `${report.totals.images} images, ${report.totals.jobs} jobs in the period.` }),
-    el("div", { class: "card" }, svg),
+    el("p", { text: `${report.totals.images} images, ${report.totals.jobs} jobs from ${report.start_date} to ${report.end_date}.` }),
+    usageChart(report.data),
     el("table", {}, el("thead", {}, el("tr", {}, ["day", "model", "images", "succeeded", "failed"].map((h) => el("th", { text: h })))),
       el("tbody", {}, report.data.map((r) => el("tr", {}, el("td", { text: r.date }), el("td", { text: r.model }), el("td", { text: String(r.images) }), el("td", { text: String(r.jobs.succeeded || 0) }), el("td", { text: String(r.jobs.failed || 0) }))))),
   );
@@ -322,6 +418,7 @@ async function route() {
   try {
     if (view === "jobs" && id) await jobView(id);
     else if (view === "generate") await generateView();
+    else if (view === "batches" && id) await batchView(id);
     else if (view === "batches") await batchesView();
     else if (view === "usage") await usageView();
     else await jobsView();
