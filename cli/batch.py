@@ -184,12 +184,18 @@ def list_batches(
 
 @batch_app.command("cancel")
 def cancel(
-    batch_id: str, base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None
+    batch_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the batch as JSON")] = False,
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
 ) -> None:
     """Cancel a batch: pending lines never run; it ends `cancelled` once none runs."""
     with _client(base_url, api_key) as client:
         batch = _check(client.post(f"/v1/batches/{batch_id}/cancel"))
-    console.print(f"{batch['id']} {batch['status']}")
+    if as_json:
+        print(json.dumps(batch))
+    else:
+        console.print(f"{batch['id']} {batch['status']}")
 
 
 def _report(client: httpx.Client, batch: dict[str, Any]) -> None:

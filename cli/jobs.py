@@ -65,17 +65,28 @@ def get_job(
 
 @jobs_app.command("cancel")
 def cancel_job(
-    job_id: str, base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None
+    job_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON")] = False,
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
 ) -> None:
     """Cancel a queued or running job."""
     with _client(base_url, api_key) as client:
         job = _check(client.post(f"/v1/images/jobs/{job_id}/cancel"))
-    console.print(f"{job['id']} {job['status']}")
+    if as_json:
+        print(json.dumps(job))
+    else:
+        console.print(f"{job['id']} {job['status']}")
 
 
 @jobs_app.command("watch")
 def watch_job(
-    job_id: str, base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None
+    job_id: str,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Each event as a JSON line {event, job}")
+    ] = False,
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
 ) -> None:
     """Follow a job's events (status, progress) until it ends; exit 1 unless it
     succeeded."""
@@ -93,12 +104,19 @@ def watch_job(
                 event = line.removeprefix("event: ")
             elif line.startswith("data: "):
                 last = json.loads(line.removeprefix("data: "))
+                if as_json:
+                    print(json.dumps({"event": event, "job": last}), flush=True)
+                    continue
                 step = last.get("progress")
                 detail = f" step {step['step']}/{step['steps']}" if step else ""
                 console.print(f"{event}{detail}")
     if last.get("status") != "succeeded":
         error = last.get("error") or {}
+        if as_json:
+            raise typer.Exit(1)
         console.print(f"[red]{last.get('status')}: {error.get('message', '')}[/red]")
         raise typer.Exit(1)
+    if as_json:
+        return
     for item in (last.get("result") or {}).get("data", []):
         print(item.get("url") or "(b64_json)")

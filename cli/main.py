@@ -474,6 +474,9 @@ def generate(
     out: Annotated[Path, typer.Option(help="Directory for the images")] = Path("."),
     base_url: Annotated[str, typer.Option(envvar="IMAGEGEN_URL")] = "http://127.0.0.1:8000",
     api_key: Annotated[str | None, typer.Option(envvar="IMAGEGEN_API_KEY")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object: the files and seconds taken")
+    ] = False,
 ) -> None:
     """Generate images on a running server and save them to OUT."""
     from cli.client import generate_images
@@ -483,9 +486,13 @@ def generate(
     paths = generate_images(
         base_url, key, prompt, model=model, size=size, n=n, out=out, console=console
     )
+    seconds = round(time.monotonic() - started, 3)
+    if as_json:
+        print(json.dumps({"files": [str(p) for p in paths], "seconds": seconds}))
+        return
     for path in paths:
         print(path)
-    console.print(f"[green]{len(paths)} image(s) in {time.monotonic() - started:.1f}s[/green]")
+    console.print(f"[green]{len(paths)} image(s) in {seconds:.1f}s[/green]")
 
 
 def _origin(exc: httpx.ConnectError) -> str:

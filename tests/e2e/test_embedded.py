@@ -243,7 +243,7 @@ def imagegen(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_jobs_list_get_watch_cancel(dev_server: tuple[str, Path]) -> None:
+def test_cli_jobs_list_get_watch_cancel(dev_server: tuple[str, Path], tmp_path: Path) -> None:
     base, _ = dev_server
     common = ["--base-url", base, "--api-key", KEY]
     made = httpx.post(
@@ -264,6 +264,16 @@ def test_cli_jobs_list_get_watch_cancel(dev_server: tuple[str, Path]) -> None:
     assert watched.returncode == 0
     assert "job.succeeded" in watched.stderr
     assert watched.stdout.strip().startswith("http")
+    as_lines = imagegen("jobs", "watch", newest["id"], "--json", *common)
+    events = [json.loads(line) for line in as_lines.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["job.succeeded"]
+    assert events[0]["job"]["result"]["data"][0]["url"].startswith("http")
+    generated = imagegen(
+        "generate", "a json heron", "--size", "64x64", "--out", str(tmp_path), "--json", *common
+    )
+    assert generated.returncode == 0, generated.stderr
+    files = json.loads(generated.stdout)["files"]
+    assert [image_size(Path(f)) for f in files] == [(64, 64)]
     finished = imagegen("jobs", "cancel", newest["id"], *common)
     assert finished.returncode == 1
     assert "409" in finished.stderr
