@@ -81,17 +81,17 @@ def _migrated_or_exit() -> None:
     import sqlalchemy.exc
 
     from shared.core.migrate import pending
-    from shared.core.settings import get_settings
 
     try:
         problem = pending()
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        url = sqlalchemy.engine.make_url(get_settings().resolved_database_url)
-        where = url.render_as_string(hide_password=True)
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        missing = _missing_database(exc)
+        if missing:
+            console.print(f"[red]error:[/red] {missing}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
         console.print(
-            f"[yellow]warning:[/yellow] cannot reach the database at {where}: {reason}; "
-            "starting anyway (requests answer 503 until it is back).",
+            f"[yellow]warning:[/yellow] cannot reach the database at {_database_at()}: "
+            f"{_first_line(exc)}; starting anyway (requests answer 503 until it is back).",
             soft_wrap=True,
             highlight=False,
         )
@@ -99,6 +99,55 @@ def _migrated_or_exit() -> None:
     if problem:
         console.print(f"[red]error:[/red] {problem}", soft_wrap=True, highlight=False)
         raise typer.Exit(1)
+
+
+def _database_at() -> str:
+    """The database's URL without its password."""
+    import sqlalchemy
+
+    from shared.core.settings import get_settings
+
+    url = sqlalchemy.engine.make_url(get_settings().resolved_database_url)
+    return url.render_as_string(hide_password=True)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+
+
+def _missing_database(exc: Exception) -> str | None:
+    """A PostgreSQL server that answers but has no such database: a setup step, not
+    an outage, so it is refused with the fix. (psycopg gives no SQLSTATE for a
+    refused connection: the server's message is all there is.)"""
+    import re
+
+    found = re.search(r'database "([^"]+)" does not exist', str(exc))
+    if not found:
+        return None
+    name = found.group(1)
+    return (
+        f"the database '{name}' does not exist at {_database_at()}: create it "
+        f'(`createdb {name}`, or `CREATE DATABASE "{name}";` in psql), then run '
+        "`imagegen migrate`."
+    )
+
+
+def _upgrade_or_exit() -> None:
+    """Migrations applied, or one line saying which database could not be reached
+    (or does not exist) and what to do."""
+    import sqlalchemy.exc
+
+    from shared.core.migrate import upgrade
+
+    try:
+        upgrade()
+    except sqlalchemy.exc.OperationalError as exc:
+        problem = _missing_database(exc) or (
+            f"cannot reach the database at {_database_at()}: {_first_line(exc)}. Start it, "
+            "or point IMAGEGEN_DATABASE_URL at one."
+        )
+        console.print(f"[red]error:[/red] {problem}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _port_free_or_exit(host: str, port: int) -> None:
@@ -214,9 +263,7 @@ def _serve_api(host: str | None, port: int | None) -> None:
 @app.command()
 def migrate() -> None:
     """Apply database migrations."""
-    from shared.core.migrate import upgrade
-
-    upgrade()
+    _upgrade_or_exit()
     console.print("[green]database is up to date[/green]")
 
 
@@ -270,7 +317,6 @@ def dev(
 ) -> None:
     """API and worker together on embedded defaults (SQLite, local files, no Redis)."""
     from shared.core.db import unit_of_work
-    from shared.core.migrate import upgrade
     from shared.core.settings import get_settings
     from shared.projects.service import KEY_PREFIX, ensure_key
 
@@ -278,7 +324,7 @@ def dev(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir_or_exit(settings.data_dir)  # noqa: F841  (held until exit)
     _port_free_or_exit(host or settings.host, port or settings.port)
-    upgrade()
+    _upgrade_or_exit()
     key = settings.dev_api_key
     key_file = settings.data_dir / "dev_api_key"
     if not key:

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.processes import free_port
+import sqlalchemy
+
+from tests.support.processes import PG_ADMIN_URL, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,6 +55,35 @@ def test_api_and_worker_refuse_an_unmigrated_database_naming_migrate(tmp_path: P
         assert result.returncode == 1, command
         assert "Traceback" not in result.stderr
         assert "run `imagegen migrate`" in result.stderr
+
+
+def test_a_missing_postgresql_database_is_named_with_how_to_create_it() -> None:
+    """The server answers but has no such database: a setup step, refused by
+    migrate, api and worker alike with the fix (never a traceback, never the
+    password)."""
+    url = sqlalchemy.make_url(PG_ADMIN_URL).set(
+        database="imagegen_never_created", password="sekret-pw"
+    )
+    for command in ("migrate", "api", "worker"):
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", command],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                "PATH": "/usr/bin:/bin",
+                # the form every host and compose file gives
+                "IMAGEGEN_DATABASE_URL": url.render_as_string(hide_password=False).replace(
+                    "postgresql+psycopg://", "postgresql://"
+                ),
+            },
+        )
+        assert result.returncode == 1, command
+        assert "Traceback" not in result.stderr
+        assert "the database 'imagegen_never_created' does not exist" in result.stderr
+        assert "createdb imagegen_never_created" in result.stderr
+        assert "sekret-pw" not in result.stderr
 
 
 def test_an_unreachable_database_is_said_without_its_password_and_the_api_starts() -> None:
