@@ -28,7 +28,8 @@ def gen(stack: Stack, key: str, base: str | None = None, **extra: object) -> htt
 
 
 def test_revoked_key_fails_at_once(stack: Stack) -> None:
-    key = stack.create_key("revocable", user="dave")
+    made = stack.cli("keys", "create", "--project", "revocable", "--user", "dave")
+    key = made.strip().splitlines()[-1]  # printed once, on the last line
     assert gen(stack, key).status_code == 200
     listing = stack.cli("keys", "list", "--project", "revocable", "--json")
     rows = [json.loads(line) for line in listing.splitlines()]
