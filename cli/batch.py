@@ -20,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from cli import tables
 from cli.client import resolve_key
 
 batch_app = typer.Typer(
@@ -159,16 +160,13 @@ def list_batches(
     api_key: KeyOpt = None,
 ) -> None:
     """The project's batches, newest first."""
-    from rich.table import Table
-
     with _client(base_url, api_key) as client:
         page = _check(client.get("/v1/batches", params={"limit": limit}))
     if as_json:
         for batch in page["data"]:
             print(json.dumps(batch))
         return
-    table = Table("id", "status", "endpoint", "done", "failed", "total")
-    table.columns[0].no_wrap = True
+    table = tables.table("id", "status", "endpoint", "done", "failed", "total")
     for b in page["data"]:
         c = b["request_counts"]
         table.add_row(

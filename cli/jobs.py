@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from cli import tables
 from cli.batch import BaseUrlOpt, KeyOpt, _check, _client
 
 jobs_app = typer.Typer(
@@ -39,8 +39,7 @@ def list_jobs(
         for job in page["data"]:
             print(json.dumps(job))
         return
-    table = Table("id", "status", "model", "created", "finished", "error")
-    table.columns[0].no_wrap = True  # ids whole: they are what get/cancel take
+    table = tables.table("id", "status", "model", "created", "finished", "error")
     for job in page["data"]:
         error = (job.get("error") or {}).get("code", "")
         table.add_row(

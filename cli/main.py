@@ -17,6 +17,7 @@ import httpx
 import typer
 from rich.console import Console
 
+from cli import tables
 from cli.batch import batch_app
 from cli.client import resolve_key
 from cli.jobs import jobs_app
@@ -381,12 +382,11 @@ def keys_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")] = False,
 ) -> None:
     """List keys (prefix, user, created, last used, revoked); never the keys themselves."""
-    from rich.table import Table
-
     from shared.projects.service import list_keys
 
-    table = Table("id", "project", "name", "user", "prefix", "created", "last used", "revoked")
-    table.columns[0].no_wrap = True  # ids whole: revoke takes them
+    table = tables.table(
+        "id", "project", "name", "user", "prefix", "created", "last used", "revoked"
+    )
     with _admin_session() as session:
         for key, proj in list_keys(session, project):
             if as_json:
@@ -478,12 +478,11 @@ def projects_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")] = False,
 ) -> None:
     """List projects and their limits."""
-    from rich.table import Table
-
     from shared.projects.service import list_projects
 
-    table = Table("id", "name", "created", "requests/min/key", "images/day", "jobs in flight")
-    table.columns[0].no_wrap = True
+    table = tables.table(
+        "id", "name", "created", "requests/min/key", "images/day", "jobs in flight"
+    )
     with _admin_session() as session:
         for p in list_projects(session):
             if as_json:
