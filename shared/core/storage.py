@@ -55,6 +55,11 @@ _TRANSIENT_CODES = {
     "InternalError",
     "RequestTimeout",
     "RequestTimeTooSkewed",
+    # Set-up not finished (see S3Storage.put): waited out, not a failed request.
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
 }
 
 
@@ -152,10 +157,22 @@ class S3Storage:
     def put(self, key: str, data: bytes, content_type: str) -> None:
         try:
             obstore.put(self.images, key, data, attributes={"Content-Type": content_type})
-        except (PermissionDeniedError, UnauthenticatedError, NotFoundError):
-            raise  # misconfigured (keys, bucket): not an outage to wait out
+        # A missing bucket or refused keys is a deployment still being set up, not a
+        # bad job: the job waits (its status_detail says for what, /readyz too) and
+        # completes once the operator fixes it, rather than failing every job meanwhile.
+        # obstore raises Python's own FileNotFoundError/PermissionError for these.
+        except (FileNotFoundError, NotFoundError) as exc:
+            raise StorageUnavailable(self._misconfigured("does not exist", exc)) from exc
+        except (PermissionError, PermissionDeniedError, UnauthenticatedError) as exc:
+            raise StorageUnavailable(self._misconfigured("refuses these keys", exc)) from exc
         except BaseError as exc:  # 5xx and connection errors, after its retries
             raise StorageUnavailable(f"storage unreachable: {exc}") from exc
+
+    def _misconfigured(self, what: str, exc: Exception) -> str:
+        return (
+            f"the bucket '{self.bucket}' {what} ({str(exc).splitlines()[0][:200]}); "
+            "create it or fix IMAGEGEN_S3_* and the AWS keys"
+        )
 
     def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> None:
         # upload_fileobj reads in 8 MB parts (a multipart upload for big files).

@@ -253,6 +253,46 @@ def test_storage_outage_delays_a_job_which_completes_once_storage_is_back(
         image = httpx.get(done["result"]["data"][0]["url"])
         assert image.status_code == 200
         assert image.content.startswith(b"\x89PNG")
+        _a_missing_bucket_is_waited_for_by_name(stack, s3.url)
     finally:
         stack.close()
         s3.stop()
+
+
+def _a_missing_bucket_is_waited_for_by_name(stack: Stack, s3_url: str) -> None:
+    """A bucket not made yet is set-up, not a bad job: the job waits, naming the
+    bucket, and completes once it exists (it was an internal error before)."""
+    import boto3
+
+    bucket = stack.env["IMAGEGEN_S3_BUCKET"]
+    s3 = boto3.resource(
+        "s3",
+        endpoint_url=s3_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    try:
+        s3.Bucket(bucket).objects.all().delete()
+        s3.Bucket(bucket).delete()
+        with stack.client() as client:
+            job = client.post(
+                "/v1/images/generations",
+                headers={"Prefer": "respond-async"},
+                json={"model": "procedural", "prompt": "no bucket yet", "size": "64x64"},
+            ).json()
+            seen: dict[str, object] = {}
+            wait_for(
+                lambda: bool(
+                    seen.update(client.get(f"/v1/images/jobs/{job['id']}").json())
+                    or seen.get("status_detail")
+                ),
+                30,
+                "the job to name what it waits on",
+            )
+        assert seen["status"] == "running"
+        assert f"the bucket '{bucket}' does not exist" in str(seen["status_detail"])
+        s3.create_bucket(Bucket=bucket)
+        assert stack.wait_job(job["id"], timeout=60)["status"] == "succeeded"
+    finally:
+        s3.meta.client.close()
