@@ -225,15 +225,7 @@ def test_storage_outage_delays_a_job_which_completes_once_storage_is_back(
             ).json()
             wait_for(lambda: "storage unreachable" in stack.worker.log(), 60, "a failed upload")
             # Still running: the job waits for storage, it is not failed, and says so.
-            waiting: dict[str, object] = {}
-            wait_for(
-                lambda: bool(
-                    waiting.update(client.get(f"/v1/images/jobs/{job['id']}").json())
-                    or waiting.get("status_detail")
-                ),
-                30,
-                "the job to say what it waits on",
-            )
+            waiting = _once_it_says_what_it_waits_on(client, job["id"])
             assert waiting["status"] == "running"
             assert str(waiting["status_detail"]).startswith("waiting for storage: ")
             # An upload the API cannot store answers 503 in OpenAI's shape.
@@ -259,6 +251,19 @@ def test_storage_outage_delays_a_job_which_completes_once_storage_is_back(
         s3.stop()
 
 
+def _once_it_says_what_it_waits_on(client: httpx.Client, job_id: str) -> dict[str, object]:
+    """The job as soon as its ``status_detail`` is set."""
+    seen: dict[str, object] = {}
+    wait_for(
+        lambda: bool(
+            seen.update(client.get(f"/v1/images/jobs/{job_id}").json()) or seen.get("status_detail")
+        ),
+        30,
+        "the job to say what it waits on",
+    )
+    return seen
+
+
 def _a_missing_bucket_is_waited_for_by_name(stack: Stack, s3_url: str) -> None:
     """A bucket not made yet is set-up, not a bad job: the job waits, naming the
     bucket, and completes once it exists (it was an internal error before)."""
@@ -281,15 +286,7 @@ def _a_missing_bucket_is_waited_for_by_name(stack: Stack, s3_url: str) -> None:
                 headers={"Prefer": "respond-async"},
                 json={"model": "procedural", "prompt": "no bucket yet", "size": "64x64"},
             ).json()
-            seen: dict[str, object] = {}
-            wait_for(
-                lambda: bool(
-                    seen.update(client.get(f"/v1/images/jobs/{job['id']}").json())
-                    or seen.get("status_detail")
-                ),
-                30,
-                "the job to name what it waits on",
-            )
+            seen = _once_it_says_what_it_waits_on(client, job["id"])
         assert seen["status"] == "running"
         assert f"the bucket '{bucket}' does not exist" in str(seen["status_detail"])
         s3.create_bucket(Bucket=bucket)

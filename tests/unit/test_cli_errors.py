@@ -15,14 +15,15 @@ from tests.support.processes import PG_ADMIN_URL, free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``imagegen ARGS`` in a bare environment (plus ``env``), from the checkout."""
     return subprocess.run(
         [sys.executable, "-m", "cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "IMAGEGEN_API_KEY": "sk-test", "COLUMNS": "200"},
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", **(env or {"IMAGEGEN_API_KEY": "sk-test"})},
     )
 
 
@@ -44,14 +45,7 @@ def test_batch_submit_of_a_missing_file_is_a_usage_error(tmp_path: Path) -> None
 
 def test_api_and_worker_refuse_an_unmigrated_database_naming_migrate(tmp_path: Path) -> None:
     for command in ("api", "worker"):
-        result = subprocess.run(
-            [sys.executable, "-m", "cli", command],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin", "IMAGEGEN_DATA_DIR": str(tmp_path / command)},
-        )
+        result = cli(command, env={"IMAGEGEN_DATA_DIR": str(tmp_path / command)})
         assert result.returncode == 1, command
         assert "Traceback" not in result.stderr
         assert "run `imagegen migrate`" in result.stderr
@@ -65,20 +59,9 @@ def test_a_missing_postgresql_database_is_named_with_how_to_create_it() -> None:
         database="imagegen_never_created", password="sekret-pw"
     )
     for command in ("migrate", "api", "worker"):
-        result = subprocess.run(
-            [sys.executable, "-m", "cli", command],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={
-                "PATH": "/usr/bin:/bin",
-                # the form every host and compose file gives
-                "IMAGEGEN_DATABASE_URL": url.render_as_string(hide_password=False).replace(
-                    "postgresql+psycopg://", "postgresql://"
-                ),
-            },
-        )
+        # the form every host and compose file gives
+        given = url.render_as_string(hide_password=False).replace("+psycopg", "")
+        result = cli(command, env={"IMAGEGEN_DATABASE_URL": given})
         assert result.returncode == 1, command
         assert "Traceback" not in result.stderr
         assert "the database 'imagegen_never_created' does not exist" in result.stderr
