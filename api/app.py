@@ -16,7 +16,7 @@ from sqlalchemy import text
 from api import errors
 from api.console import routes as console
 from api.input_guard import guard_input
-from api.middleware import DefaultJSONContentType, RequestId, RequestMetrics
+from api.middleware import DefaultJSONContentType, RequestContext
 from api.routes import (
     admin,
     batches,
@@ -77,8 +77,7 @@ def create_app() -> FastAPI:
     console.install(app)
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(UploadLimit)
-    app.add_middleware(RequestMetrics)
-    app.add_middleware(RequestId)  # outermost: every line of the request carries it
+    app.add_middleware(RequestContext)  # outermost: every line of the request carries it
     app.include_router(images.router)
     app.include_router(edits.router)
     app.include_router(events.router)

@@ -33,6 +33,7 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 BaseUrlOpt = Annotated[str, typer.Option("--base-url", envvar="IMAGEGEN_URL")]
 KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="IMAGEGEN_API_KEY")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table or a line")]
 
 
 def _client(base_url: str, api_key: str | None) -> httpx.Client:
@@ -155,7 +156,7 @@ def status(
 @batch_app.command("list")
 def list_batches(
     limit: Annotated[int, typer.Option("--limit", "-l", help="At most this many")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,
+    as_json: JsonOpt = False,
     base_url: BaseUrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
@@ -183,17 +184,22 @@ def list_batches(
 @batch_app.command("cancel")
 def cancel(
     batch_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the batch as JSON")] = False,
+    as_json: JsonOpt = False,
     base_url: BaseUrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
     """Cancel a batch: pending lines never run; it ends `cancelled` once none runs."""
+    cancel_at(f"/v1/batches/{batch_id}/cancel", as_json, base_url, api_key)
+
+
+def cancel_at(path: str, as_json: bool, base_url: str, api_key: str | None) -> None:
+    """POST a cancel; print the object (JSON) or its id and new status."""
     with _client(base_url, api_key) as client:
-        batch = _check(client.post(f"/v1/batches/{batch_id}/cancel"))
+        obj = _check(client.post(path))
     if as_json:
-        print(json.dumps(batch))
+        print(json.dumps(obj))
     else:
-        console.print(f"{batch['id']} {batch['status']}")
+        console.print(f"{obj['id']} {obj['status']}")
 
 
 def _report(client: httpx.Client, batch: dict[str, Any]) -> None:

@@ -10,13 +10,12 @@ import typer
 from rich.console import Console
 
 from cli import tables
-from cli.batch import BaseUrlOpt, KeyOpt, _check, _client
+from cli.batch import BaseUrlOpt, JsonOpt, KeyOpt, _check, _client, cancel_at
 
 jobs_app = typer.Typer(
     help="Jobs: list, show, cancel, follow.", no_args_is_help=True, rich_markup_mode=None
 )
 console = Console(stderr=True)
-JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table")]
 
 
 def _when(ts: int | None) -> str:
@@ -65,30 +64,23 @@ def get_job(
 @jobs_app.command("cancel")
 def cancel_job(
     job_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON")] = False,
+    as_json: JsonOpt = False,
     base_url: BaseUrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
     """Cancel a queued or running job."""
-    with _client(base_url, api_key) as client:
-        job = _check(client.post(f"/v1/images/jobs/{job_id}/cancel"))
-    if as_json:
-        print(json.dumps(job))
-    else:
-        console.print(f"{job['id']} {job['status']}")
+    cancel_at(f"/v1/images/jobs/{job_id}/cancel", as_json, base_url, api_key)
 
 
 @jobs_app.command("watch")
 def watch_job(
     job_id: str,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Each event as a JSON line {event, job}")
-    ] = False,
+    as_json: JsonOpt = False,
     base_url: BaseUrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
     """Follow a job's events (status, progress) until it ends; exit 1 unless it
-    succeeded."""
+    succeeded. With --json, each event is a line {"event": ..., "job": ...}."""
     last: dict[str, Any] = {}
     with (
         _client(base_url, api_key) as client,
