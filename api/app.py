@@ -11,7 +11,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import text
 
 from api import errors
 from api.console import routes as console
@@ -36,7 +35,7 @@ from api.upload_limit import UploadLimit
 from api.waiter import JobWaiter
 from shared.core.broker import get_celery
 from shared.core.db import get_engine
-from shared.core.health import Readiness, readiness
+from shared.core.health import PROBES, Readiness, readiness
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
 from shared.projects.limits import get_limiter
@@ -94,11 +93,7 @@ def create_app() -> FastAPI:
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
-        def ping() -> None:
-            with get_engine().connect() as conn:
-                conn.execute(text("SELECT 1"))
-
-        await run_in_threadpool(ping)
+        await run_in_threadpool(PROBES["database"])
         return {"status": "ok"}
 
     @app.get(
