@@ -121,15 +121,26 @@ def request_session() -> Iterator[Session]:
         yield session
 
 
-def base_url(request: Request) -> str:
+# The plain dependencies are async on purpose: FastAPI runs a sync dependency in
+# its thread pool, one hop per dependency per request (measured: 6% of the API's
+# CPU on the sync generation path, for three functions that only read a cache).
+async def base_url(request: Request) -> str:
     return get_settings().public_url or str(request.base_url)
+
+
+async def settings_dep() -> Settings:
+    return get_settings()
+
+
+async def storage_dep() -> Storage:
+    return get_storage()
 
 
 DbSession = Annotated[Session, Depends(request_session, scope="function")]
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 WeavePrincipal = Annotated[Principal, Depends(weave_principal)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StorageDep = Annotated[Storage, Depends(get_storage)]
+SettingsDep = Annotated[Settings, Depends(settings_dep)]
+StorageDep = Annotated[Storage, Depends(storage_dep)]
 BaseUrl = Annotated[str, Depends(base_url)]
 
 # A client's key for retrying a POST that creates something (shared/idempotency).

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -55,7 +56,6 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
         and "progress" not in r.values
     ]
     rest = [r for r in results if not any(r is b for b in bulk)]
-    jobs, images = table(Job), table(Image)
     with unit_of_work() as session:
         if bulk:
             done = set(
@@ -78,7 +78,7 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
             )
             rows = [image.model_dump() for r in bulk if r.job.id in done for image in r.images]
             if rows:
-                session.execute(sa.insert(images), rows)
+                session.execute(_INSERT_IMAGES, rows)
             lines_succeeded(
                 session,
                 [r.job.batch_item_id for r in bulk if r.job.id in done and r.job.batch_item_id],
@@ -87,22 +87,18 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
                 ended[r.job.id] = JobStatus.succeeded if r.job.id in done else "discarded"
         for result in rest:
             job, values = result.job, result.values
-            # Core statements (the table, not the model): no ORM bookkeeping per job.
+            # Core statements (the table, not the model), built once per set of
+            # columns: no ORM bookkeeping and no statement construction per job.
             outcome = session.execute(
-                sa.update(jobs)
-                .where(
-                    jobs.c.id == job.id,
-                    jobs.c.status == JobStatus.running,
-                    jobs.c.lease_token == token,
-                )
-                .values(finished_at=now, lease_token=None, lease_expires_at=None, **values)
+                _end_statement(tuple(sorted(values))),
+                {**values, "_id": job.id, "_token": token, "_now": now},
             )
             if outcome.rowcount != 1:  # type: ignore[attr-defined]
                 ended[job.id] = "discarded"  # canceled or taken over meanwhile
                 continue
             ended[job.id] = str(values["status"])
             if result.images:
-                session.execute(sa.insert(images), [i.model_dump() for i in result.images])
+                session.execute(_INSERT_IMAGES, [i.model_dump() for i in result.images])
             # The in-memory job now equals the row just written: no need to read it back.
             for name, value in {
                 **values,
@@ -133,6 +129,31 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
         else:
             BATCH_TICKS.call(job.batch_id, batch_tick)
     return ended
+
+
+_JOBS = table(Job)
+_INSERT_IMAGES = sa.insert(table(Image))
+
+
+@lru_cache
+def _end_statement(columns: tuple[str, ...]) -> sa.Update:
+    """The guarded UPDATE that ends one job's attempt, setting ``columns``: built once
+    per set of columns (a statement built per call costs its construction and its
+    cache key again; measured about a third of recording a job)."""
+    return (
+        sa.update(_JOBS)
+        .where(
+            _JOBS.c.id == sa.bindparam("_id"),
+            _JOBS.c.status == JobStatus.running,
+            _JOBS.c.lease_token == sa.bindparam("_token"),
+        )
+        .values(
+            finished_at=sa.bindparam("_now"),
+            lease_token=None,
+            lease_expires_at=None,
+            **{name: sa.bindparam(name) for name in columns},
+        )
+    )
 
 
 def _call_output(job: Job, now: datetime, usage: Any) -> dict[str, Any]:

@@ -36,6 +36,10 @@ from shared.traces.service import OP_OPENAI, finish_call, start_call
 from shared.webhooks.events import record_job_event
 from shared.webhooks.service import Webhook
 
+# Built once (a statement built per call pays its construction and cache key again).
+_INSERT_JOB = sa.insert(table(Job))
+_INSERT_CALL = sa.insert(table(Call))
+
 
 def create_job(
     session: Session,
@@ -75,9 +79,9 @@ def create_job(
         call = start_call(job, op_name=op_name, inputs=inputs, wb_user_id=principal.user)
     # Core inserts: one statement per row, none of the ORM's flush work on the
     # API's hot path.
-    session.execute(sa.insert(table(Job)), [job.model_dump()])
+    session.execute(_INSERT_JOB, [job.model_dump()])
     if call is not None:
-        session.execute(sa.insert(table(Call)), [call.model_dump()])
+        session.execute(_INSERT_CALL, [call.model_dump()])
     after_commit(session, lambda: send_job(job.id, job.queue, reply))
     return job
 

@@ -73,12 +73,30 @@ def finish_call(
     norm = normalise_usage(usage)
     if norm:
         summary["usage"] = {job.model: {"requests": 1, **norm}}
-    calls = table(Call)
     session.execute(
-        sa.update(calls)
-        .where(calls.c.id == job.call_id, calls.c.ended_at.is_(None))
-        .values(ended_at=utcnow(), output=output, exception=exception, summary=summary)
+        _FINISH_CALL,
+        {
+            "_id": job.call_id,
+            "ended_at": utcnow(),
+            "output": output,
+            "exception": exception,
+            "summary": summary,
+        },
     )
+
+
+_CALLS = table(Call)
+# Built once: it runs at the end of every tracked job.
+_FINISH_CALL = (
+    sa.update(_CALLS)
+    .where(_CALLS.c.id == sa.bindparam("_id"), _CALLS.c.ended_at.is_(None))
+    .values(
+        ended_at=sa.bindparam("ended_at"),
+        output=sa.bindparam("output"),
+        exception=sa.bindparam("exception"),
+        summary=sa.bindparam("summary"),
+    )
+)
 
 
 def _filtered(project_id: str, flt: CallFilter | None) -> Any:
