@@ -6,10 +6,14 @@ committed; the message carries no state, so losing or repeating one is harmless.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import uuid
 from functools import lru_cache
 from typing import Any
 
+import redis
 from celery import Celery
 
 from shared.core.settings import Settings, get_settings
@@ -91,13 +95,57 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
+@lru_cache
+def _redis_broker() -> redis.Redis | None:
+    """A plain Redis client on the broker, for publishing; None when the broker is not
+    Redis (the embedded filesystem broker, AMQP): those publish through Celery."""
+    url = get_settings().resolved_broker_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    # The same short timeouts as the Celery transport's (make_celery).
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+
+
+def send_task(name: str, args: list[Any], queue: str, kwargs: dict[str, Any] | None = None) -> None:
+    """Publish one task message; raises when the broker cannot take it.
+
+    On a Redis broker the message is Celery's own (``amqp.as_task_v2``, protocol 2)
+    in kombu's Redis envelope, pushed with one LPUSH onto the queue's list, which is
+    all kombu's Redis transport does for a message to the default exchange.
+    ``Celery.send_task`` reaches the same LPUSH through a producer pool, connection
+    retries, exchange declarations and signals: measured 585 us of CPU per message
+    against 209 us, on the API's path for every request."""
+    client = _redis_broker()
+    if client is None:
+        get_celery().send_task(name, args=args, kwargs=kwargs, queue=queue)
+        return
+    task_id = str(uuid.uuid4())
+    message = get_celery().amqp.as_task_v2(
+        task_id, name, args=args, kwargs=kwargs or {}, ignore_result=True
+    )
+    envelope = {
+        "body": base64.b64encode(json.dumps(message.body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": message.headers,
+        "properties": {
+            **message.properties,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,  # kombu keeps priority 0 on the queue's own list
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    client.lpush(queue, json.dumps(envelope))
+
+
 def publish_job(job_id: str, queue: str, reply: bool = False) -> bool:
     """Hand "run job X" to the broker; False when the broker cannot take it now.
     ``reply``: a request waits for the job (shared/jobs/replies.py)."""
     try:
-        kwargs = {"reply": True} if reply else {}
-        get_celery().send_task(RUN_JOB, args=[job_id], kwargs=kwargs, queue=queue)
-    except Exception as exc:  # kombu raises many types for an unreachable broker
+        send_task(RUN_JOB, [job_id], queue, {"reply": True} if reply else None)
+    except Exception as exc:  # kombu and redis raise many types for an unreachable broker
         log.warning("broker did not take job %s: %s", job_id, exc)
         return False
     return True
@@ -106,8 +154,8 @@ def publish_job(job_id: str, queue: str, reply: bool = False) -> bool:
 def publish_jobs(job_ids: list[str], queue: str) -> bool:
     """One message for a chunk of jobs (batch lines); False when the broker refused."""
     try:
-        get_celery().send_task(RUN_JOBS, args=[job_ids], queue=queue)
-    except Exception as exc:  # kombu raises many types for an unreachable broker
+        send_task(RUN_JOBS, [job_ids], queue)
+    except Exception as exc:  # kombu and redis raise many types for an unreachable broker
         log.warning("broker did not take %d jobs: %s", len(job_ids), exc)
         return False
     return True
@@ -134,8 +182,8 @@ def publish_deliveries(delivery_ids: list[str]) -> None:
     """Best effort: a delivery whose message is lost is sent again by the sweeper."""
     for delivery_id in delivery_ids:
         try:
-            get_celery().send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=WEBHOOK_QUEUE)
-        except Exception as exc:  # kombu raises many types for an unreachable broker
+            send_task(DELIVER_WEBHOOK, [delivery_id], WEBHOOK_QUEUE)
+        except Exception as exc:  # kombu and redis raise many types for an unreachable broker
             log.warning("broker did not take delivery %s: %s", delivery_id, exc)
 
 
@@ -146,8 +194,8 @@ PUMP_BATCH = "imagegen.pump_batch"
 def _send_batch_step(task: str, batch_id: str) -> None:
     """Best effort: a batch whose step message is lost is tended by the sweeper."""
     try:
-        get_celery().send_task(task, args=[batch_id], queue=get_settings().batch_queue)
-    except Exception as exc:  # kombu raises many types for an unreachable broker
+        send_task(task, [batch_id], get_settings().batch_queue)
+    except Exception as exc:  # kombu and redis raise many types for an unreachable broker
         log.warning("broker did not take %s for batch %s: %s", task, batch_id, exc)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -38,9 +39,38 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(
-        url, pool_size=20, max_overflow=40, pool_pre_ping=True, hide_parameters=True
-    )
+    engine = sa.create_engine(url, pool_size=20, max_overflow=40, hide_parameters=True)
+    _ping_when_idle(engine)
+    return engine
+
+
+# A connection back from the pool is checked with a ping only after it sat idle this
+# long. SQLAlchemy's pool_pre_ping pings on every checkout: a round trip per
+# transaction (two per job on a worker, one more per request), for connections a
+# busy process used milliseconds ago. One idle across a database restart is still
+# replaced before use; one in use when the database goes away fails its statement,
+# as it would with pre-ping, and the pool is then invalidated.
+IDLE_PING_SECONDS = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pessimistic disconnect handling for connections that sat idle (SQLAlchemy's
+    documented custom recipe: raising DisconnectionError on checkout makes the pool
+    discard the connection and try a fresh one)."""
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["checked_in"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("checked_in")
+        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+            return  # new, or used a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(str(exc)) from exc
 
 
 @lru_cache
