@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import openai
 
-from bench.bench_core import BENCH_ENV
-from tests.support.processes import S3Server, ServiceProcess, free_port
+from bench.bench_core import BENCH_ENV, S3Double
+from tests.support.processes import ServiceProcess
 from tests.support.stack import Stack
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     # moto's S3 app on its own, without ThreadedMotoServer's per-request dispatch
     # over every AWS service: measured ~40% less CPU per PUT, and every cycle
     # the test double spends is taken from the service on these two cores.
-    moto = S3Server(free_port()).start()
+    moto = S3Double()
     # The daily image quota stays on (its cost is measured) but above the batch.
     env = {
         **BENCH_ENV,

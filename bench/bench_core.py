@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +26,7 @@ import httpx
 import sqlalchemy as sa
 from moto.server import ThreadedMotoServer
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, wait_for
 from tests.support.stack import Stack
 
 BENCH_ENV = {
@@ -35,6 +37,35 @@ BENCH_ENV = {
     "IMAGEGEN_WORKER_CONCURRENCY": "256",
     "IMAGEGEN_LOG_LEVEL": "WARNING",
 }
+
+
+class S3Double:
+    """moto's S3 app in a process of its own: in the benchmark's process it would
+    take the GIL from the load generator's threads (and so slow whichever side is
+    measured while it serves), and its CPU could not be told apart."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        code = (
+            "import logging, time\n"
+            "from tests.support.processes import S3Server\n"
+            "logging.getLogger('werkzeug').setLevel(logging.WARNING)\n"
+            f"S3Server({self.port}).start()\n"
+            "time.sleep(10**9)\n"
+        )
+        self.proc = subprocess.Popen([sys.executable, "-c", code])
+        wait_for(self._listening, 30, "the S3 double")
+
+    def _listening(self) -> bool:
+        try:
+            return httpx.get(self.url, timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
 def pct(values: list[float], p: float) -> float:

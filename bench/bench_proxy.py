@@ -5,7 +5,8 @@
 
 Both serve sync ``b64_json`` 256x256 requests in front of the same fake
 OpenAI-compatible upstream (instant answers). imagegen runs its full stack (Redis,
-PostgreSQL, moto's S3 server, ``imagegen api`` and ``imagegen worker``); LiteLLM
+PostgreSQL, moto's S3 server in a process of its own, ``imagegen api`` and
+``imagegen worker``); LiteLLM
 runs its proxy alone. Rounds alternate (imagegen, LiteLLM, imagegen, ...) and the
 figures are medians over rounds: throughput at concurrency 32, p50 at concurrency
 1, and CPU per request of each side's own processes (imagegen: api + worker and
@@ -24,9 +25,8 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from moto.server import ThreadedMotoServer
 
-from bench.bench_core import BENCH_ENV, sync_load
+from bench.bench_core import BENCH_ENV, S3Double, sync_load
 from tests.support.fake_upstream import EXPECTED_KEY
 from tests.support.processes import free_port, wait_http
 from tests.support.stack import Stack
@@ -68,12 +68,19 @@ def cpu_seconds(root: int) -> float:
     return total
 
 
-def measure(base_url: str, key: str, pids: list[int], requests: int) -> dict[str, float]:
+def measure(
+    base_url: str, key: str, pids: list[int], requests: int, double: int | None = None
+) -> dict[str, float]:
+    """``double``: the S3 double's process, whose CPU is reported on its own."""
     p50_ms = sync_load(base_url, key, 1, max(50, requests // 8), BODY)["p50_ms"]
     before = sum(cpu_seconds(pid) for pid in pids)
+    double_before = cpu_seconds(double) if double else 0.0
     rps = sync_load(base_url, key, 32, requests, BODY)["rps"]
     used = sum(cpu_seconds(pid) for pid in pids) - before
-    return {"rps": rps, "p50_ms": p50_ms, "cpu_ms": used / requests * 1000}
+    figures = {"rps": rps, "p50_ms": p50_ms, "cpu_ms": used / requests * 1000}
+    if double:
+        figures["s3_cpu_ms"] = (cpu_seconds(double) - double_before) / requests * 1000
+    return figures
 
 
 def start_litellm(
@@ -134,11 +141,9 @@ def main() -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     workdir = Path(tempfile.mkdtemp(prefix="imagegen-proxy-bench-"))
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
+    moto = S3Double()
     (workdir / "stack").mkdir()
-    stack = Stack(workdir / "stack", f"http://127.0.0.1:{port}", worker_env=env, api_env=env)
+    stack = Stack(workdir / "stack", moto.url, worker_env=env, api_env=env)
     litellm, litellm_url = start_litellm(args.litellm, stack.upstream.base_url, workdir)
     try:
         assert stack.api.proc is not None
@@ -147,7 +152,9 @@ def main() -> None:
         ours = [stack.api.proc.pid, stack.worker.proc.pid]
         results: dict[str, list[dict[str, float]]] = {"imagegen": [], "litellm": []}
         for round_ in range(args.rounds):
-            results["imagegen"].append(measure(stack.base_url, stack.key_a, ours, args.requests))
+            results["imagegen"].append(
+                measure(stack.base_url, stack.key_a, ours, args.requests, moto.proc.pid)
+            )
             results["litellm"].append(
                 measure(litellm_url, LITELLM_KEY, [litellm.pid], args.requests)
             )
@@ -174,6 +181,8 @@ def main() -> None:
             f"| CPU per request (own processes) | {i['cpu_ms']:.1f} ms | "
             f"{lite['cpu_ms']:.1f} ms | {i['cpu_ms'] / lite['cpu_ms']:.2f}x |"
         )
+        if "s3_cpu_ms" in i:
+            print(f"| (the S3 double's CPU per request) | {i['s3_cpu_ms']:.1f} ms | | |")
     finally:
         litellm.terminate()
         litellm.wait(30)

@@ -64,8 +64,9 @@ def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, str]:
             JOBS_FINISHED.labels(ended[job.id], job.model).inc()
         if job.batch_id is None:
             if reply and ended[job.id] != "discarded" and job.id in by_job:
-                leave_reply(job, by_job[job.id].images, by_job[job.id].data)
-            publish_changed(job.id, ended[job.id])
+                leave_reply(job, by_job[job.id].images, by_job[job.id].data)  # and announces
+            else:
+                publish_changed(job.id, ended[job.id])
     return ended
 
 

@@ -28,13 +28,17 @@ def redis_client() -> redis.Redis | None:
     return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
 
 
+def changed_message(object_id: str, status: str) -> str:
+    return json.dumps({"id": object_id, "status": status})
+
+
 def publish_changed(object_id: str, status: str) -> None:
     """Wake whoever waits on ``object_id`` (a job or a batch: sync waits, SSE streams)."""
     client = redis_client()
     if client is None:
         return
     try:
-        client.publish(CHANNEL, json.dumps({"id": object_id, "status": status}))
+        client.publish(CHANNEL, changed_message(object_id, status))
     except redis.RedisError as exc:
         log.warning("could not publish change of %s: %s", object_id, exc)
 

@@ -19,7 +19,13 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from shared.core.events import async_redis_client, redis_client
+from shared.core.events import (
+    CHANNEL,
+    async_redis_client,
+    changed_message,
+    publish_changed,
+    redis_client,
+)
 from shared.jobs.models import Image, Job, JobStatus
 
 log = logging.getLogger(__name__)
@@ -68,7 +74,8 @@ def _key(job_id: str) -> str:
 
 
 def leave_reply(job: Job, images: list[Image], data: list[bytes]) -> None:
-    """Worker side, after the commit: the job as recorded, with its images' bytes."""
+    """Worker side, after the commit: the job as recorded, with its images' bytes,
+    then the change announced (``publish_changed``), in one round trip."""
     client = redis_client()
     if client is None:
         return
@@ -91,9 +98,14 @@ def leave_reply(job: Job, images: list[Image], data: list[bytes]) -> None:
         else [],
     )
     try:
-        client.set(_key(job.id), reply.model_dump_json(), ex=REPLY_TTL_SECONDS)
+        # In order, without MULTI: the reply is there before anyone hears of the change.
+        with client.pipeline(transaction=False) as pipe:
+            pipe.set(_key(job.id), reply.model_dump_json(), ex=REPLY_TTL_SECONDS)
+            pipe.publish(CHANNEL, changed_message(job.id, job.status))
+            pipe.execute()
     except redis.RedisError as exc:
         log.warning("could not leave the reply of %s: %s", job.id, exc)
+        publish_changed(job.id, job.status)  # the waiter then reads the rows
 
 
 async def take_reply(job_id: str) -> Reply | None:
