@@ -153,7 +153,13 @@ def main() -> None:
         results: dict[str, list[dict[str, float]]] = {"imagegen": [], "litellm": []}
         for round_ in range(args.rounds):
             results["imagegen"].append(
-                measure(stack.base_url, stack.key_a, ours, args.requests, moto.proc.pid)
+                measure(
+                    stack.base_url,
+                    stack.key_a,
+                    ours,
+                    args.requests,
+                    moto.proc.pid if args.storage == "moto" else None,
+                )
             )
             results["litellm"].append(
                 measure(litellm_url, LITELLM_KEY, [litellm.pid], args.requests)
