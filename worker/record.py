@@ -20,7 +20,6 @@ from shared.core.columns import table
 from shared.core.db import unit_of_work
 from shared.core.settings import get_settings
 from shared.jobs.models import Image, Job, JobStatus
-from shared.projects.limits import get_limiter
 from shared.traces.service import finish_call, normalise_usage
 from shared.webhooks.events import record_job_event
 from worker.batches import BATCH_TICKS, batch_tick
@@ -124,9 +123,7 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
         job = result.job
         if ended[job.id] == "discarded":
             continue
-        if job.batch_id is None:
-            get_limiter().release_job(job.project_id, job.id)  # batch lines reserve none
-        else:
+        if job.batch_id is not None:  # a job's limits are released by the runner
             BATCH_TICKS.call(job.batch_id, batch_tick)
     return ended
 

@@ -17,8 +17,9 @@ from functools import lru_cache
 from shared.core.events import publish_changed
 from shared.core.instruments import JOBS_FINISHED
 from shared.core.settings import get_settings
-from shared.jobs.models import JobStatus
+from shared.jobs.models import Job, JobStatus
 from shared.jobs.replies import leave_reply
+from shared.projects.limits import get_limiter
 from worker.claim import claim
 from worker.leases import LEASES
 from worker.produce import produce
@@ -62,12 +63,20 @@ def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, str]:
         ended.setdefault(job.id, "discarded")
         if ended[job.id] != "discarded":
             JOBS_FINISHED.labels(ended[job.id], job.model).inc()
-        if job.batch_id is None:
-            if reply and ended[job.id] != "discarded" and job.id in by_job:
-                leave_reply(job, by_job[job.id].images, by_job[job.id].data)  # and announces
-            else:
-                publish_changed(job.id, ended[job.id])
+        if job.batch_id is None:  # batch lines: their batch tells its own progress
+            _announce(job, ended[job.id], by_job.get(job.id) if reply else None)
     return ended
+
+
+def _announce(job: Job, status: str, reply: Result | None) -> None:
+    """After the commit: the waiting request's reply (``reply``) or the change alone,
+    then the job's limits released, off that request's path."""
+    if reply is not None and status != "discarded":
+        leave_reply(job, reply.images, reply.data)  # and announces the change
+    else:
+        publish_changed(job.id, status)
+    if status != "discarded":
+        get_limiter().release_job(job.project_id, job.id)
 
 
 @lru_cache
