@@ -26,7 +26,7 @@ import httpx
 import sqlalchemy as sa
 from moto.server import ThreadedMotoServer
 
-from tests.support.processes import free_port, wait_for
+from tests.support.processes import free_port, wait_http
 from tests.support.stack import Stack
 
 BENCH_ENV = {
@@ -55,13 +55,7 @@ class S3Double:
             "time.sleep(10**9)\n"
         )
         self.proc = subprocess.Popen([sys.executable, "-c", code])
-        wait_for(self._listening, 30, "the S3 double")
-
-    def _listening(self) -> bool:
-        try:
-            return httpx.get(self.url, timeout=1).status_code < 500
-        except httpx.HTTPError:
-            return False
+        wait_http(self.url)  # moto answers ListBuckets at /
 
     def stop(self) -> None:
         self.proc.terminate()

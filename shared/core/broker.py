@@ -100,7 +100,7 @@ def _redis_broker() -> redis.Redis | None:
     """A plain Redis client on the broker, for publishing; None when the broker is not
     Redis (the embedded filesystem broker, AMQP): those publish through Celery."""
     url = get_settings().resolved_broker_url
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    if not url.startswith(("redis://", "rediss://")):
         return None
     # The same short timeouts as the Celery transport's (make_celery).
     return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)

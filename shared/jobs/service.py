@@ -36,7 +36,7 @@ from shared.traces.service import OP_OPENAI, finish_call, start_call
 from shared.webhooks.events import record_job_event
 from shared.webhooks.service import Webhook
 
-# Built once (a statement built per call pays its construction and cache key again).
+# Built once, as every statement of a job's path (ARCHITECTURE.md, "A job").
 _INSERT_JOB = sa.insert(table(Job))
 _INSERT_CALL = sa.insert(table(Call))
 

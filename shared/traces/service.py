@@ -86,7 +86,7 @@ def finish_call(
 
 
 _CALLS = table(Call)
-# Built once: it runs at the end of every tracked job.
+# Built once, as every statement of a job's path (ARCHITECTURE.md, "A job").
 _FINISH_CALL = (
     sa.update(_CALLS)
     .where(_CALLS.c.id == sa.bindparam("_id"), _CALLS.c.ended_at.is_(None))

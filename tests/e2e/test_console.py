@@ -107,12 +107,7 @@ def test_a_batch_shows_its_progress_to_the_end(page: Page, stack: Stack) -> None
 
 
 def test_a_running_job_is_cancelled_from_its_page(page: Page, stack: Stack) -> None:
-    with stack.client() as client:
-        job = client.post(
-            "/v1/images/generations",
-            headers={"Prefer": "respond-async"},
-            json={"model": "fake-fast", "prompt": "a long one [slow=30]", "size": "64x64"},
-        ).json()
+    job = stack.submit("a long one [slow=30]", model="fake-fast")
     sign_in(page, stack.key_a)
     expect(page.locator("#jobs-table")).to_be_visible()
     page.goto(f"{stack.base_url}/#/jobs/{job['id']}")

@@ -31,20 +31,8 @@ def read_events(
     return events
 
 
-def submit(stack: Stack, prompt: str, model: str = "fake-fast") -> dict[str, Any]:
-    with stack.client() as client:
-        resp = client.post(
-            "/v1/images/generations",
-            headers={"Prefer": "respond-async"},
-            json={"model": model, "prompt": prompt, "size": "64x64"},
-        )
-    assert resp.status_code == 202
-    job: dict[str, Any] = resp.json()
-    return job
-
-
 def test_stream_shows_queued_running_succeeded_in_order_then_closes(stack: Stack) -> None:
-    job = submit(stack, "sse [slow=1.5]")
+    job = stack.submit("sse [slow=1.5]", model="fake-fast")
     events = read_events(stack, job["id"])
     statuses = [data["status"] for _, data in events]
     assert [name for name, _ in events] == [f"job.{s}" for s in statuses]
@@ -55,7 +43,7 @@ def test_stream_shows_queued_running_succeeded_in_order_then_closes(stack: Stack
 
 
 def test_late_subscriber_starts_from_the_current_state(stack: Stack) -> None:
-    job = submit(stack, "late sse [slow=1.5]")
+    job = stack.submit("late sse [slow=1.5]", model="fake-fast")
     with stack.client() as client:
         wait_for(
             lambda: client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "running",
@@ -67,21 +55,21 @@ def test_late_subscriber_starts_from_the_current_state(stack: Stack) -> None:
 
 
 def test_finished_job_streams_one_event(stack: Stack) -> None:
-    job = submit(stack, "done before", model="procedural")
+    job = stack.submit("done before", model="procedural")
     stack.wait_job(job["id"])
     events = read_events(stack, job["id"])
     assert [name for name, _ in events] == ["job.succeeded"]
 
 
 def test_other_projects_job_stream_is_404(stack: Stack) -> None:
-    job = submit(stack, "private stream", model="procedural")
+    job = stack.submit("private stream", model="procedural")
     with stack.client(stack.key_b) as client:
         resp = client.get(f"/v1/images/jobs/{job['id']}/events")
     assert resp.status_code == 404
 
 
 def test_queue_position_counts_jobs_ahead_in_the_same_queue(stack: Stack) -> None:
-    jobs = [submit(stack, f"parked position {i}", model="parked") for i in range(3)]
+    jobs = [stack.submit(f"parked position {i}", model="parked") for i in range(3)]
     positions = [j["queue_position"] for j in jobs]
     assert positions[0] >= 1
     assert positions == [positions[0], positions[0] + 1, positions[0] + 2]

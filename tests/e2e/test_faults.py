@@ -199,12 +199,7 @@ def test_a_job_out_of_attempts_fails_without_calling_the_provider(
     fault_stack: tuple[Stack, PostgresCluster, S3Server],
 ) -> None:
     stack = fault_stack[0]
-    with stack.client() as client:
-        job = client.post(
-            "/v1/images/generations",
-            headers={"Prefer": "respond-async"},
-            json={"model": "parked", "prompt": "[spent] attempts", "size": "64x64"},
-        ).json()
+    job = stack.submit("[spent] attempts", model="parked")
     # As if five workers in a row had died holding it: its lease has run out.
     _query(
         stack,

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 import sqlalchemy as sa
 
 from shared.core import broker, db
@@ -45,8 +46,6 @@ def _shape(value: Any) -> Any:
 
 
 def test_published_job_is_celerys_own_message(redis_broker: str) -> None:
-    import redis
-
     client = redis.Redis.from_url(redis_broker)
     assert broker.publish_job("job_fast", "q-fast", reply=True)
     broker.get_celery().send_task(
@@ -71,8 +70,6 @@ def test_published_job_is_celerys_own_message(redis_broker: str) -> None:
 
 def test_a_refused_publish_is_reported(redis_broker: str) -> None:
     # The broker gone: the job is left for the sweeper (False), never an exception.
-    import redis
-
     redis.Redis.from_url(redis_broker).shutdown(nosave=True)
     assert broker.publish_job("job_lost", "q-fast") is False
 

@@ -19,13 +19,7 @@ SECRET = "owner's secret prompt"
 def owned(stack: Stack) -> dict[str, Any]:
     """A finished job with images and a trace call in project 'owner'."""
     key = stack.create_key("owner")
-    with stack.client(key) as client:
-        resp = client.post(
-            "/v1/images/generations",
-            headers={"Prefer": "respond-async"},
-            json={"model": "procedural", "prompt": SECRET, "size": "64x64"},
-        )
-        job = stack.wait_job(resp.json()["id"], key)
+    job = stack.wait_job(stack.submit(SECRET, key=key)["id"], key)
     assert job["status"] == "succeeded"
     assert job["call_id"]
     intruder = stack.create_key("intruder")

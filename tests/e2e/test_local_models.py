@@ -109,25 +109,16 @@ def test_the_same_seed_gives_identical_bytes_and_is_recorded(
     assert other[0] != first[0]
     # The job records the seed of each image; without one, a random seed is chosen
     # and recorded all the same, so any job can be made again.
-    with local_stack.client() as http:
-        job = http.post(
-            "/v1/images/generations",
-            headers={"Prefer": "respond-async"},
-            json={"model": TINY, "prompt": "a red fox", "size": "64x64", "n": 2},
-        ).json()
-        done = local_stack.wait_job(job["id"])
-        assert done["status"] == "succeeded"
-        seed = done["request"]["seed"]
-        assert done["seeds"] == [seed, seed + 1]
+    job = local_stack.submit("a red fox", model=TINY, n=2)
+    done = local_stack.wait_job(job["id"])
+    assert done["status"] == "succeeded"
+    seed = done["request"]["seed"]
+    assert done["seeds"] == [seed, seed + 1]
 
 
 def test_progress_events_on_the_job_stream(local_stack: Stack) -> None:
     with local_stack.client() as http:
-        job = http.post(
-            "/v1/images/generations",
-            headers={"Prefer": "respond-async"},
-            json={"model": TINY, "prompt": "progress", "size": "64x64", "quality": "medium"},
-        ).json()
+        job = local_stack.submit("progress", model=TINY, quality="medium")
         events: list[tuple[str, dict[str, Any]]] = []
         with http.stream("GET", f"/v1/images/jobs/{job['id']}/events", timeout=60) as resp:
             name = None
@@ -149,11 +140,7 @@ def test_progress_events_on_the_job_stream(local_stack: Stack) -> None:
 
 def test_cancel_mid_run_stops_the_denoising_loop(local_stack: Stack) -> None:
     with local_stack.client() as http:
-        job = http.post(
-            "/v1/images/generations",
-            headers={"Prefer": "respond-async"},
-            json={"model": TINY, "prompt": "long", "size": "256x256", "quality": "high"},
-        ).json()
+        job = local_stack.submit("long", model=TINY, size="256x256", quality="high")
         seen: dict[str, Any] = {}
 
         def denoising() -> bool:

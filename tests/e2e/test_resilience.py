@@ -39,16 +39,7 @@ def image_rows(stack: Stack, job_id: str) -> list[tuple[int, str]]:
 def test_worker_killed_mid_job_completes_exactly_once(own_stack: Stack) -> None:
     stack = own_stack
     with stack.client() as client:
-        job = client.post(
-            "/v1/images/generations",
-            headers={"Prefer": "respond-async"},
-            json={
-                "model": "fake-fast",
-                "prompt": "[slow=2] survive a kill",
-                "n": 3,
-                "size": "64x64",
-            },
-        ).json()
+        job = stack.submit("[slow=2] survive a kill", model="fake-fast", n=3)
         wait_for(lambda: stack.upstream.calls_for("survive a kill"), 15, "upstream call")
         assert client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "running"
         stack.kill_consumers()  # the supervising `imagegen worker` starts a new one
@@ -82,22 +73,13 @@ def test_redis_outage_accepts_and_later_completes_every_job(own_stack: Stack) ->
     threads = [threading.Thread(target=sync_request, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
-    accepted = []
-    with stack.client() as client:
-        for i in range(6):
-            resp = client.post(
-                "/v1/images/generations",
-                headers={"Prefer": "respond-async"},
-                json={"model": "procedural", "prompt": f"outage {i}", "size": "64x64"},
-            )
-            assert resp.status_code == 202, resp.text
-            accepted.append(resp.json()["id"])
-        stack.redis.start()  # same port, empty: every message published before is gone
-        for job_id in accepted:
-            done = stack.wait_job(job_id, timeout=60)
-            assert done["status"] == "succeeded", done
-            assert done["attempts"] == 1
-            assert len(done["result"]["data"]) == 1
+    accepted = [stack.submit(f"outage {i}")["id"] for i in range(6)]
+    stack.redis.start()  # same port, empty: every message published before is gone
+    for job_id in accepted:
+        done = stack.wait_job(job_id, timeout=60)
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 1
+        assert len(done["result"]["data"]) == 1
     for t in threads:
         t.join(60)
     assert [r.status_code for r in sync_results] == [200, 200]
@@ -218,11 +200,7 @@ def test_storage_outage_delays_a_job_which_completes_once_storage_is_back(
     try:
         s3.stop()
         with stack.client() as client:
-            job = client.post(
-                "/v1/images/generations",
-                headers={"Prefer": "respond-async"},
-                json={"model": "procedural", "prompt": "outage", "size": "64x64"},
-            ).json()
+            job = stack.submit("outage")
             wait_for(lambda: "storage unreachable" in stack.worker.log(), 60, "a failed upload")
             # Still running: the job waits for storage, it is not failed, and says so.
             waiting = _once_it_says_what_it_waits_on(client, job["id"])
@@ -281,11 +259,7 @@ def _a_missing_bucket_is_waited_for_by_name(stack: Stack, s3_url: str) -> None:
         s3.Bucket(bucket).objects.all().delete()
         s3.Bucket(bucket).delete()
         with stack.client() as client:
-            job = client.post(
-                "/v1/images/generations",
-                headers={"Prefer": "respond-async"},
-                json={"model": "procedural", "prompt": "no bucket yet", "size": "64x64"},
-            ).json()
+            job = stack.submit("no bucket yet")
             seen = _once_it_says_what_it_waits_on(client, job["id"])
         assert seen["status"] == "running"
         assert f"the bucket '{bucket}' does not exist" in str(seen["status_detail"])

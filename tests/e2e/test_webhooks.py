@@ -23,18 +23,6 @@ def hstack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterat
     s.close()
 
 
-def submit(stack: Stack, key: str, prompt: str, **extra: Any) -> dict[str, Any]:
-    with stack.client(key) as client:
-        resp = client.post(
-            "/v1/images/generations",
-            headers={"Prefer": "respond-async"},
-            json={"model": "procedural", "prompt": prompt, "size": "64x64", **extra},
-        )
-    assert resp.status_code == 202, resp.text
-    job: dict[str, Any] = resp.json()
-    return job
-
-
 def deliveries(stack: Stack, key: str, **params: str) -> list[dict[str, Any]]:
     with stack.client(key) as client:
         found: list[dict[str, Any]] = client.get("/v1/webhooks/deliveries", params=params).json()[
@@ -69,10 +57,9 @@ def test_signed_webhooks_for_subscribed_events_only(hstack: Stack) -> None:
         assert endpoint["secret"].startswith("whsec_")
         assert default.startswith("whsec_")
         assert "secret" not in listed[0]
-        job = submit(
-            hstack,
-            key,
+        job = hstack.submit(
             "hooked",
+            key=key,
             response_format="b64_json",
             webhook_url=job_rx.url("/per-job"),
             webhook_events=["job.succeeded"],
@@ -108,19 +95,19 @@ def test_endpoint_added_or_deleted_counts_from_the_next_job(hstack: Stack) -> No
     key = hstack.create_key("hooks-cache")
     rx = Receiver().start()
     try:
-        first = submit(hstack, key, "nobody listens yet")
+        first = hstack.submit("nobody listens yet", key=key)
         hstack.wait_job(first["id"], key)  # the worker now knows: no endpoints
         with hstack.client(key) as client:
             endpoint = client.post(
                 "/v1/webhooks/endpoints", json={"url": rx.url(), "events": ["job.succeeded"]}
             ).json()
-        second = submit(hstack, key, "now one listens")
+        second = hstack.submit("now one listens", key=key)
         hstack.wait_job(second["id"], key)
         delivered = [verify(endpoint["secret"], r) for r in rx.wait_requests(1)]
         assert [e["data"]["id"] for e in delivered] == [second["id"]]
         with hstack.client(key) as client:
             assert client.delete(f"/v1/webhooks/endpoints/{endpoint['id']}").status_code == 200
-        third = submit(hstack, key, "nobody listens again")
+        third = hstack.submit("nobody listens again", key=key)
         hstack.wait_job(third["id"], key)
         assert deliveries(hstack, key, job_id=third["id"]) == []
         assert deliveries(hstack, key, job_id=first["id"]) == []
@@ -132,7 +119,9 @@ def test_endpoint_added_or_deleted_counts_from_the_next_job(hstack: Stack) -> No
 def test_receiver_down_then_500_then_200_same_webhook_id(hstack: Stack) -> None:
     key = hstack.create_key("hooks-retry")
     rx = Receiver()  # not listening yet: connection refused
-    job = submit(hstack, key, "retry me", webhook_url=rx.url(), webhook_events=["job.succeeded"])
+    job = hstack.submit(
+        key=key, prompt="retry me", webhook_url=rx.url(), webhook_events=["job.succeeded"]
+    )
     wait_for(
         lambda: any(d["attempts"] >= 1 for d in deliveries(hstack, key, job_id=job["id"])),
         30,
@@ -161,14 +150,14 @@ def test_410_disables_the_endpoint(hstack: Stack) -> None:
             endpoint = client.post(
                 "/v1/webhooks/endpoints", json={"url": rx.url(), "events": ["job.succeeded"]}
             ).json()
-        job = submit(hstack, key, "gone")
+        job = hstack.submit("gone", key=key)
         rx.wait_requests(1)
         wait_for(lambda: delivery_status(hstack, key, job["id"]) == "failed", 30, "failed delivery")
         with hstack.client(key) as client:
             ep = client.get(f"/v1/webhooks/endpoints/{endpoint['id']}").json()
         assert ep["disabled_at"] is not None
         assert "410" in ep["disabled_reason"]
-        second = submit(hstack, key, "after gone")
+        second = hstack.submit("after gone", key=key)
         hstack.wait_job(second["id"], key)
         assert deliveries(hstack, key, job_id=second["id"]) == []
         assert len(rx.requests) == 1
@@ -181,8 +170,8 @@ def test_redirect_is_not_followed(hstack: Stack) -> None:
     rx = Receiver().start()
     rx.answer(*[(302, {"Location": rx.url("/elsewhere")})] * 5)
     try:
-        job = submit(
-            hstack, key, "redirected", webhook_url=rx.url(), webhook_events=["job.succeeded"]
+        job = hstack.submit(
+            key=key, prompt="redirected", webhook_url=rx.url(), webhook_events=["job.succeeded"]
         )
         wait_for(
             lambda: delivery_status(hstack, key, job["id"]) == "failed", 30, "delivery given up"
@@ -198,7 +187,9 @@ def test_redirect_is_not_followed(hstack: Stack) -> None:
 def test_worker_killed_between_attempts_does_not_lose_the_delivery(hstack: Stack) -> None:
     key = hstack.create_key("hooks-kill")
     rx = Receiver()
-    job = submit(hstack, key, "survive", webhook_url=rx.url(), webhook_events=["job.succeeded"])
+    job = hstack.submit(
+        key=key, prompt="survive", webhook_url=rx.url(), webhook_events=["job.succeeded"]
+    )
     wait_for(
         lambda: any(d["attempts"] >= 1 for d in deliveries(hstack, key, job_id=job["id"])),
         30,
@@ -218,7 +209,9 @@ def test_redeliver_sends_the_same_message_again(hstack: Stack) -> None:
     key = hstack.create_key("hooks-redeliver")
     rx = Receiver().start()
     try:
-        job = submit(hstack, key, "again", webhook_url=rx.url(), webhook_events=["job.succeeded"])
+        job = hstack.submit(
+            key=key, prompt="again", webhook_url=rx.url(), webhook_events=["job.succeeded"]
+        )
         rx.wait_requests(1)
         delivery = deliveries(hstack, key, job_id=job["id"])[0]
         with hstack.client(key) as client:
@@ -243,7 +236,7 @@ def test_rotated_secret_signs_the_next_deliveries(hstack: Stack) -> None:
             ).json()
             rotated = client.post(f"/v1/webhooks/endpoints/{endpoint['id']}/rotate_secret").json()
         assert rotated["secret"] != endpoint["secret"]
-        submit(hstack, key, "rotated")
+        hstack.submit("rotated", key=key)
         request = rx.wait_requests(1)[0]
     finally:
         rx.stop()
@@ -305,7 +298,9 @@ def test_private_target_refused_again_at_delivery(hstack: Stack) -> None:
     hstack.worker.stop()
     hstack.new_worker({"IMAGEGEN_WEBHOOK_ALLOW_PRIVATE_TARGETS": "false"})
     try:
-        job = submit(hstack, key, "refused", webhook_url=rx.url(), webhook_events=["job.succeeded"])
+        job = hstack.submit(
+            key=key, prompt="refused", webhook_url=rx.url(), webhook_events=["job.succeeded"]
+        )
         wait_for(
             lambda: delivery_status(hstack, key, job["id"]) == "failed", 30, "refused delivery"
         )

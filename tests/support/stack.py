@@ -266,6 +266,21 @@ class Stack:
             headers={"Authorization": f"Bearer {key or self.key_a}"},
         )
 
+    def submit(
+        self, prompt: str, model: str = "procedural", key: str | None = None, **body: Any
+    ) -> dict[str, Any]:
+        """An async generation (``Prefer: respond-async``, 64x64 unless ``body`` says
+        otherwise): the job it accepted."""
+        with self.client(key) as client:
+            resp = client.post(
+                "/v1/images/generations",
+                headers={"Prefer": "respond-async"},
+                json={"model": model, "prompt": prompt, "size": "64x64", **body},
+            )
+        assert resp.status_code == 202, resp.text
+        job: dict[str, Any] = resp.json()
+        return job
+
     def wait_job(self, job_id: str, key: str | None = None, timeout: float = 60) -> dict[str, Any]:
         with self.client(key) as client:
             job: dict[str, Any] = {}
