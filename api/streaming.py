@@ -68,7 +68,7 @@ async def partial_feed(job_id: str) -> AsyncIterator[asyncio.Queue[dict[str, Any
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         with contextlib.suppress(Exception):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:

@@ -38,6 +38,7 @@ V = TypeVar("V")
 # Bounds memory however many distinct keys a process sees; past it a cache starts over.
 MAX_ENTRIES = 10_000
 MAX_AGE_SECONDS = 60.0
+_WAIT_SECONDS = 30.0
 
 
 class _Listener:
@@ -68,9 +69,14 @@ class _Listener:
                 url, socket_connect_timeout=2, socket_keepalive=True, health_check_interval=10
             )
             try:
-                pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+                pubsub = client.pubsub()
                 pubsub.subscribe(CHANNEL)
-                for message in pubsub.listen():
+                while True:
+                    # get_message rather than listen(), which redis-py leaves untyped;
+                    # the timeout only wakes the loop (each wait also health-checks).
+                    message = pubsub.get_message(timeout=_WAIT_SECONDS)
+                    if message is None:
+                        continue
                     kind = message.get("type")
                     if kind == "subscribe":
                         _drop_everything()  # changes may have been missed before
