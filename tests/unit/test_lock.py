@@ -24,7 +24,7 @@ def pins(lock: str) -> dict[str, tuple[Version, list[str]]]:
     name = ""
     for line in (LOCKS / lock).read_text().splitlines():
         if match := _ENTRY.match(line):
-            name = canonicalize_name(match[1])
+            name = str(canonicalize_name(match[1]))
             found[name] = (Version(match[2]), [])
         elif line.strip().startswith("--hash=sha256:"):
             found[name][1].append(line.strip().removeprefix("--hash=sha256:").rstrip(" \\"))
@@ -48,7 +48,7 @@ def test_each_lock_pins_every_declared_dependency_inside_its_range(
 ) -> None:
     locked = pins(lock)
     for requirement in declared(*extras):
-        name = canonicalize_name(requirement.name)
+        name = str(canonicalize_name(requirement.name))
         assert name in locked, f"{lock} lacks {name}"
         version = locked[name][0]
         assert requirement.specifier.contains(version, prereleases=True), (lock, name, version)
@@ -78,9 +78,9 @@ def test_gates_are_pinned_by_the_lock() -> None:
 def test_every_install_path_uses_a_lock() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "--require-hashes --no-deps" in dockerfile
-    assert "requirements/$([ \"$EXTRAS\" = local ] && echo gpu || echo runtime).txt" in dockerfile
+    assert 'requirements/$([ "$EXTRAS" = local ] && echo gpu || echo runtime).txt' in dockerfile
     install = (ROOT / "scripts" / "install").read_text()
-    assert "--require-hashes --no-deps -r \"$lock\"" in install
+    assert '--require-hashes --no-deps -r "$lock"' in install
     assert "bash scripts/install test" in (ROOT / "scripts" / "test").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "bash scripts/install && .venv/bin/imagegen dev" in readme
