@@ -39,6 +39,13 @@ def declared(*extras: str) -> list[Requirement]:
     return wanted
 
 
+def test_the_installer_lock_holds_every_platforms_wheel_by_hash() -> None:
+    [(name, (version, hashes))] = pins("uv.txt").items()
+    assert name == "uv"
+    assert len(hashes) > 10, "uv.txt lost the other platforms' wheels"
+    assert version.major == 0
+
+
 @pytest.mark.parametrize(
     ("lock", "extras"),
     [("runtime.txt", ()), ("test.txt", ("test", "local")), ("gpu.txt", ("local",))],
@@ -69,7 +76,10 @@ def test_the_service_and_gpu_locks_run_the_versions_the_tests_ran(lock: str) -> 
 
 def test_gates_are_pinned_by_the_lock() -> None:
     tested = pins("test.txt")
-    assert {"ruff", "mypy", "pytest", "uv"} <= set(tested)
+    assert {"ruff", "mypy", "pytest"} <= set(tested)
+    # The installer is locked too, in a venv of its own (never one it installs into).
+    assert "uv" in pins("uv.txt")
+    assert "uv" not in tested
     # The tests run PyTorch's CPU build: PyPI's Linux build drags several GB of CUDA.
     assert tested["torch"][0].local == "cpu"
     assert not any(name.startswith("nvidia-") for name in tested)
@@ -80,7 +90,8 @@ def test_every_install_path_uses_a_lock() -> None:
     assert "--require-hashes --no-deps" in dockerfile
     assert 'requirements/$([ "$EXTRAS" = local ] && echo gpu || echo runtime).txt' in dockerfile
     install = (ROOT / "scripts" / "install").read_text()
-    assert '--require-hashes --no-deps -r "$lock"' in install
+    assert '"$uv" pip sync -q --python .venv/bin/python --require-hashes' in install
+    assert "--require-hashes --no-deps -r requirements/uv.txt" in install
     assert "bash scripts/install test" in (ROOT / "scripts" / "test").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "bash scripts/install && .venv/bin/imagegen dev" in readme
