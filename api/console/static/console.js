@@ -104,9 +104,36 @@ function jobRow(job) {
   if (job.status === "succeeded") {
     api(`/v1/images/jobs/${job.id}`).then(fill, () => {});
   } else if (!FINISHED.includes(job.status)) {
-    follow(`/v1/images/jobs/${job.id}/events`, (_event, latest) => fill(latest));
+    watch(job.id, fill);
   }
   return row;
+}
+
+// A browser keeps at most six HTTP/1.1 connections to a host, and an event stream
+// holds one for the job's whole run: a page of thirty running jobs, each following
+// its own stream, left no connection for anything else (the Older button waited
+// for jobs to end). So a few rows follow their stream; the others poll.
+const FOLLOW_LIMIT = 3;
+const POLL_MS = 2000;
+let following = 0;
+
+function watch(id, fill) {
+  if (following < FOLLOW_LIMIT) {
+    following += 1;
+    follow(`/v1/images/jobs/${id}/events`, (_event, latest) => fill(latest)).finally(() => {
+      following -= 1;
+    });
+    return;
+  }
+  const signal = leaving.signal;
+  const poll = () => {
+    if (signal.aborted) return;
+    api(`/v1/images/jobs/${id}`).then((latest) => {
+      fill(latest);
+      if (!FINISHED.includes(latest.status)) setTimeout(poll, POLL_MS);
+    }, () => {});
+  };
+  setTimeout(poll, POLL_MS);
 }
 
 // A list that grows a page at a time: `next(after)` answers OpenAI's list page.
@@ -348,7 +375,8 @@ function svgNode(tag, attrs, text) {
 // Images per day, one stacked segment per model, with a legend.
 function usageChart(rows) {
   const days = [...new Set(rows.map((r) => r.date))].sort();
-  const models = [...new Set(rows.map((r) => r.model))].sort();
+  // A model whose jobs made no image (all canceled, say) has no bar: no legend entry.
+  const models = [...new Set(rows.filter((r) => r.images > 0).map((r) => r.model))].sort();
   const color = new Map(models.map((m, i) => [m, PALETTE[i % PALETTE.length]]));
   const perDay = new Map(days.map((d) => [d, 0]));
   for (const r of rows) perDay.set(r.date, perDay.get(r.date) + r.images);
