@@ -90,7 +90,7 @@ def test_every_install_path_uses_a_lock() -> None:
     assert "--require-hashes --no-deps" in dockerfile
     assert 'requirements/$([ "$EXTRAS" = local ] && echo gpu || echo runtime).txt' in dockerfile
     install = (ROOT / "scripts" / "install").read_text()
-    assert '"$uv" pip sync -q --python .venv/bin/python --require-hashes' in install
+    assert "pip sync -q --python .venv/bin/python --require-hashes --compile-bytecode" in install
     assert "--require-hashes --no-deps -r requirements/uv.txt" in install
     assert "bash scripts/install test" in (ROOT / "scripts" / "test").read_text()
     readme = (ROOT / "README.md").read_text()
