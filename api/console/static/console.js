@@ -112,10 +112,13 @@ function jobRow(job) {
 // A browser keeps at most six HTTP/1.1 connections to a host, and an event stream
 // holds one for the job's whole run: a page of thirty running jobs, each following
 // its own stream, left no connection for anything else (the Older button waited
-// for jobs to end). So a few rows follow their stream; the others poll.
-const FOLLOW_LIMIT = 3;
+// for jobs to end). So two rows follow their stream, and the others are polled
+// one request at a time: at most three connections are ever the rows'.
+const FOLLOW_LIMIT = 2;
 const POLL_MS = 2000;
 let following = 0;
+const polled = new Map(); // job id -> fill, of the rows waiting for their job's end
+let polling = null;
 
 function watch(id, fill) {
   if (following < FOLLOW_LIMIT) {
@@ -125,15 +128,24 @@ function watch(id, fill) {
     });
     return;
   }
+  polled.set(id, fill);
+  if (!polling) polling = setTimeout(pollRows, POLL_MS);
+}
+
+async function pollRows() {
   const signal = leaving.signal;
-  const poll = () => {
-    if (signal.aborted) return;
-    api(`/v1/images/jobs/${id}`).then((latest) => {
+  for (const [id, fill] of [...polled]) {
+    if (signal.aborted) break;
+    try {
+      const latest = await api(`/v1/images/jobs/${id}`);
       fill(latest);
-      if (!FINISHED.includes(latest.status)) setTimeout(poll, POLL_MS);
-    }, () => {});
-  };
-  setTimeout(poll, POLL_MS);
+      if (FINISHED.includes(latest.status)) polled.delete(id);
+    } catch {
+      polled.delete(id);
+    }
+  }
+  if (signal.aborted) polled.clear();
+  polling = polled.size ? setTimeout(pollRows, POLL_MS) : null;
 }
 
 // A list that grows a page at a time: `next(after)` answers OpenAI's list page.
@@ -435,6 +447,7 @@ document.getElementById("sign-out").addEventListener("click", signOut);
 async function route() {
   leaving.abort();
   leaving = new AbortController();
+  polled.clear(); // the rows of the page we leave
   const nav = document.getElementById("nav");
   if (!key()) {
     nav.hidden = true;
