@@ -26,21 +26,13 @@ from shared.core.errors import ImagegenError, UpstreamError
 from shared.core.events import async_redis_client
 from shared.core.storage import Storage
 from shared.jobs.models import JobStatus
+from shared.jobs.openai_shape import NO_USAGE, event_fields, token_usage
 from shared.jobs.partials import channel
 from shared.jobs.schemas import GenerationParams
 from shared.jobs.views import job_failure
 from shared.projects.service import Principal
 from shared.registry import ModelSpec
 from shared.webhooks.service import Webhook
-
-# The usage object OpenAI's completed event always carries (zeros where the
-# provider counts no tokens).
-NO_USAGE = {
-    "input_tokens": 0,
-    "output_tokens": 0,
-    "total_tokens": 0,
-    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-}
 
 
 @contextlib.asynccontextmanager
@@ -100,12 +92,7 @@ def stream_response(
     job_id: str | None = None,
 ) -> StreamingResponse:
     """``prefix``: ``image_generation`` for generations, ``image_edit`` for edits."""
-    shape = {
-        "size": params.size,
-        "quality": params.quality or "auto",
-        "background": params.background or "auto",
-        "output_format": params.output_format,
-    }
+    shape = event_fields(params)
 
     async def events() -> AsyncIterator[bytes]:
         outcome: Outcome | None = None
@@ -155,7 +142,7 @@ def stream_response(
                     "type": f"{prefix}.completed",
                     "b64_json": item.b64_json,
                     "created_at": result.created,
-                    "usage": job.usage or NO_USAGE,
+                    "usage": token_usage(job.usage) or NO_USAGE,
                     **shape,
                 },
             )

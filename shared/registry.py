@@ -99,6 +99,10 @@ DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+# Upstream model names of OpenAI's GPT image family (answer_shape's default).
+GPT_IMAGE_PREFIXES = ("gpt-image", "chatgpt-image")
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -116,6 +120,12 @@ class ModelSpec(BaseModel):
     # The upstream streams partial images itself (OpenAI's GPT image models): a
     # streamed request with partial_images is forwarded with stream: true.
     upstream_streams: bool = False
+    # Which of OpenAI's answers the model's take (shared/jobs/openai_shape.py):
+    # "gpt-image" adds the top-level size, quality, background, output_format and
+    # usage that OpenAI's GPT image models answer with; "dall-e" answers created and
+    # data only. Unset: "gpt-image" for an OpenAI-compatible upstream serving a GPT
+    # image model (upstream_model gpt-image-* or chatgpt-image-*), else "dall-e".
+    answer_shape: Literal["dall-e", "gpt-image"] = "dall-e"
 
     # Local models (provider: diffusers). model_path: a folder written by
     # save_pretrained, or a Hugging Face Hub id (resolved from the local cache;
@@ -140,6 +150,15 @@ class ModelSpec(BaseModel):
     # about a third of the memory); decode the image in tiles (large sizes).
     cpu_offload: bool = False
     vae_tiling: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _answer_shape_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "answer_shape" not in data:
+            upstream = str(data.get("upstream_model") or data.get("name") or "")
+            if data.get("provider") == "openai" and upstream.startswith(GPT_IMAGE_PREFIXES):
+                data = {**data, "answer_shape": "gpt-image"}
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -10,11 +10,13 @@ from shared.core.errors import (
     Conflict,
     ErrorCode,
     InvalidRequest,
+    ModelNotFound,
     RateLimited,
     UpstreamError,
 )
 from shared.core.storage import Storage
 from shared.jobs.models import Image, Job, JobStatus
+from shared.jobs.openai_shape import AnswerShape, response_fields
 from shared.jobs.schemas import (
     ImageData,
     ImagesResponse,
@@ -24,6 +26,7 @@ from shared.jobs.schemas import (
     JobProgress,
     job_params,
 )
+from shared.registry import get_registry
 
 
 def job_failure(job: Job) -> ClientError:
@@ -75,16 +78,20 @@ def render_result(
                     revised_prompt=image.revised_prompt,
                 )
             )
-    usage: dict[str, Any] | None = job.usage or None
     return ImagesResponse(
         created=to_unix(job.finished_at) or to_unix(job.created_at) or 0,
         data=data,
-        size=params.size,
-        quality=params.quality,
-        output_format=params.output_format,
-        background=params.background,
-        usage=usage,
+        **response_fields(answer_shape(job.model), params, job.usage),
     )
+
+
+def answer_shape(model: str) -> AnswerShape:
+    """The registry's answer shape for a job's model (dall-e's for a model since
+    removed from the registry)."""
+    try:
+        return get_registry().get(model).answer_shape
+    except ModelNotFound:
+        return "dall-e"
 
 
 def render_job(

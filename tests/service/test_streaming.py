@@ -7,6 +7,7 @@ import base64
 import io
 
 import openai
+from openai.types import ImageGenCompletedEvent
 from PIL import Image
 
 from tests.service.conftest import Service
@@ -34,8 +35,11 @@ def test_a_streamed_generation_ends_with_one_completed_event_per_image(
     for event in events:
         image = Image.open(io.BytesIO(base64.b64decode(event.b64_json)))
         assert (image.format, image.size) == ("PNG", (64, 64))
-        assert event.size == "64x64"
+        # 64x64 is outside the size enum of OpenAI's event schema: sent as "auto".
+        assert (event.size, event.quality, event.background) == ("auto", "auto", "auto")
         assert event.output_format == "png"
+        assert isinstance(event, ImageGenCompletedEvent)
+        assert event.usage.total_tokens == 0
 
 
 def test_streaming_rules_name_their_param(service: Service) -> None:

@@ -168,7 +168,10 @@ class FakeUpstream:
                 slow = re.search(r"\[slow=([\d.]+)\]", prompt)
                 if slow:
                     time.sleep(float(slow.group(1)))
-                width, height = (int(v) for v in str(body.get("size", "64x64")).split("x"))
+                size = str(body.get("size") or "64x64")
+                if size == "auto":  # a GPT image model's choice: square here
+                    size = "1024x1024"
+                width, height = (int(v) for v in size.split("x"))
                 data = []
                 for i in range(int(body.get("n", 1))):
                     if "[garbage]" in prompt:
