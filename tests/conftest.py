@@ -18,6 +18,7 @@ LONGEST_MODULES = {
     "tests/e2e/test_faults.py": 80,
     "tests/e2e/test_resilience.py": 70,
     "tests/e2e/test_local_models.py": 60,
+    "tests/e2e/test_openai_schema.py": 45,
     "tests/e2e/test_webhooks.py": 42,
     "tests/e2e/test_embedded.py": 38,
     "tests/e2e/test_batches.py": 33,

@@ -195,7 +195,7 @@ def _size(model: str) -> str:
 
 
 @pytest.mark.parametrize("model", DALL_E_LIKE + GPT_LIKE)
-@pytest.mark.parametrize("response_format", ["url", "b64_json", None])
+@pytest.mark.parametrize("response_format", ["url", "b64_json"])
 def test_generations_answer_as_the_published_schema_has_it(
     dev: str, model: str, response_format: str | None
 ) -> None:
@@ -215,8 +215,16 @@ def test_generations_answer_as_the_published_schema_has_it(
     assert set(body) <= {"created", "data", *extras}
 
 
-@pytest.mark.parametrize("model", ["gpt-image-1", "procedural", "procedural-gpt", "tiny-sd"])
-@pytest.mark.parametrize("partial_images", [0, 2])
+@pytest.mark.parametrize(
+    ("model", "partial_images"),
+    [
+        ("gpt-image-1", 0),
+        ("gpt-image-1", 2),
+        ("procedural", 2),
+        ("procedural-gpt", 0),
+        ("tiny-sd", 2),
+    ],
+)
 def test_every_streamed_event_is_one_the_schema_lists(
     dev: str, model: str, partial_images: int
 ) -> None:
@@ -305,7 +313,7 @@ def http() -> Iterator[requests.Session]:
 # documented 400 of ours, which OpenAI's document, listing 200 only, says nothing
 # of), the rest are served. Neither may be a 5xx or contradict the document.
 @SCHEMA.parametrize()
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_schemathesis_finds_no_violation_and_no_server_error(
     case: schemathesis.Case[Any], dev: str, http: requests.Session
 ) -> None:
