@@ -422,10 +422,17 @@ async function usageView() {
 
 // --- signing in and routing -------------------------------------------------------
 
+// A changed hash routes through its hashchange event; routing here as well drew the
+// page twice, and the later draw wiped what the first had loaded since (an older
+// page of jobs, under load).
+function go(hash) {
+  if (location.hash === hash) route();
+  else location.hash = hash;
+}
+
 function signOut() {
   sessionStorage.removeItem(KEY);
-  location.hash = "";
-  route();
+  go("");
 }
 
 signInForm.addEventListener("submit", async (event) => {
@@ -433,8 +440,7 @@ signInForm.addEventListener("submit", async (event) => {
   sessionStorage.setItem(KEY, document.getElementById("key").value.trim());
   try {
     await api("/v1/images/jobs?limit=1");
-    location.hash = "#/jobs";
-    route();
+    go("#/jobs");
   } catch (error) {
     sessionStorage.removeItem(KEY);
     const message = document.getElementById("sign-in-error");
