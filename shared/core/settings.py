@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     # the most images one edit takes (OpenAI's limits for its GPT image models).
     edit_max_image_bytes: int = 50 * 1024 * 1024
     edit_max_images: int = 16
+    # Pixels: the most one input image (or mask) may have, read from its header
+    # before it is decoded (a 657 KB PNG can declare 169 Mpx: 676 MiB decoded), and
+    # the most all of one request's inputs may have together.
+    edit_max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    edit_max_total_pixels: int = Field(default=4 * 4096 * 4096, ge=1)
+    # The most bytes a request body may have where no route says otherwise (JSON):
+    # refused with 413 as the bytes arrive, never buffered past it.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # Where this host's imagegen processes write their metrics (prometheus-client's
     # multiprocess files), summed by /metrics; data_dir/metrics when unset.
     metrics_dir: Path | None = None
