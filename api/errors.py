@@ -142,6 +142,15 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """413 raised while a body is read (api/upload_limit.py): an HTTPException, since
+    FastAPI's form parsing turns any other exception into a 400."""
+
+    def __init__(self, limit: int, code: str) -> None:
+        super().__init__(413, f"The request body is larger than the limit of {limit} bytes.")
+        self.code = code
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 405:
@@ -149,7 +158,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     code = {
         404: ErrorCode.not_found,
         405: ErrorCode.method_not_allowed,
-        413: ErrorCode.file_too_large,
+        413: getattr(exc, "code", ErrorCode.file_too_large),
     }.get(exc.status_code)
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":  # no route: name the path

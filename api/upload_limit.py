@@ -1,45 +1,67 @@
-"""Uploads are counted as they arrive and stopped at the limit.
+"""Request bodies are counted as they arrive and stopped at their route's limit.
 
-A declared ``Content-Length`` over the limit is refused before a byte is read; an
-undeclared (chunked) body is refused as soon as the bytes received pass it. Either
-way the API never holds or spools more than the limit (a 210 MB upload raised the
-API's RSS by up to 176 MiB before this), and the client gets 413 in OpenAI's shape.
+A declared ``Content-Length`` over the limit is refused before a byte is read, and
+so before the request is authenticated; an undeclared (chunked) body is refused as
+soon as the bytes received pass it. Either way the API never holds or spools more
+than the limit (a 210 MB upload raised the API's RSS by up to 176 MiB before this,
+and a 300 MiB JSON body without a key 906 MiB), and the client gets 413 in the
+surface's shape.
+
+The limits: uploads to ``/v1/files`` as OpenAI's batch input (200 MiB); an edit
+its images and mask at ``IMAGEGEN_EDIT_MAX_IMAGE_BYTES`` each; a variation one
+image; a native batch, whose JSON carries its lines, 64 MiB; every other body
+(JSON) ``IMAGEGEN_MAX_BODY_BYTES``.
 """
 
 from __future__ import annotations
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_response
+from api.errors import BodyTooLarge, error_response
 from shared.core.errors import ErrorCode, InvalidRequest
+from shared.core.settings import Settings, get_settings
 from shared.files.service import MAX_FILE_BYTES
 
-# Room for the multipart envelope around the file (boundaries, the purpose field).
+# Room for the multipart envelope around the files (boundaries, the text fields).
 ENVELOPE_BYTES = 64 * 1024
-UPLOAD_PATHS = ("/v1/files",)
+# 50,000 lines (the most a batch has) of a kilobyte and more each.
+NATIVE_BATCH_BYTES = 64 * 1024 * 1024
+UPLOAD_PATHS = ("/v1/files", "/v1/images/edits", "/v1/images/variations")
+BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
-def _too_large(limit: int) -> HTTPException:
-    return HTTPException(413, f"The upload is larger than the limit of {limit} bytes.")
+def body_limit(path: str, settings: Settings) -> int:
+    """The most bytes a request body to ``path`` may have."""
+    path = path.rstrip("/")
+    if path == "/v1/files":
+        return MAX_FILE_BYTES + ENVELOPE_BYTES
+    if path == "/v1/images/edits":
+        # The images and a mask.
+        return settings.edit_max_image_bytes * (settings.edit_max_images + 1) + ENVELOPE_BYTES
+    if path == "/v1/images/variations":
+        return settings.edit_max_image_bytes + ENVELOPE_BYTES
+    if path == "/v1/images/batches":
+        return NATIVE_BATCH_BYTES
+    return settings.max_body_bytes
+
+
+def _code(path: str) -> str:
+    return ErrorCode.file_too_large if path.rstrip("/") in UPLOAD_PATHS else "request_too_large"
 
 
 class UploadLimit:
-    def __init__(self, app: ASGIApp, limit: int = MAX_FILE_BYTES + ENVELOPE_BYTES) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings | None = None) -> None:
         self.app = app
-        self.limit = limit
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope["path"].rstrip("/") not in UPLOAD_PATHS
-        ):
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
+        limit = body_limit(scope["path"], self.settings or get_settings())
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _refuse(scope, receive, send, self.limit)
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _refuse(scope, receive, send, limit)
                 return
         received = 0
 
@@ -48,19 +70,24 @@ class UploadLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    # Raised inside the form parser; FastAPI passes HTTPException on
-                    # and the error handlers render it in the surface's shape.
-                    raise _too_large(self.limit)
+                if received > limit:
+                    # Raised inside the body or form parser; FastAPI passes
+                    # HTTPException on and the error handlers render it in the
+                    # surface's shape.
+                    raise BodyTooLarge(limit, _code(scope["path"]))
             return message
 
         await self.app(scope, counted, send)
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    code = _code(scope["path"])
     response = error_response(
         InvalidRequest(
-            str(_too_large(limit).detail), param="file", code=ErrorCode.file_too_large, status=413
+            str(BodyTooLarge(limit, code).detail),
+            param="file" if code == ErrorCode.file_too_large else None,
+            code=code,
+            status=413,
         )
     )
     response.headers["connection"] = "close"  # the unread body is not drained

@@ -24,7 +24,7 @@ from shared.core.ids import new_id
 from shared.core.settings import Settings
 from shared.core.storage import Storage
 from shared.idempotency.service import claim_of
-from shared.imaging import check_mask, read_input
+from shared.imaging import check_mask, check_total_pixels, read_input
 from shared.jobs.input import form_request, parse_request, validate_edit
 from shared.jobs.schemas import ImageEditForm, ImagesResponse, ImageVariationForm
 from shared.jobs.service import store_inputs
@@ -105,15 +105,19 @@ async def _accept(
             else:
                 raise InvalidRequest(f"Unexpected file field '{name}'.", param=name)
         _check_counts(operation, uploads, settings)
-        blobs = [await upload.read() for upload in uploads]
-        mask_blob = await mask_upload.read() if mask_upload is not None else None
+        limit = settings.edit_max_image_bytes
+        blobs = [await _read_capped(upload, "image", limit) for upload in uploads]
+        mask_blob = None
+        if mask_upload is not None:
+            mask_blob = await _read_capped(mask_upload, "mask", limit)
     finally:
         await form.close()
-    limit = settings.edit_max_image_bytes
-    images = await run_in_threadpool(lambda: [read_input(b, "image", limit) for b in blobs])
+    limits = (limit, settings.edit_max_image_pixels)
+    images = await run_in_threadpool(lambda: [read_input(b, "image", *limits) for b in blobs])
+    check_total_pixels(images, settings.edit_max_total_pixels)
     mask = None
     if mask_blob is not None:
-        mask = await run_in_threadpool(read_input, mask_blob, "mask", limit)
+        mask = await run_in_threadpool(read_input, mask_blob, "mask", *limits)
         check_mask(mask, images[0])
     body = form_request(fields)
     params = validate_edit(dict(body), get_registry(), operation)
@@ -155,3 +159,18 @@ def _check_counts(operation: str, uploads: list[UploadFile], settings: Settings)
             param="image",
             code="invalid_value",
         )
+
+
+async def _read_capped(upload: UploadFile, param: str, limit: int) -> bytes:
+    """An upload's bytes, refused before they are read when over the limit: the form
+    parser has spooled a large one to disk, and reading it whole first cost the
+    API its size in memory (400 MiB for a 400 MiB image)."""
+    size = upload.size
+    data = b"" if size is not None and size > limit else await upload.read(limit + 1)
+    if len(data) > limit or (size is not None and size > limit):
+        raise InvalidRequest(
+            f"'{param}' is {size or len(data)} bytes; the most an input image may have is {limit}.",
+            param=param,
+            code="file_too_large",
+        )
+    return data

@@ -25,7 +25,7 @@ from shared.core.outbox import after_commit
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
 from shared.files.service import get_file
-from shared.imaging import check_mask, read_input
+from shared.imaging import check_mask, check_total_pixels, read_input
 from shared.jobs.input import parse_request, validate_edit, validate_generation
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.schemas import GenerationParams
@@ -253,13 +253,15 @@ def _edit_line(session: Session, project_id: str, job_id: str, body: Any) -> Gen
         )
     if len(refs) > settings.edit_max_images:
         raise InvalidRequest(f"At most {settings.edit_max_images} images per edit.", param="image")
-    limit = settings.edit_max_image_bytes
+    limits = (settings.edit_max_image_bytes, settings.edit_max_image_pixels)
     images = [
-        read_input(_image_bytes(session, project_id, r, "image"), "image", limit) for r in refs
+        read_input(_image_bytes(session, project_id, r, "image"), "image", *limits) for r in refs
     ]
+    check_total_pixels(images, settings.edit_max_total_pixels)
     mask = None
     if body.get("mask") is not None:
-        mask = read_input(_image_bytes(session, project_id, body["mask"], "mask"), "mask", limit)
+        raw = _image_bytes(session, project_id, body["mask"], "mask")
+        mask = read_input(raw, "mask", *limits)
         check_mask(mask, images[0])
     keys, mask_key = store_inputs(get_storage(), project_id, job_id, images, mask)
     return params.model_copy(update={"images": keys, "mask": mask_key})

@@ -485,3 +485,42 @@ def test_an_oversize_upload_is_refused_without_holding_it(stack: Stack) -> None:
     assert "big.jsonl" not in [f["filename"] for f in files]
     # Never more than the limit spooled, and nothing of it held in memory.
     assert (_rss_kib(pid) - before) < 48 * 1024, (before, _rss_kib(pid))
+
+
+def test_a_huge_json_body_without_a_key_is_refused_without_holding_it(stack: Stack) -> None:
+    """300 MiB of JSON and no key grew the API by 906 MiB before it answered 401."""
+    assert stack.api.proc is not None
+    pid = stack.api.proc.pid
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    before = _rss_kib(pid)
+    head = (
+        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {300 * 2**20}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head)
+        answer = _read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+
+    chunk = b'{"prompt": "' + b"a" * (2**20)
+    sent = 0
+
+    def body() -> Any:
+        nonlocal sent
+        while sent < 300 * 2**20:
+            sent += len(chunk)
+            yield chunk
+
+    with httpx.Client(base_url=stack.base_url, timeout=120) as client:
+        try:
+            resp = client.post(
+                "/v1/images/generations",
+                content=body(),
+                headers={"Content-Type": "application/json"},
+            )
+            assert resp.status_code == 413, resp.text
+            assert resp.json()["error"]["code"] == "request_too_large"
+        except httpx.TransportError:
+            pass  # the server may close while the client still sends
+    assert (_rss_kib(pid) - before) < 48 * 1024, (before, _rss_kib(pid))

@@ -219,3 +219,17 @@ def test_a_batch_of_edits_takes_data_urls_and_file_ids(service: Service) -> None
     failed = {r["custom_id"]: r for r in map(json.loads, errors.splitlines())}
     assert set(failed) == {"no-image", "bad-image"}
     assert "'image'" in json.dumps(failed["no-image"])
+
+
+@pytest.mark.parametrize("field", ["image", "mask"])
+def test_an_image_bomb_is_refused_before_it_is_decoded(service: Service, field: str) -> None:
+    """A 13000x13000 PNG of a few kilobytes (169 Mpx: 676 MiB once decoded)."""
+    from tests.support.bombs import png_declaring
+
+    files = {"image": ("in.png", png((64, 64), (0, 0, 0)), "image/png")}
+    files[field] = (f"{field}.png", png_declaring(13000, 13000), "image/png")
+    with service.client() as http:
+        resp = http.post("/v1/images/edits", files=files, data={"prompt": "p"})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert (error["code"], error["param"]) == ("image_too_large", field)

@@ -1,0 +1,99 @@
+"""Request bodies are stopped at their route's limit as they arrive
+(api/upload_limit.py): a declared length over it is refused before a byte is read
+and before authentication; an undeclared one after at most the limit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import MutableMapping
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+
+from api import errors
+from api.upload_limit import UploadLimit, body_limit
+from shared.core.settings import Settings
+
+SETTINGS = Settings(max_body_bytes=64 * 1024)
+CHUNK = 16 * 1024
+
+
+def app() -> UploadLimit:
+    inner = FastAPI()
+    errors.install(inner)
+
+    @inner.post("/v1/images/generations")
+    async def generations(request: Request) -> dict[str, int]:
+        return {"read": len(await request.body())}
+
+    return UploadLimit(inner, SETTINGS)
+
+
+async def call(
+    headers: list[tuple[bytes, bytes]], chunks: int, path: str = "/v1/images/generations"
+) -> tuple[int, dict[str, Any], int]:
+    """(status, JSON answer, body bytes the app pulled) for a body of ``chunks``."""
+    pulled = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        if pulled >= chunks * CHUNK:
+            return {"type": "http.disconnect"}
+        pulled += CHUNK
+        return {"type": "http.request", "body": b" " * CHUNK, "more_body": pulled < chunks * CHUNK}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), *headers],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("t", 80),
+        "client": ("c", 1),
+        "root_path": "",
+    }
+    await app()(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body), pulled
+
+
+@pytest.mark.anyio
+async def test_a_declared_length_over_the_limit_is_refused_unread() -> None:
+    status, answer, pulled = await call([(b"content-length", str(300 * 2**20).encode())], 1)
+    assert status == 413
+    assert answer["error"]["code"] == "request_too_large"
+    assert pulled == 0
+
+
+@pytest.mark.anyio
+async def test_an_undeclared_body_is_cut_off_once_past_the_limit() -> None:
+    # 300 MiB offered; the app pulls just past the 64 KiB limit, then answers 413.
+    status, answer, pulled = await call([], 300 * 2**20 // CHUNK)
+    assert status == 413
+    assert "limit of 65536 bytes" in answer["error"]["message"]
+    assert pulled <= SETTINGS.max_body_bytes + CHUNK
+
+
+@pytest.mark.anyio
+async def test_a_body_within_the_limit_is_read_whole() -> None:
+    status, answer, _ = await call([(b"content-length", str(3 * CHUNK).encode())], 3)
+    assert (status, answer) == (200, {"read": 3 * CHUNK})
+
+
+def test_each_route_has_its_own_limit() -> None:
+    settings = Settings(max_body_bytes=2000, edit_max_image_bytes=10, edit_max_images=2)
+    assert body_limit("/v1/images/generations", settings) == 2000
+    assert body_limit("/image/create", settings) == 2000
+    assert body_limit("/v1/files", settings) > 200 * 2**20
+    assert body_limit("/v1/images/edits", settings) == 30 + 64 * 1024
+    assert body_limit("/v1/images/variations/", settings) == 10 + 64 * 1024
+    assert body_limit("/v1/images/batches", settings) == 64 * 2**20
