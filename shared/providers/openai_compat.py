@@ -16,7 +16,12 @@ from typing import Any, NoReturn
 
 import httpx
 
-from shared.core.errors import PermanentProviderError, TransientProviderError
+from shared.core.errors import (
+    PermanentProviderError,
+    TransientProviderError,
+    UnresolvableTarget,
+    UnsafeTarget,
+)
 from shared.core.settings import get_settings
 from shared.core.storable import clean
 from shared.jobs.schemas import GenerationParams
@@ -30,6 +35,7 @@ from shared.providers.base import (
     no_progress,
 )
 from shared.registry import ModelSpec
+from shared.webhooks.targets import check_target
 
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 
@@ -149,7 +155,7 @@ class OpenAICompatibleProvider:
                     if response.status_code >= 400:
                         response.read()
                         _refuse(response)
-                    return self._streamed(response, count, first_index, partials)
+                    return self._streamed(response, count, first_index, partials, url)
             response = self.client.post(url, headers=headers, **request)
         if response.status_code >= 400:
             _refuse(response)
@@ -166,12 +172,17 @@ class OpenAICompatibleProvider:
                 f"for n={count}",
                 code="upstream_bad_response",
             )
-        images = [self._image(item) for item in items]
+        images = [self._image(item, url) for item in items]
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
         return Generation(images=images, usage=usage)
 
     def _streamed(
-        self, response: httpx.Response, count: int, first_index: int, partials: Partials
+        self,
+        response: httpx.Response,
+        count: int,
+        first_index: int,
+        partials: Partials,
+        upstream: str,
     ) -> Generation:
         """An upstream's event stream: partial images relayed, completed ones kept."""
         images: list[GeneratedImage] = []
@@ -180,10 +191,10 @@ class OpenAICompatibleProvider:
             kind = str(event.get("type", ""))
             if kind.endswith(".partial_image"):
                 index = event.get("partial_image_index")
-                data = self._image(event).data
+                data = self._image(event, upstream).data
                 partials(first_index + len(images), index if isinstance(index, int) else 0, data)
             elif kind.endswith(".completed"):
-                images.append(self._image(event))
+                images.append(self._image(event, upstream))
                 if isinstance(event.get("usage"), dict):
                     usage = event["usage"]
             elif isinstance(event.get("error"), dict):
@@ -196,7 +207,8 @@ class OpenAICompatibleProvider:
             )
         return Generation(images=images, usage=usage)
 
-    def _image(self, item: Any) -> GeneratedImage:
+    def _image(self, item: Any, upstream: str) -> GeneratedImage:
+        """One image of the answer; ``upstream`` is the URL the answer came from."""
         revised = item.get("revised_prompt") if isinstance(item, dict) else None
         revised = clean(revised) if isinstance(revised, str) else None
         if isinstance(item, dict) and item.get("b64_json"):
@@ -206,22 +218,92 @@ class OpenAICompatibleProvider:
                 raise TransientProviderError(
                     "upstream sent invalid base64", code="upstream_bad_response"
                 ) from exc
-        if isinstance(item, dict) and item.get("url"):
+        if isinstance(item, dict) and isinstance(item.get("url"), str):
+            return GeneratedImage(self._download(item["url"], upstream), revised)
+        raise TransientProviderError(
+            "upstream image has neither url nor b64_json", code="upstream_bad_response"
+        )
+
+    def _download(self, url: str, upstream: str) -> bytes:
+        """An image the upstream answered by URL. A URL on the upstream's own origin is
+        trusted as the upstream is (the operator named it); any other passes the
+        webhooks' target check first (no loopback, private or metadata address unless
+        IMAGEGEN_WEBHOOK_ALLOW_PRIVATE_TARGETS). Redirects are followed on the same
+        origin only, and the body is read up to MAX_DOWNLOAD_BYTES: an upstream
+        answering a 302 to our own API made the worker call it, and nothing bounded
+        what it read."""
+        target = _url(url)
+        if _origin(target) != _origin(_url(upstream)):
             try:
-                resp = self.client.get(item["url"])
+                check_target(
+                    str(target), allow_private=get_settings().webhook_allow_private_targets
+                )
+            except UnsafeTarget as exc:
+                raise PermanentProviderError(
+                    f"the upstream's image URL is refused: {exc}", code="upstream_bad_response"
+                ) from None
+            except UnresolvableTarget:
+                raise TransientProviderError(
+                    "the upstream's image host does not resolve", code="upstream_unavailable"
+                ) from None
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                with self.client.stream("GET", target, follow_redirects=False) as resp:
+                    if resp.is_redirect and "location" in resp.headers:
+                        following = target.join(resp.headers["location"])
+                        if _origin(following) != _origin(target):
+                            raise PermanentProviderError(
+                                "the upstream's image URL redirects to another host",
+                                code="upstream_bad_response",
+                            )
+                        target = following
+                        continue
+                    if resp.status_code != 200:
+                        raise TransientProviderError(
+                            f"downloading the upstream image answered {resp.status_code}",
+                            code="upstream_unavailable",
+                        )
+                    return _read_capped(resp)
             except httpx.HTTPError as exc:
                 raise TransientProviderError(
                     f"downloading the upstream image failed: {exc}", code="upstream_unavailable"
                 ) from exc
-            if resp.status_code != 200:
-                raise TransientProviderError(
-                    f"downloading the upstream image answered {resp.status_code}",
-                    code="upstream_unavailable",
-                )
-            return GeneratedImage(resp.content, revised)
-        raise TransientProviderError(
-            "upstream image has neither url nor b64_json", code="upstream_bad_response"
+        raise PermanentProviderError(
+            "the upstream's image URL redirects too often", code="upstream_bad_response"
         )
+
+
+# The most bytes one downloaded image may have (a 4096x4096 RGBA PNG stored raw is
+# 64 MiB), and redirects followed on the upstream image's own origin.
+MAX_DOWNLOAD_BYTES = 80 * 1024 * 1024
+MAX_REDIRECTS = 3
+
+
+def _url(url: str) -> httpx.URL:
+    try:
+        return httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise PermanentProviderError(
+            "the upstream's image URL is not a URL", code="upstream_bad_response"
+        ) from exc
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
+
+
+def _read_capped(resp: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in resp.iter_bytes():
+        size += len(chunk)
+        if size > MAX_DOWNLOAD_BYTES:
+            raise PermanentProviderError(
+                f"the upstream's image is larger than {MAX_DOWNLOAD_BYTES} bytes",
+                code="upstream_bad_response",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _multipart(

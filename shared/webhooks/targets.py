@@ -135,8 +135,10 @@ def check_target(url: str, *, allow_private: bool, param: str = "url") -> Target
                 else " (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE_TARGETS=true allows loopback and LAN "
                 "receivers for development)"
             )
+            # What the host resolved to is not said: that would answer DNS lookups
+            # of internal names for whoever registers a webhook.
             raise UnsafeTarget(
-                f"The webhook host '{parsed.host}' resolves to {ip}, {why}; "
+                f"The webhook host '{parsed.host}' resolves to {why}; "
                 f"such targets are refused{hint}.",
                 param=param,
             )

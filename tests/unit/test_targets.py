@@ -80,3 +80,12 @@ def test_non_http_schemes_are_refused() -> None:
     for url in ("file:///etc/passwd", "gopher://127.0.0.1/", "ftp://93.184.216.34/"):
         with pytest.raises(UnsafeTarget):
             check_target(url, allow_private=True)
+
+
+def test_a_refusal_does_not_say_what_the_host_resolved_to() -> None:
+    """Naming the address answered internal DNS lookups for anyone with a key."""
+    with pytest.raises(UnsafeTarget) as caught:
+        check_target("http://localhost:9/hook", allow_private=False)
+    assert "non-public address" in str(caught.value)
+    assert "127.0.0.1" not in str(caught.value)
+    assert "::1" not in str(caught.value)
