@@ -8,6 +8,7 @@ from typing import Any
 
 from shared.core.errors import ErrorCode, InvalidRequest
 from shared.core.storable import find_unstorable
+from shared.files.service import MAX_FILE_BYTES
 
 ENDPOINT = "/v1/images/generations"
 EDITS_ENDPOINT = "/v1/images/edits"
@@ -15,6 +16,8 @@ ENDPOINTS = (ENDPOINT, EDITS_ENDPOINT)
 
 
 MAX_LINES = 50_000
+# Line errors listed in a failed batch's errors; any more are only counted.
+MAX_LISTED_ERRORS = 100
 
 
 MAX_CUSTOM_ID_CHARS = 500  # the column
@@ -44,7 +47,7 @@ def _custom_id_refusal(custom_id: Any, seen: set[str]) -> tuple[ErrorCode, str] 
             f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters.",
         )
     if custom_id in seen:
-        return ErrorCode.duplicate_custom_id, f"The custom_id '{custom_id}' is used twice."
+        return ErrorCode.duplicate_custom_id, f"The custom_id '{quoted(custom_id)}' is used twice."
     seen.add(custom_id)
     return None
 
@@ -93,38 +96,73 @@ def _line_errors(
     return obj, errors
 
 
+def _file_error(code: ErrorCode, message: str) -> LineError:
+    """An error of the file as a whole (no line, no param), in a line error's shape."""
+    return {"code": code, "line": None, "param": None, "message": message}
+
+
 def parse_input(
-    lines: Iterable[bytes], endpoint: str = ENDPOINT
+    lines: Iterable[bytes],
+    endpoint: str = ENDPOINT,
+    *,
+    max_lines: int = MAX_LINES,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> tuple[list[dict[str, Any]], list[LineError]]:
     """Items from an OpenAI batch input file read line by line (never decoded whole),
-    or the errors naming every bad line."""
+    or the errors naming its bad lines (then no items).
+
+    Streamed, so a hostile file costs memory bounded by the limits, not by its size:
+    reading stops at the first request past ``max_lines`` (``too_many_lines``) or
+    the first line past ``max_bytes`` (``file_too_large``); the first
+    ``MAX_LISTED_ERRORS`` line errors are kept, the rest only counted (one last
+    error says how many more); and once a line is bad no item is kept.
+    """
     items: list[dict[str, Any]] = []
     errors: list[LineError] = []
+    unlisted = 0
     seen: set[str] = set()
+    requests = read = 0
+    missing_newline = 0  # a line yielded without its newline (S3's iter_lines)
+    limit: LineError | None = None
     for number, raw_bytes in enumerate(lines, start=1):
+        read += missing_newline + len(raw_bytes)
+        missing_newline = 0 if raw_bytes.endswith(b"\n") else 1
+        if read > max_bytes:
+            limit = _file_error(
+                ErrorCode.file_too_large,
+                f"The file is more than {max_bytes} bytes; the limit is {max_bytes}.",
+            )
+            break
+        if not raw_bytes.strip():
+            continue
+        requests += 1
+        if requests > max_lines:
+            limit = _file_error(
+                ErrorCode.too_many_lines,
+                f"The file has more than {max_lines} requests; at most {max_lines} are allowed.",
+            )
+            break
         obj, found = _line_errors(number, raw_bytes, seen, endpoint)
-        errors += found
-        if obj is not None:
+        if found:
+            room = MAX_LISTED_ERRORS - len(errors)
+            errors += found[:room]
+            unlisted += len(found[room:])
+            items.clear()  # the batch fails: its items are never used
+        elif obj is not None and not errors:
             items.append(
                 {"line": number, "custom_id": obj.get("custom_id"), "body": obj.get("body")}
             )
-    if len(items) > MAX_LINES:
-        errors.insert(
-            0,
-            {
-                "code": ErrorCode.too_many_lines,
-                "line": None,
-                "param": None,
-                "message": f"The file has {len(items)} requests; at most {MAX_LINES} are allowed.",
-            },
-        )
-    if not items and not errors:
+    if unlisted:
         errors.append(
-            {
-                "code": ErrorCode.empty_file,
-                "line": None,
-                "param": None,
-                "message": "The input file has no requests.",
-            }
+            _file_error(
+                ErrorCode.invalid_file,
+                f"{unlisted} more errors were found on later lines; "
+                f"only the first {MAX_LISTED_ERRORS} are listed.",
+            )
         )
+    if limit is not None:
+        errors.insert(0, limit)
+        items.clear()
+    if not items and not errors:
+        errors.append(_file_error(ErrorCode.empty_file, "The input file has no requests."))
     return items, errors
