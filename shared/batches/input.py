@@ -47,7 +47,7 @@ def _custom_id_refusal(custom_id: Any, seen: set[str]) -> tuple[ErrorCode, str] 
             f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters.",
         )
     if custom_id in seen:
-        return ErrorCode.duplicate_custom_id, f"The custom_id '{quoted(custom_id)}' is used twice."
+        return ErrorCode.duplicate_custom_id, f"The custom_id '{custom_id}' is used twice."
     seen.add(custom_id)
     return None
 
