@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shared.core.errors import ModelNotFound
+from shared.core.errors import ModelNotFound, quoted
 from shared.core.schemas import Schema
 from shared.core.settings import get_settings
 
@@ -236,7 +236,8 @@ class Registry(BaseModel):
         if not os.environ.get("OPENAI_API_KEY") and str(name).startswith(("dall-e", "gpt-image")):
             hint = " (OpenAI's models are served when OPENAI_API_KEY is set)"
         raise ModelNotFound(
-            f"The model '{name}' does not exist. Available: {known}{hint}.", param="model"
+            f"The model '{quoted(name)}' does not exist. Available: {known}{hint}.",
+            param="model",
         )
 
     @property

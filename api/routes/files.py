@@ -13,7 +13,7 @@ from api import openapi
 from api.deps import After, CurrentPrincipal, DbSession, IdempotencyKeyHeader, StorageDep
 from api.errors import ERRORS
 from api.input_guard import check_text
-from shared.core.errors import InvalidRequest, InvalidValue
+from shared.core.errors import InvalidRequest, InvalidValue, quoted
 from shared.core.schemas import Deleted, ListPage
 from shared.files.schemas import FileObject
 from shared.files.service import (
@@ -52,7 +52,7 @@ async def upload(
         )
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(
-            f"Invalid purpose '{purpose}': use one of {', '.join(UPLOAD_PURPOSES)}.",
+            f"Invalid purpose '{quoted(purpose)}': use one of {', '.join(UPLOAD_PURPOSES)}.",
             param="purpose",
         )
     # The body was counted as it arrived (api/upload_limit.py) and the part spooled

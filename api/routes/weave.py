@@ -18,7 +18,7 @@ from api import openapi
 from api.deps import BaseUrl, DbSession, SettingsDep, StorageDep, WeavePrincipal
 from api.generation import submit, webhook_for
 from shared.core.db import unit_of_work
-from shared.core.errors import Forbidden, ImagegenError
+from shared.core.errors import Forbidden, ImagegenError, quoted
 from shared.core.schemas import Schema
 from shared.jobs.input import parse_request, validate_generation
 from shared.jobs.models import JobStatus
@@ -135,7 +135,7 @@ class CallsQueryStatsRes(Schema):
 
 def _check_project(principal: Principal, project_ref: str) -> None:
     if not principal.owns_project(project_ref):
-        raise Forbidden(f"This API key may not use project '{project_ref}'.")
+        raise Forbidden(f"This API key may not use project '{quoted(project_ref)}'.")
 
 
 def _failure(message: str) -> ImageGenerationCreateRes:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from shared.core.errors import ErrorCode, InvalidRequest
+from shared.core.errors import ErrorCode, InvalidRequest, quoted
 from shared.core.storable import find_unstorable
 from shared.files.service import MAX_FILE_BYTES
 
@@ -47,7 +47,7 @@ def _custom_id_refusal(custom_id: Any, seen: set[str]) -> tuple[ErrorCode, str] 
             f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters.",
         )
     if custom_id in seen:
-        return ErrorCode.duplicate_custom_id, f"The custom_id '{custom_id}' is used twice."
+        return ErrorCode.duplicate_custom_id, f"The custom_id '{quoted(custom_id)}' is used twice."
     seen.add(custom_id)
     return None
 

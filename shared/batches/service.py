@@ -37,7 +37,7 @@ from shared.batches.pump import stop_pending
 from shared.batches.views import render_batch
 from shared.core.broker import publish_batch_pump, publish_batch_validation
 from shared.core.clock import utcnow
-from shared.core.errors import Conflict, InvalidRequest, InvalidValue, NotFound
+from shared.core.errors import Conflict, InvalidRequest, InvalidValue, NotFound, quoted
 from shared.core.events import publish_changed
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
@@ -63,7 +63,7 @@ def create_openai_batch(
     """Record the batch; the worker validates its input file (enqueued after commit)."""
     if endpoint not in ENDPOINTS:
         raise InvalidRequest(
-            f"Unsupported endpoint '{endpoint}': this service batches "
+            f"Unsupported endpoint '{quoted(endpoint)}': this service batches "
             f"{' and '.join(repr(e) for e in ENDPOINTS)}.",
             param="endpoint",
         )
@@ -73,7 +73,7 @@ def create_openai_batch(
     file = get_file(session, principal.project_id, input_file_id)
     if file.purpose != "batch":
         raise InvalidRequest(
-            f"File '{input_file_id}' has purpose '{file.purpose}', not 'batch'.",
+            f"File '{quoted(input_file_id)}' has purpose '{file.purpose}', not 'batch'.",
             param="input_file_id",
         )
     now = utcnow()

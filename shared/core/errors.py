@@ -126,6 +126,19 @@ class ImagegenError(Exception):
         self.retry_after = retry_after
 
 
+# The most of a client's bad value an error message quotes: a 1 MB `size` came back
+# whole in a 1 MB 400 before.
+QUOTE_CHARS = 64
+
+
+def quoted(value: object) -> str:
+    """A client's value for an error message: as given, cut to QUOTE_CHARS."""
+    text = str(value)
+    if len(text) <= QUOTE_CHARS:
+        return text
+    return f"{text[:QUOTE_CHARS]}... ({len(text)} characters)"
+
+
 def render(err: ImagegenError) -> ErrorBody:
     """The one rendering of an error, as OpenAI's error object."""
     return ErrorBody(

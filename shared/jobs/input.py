@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from shared.core.errors import InvalidRequest, schema_error
+from shared.core.errors import InvalidRequest, quoted, schema_error
 from shared.jobs.schemas import MAX_SEED, GenerationParams, ImageGenerationRequest
 from shared.registry import ModelSpec, Registry, parse_size
 
@@ -34,7 +34,7 @@ def _choice(
                 code="invalid_value",
             )
         raise InvalidRequest(
-            f"Invalid value '{value}' for '{param}' with model '{model}'. "
+            f"Invalid value '{quoted(value)}' for '{param}' with model '{model}'. "
             f"Supported values are: {', '.join(repr(a) for a in allowed)}.",
             param=param,
             code="invalid_value",
@@ -50,7 +50,7 @@ def _size(value: str | None, spec: ModelSpec) -> str | None:
     wh = parse_size(value)
     if wh is None or 0 in wh:
         raise InvalidRequest(
-            f"Invalid size '{value}' for model '{spec.name}': give WIDTHxHEIGHT or one of "
+            f"Invalid size '{quoted(value)}' for model '{spec.name}': give WIDTHxHEIGHT or one of "
             f"{', '.join(repr(s) for s in spec.capabilities.sizes)}.",
             param="size",
             code="invalid_value",
@@ -58,7 +58,7 @@ def _size(value: str | None, spec: ModelSpec) -> str | None:
     problem = rule.problem(*wh)
     if problem:
         raise InvalidRequest(
-            f"Invalid size '{value}' for model '{spec.name}': {problem}.",
+            f"Invalid size '{quoted(value)}' for model '{spec.name}': {problem}.",
             param="size",
             code="invalid_value",
         )
@@ -204,7 +204,7 @@ def validate_edit(
         )
     if fidelity is not None and fidelity not in ("high", "low"):
         raise InvalidRequest(
-            f"Invalid value '{fidelity}' for 'input_fidelity': 'high' or 'low'.",
+            f"Invalid value '{quoted(fidelity)}' for 'input_fidelity': 'high' or 'low'.",
             param="input_fidelity",
             code="invalid_value",
         )

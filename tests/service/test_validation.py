@@ -181,3 +181,15 @@ def test_proxy_style_request_every_item_has_url(service: Service) -> None:
     data = resp.json()["data"]
     assert len(data) == 3
     assert all(item.get("url") for item in data)
+
+
+@pytest.mark.parametrize("field", ["size", "model", "quality"])
+def test_an_error_quotes_only_a_short_prefix_of_the_bad_value(service: Service, field: str) -> None:
+    """A 1 MB `size` came back whole in a 1 MB 400."""
+    body = {"prompt": "p", "model": "procedural", field: "x" * 1_000_000}
+    with service.client() as http:
+        resp = http.post("/v1/images/generations", json=body)
+    assert resp.status_code in (400, 404), resp.text[:200]
+    assert resp.json()["error"]["param"] == field
+    assert len(resp.content) < 4096
+    assert "(1000000 characters)" in resp.json()["error"]["message"]
