@@ -18,6 +18,7 @@ from starlette.datastructures import UploadFile
 from api import openapi
 from api.deps import BaseUrl, CurrentPrincipal, IdempotencyKeyHeader, SettingsDep, StorageDep
 from api.generation import webhook_for
+from api.input_guard import check_text
 from api.routes.images import answer
 from shared.core.errors import InvalidRequest
 from shared.core.ids import new_id
@@ -97,6 +98,7 @@ async def _accept(
         mask_upload: UploadFile | None = None
         for name, value in form.multi_items():
             if isinstance(value, str):
+                check_text(value, name)  # a NUL in `prompt=a\0b` was taken
                 fields.setdefault(name, []).append(value)
             elif name in IMAGE_FIELDS:
                 uploads.append(value)

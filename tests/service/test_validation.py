@@ -193,3 +193,34 @@ def test_an_error_quotes_only_a_short_prefix_of_the_bad_value(service: Service, 
     assert resp.json()["error"]["param"] == field
     assert len(resp.content) < 4096
     assert "(1000000 characters)" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("depth", [100, 900, 100_000])
+@pytest.mark.parametrize("path", ["/v1/images/batches", "/v1/images/generations"])
+def test_a_deeply_nested_body_is_refused_with_400(service: Service, path: str, depth: int) -> None:
+    """900 levels in a native batch's `shared` answered 500."""
+    nested = "[" * depth + "]" * depth
+    raw = f'{{"prompts": ["p"], "prompt": "p", "shared": {{"user": {nested}}}}}'
+    with service.client() as http:
+        resp = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text[:300]
+    # Past Python's own recursion limit the body does not parse at all: 400 too.
+    if depth < 1000:
+        assert "levels deep" in resp.json()["error"]["message"]
+
+
+def test_a_nul_in_a_multipart_text_field_is_refused(service: Service) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    with service.client() as http:
+        resp = http.post(
+            "/v1/images/edits",
+            files={"image": ("in.png", buf.getvalue(), "image/png")},
+            data={"prompt": "a\0b", "model": "procedural"},
+        )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "prompt"
