@@ -318,21 +318,24 @@ def dev(
 ) -> None:
     """API and worker together on embedded defaults (SQLite, local files, no Redis)."""
     from shared.core.db import unit_of_work
+    from shared.core.private_files import private_dir, tighten, write_private_file
     from shared.core.settings import get_settings
     from shared.projects.service import KEY_PREFIX, ensure_key
 
     settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)  # 0700: it holds the secrets and the database
     lock = _lock_data_dir_or_exit(settings.data_dir)  # noqa: F841  (held until exit)
     _port_free_or_exit(host or settings.host, port or settings.port)
     _upgrade_or_exit()
     key = settings.dev_api_key
     key_file = settings.data_dir / "dev_api_key"
     if not key:
-        if not key_file.exists():
+        if key_file.exists():
+            tighten(key_file)  # an install from before it was made 0600
+        else:
             import secrets
 
-            key_file.write_text(KEY_PREFIX + secrets.token_urlsafe(32))
+            write_private_file(key_file, KEY_PREFIX + secrets.token_urlsafe(32))
         key = key_file.read_text().strip()
     with unit_of_work() as session:
         ensure_key(session, "default", key)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,6 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from shared.core import outbox
+from shared.core.private_files import private_dir, tighten_sqlite
 from shared.core.settings import get_settings
 
 
@@ -20,6 +22,11 @@ def make_engine(url: str) -> Engine:
     # hide_parameters: a failed statement's error (and so any log of it) never
     # carries the bound values, which can be secrets (a new whsec_ secret, a hash).
     if url.startswith("sqlite"):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            # Only this user reads the data (the file is made 0600 before SQLite
+            # opens it; its -wal and -shm then get the same mode).
+            tighten_sqlite(Path(database))
         # Many threads (API threadpool, worker threads) share one SQLite file:
         # WAL lets readers run beside the one writer, busy_timeout queues writers.
         engine = sa.create_engine(
@@ -77,7 +84,7 @@ def _ping_when_idle(engine: Engine) -> None:
 def get_engine() -> Engine:
     settings = get_settings()
     if settings.resolved_database_url.startswith("sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.data_dir)
     return make_engine(settings.resolved_database_url)
 
 

@@ -7,12 +7,15 @@ and the built-in ``procedural`` model.
 
 from __future__ import annotations
 
+import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.core.private_files import private_dir, tighten, write_private_file
 
 
 class Settings(BaseSettings):
@@ -155,13 +158,11 @@ class Settings(BaseSettings):
         if self.secret_key:
             return self.secret_key
         path = self.data_dir / "secret_key"
-        if not path.exists():
-            import secrets
-
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(secrets.token_urlsafe(48))
-            tmp.replace(path)
+        private_dir(self.data_dir)
+        if path.exists():
+            tighten(path)  # an install from before it was made 0600
+        else:
+            write_private_file(path, secrets.token_urlsafe(48))
         return path.read_text().strip()
 
 
