@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import swagger_ui_bundle
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from api import errors
 from api.console import routes as console
 from api.input_guard import guard_input
-from api.middleware import DefaultJSONContentType, RequestContext
+from api.middleware import DefaultJSONContentType, RequestContext, security_headers
 from api.routes import (
     admin,
     batches,
@@ -76,7 +76,8 @@ def create_app() -> FastAPI:
     console.install(app)
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(UploadLimit)
-    app.add_middleware(RequestContext)  # outermost: every line of the request carries it
+    # Outermost: every line of the request carries its id; every answer the headers.
+    app.add_middleware(RequestContext, headers=security_headers(get_settings()))
     app.include_router(images.router)
     app.include_router(edits.router)
     app.include_router(events.router)
@@ -114,6 +115,27 @@ def create_app() -> FastAPI:
     return app
 
 
+# FastAPI's get_swagger_ui_html starts Swagger UI from an inline script, which the
+# Content-Security-Policy (api/middleware.py) refuses: the page here loads the same
+# bundle and starts it from a file of ours (the console's static files).
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>imagegen API</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+<link rel="icon" href="/docs/assets/favicon-32x32.png">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script src="/console/static/docs.js" data-openapi-url="{openapi_url}"></script>
+</body>
+</html>
+"""
+
+
 def _offline_docs(app: FastAPI) -> None:
     """Swagger UI at /docs with its assets from the swagger-ui-bundle package."""
     app.mount(
@@ -121,13 +143,8 @@ def _offline_docs(app: FastAPI) -> None:
         StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
         name="docs-assets",
     )
+    page = DOCS_PAGE.replace("{openapi_url}", html.escape(app.openapi_url or "/openapi.json"))
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title="imagegen API",
-            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
-            swagger_css_url="/docs/assets/swagger-ui.css",
-            swagger_favicon_url="/docs/assets/favicon-32x32.png",
-        )
+        return HTMLResponse(page)

@@ -34,13 +34,31 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
+# Every page records what its Content-Security-Policy refused (the console and the
+# docs must run under it: no inline script or style, images only from where allowed).
+RECORD_VIOLATIONS = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (e) => {
+  window.cspViolations.push(`${e.violatedDirective} ${e.blockedURI}`);
+});
+"""
+
+
 @pytest.fixture
 def page(browser: Browser, stack: Stack) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1200, "height": 800})
+    context.add_init_script(RECORD_VIOLATIONS)
     tab = context.new_page()
+    refused: list[str] = []
+    tab.on(
+        "console",
+        lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     tab.goto(stack.base_url + "/")
     yield tab
+    refused.extend(tab.evaluate("() => window.cspViolations || []"))
     context.close()
+    assert not refused, refused
 
 
 def sign_in(page: Page, key: str) -> None:
@@ -66,14 +84,16 @@ def test_sign_in_generate_and_see_the_image_appear(page: Page, stack: Stack) -> 
     expect(page.locator("#job-status")).to_have_text("succeeded", timeout=30_000)
     image = page.locator(".images img").first
     expect(image).to_be_visible()
-    page.wait_for_function("document.querySelector('.images img').naturalWidth > 0")
+    # Predicates as functions: an expression string is eval-ed in the page, which its
+    # Content-Security-Policy refuses.
+    page.wait_for_function("() => document.querySelector('.images img').naturalWidth > 0")
     assert image.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [256, 256]
     # The new job is listed, with its thumbnail.
     page.click("nav >> text=Jobs")
     row = page.locator("#jobs-table tbody tr").first
     expect(row.locator(".status")).to_have_text("succeeded")
     page.wait_for_function(
-        "document.querySelector('#jobs-table tbody tr img.thumb').naturalWidth > 0"
+        "() => document.querySelector('#jobs-table tbody tr img.thumb').naturalWidth > 0"
     )
 
 
@@ -102,7 +122,9 @@ def test_a_batch_shows_its_progress_to_the_end(page: Page, stack: Stack) -> None
     expect(lines).to_have_count(6)
     expect(lines.first.locator(".status")).to_have_text("succeeded")
     assert lines.first.locator("td").nth(3).inner_text() == "console batch 0 [slow=0.5]"
-    page.wait_for_function("document.querySelector('#lines-table img.thumb').naturalWidth > 0")
+    page.wait_for_function(
+        "() => document.querySelector('#lines-table img.thumb').naturalWidth > 0"
+    )
     expect(page.locator("#cancel-batch")).to_have_count(0)  # nothing left to cancel
 
 
@@ -174,3 +196,27 @@ def test_the_pages_render(page: Page, stack: Stack) -> None:
     assert shot.width == 1200
     # Rendered, not blank: the header bar, text and chart give the page contrast.
     assert ImageStat.Stat(shot).stddev[0] > 20
+
+
+def test_the_docs_run_under_the_content_security_policy(page: Page, stack: Stack) -> None:
+    """Swagger UI at /docs, started from our own script file (no inline script);
+    the fixture fails the test on any violation the page reported."""
+    with page.expect_response(lambda r: r.url.endswith("/openapi.json")):
+        answer = page.goto(stack.base_url + "/docs")
+    assert answer is not None
+    assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+    # Swagger UI ran (its React tree drawn into the page) and read the document.
+    expect(page.locator("#swagger-ui .swagger-ui")).to_be_visible()
+    page.wait_for_load_state("networkidle")
+
+
+def test_the_console_answers_with_the_security_headers(page: Page, stack: Stack) -> None:
+    answer = page.goto(stack.base_url + "/")
+    assert answer is not None
+    policy = answer.headers["content-security-policy"]
+    assert "default-src 'self'" in policy
+    # The thumbnails' presigned URLs name the S3 endpoint: images from there allowed.
+    assert f"img-src 'self' data: {stack.env['IMAGEGEN_S3_ENDPOINT_URL']};" in policy
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert answer.headers["referrer-policy"] == "no-referrer"
