@@ -166,4 +166,11 @@ async def batch_events(
 
     first = await run_in_threadpool(snapshot)
     # Lines finish in bursts: fold each burst into one event.
-    return event_stream(request.app.state.waiter, batch_id, first, snapshot, coalesce=0.5)
+    return event_stream(
+        request.app.state.waiter,
+        batch_id,
+        first,
+        snapshot,
+        coalesce=0.5,
+        owner=principal.key_id,
+    )

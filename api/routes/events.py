@@ -62,4 +62,11 @@ async def job_events(
         )
 
     first = await run_in_threadpool(snapshot)  # a 404 here, before the stream starts
-    return event_stream(request.app.state.waiter, job_id, first, snapshot)
+    return event_stream(
+        request.app.state.waiter,
+        job_id,
+        first,
+        snapshot,
+        scope=base_url,  # the job's links name the host asked
+        owner=principal.key_id,
+    )
