@@ -151,6 +151,15 @@ class BodyTooLarge(StarletteHTTPException):
         self.code = code
 
 
+class SlowBody(StarletteHTTPException):
+    """408: a piece of the body did not arrive within the client timeout."""
+
+    code = "request_timeout"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"The request body did not arrive within {seconds:g} seconds.")
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 405:
@@ -158,6 +167,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     code = {
         404: ErrorCode.not_found,
         405: ErrorCode.method_not_allowed,
+        408: getattr(exc, "code", None),
         413: getattr(exc, "code", ErrorCode.file_too_large),
     }.get(exc.status_code)
     message = str(exc.detail)

@@ -15,9 +15,11 @@ image; a native batch, whose JSON carries its lines, 64 MiB; every other body
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import BodyTooLarge, error_response
+from api.errors import BodyTooLarge, SlowBody, error_response
 from shared.core.errors import ErrorCode, InvalidRequest
 from shared.core.settings import Settings, get_settings
 from shared.files.service import MAX_FILE_BYTES
@@ -64,11 +66,21 @@ class UploadLimit:
                 await _refuse(scope, receive, send, limit)
                 return
         received = 0
+        settings = self.settings or get_settings()
+        body_done = False
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # a streamed answer listening for the client to leave
+                return await receive()
+            try:
+                # Each piece of the body within the client timeout (api/slow_clients.py).
+                async with asyncio.timeout(settings.client_timeout_seconds):
+                    message = await receive()
+            except TimeoutError:
+                raise SlowBody(settings.client_timeout_seconds) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > limit:
                     # Raised inside the body or form parser; FastAPI passes

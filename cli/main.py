@@ -241,6 +241,7 @@ def _data_or_exit() -> None:
 def _serve_api(host: str | None, port: int | None) -> None:
     import uvicorn
 
+    from api.slow_clients import SlowClientGuard
     from shared.core.logs import configure
     from shared.core.settings import get_settings
 
@@ -258,6 +259,7 @@ def _serve_api(host: str | None, port: int | None) -> None:
         log_level=settings.log_level.lower(),
         log_config=None,
         timeout_graceful_shutdown=5,
+        http=SlowClientGuard,  # a deadline on each request's headers
     )
 
 

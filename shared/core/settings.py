@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     # The most bytes a request body may have where no route says otherwise (JSON):
     # refused with 413 as the bytes arrive, never buffered past it.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # A request's headers must arrive within this of its first byte, and each piece
+    # of its body within this of the last: a slower client is cut off.
+    client_timeout_seconds: float = Field(default=30.0, gt=0)
     # Where this host's imagegen processes write their metrics (prometheus-client's
     # multiprocess files), summed by /metrics; data_dir/metrics when unset.
     metrics_dir: Path | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from typing import Any
 
 import httpx
@@ -524,3 +525,46 @@ def test_a_huge_json_body_without_a_key_is_refused_without_holding_it(stack: Sta
         except httpx.TransportError:
             pass  # the server may close while the client still sends
     assert (_rss_kib(pid) - before) < 48 * 1024, (before, _rss_kib(pid))
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed the connection (reading whatever it sent
+    first), or None if it was still open after ``seconds``."""
+    start = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return None
+    return time.monotonic() - start
+
+
+def test_a_client_sending_its_headers_slowly_is_cut_off(stack: Stack) -> None:
+    """IMAGEGEN_CLIENT_TIMEOUT_SECONDS is 3 in the test stack; before, the server
+    held such a connection forever."""
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+        closed = _closed_within(sock, 10)
+    assert closed is not None
+    assert closed < 8
+    # Between two requests on one connection too: the second one's headers trickle.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        assert _closed_within(sock, 10) is not None
+
+
+def test_a_client_sending_its_body_slowly_gets_408(stack: Stack) -> None:
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    head = (
+        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {stack.key_a}\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(head + b'{"prompt": ')  # and then nothing
+        answer = _read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"

@@ -163,6 +163,7 @@ class Stack:
             "IMAGEGEN_SYNC_WAIT_SECONDS": "60",
             "IMAGEGEN_WORKER_CONCURRENCY": "64",
             "IMAGEGEN_RATE_LIMIT_WINDOW_SECONDS": "4",
+            "IMAGEGEN_CLIENT_TIMEOUT_SECONDS": "3",
             "IMAGEGEN_ADMIN_API_KEY": "sk-admin-test",
             # Receivers in tests listen on loopback; the refusal is tested on its own.
             "IMAGEGEN_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true",
