@@ -89,9 +89,12 @@ class Dev:
 
 
 def _raw(dev: Dev, head: str) -> str:
-    with socket.create_connection(("127.0.0.1", dev.port), timeout=60) as sock:
+    with socket.create_connection(("127.0.0.1", dev.port), timeout=10) as sock:
         sock.sendall(head.encode())
-        data = sock.recv(65536)
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return "no answer in 10 s: the server waits for the body"
     return data.split(b"\r\n", 1)[0].decode()
 
 
