@@ -83,6 +83,11 @@ class Dev:
     def hwm(self) -> tuple[int, int]:
         return _status_kib(self.proc.pid, "VmHWM"), _status_kib(self.worker, "VmHWM")
 
+    def reset_peaks(self) -> None:
+        """VmHWM starts again from the current RSS (Linux's clear_refs, value 5)."""
+        for pid in (self.proc.pid, self.worker):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
@@ -151,7 +156,7 @@ def case_edit_400mib(dev: Dev) -> str:
 
 
 def case_edit_bombs(dev: Dev) -> str:
-    bomb = png_declaring(13000, 13000)
+    bomb = png_declaring(13000, 13000, complete=True)
     files = [("image[]", iter([bomb])) for _ in range(3)]
     return _stream(_multipart(files), dev, "/v1/images/edits", FORM, True)
 
@@ -189,14 +194,20 @@ def case_300_streams(dev: Dev) -> str:
         headers={**headers, "Prefer": "respond-async"},
         timeout=30,
     ).json()
-    socks = []
-    for _ in range(300):
-        sock = socket.create_connection(("127.0.0.1", dev.port), timeout=30)
-        sock.sendall(
-            f"GET /v1/images/jobs/{job['id']}/events HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {KEY}\r\n\r\n".encode()
-        )
-        socks.append(sock)
+
+    def open_streams(count: int) -> list[socket.socket]:
+        socks = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", dev.port), timeout=30)
+            sock.sendall(
+                f"GET /v1/images/jobs/{job['id']}/events HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {KEY}\r\n\r\n".encode()
+            )
+            socks.append(sock)
+        return socks
+
+    # 100 first (within the per-key cap, where it has one), measured; then 200 more.
+    socks = open_streams(100)
     time.sleep(2)
     cpu0, t0 = _cpu_seconds(dev.proc.pid), time.monotonic()
     lat = []
@@ -206,13 +217,15 @@ def case_300_streams(dev: Dev) -> str:
         lat.append(time.monotonic() - start)
         time.sleep(0.2)
     busy = (_cpu_seconds(dev.proc.pid) - cpu0) / (time.monotonic() - t0)
+    socks += open_streams(200)
+    time.sleep(2)
     refused = sum(1 for s in socks if s.recv(12).startswith(b"HTTP/1.1 429"))
     for sock in socks:
         sock.close()
     lat.sort()
     return (
-        f"API CPU {busy:.0%} of a core, /healthz p50 {lat[len(lat) // 2] * 1000:.0f} ms, "
-        f"{refused} of 300 refused 429"
+        f"100 streams: API CPU {busy:.0%} of a core, /healthz p50 "
+        f"{lat[len(lat) // 2] * 1000:.0f} ms; 200 more: {refused} refused 429"
     )
 
 
@@ -222,7 +235,7 @@ CASES: list[tuple[str, Callable[[Dev], str]]] = [
     ("400 MiB image on /v1/images/edits", case_edit_400mib),
     ("three 13000x13000 PNG bombs in one edit", case_edit_bombs),
     ("batch file of 3,000,000 lines of {}", case_batch_3m_lines),
-    ("300 SSE streams on one queued job", case_300_streams),
+    ("SSE streams on one queued job", case_300_streams),
 ]
 
 
@@ -234,6 +247,7 @@ def main() -> None:
         dev = Dev(args.root.resolve(), Path(home))
         try:
             for name, case in CASES:
+                dev.reset_peaks()
                 api0, worker0 = dev.hwm()
                 answer = case(dev)
                 time.sleep(1)
