@@ -49,6 +49,13 @@ basic = HTTPBasic(auto_error=False, description="HTTP Basic: user 'api', passwor
 GATEWAY_KEY_HEADERS = ("x-obiguard-api-key", "x-portkey-api-key")
 
 
+def missing_key() -> AuthenticationError:
+    return AuthenticationError(
+        "You didn't provide an API key. Provide it as 'Authorization: Bearer YOUR_KEY'.",
+        code="missing_api_key",
+    )
+
+
 def key_from_request(request: Request) -> str | None:
     """The API key from a gateway's header, Bearer, HTTP Basic (password) or x-api-key."""
     for header in GATEWAY_KEY_HEADERS:
@@ -76,10 +83,7 @@ async def current_principal(
     hop: only the rate limit's round trip to Redis, on the loop."""
     key = key_from_request(request)
     if not key:
-        raise AuthenticationError(
-            "You didn't provide an API key. Provide it as 'Authorization: Bearer YOUR_KEY'.",
-            code="missing_api_key",
-        )
+        raise missing_key()
     digest = hash_key(key)
     known, generation = KNOWN_KEYS.cached(digest)
     if known is None:

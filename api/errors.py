@@ -16,6 +16,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from shared.core.errors import (
     ClientError,
@@ -97,6 +98,11 @@ def _respond(request: Request, err: ImagegenError) -> JSONResponse:
     if isinstance(err, InvalidValue):
         return weave_validation_error(err.param, err.message)
     return weave_error(err.status_code, render(err).message, _retry_after(err))
+
+
+def scope_error(scope: Scope, err: ImagegenError) -> JSONResponse:
+    """``_respond`` for an ASGI middleware, which has a scope and no request yet."""
+    return _respond(Request(scope), err)
 
 
 async def _imagegen_error(request: Request, exc: Exception) -> JSONResponse:

@@ -19,7 +19,8 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import BodyTooLarge, SlowBody, error_response
+from api.deps import GATEWAY_KEY_HEADERS, missing_key
+from api.errors import WEAVE_PREFIXES, BodyTooLarge, SlowBody, scope_error
 from shared.core.errors import ErrorCode, InvalidRequest
 from shared.core.settings import Settings, get_settings
 from shared.files.service import MAX_FILE_BYTES
@@ -47,6 +48,18 @@ def body_limit(path: str, settings: Settings) -> int:
     return settings.max_body_bytes
 
 
+# The headers a key may come in (api/deps.py:key_from_request).
+_KEY_HEADERS = {b"authorization", b"x-api-key", *(h.encode() for h in GATEWAY_KEY_HEADERS)}
+
+
+def _keyed_surface(path: str) -> bool:
+    return path.startswith(("/v1/", *WEAVE_PREFIXES))
+
+
+def _has_key(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name in _KEY_HEADERS and value.strip() for name, value in headers)
+
+
 def _code(path: str) -> str:
     return ErrorCode.file_too_large if path.rstrip("/") in UPLOAD_PATHS else "request_too_large"
 
@@ -59,6 +72,13 @@ class UploadLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
+            return
+        if _keyed_surface(scope["path"]) and not _has_key(scope["headers"]):
+            # Every body-taking route there needs a key: without one, 401 before a
+            # byte of the body is read.
+            response = scope_error(scope, missing_key())
+            response.headers["connection"] = "close"  # the unread body is not drained
+            await response(scope, receive, send)
             return
         limit = body_limit(scope["path"], self.settings or get_settings())
         for name, value in scope["headers"]:
@@ -94,13 +114,14 @@ class UploadLimit:
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
     code = _code(scope["path"])
-    response = error_response(
+    response = scope_error(
+        scope,
         InvalidRequest(
             str(BodyTooLarge(limit, code).detail),
             param="file" if code == ErrorCode.file_too_large else None,
             code=code,
             status=413,
-        )
+        ),
     )
     response.headers["connection"] = "close"  # the unread body is not drained
     await response(scope, receive, send)

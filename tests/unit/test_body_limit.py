@@ -30,6 +30,9 @@ def app() -> UploadLimit:
     return UploadLimit(inner, SETTINGS)
 
 
+KEYED = [(b"authorization", b"Bearer sk-anything")]
+
+
 async def call(
     headers: list[tuple[bytes, bytes]], chunks: int, path: str = "/v1/images/generations"
 ) -> tuple[int, dict[str, Any], int]:
@@ -68,7 +71,7 @@ async def call(
 
 @pytest.mark.anyio
 async def test_a_declared_length_over_the_limit_is_refused_unread() -> None:
-    status, answer, pulled = await call([(b"content-length", str(300 * 2**20).encode())], 1)
+    status, answer, pulled = await call([*KEYED, (b"content-length", str(300 * 2**20).encode())], 1)
     assert status == 413
     assert answer["error"]["code"] == "request_too_large"
     assert pulled == 0
@@ -77,7 +80,7 @@ async def test_a_declared_length_over_the_limit_is_refused_unread() -> None:
 @pytest.mark.anyio
 async def test_an_undeclared_body_is_cut_off_once_past_the_limit() -> None:
     # 300 MiB offered; the app pulls just past the 64 KiB limit, then answers 413.
-    status, answer, pulled = await call([], 300 * 2**20 // CHUNK)
+    status, answer, pulled = await call(KEYED, 300 * 2**20 // CHUNK)
     assert status == 413
     assert "limit of 65536 bytes" in answer["error"]["message"]
     assert pulled <= SETTINGS.max_body_bytes + CHUNK
@@ -85,7 +88,7 @@ async def test_an_undeclared_body_is_cut_off_once_past_the_limit() -> None:
 
 @pytest.mark.anyio
 async def test_a_body_within_the_limit_is_read_whole() -> None:
-    status, answer, _ = await call([(b"content-length", str(3 * CHUNK).encode())], 3)
+    status, answer, _ = await call([*KEYED, (b"content-length", str(3 * CHUNK).encode())], 3)
     assert (status, answer) == (200, {"read": 3 * CHUNK})
 
 
@@ -97,3 +100,14 @@ def test_each_route_has_its_own_limit() -> None:
     assert body_limit("/v1/images/edits", settings) == 30 + 64 * 1024
     assert body_limit("/v1/images/variations/", settings) == 10 + 64 * 1024
     assert body_limit("/v1/images/batches", settings) == 64 * 2**20
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("header", [None, b"authorization", b"x-api-key", b"x-portkey-api-key"])
+async def test_a_body_without_any_key_is_refused_401_unread(header: bytes | None) -> None:
+    headers = [(header, b"sk-something")] if header else []
+    status, answer, pulled = await call(headers, 300 * 2**20 // CHUNK)
+    if header is None:
+        assert (status, answer["error"]["code"], pulled) == (401, "missing_api_key", 0)
+    else:
+        assert status == 413  # a key was offered: counted up to the limit, as above
