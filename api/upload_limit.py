@@ -1,8 +1,9 @@
 """Request bodies are counted as they arrive and stopped at their route's limit.
 
-A declared ``Content-Length`` over the limit is refused before a byte is read, and
-so before the request is authenticated; an undeclared (chunked) body is refused as
-soon as the bytes received pass it. Either way the API never holds or spools more
+A request that offers no key at all is answered 401 before its body is read. A
+declared ``Content-Length`` over the limit is refused before a byte is read, and
+so before the key is checked; an undeclared (chunked) body is refused as soon as
+the bytes received pass it. Either way the API never holds or spools more
 than the limit (a 210 MB upload raised the API's RSS by up to 176 MiB before this,
 and a 300 MiB JSON body without a key 906 MiB), and the client gets 413 in the
 surface's shape.
@@ -80,13 +81,13 @@ class UploadLimit:
             response.headers["connection"] = "close"  # the unread body is not drained
             await response(scope, receive, send)
             return
-        limit = body_limit(scope["path"], self.settings or get_settings())
+        settings = self.settings or get_settings()
+        limit = body_limit(scope["path"], settings)
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _refuse(scope, receive, send, limit)
                 return
         received = 0
-        settings = self.settings or get_settings()
         body_done = False
 
         async def counted() -> Message:
