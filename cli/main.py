@@ -320,7 +320,7 @@ def dev(
 ) -> None:
     """API and worker together on embedded defaults (SQLite, local files, no Redis)."""
     from shared.core.db import unit_of_work
-    from shared.core.private_files import private_dir, tighten, write_private_file
+    from shared.core.private_files import private_dir, read_private_file
     from shared.core.settings import get_settings
     from shared.projects.service import KEY_PREFIX, ensure_key
 
@@ -332,13 +332,9 @@ def dev(
     key = settings.dev_api_key
     key_file = settings.data_dir / "dev_api_key"
     if not key:
-        if key_file.exists():
-            tighten(key_file)  # an install from before it was made 0600
-        else:
-            import secrets
+        import secrets
 
-            write_private_file(key_file, KEY_PREFIX + secrets.token_urlsafe(32))
-        key = key_file.read_text().strip()
+        key = read_private_file(key_file, lambda: KEY_PREFIX + secrets.token_urlsafe(32))
     with unit_of_work() as session:
         ensure_key(session, "default", key)
     from worker.supervisor import WorkerGroup

@@ -72,11 +72,7 @@ def read_input(data: bytes, param: str, max_bytes: int, max_pixels: int) -> Inpu
     if not data:
         raise InvalidRequest(f"'{param}' is empty.", param=param, code="invalid_value")
     if len(data) > max_bytes:
-        raise InvalidRequest(
-            f"'{param}' is {len(data)} bytes; the most an input image may have is {max_bytes}.",
-            param=param,
-            code="file_too_large",
-        )
+        raise too_many_bytes(param, len(data), max_bytes)
     not_an_image = InvalidRequest(
         f"'{param}' must be a png, jpeg or webp image.", param=param, code="invalid_value"
     )
@@ -100,6 +96,14 @@ def read_input(data: bytes, param: str, max_bytes: int, max_pixels: int) -> Inpu
         raise not_an_image from None
     alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     return InputImage(data, fmt, img.width, img.height, alpha)
+
+
+def too_many_bytes(param: str, size: int, limit: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"'{param}' is {size} bytes; the most an input image may have is {limit}.",
+        param=param,
+        code="file_too_large",
+    )
 
 
 def check_total_pixels(images: list[InputImage], max_total: int) -> None:

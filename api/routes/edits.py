@@ -25,7 +25,7 @@ from shared.core.ids import new_id
 from shared.core.settings import Settings
 from shared.core.storage import Storage
 from shared.idempotency.service import claim_of
-from shared.imaging import check_mask, check_total_pixels, read_input
+from shared.imaging import check_mask, check_total_pixels, read_input, too_many_bytes
 from shared.jobs.input import form_request, parse_request, validate_edit
 from shared.jobs.schemas import ImageEditForm, ImagesResponse, ImageVariationForm
 from shared.jobs.service import store_inputs
@@ -167,12 +167,6 @@ async def _read_capped(upload: UploadFile, param: str, limit: int) -> bytes:
     """An upload's bytes, refused before they are read when over the limit: the form
     parser has spooled a large one to disk, and reading it whole first cost the
     API its size in memory (400 MiB for a 400 MiB image)."""
-    size = upload.size
-    data = b"" if size is not None and size > limit else await upload.read(limit + 1)
-    if len(data) > limit or (size is not None and size > limit):
-        raise InvalidRequest(
-            f"'{param}' is {size or len(data)} bytes; the most an input image may have is {limit}.",
-            param=param,
-            code="file_too_large",
-        )
-    return data
+    if upload.size is not None and upload.size > limit:
+        raise too_many_bytes(param, upload.size, limit)
+    return await upload.read(limit + 1)  # one byte over, and read_input refuses it

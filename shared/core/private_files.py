@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,16 @@ def private_dir(path: Path) -> None:
         os.chmod(path, DIR_MODE)
 
 
+def read_private_file(path: Path, make: Callable[[], str]) -> str:
+    """The text of the private file ``path``: made with ``make()`` where it does not
+    exist, tightened where an older install left it readable by others."""
+    if path.exists():
+        tighten(path)
+    else:
+        write_private_file(path, make())
+    return path.read_text().strip()
+
+
 def write_private_file(path: Path, text: str) -> bool:
     """Create ``path`` holding ``text``, mode 0600, unless it exists (another
     process made it first: the caller reads that one). Returns whether this call
@@ -43,10 +54,9 @@ def write_private_file(path: Path, text: str) -> bool:
     file of the same directory, itself created 0600 (O_EXCL), then linked into
     place."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fd = _create(tmp)
     try:
         try:
-            os.fchmod(fd, FILE_MODE)  # the umask may have taken the owner's bits
             data = text.encode()
             while data:
                 data = data[os.write(fd, data) :]
@@ -73,13 +83,21 @@ def create_private_file(path: Path) -> None:
     file before SQLite opens it: SQLite gives its -wal and -shm files the mode of
     the database file)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        os.close(_create(path))
     except FileExistsError:
         return
+
+
+def _create(path: Path) -> int:
+    """A new file's descriptor, mode 0600 whatever the umask (FileExistsError if
+    ``path`` exists)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
-        os.fchmod(fd, FILE_MODE)
-    finally:
+        os.fchmod(fd, FILE_MODE)  # the umask may have taken the owner's bits
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 def tighten(path: Path) -> None:

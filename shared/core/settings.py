@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.core.private_files import private_dir, tighten, write_private_file
+from shared.core.private_files import private_dir, read_private_file
 
 
 class Settings(BaseSettings):
@@ -162,11 +162,7 @@ class Settings(BaseSettings):
             return self.secret_key
         path = self.data_dir / "secret_key"
         private_dir(self.data_dir)
-        if path.exists():
-            tighten(path)  # an install from before it was made 0600
-        else:
-            write_private_file(path, secrets.token_urlsafe(48))
-        return path.read_text().strip()
+        return read_private_file(path, lambda: secrets.token_urlsafe(48))
 
 
 @lru_cache

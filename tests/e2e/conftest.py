@@ -6,6 +6,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
+import requests
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -15,3 +16,12 @@ def _collect_at_module_end() -> Iterator[None]:
     collector happens to run in."""
     yield
     gc.collect()
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[requests.Session]:
+    """One connection pool for every Schemathesis case of a module, closed at its end
+    (Schemathesis would otherwise open a session per call and leave its sockets to
+    the collector)."""
+    with requests.Session() as session:
+        yield session

@@ -30,6 +30,7 @@ from PIL import Image
 
 from tests.support.fake_upstream import EXPECTED_KEY, FakeUpstream
 from tests.support.processes import ServiceProcess, free_port, wait_http
+from tests.support.stack import models_yaml
 from tests.support.tiny_diffusion import build_tiny_sd
 
 KEY = "sk-ig-openai-schema-test"
@@ -73,51 +74,12 @@ TINY_SD = {
 
 
 def _models(upstream_url: str, tiny_sd: str) -> list[dict[str, Any]]:
-    upstream = {
-        "provider": "openai",
-        "base_url": upstream_url,
-        "api_key_env": "FAKE_UPSTREAM_KEY",
-    }
+    # The e2e stack's OpenAI-compatible entries, in front of the fake upstream.
+    stack = {m["name"]: m for m in models_yaml(upstream_url)["models"]}
     return [
-        {
-            "name": "dall-e-2",
-            "upstream_model": "dall-e-2",
-            "upstream_response_format": "url",
-            **upstream,
-            "capabilities": {
-                "sizes": ["256x256", "512x512", "1024x1024"],
-                "max_n": 4,
-                "edits": True,
-                "variations": True,
-            },
-        },
-        {
-            "name": "dall-e-3",
-            "upstream_model": "dall-e-3",
-            **upstream,
-            "capabilities": {
-                "sizes": ["1024x1024"],
-                "max_n": 1,
-                "qualities": ["standard", "hd"],
-                "styles": ["vivid", "natural"],
-            },
-        },
-        {
-            "name": "gpt-image-1",
-            "upstream_model": "gpt-image-1",
-            "upstream_response_format": None,
-            "upstream_streams": True,
-            **upstream,
-            "capabilities": {
-                "sizes": ["auto", "1024x1024", "1536x1024", "1024x1536", "64x64"],
-                "default_size": "auto",
-                "max_n": 2,
-                "qualities": ["auto", "low", "medium", "high"],
-                "backgrounds": ["auto", "transparent", "opaque"],
-                "output_compression": True,
-                "edits": True,
-            },
-        },
+        stack["dall-e-2"],
+        stack["dall-e-3"],
+        stack["gpt-image-1"],
         {
             "name": "procedural",
             "provider": "procedural",
@@ -301,12 +263,6 @@ def test_the_validation_catches_what_the_issue_reported() -> None:
     )
     with pytest.raises(Exception, match="64x64"):
         SCHEMA["/images/generations"]["POST"].validate_response(bad_event)
-
-
-@pytest.fixture(scope="module")
-def http() -> Iterator[requests.Session]:
-    with requests.Session() as session:
-        yield session
 
 
 # Requests generated from OpenAI's document: most ask what our models refuse (a

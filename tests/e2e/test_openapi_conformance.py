@@ -7,10 +7,8 @@ that); the calls go over HTTP to the running stack.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -32,14 +30,6 @@ EXCLUDED = [
     schemathesis.checks.positive_data_acceptance,
     schemathesis.checks.negative_data_rejection,
 ]
-
-
-@pytest.fixture(scope="module")
-def http() -> Iterator[requests.Session]:
-    """One connection pool for every case, closed at the end (schemathesis would
-    otherwise open a session per call and leave its sockets to the collector)."""
-    with requests.Session() as session:
-        yield session
 
 
 @schema.parametrize()

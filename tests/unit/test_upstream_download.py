@@ -26,8 +26,9 @@ def provider(seen: list[str], routes: dict[str, httpx.Response]) -> OpenAICompat
 def test_an_image_on_the_upstreams_own_origin_is_fetched() -> None:
     seen: list[str] = []
     routes = {"http://upstream.test/files/a.png": httpx.Response(200, content=PNG)}
-    with provider(seen, routes).client:
-        image = provider(seen, routes)._image({"url": "http://upstream.test/files/a.png"}, UPSTREAM)
+    fetcher = provider(seen, routes)
+    with fetcher.client:
+        image = fetcher._image({"url": "http://upstream.test/files/a.png"}, UPSTREAM)
     assert image.data == PNG
 
 
