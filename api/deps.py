@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated
@@ -24,7 +25,7 @@ from sqlmodel import Session
 
 from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
-from shared.core.errors import AuthenticationError
+from shared.core.errors import AuthenticationError, NotFound
 from shared.core.settings import Settings, get_settings
 from shared.core.storage import Storage, get_storage
 from shared.projects.limits import get_limiter
@@ -84,18 +85,42 @@ async def current_principal(
     key = key_from_request(request)
     if not key:
         raise missing_key()
-    digest = hash_key(key)
-    known, generation = KNOWN_KEYS.cached(digest)
+    known, fresh = await known_key(key)
     if known is None:
-        known = await run_in_threadpool(_authenticate, key)
-        if known is None:
-            raise AuthenticationError(f"Incorrect API key provided: {key[:6]}***.")
-        KNOWN_KEYS.store(digest, known, generation)
-    elif touch_due(known.used_at, now := utcnow()):
+        raise wrong_key(key)
+    if not fresh and touch_due(known.used_at, now := utcnow()):
         known.used_at = now
         await run_in_threadpool(_touch, known.principal.key_id, now)
     await get_limiter().check_request(known.principal)
     return known.principal
+
+
+def wrong_key(key: str) -> AuthenticationError:
+    return AuthenticationError(f"Incorrect API key provided: {key[:6]}***.")
+
+
+async def known_key(key: str) -> tuple[KnownKey | None, bool]:
+    """The key's cached principal, or looked up (and cached) when it is not cached;
+    None for a key that is not valid. The flag says it was just looked up, its
+    ``last_used_at`` written by the lookup."""
+    digest = hash_key(key)
+    known, generation = KNOWN_KEYS.cached(digest)
+    if known is not None:
+        return known, False
+    known = await run_in_threadpool(_authenticate, key)
+    if known is not None:
+        KNOWN_KEYS.store(digest, known, generation)
+    return known, True
+
+
+def require_admin(request: Request) -> None:
+    """The admin API's check: the key is ``IMAGEGEN_ADMIN_API_KEY``."""
+    admin = get_settings().admin_api_key
+    if not admin:
+        raise NotFound("The admin API is not enabled.")
+    key = key_from_request(request) or ""
+    if not hmac.compare_digest(key.encode(), admin.encode()):
+        raise AuthenticationError("This endpoint needs the admin API key.")
 
 
 def _authenticate(key: str) -> KnownKey | None:

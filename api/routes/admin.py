@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 
-from api.deps import DbSession, key_from_request
+from api.deps import DbSession, require_admin
 from api.errors import ERRORS
-from shared.core.errors import AuthenticationError, NotFound
 from shared.core.schemas import ListPage
-from shared.core.settings import get_settings
 from shared.projects.models import Project
 from shared.projects.schemas import (
     CreatedKey,
@@ -30,16 +27,6 @@ from shared.projects.service import (
     update_limits,
 )
 from shared.projects.views import key_view, project_view
-
-
-def require_admin(request: Request) -> None:
-    admin = get_settings().admin_api_key
-    if not admin:
-        raise NotFound("The admin API is not enabled.")
-    key = key_from_request(request) or ""
-    if not hmac.compare_digest(key.encode(), admin.encode()):
-        raise AuthenticationError("This endpoint needs the admin API key.")
-
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 

@@ -86,10 +86,13 @@ def _base(inputs: Inputs | None) -> Image.Image:
     """The picture an edit or variation starts from: its input images, averaged."""
     if inputs is None or not inputs.images:
         raise PermanentProviderError("an edit needs an input image", code="invalid_value")
-    pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in inputs.images]
-    base = pictures[0]
-    for i, other in enumerate(pictures[1:], start=2):
-        base = Image.blend(base, other.resize(base.size), 1 / i)  # a running mean
+    # Decoded one at a time, each let go once blended in: a request's inputs are
+    # never all held decoded at once.
+    base = Image.open(io.BytesIO(inputs.images[0])).convert("RGB")
+    for i, data in enumerate(inputs.images[1:], start=2):
+        with Image.open(io.BytesIO(data)) as other:
+            # A running mean.
+            base = Image.blend(base, other.convert("RGB").resize(base.size), 1 / i)
     return base
 
 

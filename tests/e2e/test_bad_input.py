@@ -490,15 +490,16 @@ def test_an_oversize_upload_is_refused_without_holding_it(stack: Stack) -> None:
 
 def test_a_huge_json_body_without_a_key_is_refused_without_holding_it(stack: Stack) -> None:
     """300 MiB of JSON and no key grew the API by 906 MiB before it answered 401: now
-    it is answered before a byte of the body is read, and with a key (even a wrong
-    one) it is cut off at IMAGEGEN_MAX_BODY_BYTES."""
+    it is answered before a byte of the body is read, with a wrong key likewise,
+    and with a valid key it is cut off at IMAGEGEN_MAX_BODY_BYTES."""
     assert stack.api.proc is not None
     pid = stack.api.proc.pid
     port = int(stack.base_url.rsplit(":", 1)[1])
     before = _rss_kib(pid)
     for key, status, code in (
         ("", b"401", "missing_api_key"),
-        ("Authorization: Bearer sk-wrong\r\n", b"413", "request_too_large"),
+        ("Authorization: Bearer sk-wrong\r\n", b"401", "invalid_api_key"),
+        (f"Authorization: Bearer {stack.key_a}\r\n", b"413", "request_too_large"),
     ):
         head = (
             "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
@@ -516,7 +517,11 @@ def test_a_huge_json_body_without_a_key_is_refused_without_holding_it(stack: Sta
         for _ in range(300):
             yield chunk
 
-    for headers, status_code in (({}, 401), ({"Authorization": "Bearer sk-wrong"}, 413)):
+    for headers, status_code in (
+        ({}, 401),
+        ({"Authorization": "Bearer sk-wrong"}, 401),
+        ({"Authorization": f"Bearer {stack.key_a}"}, 413),
+    ):
         with httpx.Client(base_url=stack.base_url, timeout=120) as client:
             try:
                 resp = client.post(

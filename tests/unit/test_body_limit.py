@@ -1,6 +1,7 @@
 """Request bodies are stopped at their route's limit as they arrive
-(api/upload_limit.py): a declared length over it is refused before a byte is read
-and before authentication; an undeclared one after at most the limit."""
+(api/upload_limit.py): a request without a valid key is answered 401 before a byte
+of its body is read; a declared length over the limit is refused before a byte is
+read; an undeclared one after at most the limit."""
 
 from __future__ import annotations
 
@@ -27,7 +28,14 @@ def app() -> UploadLimit:
     async def generations(request: Request) -> dict[str, int]:
         return {"read": len(await request.body())}
 
-    return UploadLimit(inner, SETTINGS)
+    return UploadLimit(inner, SETTINGS, is_valid_key)
+
+
+async def is_valid_key(key: str) -> bool:
+    """The keys table, as this test has it: every key but these two is valid."""
+    if key == "sk-db-down":
+        raise ConnectionError("the database is down")
+    return key != "sk-wrong"
 
 
 KEYED = [(b"authorization", b"Bearer sk-anything")]
@@ -105,9 +113,27 @@ def test_each_route_has_its_own_limit() -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("header", [None, b"authorization", b"x-api-key", b"x-portkey-api-key"])
 async def test_a_body_without_any_key_is_refused_401_unread(header: bytes | None) -> None:
-    headers = [(header, b"sk-something")] if header else []
+    value = b"Bearer sk-something" if header == b"authorization" else b"sk-something"
+    headers = [(header, value)] if header else []
     status, answer, pulled = await call(headers, 300 * 2**20 // CHUNK)
     if header is None:
         assert (status, answer["error"]["code"], pulled) == (401, "missing_api_key", 0)
     else:
-        assert status == 413  # a key was offered: counted up to the limit, as above
+        assert status == 413  # a valid key: counted up to the limit, as above
+
+
+@pytest.mark.anyio
+async def test_a_body_with_a_wrong_key_is_refused_401_unread() -> None:
+    for declared in ([], [(b"content-length", str(300 * 2**20).encode())]):
+        headers = [(b"authorization", b"Bearer sk-wrong"), *declared]
+        status, answer, pulled = await call(headers, 300 * 2**20 // CHUNK)
+        assert (status, answer["error"]["code"], pulled) == (401, "invalid_api_key", 0)
+        assert answer["error"]["message"] == "Incorrect API key provided: sk-wro***."
+
+
+@pytest.mark.anyio
+async def test_a_key_lookup_that_fails_leaves_the_answer_to_the_route() -> None:
+    # The database down: the body is read (within its limit) and the route answers.
+    headers = [(b"authorization", b"Bearer sk-db-down")]
+    status, answer, _ = await call(headers, 2)
+    assert (status, answer) == (200, {"read": 2 * CHUNK})
