@@ -21,7 +21,7 @@ from rich.progress import (
 )
 
 from cli import tables
-from cli.client import resolve_key
+from cli.client import BaseUrlOpt, JsonOpt, KeyOpt, cancel_at, check, connect
 
 batch_app = typer.Typer(
     help="Bulk generation: submit, follow and download batches.",
@@ -31,32 +31,10 @@ batch_app = typer.Typer(
 console = Console(stderr=True)
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
-BaseUrlOpt = Annotated[str, typer.Option("--base-url", envvar="IMAGEGEN_URL")]
-KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="IMAGEGEN_API_KEY")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table or a line")]
-
-
-def _client(base_url: str, api_key: str | None) -> httpx.Client:
-
-    return httpx.Client(
-        base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {resolve_key(api_key)}"}
-    )
-
-
-def _check(resp: httpx.Response) -> dict[str, Any]:
-    if resp.status_code >= 400:
-        try:
-            message = resp.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = resp.text
-        console.print(f"[red]{resp.status_code}: {message}[/red]")
-        raise typer.Exit(1)
-    return dict(resp.json())
-
 
 def follow(client: httpx.Client, batch_id: str) -> dict[str, Any]:
     """A live progress bar (done/failed/total, rate, ETA) until the batch ends."""
-    batch = _check(client.get(f"/v1/batches/{batch_id}"))
+    batch = check(client.get(f"/v1/batches/{batch_id}"))
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -87,7 +65,7 @@ def follow(client: httpx.Client, batch_id: str) -> dict[str, Any]:
             if batch["status"] in TERMINAL:
                 return batch
             time.sleep(0.5)
-            batch = _check(client.get(f"/v1/batches/{batch_id}"))
+            batch = check(client.get(f"/v1/batches/{batch_id}"))
 
 
 @batch_app.command("submit")
@@ -103,7 +81,7 @@ def submit(
     api_key: KeyOpt = None,
 ) -> None:
     """Submit a .jsonl in OpenAI's batch format, or a .txt of one prompt per line."""
-    with _client(base_url, api_key) as client:
+    with connect(base_url, api_key) as client:
         if path.suffix == ".txt":
             prompts = [p for p in path.read_text().splitlines() if p.strip()]
             shared = {
@@ -115,15 +93,15 @@ def submit(
                 {"custom_id": f"{i:04d}-{_slug(p)}", "prompt": p, **shared}
                 for i, p in enumerate(prompts, start=1)
             ]
-            batch = _check(client.post("/v1/images/batches", json={"requests": requests}))
+            batch = check(client.post("/v1/images/batches", json={"requests": requests}))
         else:
             with path.open("rb") as fh:
-                file = _check(
+                file = check(
                     client.post(
                         "/v1/files", data={"purpose": "batch"}, files={"file": (path.name, fh)}
                     )
                 )
-            batch = _check(
+            batch = check(
                 client.post(
                     "/v1/batches",
                     json={
@@ -146,8 +124,8 @@ def status(
     api_key: KeyOpt = None,
 ) -> None:
     """Show a batch (as JSON), or follow it with --wait (exit 1 if nothing succeeded)."""
-    with _client(base_url, api_key) as client:
-        batch = follow(client, batch_id) if wait else _check(client.get(f"/v1/batches/{batch_id}"))
+    with connect(base_url, api_key) as client:
+        batch = follow(client, batch_id) if wait else check(client.get(f"/v1/batches/{batch_id}"))
         print(json.dumps(batch, indent=2))
         if wait:
             _report(client, batch)
@@ -161,8 +139,8 @@ def list_batches(
     api_key: KeyOpt = None,
 ) -> None:
     """The project's batches, newest first."""
-    with _client(base_url, api_key) as client:
-        page = _check(client.get("/v1/batches", params={"limit": limit}))
+    with connect(base_url, api_key) as client:
+        page = check(client.get("/v1/batches", params={"limit": limit}))
     if as_json:
         for batch in page["data"]:
             print(json.dumps(batch))
@@ -190,16 +168,6 @@ def cancel(
 ) -> None:
     """Cancel a batch: pending lines never run; it ends `cancelled` once none runs."""
     cancel_at(f"/v1/batches/{batch_id}/cancel", as_json, base_url, api_key)
-
-
-def cancel_at(path: str, as_json: bool, base_url: str, api_key: str | None) -> None:
-    """POST a cancel; print the object (JSON) or its id and new status."""
-    with _client(base_url, api_key) as client:
-        obj = _check(client.post(path))
-    if as_json:
-        print(json.dumps(obj))
-    else:
-        console.print(f"{obj['id']} {obj['status']}")
 
 
 def _report(client: httpx.Client, batch: dict[str, Any]) -> None:
@@ -233,7 +201,7 @@ def _first_reasons(client: httpx.Client, batch: dict[str, Any], most: int = 3) -
 
 def _check_text(resp: httpx.Response) -> str:
     if resp.status_code >= 400:
-        _check(resp)
+        check(resp)
     return resp.text
 
 
@@ -255,8 +223,8 @@ def download(
     """Save the images (named by custom_id), the output and error JSONL files, and
     <batch>_images.jsonl: each image's file with its custom_id, line and prompt."""
     out.mkdir(parents=True, exist_ok=True)
-    with _client(base_url, api_key) as client:
-        batch = _check(client.get(f"/v1/batches/{batch_id}"))
+    with connect(base_url, api_key) as client:
+        batch = check(client.get(f"/v1/batches/{batch_id}"))
         if batch["status"] not in TERMINAL:
             console.print(f"[yellow]batch is {batch['status']}; try again when it ends[/yellow]")
             raise typer.Exit(1)
@@ -282,7 +250,7 @@ def _lines(client: httpx.Client, batch_id: str) -> dict[str, dict[str, Any]]:
     after: int | None = None
     while True:
         params: dict[str, Any] = {"limit": 1000, **({"after": after} if after else {})}
-        page = _check(client.get(f"/v1/images/batches/{batch_id}/items", params=params))
+        page = check(client.get(f"/v1/images/batches/{batch_id}/items", params=params))
         for item in page["data"]:
             lines[item["custom_id"]] = {"line": item["line"], "prompt": item.get("prompt")}
         if not page["has_more"]:

@@ -1,13 +1,12 @@
-"""A small HTTP client for ``imagegen generate``: submit async, follow the job's
-server-sent events, download the images."""
+"""What the client commands (generate, batch, jobs) share: the key, the options
+that name the server, a client that carries the key, and the check of an answer."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -15,65 +14,36 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
-
-def follow(client: httpx.Client, job_id: str, console: Console) -> dict[str, Any]:
-    """Show each change from ``/events`` until the job ends; returns the final job."""
-    job: dict[str, Any] = {"id": job_id, "status": "queued"}
-    with (
-        console.status(f"job {job_id}: queued") as status,
-        client.stream("GET", f"/v1/images/jobs/{job_id}/events", timeout=None) as resp,
-    ):
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            job = json.loads(line[len("data: ") :])
-            where = f", {job['queue_position']} in queue" if job.get("queue_position") else ""
-            status.update(f"job {job_id}: {job['status']}{where}")
-    return job
+BaseUrlOpt = Annotated[str, typer.Option("--base-url", envvar="IMAGEGEN_URL")]
+KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="IMAGEGEN_API_KEY")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table or a line")]
 
 
-def generate_images(
-    base_url: str,
-    key: str,
-    prompt: str,
-    *,
-    model: str | None,
-    size: str | None,
-    n: int,
-    out: Path,
-    console: Console,
-) -> list[Path]:
-    body: dict[str, Any] = {"prompt": prompt, "n": n}
-    if model:
-        body["model"] = model
-    if size:
-        body["size"] = size
-    headers = {"Authorization": f"Bearer {key}", "Prefer": "respond-async"}
-    with httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
-        resp = client.post("/v1/images/generations", json=body)
-        if resp.status_code >= 400:
-            console.print(f"[red]{resp.status_code}: {resp.json()['error']['message']}[/red]")
-            raise typer.Exit(1)
-        job = follow(client, resp.json()["id"], console)
-        if job["status"] != "succeeded":
-            err = job.get("error") or {}
-            console.print(f"[red]job {job['status']}: {err.get('message', '')}[/red]")
-            raise typer.Exit(1)
-        out.mkdir(parents=True, exist_ok=True)
-        ext = job["request"].get("output_format", "png")
-        paths = []
-        for index, item in enumerate(job["result"]["data"]):
-            # Presigned S3 URLs must not carry our Authorization header: plain GET.
-            data = (
-                base64.b64decode(item["b64_json"])
-                if item.get("b64_json")
-                else httpx.get(item["url"], timeout=60).raise_for_status().content
-            )
-            path = out / f"{job['id']}-{index}.{ext}"
-            path.write_bytes(data)
-            paths.append(path)
-        return paths
+def connect(base_url: str, api_key: str | None) -> httpx.Client:
+    return httpx.Client(
+        base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {resolve_key(api_key)}"}
+    )
+
+
+def check(resp: httpx.Response) -> dict[str, Any]:
+    if resp.status_code >= 400:
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text
+        console.print(f"[red]{resp.status_code}: {message}[/red]")
+        raise typer.Exit(1)
+    return dict(resp.json())
+
+
+def cancel_at(path: str, as_json: bool, base_url: str, api_key: str | None) -> None:
+    """POST a cancel; print the object (JSON) or its id and new status."""
+    with connect(base_url, api_key) as client:
+        obj = check(client.post(path))
+    if as_json:
+        print(json.dumps(obj))
+    else:
+        console.print(f"{obj['id']} {obj['status']}")
 
 
 def resolve_key(api_key: str | None) -> str:

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from cli import tables
-from cli.batch import BaseUrlOpt, JsonOpt, KeyOpt, _check, _client, cancel_at
+from cli.client import BaseUrlOpt, JsonOpt, KeyOpt, cancel_at, check, connect
 
 jobs_app = typer.Typer(
     help="Jobs: list, show, cancel, follow.", no_args_is_help=True, rich_markup_mode=None
@@ -32,8 +32,8 @@ def list_jobs(
 ) -> None:
     """The project's jobs, newest first."""
     params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
-    with _client(base_url, api_key) as client:
-        page = _check(client.get("/v1/images/jobs", params=params))
+    with connect(base_url, api_key) as client:
+        page = check(client.get("/v1/images/jobs", params=params))
     if as_json:
         for job in page["data"]:
             print(json.dumps(job))
@@ -57,8 +57,8 @@ def get_job(
     job_id: str, base_url: BaseUrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = None
 ) -> None:
     """One job, as JSON (its result with fresh image URLs)."""
-    with _client(base_url, api_key) as client:
-        print(json.dumps(_check(client.get(f"/v1/images/jobs/{job_id}")), indent=2))
+    with connect(base_url, api_key) as client:
+        print(json.dumps(check(client.get(f"/v1/images/jobs/{job_id}")), indent=2))
 
 
 @jobs_app.command("cancel")
@@ -83,12 +83,12 @@ def watch_job(
     succeeded. With --json, each event is a line {"event": ..., "job": ...}."""
     last: dict[str, Any] = {}
     with (
-        _client(base_url, api_key) as client,
+        connect(base_url, api_key) as client,
         client.stream("GET", f"/v1/images/jobs/{job_id}/events", timeout=None) as resp,
     ):
         if resp.status_code >= 400:
             resp.read()
-            _check(resp)
+            check(resp)
         event = ""
         for line in resp.iter_lines():
             if line.startswith("event: "):

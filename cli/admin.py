@@ -1,0 +1,209 @@
+"""Database administration: ``imagegen migrate``, ``keys`` and ``projects``, acting
+on the server's database from where the command runs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from cli import tables
+from cli.startup import migrated_or_exit, upgrade_or_exit
+
+if TYPE_CHECKING:
+    from sqlmodel import Session
+
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True, rich_markup_mode=None)
+projects_app = typer.Typer(help="Manage projects.", no_args_is_help=True, rich_markup_mode=None)
+console = Console(stderr=True)
+
+
+def migrate() -> None:
+    """Apply database migrations."""
+    upgrade_or_exit()
+    console.print("[green]database is up to date[/green]")
+
+
+@contextmanager
+def _admin_session() -> Iterator[Session]:
+    """Keys and projects live in the server's database: found (or refused with the
+    fix) when a command runs, so that ``--help`` works anywhere."""
+    from shared.core.db import unit_of_work
+
+    _data_or_exit()
+    with unit_of_work() as session:
+        yield session
+
+
+def _data_or_exit() -> None:
+    """Admin commands (keys, projects) act on the data a server uses: refuse, with
+    the fix, where there is none (instead of making an empty database here)."""
+    from shared.core.settings import get_settings
+
+    settings = get_settings()
+    if not settings.database_url:
+        database = (settings.data_dir / "imagegen.db").resolve()
+        if not database.exists():
+            console.print(
+                f"[red]error:[/red] no imagegen data at {database.parent}: run this where "
+                "`imagegen dev` runs (its data is ./.imagegen), set IMAGEGEN_DATA_DIR (or "
+                "IMAGEGEN_DATABASE_URL) to the server's, or create it with `imagegen migrate`.",
+                soft_wrap=True,
+                highlight=False,
+            )
+            raise typer.Exit(1)
+    migrated_or_exit()
+
+
+@keys_app.command("create")
+def keys_create(
+    project: Annotated[str, typer.Option(help="Project name")],
+    name: Annotated[str, typer.Option(help="Key name")] = "default",
+    user: Annotated[str, typer.Option(help="User identity (wb_user_id)")] = "",
+) -> None:
+    """Create an API key for PROJECT (created if new). The key is printed once."""
+    from shared.projects.service import create_key
+
+    with _admin_session() as session:
+        key, plaintext = create_key(session, project, name, user)
+    console.print(f"[green]created key {key.id} for project '{project}'[/green] (shown only once):")
+    print(plaintext)
+
+
+@keys_app.command("list")
+def keys_list(
+    project: Annotated[str | None, typer.Option(help="Only this project")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")] = False,
+) -> None:
+    """List keys (prefix, user, created, last used, revoked); never the keys themselves."""
+    from shared.projects.service import list_keys
+
+    table = tables.table(
+        "id", "project", "name", "user", "prefix", "created", "last used", "revoked"
+    )
+    with _admin_session() as session:
+        for key, proj in list_keys(session, project):
+            if as_json:
+                print(
+                    json.dumps(
+                        {
+                            "id": key.id,
+                            "project": proj.name,
+                            "name": key.name,
+                            "user": key.user,
+                            "prefix": key.prefix,
+                            "created_at": _when(key.created_at),
+                            "last_used_at": _when(key.last_used_at),
+                            "revoked_at": _when(key.revoked_at),
+                        }
+                    )
+                )
+            table.add_row(
+                key.id,
+                proj.name,
+                key.name,
+                key.user,
+                key.prefix + "...",
+                _when(key.created_at),
+                _when(key.last_used_at),
+                _when(key.revoked_at),
+            )
+    if not as_json:
+        Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by id; it stops working at once."""
+    from shared.projects.service import revoke_key
+
+    with _admin_session() as session:
+        revoke_key(session, key_id)
+    console.print(f"[green]revoked {key_id}[/green]")
+
+
+LimitOption = Annotated[int | None, typer.Option(help="0 = unlimited; unset = default")]
+RpmOption = Annotated[int | None, typer.Option("--key-requests-per-minute", help="0 = unlimited")]
+
+
+@projects_app.command("create")
+def projects_create(
+    name: str,
+    rpm: RpmOption = None,
+    images_per_day: LimitOption = None,
+    jobs_in_flight: LimitOption = None,
+) -> None:
+    """Create a project, optionally with its own limits."""
+    from shared.projects.service import create_project
+
+    with _admin_session() as session:
+        project = create_project(
+            session,
+            name,
+            key_requests_per_minute=rpm,
+            images_per_day=images_per_day,
+            jobs_in_flight=jobs_in_flight,
+        )
+    console.print(f"[green]created project '{name}'[/green] ({project.id})")
+
+
+@projects_app.command("set-limits")
+def projects_set_limits(
+    name: str,
+    rpm: RpmOption = None,
+    images_per_day: LimitOption = None,
+    jobs_in_flight: LimitOption = None,
+) -> None:
+    """Change a project's limits (only the ones given)."""
+    from shared.projects.service import update_limits
+
+    given = {
+        "key_requests_per_minute": rpm,
+        "images_per_day": images_per_day,
+        "jobs_in_flight": jobs_in_flight,
+    }
+    with _admin_session() as session:
+        update_limits(session, name, **{k: v for k, v in given.items() if v is not None})
+    console.print(f"[green]updated project '{name}'[/green]")
+
+
+@projects_app.command("list")
+def projects_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")] = False,
+) -> None:
+    """List projects and their limits."""
+    from shared.projects.service import list_projects
+
+    table = tables.table(
+        "id", "name", "created", "requests/min/key", "images/day", "jobs in flight"
+    )
+    with _admin_session() as session:
+        for p in list_projects(session):
+            if as_json:
+                limits = ("key_requests_per_minute", "images_per_day", "jobs_in_flight")
+                row = {"id": p.id, "name": p.name, "created_at": _when(p.created_at)}
+                print(json.dumps(row | {name: getattr(p, name) for name in limits}))
+                continue
+            table.add_row(
+                p.id,
+                p.name,
+                _when(p.created_at),
+                _limit(p.key_requests_per_minute),
+                _limit(p.images_per_day),
+                _limit(p.jobs_in_flight),
+            )
+    if not as_json:
+        Console().print(table)
+
+
+def _when(value: datetime | None) -> str | None:
+    return value.strftime("%Y-%m-%d %H:%M") if value else None
+
+
+def _limit(value: int | None) -> str:
+    return "default" if value is None else ("unlimited" if value == 0 else str(value))

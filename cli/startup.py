@@ -1,0 +1,159 @@
+"""The checks a command makes before it starts: each refuses with one line naming
+the fix (exit 1 or 2), or warns and lets it start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from shared.registry import Registry
+
+console = Console(stderr=True)
+
+
+def registry_or_exit() -> Registry:
+    """The model registry, or one line naming the entry and field that is wrong."""
+    from shared.registry import RegistryError, get_registry
+
+    try:
+        return get_registry()
+    except RegistryError as exc:
+        console.print(f"[red]models file: {exc}[/red]", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def migrated_or_exit() -> None:
+    """The API and workers refuse an unmigrated database, in one line naming the fix.
+    An unreachable one is said, and they start all the same: an outage must not
+    keep them down (the API answers 503 and /readyz says why until it is back;
+    workers wait for it)."""
+    import sqlalchemy.exc
+
+    from shared.core.migrate import pending
+
+    try:
+        problem = pending()
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        missing = _missing_database(exc)
+        if missing:
+            console.print(f"[red]error:[/red] {missing}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
+        console.print(
+            f"[yellow]warning:[/yellow] cannot reach the database at {_database_at()}: "
+            f"{_first_line(exc)}; starting anyway (requests answer 503 until it is back).",
+            soft_wrap=True,
+            highlight=False,
+        )
+        return
+    if problem:
+        console.print(f"[red]error:[/red] {problem}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1)
+
+
+def _database_at() -> str:
+    """The database's URL without its password."""
+    import sqlalchemy
+
+    from shared.core.settings import get_settings
+
+    url = sqlalchemy.engine.make_url(get_settings().resolved_database_url)
+    return url.render_as_string(hide_password=True)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+
+
+def _missing_database(exc: Exception) -> str | None:
+    """A PostgreSQL server that answers but has no such database: a setup step, not
+    an outage, so it is refused with the fix. (psycopg gives no SQLSTATE for a
+    refused connection: the server's message is all there is.)"""
+    import re
+
+    found = re.search(r'database "([^"]+)" does not exist', str(exc))
+    if not found:
+        return None
+    name = found.group(1)
+    return (
+        f"the database '{name}' does not exist at {_database_at()}: create it "
+        f'(`createdb {name}`, or `CREATE DATABASE "{name}";` in psql), then run '
+        "`imagegen migrate`."
+    )
+
+
+def upgrade_or_exit() -> None:
+    """Migrations applied, or one line saying which database could not be reached
+    (or does not exist) and what to do."""
+    import sqlalchemy.exc
+
+    from shared.core.migrate import upgrade
+
+    try:
+        upgrade()
+    except sqlalchemy.exc.OperationalError as exc:
+        problem = _missing_database(exc) or (
+            f"cannot reach the database at {_database_at()}: {_first_line(exc)}. Start it, "
+            "or point IMAGEGEN_DATABASE_URL at one."
+        )
+        console.print(f"[red]error:[/red] {problem}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
+def port_free_or_exit(host: str, port: int) -> None:
+    """Refuse a port something already listens on, before anything is printed or
+    started (uvicorn would fail only after the worker and the key)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            console.print(
+                f"[red]error:[/red] cannot listen on {host}:{port} ({exc.strerror}); "
+                "choose another port with --port or IMAGEGEN_PORT.",
+                soft_wrap=True,
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
+
+
+def lock_data_dir_or_exit(data_dir: Path) -> IO[str]:
+    """One `imagegen dev` per data directory: a second would run beside the first on
+    the same database and files. The lock lasts as long as the process."""
+    import fcntl
+
+    lock = (data_dir / "dev.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        console.print(
+            f"[red]error:[/red] another `imagegen dev` is running on {data_dir.resolve()}; "
+            "stop it, or give this one its own IMAGEGEN_DATA_DIR.",
+            soft_wrap=True,
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+    return lock
+
+
+def say_if_storage_is_out() -> None:
+    """Storage out at start: said at once (jobs wait for it, and /readyz says 503),
+    not discovered by the first request minutes later."""
+    from shared.core.health import PROBES
+
+    try:
+        PROBES["storage"]()
+    except Exception as exc:  # any failure: report it, start all the same
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        console.print(
+            f"[yellow]warning:[/yellow] storage is not ready ({reason}); jobs will wait for "
+            "it and /readyz answers 503 until it is.",
+            soft_wrap=True,
+            highlight=False,
+        )
