@@ -1,6 +1,9 @@
-"""Provider calls one worker process holds in flight, run by hand (issue 11):
+"""Provider calls one worker process holds in flight, run by hand (issue 11), and
+its memory when they all return at once (issue 24):
 
     .venv/bin/python -m bench.bench_capacity --jobs 2000 --seconds 30
+    .venv/bin/python -m bench.bench_capacity --jobs 2000 --seconds 30 --size 1024x1024 \
+        --answer-slots 16        # and 4096: every answer read at once, as before
 
 Real Redis, PostgreSQL, moto's S3 server and the fake upstream, each call to which
 takes ``--seconds``. The jobs are queued with no worker running, then one worker
@@ -8,12 +11,21 @@ starts (``IMAGEGEN_WORKER_CONCURRENCY=--concurrency``): the figure is what one
 process holds, not how fast we submit. Reported: the peak of calls the upstream
 saw at once, the consumer process's RSS idle (a worker started alone first) and
 at that peak, RSS per call in flight, and whether every job succeeded.
+
+With ``--size 1024x1024`` the upstream answers each call with a picture of
+realistic weight (half noise: a 1.6 MB PNG, 2.1 MB as base64), so the peak RSS
+after the calls return is the completion burst's cost; ``--answer-slots`` sets
+IMAGEGEN_WORKER_ANSWER_SLOTS (shared/providers/answers.py). A consumer past
+``--max-rss-mb`` is killed and reported as such, so an unbounded burst cannot take
+the machine down.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import tempfile
 import threading
 import time
@@ -68,11 +80,22 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--concurrency", type=int, default=2048)
+    parser.add_argument("--size", default="64x64", help="64x64 (flat) or e.g. 1024x1024")
+    parser.add_argument("--answer-slots", type=int, default=None)
+    parser.add_argument("--max-rss-mb", type=int, default=8000)
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    prompt = f"[slow={args.seconds:g}] capacity"
+    large = args.size != "64x64"
+    # Large: every call held until all are in flight, then answered at once.
+    prompt = "[gate] [noise] capacity" if large else f"[slow={args.seconds:g}] capacity"
     worker_env = {**BENCH_ENV, "IMAGEGEN_WORKER_CONCURRENCY": str(args.concurrency)}
-    api_env = {**BENCH_ENV, "IMAGEGEN_PROJECT_JOBS_IN_FLIGHT": "0"}
+    if args.answer_slots is not None:
+        worker_env["IMAGEGEN_WORKER_ANSWER_SLOTS"] = str(args.answer_slots)
+    api_env = {
+        **BENCH_ENV,
+        "IMAGEGEN_PROJECT_JOBS_IN_FLIGHT": "0",
+        "IMAGEGEN_KEY_REQUESTS_PER_MINUTE": "0",
+    }
 
     port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -80,6 +103,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="imagegen-capacity-"))
     stack = Stack(workdir, f"http://127.0.0.1:{port}", worker_env=worker_env, api_env=api_env)
     try:
+        # The stack's own worker stopped first: the figures are one process's.
+        assert stack.worker is not None
+        stack.worker.stop()
         # Idle: the same worker, started with nothing to do.
         stack.new_worker(worker_env)
         pid = _wait_consumer(stack)
@@ -88,27 +114,41 @@ def main() -> None:
         assert stack.worker is not None
         stack.worker.stop()
 
-        submit_s = submit_async(stack, args.jobs, prompt, "fake-fast")
+        submit_s = submit_async(stack, args.jobs, prompt, "fake-fast", args.size)
         print(f"queued {args.jobs} jobs in {submit_s:.1f}s; starting one worker")
         stack.upstream.max_in_flight = 0
         started = time.monotonic()
         stack.new_worker(worker_env)
         pid = _wait_consumer(stack)
-        peak = {"rss": idle, "calls": 0, "rss_at_calls": idle}
+        peak = {"rss": 0, "calls": 0, "rss_at_calls": idle}
         done = threading.Event()
 
+        killed = threading.Event()
+
         def sample() -> None:
-            while not done.wait(0.25):
+            while not done.wait(0.1):
                 rss, calls = _rss_kb(pid), stack.upstream.in_flight
                 peak["rss"] = max(peak["rss"], rss)
                 if calls >= peak["calls"]:
                     peak["calls"], peak["rss_at_calls"] = calls, rss
+                if rss > args.max_rss_mb * 1024:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.set()
+                    done.set()
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        if large:
+            gate_deadline = time.monotonic() + 300
+            while stack.upstream.in_flight < args.jobs and time.monotonic() < gate_deadline:
+                time.sleep(0.2)
+            held = stack.upstream.in_flight
+            before_burst = _rss_kb(pid)
+            print(f"{held} calls held; RSS {before_burst / 1024:.0f} MB; answering all at once")
+            stack.upstream.gate.set()
         deadline = time.monotonic() + args.seconds * 10 + 300
         while (succeeded := count_status(stack, "succeeded", prompt)) < args.jobs:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or killed.is_set():
                 break
             time.sleep(1)
         done.set()
@@ -124,6 +164,8 @@ def main() -> None:
             f"{mb['rss_at_calls']:.0f} MB, max {mb['rss']:.0f} MB"
         )
         print(f"RSS per call in flight: {per_call:.0f} KB")
+        if killed.is_set():
+            print(f"KILLED: the consumer passed --max-rss-mb {args.max_rss_mb}")
         print(
             f"{succeeded}/{args.jobs} succeeded, {failed} failed, "
             f"in {total:.0f}s after the worker started"

@@ -144,8 +144,8 @@ def finish_offsets(stack: Stack, prefix: str, since: float) -> list[float]:
     return sorted(float(r) - since for r in rows)
 
 
-def submit_async(stack: Stack, jobs: int, prompt: str, model: str) -> float:
-    body = {"model": model, "prompt": prompt, "size": "64x64"}
+def submit_async(stack: Stack, jobs: int, prompt: str, model: str, size: str = "64x64") -> float:
+    body = {"model": model, "prompt": prompt, "size": size}
     with httpx.Client(
         base_url=stack.base_url,
         timeout=120,

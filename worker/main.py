@@ -43,7 +43,7 @@ def warm_up(queues: list[str]) -> None:
     from shared.core.storage import get_storage
     from shared.providers.openai_compat import OpenAICompatibleProvider
     from shared.registry import get_registry
-    from worker.produce import fanout_pool
+    from worker.produce import answer_slots, fanout_pool
     from worker.runner import _lines_pool
     from worker.webhooks import _client
 
@@ -53,6 +53,7 @@ def warm_up(queues: list[str]) -> None:
     get_celery()
     OpenAICompatibleProvider.shared()
     fanout_pool()
+    answer_slots()
     _lines_pool()
     _client()
     local = [m for m in get_registry().models if m.provider == "diffusers" and m.queue in queues]

@@ -4,8 +4,10 @@ out a storage outage). Nothing here writes to the database."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -28,6 +30,7 @@ from shared.jobs.models import Image, Job, JobStatus
 from shared.jobs.partials import PartialPublisher
 from shared.jobs.schemas import GenerationParams, job_params
 from shared.providers import get_provider
+from shared.providers.answers import answer_slot, before_answer
 from shared.providers.base import (
     GeneratedImage,
     Generation,
@@ -49,6 +52,12 @@ def fanout_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(
         max_workers=get_settings().worker_concurrency, thread_name_prefix="fanout"
     )
+
+
+@lru_cache
+def answer_slots() -> threading.Semaphore:
+    """The process's answer slots (shared/providers/answers.py)."""
+    return threading.Semaphore(get_settings().worker_answer_slots)
 
 
 def _call_with_retries(
@@ -101,7 +110,17 @@ def _generate(
         return _call_with_retries(spec, params, params.n, 0, job_id, progress, partials, inputs)
     futures = [
         fanout_pool().submit(
-            _call_with_retries, spec, params, count, first, job_id, progress, partials, inputs
+            # In a copy of this context: the calls share the job's answer slot.
+            contextvars.copy_context().run,
+            _call_with_retries,
+            spec,
+            params,
+            count,
+            first,
+            job_id,
+            progress,
+            partials,
+            inputs,
         )
         for first, count in chunks
     ]
@@ -148,9 +167,15 @@ def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
 
 def produce(job: Job) -> Result | None:
     """Generate and store the job's images; None when the attempt was canceled.
-    Every line logged meanwhile names the job, its batch, project and request."""
-    with bind(
-        job_id=job.id, batch_id=job.batch_id, project=job.project_id, request_id=job.request_id
+    Every line logged meanwhile names the job, its batch, project and request. From
+    its provider's answer until its images are stored, the job holds one of the
+    process's answer slots (shared/providers/answers.py): a burst of answers costs
+    memory by the slots, not by the calls in flight."""
+    with (
+        bind(
+            job_id=job.id, batch_id=job.batch_id, project=job.project_id, request_id=job.request_id
+        ),
+        answer_slot(answer_slots()),
     ):
         return _produce(job)
 
@@ -165,6 +190,7 @@ def _produce(job: Job) -> Result | None:
         generation = _generate(spec, params, job.id, steps, sink or no_partials, inputs)
         if LEASES.lost(job.id):
             raise JobCanceled()
+        before_answer()  # taken already, unless the provider made its images here
         storage = get_storage()
         images, data = [], []
         for index, generated in enumerate(generation.images):

@@ -13,7 +13,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from api.routes.admin import require_admin
+from api.deps import require_admin
 from shared.batches.service import open_batch_lines
 from shared.core.db import unit_of_work
 from shared.core.instruments import scrape

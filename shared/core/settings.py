@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # threads start on demand). Measured (bench/bench_capacity.py): 2,000 calls in
     # flight against a 30 s upstream cost one consumer about 13 KB of RSS each.
     worker_concurrency: int = 2048
+    # How many jobs of one worker process hold provider answers in memory at once,
+    # from reading the answer to storing its images (shared/providers/answers.py):
+    # when thousands of calls return together, peak memory is bounded by this.
+    worker_answer_slots: int = Field(default=16, ge=1, le=4096)
     # Attempts a job gets (each claim by a worker is one; a worker that dies or loses
     # its lease mid-job costs one). Past it the job ends failed with
     # max_attempts_exceeded: a job that cannot finish is never retried forever, and

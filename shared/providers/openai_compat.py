@@ -25,6 +25,7 @@ from shared.core.errors import (
 from shared.core.settings import get_settings
 from shared.core.storable import clean
 from shared.jobs.schemas import GenerationParams
+from shared.providers.answers import before_answer
 from shared.providers.base import (
     GeneratedImage,
     Generation,
@@ -56,11 +57,11 @@ def _retry_after(response: httpx.Response) -> float | None:
     return None
 
 
-def _error_message(response: httpx.Response) -> tuple[str, str | None]:
+def _error_message(response: httpx.Response, content: bytes) -> tuple[str, str | None]:
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
-        return response.text[:500] or response.reason_phrase, None
+        return content[:500].decode(errors="replace") or response.reason_phrase, None
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
         return str(err.get("message") or body), err.get("code") or err.get("type")
@@ -149,18 +150,19 @@ class OpenAICompatibleProvider:
                     "stream": "true",
                     "partial_images": str(params.partial_images),
                 }
-        with _upstream_errors():
+        with (
+            _upstream_errors(),
+            self.client.stream("POST", url, headers=headers, **request) as response,
+        ):
+            if response.status_code >= 400:
+                _refuse(response)
             if streamed:
-                with self.client.stream("POST", url, headers=headers, **request) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        _refuse(response)
-                    return self._streamed(response, count, first_index, partials, url)
-            response = self.client.post(url, headers=headers, **request)
-        if response.status_code >= 400:
-            _refuse(response)
+                return self._streamed(response, count, first_index, partials, url)
+            # The body only once the job holds an answer slot (shared/providers/answers.py).
+            before_answer()
+            content = _read_capped(response, count * MAX_ANSWER_BYTES_PER_IMAGE, "answer")
         try:
-            body = response.json()
+            body = json.loads(content)
             items = body["data"]
         except (ValueError, KeyError, TypeError) as exc:
             raise TransientProviderError(
@@ -194,6 +196,9 @@ class OpenAICompatibleProvider:
                 data = self._image(event, upstream).data
                 partials(first_index + len(images), index if isinstance(index, int) else 0, data)
             elif kind.endswith(".completed"):
+                # An event's line is read whole before it is known to be an image;
+                # its decoding waits for the job's answer slot.
+                before_answer()
                 images.append(self._image(event, upstream))
                 if isinstance(event.get("usage"), dict):
                     usage = event["usage"]
@@ -263,7 +268,7 @@ class OpenAICompatibleProvider:
                             f"downloading the upstream image answered {resp.status_code}",
                             code="upstream_unavailable",
                         )
-                    return _read_capped(resp)
+                    return _read_capped(resp, MAX_DOWNLOAD_BYTES, "image")
             except httpx.HTTPError as exc:
                 raise TransientProviderError(
                     f"downloading the upstream image failed: {exc}", code="upstream_unavailable"
@@ -277,6 +282,10 @@ class OpenAICompatibleProvider:
 # 64 MiB), and redirects followed on the upstream image's own origin.
 MAX_DOWNLOAD_BYTES = 80 * 1024 * 1024
 MAX_REDIRECTS = 3
+# An answer carries each image as base64 (4/3 of its bytes) and a little JSON; an
+# error answer is a short JSON object.
+MAX_ANSWER_BYTES_PER_IMAGE = MAX_DOWNLOAD_BYTES * 4 // 3 + 64 * 1024
+MAX_ERROR_BYTES = 1024 * 1024
 
 
 def _url(url: str) -> httpx.URL:
@@ -292,14 +301,15 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
 
 
-def _read_capped(resp: httpx.Response) -> bytes:
+def _read_capped(resp: httpx.Response, limit: int, what: str) -> bytes:
+    """The body, read up to ``limit``."""
     chunks: list[bytes] = []
     size = 0
     for chunk in resp.iter_bytes():
         size += len(chunk)
-        if size > MAX_DOWNLOAD_BYTES:
+        if size > limit:
             raise PermanentProviderError(
-                f"the upstream's image is larger than {MAX_DOWNLOAD_BYTES} bytes",
+                f"the upstream's {what} is larger than {limit} bytes",
                 code="upstream_bad_response",
             )
         chunks.append(chunk)
@@ -341,8 +351,9 @@ def _upstream_errors() -> Iterator[None]:
 
 
 def _refuse(response: httpx.Response) -> NoReturn:
-    """An upstream's error answer as the provider error it means."""
-    message, code = _error_message(response)
+    """An upstream's error answer as the provider error it means (its body read here,
+    up to MAX_ERROR_BYTES)."""
+    message, code = _error_message(response, _read_capped(response, MAX_ERROR_BYTES, "error"))
     status = response.status_code
     if status in _TRANSIENT_STATUS:
         raise TransientProviderError(

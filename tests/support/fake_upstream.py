@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import threading
 import time
@@ -40,6 +41,8 @@ class FakeUpstream:
         self.calls: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self.files: dict[str, bytes] = {}
+        self._noise: dict[tuple[int, int], bytes] = {}
+        self.gate = threading.Event()  # "[gate]" calls answer once it is set
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -55,6 +58,22 @@ class FakeUpstream:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def noise_answer(self, width: int, height: int) -> bytes:
+        """One answer of one image half noise, half flat: its PNG about as large as a
+        generated picture's (1.6 MB at 1024x1024). Made once per size and then
+        shared, so thousands of calls answered at once cost this process nothing."""
+        with self.lock:
+            if (width, height) not in self._noise:
+                picture = Image.new("RGB", (width, height), (90, 120, 150))
+                noisy = height // 2
+                picture.paste(Image.frombytes("RGB", (width, noisy), os.urandom(width * noisy * 3)))
+                buf = io.BytesIO()
+                picture.save(buf, format="PNG")
+                item = {"b64_json": base64.b64encode(buf.getvalue()).decode()}
+                body = {"created": int(time.time()), "data": [item]}
+                self._noise[(width, height)] = json.dumps(body).encode()
+            return self._noise[(width, height)]
 
     def calls_for(self, marker: str) -> list[dict[str, Any]]:
         with self.lock:
@@ -165,6 +184,8 @@ class FakeUpstream:
                 if "[hang]" in prompt:
                     time.sleep(30)
                     return self._error(500, "too late", None)
+                if "[gate]" in prompt:  # held until the test opens the gate
+                    upstream.gate.wait(600)
                 slow = re.search(r"\[slow=([\d.]+)\]", prompt)
                 if slow:
                     time.sleep(float(slow.group(1)))
@@ -172,6 +193,8 @@ class FakeUpstream:
                 if size == "auto":  # a GPT image model's choice: square here
                     size = "1024x1024"
                 width, height = (int(v) for v in size.split("x"))
+                if "[noise]" in prompt:  # a realistic image's bytes (bench_capacity)
+                    return self._send(200, upstream.noise_answer(width, height))
                 data = []
                 for i in range(int(body.get("n", 1))):
                     if "[garbage]" in prompt:

@@ -107,7 +107,7 @@ def models_yaml(upstream_url: str) -> dict[str, Any]:
                 "name": "fake-fast",
                 "upstream_model": "fake-fast",
                 **upstream,
-                "capabilities": {"sizes": ["64x64", "256x256"], "max_n": 4},
+                "capabilities": {"sizes": ["64x64", "256x256", "1024x1024"], "max_n": 4},
             },
             # A queue no worker consumes: its jobs stay queued (cancel tests).
             {
