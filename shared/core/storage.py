@@ -1,4 +1,6 @@
-"""Image storage: S3-compatible through boto3, or a local directory with HMAC-signed URLs.
+"""Image storage: S3-compatible, or a local directory with HMAC-signed URLs. On S3,
+generated images are written with obstore; boto3 does the rest (uploaded files,
+streamed reads, the readiness check, presigned URLs, credentials).
 
 Keys are deterministic per job and image index (``{project}/{job}/{index}.{ext}``)
 so a job that runs twice overwrites rather than duplicates; the job id carries

@@ -12,7 +12,9 @@ INT32_MAX = 2**31 - 1  # the limit columns are SQL INTEGER
 
 
 class Limits(Schema):
-    """A project's limits; null means unlimited. They need Redis (the full stack)."""
+    """A project's limits: 0 means unlimited, null the service's default
+    (``IMAGEGEN_KEY_REQUESTS_PER_MINUTE`` and the like). They need Redis (the full
+    stack)."""
 
     key_requests_per_minute: int | None = Field(default=None, ge=0, le=INT32_MAX)
     """Requests per minute per API key."""
@@ -52,11 +54,11 @@ class ProjectObject(Schema):
     created_at: int
     """Unix seconds."""
     key_requests_per_minute: int | None = None
-    """Requests per minute per API key; null for unlimited."""
+    """Requests per minute per API key; 0 for unlimited, null for the service's default."""
     images_per_day: int | None = None
-    """Images per UTC day; null for unlimited."""
+    """Images per UTC day; 0 for unlimited, null for the service's default."""
     jobs_in_flight: int | None = None
-    """Jobs queued or running at once; null for unlimited."""
+    """Jobs queued or running at once; 0 for unlimited, null for the service's default."""
 
 
 class KeyObject(Schema):
