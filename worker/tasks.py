@@ -4,29 +4,29 @@ from __future__ import annotations
 
 from celery import Celery
 
-from shared.core.broker import DELIVER_WEBHOOK, PUMP_BATCH, RUN_JOB, RUN_JOBS, VALIDATE_BATCH
+from shared.core.broker import Task
 from worker.batches import pump_batch, validate
 from worker.runner import run_job, run_jobs
 from worker.webhooks import deliver
 
 
 def register(app: Celery) -> None:
-    @app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
+    @app.task(name=Task.run_job, acks_late=True, ignore_result=True)
     def run_job_task(job_id: str, reply: bool = False) -> str:
         return run_job(job_id, reply)
 
-    @app.task(name=RUN_JOBS, acks_late=True, ignore_result=True)
+    @app.task(name=Task.run_jobs, acks_late=True, ignore_result=True)
     def run_jobs_task(job_ids: list[str]) -> dict[str, str]:
         return run_jobs(job_ids)
 
-    @app.task(name=DELIVER_WEBHOOK, acks_late=True, ignore_result=True)
+    @app.task(name=Task.deliver_webhook, acks_late=True, ignore_result=True)
     def deliver_webhook_task(delivery_id: str) -> str:
         return deliver(delivery_id)
 
-    @app.task(name=VALIDATE_BATCH, acks_late=True, ignore_result=True)
+    @app.task(name=Task.validate_batch, acks_late=True, ignore_result=True)
     def validate_batch_task(batch_id: str) -> None:
         validate(batch_id)
 
-    @app.task(name=PUMP_BATCH, acks_late=True, ignore_result=True)
+    @app.task(name=Task.pump_batch, acks_late=True, ignore_result=True)
     def pump_batch_task(batch_id: str) -> int:
         return pump_batch(batch_id)

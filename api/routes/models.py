@@ -6,7 +6,8 @@ from fastapi import APIRouter
 
 from api.deps import CurrentPrincipal
 from api.errors import ERRORS
-from shared.registry import ModelList, ModelObject, get_registry
+from shared.registry import get_registry
+from shared.registry.schemas import ModelList, ModelObject
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 _CREATED = 1735689600  # 2025-01-01: registry entries have no creation time of their own

@@ -10,6 +10,7 @@ import base64
 import json
 import logging
 import uuid
+from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
@@ -18,9 +19,21 @@ from celery import Celery
 
 from shared.core.settings import Settings, get_settings
 
-RUN_JOB = "imagegen.run_job"
-RUN_JOBS = "imagegen.run_jobs"
 log = logging.getLogger(__name__)
+
+
+class Task(StrEnum):
+    """Every task's name: what the API and the sweeper publish, what worker/tasks.py
+    registers."""
+
+    run_job = "imagegen.run_job"
+    run_jobs = "imagegen.run_jobs"
+    deliver_webhook = "imagegen.deliver_webhook"
+    validate_batch = "imagegen.validate_batch"
+    pump_batch = "imagegen.pump_batch"
+
+
+WEBHOOK_QUEUE = "webhooks"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -140,25 +153,43 @@ def send_task(name: str, args: list[Any], queue: str, kwargs: dict[str, Any] | N
     client.lpush(queue, json.dumps(envelope))
 
 
-def publish_job(job_id: str, queue: str, reply: bool = False) -> bool:
-    """Hand "run job X" to the broker; False when the broker cannot take it now.
-    ``reply``: a request waits for the job (shared/jobs/replies.py)."""
+def publish(task: Task, args: list[Any], queue: str, kwargs: dict[str, Any] | None = None) -> bool:
+    """The one way a task is published: False when the broker cannot take it now,
+    logged, never raised. Losing a message is harmless: the row it names is the
+    truth, and the sweeper publishes again what is still due (a job, a delivery, a
+    batch's step)."""
     try:
-        send_task(RUN_JOB, [job_id], queue, {"reply": True} if reply else None)
+        send_task(task, args, queue, kwargs)
     except Exception as exc:  # kombu and redis raise many types for an unreachable broker
-        log.warning("broker did not take job %s: %s", job_id, exc)
+        log.warning("broker did not take %s %s: %s", task, args, exc)
         return False
     return True
+
+
+def publish_job(job_id: str, queue: str, reply: bool = False) -> bool:
+    """Hand "run job X" to the broker. ``reply``: a request waits for the job
+    (shared/jobs/replies.py)."""
+    return publish(Task.run_job, [job_id], queue, {"reply": True} if reply else None)
 
 
 def publish_jobs(job_ids: list[str], queue: str) -> bool:
-    """One message for a chunk of jobs (batch lines); False when the broker refused."""
-    try:
-        send_task(RUN_JOBS, [job_ids], queue)
-    except Exception as exc:  # kombu and redis raise many types for an unreachable broker
-        log.warning("broker did not take %d jobs: %s", len(job_ids), exc)
-        return False
-    return True
+    """One message for a chunk of jobs (batch lines)."""
+    return publish(Task.run_jobs, [job_ids], queue)
+
+
+def publish_deliveries(delivery_ids: list[str]) -> None:
+    for delivery_id in delivery_ids:
+        publish(Task.deliver_webhook, [delivery_id], WEBHOOK_QUEUE)
+
+
+def publish_batch_validation(batch_id: str) -> None:
+    publish(Task.validate_batch, [batch_id], get_settings().batch_queue)
+
+
+def publish_batch_pump(batch_id: str) -> None:
+    """Start (or drain) a batch's lines, and finalize it once none is left: heavy
+    work a request never does inline."""
+    publish(Task.pump_batch, [batch_id], get_settings().batch_queue)
 
 
 def queue_size(queue: str) -> int | None:
@@ -172,38 +203,3 @@ def queue_size(queue: str) -> int | None:
     except Exception as exc:  # kombu raises many types for an unreachable broker
         log.debug("could not size queue %s: %s", queue, exc)
         return None
-
-
-DELIVER_WEBHOOK = "imagegen.deliver_webhook"
-WEBHOOK_QUEUE = "webhooks"
-
-
-def publish_deliveries(delivery_ids: list[str]) -> None:
-    """Best effort: a delivery whose message is lost is sent again by the sweeper."""
-    for delivery_id in delivery_ids:
-        try:
-            send_task(DELIVER_WEBHOOK, [delivery_id], WEBHOOK_QUEUE)
-        except Exception as exc:  # kombu and redis raise many types for an unreachable broker
-            log.warning("broker did not take delivery %s: %s", delivery_id, exc)
-
-
-VALIDATE_BATCH = "imagegen.validate_batch"
-PUMP_BATCH = "imagegen.pump_batch"
-
-
-def _send_batch_step(task: str, batch_id: str) -> None:
-    """Best effort: a batch whose step message is lost is tended by the sweeper."""
-    try:
-        send_task(task, [batch_id], get_settings().batch_queue)
-    except Exception as exc:  # kombu and redis raise many types for an unreachable broker
-        log.warning("broker did not take %s for batch %s: %s", task, batch_id, exc)
-
-
-def publish_batch_validation(batch_id: str) -> None:
-    _send_batch_step(VALIDATE_BATCH, batch_id)
-
-
-def publish_batch_pump(batch_id: str) -> None:
-    """Start (or drain) a batch's lines, and finalize it once none is left: heavy
-    work a request never does inline."""
-    _send_batch_step(PUMP_BATCH, batch_id)

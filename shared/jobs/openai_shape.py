@@ -24,11 +24,10 @@ outside their enums is sent as ``auto``, and the completed event's required
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from shared.jobs.schemas import GenerationParams
-
-AnswerShape = Literal["dall-e", "gpt-image"]
+from shared.registry import AnswerShape as AnswerShape
 
 SIZES = ("1024x1024", "1024x1536", "1536x1024")
 QUALITIES = ("low", "medium", "high")

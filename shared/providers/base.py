@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from shared.jobs.schemas import GenerationParams
-from shared.registry import ModelSpec
+from shared.registry import ModelBase, ModelSpec
+
+Kind = TypeVar("Kind", bound=ModelBase)
 
 
 @dataclass
@@ -45,6 +47,14 @@ class Partials(Protocol):
 
 def no_partials(image_index: int, partial_index: int, png: bytes, /) -> None:
     """For jobs that stream nothing."""
+
+
+def entry_of(spec: ModelSpec, kind: type[Kind]) -> Kind:
+    """``spec`` as the kind of entry a provider serves: ``get_provider`` picks the
+    provider by the entry's kind, so another kind here is a bug."""
+    if not isinstance(spec, kind):
+        raise TypeError(f"model '{spec.name}' is a {spec.provider!r} entry, not {kind.__name__}")
+    return spec
 
 
 class Provider(Protocol):

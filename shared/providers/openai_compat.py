@@ -32,10 +32,11 @@ from shared.providers.base import (
     Inputs,
     Partials,
     Progress,
+    entry_of,
     no_partials,
     no_progress,
 )
-from shared.registry import ModelSpec
+from shared.registry import ModelSpec, OpenAIModel
 from shared.webhooks.targets import check_target
 
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
@@ -93,7 +94,7 @@ class OpenAICompatibleProvider:
                 )
             return cls._shared
 
-    def _payload(self, spec: ModelSpec, params: GenerationParams, count: int) -> dict[str, Any]:
+    def _payload(self, spec: OpenAIModel, params: GenerationParams, count: int) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": spec.upstream_model or spec.name,
             "prompt": params.prompt,
@@ -121,6 +122,7 @@ class OpenAICompatibleProvider:
         partials: Partials = no_partials,
         inputs: Inputs | None = None,
     ) -> Generation:
+        spec = entry_of(spec, OpenAIModel)
         if not spec.base_url:
             raise PermanentProviderError(
                 f"model '{spec.name}' has no base_url", code="provider_misconfigured"

@@ -49,7 +49,7 @@ def test_published_job_is_celerys_own_message(redis_broker: str) -> None:
     client = redis.Redis.from_url(redis_broker)
     assert broker.publish_job("job_fast", "q-fast", reply=True)
     broker.get_celery().send_task(
-        broker.RUN_JOB, args=["job_fast"], kwargs={"reply": True}, queue="q-celery"
+        broker.Task.run_job, args=["job_fast"], kwargs={"reply": True}, queue="q-celery"
     )
     ours = json.loads(client.lindex("q-fast", 0) or b"{}")
     theirs = json.loads(client.lindex("q-celery", 0) or b"{}")

@@ -20,7 +20,7 @@ from shared.jobs.schemas import GenerationParams
 from shared.providers.base import Inputs
 from shared.providers.local import diffusion, pipelines
 from shared.providers.local.diffusion import DiffusersProvider
-from shared.registry import ModelSpec
+from shared.registry import DiffusersModel
 from tests.support.tiny_diffusion import build_tiny_sd
 
 
@@ -29,8 +29,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
-def spec_for(path: Path | str, name: str = "tiny") -> ModelSpec:
-    return ModelSpec.model_validate(
+def spec_for(path: Path | str, name: str = "tiny") -> DiffusersModel:
+    return DiffusersModel.model_validate(
         {
             "name": name,
             "provider": "diffusers",
@@ -145,7 +145,7 @@ def out_of_memory_above(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> lis
     made: list[OutOfMemoryAbove] = []
     loaded = pipelines.pipeline
 
-    def limited(spec: ModelSpec, task: Any = "text2image") -> Any:
+    def limited(spec: DiffusersModel, task: Any = "text2image") -> Any:
         pipe, device = loaded(spec, task)
         made.append(OutOfMemoryAbove(pipe, int(spec.name.rsplit("-", 1)[1])))
         return made[-1], device

@@ -17,10 +17,10 @@ from shared.jobs.schemas import GenerationParams
 from shared.providers.answers import answer_slot, before_answer
 from shared.providers.base import Generation
 from shared.providers.openai_compat import OpenAICompatibleProvider
-from shared.registry import Capabilities, ModelSpec
+from shared.registry import Capabilities, OpenAIModel
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 100
-SPEC = ModelSpec(
+SPEC = OpenAIModel(
     name="m",
     provider="openai",
     base_url="http://upstream.test/v1",

@@ -10,7 +10,7 @@ import pytest
 
 from shared.jobs.openai_shape import event_fields, response_fields, token_usage
 from shared.jobs.schemas import GenerationParams
-from shared.registry import Capabilities, ModelSpec
+from shared.registry import Capabilities, ModelSpec, model_spec
 
 USAGE = {
     "input_tokens": 50,
@@ -82,7 +82,7 @@ def test_stream_events_send_auto_for_values_outside_their_enums() -> None:
 
 def entry(**fields: Any) -> ModelSpec:
     caps = Capabilities(sizes=["1024x1024"])
-    return ModelSpec.model_validate({"capabilities": caps.model_dump(), **fields})
+    return model_spec({"capabilities": caps.model_dump(), **fields})
 
 
 def test_the_registry_takes_gpt_image_upstreams_as_gpt_image_unless_told() -> None:

@@ -8,9 +8,18 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from shared.core.settings import Settings
-from shared.registry import RegistryError, load_registry
+from shared.registry import (
+    DiffusersModel,
+    OpenAIModel,
+    ProceduralModel,
+    RegistryError,
+    load_registry,
+    model_spec,
+)
+from tests.support.stack import models_yaml
 from worker.supervisor import consumer_args
 
 
@@ -86,8 +95,52 @@ def test_local_fields_on_a_remote_model_are_refused(tmp_path: Path) -> None:
         "steps": 30,
         "capabilities": {"sizes": ["256x256"]},
     }
-    with pytest.raises(RegistryError, match="model 'dall-e-2': steps: only a 'diffusers' model"):
+    with pytest.raises(RegistryError) as caught:
         load(tmp_path, remote)
+    assert "model 'dall-e-2': steps: only a 'diffusers' model takes it, not an 'openai' one" in str(
+        caught.value
+    )
+    # The refusal is pydantic's own: each kind of entry forbids the others' fields.
+    with pytest.raises(ValidationError) as refused:
+        model_spec(remote)
+    assert [(e["loc"], e["type"]) for e in refused.value.errors()] == [
+        (("openai", "steps"), "extra_forbidden")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            {"provider": "procedural", "base_url": "http://upstream"},
+            "model 'm': base_url: only an 'openai' model takes it, not a 'procedural' one",
+        ),
+        (
+            {"provider": "diffusers", "model_path": "/m", "upstream_model": "x"},
+            "model 'm': upstream_model: only an 'openai' model takes it, not a 'diffusers' one",
+        ),
+        ({}, "model 'm': provider: Field required"),
+        (
+            {"provider": "comfy"},
+            "model 'm': provider: Input should be 'procedural', 'openai' or 'diffusers'",
+        ),
+    ],
+)
+def test_an_entry_takes_only_its_providers_fields(
+    tmp_path: Path, entry: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(RegistryError) as caught:
+        load(tmp_path, {"name": "m", "capabilities": {"sizes": ["512x512"]}, **entry})
+    assert message in str(caught.value)
+
+
+def test_each_provider_has_its_own_kind_of_entry(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(models_yaml("http://upstream.test/v1")))
+    kinds = {spec.name: type(spec) for spec in load_registry(path).models}
+    assert kinds["procedural"] is ProceduralModel
+    assert kinds["dall-e-2"] is OpenAIModel
+    assert {type(spec) for spec in load(tmp_path, local_entry()).models} == {DiffusersModel}
 
 
 def test_local_queues_get_a_consumer_of_their_own_one_job_at_a_time() -> None:

@@ -32,11 +32,12 @@ from shared.providers.base import (
     Inputs,
     Partials,
     Progress,
+    entry_of,
     no_partials,
     no_progress,
 )
 from shared.providers.local.pipelines import Task, device_lock, pipeline
-from shared.registry import ModelSpec, parse_size
+from shared.registry import DiffusersModel, ModelSpec, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class DiffusersProvider:
         partials: Partials = no_partials,
         inputs: Inputs | None = None,
     ) -> Generation:
+        spec = entry_of(spec, DiffusersModel)
         width, height = parse_size(params.size) or (512, 512)
         task, extra = _task(params, inputs, (width, height))
         pipe, device = pipeline(spec, task)
@@ -135,7 +137,7 @@ def _preview(pipe: Any, latents: Any) -> list[Any]:
 
 
 def _split_on_oom(
-    spec: ModelSpec,
+    spec: DiffusersModel,
     size: str,
     seeds: list[int],
     steps: int,
@@ -168,7 +170,7 @@ def _split_on_oom(
         ) from None
 
 
-def _refusing_bad_input(spec: ModelSpec, call: Callable[[], list[Any]]) -> list[Any]:
+def _refusing_bad_input(spec: DiffusersModel, call: Callable[[], list[Any]]) -> list[Any]:
     try:
         return call()
     except ValueError as exc:  # the pipeline's own checks (a size it cannot make)

@@ -24,7 +24,7 @@ from diffusers.pipelines import pipeline_utils
 
 from shared.core.errors import ErrorCode, PermanentProviderError
 from shared.core.settings import get_settings
-from shared.registry import ModelSpec
+from shared.registry import DiffusersModel
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ _pipelines: dict[tuple[str, str, str], Any] = {}
 _device_locks: dict[str, threading.Lock] = {}
 
 
-def resolve_device(spec: ModelSpec) -> torch.device:
+def resolve_device(spec: DiffusersModel) -> torch.device:
     """The entry's own device if it names one; else the worker's ``--device``; else
     the first GPU, else Apple's, else the CPU."""
     pinned = get_settings().device
@@ -62,7 +62,7 @@ def resolve_device(spec: ModelSpec) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+def resolve_dtype(spec: DiffusersModel, device: torch.device) -> torch.dtype:
     """``auto``: bfloat16 on a GPU that has it (the range of float32, so no VAE
     overflow to black images as float16 can give), float16 on others, float32 on the
     CPU (half precision there is slow or unsupported)."""
@@ -80,7 +80,7 @@ def device_lock(device: torch.device) -> threading.Lock:
         return _device_locks.setdefault(str(device), threading.Lock())
 
 
-def pipeline(spec: ModelSpec, task: Task = "text2image") -> tuple[Any, torch.device]:
+def pipeline(spec: DiffusersModel, task: Task = "text2image") -> tuple[Any, torch.device]:
     """The loaded pipeline for ``spec`` and ``task``, and the device it runs on."""
     device = resolve_device(spec)
     base_key = (spec.name, str(device), "text2image")
@@ -94,7 +94,7 @@ def pipeline(spec: ModelSpec, task: Task = "text2image") -> tuple[Any, torch.dev
         return _pipelines[key], device
 
 
-def preload(spec: ModelSpec) -> None:
+def preload(spec: DiffusersModel) -> None:
     """Load at worker start, so the first job does not wait for it; a model that
     cannot load is logged here, and its jobs fail with the reason."""
     try:
@@ -104,7 +104,7 @@ def preload(spec: ModelSpec) -> None:
         log.error("%s", exc.message)
 
 
-def _source(spec: ModelSpec) -> tuple[str, bool]:
+def _source(spec: DiffusersModel) -> tuple[str, bool]:
     """(what from_pretrained loads, whether it may only use local files)."""
     path = spec.model_path or ""
     folder = Path(path).expanduser()
@@ -119,7 +119,7 @@ def _source(spec: ModelSpec) -> tuple[str, bool]:
     return path, get_settings().hf_offline
 
 
-def _load(spec: ModelSpec, device: torch.device) -> Any:
+def _load(spec: DiffusersModel, device: torch.device) -> Any:
     source, local_only = _source(spec)
     name = AUTO_PIPELINES["text2image"] if spec.pipeline == "auto" else spec.pipeline
     cls = getattr(diffusers, name, None)

@@ -1,0 +1,251 @@
+"""A registry entry: one public model name, what it can do, and what serves it.
+
+``ModelSpec`` is a discriminated union on ``provider``: ``ProceduralModel``,
+``OpenAIModel`` (an OpenAI-compatible upstream) and ``DiffusersModel`` (a local
+pipeline), over ``ModelBase``'s common fields. Each kind takes its own fields and
+refuses every other (``extra="forbid"``): a diffusers-only field on an openai entry
+is pydantic's refusal, which the loader (``shared/registry/__init__.py``) words
+naming the entry, the field and the provider.
+
+``Upstream`` groups the fields of one connection (base_url, api_key_env,
+upstream_model, upstream_response_format, upstream_streams), written flat on an
+openai entry; issue 26's deployments are Upstreams with an id, a weight and limits
+(``OpenAIModel.deployments: list[Deployment]``), and an entry without any is the one
+deployment its own Upstream fields make, so a models file written today still loads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MAX_STEPS = 500
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Upstream model names of OpenAI's GPT image family (answer_shape's default).
+GPT_IMAGE_PREFIXES = ("gpt-image", "chatgpt-image")
+
+# Which of OpenAI's answers a model's take (shared/jobs/openai_shape.py).
+AnswerShape = Literal["dall-e", "gpt-image"]
+
+
+def parse_size(size: str) -> tuple[int, int] | None:
+    width, sep, height = size.partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        return None
+    return int(width), int(height)
+
+
+class SizeRule(BaseModel):
+    """Free-form ``WIDTHxHEIGHT`` sizes a model accepts beyond its listed ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    multiple_of: int = Field(default=16, ge=1)
+    max_side: int = Field(default=3840, ge=1)
+    max_pixels: int = Field(default=3840 * 2160, ge=1)
+    # Longest side over shortest: 3 allows 1:3 to 3:1.
+    max_aspect_ratio: float = Field(default=3.0, ge=1)
+
+    def problem(self, width: int, height: int) -> str | None:
+        """Why ``width`` x ``height`` is refused, or None."""
+        if width % self.multiple_of or height % self.multiple_of:
+            return f"both sides must be multiples of {self.multiple_of}"
+        if max(width, height) > self.max_side:
+            return f"the longer side must be at most {self.max_side}"
+        if width * height > self.max_pixels:
+            return f"at most {self.max_pixels} pixels"
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            ratio = f"{self.max_aspect_ratio:g}"
+            return f"the aspect ratio must be between 1:{ratio} and {ratio}:1"
+        return None
+
+
+class Capabilities(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sizes: list[str]
+    # Any WIDTHxHEIGHT within these bounds too (gpt-image-2).
+    custom_sizes: SizeRule | None = None
+    default_size: str | None = None
+    max_n: int = 1
+    # Most images one upstream call may return; above it the worker fans out.
+    upstream_max_n: int | None = None
+    qualities: list[str] = Field(default_factory=list)
+    default_quality: str | None = None
+    styles: list[str] = Field(default_factory=list)
+    default_style: str | None = None
+    output_formats: list[str] = Field(default_factory=lambda: list(OUTPUT_FORMATS))
+    backgrounds: list[str] = Field(default_factory=list)
+    moderations: list[str] = Field(default_factory=list)
+    output_compression: bool = False
+    max_prompt_chars: int = 4000
+    # Takes the ``seed`` extension field (local models: reproducible images).
+    seed: bool = False
+    # Serves /v1/images/edits and /v1/images/variations.
+    edits: bool = False
+    variations: bool = False
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            if size != "auto" and parse_size(size) is None:
+                raise ValueError(f"bad size {size!r}")
+        return sizes
+
+
+class ModelBase(BaseModel):
+    """The fields of every entry, whatever serves it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    queue: str = "default"
+    owned_by: str = "imagegen"
+    capabilities: Capabilities
+    # Which of OpenAI's answers the model's take (shared/jobs/openai_shape.py):
+    # "gpt-image" adds the top-level size, quality, background, output_format and
+    # usage that OpenAI's GPT image models answer with; "dall-e" answers created and
+    # data only. Unset: "gpt-image" for an OpenAI-compatible upstream serving a GPT
+    # image model (upstream_model gpt-image-* or chatgpt-image-*), else "dall-e".
+    answer_shape: AnswerShape = "dall-e"
+
+    @property
+    def default_size(self) -> str:
+        return self.capabilities.default_size or self.capabilities.sizes[0]
+
+    # Images one upstream call makes; above it the worker fans out in parallel calls.
+    @property
+    def images_per_call(self) -> int:
+        return self.capabilities.upstream_max_n or self.capabilities.max_n
+
+
+class ProceduralModel(ModelBase):
+    """``provider: procedural``: the built-in picture maker (no keys, no network)."""
+
+    provider: Literal["procedural"] = "procedural"
+
+
+class Upstream(BaseModel):
+    """One connection to an OpenAI-compatible upstream (issue 26: one deployment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = None
+    api_key_env: str | None = None
+    upstream_model: str | None = None
+    # Which response_format to ask the upstream for; None sends none (gpt-image
+    # models refuse the field and always answer b64_json).
+    upstream_response_format: Literal["url", "b64_json"] | None = "b64_json"
+    # The upstream streams partial images itself (OpenAI's GPT image models): a
+    # streamed request with partial_images is forwarded with stream: true.
+    upstream_streams: bool = False
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class OpenAIModel(Upstream, ModelBase):
+    """``provider: openai``: any OpenAI-compatible ``/images/*`` upstream."""
+
+    provider: Literal["openai"] = "openai"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _answer_shape_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "answer_shape" not in data:
+            upstream = str(data.get("upstream_model") or data.get("name") or "")
+            if upstream.startswith(GPT_IMAGE_PREFIXES):
+                data = {**data, "answer_shape": "gpt-image"}
+        return data
+
+
+class DiffusersModel(ModelBase):
+    """``provider: diffusers``: a local pipeline, run by a GPU worker."""
+
+    provider: Literal["diffusers"] = "diffusers"
+    # Local models run on their own queue unless the entry names one: a GPU worker
+    # serves them one call at a time, apart from the provider calls.
+    queue: str = "gpu"
+    # A folder written by save_pretrained, or a Hugging Face Hub id (resolved from
+    # the local cache; downloaded on first use unless IMAGEGEN_HF_OFFLINE is set).
+    model_path: str | None = None
+    # A diffusers pipeline class name; "auto" is AutoPipelineForText2Image.
+    pipeline: str = "auto"
+    # "auto": bfloat16 on a GPU that has it (else float16), float32 on the CPU.
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # "auto": the worker's --device, else the first GPU, else the CPU.
+    device: str = "auto"
+    # At most 500: schedulers count 1,000 training timesteps, and some (DDIM) index
+    # past them at 1,000 inference steps; no model needs more than a few hundred.
+    steps: int = Field(default=25, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(default=7.5, ge=0, le=100)
+    # quality -> denoising steps (e.g. low: 12, medium: 25, high: 50); its keys are
+    # the model's qualities unless the capabilities name them.
+    quality_steps: dict[str, int] = Field(default_factory=dict)
+    # A diffusers scheduler class to swap in (e.g. EulerDiscreteScheduler).
+    scheduler: str | None = None
+    # Memory options: move each component to the GPU only while it runs (slower,
+    # about a third of the memory); decode the image in tiles (large sizes).
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _capability_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("capabilities"), dict):
+            caps = {"seed": True, "edits": True, **data["capabilities"]}
+            if "qualities" not in caps and isinstance(data.get("quality_steps"), dict):
+                caps["qualities"] = list(data["quality_steps"])
+            data = {**data, "capabilities": caps}
+        return data
+
+    @model_validator(mode="after")
+    def _checked(self) -> DiffusersModel:
+        if not self.model_path:
+            raise ValueError("model_path: a local model needs one (a folder or a Hub id)")
+        if not DEVICE.match(self.device):
+            raise ValueError(f"device: {self.device!r} is not auto, cpu, mps, cuda or cuda:N")
+        for value, what in ((self.pipeline, "pipeline"), (self.scheduler, "scheduler")):
+            if value is not None and not IDENTIFIER.match(value):
+                raise ValueError(f"{what}: {value!r} is not a diffusers class name")
+        bad = [size for size in self.capabilities.sizes if not _multiple_of_8(size)]
+        if bad:
+            raise ValueError(f"capabilities.sizes: {bad[0]!r} is not WIDTHxHEIGHT, multiples of 8")
+        for quality, steps in self.quality_steps.items():
+            if quality not in self.capabilities.qualities:
+                raise ValueError(f"quality_steps: {quality!r} is not among capabilities.qualities")
+            if not 1 <= steps <= MAX_STEPS:
+                raise ValueError(f"quality_steps: {quality}: {steps} steps, not 1 to {MAX_STEPS}")
+        return self
+
+    def steps_for(self, quality: str | None) -> int:
+        return self.quality_steps.get(quality or "", self.steps)
+
+
+def _multiple_of_8(size: str) -> bool:
+    wh = parse_size(size)
+    return wh is not None and wh[0] % 8 == 0 and wh[1] % 8 == 0
+
+
+# A registry entry, one of the kinds by its ``provider``.
+ModelSpec: TypeAlias = Annotated[
+    ProceduralModel | OpenAIModel | DiffusersModel, Field(discriminator="provider")
+]
+# Each kind by its ``provider`` (the union's tags).
+KINDS: dict[str, type[ModelBase]] = {
+    "procedural": ProceduralModel,
+    "openai": OpenAIModel,
+    "diffusers": DiffusersModel,
+}
+_SPEC: TypeAdapter[ModelSpec] = TypeAdapter(ModelSpec)
+
+
+def model_spec(data: Any) -> ModelSpec:
+    """One entry from its models-file mapping (the kind its ``provider`` names)."""
+    return _SPEC.validate_python(data)
