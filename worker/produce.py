@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
+from shared.core import retry
 from shared.core.errors import (
     JobCanceled,
     PermanentProviderError,
@@ -70,9 +70,10 @@ def _call_with_retries(
     partials: Partials,
     inputs: Inputs | None,
 ) -> Generation:
-    settings = get_settings()
+    policy = retry.provider_calls(get_settings())
     provider = get_provider(spec)
     attempt = 0
+    first_try = time.monotonic()
     while True:
         attempt += 1
         started = time.monotonic()
@@ -84,13 +85,9 @@ def _call_with_retries(
             PROVIDER_ERRORS.labels(spec.name, str(exc.code)).inc()
             if not isinstance(exc, TransientProviderError):
                 raise
-            if attempt >= settings.provider_max_attempts:
+            if policy.exhausted(attempt, first_try):
                 raise
-            delay = exc.retry_after
-            if delay is None:
-                delay = settings.provider_backoff_seconds * 2 ** (attempt - 1)
-                delay *= random.uniform(0.8, 1.2)
-            delay = min(delay, settings.provider_backoff_max_seconds)
+            delay = policy.delay(attempt, exc.retry_after)
             log.info("job %s: %s; retry %d in %.1fs", job_id, exc.message, attempt, delay)
             _wait_unless_lost(job_id, delay)
 
@@ -246,9 +243,11 @@ def _store(storage: Storage, key: str, data: bytes, content_type: str, job: Job)
     """Upload, waiting out a storage outage: the job keeps its generated images
     (its lease renewed meanwhile) instead of failing or paying the provider again,
     and says what it waits on (``status_detail``) until storage is back."""
-    delay = 0.5
+    policy = retry.storage_writes(get_settings())
+    attempt = 0
     waiting = False
     while True:
+        attempt += 1
         try:
             storage.put(key, data, content_type)
             STORAGE_WRITES.labels("ok").inc()
@@ -257,11 +256,11 @@ def _store(storage: Storage, key: str, data: bytes, content_type: str, job: Job)
             return
         except StorageUnavailable as exc:
             STORAGE_WRITES.labels("unavailable").inc()
+            delay = policy.delay(attempt)
             log.warning("job %s: %s; trying again in %.1fs", job.id, exc, delay)
             if not waiting:
                 waiting = set_detail(job, f"waiting for storage: {exc.message}"[:500])
         _wait_unless_lost(job.id, delay)
-        delay = min(delay * 2, get_settings().storage_backoff_max_seconds)
 
 
 def _wait_unless_lost(job_id: str, seconds: float) -> None:
