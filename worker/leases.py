@@ -10,13 +10,10 @@ import logging
 import threading
 from datetime import timedelta
 
-import sqlalchemy as sa
-from sqlmodel import col
-
 from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
 from shared.core.settings import get_settings
-from shared.jobs.models import Job, JobStatus
+from shared.jobs import lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +51,7 @@ class LeaseBook:
             return
         expires = utcnow() + timedelta(seconds=get_settings().job_lease_seconds)
         with unit_of_work() as session:
-            session.execute(
-                sa.update(Job)
-                .where(
-                    col(Job.id).in_(held),
-                    col(Job.lease_token).in_(held.values()),
-                    col(Job.status) == JobStatus.running,
-                )
-                .values(lease_expires_at=expires)
-            )
-            still = set(
-                session.execute(
-                    sa.select(col(Job.id)).where(
-                        col(Job.id).in_(held),
-                        col(Job.lease_token).in_(held.values()),
-                        col(Job.status) == JobStatus.running,
-                    )
-                ).scalars()
-            )
+            still = lifecycle.renew(session, held, expires)
         with self._lock:
             self._lost |= {job_id for job_id in held if job_id not in still}
 

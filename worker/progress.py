@@ -19,14 +19,13 @@ from __future__ import annotations
 import logging
 import threading
 
-import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col
 
 from shared.core.db import unit_of_work
 from shared.core.errors import JobCanceled
 from shared.core.events import publish_changed
 from shared.core.settings import get_settings
+from shared.jobs import lifecycle
 from shared.jobs.models import Job, JobStatus
 from worker.leases import LEASES
 
@@ -70,16 +69,8 @@ class ProgressWriter:
 
     def _write(self, job_id: str, token: str, step: int, steps: int) -> None:
         with unit_of_work() as session:
-            result = session.execute(
-                sa.update(Job)
-                .where(
-                    col(Job.id) == job_id,
-                    col(Job.lease_token) == token,
-                    col(Job.status) == JobStatus.running,
-                )
-                .values(progress={"step": step, "steps": steps})
-            )
-        if result.rowcount:  # type: ignore[attr-defined]
+            moved = lifecycle.note_progress(session, job_id, token, {"step": step, "steps": steps})
+        if moved:
             publish_changed(job_id, JobStatus.running)
         else:
             LEASES.lose(job_id, token)
@@ -112,15 +103,7 @@ def set_detail(job: Job, detail: str | None) -> bool:
     lease token; False when it could not be said (the database is out too)."""
     try:
         with unit_of_work() as session:
-            session.execute(
-                sa.update(Job)
-                .where(
-                    col(Job.id) == job.id,
-                    col(Job.lease_token) == job.lease_token,
-                    col(Job.status) == JobStatus.running,
-                )
-                .values(status_detail=detail)
-            )
+            lifecycle.set_detail(session, job.id, job.lease_token or "", detail)
     except SQLAlchemyError as exc:
         log.warning("job %s: status detail not recorded: %s", job.id, exc)
         return False

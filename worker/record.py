@@ -8,17 +8,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import col
+from sqlmodel import Session
 
 from shared.batches.pump import item_finished, lines_succeeded
 from shared.core.clock import utcnow
-from shared.core.columns import table
 from shared.core.db import unit_of_work
 from shared.core.settings import get_settings
+from shared.jobs import lifecycle
+from shared.jobs.lifecycle import Outcome
 from shared.jobs.models import Image, Job, JobStatus
 from shared.traces.service import finish_call, normalise_usage
 from shared.webhooks.events import record_job_event
@@ -38,12 +38,12 @@ class Result:
     data: list[bytes] = field(default_factory=list)
 
 
-def finish(token: str, results: list[Result]) -> dict[str, str]:
+def finish(token: str, results: list[Result]) -> dict[str, Outcome]:
     """The guarded end of an attempt, for one job or a chunk of batch lines: each job
     with its images, trace call, webhook events and batch line, in one transaction.
-    Returns the status each job ended in ('discarded' when its lease was lost)."""
+    Returns how each job ended (``discarded`` when its lease was lost)."""
     now = utcnow()
-    ended: dict[str, str] = {}
+    ended: dict[str, Outcome] = {}
     # Succeeded batch lines (the bulk of a big batch) are recorded with one
     # statement each for jobs, images and lines; the rest one by one below.
     bulk = [
@@ -57,55 +57,18 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
     rest = [r for r in results if not any(r is b for b in bulk)]
     with unit_of_work() as session:
         if bulk:
-            done = set(
-                session.execute(
-                    sa.update(Job)
-                    .where(
-                        col(Job.id).in_([r.job.id for r in bulk]),
-                        col(Job.status) == JobStatus.running,
-                        col(Job.lease_token) == token,
-                    )
-                    .values(
-                        status=JobStatus.succeeded,
-                        finished_at=now,
-                        lease_token=None,
-                        lease_expires_at=None,
-                    )
-                    .returning(col(Job.id))
-                    .execution_options(synchronize_session=False)
-                ).scalars()
-            )
-            rows = [image.model_dump() for r in bulk if r.job.id in done for image in r.images]
-            if rows:
-                session.execute(_INSERT_IMAGES, rows)
+            done = lifecycle.finish_lines(session, [(r.job, r.images) for r in bulk], token, now)
             lines_succeeded(
                 session,
                 [r.job.batch_item_id for r in bulk if r.job.id in done and r.job.batch_item_id],
             )
             for r in bulk:
-                ended[r.job.id] = JobStatus.succeeded if r.job.id in done else "discarded"
+                ended[r.job.id] = Outcome.succeeded if r.job.id in done else Outcome.discarded
         for result in rest:
             job, values = result.job, result.values
-            # Core statements (the table, not the model), built once per set of
-            # columns: no ORM bookkeeping and no statement construction per job.
-            outcome = session.execute(
-                _end_statement(tuple(sorted(values))),
-                {**values, "_id": job.id, "_token": token, "_now": now},
-            )
-            if outcome.rowcount != 1:  # type: ignore[attr-defined]
-                ended[job.id] = "discarded"  # canceled or taken over meanwhile
-                continue
-            ended[job.id] = str(values["status"])
-            if result.images:
-                session.execute(_INSERT_IMAGES, [i.model_dump() for i in result.images])
-            # The in-memory job now equals the row just written: no need to read it back.
-            for name, value in {
-                **values,
-                "finished_at": now,
-                "lease_token": None,
-                "lease_expires_at": None,
-            }.items():
-                setattr(job, name, value)
+            ended[job.id] = _end(session, token, now, result)
+            if ended[job.id] == Outcome.discarded:
+                continue  # canceled or taken over meanwhile
             if job.batch_id is not None:
                 item_finished(session, job)
                 continue
@@ -121,35 +84,34 @@ def finish(token: str, results: list[Result]) -> dict[str, str]:
             )
     for result in results:
         job = result.job
-        if ended[job.id] == "discarded":
+        if ended[job.id] == Outcome.discarded:
             continue
         if job.batch_id is not None:  # a job's limits are released by the runner
             BATCH_TICKS.call(job.batch_id, batch_tick)
     return ended
 
 
-_JOBS = table(Job)
-_INSERT_IMAGES = sa.insert(table(Image))
-
-
-@lru_cache
-def _end_statement(columns: tuple[str, ...]) -> sa.Update:
-    """The guarded UPDATE that ends one job's attempt, setting ``columns``: built once
-    per set of columns (a statement built per call costs its construction and its
-    cache key again; measured about a third of recording a job)."""
-    return (
-        sa.update(_JOBS)
-        .where(
-            _JOBS.c.id == sa.bindparam("_id"),
-            _JOBS.c.status == JobStatus.running,
-            _JOBS.c.lease_token == sa.bindparam("_token"),
+def _end(session: Session, token: str, now: datetime, result: Result) -> Outcome:
+    """One job's end, as its result says (the in-memory job then equals its row)."""
+    values = result.values
+    if values["status"] == JobStatus.succeeded:
+        return lifecycle.finish(
+            session,
+            result.job,
+            token,
+            now,
+            images=result.images,
+            usage=values.get("usage"),
+            progress=values.get("progress"),
         )
-        .values(
-            finished_at=sa.bindparam("_now"),
-            lease_token=None,
-            lease_expires_at=None,
-            **{name: sa.bindparam(name) for name in columns},
-        )
+    return lifecycle.fail(
+        session,
+        result.job,
+        token,
+        now,
+        error_code=values["error_code"],
+        error_message=values["error_message"],
+        attempts=values.get("attempts"),
     )
 
 
@@ -178,7 +140,7 @@ def exhausted(job: Job, limit: int) -> Result:
     )  # this claim ran nothing: not an attempt
 
 
-def record(token: str, results: list[Result]) -> dict[str, str]:
+def record(token: str, results: list[Result]) -> dict[str, Outcome]:
     """Record the attempt's results. While the database is unreachable, wait and try
     again (an outage delays a finished job; it does not cost another provider call).
     Any other failure to record (a value the database refuses) is recorded as the
@@ -201,7 +163,7 @@ def record(token: str, results: list[Result]) -> dict[str, str]:
             delay = min(delay * 2, 10.0)
         except Exception as exc:
             if len(results) > 1:  # a chunk of batch lines: one refused line fails alone
-                ended: dict[str, str] = {}
+                ended: dict[str, Outcome] = {}
                 for result in results:
                     ended.update(record(token, [result]))
                 return ended

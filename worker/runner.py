@@ -17,6 +17,7 @@ from functools import lru_cache
 from shared.core.events import publish_changed
 from shared.core.instruments import JOBS_FINISHED
 from shared.core.settings import get_settings
+from shared.jobs.lifecycle import Outcome
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.replies import leave_reply
 from shared.projects.limits import get_limiter
@@ -28,13 +29,14 @@ from worker.record import Result, exhausted, record
 log = logging.getLogger(__name__)
 
 
-def run_job(job_id: str, reply: bool = False) -> str:
-    """Run the job if it can be claimed; returns the status it ended in (or 'skipped').
-    ``reply``: a request waits for it; leave it the result (shared/jobs/replies.py)."""
-    return run_jobs([job_id], reply).get(job_id, "skipped")
+def run_job(job_id: str, reply: bool = False) -> Outcome:
+    """Run the job if it can be claimed; returns how it ended (``skipped``: it could
+    not be claimed). ``reply``: a request waits for it; leave it the result
+    (shared/jobs/replies.py)."""
+    return run_jobs([job_id], reply).get(job_id, Outcome.skipped)
 
 
-def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, str]:
+def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, Outcome]:
     """Run the jobs that can be claimed (a chunk of batch lines, or one job), their
     provider calls side by side, and record them in one transaction."""
     jobs, token = claim(job_ids)
@@ -60,22 +62,22 @@ def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, str]:
             LEASES.release(job.id)
     by_job = {r.job.id: r for r in produced if r is not None}
     for job in jobs:
-        ended.setdefault(job.id, "discarded")
-        if ended[job.id] != "discarded":
+        ended.setdefault(job.id, Outcome.discarded)
+        if ended[job.id] != Outcome.discarded:
             JOBS_FINISHED.labels(ended[job.id], job.model).inc()
         if job.batch_id is None:  # batch lines: their batch tells its own progress
             _announce(job, ended[job.id], by_job.get(job.id) if reply else None)
     return ended
 
 
-def _announce(job: Job, status: str, reply: Result | None) -> None:
+def _announce(job: Job, status: Outcome, reply: Result | None) -> None:
     """After the commit: the waiting request's reply (``reply``) or the change alone,
     then the job's limits released, off that request's path."""
-    if reply is not None and status != "discarded":
+    if reply is not None and status != Outcome.discarded:
         leave_reply(job, reply.images, reply.data)  # and announces the change
     else:
         publish_changed(job.id, status)
-    if status != "discarded":
+    if status != Outcome.discarded:
         get_limiter().release_job(job.project_id, job.id)
 
 

@@ -28,8 +28,8 @@ from shared.core.db import unit_of_work
 from shared.core.outbox import after_commit
 from shared.core.settings import get_settings
 from shared.idempotency.service import purge_expired
+from shared.jobs import lifecycle
 from shared.jobs.models import Job, JobStatus
-from shared.jobs.service import mark_published
 from shared.webhooks.models import DeliveryStatus, WebhookDelivery
 from worker.batches import pump_batch, refinalize
 
@@ -38,16 +38,8 @@ BATCH = 500
 
 
 def requeue_expired() -> int:
-    now = utcnow()
     with unit_of_work() as session:
-        result = session.execute(
-            sa.update(Job)
-            .where(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now)
-            .values(
-                status=JobStatus.queued, lease_token=None, lease_expires_at=None, published_at=None
-            )
-        )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+        return lifecycle.requeue_expired(session, utcnow())
 
 
 def publish_pending() -> int:
@@ -79,7 +71,7 @@ def publish_pending() -> int:
     published = [job.id for job in due if publish_job(job.id, job.queue)]
     if published:
         with unit_of_work() as session:
-            mark_published(session, published)
+            lifecycle.mark_published(session, published, utcnow())
     return len(published)
 
 

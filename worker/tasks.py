@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from shared.core.broker import Task
+from shared.jobs.lifecycle import Outcome
 from worker.batches import pump_batch, validate
 from worker.runner import run_job, run_jobs
 from worker.webhooks import deliver
@@ -16,7 +17,7 @@ def register(app: Celery) -> None:
         return run_job(job_id, reply)
 
     @app.task(name=Task.run_jobs, acks_late=True, ignore_result=True)
-    def run_jobs_task(job_ids: list[str]) -> dict[str, str]:
+    def run_jobs_task(job_ids: list[str]) -> dict[str, Outcome]:
         return run_jobs(job_ids)
 
     @app.task(name=Task.deliver_webhook, acks_late=True, ignore_result=True)

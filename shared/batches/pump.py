@@ -26,6 +26,7 @@ from shared.core.settings import get_settings
 from shared.core.storage import get_storage
 from shared.files.service import get_file
 from shared.imaging import check_mask, check_total_pixels, read_input
+from shared.jobs import lifecycle
 from shared.jobs.input import parse_request, validate_edit, validate_generation
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.schemas import GenerationParams
@@ -136,7 +137,7 @@ def _queue_lines(
         for item_id, params, model, job_id in valid[:granted]
     ]
     if jobs:
-        session.execute(sa.insert(table(Job)), jobs)
+        lifecycle.create(session, jobs)
         items = table(BatchItem).c
         session.execute(
             sa.update(table(BatchItem))
@@ -179,14 +180,7 @@ def stop_pending(session: Session, batch: Batch, code: str, message: str) -> Non
         .where(col(BatchItem.batch_id) == batch.id, col(BatchItem.status) == ItemStatus.pending)
         .values(status=ItemStatus.canceled, error=error, finished_at=now)
     )
-    queued = list(
-        session.execute(
-            sa.update(Job)
-            .where(col(Job.batch_id) == batch.id, col(Job.status) == JobStatus.queued)
-            .values(status=JobStatus.canceled, canceled_at=now, finished_at=now)
-            .returning(col(Job.batch_item_id))
-        ).scalars()
-    )
+    queued = lifecycle.cancel_batch_jobs(session, batch.id, now)
     if queued:
         session.execute(
             sa.update(BatchItem)

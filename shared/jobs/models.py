@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Field, SQLModel
+from sqlmodel import AutoString, Field, SQLModel
 
 from shared.core.clock import utcnow
 from shared.core.columns import UTCDateTime, ts_field
@@ -41,8 +41,33 @@ TRANSITIONS: dict[JobStatus, tuple[JobStatus, ...]] = {
     JobStatus.failed: (),
     JobStatus.canceled: (),
 }
+
+
+def moves_to(target: JobStatus) -> tuple[JobStatus, ...]:
+    """The statuses a job may move to ``target`` from, in TRANSITIONS' order: what the
+    WHERE of a guarded UPDATE to ``target`` names (shared/jobs/lifecycle.py)."""
+    return tuple(status for status, moves in TRANSITIONS.items() if target in moves)
+
+
+# Where a job enters: every job is recorded queued.
+START = JobStatus.queued
 FINISHED = tuple(status for status, moves in TRANSITIONS.items() if not moves)
-CANCELABLE = tuple(s for s, moves in TRANSITIONS.items() if JobStatus.canceled in moves)
+CANCELABLE = moves_to(JobStatus.canceled)
+# Held by an attempt under its lease token: the statuses an attempt can end from.
+LEASED = moves_to(JobStatus.succeeded)
+# Waiting for a worker: claimed without taking over anyone's lease.
+WAITING = tuple(status for status in moves_to(JobStatus.running) if status not in LEASED)
+
+
+class StatusType(sa.types.TypeDecorator[JobStatus]):
+    """A job's status: a ``JobStatus`` in Python, a VARCHAR(16) in the database as it
+    always was (no native enum type to migrate when a status is added)."""
+
+    impl = AutoString(length=16)
+    cache_ok = True
+
+    def process_result_value(self, value: str | None, dialect: sa.Dialect) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
 
 
 class Job(SQLModel, table=True):
@@ -53,7 +78,8 @@ class Job(SQLModel, table=True):
 
     id: str = Field(default_factory=lambda: new_id("job"), primary_key=True, max_length=64)
     project_id: str = Field(foreign_key="project.id", max_length=64)
-    status: str = Field(default=JobStatus.queued, index=True, max_length=16)
+    # Written only by shared/jobs/lifecycle.py, each move guarded by TRANSITIONS.
+    status: JobStatus = Field(default=START, index=True, sa_type=StatusType)
     surface: str = Field(default="openai", max_length=16)
     model: str = Field(max_length=200)
     queue: str = Field(default="default", max_length=64)

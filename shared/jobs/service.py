@@ -26,7 +26,8 @@ from shared.core.outbox import after_commit
 from shared.core.pages import newest_first, owned
 from shared.core.storage import Storage, input_key
 from shared.imaging import CONTENT_TYPES, InputImage
-from shared.jobs.models import CANCELABLE, Image, Job, JobStatus
+from shared.jobs import lifecycle
+from shared.jobs.models import Image, Job, JobStatus
 from shared.jobs.schemas import GenerationParams
 from shared.projects.limits import get_limiter
 from shared.projects.service import Principal
@@ -36,8 +37,8 @@ from shared.traces.service import OP_OPENAI, finish_call, start_call
 from shared.webhooks.events import record_job_event
 from shared.webhooks.service import Webhook
 
-# Built once, as every statement of a job's path (ARCHITECTURE.md, "A job").
-_INSERT_JOB = sa.insert(table(Job))
+# Built once, as every statement of a job's path (ARCHITECTURE.md, "A job"; the
+# job's own insert is lifecycle.create's).
 _INSERT_CALL = sa.insert(table(Call))
 
 
@@ -79,7 +80,7 @@ def create_job(
         call = start_call(job, op_name=op_name, inputs=inputs, wb_user_id=principal.user)
     # Core inserts: one statement per row, none of the ORM's flush work on the
     # API's hot path.
-    session.execute(_INSERT_JOB, [job.model_dump()])
+    lifecycle.create(session, [job.model_dump()])
     if call is not None:
         session.execute(_INSERT_CALL, [call.model_dump()])
     after_commit(session, lambda: send_job(job.id, job.queue, reply))
@@ -91,23 +92,7 @@ def send_job(job_id: str, queue: str, reply: bool = False) -> None:
     unpublished (its own short transaction) for the sweeper to publish later."""
     if not publish_job(job_id, queue, reply):
         with unit_of_work() as session:
-            mark_unpublished(session, job_id)
-
-
-def mark_published(session: Session, job_ids: Sequence[str]) -> None:
-    if job_ids:
-        session.execute(
-            sa.update(Job).where(col(Job.id).in_(job_ids)).values(published_at=utcnow())
-        )
-
-
-def mark_unpublished(session: Session, job_id: str) -> None:
-    """The broker refused the message: leave the job for the sweeper to publish."""
-    session.execute(
-        sa.update(Job)
-        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
-        .values(published_at=None)
-    )
+            lifecycle.mark_unpublished(session, job_id)
 
 
 def get_job(session: Session, project_id: str, job_id: str) -> Job:
@@ -156,19 +141,7 @@ def list_jobs(
 def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
     """Queued: it never runs. Running: it ends canceled and its result is discarded."""
     job = get_job(session, project_id, job_id)
-    now = utcnow()
-    result = session.execute(
-        sa.update(Job)
-        .where(col(Job.id) == job.id, col(Job.status).in_(CANCELABLE))
-        .values(
-            status=JobStatus.canceled,
-            canceled_at=now,
-            finished_at=now,
-            lease_token=None,
-            lease_expires_at=None,
-        )
-    )
-    changed = result.rowcount == 1  # type: ignore[attr-defined]
+    changed = lifecycle.cancel(session, job.id, utcnow())
     session.refresh(job)
     if not changed:
         if job.status != JobStatus.canceled:

@@ -4,6 +4,7 @@ import which, and that only the unit of work commits."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,125 @@ def test_only_the_local_provider_imports_torch() -> None:
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+# The one module that writes a job's row: every move of its state machine.
+LIFECYCLE = "shared/jobs/lifecycle.py"
+# Assignments to a job's ``status`` outside it that write no row, each with its reason.
+IN_MEMORY_ONLY = {
+    # Reply.apply: the API's detached copy of a job (inserted by a Core statement,
+    # never in a session) brought to the end the worker recorded, to answer from.
+    "shared/jobs/replies.py",
+}
+
+
+def _job_table_refs(tree: ast.AST) -> set[str]:
+    """Names bound to the job table in a module (``_JOBS = table(Job)``)."""
+    names = {"Job"}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Name)
+            and node.value.func.id == "table"
+            and _names_job(node.value.args[0] if node.value.args else None, names)
+        ):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def _names_job(node: ast.AST | None, refs: set[str]) -> bool:
+    """``Job``, an alias of its table, ``table(Job)`` or ``Job.__table__``."""
+    if isinstance(node, ast.Name):
+        return node.id in refs
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "table":
+        return bool(node.args) and _names_job(node.args[0], refs)
+    if isinstance(node, ast.Attribute) and node.attr == "__table__":
+        return _names_job(node.value, refs)
+    return False
+
+
+def _is_job_object(node: ast.AST) -> bool:
+    """``job``, ``self.job``, ``result.job``, ``queued_job``...: by name, a Job."""
+    name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
+    return "job" in name.lower()
+
+
+def job_writes(path: Path) -> list[str]:
+    """Each place in ``path`` that writes a job's row: an INSERT or UPDATE of the job
+    table, a ``.values(...)`` setting a ``JobStatus``, an UPDATE of it in raw SQL,
+    or an assignment (``job.status = ...``, ``setattr(job, ...)``) that a session
+    would flush. Reads and filters (``col(Job.status) == ...``) are not writes."""
+    source = path.read_text()
+    tree = ast.parse(source)
+    refs = _job_table_refs(tree)
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("update", "insert") and node.args and _names_job(node.args[0], refs):
+                found.append((line, f"{name}({ast.unparse(node.args[0])})"))
+            elif name == "values":
+                found += [
+                    (line, f".values({k.arg}={ast.unparse(k.value)})")
+                    for k in node.keywords
+                    if isinstance(k.value, ast.Attribute)
+                    and isinstance(k.value.value, ast.Name)
+                    and k.value.value.id == "JobStatus"
+                ]
+            elif name == "setattr" and node.args and _is_job_object(node.args[0]):
+                found.append((line, ast.unparse(node)))
+        elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr == "status"
+                    and _is_job_object(target.value)
+                ):
+                    found.append((line, f"{ast.unparse(target)} = ..."))
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and re.search(r"\b(update|insert\s+into)\s+job\b", node.value, re.IGNORECASE)
+        ):
+            found.append((line, f"raw SQL {node.value[:40]!r}"))
+    return [f"{line}: {what}" for line, what in sorted(found)]
+
+
+def test_only_the_lifecycle_writes_a_job() -> None:
+    """A job moves (queued, running, its end, canceled, re-queued) and its row is
+    written only by shared/jobs/lifecycle.py, each move an UPDATE guarded by the
+    statuses TRANSITIONS lets it come from."""
+    writes = {
+        rel: found
+        for package in ("api", "worker", "shared", "cli")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (rel := str(path.relative_to(ROOT))) != LIFECYCLE
+        and (found := job_writes(path))
+        and rel not in IN_MEMORY_ONLY
+    }
+    assert writes == {}
+    assert job_writes(ROOT / LIFECYCLE), "the rule no longer sees the lifecycle's writes"
+    for rel in IN_MEMORY_ONLY:
+        assert job_writes(ROOT / rel), f"{rel} is no longer an exception: drop it"
+
+
+def test_the_job_write_rule_sees_writes_and_not_reads(tmp_path: Path) -> None:
+    source = tmp_path / "example.py"
+    source.write_text(
+        "_JOBS = table(Job)\n"
+        "a = sa.select(Job).where(col(Job.status) == JobStatus.queued)\n"  # a read
+        "b = sa.update(Batch).values(status=BatchStatus.expiring)\n"  # another table
+        "c = sa.update(_JOBS).where(_JOBS.c.id == 1)\n"
+        "d = sa.update(Job).values(attempts=1)\n"
+        "e = sa.insert(table(Job))\n"
+        "f = stmt.values(status=JobStatus.canceled)\n"
+        "job.status = JobStatus.failed\n"
+        "setattr(result.job, 'status', 'x')\n"
+        "g = sa.text('UPDATE job SET status = 1')\n"
+        "batch.status = BatchStatus.expiring\n"
+    )
+    assert [w.split(":")[0] for w in job_writes(source)] == ["4", "5", "6", "7", "8", "9", "10"]
