@@ -103,10 +103,11 @@ def _raw(dev: Dev, head: str) -> str:
     return data.split(b"\r\n", 1)[0].decode()
 
 
-def _stream(chunks: Iterator[bytes], dev: Dev, path: str, ctype: str, key: bool) -> str:
+def _stream(chunks: Iterator[bytes], dev: Dev, path: str, ctype: str, key: bool | str) -> str:
+    """``key``: the dev key (True), none (False), or this one."""
     headers = {"Content-Type": ctype}
     if key:
-        headers["Authorization"] = f"Bearer {KEY}"
+        headers["Authorization"] = f"Bearer {KEY if key is True else key}"
     try:
         resp = httpx.post(f"{dev.base}{path}", content=chunks, headers=headers, timeout=300)
         return f"{resp.status_code} {resp.text[:90]}"
@@ -122,14 +123,21 @@ def case_json_declared(dev: Dev) -> str:
     )
 
 
-def case_json_chunked(dev: Dev) -> str:
-    def body() -> Iterator[bytes]:
-        yield b'{"prompt": "'
-        for _ in range(300):
-            yield b"a" * MiB
-        yield b'"}'
+def _json_300mib() -> Iterator[bytes]:
+    yield b'{"prompt": "'
+    for _ in range(300):
+        yield b"a" * MiB
+    yield b'"}'
 
-    return _stream(body(), dev, "/v1/images/generations", "application/json", key=False)
+
+def case_json_chunked(dev: Dev) -> str:
+    return _stream(_json_300mib(), dev, "/v1/images/generations", "application/json", key=False)
+
+
+def case_json_wrong_key(dev: Dev) -> str:
+    return _stream(
+        _json_300mib(), dev, "/v1/images/generations", "application/json", key="sk-wrong"
+    )
 
 
 def _multipart(files: list[tuple[str, Iterator[bytes]]]) -> Iterator[bytes]:
@@ -232,6 +240,7 @@ def case_300_streams(dev: Dev) -> str:
 CASES: list[tuple[str, Callable[[Dev], str]]] = [
     ("300 MiB JSON, no key, declared length", case_json_declared),
     ("300 MiB JSON, no key, chunked", case_json_chunked),
+    ("300 MiB JSON, a wrong key, chunked", case_json_wrong_key),
     ("400 MiB image on /v1/images/edits", case_edit_400mib),
     ("three 13000x13000 PNG bombs in one edit", case_edit_bombs),
     ("batch file of 3,000,000 lines of {}", case_batch_3m_lines),
@@ -242,11 +251,14 @@ CASES: list[tuple[str, Callable[[Dev], str]]] = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--case", action="append", help="only cases whose name holds this")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
         dev = Dev(args.root.resolve(), Path(home))
         try:
             for name, case in CASES:
+                if args.case and not any(part in name for part in args.case):
+                    continue
                 dev.reset_peaks()
                 api0, worker0 = dev.hwm()
                 answer = case(dev)
