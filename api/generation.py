@@ -13,7 +13,6 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from fastapi import Request
@@ -22,18 +21,16 @@ from sqlalchemy.exc import IntegrityError
 
 from api.waiter import Change, JobWaiter
 from shared.core.db import unit_of_work
-from shared.core.ids import new_id
 from shared.core.storage import Storage
 from shared.idempotency.service import Claim, recall, remember
 from shared.jobs.models import FINISHED, Job
 from shared.jobs.replies import take_reply
-from shared.jobs.schemas import GenerationParams, ImagesResponse, job_params
+from shared.jobs.schemas import ImagesResponse, job_params
 from shared.jobs.service import create_job, get_job, job_images, queue_position
+from shared.jobs.submission import Submission
 from shared.jobs.views import StoredImage, render_result
 from shared.projects.limits import get_limiter
 from shared.projects.service import Principal
-from shared.registry import ModelSpec
-from shared.traces.service import OP_OPENAI
 from shared.webhooks.service import Webhook, webhook_of
 
 
@@ -58,43 +55,22 @@ class Outcome:
         )
 
 
-def _record(
-    principal: Principal,
-    params: GenerationParams,
-    spec: ModelSpec,
-    *,
-    job_id: str,
-    surface: str,
-    track: bool,
-    op_name: str,
-    call_inputs: dict[str, Any] | None,
-    webhook: Webhook | None,
-    reply: bool,
-    idempotency: Claim | None,
-) -> Job:
-    if params.user is None and principal.user:  # the key's user, where none is given
-        params = params.model_copy(update={"user": principal.user})
+def _record(submission: Submission, reply: bool) -> Job:
+    """The job reserved against the project's limits, recorded and committed (and
+    published after the commit). ``reply``: a request waits for it."""
+    submission = submission.for_user()
+    principal = submission.principal
     limiter = get_limiter()
-    limiter.reserve_job(principal, job_id, params.n)
+    limiter.reserve_job(principal, submission.job_id, submission.params.n)
     try:
         with unit_of_work() as session:
-            if idempotency is not None:
-                remember(session, principal.project_id, idempotency, "job", job_id)
-            job = create_job(
-                session,
-                principal,
-                params,
-                spec,
-                job_id=job_id,
-                surface=surface,
-                track=track,
-                op_name=op_name,
-                call_inputs=call_inputs,
-                webhook=webhook,
-                reply=reply,
-            )
+            if submission.idempotency is not None:
+                remember(
+                    session, principal.project_id, submission.idempotency, "job", submission.job_id
+                )
+            job = create_job(session, submission, reply=reply)
     except BaseException:
-        limiter.release_job(principal.project_id, job_id)
+        limiter.release_job(principal.project_id, submission.job_id)
         raise
     return job
 
@@ -119,45 +95,19 @@ def load(principal: Principal, job_id: str) -> Outcome:
     return Outcome(job, images)
 
 
-async def submit(
-    request: Request,
-    principal: Principal,
-    params: GenerationParams,
-    spec: ModelSpec,
-    *,
-    wait: float,
-    surface: str = "openai",
-    track: bool = True,
-    op_name: str = OP_OPENAI,
-    call_inputs: dict[str, Any] | None = None,
-    webhook: Webhook | None = None,
-    idempotency: Claim | None = None,
-    job_id: str | None = None,
-) -> Outcome:
+async def submit(request: Request, submission: Submission, wait: float) -> Outcome:
     """Record and enqueue the job; wait up to ``wait`` seconds for it to finish.
     With an idempotency claim already used for this request, the job it made."""
-    if idempotency is not None:
-        earlier = await run_in_threadpool(_recall, principal, idempotency)
+    principal, claim = submission.principal, submission.idempotency
+    if claim is not None:
+        earlier = await run_in_threadpool(_recall, principal, claim)
         if earlier is not None:
             return await _replay(request, principal, earlier, wait)
     try:
-        return await _submit(
-            request,
-            principal,
-            params,
-            spec,
-            wait=wait,
-            surface=surface,
-            track=track,
-            op_name=op_name,
-            call_inputs=call_inputs,
-            webhook=webhook,
-            idempotency=idempotency,
-            job_id=job_id,
-        )
+        return await _submit(request, submission, wait)
     except IntegrityError:
         # A twin under the same key committed first: answer with its job.
-        twin = await run_in_threadpool(_recall, principal, idempotency) if idempotency else None
+        twin = await run_in_threadpool(_recall, principal, claim) if claim else None
         if twin is None:
             raise
         return await _replay(request, principal, twin, wait)
@@ -167,38 +117,16 @@ PartialFeed = Callable[[str], AbstractAsyncContextManager["asyncio.Queue[dict[st
 
 
 async def stream_job(
-    request: Request,
-    principal: Principal,
-    params: GenerationParams,
-    spec: ModelSpec,
-    *,
-    wait: float,
-    webhook: Webhook | None,
-    feed: PartialFeed,
-    job_id: str | None = None,
+    request: Request, submission: Submission, wait: float, feed: PartialFeed
 ) -> AsyncIterator[tuple[dict[str, Any] | None, Outcome | None]]:
     """Record and enqueue a streamed job, then yield ``(partial, None)`` for each
     partial image as it comes and ``(None, outcome)`` once, at the end (finished,
     or the wait ran out)."""
-    job_id = job_id or new_id("job")
+    job_id, principal = submission.job_id, submission.principal
     waiter: JobWaiter = request.app.state.waiter
-    record = partial(
-        _record,
-        principal,
-        params,
-        spec,
-        job_id=job_id,
-        surface="openai",
-        track=True,
-        op_name=OP_OPENAI,
-        call_inputs=None,
-        webhook=webhook,
-        reply=True,
-        idempotency=None,
-    )
     # Both subscriptions before the job is published: nothing can be missed.
     async with feed(job_id) as partials, waiter.subscribe(job_id) as change:
-        job = await run_in_threadpool(record)
+        job = await run_in_threadpool(_record, submission, True)
         waiting = asyncio.ensure_future(_wait(waiter, change, principal, job, wait))
         try:
             while not waiting.done():
@@ -227,44 +155,15 @@ async def _replay(request: Request, principal: Principal, job_id: str, wait: flo
         return await _wait(waiter, change, principal, outcome.job, wait)
 
 
-async def _submit(
-    request: Request,
-    principal: Principal,
-    params: GenerationParams,
-    spec: ModelSpec,
-    *,
-    wait: float,
-    surface: str,
-    track: bool,
-    op_name: str,
-    call_inputs: dict[str, Any] | None,
-    webhook: Webhook | None,
-    idempotency: Claim | None,
-    job_id: str | None,
-) -> Outcome:
-    job_id = job_id or new_id("job")
-    record = partial(
-        _record,
-        principal,
-        params,
-        spec,
-        job_id=job_id,
-        surface=surface,
-        track=track,
-        op_name=op_name,
-        call_inputs=call_inputs,
-        webhook=webhook,
-        reply=wait > 0,
-        idempotency=idempotency,
-    )
+async def _submit(request: Request, submission: Submission, wait: float) -> Outcome:
     if wait <= 0:
-        return Outcome(await run_in_threadpool(record))
+        return Outcome(await run_in_threadpool(_record, submission, False))
     waiter: JobWaiter = request.app.state.waiter
     # Subscribed before the job is published, so no change can be missed, and
     # nothing needs reading until a message (or the fallback timer) says so.
-    async with waiter.subscribe(job_id) as change:
-        job = await run_in_threadpool(record)
-        return await _wait(waiter, change, principal, job, wait)
+    async with waiter.subscribe(submission.job_id) as change:
+        job = await run_in_threadpool(_record, submission, True)
+        return await _wait(waiter, change, submission.principal, job, wait)
 
 
 async def _wait(

@@ -28,11 +28,8 @@ from shared.core.storage import Storage
 from shared.jobs.models import JobStatus
 from shared.jobs.openai_shape import NO_USAGE, event_fields, token_usage
 from shared.jobs.partials import channel
-from shared.jobs.schemas import GenerationParams
+from shared.jobs.submission import Submission
 from shared.jobs.views import job_failure
-from shared.projects.service import Principal
-from shared.registry import ModelSpec
-from shared.webhooks.service import Webhook
 
 
 @contextlib.asynccontextmanager
@@ -79,33 +76,20 @@ def _error(error: ImagegenError) -> bytes:
 
 def stream_response(
     request: Request,
-    principal: Principal,
-    params: GenerationParams,
-    spec: ModelSpec,
+    submission: Submission,
     *,
     wait: float,
-    webhook: Webhook | None,
     storage: Storage,
     base_url: str,
     url_expiry: int,
     prefix: str = "image_generation",
-    job_id: str | None = None,
 ) -> StreamingResponse:
     """``prefix``: ``image_generation`` for generations, ``image_edit`` for edits."""
-    shape = event_fields(params)
+    shape = event_fields(submission.params)
 
     async def events() -> AsyncIterator[bytes]:
         outcome: Outcome | None = None
-        async for partial, done in stream_job(
-            request,
-            principal,
-            params,
-            spec,
-            wait=wait,
-            webhook=webhook,
-            feed=partial_feed,
-            job_id=job_id,
-        ):
+        async for partial, done in stream_job(request, submission, wait, partial_feed):
             if done is not None:
                 outcome = done
                 continue

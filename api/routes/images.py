@@ -13,6 +13,7 @@ from api import openapi
 from api.deps import BaseUrl, CurrentPrincipal, IdempotencyKeyHeader, SettingsDep, StorageDep
 from api.generation import position, submit, webhook_for
 from api.streaming import stream_response
+from shared.core.ids import new_id
 from shared.core.settings import Settings
 from shared.core.storage import Storage
 from shared.idempotency.service import Claim, claim_of
@@ -24,6 +25,7 @@ from shared.jobs.schemas import (
     ImagesResponse,
     JobObject,
 )
+from shared.jobs.submission import Submission
 from shared.jobs.views import job_failure, render_job
 from shared.projects.service import Principal
 from shared.registry import get_registry
@@ -95,32 +97,26 @@ async def answer(
 ) -> Response | ImagesResponse:
     """Record the validated request's job and answer: streamed events, the images
     once it finished, or 202 with the job (generations, edits and variations)."""
-    spec = get_registry().get(params.model)
+    submission = Submission(
+        principal,
+        params,
+        get_registry().get(params.model),
+        job_id=job_id or new_id("job"),
+        webhook=webhook,
+        idempotency=claim,
+    )
     respond_async, wait = parse_prefer(prefer, settings.sync_wait_seconds)
     if params.stream:
         return stream_response(
             request,
-            principal,
-            params,
-            spec,
+            submission,
             wait=wait,
-            webhook=webhook,
             storage=storage,
             base_url=base_url,
             url_expiry=settings.url_expiry_seconds,
             prefix=prefix,
-            job_id=job_id,
         )
-    outcome = await submit(
-        request,
-        principal,
-        params,
-        spec,
-        wait=0 if respond_async else wait,
-        webhook=webhook,
-        idempotency=claim,
-        job_id=job_id,
-    )
+    outcome = await submit(request, submission, 0 if respond_async else wait)
     job = outcome.job
     # Asked for 202: the job, even one an idempotent retry finds already finished.
     if outcome.finished and not respond_async:

@@ -23,6 +23,7 @@ from shared.core.schemas import Schema
 from shared.jobs.input import parse_request, validate_generation
 from shared.jobs.models import JobStatus
 from shared.jobs.schemas import ImageGenerationRequest
+from shared.jobs.submission import Submission
 from shared.projects.service import Principal
 from shared.registry import get_registry
 from shared.traces.schemas import CallFilter, CallsQuery
@@ -164,18 +165,17 @@ async def image_create(
         webhook = await webhook_for(body)
     except ImagegenError as exc:  # as the reference: the provider would refuse it
         return _failure(exc.message)
-    outcome = await submit(
-        request,
+    submission = Submission(
         principal,
         params,
         get_registry().get(params.model),
-        wait=settings.sync_wait_seconds,
         surface="weave",
         track=body.track_llm_call is not False,
         op_name=OP_WEAVE,
         call_inputs=inputs,
         webhook=webhook,
     )
+    outcome = await submit(request, submission, settings.sync_wait_seconds)
     job = outcome.job
     if not outcome.finished:
         return ImageGenerationCreateRes(

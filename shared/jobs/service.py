@@ -6,7 +6,6 @@ Services only flush; the caller's boundary (request, task) commits.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -20,7 +19,6 @@ from shared.core.errors import (
     NotFound,
 )
 from shared.core.events import publish_changed
-from shared.core.ids import new_id
 from shared.core.logs import current
 from shared.core.outbox import after_commit
 from shared.core.pages import newest_first, owned
@@ -28,42 +26,32 @@ from shared.core.storage import Storage, input_key
 from shared.imaging import CONTENT_TYPES, InputImage
 from shared.jobs import lifecycle
 from shared.jobs.models import Image, Job, JobStatus
-from shared.jobs.schemas import GenerationParams
+from shared.jobs.submission import Submission
 from shared.projects.limits import get_limiter
-from shared.projects.service import Principal
-from shared.registry import ModelSpec
 from shared.traces.models import Call
-from shared.traces.service import OP_OPENAI, finish_call, start_call
+from shared.traces.service import finish_call, start_call
 from shared.webhooks.events import record_job_event
-from shared.webhooks.service import Webhook
 
 # Built once, as every statement of a job's path (ARCHITECTURE.md, "A job"; the
 # job's own insert is lifecycle.create's).
 _INSERT_CALL = sa.insert(table(Call))
 
 
-def create_job(
-    session: Session,
-    principal: Principal,
-    params: GenerationParams,
-    spec: ModelSpec,
-    *,
-    job_id: str | None = None,
-    surface: str = "openai",
-    track: bool = True,
-    op_name: str = OP_OPENAI,
-    call_inputs: dict[str, Any] | None = None,
-    webhook: Webhook | None = None,
-    reply: bool = False,
-) -> Job:
-    """Record a job (and its trace call unless ``track`` is off) for ``principal``.
+def create_job(session: Session, submission: Submission, *, reply: bool = False) -> Job:
+    """Record the submission's job (and its trace call unless it is not tracked).
     ``reply``: a request waits for it (the worker leaves it the result)."""
+    principal, params, spec, webhook = (
+        submission.principal,
+        submission.params,
+        submission.spec,
+        submission.webhook,
+    )
     job = Job(
-        id=job_id or new_id("job"),
+        id=submission.job_id,
         project_id=principal.project_id,
         key_id=principal.key_id,
         request_id=current("request_id"),
-        surface=surface,
+        surface=submission.surface,
         model=spec.name,
         queue=spec.queue,
         request=params.model_dump(),
@@ -75,9 +63,11 @@ def create_job(
         published_at=utcnow(),
     )
     call = None
-    if track:
-        inputs = call_inputs if call_inputs is not None else params.model_dump(exclude_none=True)
-        call = start_call(job, op_name=op_name, inputs=inputs, wb_user_id=principal.user)
+    if submission.track:
+        inputs = submission.call_inputs
+        if inputs is None:
+            inputs = params.model_dump(exclude_none=True)
+        call = start_call(job, op_name=submission.op_name, inputs=inputs, wb_user_id=principal.user)
     # Core inserts: one statement per row, none of the ORM's flush work on the
     # API's hot path.
     lifecycle.create(session, [job.model_dump()])
