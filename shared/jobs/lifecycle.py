@@ -180,9 +180,10 @@ def set_detail(session: Session, job_id: str, token: str, detail: str | None) ->
 @lru_cache
 def _end_statement(target: JobStatus, columns: tuple[str, ...]) -> sa.Update:
     """The guarded UPDATE that ends one job's attempt in ``target``, setting
-    ``columns``: built once per target and set of columns (a statement built per
-    call costs its construction and its cache key again; measured about a third of
-    recording a job)."""
+    ``columns``: a Core statement (the table, not the model: no ORM bookkeeping per
+    job), built once per target and set of columns (a statement built per call costs
+    its construction and its cache key again; measured about a third of recording a
+    job)."""
     return (
         sa.update(_JOBS)
         .where(
