@@ -26,7 +26,7 @@ from shared.core.logs import bind
 from shared.core.settings import get_settings
 from shared.core.storage import Storage, get_storage, image_key
 from shared.imaging import encode
-from shared.jobs.models import Image, Job, JobStatus
+from shared.jobs.models import Image, Job
 from shared.jobs.partials import PartialPublisher
 from shared.jobs.schemas import GenerationParams, job_params
 from shared.providers import get_provider
@@ -208,12 +208,13 @@ def _produce(job: Job) -> Result | None:
                     revised_prompt=generated.revised_prompt,
                 )
             )
-        done = {"progress": steps.final} if steps.final else {}
         return Result(
             job,
-            {"status": JobStatus.succeeded, "usage": generation.usage, **done},
+            True,
             images,
             data if job.batch_id is None else [],  # batch lines have no waiter
+            usage=generation.usage,
+            progress=steps.final or None,
         )
     except JobCanceled:
         log.info("job %s stopped: canceled, or its lease was lost", job.id)
@@ -222,21 +223,12 @@ def _produce(job: Job) -> Result | None:
         code = exc.code if isinstance(exc, ProviderError) else "upstream_bad_response"
         message = exc.message if isinstance(exc, ProviderError) else str(exc)
         log.info("job %s failed: %s: %s", job.id, code, message)
-        return Result(
-            job, {"status": JobStatus.failed, "error_code": code, "error_message": message}
-        )
+        return Result.failure(job, code, message)
     except Exception as exc:
         # Our own fault (storage down, a bug): fail the job visibly, never as an
         # empty success. The message names the kind of fault, not internals.
         log.exception("job %s crashed", job.id)
-        return Result(
-            job,
-            {
-                "status": JobStatus.failed,
-                "error_code": "internal_error",
-                "error_message": f"internal error: {type(exc).__name__}",
-            },
-        )
+        return Result.failure(job, "internal_error", f"internal error: {type(exc).__name__}")
 
 
 def _store(storage: Storage, key: str, data: bytes, content_type: str, job: Job) -> None:

@@ -14,12 +14,13 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from shared.batches.pump import item_finished, lines_succeeded
+from shared.core import retry
 from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
 from shared.core.settings import get_settings
 from shared.jobs import lifecycle
 from shared.jobs.lifecycle import Outcome
-from shared.jobs.models import Image, Job, JobStatus
+from shared.jobs.models import Image, Job
 from shared.traces.service import finish_call, normalise_usage
 from shared.webhooks.events import record_job_event
 from worker.batches import BATCH_TICKS, batch_tick
@@ -29,13 +30,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Result:
-    """What one attempt produced, before the guarded transaction that records it."""
+    """What one attempt produced, before the guarded transaction that records it:
+    a success (its images, usage, last progress) or a failure (its error)."""
 
     job: Job
-    values: dict[str, Any]
+    succeeded: bool
     images: list[Image] = field(default_factory=list)
     # The stored bytes of each image (a waiting request is answered from them).
     data: list[bytes] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    # Set when the attempt ends the job's attempts outright (exhausted).
+    attempts: int | None = None
+
+    @classmethod
+    def failure(cls, job: Job, code: str, message: str, attempts: int | None = None) -> Result:
+        return cls(job, False, error_code=code, error_message=message, attempts=attempts)
 
 
 def finish(token: str, results: list[Result]) -> dict[str, Outcome]:
@@ -49,10 +61,7 @@ def finish(token: str, results: list[Result]) -> dict[str, Outcome]:
     bulk = [
         r
         for r in results
-        if r.job.batch_id is not None
-        and r.values["status"] == JobStatus.succeeded
-        and not r.values.get("usage")
-        and "progress" not in r.values
+        if r.job.batch_id is not None and r.succeeded and not r.usage and r.progress is None
     ]
     rest = [r for r in results if not any(r is b for b in bulk)]
     with unit_of_work() as session:
@@ -65,23 +74,7 @@ def finish(token: str, results: list[Result]) -> dict[str, Outcome]:
             for r in bulk:
                 ended[r.job.id] = Outcome.succeeded if r.job.id in done else Outcome.discarded
         for result in rest:
-            job, values = result.job, result.values
-            ended[job.id] = _end(session, token, now, result)
-            if ended[job.id] == Outcome.discarded:
-                continue  # canceled or taken over meanwhile
-            if job.batch_id is not None:
-                item_finished(session, job)
-                continue
-            record_job_event(session, job, result.images)
-            usage = values.get("usage")
-            succeeded = values["status"] == JobStatus.succeeded
-            finish_call(
-                session,
-                job,
-                output=_call_output(job, now, usage) if succeeded else None,
-                exception=None if succeeded else str(values.get("error_message")),
-                usage=usage,
-            )
+            ended[result.job.id] = _record_one(session, token, now, result)
     for result in results:
         job = result.job
         if ended[job.id] == Outcome.discarded:
@@ -91,27 +84,47 @@ def finish(token: str, results: list[Result]) -> dict[str, Outcome]:
     return ended
 
 
+def _record_one(session: Session, token: str, now: datetime, result: Result) -> Outcome:
+    """One job's end, then what follows it: its batch line, or its webhook events
+    and trace call."""
+    job = result.job
+    outcome = _end(session, token, now, result)
+    if outcome == Outcome.discarded:
+        return outcome  # canceled or taken over meanwhile
+    if job.batch_id is not None:
+        item_finished(session, job)
+        return outcome
+    record_job_event(session, job, result.images)
+    finish_call(
+        session,
+        job,
+        output=_call_output(job, now, result.usage) if result.succeeded else None,
+        exception=None if result.succeeded else str(result.error_message),
+        usage=result.usage,
+    )
+    return outcome
+
+
 def _end(session: Session, token: str, now: datetime, result: Result) -> Outcome:
     """One job's end, as its result says (the in-memory job then equals its row)."""
-    values = result.values
-    if values["status"] == JobStatus.succeeded:
+    if result.succeeded:
         return lifecycle.finish(
             session,
             result.job,
             token,
             now,
             images=result.images,
-            usage=values.get("usage"),
-            progress=values.get("progress"),
+            usage=result.usage,
+            progress=result.progress,
         )
     return lifecycle.fail(
         session,
         result.job,
         token,
         now,
-        error_code=values["error_code"],
-        error_message=values["error_message"],
-        attempts=values.get("attempts"),
+        error_code=result.error_code or "internal_error",
+        error_message=result.error_message or "",
+        attempts=result.attempts,
     )
 
 
@@ -129,15 +142,12 @@ def exhausted(job: Job, limit: int) -> Result:
     Its earlier attempts each ended without a result (a worker died, a lease was
     lost), so it would most likely fail the same way again."""
     last = f" The last error: {job.error_message}" if job.error_message else ""
-    return Result(
+    return Result.failure(
         job,
-        {
-            "status": JobStatus.failed,
-            "error_code": "max_attempts_exceeded",
-            "error_message": f"The job was attempted {limit} times without finishing.{last}",
-            "attempts": limit,
-        },
-    )  # this claim ran nothing: not an attempt
+        "max_attempts_exceeded",
+        f"The job was attempted {limit} times without finishing.{last}",
+        attempts=limit,  # this claim ran nothing: not an attempt
+    )
 
 
 def record(token: str, results: list[Result]) -> dict[str, Outcome]:
@@ -145,14 +155,17 @@ def record(token: str, results: list[Result]) -> dict[str, Outcome]:
     again (an outage delays a finished job; it does not cost another provider call).
     Any other failure to record (a value the database refuses) is recorded as the
     job's failure: it would fail the same way on every retry."""
-    deadline = time.monotonic() + get_settings().record_retry_seconds
-    delay = 0.5
+    policy = retry.database_records(get_settings())
+    started = time.monotonic()
+    attempt = 0
     while True:
+        attempt += 1
         try:
             return finish(token, results)
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            if time.monotonic() >= deadline:
+            if policy.exhausted(attempt, started):
                 raise
+            delay = policy.delay(attempt)
             log.warning(
                 "could not record %d job(s), database unreachable (%s); trying again in %.1fs",
                 len(results),
@@ -160,25 +173,14 @@ def record(token: str, results: list[Result]) -> dict[str, Outcome]:
                 delay,
             )
             time.sleep(delay)
-            delay = min(delay * 2, 10.0)
         except Exception as exc:
             if len(results) > 1:  # a chunk of batch lines: one refused line fails alone
                 ended: dict[str, Outcome] = {}
                 for result in results:
                     ended.update(record(token, [result]))
                 return ended
-            if all(r.values["status"] == JobStatus.failed and not r.images for r in results):
+            if all(not r.succeeded and not r.images for r in results):
                 raise  # already the plainest record there is
             log.exception("could not record the result of %s", ", ".join(r.job.id for r in results))
             message = f"internal error: the result could not be recorded ({type(exc).__name__})"
-            results = [
-                Result(
-                    r.job,
-                    {
-                        "status": JobStatus.failed,
-                        "error_code": "internal_error",
-                        "error_message": message,
-                    },
-                )
-                for r in results
-            ]
+            results = [Result.failure(r.job, "internal_error", message) for r in results]
