@@ -33,11 +33,9 @@ from api.routes import (
 )
 from api.upload_limit import UploadLimit
 from api.waiter import JobWaiter
-from shared.core.broker import get_celery
-from shared.core.db import get_engine
+from shared.core import context
 from shared.core.health import PROBES, Readiness, readiness
 from shared.core.settings import get_settings
-from shared.core.storage import get_storage
 from shared.projects.limits import get_limiter
 from shared.registry import get_registry
 
@@ -45,11 +43,10 @@ from shared.registry import get_registry
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Per-process resources, made once before requests run in the threadpool
-    # (lazily, concurrent first requests would each build their own).
-    get_engine()
+    # (lazily, concurrent first requests would each build their own), and kept on
+    # app.state for the routes' dependencies (api/deps.py).
+    app.state.context = context.current()
     get_registry()
-    get_storage()
-    get_celery()
     get_limiter()
     waiter = JobWaiter(get_settings().redis_url)
     app.state.waiter = waiter

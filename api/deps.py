@@ -24,10 +24,11 @@ from fastapi.security import (
 from sqlmodel import Session
 
 from shared.core.clock import utcnow
+from shared.core.context import Context
 from shared.core.db import unit_of_work
 from shared.core.errors import AuthenticationError, NotFound
 from shared.core.settings import Settings, get_settings
-from shared.core.storage import Storage, get_storage
+from shared.core.storage import Storage
 from shared.projects.limits import get_limiter
 from shared.projects.service import (
     KNOWN_KEYS,
@@ -157,12 +158,18 @@ async def base_url(request: Request) -> str:
     return get_settings().public_url or str(request.base_url)
 
 
-async def settings_dep() -> Settings:
-    return get_settings()
+async def settings_dep(request: Request) -> Settings:
+    return context_of(request).settings
 
 
-async def storage_dep() -> Storage:
-    return get_storage()
+async def storage_dep(request: Request) -> Storage:
+    return context_of(request).storage
+
+
+def context_of(request: Request) -> Context:
+    """The context the app's lifespan made (shared/core/context.py)."""
+    made: Context = request.app.state.context
+    return made
 
 
 DbSession = Annotated[Session, Depends(request_session, scope="function")]

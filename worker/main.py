@@ -13,9 +13,10 @@ upstream at about 13 KB of RSS per call (bench/bench_capacity.py: 135 MB idle,
 CPU per job goes to SQL, S3 and HTTP work that an event loop would not remove.
 So the pool stays threads, sized 2,048 by default.
 Per-process resources (engine, HTTP client, S3 client, thread pools) are made
-once here, before the pool's threads start: made lazily, hundreds of threads
-starting together each built their own boto3 client (measured: 85 at once, tens
-of seconds of CPU) before the cache filled.
+once here, in the process's context (shared/core/context.py, worker/resources.py),
+before the pool's threads start: made lazily, hundreds of threads starting
+together each built their own boto3 client (measured: 85 at once, tens of seconds
+of CPU).
 """
 
 from __future__ import annotations
@@ -39,23 +40,15 @@ log = logging.getLogger(__name__)
 def warm_up(queues: list[str]) -> None:
     """Build every per-process resource once, single-threaded; load the local models
     this process serves (a GPU worker keeps each for its life)."""
-    from shared.core.db import get_engine
-    from shared.core.storage import get_storage
+    from shared.core import context
     from shared.providers.openai_compat import OpenAICompatibleProvider
     from shared.registry import get_registry
-    from worker.produce import answer_slots, fanout_pool
-    from worker.runner import _lines_pool
-    from worker.webhooks import _client
+    from worker import resources
 
-    get_engine()
+    context.start()  # the engine, storage, Redis and Celery of this process
     get_registry()
-    get_storage()
-    get_celery()
     OpenAICompatibleProvider.shared()
-    fanout_pool()
-    answer_slots()
-    _lines_pool()
-    _client()
+    resources.make_all()
     local = [m for m in get_registry().models if m.provider == "diffusers" and m.queue in queues]
     if local:
         # Imported only here: workers of other queues never load torch.

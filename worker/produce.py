@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from typing import Any
 
 from shared.core import retry
@@ -43,21 +40,9 @@ from shared.registry import ModelSpec, get_registry
 from worker.leases import LEASES
 from worker.progress import StepReporter, set_detail
 from worker.record import Result
+from worker.resources import answer_slots, fanout_pool
 
 log = logging.getLogger(__name__)
-
-
-@lru_cache
-def fanout_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(
-        max_workers=get_settings().worker_concurrency, thread_name_prefix="fanout"
-    )
-
-
-@lru_cache
-def answer_slots() -> threading.Semaphore:
-    """The process's answer slots (shared/providers/answers.py)."""
-    return threading.Semaphore(get_settings().worker_answer_slots)
 
 
 def _call_with_retries(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 
 from shared.core.events import publish_changed
 from shared.core.instruments import JOBS_FINISHED
@@ -25,6 +23,7 @@ from worker.claim import claim
 from worker.leases import LEASES
 from worker.produce import produce
 from worker.record import Result, exhausted, record
+from worker.resources import lines_pool
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, Outcome]:
         if len(runnable) == 1:
             produced.append(produce(runnable[0]))
         elif runnable:
-            produced += _lines_pool().map(produce, runnable)
+            produced += lines_pool().map(produce, runnable)
         ended = record(token, [r for r in produced if r is not None])
     finally:
         for job in jobs:
@@ -79,15 +78,6 @@ def _announce(job: Job, status: Outcome, reply: Result | None) -> None:
         publish_changed(job.id, status)
     if status != Outcome.discarded:
         get_limiter().release_job(job.project_id, job.id)
-
-
-@lru_cache
-def _lines_pool() -> ThreadPoolExecutor:
-    # Separate from the fan-out pool: a line's own fan-out must never wait for a
-    # thread held by a line of the same chunk.
-    return ThreadPoolExecutor(
-        max_workers=get_settings().worker_concurrency, thread_name_prefix="lines"
-    )
 
 
 def heartbeat_thread(stop: threading.Event) -> threading.Thread:

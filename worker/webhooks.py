@@ -14,7 +14,6 @@ import logging
 import random
 import time
 from datetime import timedelta
-from functools import lru_cache
 
 import httpx
 import sqlalchemy as sa
@@ -29,6 +28,7 @@ from shared.core.settings import get_settings
 from shared.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from shared.webhooks.service import default_secret, disable_endpoint
 from shared.webhooks.targets import check_target
+from worker.resources import webhook_client
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,6 @@ log = logging.getLogger(__name__)
 def _lease() -> timedelta:
     """Long enough for one attempt; a worker killed mid-attempt frees it this soon."""
     return timedelta(seconds=2 * get_settings().webhook_timeout_seconds + 5)
-
-
-@lru_cache
-def _client() -> httpx.Client:
-    settings = get_settings()
-    return httpx.Client(
-        timeout=settings.webhook_timeout_seconds,
-        follow_redirects=False,
-        limits=httpx.Limits(max_connections=200),
-    )
 
 
 def _claim(delivery_id: str) -> WebhookDelivery | None:
@@ -118,7 +108,7 @@ def deliver(delivery_id: str) -> str:
                 "webhook-signature": Webhook(secret).sign(delivery.id, now, body),
             }
             extensions = {"sni_hostname": target.url.host} if target.url.scheme == "https" else {}
-            response = _client().post(
+            response = webhook_client().post(
                 target.connect_url(), content=body, headers=headers, extensions=extensions
             )
             status_code = response.status_code

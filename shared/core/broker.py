@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from enum import StrEnum
-from functools import lru_cache
 from typing import Any
 
 from celery import Celery
@@ -99,9 +98,11 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-@lru_cache
 def get_celery() -> Celery:
-    return make_celery(get_settings())
+    """The process's Celery app (its context's)."""
+    from shared.core.context import current  # the context is made of this module's parts
+
+    return current().celery
 
 
 def send_task(name: str, args: list[Any], queue: str, kwargs: dict[str, Any] | None = None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from sqlmodel import Session
 
 from shared.core import outbox
 from shared.core.private_files import private_dir, tighten_sqlite
-from shared.core.settings import get_settings
+from shared.core.settings import Settings
 
 
 def make_engine(url: str) -> Engine:
@@ -80,12 +79,18 @@ def _ping_when_idle(engine: Engine) -> None:
             raise sa.exc.DisconnectionError(str(exc)) from exc
 
 
-@lru_cache
-def get_engine() -> Engine:
-    settings = get_settings()
+def make_process_engine(settings: Settings) -> Engine:
+    """The engine a process uses (made by shared/core/context.py at its start)."""
     if settings.resolved_database_url.startswith("sqlite"):
         private_dir(settings.data_dir)
     return make_engine(settings.resolved_database_url)
+
+
+def get_engine() -> Engine:
+    """The process's engine (its context's)."""
+    from shared.core.context import current  # the context is made of this module's parts
+
+    return current().engine
 
 
 @contextmanager

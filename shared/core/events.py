@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
 
 import redis
 import redis.asyncio as aioredis
-
-from shared.core.settings import get_settings
 
 CHANNEL = "imagegen:jobs"
 log = logging.getLogger(__name__)
 
 
-@lru_cache
 def redis_client() -> redis.Redis | None:
-    """The process's Redis client for hints (None in embedded mode)."""
-    url = get_settings().redis_url
-    if not url:
-        return None
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    """The process's Redis client for hints (None in embedded mode): its context's."""
+    from shared.core.context import current  # the context is made of this module's parts
+
+    return current().redis
 
 
 def changed_message(object_id: str, status: str) -> str:
@@ -43,10 +38,8 @@ def publish_changed(object_id: str, status: str) -> None:
         log.warning("could not publish change of %s: %s", object_id, exc)
 
 
-@lru_cache
 def async_redis_client() -> aioredis.Redis | None:
-    """The API's asyncio Redis client (made in, and bound to, its one event loop)."""
-    url = get_settings().redis_url
-    if not url:
-        return None
-    return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    """The API's asyncio Redis client (used on its one event loop): its context's."""
+    from shared.core.context import current  # the context is made of this module's parts
+
+    return current().async_redis

@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlencode
@@ -38,7 +37,7 @@ from obstore.exceptions import (
 from obstore.store import S3Store
 
 from shared.core.errors import Forbidden, NotFound, StorageUnavailable
-from shared.core.settings import Settings, get_settings
+from shared.core.settings import Settings
 
 
 def image_key(project_id: str, job_id: str, index: int, ext: str) -> str:
@@ -273,6 +272,8 @@ def make_storage(settings: Settings) -> Storage:
     return LocalStorage(settings.files_dir, settings.resolved_secret_key())
 
 
-@lru_cache
 def get_storage() -> Storage:
-    return make_storage(get_settings())
+    """The process's storage (its context's)."""
+    from shared.core.context import current  # the context is made of this module's parts
+
+    return current().storage

@@ -16,6 +16,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from shared.core.context import Context, current
 from shared.core.errors import RateLimited
 from shared.core.events import async_redis_client
 from shared.core.settings import get_settings
@@ -182,7 +183,11 @@ class NoLimits:
         return len(counts)
 
 
-@lru_cache
 def get_limiter() -> Limiter | NoLimits:
-    url = get_settings().redis_url
+    """The process's limiter, made once per context."""
+    return current().made("limiter", _make_limiter)
+
+
+def _make_limiter(context: Context) -> Limiter | NoLimits:
+    url = context.settings.redis_url
     return Limiter(url) if url else NoLimits()

@@ -10,12 +10,12 @@ import base64
 import binascii
 import contextlib
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import httpx
 
+from shared.core.context import Context, current
 from shared.core.errors import (
     PermanentProviderError,
     TransientProviderError,
@@ -72,27 +72,26 @@ def _error_message(response: httpx.Response, content: bytes) -> tuple[str, str |
 
 
 class OpenAICompatibleProvider:
-    _shared: OpenAICompatibleProvider | None = None
-    _lock = threading.Lock()
-
     def __init__(self, client: httpx.Client) -> None:
         self.client = client
 
     @classmethod
     def shared(cls) -> OpenAICompatibleProvider:
-        """One HTTP client per process: its pool is shared by every worker thread."""
-        with cls._lock:
-            if cls._shared is None:
-                settings = get_settings()
-                limit = max(64, settings.worker_concurrency * 2)
-                cls._shared = cls(
-                    httpx.Client(
-                        timeout=httpx.Timeout(settings.provider_timeout_seconds, connect=10.0),
-                        limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
-                        follow_redirects=True,
-                    )
-                )
-            return cls._shared
+        """One HTTP client per process (its context's): its pool is shared by every
+        worker thread."""
+        return current().made("openai_compatible", cls._make)
+
+    @classmethod
+    def _make(cls, context: Context) -> OpenAICompatibleProvider:
+        settings = context.settings
+        limit = max(64, settings.worker_concurrency * 2)
+        return cls(
+            httpx.Client(
+                timeout=httpx.Timeout(settings.provider_timeout_seconds, connect=10.0),
+                limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+                follow_redirects=True,
+            )
+        )
 
     def _payload(self, spec: OpenAIModel, params: GenerationParams, count: int) -> dict[str, Any]:
         payload: dict[str, Any] = {

@@ -19,7 +19,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from shared.core import broker, db
+from shared.core import broker, context, db
 from shared.core.settings import get_settings
 from tests.support.processes import PG_ADMIN_URL, RedisServer, create_database, drop_database
 
@@ -28,13 +28,13 @@ from tests.support.processes import PG_ADMIN_URL, RedisServer, create_database, 
 def redis_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     server = RedisServer(tmp_path).start()
     monkeypatch.setenv("IMAGEGEN_BROKER_URL", server.url)
-    for cached in (get_settings, broker.get_celery):
-        cached.cache_clear()
+    get_settings.cache_clear()
+    context.start()  # this test's broker
     try:
         yield server.url
     finally:
-        for cached in (get_settings, broker.get_celery):
-            cached.cache_clear()
+        context.stop()
+        get_settings.cache_clear()
         server.stop()  # already gone after a shutdown: harmless
 
 

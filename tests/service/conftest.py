@@ -23,26 +23,18 @@ from sqlmodel import col, select
 from api.app import create_app
 from shared import registry
 from shared.batches.models import PUMPED, Batch, BatchStatus
-from shared.core import broker, db, events, settings, storage
+from shared.core import context, settings
 from shared.core.db import unit_of_work
 from shared.core.migrate import upgrade
 from shared.jobs.models import Job, JobStatus
-from shared.projects import limits
 from shared.projects.service import create_key
 from tests.support.stack import models_yaml
 from worker.batches import pump_batch, validate
 from worker.runner import run_job
 
 BASE_URL = "http://service.test"
-CACHED = [
-    settings.get_settings,
-    db.get_engine,
-    storage.get_storage,
-    broker.get_celery,
-    events.redis_client,
-    registry.get_registry,
-    limits.get_limiter,
-]
+# Read from the environment: the service's own settings and registry, made anew.
+CACHED = [settings.get_settings, registry.get_registry]
 
 
 class InProcessRunner:
@@ -155,6 +147,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         patch.setenv(name, value)
     for cached in CACHED:
         cached.cache_clear()
+    context.start()  # this package's own engine, storage and clients
     upgrade()
     runner = InProcessRunner().start()
     app = create_app()
@@ -162,7 +155,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         service = Service(app, runner)
         yield service
     service.runner.stop()
-    db.get_engine().dispose()
+    context.stop()
     patch.undo()
     for cached in CACHED:
         cached.cache_clear()

@@ -208,3 +208,24 @@ def test_the_job_write_rule_sees_writes_and_not_reads(tmp_path: Path) -> None:
         "batch.status = BatchStatus.expiring\n"
     )
     assert [w.split(":")[0] for w in job_writes(source)] == ["4", "5", "6", "7", "8", "9", "10"]
+
+
+def test_connections_clients_and_storage_are_made_by_the_context() -> None:
+    """No ``lru_cache`` getter of a connection, a client, a pool or the storage: a
+    process makes them in its context at start (shared/core/context.py), where a
+    test makes its own. What is cached is plain data and what is computed from it."""
+    cached = sorted(
+        f"{path.relative_to(ROOT)}:{node.name}"
+        for package in ("api", "worker", "shared", "cli")
+        for path in (ROOT / package).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef)
+        and any("cache" in ast.unparse(d) for d in node.decorator_list)
+    )
+    assert cached == [
+        "shared/core/settings.py:get_settings",  # the environment, read once
+        "shared/jobs/lifecycle.py:_end_statement",  # a statement per shape
+        "shared/projects/limits.py:_count_script",  # a script registered per client
+        "shared/providers/procedural.py:_ramp",  # a gradient per size
+        "shared/registry/__init__.py:get_registry",  # the models file, read once
+    ]

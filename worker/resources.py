@@ -1,0 +1,61 @@
+"""What only a worker consumer holds, made once per process context
+(shared/core/context.py): by ``make_all`` at the consumer's start, before the
+pool's threads run (made lazily, hundreds of threads would race to build each)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from shared.core.context import Context, current
+
+
+def fanout_pool() -> ThreadPoolExecutor:
+    """A job's calls when its model makes fewer images per call than asked."""
+    return current().made("fanout_pool", _pool("fanout"))
+
+
+def lines_pool() -> ThreadPoolExecutor:
+    """A chunk of batch lines, side by side. Separate from the fan-out pool: a
+    line's own fan-out must never wait for a thread held by a line of the same
+    chunk."""
+    return current().made("lines_pool", _pool("lines"))
+
+
+def answer_slots() -> threading.Semaphore:
+    """Jobs that may hold a provider's answer at once (shared/providers/answers.py)."""
+    return current().made(
+        "answer_slots", lambda c: threading.Semaphore(c.settings.worker_answer_slots)
+    )
+
+
+def webhook_client() -> httpx.Client:
+    """Webhook deliveries: no redirects followed (a target is checked before it is
+    called, and a redirect would skip the check)."""
+    return current().made(
+        "webhook_client",
+        lambda c: httpx.Client(
+            timeout=c.settings.webhook_timeout_seconds,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=200),
+        ),
+    )
+
+
+def make_all() -> None:
+    fanout_pool()
+    lines_pool()
+    answer_slots()
+    webhook_client()
+
+
+def _pool(name: str) -> Callable[[Context], ThreadPoolExecutor]:
+    def make(context: Context) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(
+            max_workers=context.settings.worker_concurrency, thread_name_prefix=name
+        )
+
+    return make
