@@ -10,8 +10,9 @@ import base64
 import binascii
 import hmac
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -29,6 +30,7 @@ from shared.core.db import unit_of_work
 from shared.core.errors import AuthenticationError, NotFound
 from shared.core.settings import Settings, get_settings
 from shared.core.storage import Storage
+from shared.idempotency.service import Claim, claim_of
 from shared.projects.limits import get_limiter
 from shared.projects.service import (
     KNOWN_KEYS,
@@ -166,6 +168,21 @@ async def storage_dep(request: Request) -> Storage:
     return context_of(request).storage
 
 
+@dataclass(frozen=True)
+class ImageLinks:
+    """How a route links the images it shows: through the storage (presigned or
+    signed URLs), under the base URL the client asked on, for this long."""
+
+    storage: Storage
+    base_url: str
+    expiry: int
+
+
+async def image_links(request: Request, base: Annotated[str, Depends(base_url)]) -> ImageLinks:
+    made = context_of(request)
+    return ImageLinks(made.storage, base, made.settings.url_expiry_seconds)
+
+
 def context_of(request: Request) -> Context:
     """The context the app's lifespan made (shared/core/context.py)."""
     made: Context = request.app.state.context
@@ -178,6 +195,7 @@ WeavePrincipal = Annotated[Principal, Depends(weave_principal)]
 SettingsDep = Annotated[Settings, Depends(settings_dep)]
 StorageDep = Annotated[Storage, Depends(storage_dep)]
 BaseUrl = Annotated[str, Depends(base_url)]
+Links = Annotated[ImageLinks, Depends(image_links)]
 
 # A client's key for retrying a POST that creates something (shared/idempotency).
 IdempotencyKeyHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
@@ -186,3 +204,25 @@ After = Annotated[
     str | None,
     Query(max_length=64, description="The previous page's `last_id`: list what comes after it"),
 ]
+
+
+@dataclass(frozen=True)
+class Claims:
+    """The request's Idempotency-Key, made into its claim once the route has the
+    body it is bound to (shared/idempotency): ``claims(body)``."""
+
+    key: str | None
+    method: str
+    path: str
+
+    def __call__(self, body: Any) -> Claim | None:
+        return claim_of(self.key, self.method, self.path, body)
+
+
+async def idempotency_claims(
+    request: Request, idempotency_key: IdempotencyKeyHeader = None
+) -> Claims:
+    return Claims(idempotency_key, request.method, request.url.path)
+
+
+IdempotencyClaims = Annotated[Claims, Depends(idempotency_claims)]

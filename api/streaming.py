@@ -21,10 +21,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from api.deps import ImageLinks
 from api.generation import Outcome, stream_job
 from shared.core.errors import ImagegenError, UpstreamError
 from shared.core.events import async_redis_client
-from shared.core.storage import Storage
 from shared.jobs.models import JobStatus
 from shared.jobs.openai_shape import NO_USAGE, event_fields, token_usage
 from shared.jobs.partials import channel
@@ -79,9 +79,7 @@ def stream_response(
     submission: Submission,
     *,
     wait: float,
-    storage: Storage,
-    base_url: str,
-    url_expiry: int,
+    links: ImageLinks,
     prefix: str = "image_generation",
 ) -> StreamingResponse:
     """``prefix``: ``image_generation`` for generations, ``image_edit`` for edits."""
@@ -118,7 +116,7 @@ def stream_response(
         if job.status != JobStatus.succeeded:
             yield _error(job_failure(job))
             return
-        result = await outcome.result(storage, base_url, url_expiry)
+        result = await outcome.result(links.storage, links.base_url, links.expiry)
         for item in result.data:
             yield _event(
                 f"{prefix}.completed",

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from api import openapi
-from api.deps import After, CurrentPrincipal, DbSession, IdempotencyKeyHeader
+from api.deps import After, CurrentPrincipal, DbSession, IdempotencyClaims
 from api.errors import ERRORS
 from api.sse import Frame, event_stream
 from shared.batches.models import TERMINAL
@@ -31,7 +31,7 @@ from shared.batches.views import list_items, render_batch
 from shared.core.db import unit_of_work
 from shared.core.errors import InvalidRequest
 from shared.core.schemas import ListPage
-from shared.idempotency.service import claim_of, once
+from shared.idempotency.service import once
 from shared.webhooks.service import check_url
 
 router = APIRouter(tags=["batches"])
@@ -40,12 +40,11 @@ router = APIRouter(tags=["batches"])
 @router.post("/v1/batches", response_model=BatchObject, responses=ERRORS)
 def post_batch(
     body: BatchCreate,
-    request: Request,
     principal: CurrentPrincipal,
     session: DbSession,
-    idempotency_key: IdempotencyKeyHeader = None,
+    claims: IdempotencyClaims,
 ) -> BatchObject:
-    claim = claim_of(idempotency_key, "POST", request.url.path, body.model_dump(mode="json"))
+    claim = claims(body.model_dump(mode="json"))
 
     def create() -> str:
         return create_openai_batch(
@@ -89,12 +88,11 @@ def post_cancel(batch_id: str, principal: CurrentPrincipal, session: DbSession) 
 @router.post("/v1/images/batches", response_model=BatchObject, responses=ERRORS)
 async def post_native_batch(
     body: NativeBatchCreate,
-    request: Request,
     principal: CurrentPrincipal,
     session: DbSession,
-    idempotency_key: IdempotencyKeyHeader = None,
+    claims: IdempotencyClaims,
 ) -> BatchObject:
-    claim = claim_of(idempotency_key, "POST", request.url.path, body.model_dump(mode="json"))
+    claim = claims(body.model_dump(mode="json"))
     if (body.requests is None) == (body.prompts is None):
         raise InvalidRequest("Give either 'requests' or 'prompts'.", param="requests")
     shared = body.model_extra or {}

@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
 from api import openapi
-from api.deps import BaseUrl, CurrentPrincipal, IdempotencyKeyHeader, SettingsDep, StorageDep
+from api.deps import CurrentPrincipal
 from api.generation import webhook_for
 from api.input_guard import check_text
-from api.routes.images import answer
+from api.routes.images import Answering, HowToAnswer, answer
 from shared.core.errors import InvalidRequest
 from shared.core.ids import new_id
 from shared.core.settings import Settings
-from shared.core.storage import Storage
-from shared.idempotency.service import claim_of
 from shared.imaging import check_mask, check_total_pixels, read_input, too_many_bytes
 from shared.jobs.input import form_request, parse_request, validate_edit
 from shared.jobs.schemas import ImageEditForm, ImagesResponse, ImageVariationForm
@@ -40,17 +38,9 @@ def _route(operation: Literal["edit", "variation"]) -> Callable[..., Awaitable[A
     """The handler of one form (edits and variations differ only in what they take)."""
 
     async def handler(
-        request: Request,
-        principal: CurrentPrincipal,
-        settings: SettingsDep,
-        storage: StorageDep,
-        base_url: BaseUrl,
-        prefer: Annotated[str | None, Header()] = None,
-        idempotency_key: IdempotencyKeyHeader = None,
+        request: Request, principal: CurrentPrincipal, how: HowToAnswer
     ) -> Response | ImagesResponse:
-        return await _accept(
-            request, operation, principal, settings, storage, base_url, prefer, idempotency_key
-        )
+        return await _accept(request, operation, principal, how)
 
     return handler
 
@@ -85,12 +75,9 @@ async def _accept(
     request: Request,
     operation: Literal["edit", "variation"],
     principal: Principal,
-    settings: Settings,
-    storage: Storage,
-    base_url: str,
-    prefer: str | None,
-    idempotency_key: str | None,
+    how: Answering,
 ) -> Response | ImagesResponse:
+    settings = how.settings
     form = await request.form(max_files=settings.edit_max_images + 1, max_fields=200)
     try:
         fields: dict[str, list[str]] = {}
@@ -127,11 +114,11 @@ async def _accept(
         "images": [hashlib.sha256(i.data).hexdigest() for i in images],
         "mask": hashlib.sha256(mask.data).hexdigest() if mask else None,
     }
-    claim = claim_of(idempotency_key, "POST", request.url.path, {**body, **digests})
+    claim = how.claims({**body, **digests})
     webhook = await webhook_for(parse_request({**body, "prompt": params.prompt}))
     job_id = new_id("job")
     keys, mask_key = await run_in_threadpool(
-        store_inputs, storage, principal.project_id, job_id, images, mask
+        store_inputs, how.links.storage, principal.project_id, job_id, images, mask
     )
     params = params.model_copy(update={"images": keys, "mask": mask_key})
     return await answer(
@@ -140,10 +127,7 @@ async def _accept(
         params,
         webhook,
         claim,
-        prefer,
-        settings,
-        storage,
-        base_url,
+        how,
         job_id=job_id,
         prefix="image_edit",
     )

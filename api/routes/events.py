@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from api import openapi
-from api.deps import BaseUrl, CurrentPrincipal, SettingsDep, StorageDep
+from api.deps import CurrentPrincipal, Links
 from api.errors import ERRORS
 from api.sse import Frame, event_stream
 from shared.core.db import unit_of_work
@@ -40,16 +40,14 @@ async def job_events(
     job_id: str,
     request: Request,
     principal: CurrentPrincipal,
-    settings: SettingsDep,
-    storage: StorageDep,
-    base_url: BaseUrl,
+    links: Links,
 ) -> StreamingResponse:
     def snapshot() -> Frame:
         with unit_of_work() as session:
             job = get_job(session, principal.project_id, job_id)
             images = job_images(session, job) if job.status in FINISHED else []
             position = queue_position(session, job)
-        obj = render_job(job, images, storage, base_url, settings.url_expiry_seconds)
+        obj = render_job(job, images, links.storage, links.base_url, links.expiry)
         obj.queue_position = position
         # While a local model denoises, each recorded step is a `job.progress` event
         # (the worker throttles them, IMAGEGEN_PROGRESS_INTERVAL_SECONDS).
@@ -67,6 +65,6 @@ async def job_events(
         job_id,
         first,
         snapshot,
-        scope=base_url,  # the job's links name the host asked
+        scope=links.base_url,  # the job's links name the host asked
         owner=principal.key_id,
     )

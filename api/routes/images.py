@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api import openapi
-from api.deps import BaseUrl, CurrentPrincipal, IdempotencyKeyHeader, SettingsDep, StorageDep
+from api.deps import Claims, CurrentPrincipal, IdempotencyClaims, ImageLinks, Links, SettingsDep
 from api.generation import position, submit, webhook_for
 from api.streaming import stream_response
 from shared.core.ids import new_id
 from shared.core.settings import Settings
-from shared.core.storage import Storage
-from shared.idempotency.service import Claim, claim_of
+from shared.idempotency.service import Claim
 from shared.jobs.input import validate_generation
 from shared.jobs.models import JobStatus
 from shared.jobs.schemas import (
@@ -32,6 +32,30 @@ from shared.registry import get_registry
 from shared.webhooks.service import Webhook
 
 router = APIRouter(tags=["images"])
+
+
+@dataclass(frozen=True)
+class Answering:
+    """How an image request is answered: the service's settings, how its images are
+    linked, what the client prefers (``Prefer: respond-async`` or ``wait=N``) and
+    its Idempotency-Key (generations, edits and variations alike)."""
+
+    settings: Settings
+    links: ImageLinks
+    prefer: str | None
+    claims: Claims
+
+
+async def answering(
+    settings: SettingsDep,
+    links: Links,
+    claims: IdempotencyClaims,
+    prefer: Annotated[str | None, Header()] = None,
+) -> Answering:
+    return Answering(settings, links, prefer, claims)
+
+
+HowToAnswer = Annotated[Answering, Depends(answering)]
 
 _WAIT = re.compile(r"\bwait\s*=\s*(\d+(?:\.\d+)?)")
 
@@ -63,22 +87,12 @@ def accepted(job: JobObject) -> JSONResponse:
     summary="Create image",
 )
 async def create_image(
-    body: ImageGenerationRequest,
-    request: Request,
-    principal: CurrentPrincipal,
-    settings: SettingsDep,
-    storage: StorageDep,
-    base_url: BaseUrl,
-    prefer: Annotated[str | None, Header()] = None,
-    idempotency_key: IdempotencyKeyHeader = None,
+    body: ImageGenerationRequest, request: Request, principal: CurrentPrincipal, how: HowToAnswer
 ) -> Response | ImagesResponse:
-    registry = get_registry()
-    claim = claim_of(idempotency_key, "POST", request.url.path, body.model_dump(mode="json"))
-    params = validate_generation(body, registry)
+    claim = how.claims(body.model_dump(mode="json"))
+    params = validate_generation(body, get_registry())
     webhook = await webhook_for(body)
-    return await answer(
-        request, principal, params, webhook, claim, prefer, settings, storage, base_url
-    )
+    return await answer(request, principal, params, webhook, claim, how)
 
 
 async def answer(
@@ -87,10 +101,7 @@ async def answer(
     params: GenerationParams,
     webhook: Webhook | None,
     claim: Claim | None,
-    prefer: str | None,
-    settings: Settings,
-    storage: Storage,
-    base_url: str,
+    how: Answering,
     *,
     job_id: str | None = None,
     prefix: str = "image_generation",
@@ -105,15 +116,13 @@ async def answer(
         webhook=webhook,
         idempotency=claim,
     )
-    respond_async, wait = parse_prefer(prefer, settings.sync_wait_seconds)
+    respond_async, wait = parse_prefer(how.prefer, how.settings.sync_wait_seconds)
     if params.stream:
         return stream_response(
             request,
             submission,
             wait=wait,
-            storage=storage,
-            base_url=base_url,
-            url_expiry=settings.url_expiry_seconds,
+            links=how.links,
             prefix=prefix,
         )
     outcome = await submit(request, submission, 0 if respond_async else wait)
@@ -121,8 +130,8 @@ async def answer(
     # Asked for 202: the job, even one an idempotent retry finds already finished.
     if outcome.finished and not respond_async:
         if job.status == JobStatus.succeeded:
-            return await outcome.result(storage, base_url, settings.url_expiry_seconds)
+            return await outcome.result(how.links.storage, how.links.base_url, how.links.expiry)
         raise job_failure(job)
-    obj = render_job(job, None, storage, base_url, settings.url_expiry_seconds)
+    obj = render_job(job, None, how.links.storage, how.links.base_url, how.links.expiry)
     obj.queue_position = await run_in_threadpool(position, job)
     return accepted(obj)

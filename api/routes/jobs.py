@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import After, BaseUrl, CurrentPrincipal, DbSession, SettingsDep, StorageDep
+from api.deps import After, CurrentPrincipal, DbSession, Links
 from api.errors import ERRORS
 from shared.jobs.models import JobStatus
 from shared.jobs.schemas import JobList, JobObject
@@ -23,13 +23,11 @@ def read_job(
     job_id: str,
     principal: CurrentPrincipal,
     session: DbSession,
-    settings: SettingsDep,
-    storage: StorageDep,
-    base_url: BaseUrl,
+    links: Links,
 ) -> JobObject:
     job = get_job(session, principal.project_id, job_id)
     # Fresh presigned URLs on every read.
-    obj = render_job(job, job_images(session, job), storage, base_url, settings.url_expiry_seconds)
+    obj = render_job(job, job_images(session, job), links.storage, links.base_url, links.expiry)
     obj.queue_position = queue_position(session, job)
     return obj
 
@@ -38,9 +36,7 @@ def read_job(
 def read_jobs(
     principal: CurrentPrincipal,
     session: DbSession,
-    settings: SettingsDep,
-    storage: StorageDep,
-    base_url: BaseUrl,
+    links: Links,
     limit: Annotated[int, Query(ge=1, le=100, description="Objects per page")] = 20,
     after: After = None,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status")] = None,
@@ -48,7 +44,7 @@ def read_jobs(
     jobs, has_more = list_jobs(
         session, principal.project_id, limit=limit, after=after, status=status
     )
-    page = render_list(jobs, has_more, storage, base_url, settings.url_expiry_seconds)
+    page = render_list(jobs, has_more, links.storage, links.base_url, links.expiry)
     for job, obj in zip(jobs, page.data, strict=True):
         obj.queue_position = queue_position(session, job)
     return page
@@ -61,9 +57,7 @@ def cancel(
     job_id: str,
     principal: CurrentPrincipal,
     session: DbSession,
-    settings: SettingsDep,
-    storage: StorageDep,
-    base_url: BaseUrl,
+    links: Links,
 ) -> JobObject:
     job = cancel_job(session, principal.project_id, job_id)
-    return render_job(job, job_images(session, job), storage, base_url, settings.url_expiry_seconds)
+    return render_job(job, job_images(session, job), links.storage, links.base_url, links.expiry)

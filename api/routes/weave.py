@@ -15,7 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from api import openapi
-from api.deps import BaseUrl, DbSession, SettingsDep, StorageDep, WeavePrincipal
+from api.deps import DbSession, Links, SettingsDep, WeavePrincipal
 from api.generation import submit, webhook_for
 from shared.core.db import unit_of_work
 from shared.core.errors import Forbidden, ImagegenError, quoted
@@ -154,8 +154,7 @@ async def image_create(
     request: Request,
     principal: WeavePrincipal,
     settings: SettingsDep,
-    storage: StorageDep,
-    base_url: BaseUrl,
+    links: Links,
 ) -> ImageGenerationCreateRes:
     _check_project(principal, body.project_id)
     inputs = body.inputs.model_dump(exclude_none=True)
@@ -187,7 +186,7 @@ async def image_create(
         )
     if job.status != JobStatus.succeeded:
         return _failure(job.error_message or f"The generation {job.status}.")
-    result = await outcome.result(storage, base_url, settings.url_expiry_seconds)
+    result = await outcome.result(links.storage, links.base_url, links.expiry)
     response = result.model_dump(exclude_none=True)
     response["model"] = job.model
     usage = normalise_usage(job.usage)
@@ -201,16 +200,14 @@ def call_read(
     body: CallReadReq,
     principal: WeavePrincipal,
     session: DbSession,
-    settings: SettingsDep,
-    storage: StorageDep,
-    base_url: BaseUrl,
+    links: Links,
 ) -> CallReadRes:
     _check_project(principal, body.project_id)
     call = read_call(session, principal.project_id, body.id)
     if call is None:
         return CallReadRes(call=None)
     rendered = render_calls(
-        session, [call], body.project_id, storage, base_url, settings.url_expiry_seconds
+        session, [call], body.project_id, links.storage, links.base_url, links.expiry
     )
     return CallReadRes(call=rendered[0])
 
@@ -225,9 +222,7 @@ def calls_stream_query(
     body: CallsQuery,
     principal: WeavePrincipal,
     session: DbSession,
-    settings: SettingsDep,
-    storage: StorageDep,
-    base_url: BaseUrl,
+    links: Links,
 ) -> StreamingResponse:
     _check_project(principal, body.project_id)
     calls = query_calls(session, principal.project_id, body)
@@ -241,9 +236,9 @@ def calls_stream_query(
                     page_session,
                     calls[start : start + 100],
                     body.project_id,
-                    storage,
-                    base_url,
-                    settings.url_expiry_seconds,
+                    links.storage,
+                    links.base_url,
+                    links.expiry,
                 )
 
     return StreamingResponse(jsonl(rows()), media_type="application/jsonl")
