@@ -29,6 +29,7 @@ from shared.jobs.schemas import GenerationParams, job_params
 from shared.providers import get_provider
 from shared.providers.answers import answer_slot, before_answer
 from shared.providers.base import (
+    Call,
     GeneratedImage,
     Generation,
     Inputs,
@@ -63,7 +64,9 @@ def _call_with_retries(
         attempt += 1
         started = time.monotonic()
         try:
-            generation = provider.generate(spec, params, count, first, progress, partials, inputs)
+            generation = provider.generate(
+                Call(spec, params, count, first, progress, partials, inputs)
+            )
             PROVIDER_SECONDS.labels(spec.name).observe(time.monotonic() - started)
             return generation
         except ProviderError as exc:

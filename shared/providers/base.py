@@ -57,21 +57,26 @@ def entry_of(spec: ModelSpec, kind: type[Kind]) -> Kind:
     return spec
 
 
+@dataclass(frozen=True)
+class Call:
+    """One provider call: images ``first_index`` .. ``first_index + count - 1`` of
+    a job, from its prompt or, for ``params.operation`` ``edit``/``variation``,
+    from ``inputs``."""
+
+    spec: ModelSpec
+    params: GenerationParams
+    count: int
+    first_index: int = 0
+    progress: Progress = no_progress
+    """Providers that work in steps (local models) report them here."""
+    partials: Partials = no_partials
+    """Where ``params.partial_images`` asks for them, providers that can show a
+    picture before it is done send it here (image indexes count from 0 in the job)."""
+    inputs: Inputs | None = None
+
+
 class Provider(Protocol):
-    def generate(
-        self,
-        spec: ModelSpec,
-        params: GenerationParams,
-        count: int,
-        first_index: int,
-        progress: Progress = no_progress,
-        partials: Partials = no_partials,
-        inputs: Inputs | None = None,
-    ) -> Generation:
-        """Make ``count`` images (images ``first_index`` .. of the job): from the
-        prompt, or for ``params.operation`` ``edit``/``variation`` from ``inputs``
-        (a provider that cannot raises PermanentProviderError). Providers
-        that work in steps (local models) report them through ``progress``; where
-        ``params.partial_images`` asks for them, providers that can show a picture
-        before it is done send ``partials`` (image indexes count from 0 in the job)."""
+    def generate(self, call: Call) -> Generation:
+        """Make the call's images (a provider that cannot do its operation raises
+        PermanentProviderError)."""
         ...

@@ -27,16 +27,14 @@ from shared.core.storable import clean
 from shared.jobs.schemas import GenerationParams
 from shared.providers.answers import before_answer
 from shared.providers.base import (
+    Call,
     GeneratedImage,
     Generation,
     Inputs,
     Partials,
-    Progress,
     entry_of,
-    no_partials,
-    no_progress,
 )
-from shared.registry import ModelSpec, OpenAIModel
+from shared.registry import OpenAIModel
 from shared.webhooks.targets import check_target
 
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
@@ -111,17 +109,10 @@ class OpenAICompatibleProvider:
             payload["output_format"] = params.output_format
         return payload
 
-    def generate(
-        self,
-        spec: ModelSpec,
-        params: GenerationParams,
-        count: int,
-        first_index: int,
-        progress: Progress = no_progress,
-        partials: Partials = no_partials,
-        inputs: Inputs | None = None,
-    ) -> Generation:
-        spec = entry_of(spec, OpenAIModel)
+    def generate(self, call: Call) -> Generation:
+        spec = entry_of(call.spec, OpenAIModel)
+        params, count, first_index = call.params, call.count, call.first_index
+        partials, inputs = call.partials, call.inputs
         if not spec.base_url:
             raise PermanentProviderError(
                 f"model '{spec.name}' has no base_url", code="provider_misconfigured"

@@ -18,15 +18,12 @@ from PIL import Image, ImageDraw, ImageOps
 from shared.core.errors import PermanentProviderError
 from shared.jobs.schemas import GenerationParams
 from shared.providers.base import (
+    Call,
     GeneratedImage,
     Generation,
     Inputs,
-    Partials,
-    Progress,
-    no_partials,
-    no_progress,
 )
-from shared.registry import ModelSpec, parse_size
+from shared.registry import parse_size
 
 
 def render(prompt: str, width: int, height: int, index: int) -> Image.Image:
@@ -54,21 +51,13 @@ def _ramp(width: int, height: int) -> Image.Image:
 
 
 class ProceduralProvider:
-    def generate(
-        self,
-        spec: ModelSpec,
-        params: GenerationParams,
-        count: int,
-        first_index: int,
-        progress: Progress = no_progress,
-        partials: Partials = no_partials,
-        inputs: Inputs | None = None,
-    ) -> Generation:
+    def generate(self, call: Call) -> Generation:
+        params, inputs, partials = call.params, call.inputs, call.partials
         base = _base(inputs) if params.operation != "generate" else None
         fallback = base.size if base is not None else (1024, 1024)
         width, height = parse_size(params.size) or fallback
         images = []
-        for index in range(first_index, first_index + count):
+        for index in range(call.first_index, call.first_index + call.count):
             image = render(params.prompt, width, height, index)
             if base is not None and inputs is not None:
                 image = _transform(params, inputs, base.resize((width, height)), image, index)

@@ -17,7 +17,7 @@ from PIL import Image
 from shared.core.errors import JobCanceled, PermanentProviderError
 from shared.core.settings import get_settings
 from shared.jobs.schemas import GenerationParams
-from shared.providers.base import Inputs
+from shared.providers.base import Call, Inputs
 from shared.providers.local import diffusion, pipelines
 from shared.providers.local.diffusion import DiffusersProvider
 from shared.registry import DiffusersModel
@@ -54,7 +54,9 @@ def test_n_images_of_the_requested_size_from_one_call_with_each_step_reported(
 ) -> None:
     steps: list[tuple[int, int]] = []
     gen = DiffusersProvider().generate(
-        spec_for(model_dir), params(n=3, size="32x48"), 3, 0, lambda s, t: steps.append((s, t))
+        Call(
+            spec_for(model_dir), params(n=3, size="32x48"), 3, 0, lambda s, t: steps.append((s, t))
+        )
     )
     assert len(gen.images) == 3
     for image in gen.images:
@@ -76,13 +78,13 @@ def same_picture(a: bytes, b: bytes) -> bool:
 
 def test_the_same_request_and_seed_give_identical_images(model_dir: Path) -> None:
     provider, spec = DiffusersProvider(), spec_for(model_dir)
-    three = provider.generate(spec, params(n=3, seed=40), 3, 0)
-    again = provider.generate(spec, params(n=3, seed=40), 3, 0)
-    other = provider.generate(spec, params(n=3, seed=99), 3, 0)
+    three = provider.generate(Call(spec, params(n=3, seed=40), 3, 0))
+    again = provider.generate(Call(spec, params(n=3, seed=40), 3, 0))
+    other = provider.generate(Call(spec, params(n=3, seed=99), 3, 0))
     assert [i.data for i in three.images] == [i.data for i in again.images]
     assert not same_picture(three.images[0].data, other.images[0].data)
     # Image i is seed + i: made alone with that seed, it is the same picture.
-    alone = provider.generate(spec, params(n=1, seed=42), 1, 0)
+    alone = provider.generate(Call(spec, params(n=1, seed=42), 1, 0))
     assert same_picture(alone.images[0].data, three.images[2].data)
     assert not same_picture(alone.images[0].data, three.images[1].data)
 
@@ -90,7 +92,7 @@ def test_the_same_request_and_seed_give_identical_images(model_dir: Path) -> Non
 def test_quality_picks_the_number_of_steps(model_dir: Path) -> None:
     seen: list[int] = []
     DiffusersProvider().generate(
-        spec_for(model_dir), params(quality="high"), 1, 0, lambda s, t: seen.append(t)
+        Call(spec_for(model_dir), params(quality="high"), 1, 0, lambda s, t: seen.append(t))
     )
     assert set(seen) == {9}
     assert len(seen) == 9
@@ -105,14 +107,16 @@ def test_a_cancel_raised_by_progress_stops_the_loop_at_that_step(model_dir: Path
             raise JobCanceled()
 
     with pytest.raises(JobCanceled):
-        DiffusersProvider().generate(spec_for(model_dir), params(quality="high"), 1, 0, progress)
+        DiffusersProvider().generate(
+            Call(spec_for(model_dir), params(quality="high"), 1, 0, progress)
+        )
     assert steps == [1, 2]
 
 
 def test_a_missing_model_folder_fails_with_model_unavailable(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     with pytest.raises(PermanentProviderError) as caught:
-        DiffusersProvider().generate(spec_for(missing, "missing"), params(), 1, 0)
+        DiffusersProvider().generate(Call(spec_for(missing, "missing"), params(), 1, 0))
     assert caught.value.code == "model_unavailable"
     assert "'missing'" in caught.value.message
     assert str(missing) in caught.value.message
@@ -121,7 +125,7 @@ def test_a_missing_model_folder_fails_with_model_unavailable(tmp_path: Path) -> 
 def test_a_folder_that_is_not_a_pipeline_fails_with_model_unavailable(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(PermanentProviderError) as caught:
-        DiffusersProvider().generate(spec_for(tmp_path, "broken"), params(), 1, 0)
+        DiffusersProvider().generate(Call(spec_for(tmp_path, "broken"), params(), 1, 0))
     assert caught.value.code == "model_unavailable"
 
 
@@ -157,8 +161,8 @@ def out_of_memory_above(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> lis
 def test_out_of_memory_retries_once_one_image_a_call_with_the_same_images(
     model_dir: Path, out_of_memory_above: list[OutOfMemoryAbove]
 ) -> None:
-    expected = DiffusersProvider().generate(spec_for(model_dir, "oom-9"), params(n=3), 3, 0)
-    split = DiffusersProvider().generate(spec_for(model_dir, "oom-1"), params(n=3), 3, 0)
+    expected = DiffusersProvider().generate(Call(spec_for(model_dir, "oom-9"), params(n=3), 3, 0))
+    split = DiffusersProvider().generate(Call(spec_for(model_dir, "oom-1"), params(n=3), 3, 0))
     assert out_of_memory_above[-1].calls == [3, 1, 1, 1]
     assert len(split.images) == 3
     for got, want in zip(split.images, expected.images, strict=True):
@@ -169,7 +173,7 @@ def test_out_of_memory_again_fails_naming_the_model_and_size(
     model_dir: Path, out_of_memory_above: list[OutOfMemoryAbove]
 ) -> None:
     with pytest.raises(PermanentProviderError) as caught:
-        DiffusersProvider().generate(spec_for(model_dir, "oom-0"), params(n=2), 2, 0)
+        DiffusersProvider().generate(Call(spec_for(model_dir, "oom-0"), params(n=2), 2, 0))
     assert out_of_memory_above[-1].calls == [2, 1]
     assert caught.value.code == "out_of_memory"
     assert "'oom-0'" in caught.value.message
@@ -193,13 +197,15 @@ def test_a_hub_id_loads_from_the_local_cache(model_dir: Path, hf_cache: Path) ->
     shutil.copytree(model_dir, repo / "snapshots" / ("0" * 40))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
-    gen = DiffusersProvider().generate(spec_for("acme/tiny-sd", "hub-cached"), params(), 1, 0)
+    gen = DiffusersProvider().generate(Call(spec_for("acme/tiny-sd", "hub-cached"), params(), 1, 0))
     assert Image.open(io.BytesIO(gen.images[0].data)).size == (64, 64)
 
 
 def test_a_hub_id_missing_from_the_cache_offline_is_model_unavailable(hf_cache: Path) -> None:
     with pytest.raises(PermanentProviderError) as caught:
-        DiffusersProvider().generate(spec_for("acme/not-cached", "hub-missing"), params(), 1, 0)
+        DiffusersProvider().generate(
+            Call(spec_for("acme/not-cached", "hub-missing"), params(), 1, 0)
+        )
     assert caught.value.code == "model_unavailable"
     assert "acme/not-cached" in caught.value.message
 
@@ -212,12 +218,14 @@ def test_partial_images_are_the_latents_decoded_at_even_checkpoints(model_dir: P
 
     steps: list[int] = []
     DiffusersProvider().generate(
-        spec_for(model_dir),
-        params(n=2, size="32x48", stream=True, partial_images=2),
-        2,
-        0,
-        lambda s, t: steps.append(s),
-        partials,
+        Call(
+            spec_for(model_dir),
+            params(n=2, size="32x48", stream=True, partial_images=2),
+            2,
+            0,
+            lambda s, t: steps.append(s),
+            partials,
+        ),
     )
     # 6 steps, 2 partials: after steps 2 and 4, for each of the 2 images.
     assert sorted(seen) == [(i, k, (32, 48)) for i in (0, 1) for k in (0, 1)]
@@ -245,12 +253,14 @@ def test_an_edit_runs_image_to_image_or_inpainting_over_the_last_steps(
     seen: list[tuple[int, int]] = []
     spec = spec_for(model_dir, "tiny-edits")
     gen = DiffusersProvider().generate(
-        spec,
-        params(n=2, size="32x48", operation="edit", input_fidelity=fidelity),
-        2,
-        0,
-        lambda s, t: seen.append((s, t)),
-        inputs=inputs,
+        Call(
+            spec,
+            params(n=2, size="32x48", operation="edit", input_fidelity=fidelity),
+            2,
+            0,
+            lambda s, t: seen.append((s, t)),
+            inputs=inputs,
+        ),
     )
     assert [Image.open(io.BytesIO(i.data)).size for i in gen.images] == [(32, 48)] * 2
     # strength 0.5 (high fidelity) or 0.8 of the 6 steps
@@ -268,9 +278,11 @@ def test_an_edit_runs_image_to_image_or_inpainting_over_the_last_steps(
 def test_a_variation_is_not_a_local_models_operation(model_dir: Path) -> None:
     with pytest.raises(PermanentProviderError, match="not variations"):
         DiffusersProvider().generate(
-            spec_for(model_dir),
-            params(operation="variation"),
-            1,
-            0,
-            inputs=Inputs([input_png((64, 64), (0, 0, 0))]),
+            Call(
+                spec_for(model_dir),
+                params(operation="variation"),
+                1,
+                0,
+                inputs=Inputs([input_png((64, 64), (0, 0, 0))]),
+            ),
         )

@@ -15,7 +15,7 @@ import httpx
 
 from shared.jobs.schemas import GenerationParams
 from shared.providers.answers import answer_slot, before_answer
-from shared.providers.base import Generation
+from shared.providers.base import Call, Generation
 from shared.providers.openai_compat import OpenAICompatibleProvider
 from shared.registry import Capabilities, OpenAIModel
 
@@ -51,7 +51,7 @@ def provider(reads: list[str]) -> OpenAICompatibleProvider:
 def job(slots: threading.Semaphore, upstream: OpenAICompatibleProvider, prompt: str) -> Generation:
     params = PARAMS.model_copy(update={"prompt": prompt})
     with answer_slot(slots):
-        return upstream.generate(SPEC, params, 1, 0)
+        return upstream.generate(Call(SPEC, params, 1, 0))
 
 
 def test_an_answer_waits_unread_until_its_job_holds_a_slot() -> None:
@@ -76,7 +76,7 @@ def test_a_jobs_fanned_out_calls_share_its_one_slot() -> None:
     upstream = provider(reads)
     with ThreadPoolExecutor(4) as pool, answer_slot(slots):
         futures = [
-            pool.submit(contextvars.copy_context().run, upstream.generate, SPEC, PARAMS, 1, i)
+            pool.submit(contextvars.copy_context().run, upstream.generate, Call(SPEC, PARAMS, 1, i))
             for i in range(4)
         ]
         assert all(len(f.result(timeout=10).images) == 1 for f in futures)
@@ -89,5 +89,5 @@ def test_a_jobs_fanned_out_calls_share_its_one_slot() -> None:
 
 def test_outside_a_job_a_provider_takes_no_slot() -> None:
     reads: list[str] = []
-    assert provider(reads).generate(SPEC, PARAMS, 1, 0).images[0].data == PNG
+    assert provider(reads).generate(Call(SPEC, PARAMS, 1, 0)).images[0].data == PNG
     assert reads == ["p"]

@@ -27,33 +27,23 @@ from PIL import Image, ImageOps
 from shared.core.errors import ErrorCode, PermanentProviderError
 from shared.jobs.schemas import GenerationParams
 from shared.providers.base import (
+    Call,
     GeneratedImage,
     Generation,
     Inputs,
-    Partials,
-    Progress,
     entry_of,
-    no_partials,
-    no_progress,
 )
 from shared.providers.local.pipelines import Task, device_lock, pipeline
-from shared.registry import DiffusersModel, ModelSpec, parse_size
+from shared.registry import DiffusersModel, parse_size
 
 log = logging.getLogger(__name__)
 
 
 class DiffusersProvider:
-    def generate(
-        self,
-        spec: ModelSpec,
-        params: GenerationParams,
-        count: int,
-        first_index: int,
-        progress: Progress = no_progress,
-        partials: Partials = no_partials,
-        inputs: Inputs | None = None,
-    ) -> Generation:
-        spec = entry_of(spec, DiffusersModel)
+    def generate(self, call: Call) -> Generation:
+        spec = entry_of(call.spec, DiffusersModel)
+        params, count, first_index = call.params, call.count, call.first_index
+        progress, partials, inputs = call.progress, call.partials, call.inputs
         width, height = parse_size(params.size) or (512, 512)
         task, extra = _task(params, inputs, (width, height))
         pipe, device = pipeline(spec, task)
