@@ -105,24 +105,19 @@ def get_celery() -> Celery:
     return current().celery
 
 
-def send_task(name: str, args: list[Any], queue: str, kwargs: dict[str, Any] | None = None) -> None:
-    """Publish one task message through Celery; raises when the broker cannot take it.
-
-    Until issue 25 a Redis broker got the message as a hand-built kombu envelope
-    pushed with one LPUSH: 106 us of CPU per publish against Celery's 296 us here,
-    about 2% of the 10 ms of CPU a request costs the service with an instant
-    upstream (bench_proxy), and nothing beside a provider taking seconds. Celery's
-    own path is kept: it follows Celery and kombu upgrades, and any broker."""
-    get_celery().send_task(name, args=args, kwargs=kwargs, queue=queue)
-
-
 def publish(task: Task, args: list[Any], queue: str, kwargs: dict[str, Any] | None = None) -> bool:
     """The one way a task is published: False when the broker cannot take it now,
     logged, never raised. Losing a message is harmless: the row it names is the
     truth, and the sweeper publishes again what is still due (a job, a delivery, a
-    batch's step)."""
+    batch's step).
+
+    Through Celery's own path. Until issue 25 a Redis broker got the message as a
+    hand-built kombu envelope pushed with one LPUSH: 106 us of CPU per publish
+    against Celery's 296 us here, about 2% of the 10 ms of CPU a request costs the
+    service with an instant upstream (bench_proxy), and nothing beside a provider
+    taking seconds; Celery's path follows Celery and kombu upgrades, and any broker."""
     try:
-        send_task(task, args, queue, kwargs)
+        get_celery().send_task(task, args=args, kwargs=kwargs, queue=queue)
     except Exception as exc:  # kombu and redis raise many types for an unreachable broker
         log.warning("broker did not take %s %s: %s", task, args, exc)
         return False
