@@ -147,9 +147,17 @@ def main() -> None:
             print(f"{held} calls held; RSS {before_burst / 1024:.0f} MB; answering all at once")
             stack.upstream.gate.set()
         deadline = time.monotonic() + args.seconds * 10 + 300
+        last_report = time.monotonic()
         while (succeeded := count_status(stack, "succeeded", prompt)) < args.jobs:
             if time.monotonic() > deadline or killed.is_set():
                 break
+            if time.monotonic() - last_report >= 10:
+                last_report = time.monotonic()
+                print(
+                    f"  {last_report - started:4.0f}s: {stack.upstream.in_flight} calls in "
+                    f"flight, {succeeded} succeeded, RSS {_rss_kb(pid) / 1024:.0f} MB",
+                    flush=True,
+                )
             time.sleep(1)
         done.set()
         sampler.join()

@@ -8,8 +8,10 @@ ordinary blocking mode, with no monkey-patching (gevent) and no second async
 code path; an idle thread costs a stack page or two. Measured against the
 alternative the issue named (jobs as coroutines on one asyncio loop): a pool of
 2,048 threads already holds 2,000 provider calls in flight against a 30 s
-upstream at about 13 KB of RSS per call (bench/bench_capacity.py: 135 MB idle,
-160 MB at most), an eighth of the 100 KB budget, and every job succeeded; the
+upstream at about 96 KB of RSS per call (bench/bench_capacity.py: 143 MB idle,
+332 MB with all 2,000 in flight; first reported as 13 KB, measured while a
+second worker the bench had left running held part of the calls), within the
+100 KB budget, and every job succeeded; the
 CPU per job goes to SQL, S3 and HTTP work that an event loop would not remove.
 So the pool stays threads, sized 2,048 by default.
 Per-process resources (engine, HTTP client, S3 client, thread pools) are made

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     storage_backoff_max_seconds: float = 30.0
     # How many provider calls one worker process holds at once (threads pool size;
     # threads start on demand). Measured (bench/bench_capacity.py): 2,000 calls in
-    # flight against a 30 s upstream cost one consumer about 13 KB of RSS each.
+    # flight against a 30 s upstream cost one consumer about 96 KB of RSS each.
     worker_concurrency: int = 2048
     # How many jobs of one worker process hold provider answers in memory at once,
     # from reading the answer to storing its images (shared/providers/answers.py):

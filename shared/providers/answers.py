@@ -1,7 +1,7 @@
 """At most a set number of jobs of a worker process hold provider answers in memory.
 
 A worker holds thousands of provider calls in flight, each costing little while it
-waits (about 13 KB). When they return together (a 30 s upstream answering 1,500
+waits (about 96 KB). When they return together (a 30 s upstream answering 1,500
 calls within a second) each answer is read, its base64 decoded, checked or
 re-encoded and uploaded: all at once, that grew one worker from 356 to 655 MiB with
 small images, and would be gigabytes with 1024x1024 ones. So a provider reads a
