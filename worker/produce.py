@@ -38,10 +38,11 @@ from shared.providers.base import (
     no_partials,
 )
 from shared.registry import ModelSpec, get_registry
+from worker import routing
 from worker.leases import LEASES
 from worker.progress import StepReporter, set_detail
 from worker.record import Result
-from worker.resources import answer_slots, fanout_pool
+from worker.resources import answer_slots, cooldowns, fanout_pool
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +57,41 @@ def _call_with_retries(
     partials: Partials,
     inputs: Inputs | None,
 ) -> Generation:
+    """One call, each attempt trying the model's deployments and then its fallbacks
+    (worker/routing.py), the attempts spaced by the provider retry policy."""
     policy = retry.provider_calls(get_settings())
-    provider = get_provider(spec)
     attempt = 0
     first_try = time.monotonic()
     while True:
         attempt += 1
-        started = time.monotonic()
-        try:
-            generation = provider.generate(
-                Call(spec, params, count, first, progress, partials, inputs)
+        failed: TransientProviderError | None = None
+        for target in routing.targets(spec, params, get_registry(), cooldowns()):
+            started = time.monotonic()
+            try:
+                generation = get_provider(target.spec).generate(
+                    Call(target.spec, target.params, count, first, progress, partials, inputs)
+                )
+                PROVIDER_SECONDS.labels(target.model).observe(time.monotonic() - started)
+                generation.served_by = target.served_by
+                return generation
+            except ProviderError as exc:
+                PROVIDER_ERRORS.labels(target.model, str(exc.code)).inc()
+                if not isinstance(exc, TransientProviderError):
+                    raise  # a refusal: no other deployment or model would take it
+                cooldowns().cool(target, exc.retry_after)
+                failed = exc
+                log.info("job %s: %s from %s", job_id, exc.message, target.served_by)
+        if failed is None:  # every deployment cooling down
+            failed = TransientProviderError(
+                f"every deployment of '{spec.name}' is cooling down",
+                code="upstream_rate_limited",
+                retry_after=cooldowns().shortest(),
             )
-            PROVIDER_SECONDS.labels(spec.name).observe(time.monotonic() - started)
-            return generation
-        except ProviderError as exc:
-            PROVIDER_ERRORS.labels(spec.name, str(exc.code)).inc()
-            if not isinstance(exc, TransientProviderError):
-                raise
-            if policy.exhausted(attempt, first_try):
-                raise
-            delay = policy.delay(attempt, exc.retry_after)
-            log.info("job %s: %s; retry %d in %.1fs", job_id, exc.message, attempt, delay)
-            _wait_unless_lost(job_id, delay)
+        if policy.exhausted(attempt, first_try):
+            raise failed
+        delay = policy.delay(attempt, failed.retry_after)
+        log.info("job %s: retry %d in %.1fs", job_id, attempt, delay)
+        _wait_unless_lost(job_id, delay)
 
 
 def _generate(
@@ -111,6 +125,7 @@ def _generate(
     ]
     images: list[GeneratedImage] = []
     usage: dict[str, Any] = {}
+    served_by: dict[str, str] | None = None
     errors: list[BaseException] = []
     for future in futures:  # wait for all, so no call outlives the attempt
         try:
@@ -120,10 +135,11 @@ def _generate(
             continue
         images += gen.images
         _add_usage(usage, gen.usage or {})
+        served_by = served_by or gen.served_by
     if errors:
         permanent = [e for e in errors if isinstance(e, PermanentProviderError)]
         raise (permanent or errors)[0]
-    return Generation(images=images, usage=usage or None)
+    return Generation(images=images, usage=usage or None, served_by=served_by)
 
 
 def _inputs(params: GenerationParams) -> Inputs | None:
@@ -203,6 +219,8 @@ def _produce(job: Job) -> Result | None:
             data if job.batch_id is None else [],  # batch lines have no waiter
             usage=generation.usage,
             progress=steps.final or None,
+            served_by=generation.served_by,
+            cost_usd=_cost(spec, params, len(images), generation),
         )
     except JobCanceled:
         log.info("job %s stopped: canceled, or its lease was lost", job.id)
@@ -217,6 +235,18 @@ def _produce(job: Job) -> Result | None:
         # empty success. The message names the kind of fault, not internals.
         log.exception("job %s crashed", job.id)
         return Result.failure(job, "internal_error", f"internal error: {type(exc).__name__}")
+
+
+def _cost(
+    spec: ModelSpec, params: GenerationParams, images: int, generation: Generation
+) -> float | None:
+    """The images' cost by the price of the model that made them (a fallback's
+    own); None where it has no price."""
+    served = generation.served_by
+    priced = get_registry().get(served["model"]) if served else spec
+    if priced.price is None:
+        return None
+    return priced.price.cost(params.size, params.quality, images, generation.usage)
 
 
 def _store(storage: Storage, key: str, data: bytes, content_type: str, job: Job) -> None:

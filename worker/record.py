@@ -4,6 +4,7 @@ while the database is unreachable."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ class Result:
     error_message: str | None = None
     # Set when the attempt ends the job's attempts outright (exhausted).
     attempts: int | None = None
+    served_by: dict[str, str] | None = None
+    cost_usd: float | None = None
 
     @classmethod
     def failure(cls, job: Job, code: str, message: str, attempts: int | None = None) -> Result:
@@ -65,8 +68,14 @@ def finish(token: str, results: list[Result]) -> dict[str, Outcome]:
     ]
     rest = [r for r in results if not any(r is b for b in bulk)]
     with unit_of_work() as session:
+        done: set[str] = set()
+        # One statement per group served alike (one deployment, one cost): a batch
+        # of one model is one group.
+        for group in _alike(bulk):
+            served_by, cost_usd = group[0].served_by, group[0].cost_usd
+            lines = [(r.job, r.images) for r in group]
+            done |= lifecycle.finish_lines(session, lines, token, now, served_by, cost_usd)
         if bulk:
-            done = lifecycle.finish_lines(session, [(r.job, r.images) for r in bulk], token, now)
             lines_succeeded(
                 session,
                 [r.job.batch_item_id for r in bulk if r.job.id in done and r.job.batch_item_id],
@@ -82,6 +91,14 @@ def finish(token: str, results: list[Result]) -> dict[str, Outcome]:
         if job.batch_id is not None:  # a job's limits are released by the runner
             BATCH_TICKS.call(job.batch_id, batch_tick)
     return ended
+
+
+def _alike(results: list[Result]) -> list[list[Result]]:
+    groups: dict[tuple[str, float | None], list[Result]] = {}
+    for result in results:
+        key = (json.dumps(result.served_by, sort_keys=True), result.cost_usd)
+        groups.setdefault(key, []).append(result)
+    return list(groups.values())
 
 
 def _record_one(session: Session, token: str, now: datetime, result: Result) -> Outcome:
@@ -116,6 +133,8 @@ def _end(session: Session, token: str, now: datetime, result: Result) -> Outcome
             images=result.images,
             usage=result.usage,
             progress=result.progress,
+            served_by=result.served_by,
+            cost_usd=result.cost_usd,
         )
     return lifecycle.fail(
         session,
@@ -134,6 +153,10 @@ def _call_output(job: Job, now: datetime, usage: Any) -> dict[str, Any]:
     norm = normalise_usage(usage)
     if norm:
         output["usage"] = norm
+    if job.served_by:
+        output["served_by"] = job.served_by
+    if job.cost_usd is not None:
+        output["cost_usd"] = job.cost_usd
     return output
 
 

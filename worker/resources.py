@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from shared.core.context import Context, current
+from worker.routing import Cooldowns
 
 
 def fanout_pool() -> ThreadPoolExecutor:
@@ -45,7 +46,13 @@ def webhook_client() -> httpx.Client:
     )
 
 
+def cooldowns() -> Cooldowns:
+    """Deployments cooling down after a failure (per process: worker/routing.py)."""
+    return current().made("cooldowns", lambda _: Cooldowns())
+
+
 def make_all() -> None:
+    cooldowns()
     fanout_pool()
     lines_pool()
     answer_slots()

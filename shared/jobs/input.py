@@ -218,3 +218,41 @@ def _default_for(registry: Registry, operation: str) -> str:
         if getattr(spec.capabilities, f"{operation}s"):
             return spec.name
     return registry.default_model
+
+
+# --- fallbacks: the request as another model would take it ----------------------------
+
+_CARRIED = ("operation", "images", "mask", "input_fidelity")
+
+
+def for_fallback(params: GenerationParams, spec: ModelSpec) -> GenerationParams | None:
+    """``params`` as the fallback model ``spec`` takes them, or None where it cannot
+    (a size, an n, a quality or an operation it does not serve): a fallback is never
+    sent a request it would refuse."""
+    caps = spec.capabilities
+    if (params.operation == "edit" and not caps.edits) or (
+        params.operation == "variation" and not caps.variations
+    ):
+        return None
+    request = ImageGenerationRequest(
+        model=spec.name,
+        prompt=params.prompt,
+        n=params.n,
+        size=params.size,
+        quality=params.quality,
+        style=params.style,
+        response_format=params.response_format,
+        output_format=params.output_format,
+        output_compression=params.output_compression,
+        background=params.background,
+        moderation=params.moderation,
+        user=params.user,
+        seed=params.seed if caps.seed else None,
+        stream=params.stream,
+        partial_images=params.partial_images or None,
+    )
+    try:
+        taken = validate_generation(request, Registry(models=[spec]))
+    except InvalidRequest:
+        return None
+    return taken.model_copy(update={name: getattr(params, name) for name in _CARRIED})

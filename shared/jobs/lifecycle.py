@@ -226,12 +226,25 @@ def finish(
     images: Sequence[Image],
     usage: dict[str, Any] | None,
     progress: dict[str, int] | None = None,
+    served_by: dict[str, str] | None = None,
+    cost_usd: float | None = None,
 ) -> Outcome:
     """The attempt holding ``token`` succeeded: the job ends ``succeeded`` with its
     images (written in the same transaction, so a job ends with exactly ``n``), its
     usage and its last step. ``discarded`` when it is no longer the attempt's."""
     done = {"progress": progress} if progress is not None else {}
-    if not _end(session, job, token, now, JobStatus.succeeded, usage=usage, **done):
+    ended = _end(
+        session,
+        job,
+        token,
+        now,
+        JobStatus.succeeded,
+        usage=usage,
+        served_by=served_by,
+        cost_usd=cost_usd,
+        **done,
+    )
+    if not ended:
         return Outcome.discarded
     if images:
         session.execute(_INSERT_IMAGES, [image.model_dump() for image in images])
@@ -250,22 +263,31 @@ _FINISH_LINES = (
         finished_at=sa.bindparam("now"),
         lease_token=None,
         lease_expires_at=None,
+        served_by=sa.bindparam("served_by", type_=sa.JSON),
+        cost_usd=sa.bindparam("cost_usd"),
     )
     .returning(_JOBS.c.id)
 )
 
 
 def finish_lines(
-    session: Session, lines: Sequence[tuple[Job, Sequence[Image]]], token: str, now: datetime
+    session: Session,
+    lines: Sequence[tuple[Job, Sequence[Image]]],
+    token: str,
+    now: datetime,
+    served_by: dict[str, str] | None = None,
+    cost_usd: float | None = None,
 ) -> set[str]:
-    """``finish`` for many succeeded batch lines (no usage, no progress) at once: one
-    statement for the jobs and one for their images. Returns the ids that ended
+    """``finish`` for many succeeded batch lines served alike (no usage, no
+    progress; one ``served_by`` and one ``cost_usd``) at once: one statement for the
+    jobs and one for their images. Returns the ids that ended
     ``succeeded``; the others are no longer the attempt's (discarded). The in-memory
     jobs are left as they were."""
     if not lines:
         return set()
     ids = [job.id for job, _ in lines]
-    done = set(session.execute(_FINISH_LINES, {"ids": ids, "token": token, "now": now}).scalars())
+    values = {"ids": ids, "token": token, "now": now, "served_by": served_by, "cost_usd": cost_usd}
+    done = set(session.execute(_FINISH_LINES, values).scalars())
     rows = [image.model_dump() for job, images in lines if job.id in done for image in images]
     if rows:
         session.execute(_INSERT_IMAGES, rows)

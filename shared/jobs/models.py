@@ -94,6 +94,10 @@ class Job(SQLModel, table=True):
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, sa_type=sa.Text)
     usage: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    # {"model": m, "deployment": d}: what made its images (a fallback, a deployment).
+    served_by: dict[str, str] | None = Field(default=None, sa_type=sa.JSON)
+    # USD, from the serving model's price; None where it has none.
+    cost_usd: float | None = None
     # What a running job waits on, when it waits (storage being out), else None.
     status_detail: str | None = Field(default=None, sa_type=sa.Text)
     # {"step": s, "steps": t} while a local model denoises (throttled writes).

@@ -174,6 +174,15 @@ class JobProgress(Schema):
     """Steps in all."""
 
 
+class ServedBy(Schema):
+    """What made a job's images."""
+
+    model: str
+    """The registry's model (the job's own, or the fallback that served it)."""
+    deployment: str
+    """The deployment's ``id`` (the model's name where it has no deployments)."""
+
+
 class JobObject(Schema):
     """An image job: the request, its state and, once finished, its result."""
 
@@ -218,6 +227,12 @@ class JobObject(Schema):
     """While running on a local model: denoising steps done."""
     seeds: list[int] | None = None
     """The seed of each image, in order (models with the seed capability)."""
+    served_by: ServedBy | None = None
+    """Once succeeded: the model and the deployment that made the images (a
+    fallback model's name where one served)."""
+    cost_usd: float | None = None
+    """Once succeeded: what the images cost in USD, by the serving model's
+    ``price``; absent where it has none."""
 
 
 JobList = ListPage[JobObject]

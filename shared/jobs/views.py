@@ -24,6 +24,7 @@ from shared.jobs.schemas import (
     JobList,
     JobObject,
     JobProgress,
+    ServedBy,
     job_params,
 )
 from shared.registry import get_registry
@@ -124,6 +125,8 @@ def render_job(
         status_detail=job.status_detail if job.status == JobStatus.running else None,
         progress=JobProgress.model_validate(job.progress) if job.progress else None,
         seeds=_seeds(job.request),
+        served_by=ServedBy.model_validate(job.served_by) if job.served_by else None,
+        cost_usd=job.cost_usd,
     )
 
 

@@ -19,6 +19,8 @@ class GeneratedImage:
 class Generation:
     images: list[GeneratedImage]
     usage: dict[str, Any] | None = field(default=None)
+    # Set by the worker: the model and deployment that made the images.
+    served_by: dict[str, str] | None = field(default=None)
 
 
 class Progress(Protocol):

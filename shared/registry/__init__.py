@@ -24,10 +24,12 @@ from shared.registry.entries import (
     KINDS,
     AnswerShape,
     Capabilities,
+    Deployment,
     DiffusersModel,
     ModelBase,
     ModelSpec,
     OpenAIModel,
+    Price,
     ProceduralModel,
     SizeRule,
     Upstream,
@@ -39,10 +41,12 @@ __all__ = [
     "PROCEDURAL",
     "AnswerShape",
     "Capabilities",
+    "Deployment",
     "DiffusersModel",
     "ModelBase",
     "ModelSpec",
     "OpenAIModel",
+    "Price",
     "ProceduralModel",
     "Registry",
     "RegistryError",
@@ -90,10 +94,60 @@ def load_registry(path: Path | None) -> Registry:
     if path is None:
         return Registry(models=builtin_models())
     data = yaml.safe_load(Path(path).read_text()) or {}
+    for entry in data.get("models") or [] if isinstance(data, dict) else []:
+        # An entry of deployments may leave its provider to them (issue 26's form).
+        if isinstance(entry, dict) and "provider" not in entry:
+            deployments = entry.get("deployments")
+            if isinstance(deployments, list) and deployments and isinstance(deployments[0], dict):
+                entry["provider"] = deployments[0].get("provider", "openai")
     try:
-        return Registry.model_validate(data)
+        registry = Registry.model_validate(data)
     except ValidationError as exc:
         raise RegistryError(f"{path}: {_describe(exc, data)}") from None
+    problem = _routing_problem(registry)
+    if problem:
+        raise RegistryError(f"{path}: {problem}")
+    return registry
+
+
+def _routing_problem(registry: Registry) -> str | None:
+    """A mistake in deployments or fallbacks, in one line naming the entry: a
+    fallback to an unknown model, to one on another queue, a cycle of fallbacks, two
+    deployments with one id, a deployment whose key variable is not set."""
+    by_name = {spec.name: spec for spec in registry.models}
+    for spec in registry.models:
+        where = f"model {spec.name!r}"
+        for other in spec.fallbacks:
+            if other not in by_name:
+                return f"{where}: fallbacks: there is no model {other!r}"
+            if by_name[other].queue != spec.queue:
+                return (
+                    f"{where}: fallbacks: {other!r} runs on queue {by_name[other].queue!r}, "
+                    f"not {spec.queue!r}"
+                )
+        cycle = _cycle(spec.name, by_name, [])
+        if cycle:
+            return f"{where}: fallbacks: a cycle ({' -> '.join(cycle)})"
+        if isinstance(spec, OpenAIModel):
+            ids = [d.id for d in spec.deployments]
+            doubled = sorted({i for i in ids if ids.count(i) > 1})
+            if doubled:
+                return f"{where}: deployments: two deployments have the id {doubled[0]!r}"
+            for deployment in spec.deployments:
+                env = deployment.api_key_env
+                if env and not os.environ.get(env):
+                    return f"{where}: deployment {deployment.id!r}: {env} is not set"
+    return None
+
+
+def _cycle(name: str, by_name: dict[str, ModelSpec], path: list[str]) -> list[str] | None:
+    if name in path:
+        return [*path[path.index(name) :], name]
+    for other in by_name[name].fallbacks if name in by_name else []:
+        found = _cycle(other, by_name, [*path, name])
+        if found:
+            return found
+    return None
 
 
 def _describe(exc: ValidationError, data: Any) -> str:

@@ -99,6 +99,39 @@ class Capabilities(BaseModel):
         return sizes
 
 
+class TokenPrice(BaseModel):
+    """USD per token of the upstream's reported usage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class Price(BaseModel):
+    """What a model's images cost, in USD: ``per_image``; or ``per_image_by`` size
+    and quality (``"1024x1024/low"``, or a size alone); or ``per_token`` of the
+    upstream's usage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_image: float | None = Field(default=None, ge=0)
+    per_image_by: dict[str, float] = Field(default_factory=dict)
+    per_token: TokenPrice | None = None
+
+    def cost(self, size: str, quality: str | None, images: int, usage: Any) -> float | None:
+        """The cost of ``images`` images (or of ``usage``, token-priced); None where
+        no price applies."""
+        if self.per_token is not None and isinstance(usage, dict):
+            tokens_in, tokens_out = usage.get("input_tokens"), usage.get("output_tokens")
+            if isinstance(tokens_in, int) and isinstance(tokens_out, int):
+                return tokens_in * self.per_token.input + tokens_out * self.per_token.output
+        each = self.per_image_by.get(f"{size}/{quality}") if quality else None
+        if each is None:
+            each = self.per_image_by.get(size, self.per_image)
+        return None if each is None else each * images
+
+
 class ModelBase(BaseModel):
     """The fields of every entry, whatever serves it."""
 
@@ -114,6 +147,10 @@ class ModelBase(BaseModel):
     # data only. Unset: "gpt-image" for an OpenAI-compatible upstream serving a GPT
     # image model (upstream_model gpt-image-* or chatgpt-image-*), else "dall-e".
     answer_shape: AnswerShape = "dall-e"
+    price: Price | None = None
+    # Models tried in order once every deployment of this one has failed an
+    # attempt (a fallback that cannot take the request is skipped).
+    fallbacks: list[str] = Field(default_factory=list)
 
     @property
     def default_size(self) -> str:
@@ -150,10 +187,37 @@ class Upstream(BaseModel):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class Deployment(Upstream):
+    """One upstream serving a model: its connection, its share of the traffic
+    (``weight``) and its limits."""
+
+    id: str = Field(min_length=1, max_length=100)
+    provider: Literal["openai"] = "openai"
+    weight: float = Field(default=1.0, gt=0)
+    images_per_minute: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)
+
+
 class OpenAIModel(Upstream, ModelBase):
-    """``provider: openai``: any OpenAI-compatible ``/images/*`` upstream."""
+    """``provider: openai``: any OpenAI-compatible ``/images/*`` upstream, or
+    several (``deployments``)."""
 
     provider: Literal["openai"] = "openai"
+    deployments: list[Deployment] = Field(default_factory=list)
+
+    def upstreams(self) -> list[Deployment]:
+        """Its deployments; without any, the one its own upstream fields make (its
+        id the model's name)."""
+        if self.deployments:
+            return self.deployments
+        own = {name: getattr(self, name) for name in Upstream.model_fields}
+        return [Deployment(id=self.name, **own)]
+
+    def served_by(self, deployment: Deployment) -> OpenAIModel:
+        """This entry as ``deployment`` serves it: its connection fields swapped in."""
+        return self.model_copy(
+            update={name: getattr(deployment, name) for name in Upstream.model_fields}
+        )
 
     @model_validator(mode="before")
     @classmethod

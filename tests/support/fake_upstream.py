@@ -43,6 +43,9 @@ class FakeUpstream:
         self.files: dict[str, bytes] = {}
         self._noise: dict[tuple[int, int], bytes] = {}
         self.gate = threading.Event()  # "[gate]" calls answer once it is set
+        # A deployment's failure, whatever the prompt: "429" (Retry-After: 30),
+        # "500", or "empty" (200 with no image); None answers as asked.
+        self.mode: str | None = None
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -167,6 +170,14 @@ class FakeUpstream:
                     return self._error(404, "not found", None)
                 if self.headers.get("Authorization") != f"Bearer {EXPECTED_KEY}":
                     return self._error(401, "Incorrect API key provided", "invalid_api_key")
+                if upstream.mode == "429":
+                    return self._error(
+                        429, "Rate limit reached", "rate_limit_exceeded", {"Retry-After": "30"}
+                    )
+                if upstream.mode == "500":
+                    return self._error(500, "The server had an error", None)
+                if upstream.mode == "empty":
+                    return self._send(200, json.dumps({"created": 0, "data": []}).encode())
                 if body.get("model") == "fake-n1-upstream" and body.get("n", 1) != 1:
                     return self._error(400, "n must be 1 for this model", "invalid_value")
                 if "[429-once]" in prompt and count == 1:

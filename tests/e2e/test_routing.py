@@ -1,0 +1,155 @@
+"""Many upstreams behind one model (issue 26, first part): a model's deployments, each
+a fake OpenAI-compatible upstream of its own, tried in turn when one fails; fallback
+models after them, skipped where they cannot take the request; the job records what
+served it (``served_by``) and what it cost (``cost_usd``), through the unmodified
+`openai` package and the job API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.stack import Stack
+
+
+def _deployment(upstream: FakeUpstream, name: str, weight: float = 1) -> dict[str, Any]:
+    return {
+        "id": name,
+        "provider": "openai",
+        "base_url": upstream.base_url,
+        "api_key_env": "FAKE_UPSTREAM_KEY",
+        "upstream_model": "fake-fast",
+        "weight": weight,
+    }
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[dict[str, FakeUpstream]]:
+    fakes = {name: FakeUpstream().start() for name in ("a", "b", "broken")}
+    yield fakes
+    for fake in fakes.values():
+        fake.stop()
+
+
+@pytest.fixture(scope="module")
+def routed(
+    tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str, upstreams: dict[str, FakeUpstream]
+) -> Iterator[Stack]:
+    caps = {"sizes": ["64x64", "256x256"], "max_n": 4}
+    models: list[dict[str, Any]] = [
+        {  # issue 26's form: no provider on the entry, its deployments say it
+            "name": "spread",
+            "capabilities": caps,
+            "price": {"per_image": 0.04, "per_image_by": {"256x256": 0.02}},
+            # The heavy one first: it fails, and the attempt moves on to "b".
+            "deployments": [
+                _deployment(upstreams["a"], "dep-a", weight=1000),
+                _deployment(upstreams["b"], "dep-b"),
+            ],
+        },
+        {
+            "name": "falls-back",
+            "capabilities": caps,
+            "deployments": [_deployment(upstreams["broken"], "dep-broken")],
+            # "tiny-only" cannot take 64x64: skipped; procedural serves.
+            "fallbacks": ["tiny-only", "procedural"],
+        },
+        {  # a deployment that refuses (content policy): nothing falls back
+            "name": "refuses",
+            "capabilities": caps,
+            "deployments": [_deployment(upstreams["b"], "dep-b")],
+            "fallbacks": ["procedural"],
+        },
+        {
+            "name": "tiny-only",
+            "provider": "procedural",
+            "capabilities": {"sizes": ["32x32"], "max_n": 1},
+        },
+    ]
+    stack = Stack(tmp_path_factory.mktemp("routing"), s3_endpoint, extra_models=models)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def _job(stack: Stack, job_id: str) -> dict[str, Any]:
+    with stack.client() as client:
+        resp = client.get(f"/v1/images/jobs/{job_id}")
+    assert resp.status_code == 200, resp.text
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+def test_a_failing_deployment_hands_the_call_to_the_next(
+    routed: Stack, upstreams: dict[str, FakeUpstream]
+) -> None:
+    upstreams["a"].mode = "429"
+    try:
+        with openai.OpenAI(
+            api_key=routed.key_a, base_url=f"{routed.base_url}/v1", max_retries=0
+        ) as client:
+            result = client.images.generate(
+                model="spread", prompt="spread over two keys", size="256x256", n=2
+            )
+    finally:
+        upstreams["a"].mode = None
+    assert result.data is not None
+    assert len(result.data) == 2
+    assert upstreams["a"].calls_for("spread over two keys")  # tried first, 429
+    assert upstreams["b"].calls_for("spread over two keys")  # then served
+    job = _job(routed, _last_job_id(routed))
+    assert job["served_by"] == {"model": "spread", "deployment": "dep-b"}
+    assert job["cost_usd"] == pytest.approx(0.04)  # 2 x 0.02 at 256x256
+
+
+def test_a_cooling_deployment_is_not_called_again_meanwhile(
+    routed: Stack, upstreams: dict[str, FakeUpstream]
+) -> None:
+    upstreams["a"].mode = "429"  # Retry-After: 30
+    try:
+        for index in range(3):
+            job = routed.submit(f"cooling {index}", model="spread")
+            done = routed.wait_job(job["id"])
+            assert done["status"] == "succeeded"
+            assert done["served_by"]["deployment"] == "dep-b"
+            assert done["cost_usd"] == pytest.approx(0.04)  # 1 x per_image
+    finally:
+        upstreams["a"].mode = None
+    prompts = [str(c["body"].get("prompt", "")) for c in upstreams["a"].calls]
+    called = [p for p in prompts if p.startswith("cooling")]
+    assert len(called) <= 1  # one 429, then it cools down (one worker process here)
+
+
+def test_a_model_whose_deployments_fail_falls_back_to_one_that_can_take_it(
+    routed: Stack, upstreams: dict[str, FakeUpstream]
+) -> None:
+    upstreams["broken"].mode = "empty"  # 200 without an image
+    job = routed.submit("fall back", model="falls-back")
+    done = routed.wait_job(job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["served_by"] == {"model": "procedural", "deployment": "procedural"}
+    assert "cost_usd" not in done  # procedural has no price
+    assert upstreams["broken"].calls_for("fall back")
+
+
+def test_a_refusal_does_not_fall_back(routed: Stack, upstreams: dict[str, FakeUpstream]) -> None:
+    job = routed.submit("[content-policy] no fallback", model="refuses")
+    done = routed.wait_job(job["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "content_policy_violation"
+    assert "served_by" not in done
+
+
+def _last_job_id(stack: Stack) -> str:
+    with httpx.Client(
+        base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.key_a}"}
+    ) as client:
+        page = client.get("/v1/images/jobs", params={"limit": 1}).json()
+    job_id: str = page["data"][0]["id"]
+    return job_id
