@@ -47,8 +47,9 @@ def webhook_client() -> httpx.Client:
 
 
 def cooldowns() -> Cooldowns:
-    """Deployments cooling down after a failure (per process: worker/routing.py)."""
-    return current().made("cooldowns", lambda _: Cooldowns())
+    """Deployments cooling down after a failure (shared through Redis where there
+    is one: worker/routing.py)."""
+    return current().made("cooldowns", lambda c: Cooldowns(c.redis))
 
 
 def make_all() -> None:

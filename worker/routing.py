@@ -9,23 +9,29 @@ does not move on. A model without ``deployments`` is its one implicit deployment
 never cools down: with nowhere else to go, its call is retried with the provider
 retry policy's backoff, as before.
 
-Not built yet: cooldowns are kept per worker process (not shared through Redis),
-and the deployments' ``images_per_minute`` and ``max_concurrency`` are read but
-not enforced.
+Cooldowns are shared by every worker process and host through Redis (a key per
+deployment that expires with its cooldown); in embedded mode, without Redis, each
+process keeps its own. Not built yet: the deployments' ``images_per_minute`` and
+``max_concurrency`` are read but not enforced.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 from dataclasses import dataclass
+
+import redis
 
 from shared.jobs.input import for_fallback
 from shared.jobs.schemas import GenerationParams
 from shared.registry import ModelSpec, OpenAIModel, Registry
 
 COOLDOWN_SECONDS = 10.0
+KEY = "imagegen:cooldown:{model}:{deployment}"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,23 +51,40 @@ class Target:
 
 
 class Cooldowns:
-    """Deployments cooling down, until when (monotonic seconds)."""
+    """Deployments cooling down: in Redis where there is one (shared by every
+    process), else in this process; each also noted here, until when (monotonic
+    seconds), so a Redis outage leaves this process's own knowledge."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: redis.Redis | None = None) -> None:
+        self._client = client
         self._until: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
     def cool(self, target: Target, seconds: float | None) -> None:
         if not target.cools:
             return
-        until = time.monotonic() + (COOLDOWN_SECONDS if seconds is None else seconds)
+        seconds = COOLDOWN_SECONDS if seconds is None else max(0.0, seconds)
+        until = time.monotonic() + seconds
         with self._lock:
             key = (target.model, target.deployment)
             self._until[key] = max(until, self._until.get(key, 0.0))
+        if self._client is not None and seconds > 0:
+            name = KEY.format(model=target.model, deployment=target.deployment)
+            try:
+                self._client.set(name, 1, px=max(1, int(seconds * 1000)))
+            except redis.RedisError as exc:
+                log.warning("cooldown of %s not shared: %s", name, exc)
 
     def cooling(self, model: str, deployment: str) -> bool:
         with self._lock:
-            return self._until.get((model, deployment), 0.0) > time.monotonic()
+            if self._until.get((model, deployment), 0.0) > time.monotonic():
+                return True
+        if self._client is None:
+            return False
+        try:
+            return bool(self._client.exists(KEY.format(model=model, deployment=deployment)))
+        except redis.RedisError:
+            return False
 
     def shortest(self) -> float | None:
         """Seconds until the first cooling deployment is ready again."""

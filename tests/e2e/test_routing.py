@@ -6,15 +6,24 @@ served it (``served_by``) and what it cost (``cost_usd``), through the unmodifie
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import redis
 
+from shared.jobs.schemas import GenerationParams
+from shared.registry import PROCEDURAL
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.processes import RedisServer
 from tests.support.stack import Stack
+from worker.routing import Cooldowns, Target
+
+PARAMS = GenerationParams(model="spread", prompt="p", n=1, size="64x64")
 
 
 def _deployment(upstream: FakeUpstream, name: str, weight: float = 1) -> dict[str, Any]:
@@ -153,3 +162,23 @@ def _last_job_id(stack: Stack) -> str:
         page = client.get("/v1/images/jobs", params={"limit": 1}).json()
     job_id: str = page["data"][0]["id"]
     return job_id
+
+
+def test_a_cooldown_is_seen_by_every_process_on_the_same_redis(tmp_path: Path) -> None:
+    """Two workers' cooldowns (one per process) over one real Redis: what one puts
+    in cooldown the other skips, until it expires."""
+    server = RedisServer(tmp_path).start()
+    try:
+        first = Cooldowns(redis.Redis.from_url(server.url))
+        second = Cooldowns(redis.Redis.from_url(server.url))
+        target = Target(PROCEDURAL, PARAMS, "spread", "dep-a", cools=True)
+        first.cool(target, 0.5)
+        assert second.cooling("spread", "dep-a")
+        assert not second.cooling("spread", "dep-b")
+        time.sleep(0.7)
+        assert not second.cooling("spread", "dep-a")
+        # One of a model's own implicit deployment never cools: nowhere else to go.
+        first.cool(Target(PROCEDURAL, PARAMS, "procedural", "procedural", cools=False), 30)
+        assert not second.cooling("procedural", "procedural")
+    finally:
+        server.stop()
