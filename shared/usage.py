@@ -1,5 +1,5 @@
-"""Usage per project, by UTC day and model: jobs by status, images, pixels, and the
-provider's own usage figures (tokens, for gpt-image models)."""
+"""Usage per project, by UTC day and model: jobs by status, images, pixels, the
+provider's own usage figures (tokens, for gpt-image models) and the cost in USD."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ class UsageBucket(Schema):
     """Pixels made (width times height, summed)."""
     provider_usage: dict[str, int]
     """The providers' own figures (tokens), summed."""
+    cost_usd: float
+    """What the jobs cost in USD, by each serving model's ``price`` (0 where none)."""
 
 
 class UsageTotals(Schema):
@@ -43,6 +45,8 @@ class UsageTotals(Schema):
     """Images made."""
     pixels: int
     """Pixels made."""
+    cost_usd: float
+    """What it cost in USD."""
 
 
 class UsageReport(Schema):
@@ -86,6 +90,7 @@ def usage_report(
             col(Job.model),
             col(Job.status),
             col(Job.usage),
+            col(Job.cost_usd),
             images.c.images,
             images.c.pixels,
         )
@@ -95,7 +100,7 @@ def usage_report(
         )
     ).all()
     buckets: dict[tuple[str, str], dict[str, Any]] = {}
-    for created_at, model, status, usage, n_images, pixels in rows:
+    for created_at, model, status, usage, cost_usd, n_images, pixels in rows:
         key = (created_at.astimezone(UTC).date().isoformat(), model)
         bucket = buckets.setdefault(
             key,
@@ -106,11 +111,13 @@ def usage_report(
                 "images": 0,
                 "pixels": 0,
                 "provider_usage": defaultdict(int),
+                "cost_usd": 0.0,
             },
         )
         bucket["jobs"][status] += 1
         bucket["images"] += int(n_images or 0)
         bucket["pixels"] += int(pixels or 0)
+        bucket["cost_usd"] += float(cost_usd or 0.0)
         for name, value in (usage or {}).items():
             if isinstance(value, int):
                 bucket["provider_usage"][name] += value
@@ -119,6 +126,7 @@ def usage_report(
         "jobs": sum(sum(b["jobs"].values()) for b in data),
         "images": sum(b["images"] for b in data),
         "pixels": sum(b["pixels"] for b in data),
+        "cost_usd": sum(b["cost_usd"] for b in data),
     }
     return UsageReport(
         project=project_name,

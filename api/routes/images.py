@@ -44,19 +44,23 @@ class Answering:
     links: ImageLinks
     prefer: str | None
     claims: Claims
+    response: Response
+    """The answer's headers (FastAPI merges them into what the route returns)."""
 
 
 async def answering(
     settings: SettingsDep,
     links: Links,
     claims: IdempotencyClaims,
+    response: Response,
     prefer: Annotated[str | None, Header()] = None,
 ) -> Answering:
-    return Answering(settings, links, prefer, claims)
+    return Answering(settings, links, prefer, claims, response)
 
 
 HowToAnswer = Annotated[Answering, Depends(answering)]
 
+COST_HEADER = "x-imagegen-cost-usd"
 _WAIT = re.compile(r"\bwait\s*=\s*(\d+(?:\.\d+)?)")
 
 
@@ -130,6 +134,8 @@ async def answer(
     # Asked for 202: the job, even one an idempotent retry finds already finished.
     if outcome.finished and not respond_async:
         if job.status == JobStatus.succeeded:
+            if job.cost_usd is not None:  # what the images cost, by the model's price
+                how.response.headers[COST_HEADER] = f"{job.cost_usd:.6f}"
             return await outcome.result(how.links.storage, how.links.base_url, how.links.expiry)
         raise job_failure(job)
     obj = render_job(job, None, how.links.storage, how.links.base_url, how.links.expiry)

@@ -47,6 +47,8 @@ class Reply(BaseModel):
     status: JobStatus
     finished_at: datetime | None = None
     usage: dict[str, Any] | None = None
+    served_by: dict[str, str] | None = None
+    cost_usd: float | None = None
     error_code: str | None = None
     error_message: str | None = None
     images: list[ReplyImage] = []
@@ -57,6 +59,8 @@ class Reply(BaseModel):
         job.status = self.status
         job.finished_at = self.finished_at
         job.usage = self.usage
+        job.served_by = self.served_by
+        job.cost_usd = self.cost_usd
         job.error_code = self.error_code
         job.error_message = self.error_message
         if not _inline(job):
@@ -84,6 +88,8 @@ def leave_reply(job: Job, images: list[Image], data: list[bytes]) -> None:
         status=JobStatus(job.status),
         finished_at=job.finished_at,
         usage=job.usage,
+        served_by=job.served_by,
+        cost_usd=job.cost_usd,
         error_code=job.error_code,
         error_message=job.error_message,
         images=[

@@ -103,11 +103,13 @@ def test_a_failing_deployment_hands_the_call_to_the_next(
         with openai.OpenAI(
             api_key=routed.key_a, base_url=f"{routed.base_url}/v1", max_retries=0
         ) as client:
-            result = client.images.generate(
+            raw = client.images.with_raw_response.generate(
                 model="spread", prompt="spread over two keys", size="256x256", n=2
             )
     finally:
         upstreams["a"].mode = None
+    assert raw.headers["x-imagegen-cost-usd"] == "0.040000"
+    result = raw.parse()
     assert result.data is not None
     assert len(result.data) == 2
     assert upstreams["a"].calls_for("spread over two keys")  # tried first, 429
@@ -133,6 +135,17 @@ def test_a_cooling_deployment_is_not_called_again_meanwhile(
     prompts = [str(c["body"].get("prompt", "")) for c in upstreams["a"].calls]
     called = [p for p in prompts if p.startswith("cooling")]
     assert len(called) <= 1  # one 429, then it cools down (one worker process here)
+
+
+def test_usage_sums_the_jobs_costs(routed: Stack) -> None:
+    with routed.client() as client:
+        jobs = client.get("/v1/images/jobs", params={"limit": 100}).json()["data"]
+        report = client.get("/v1/usage").json()
+    spent = sum(job.get("cost_usd", 0) for job in jobs if job["model"] == "spread")
+    assert spent > 0
+    (bucket,) = [b for b in report["data"] if b["model"] == "spread"]
+    assert bucket["cost_usd"] == pytest.approx(spent)
+    assert report["totals"]["cost_usd"] == pytest.approx(spent)
 
 
 def test_a_model_whose_deployments_fail_falls_back_to_one_that_can_take_it(

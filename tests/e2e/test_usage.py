@@ -49,7 +49,12 @@ def test_usage_by_day_and_model(stack: Stack) -> None:
     gpt = rows[(today, "gpt-image-1")]
     assert gpt["provider_usage"] == {"input_tokens": 10, "output_tokens": 100, "total_tokens": 110}
     assert rows[(today, "fake-fast")]["jobs"]["failed"] == 1
-    assert report["totals"] == {"jobs": 4, "images": 4, "pixels": 2 * 64 * 64 + 256 * 256 + 64 * 64}
+    assert report["totals"] == {
+        "jobs": 4,
+        "images": 4,
+        "pixels": 2 * 64 * 64 + 256 * 256 + 64 * 64,
+        "cost_usd": 0.0,  # no model here has a price (tests/e2e/test_routing.py does)
+    }
     assert report["project"] == "usage-project"
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "end_date"
