@@ -106,6 +106,9 @@ class BatchObject(Schema):
     """Progress: lines in all, succeeded and failed."""
     metadata: dict[str, Any] | None = None
     """Your own labels."""
+    cost_usd: float | None = None
+    """What its lines have cost so far in USD, by the models' ``price``; absent
+    while none of them has a price."""
 
 
 class ItemResponse(Schema):

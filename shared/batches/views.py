@@ -64,7 +64,18 @@ def render_batch(session: Session, batch: Batch) -> BatchObject:
         cancelled_at=to_unix(batch.cancelled_at),
         request_counts=request_counts(session, batch),
         metadata=batch.batch_metadata,
+        cost_usd=batch_cost(session, batch),
     )
+
+
+def batch_cost(session: Session, batch: Batch) -> float | None:
+    """The sum of its jobs' costs (None while none has one)."""
+    cost = session.execute(
+        sa.select(sa.func.sum(col(Job.cost_usd))).where(
+            col(Job.project_id) == batch.project_id, col(Job.batch_id) == batch.id
+        )
+    ).scalar()
+    return None if cost is None else float(cost)
 
 
 def items_with_jobs(

@@ -195,3 +195,22 @@ def test_a_cooldown_is_seen_by_every_process_on_the_same_redis(tmp_path: Path) -
         assert not second.cooling("procedural", "procedural")
     finally:
         server.stop()
+
+
+def test_a_batch_says_what_its_lines_cost(routed: Stack) -> None:
+    with routed.client() as client:
+        resp = client.post(
+            "/v1/images/batches",
+            json={"model": "spread", "size": "64x64", "prompts": ["one", "two", "three"]},
+        )
+        assert resp.status_code == 200, resp.text
+        batch_id = resp.json()["id"]
+        deadline = time.monotonic() + 60
+        while (batch := client.get(f"/v1/images/batches/{batch_id}").json())["status"] not in (
+            "completed",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, batch
+            time.sleep(0.2)
+    assert batch["request_counts"]["completed"] == 3
+    assert batch["cost_usd"] == pytest.approx(3 * 0.04)
