@@ -23,6 +23,7 @@ from shared.core.logs import bind
 from shared.core.settings import get_settings
 from shared.core.storage import Storage, get_storage, image_key
 from shared.imaging import encode
+from shared.jobs import routing
 from shared.jobs.models import Image, Job
 from shared.jobs.partials import PartialPublisher
 from shared.jobs.schemas import GenerationParams, job_params
@@ -38,7 +39,6 @@ from shared.providers.base import (
     no_partials,
 )
 from shared.registry import ModelSpec, get_registry
-from worker import routing
 from worker.leases import LEASES
 from worker.progress import StepReporter, set_detail
 from worker.record import Result
@@ -58,7 +58,7 @@ def _call_with_retries(
     inputs: Inputs | None,
 ) -> Generation:
     """One call, each attempt trying the model's deployments and then its fallbacks
-    (worker/routing.py), the attempts spaced by the provider retry policy."""
+    (shared/jobs/routing.py), the attempts spaced by the provider retry policy."""
     policy = retry.provider_calls(get_settings())
     attempt = 0
     first_try = time.monotonic()

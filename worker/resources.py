@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from shared.core.context import Context, current
-from worker.routing import Cooldowns
+from shared.jobs.routing import Cooldowns
 
 
 def fanout_pool() -> ThreadPoolExecutor:
@@ -48,7 +48,7 @@ def webhook_client() -> httpx.Client:
 
 def cooldowns() -> Cooldowns:
     """Deployments cooling down after a failure (shared through Redis where there
-    is one: worker/routing.py)."""
+    is one: shared/jobs/routing.py)."""
     return current().made("cooldowns", lambda c: Cooldowns(c.redis))
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
-from api.deps import DbSession, require_admin
+from api.deps import DbSession, context_of, require_admin
 from api.errors import ERRORS
 from shared.core.schemas import ListPage
+from shared.jobs.routing import Cooldowns
 from shared.projects.models import Project
 from shared.projects.schemas import (
     CreatedKey,
+    DeploymentHealth,
     KeyCreate,
     KeyObject,
     Limits,
@@ -27,6 +29,7 @@ from shared.projects.service import (
     update_limits,
 )
 from shared.projects.views import key_view, project_view
+from shared.registry import OpenAIModel, get_registry
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -44,6 +47,28 @@ def post_project(body: ProjectCreate, session: DbSession) -> ProjectObject:
 @router.patch("/projects/{name:path}", response_model=ProjectObject, responses=ERRORS)
 def patch_project(name: str, body: Limits, session: DbSession) -> ProjectObject:
     return project_view(update_limits(session, name, **body.model_dump(exclude_unset=True)))
+
+
+@router.get("/deployments", response_model=ListPage[DeploymentHealth], responses=ERRORS)
+def get_deployments(request: Request) -> ListPage[DeploymentHealth]:
+    """Every deployment of every upstream model, and whether it is cooling down
+    (as every worker sees it, through Redis)."""
+    cooldowns = Cooldowns(context_of(request).redis)
+    return ListPage.of(
+        [
+            DeploymentHealth(
+                model=spec.name,
+                deployment=deployment.id,
+                weight=deployment.weight,
+                images_per_minute=deployment.images_per_minute,
+                max_concurrency=deployment.max_concurrency,
+                cooling=bool(spec.deployments) and cooldowns.cooling(spec.name, deployment.id),
+            )
+            for spec in get_registry().models
+            if isinstance(spec, OpenAIModel)
+            for deployment in spec.upstreams()
+        ]
+    )
 
 
 @router.get("/keys", response_model=ListPage[KeyObject], responses=ERRORS)

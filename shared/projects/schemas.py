@@ -89,3 +89,20 @@ class CreatedKey(KeyObject):
 
     key: str
     """The secret key (``sk-ig-...``): keep it, it is never shown again."""
+
+
+class DeploymentHealth(Schema):
+    """``GET /v1/admin/deployments``: one deployment of a model."""
+
+    model: str
+    """The registry's model."""
+    deployment: str
+    """The deployment's ``id`` (the model's name where it has no deployments)."""
+    weight: float
+    """Its share of the model's calls."""
+    images_per_minute: int | None = None
+    """Its declared limit (not enforced yet)."""
+    max_concurrency: int | None = None
+    """Its declared limit (not enforced yet)."""
+    cooling: bool
+    """Cooling down after a failure: the model's calls go elsewhere meanwhile."""

@@ -16,12 +16,12 @@ import openai
 import pytest
 import redis
 
+from shared.jobs.routing import Cooldowns, Target
 from shared.jobs.schemas import GenerationParams
 from shared.registry import PROCEDURAL
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.processes import RedisServer
 from tests.support.stack import Stack
-from worker.routing import Cooldowns, Target
 
 PARAMS = GenerationParams(model="spread", prompt="p", n=1, size="64x64")
 
@@ -214,3 +214,24 @@ def test_a_batch_says_what_its_lines_cost(routed: Stack) -> None:
             time.sleep(0.2)
     assert batch["request_counts"]["completed"] == 3
     assert batch["cost_usd"] == pytest.approx(3 * 0.04)
+
+
+def test_the_admin_api_shows_which_deployments_are_cooling(
+    routed: Stack, upstreams: dict[str, FakeUpstream]
+) -> None:
+    upstreams["a"].mode = "429"  # Retry-After: 30
+    try:
+        job = routed.submit("health", model="spread")
+        assert routed.wait_job(job["id"])["status"] == "succeeded"
+    finally:
+        upstreams["a"].mode = None
+    with httpx.Client(
+        base_url=routed.base_url, headers={"Authorization": "Bearer sk-admin-test"}
+    ) as client:
+        resp = client.get("/v1/admin/deployments")
+    assert resp.status_code == 200, resp.text
+    rows = {(r["model"], r["deployment"]): r for r in resp.json()["data"]}
+    assert rows[("spread", "dep-a")]["cooling"] is True
+    assert rows[("spread", "dep-b")]["cooling"] is False
+    assert rows[("spread", "dep-a")]["weight"] == 1000
+    assert ("fake-fast", "fake-fast") in rows  # a model without deployments: its own one

@@ -1,5 +1,5 @@
 """Deployments, fallbacks and prices in the registry (issue 26's contract), and the
-order a call's targets are tried in (worker/routing.py)."""
+order a call's targets are tried in (shared/jobs/routing.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from shared.jobs.routing import Cooldowns, targets
 from shared.jobs.schemas import GenerationParams
 from shared.registry import OpenAIModel, Price, RegistryError, load_registry
-from worker.routing import Cooldowns, targets
 
 CAPS = {"sizes": ["1024x1024", "256x256"], "max_n": 4}
 
