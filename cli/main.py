@@ -18,6 +18,7 @@ from cli.generate import generate
 from cli.help import name_values
 from cli.jobs import jobs_app
 from cli.servers import api, dev, worker
+from cli.usage import usage
 
 app = typer.Typer(
     help="imagegen: image generation with an OpenAI-compatible API.",
@@ -32,6 +33,7 @@ app.command()(api)
 app.command()(worker)
 app.command()(dev)
 app.command()(generate)
+app.command()(usage)
 app.add_typer(keys_app, name="keys")
 app.add_typer(projects_app, name="projects")
 app.add_typer(batch_app, name="batch")

@@ -6,6 +6,9 @@ served it (``served_by``) and what it cost (``cost_usd``), through the unmodifie
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +149,24 @@ def test_usage_sums_the_jobs_costs(routed: Stack) -> None:
     (bucket,) = [b for b in report["data"] if b["model"] == "spread"]
     assert bucket["cost_usd"] == pytest.approx(spent)
     assert report["totals"]["cost_usd"] == pytest.approx(spent)
+    # The CLI shows the same (imagegen usage).
+    args = ["--base-url", routed.base_url, "--api-key", routed.key_a]
+    shown = subprocess.run(
+        [sys.executable, "-m", "cli", "usage", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert f"{spent:.4f}" in shown
+    as_json = subprocess.run(
+        [sys.executable, "-m", "cli", "usage", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert json.loads(as_json)["totals"]["cost_usd"] == pytest.approx(spent)
 
 
 def test_a_model_whose_deployments_fail_falls_back_to_one_that_can_take_it(

@@ -1,0 +1,49 @@
+"""``imagegen usage``: the project's usage on a running server, by day and model,
+with what it cost."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from cli import tables
+from cli.client import BaseUrlOpt, JsonOpt, KeyOpt, check, connect
+
+
+def usage(
+    start_date: Annotated[
+        str | None, typer.Option("--start", help="The first UTC day, YYYY-MM-DD")
+    ] = None,
+    end_date: Annotated[str | None, typer.Option("--end", help="The last UTC day")] = None,
+    as_json: JsonOpt = False,
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+) -> None:
+    """Jobs, images and cost by UTC day and model (the last 30 days by default)."""
+    params: dict[str, Any] = {
+        name: value
+        for name, value in (("start_date", start_date), ("end_date", end_date))
+        if value is not None
+    }
+    with connect(base_url, api_key) as client:
+        report = check(client.get("/v1/usage", params=params))
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = tables.table("day", "model", "jobs", "images", "cost (USD)")
+    for row in report["data"]:
+        table.add_row(
+            row["date"],
+            row["model"],
+            str(sum(row["jobs"].values())),
+            str(row["images"]),
+            f"{row['cost_usd']:.4f}",
+        )
+    totals = report["totals"]
+    table.add_row(
+        "total", "", str(totals["jobs"]), str(totals["images"]), f"{totals['cost_usd']:.4f}"
+    )
+    Console().print(table)
