@@ -18,7 +18,14 @@ from shared.core.errors import (
     TransientProviderError,
     UnreadableImage,
 )
-from shared.core.instruments import PROVIDER_ERRORS, PROVIDER_SECONDS, STORAGE_WRITES
+from shared.core.instruments import (
+    DEPLOYMENT_CALLS,
+    DEPLOYMENT_COOLDOWNS,
+    DEPLOYMENT_SECONDS,
+    PROVIDER_ERRORS,
+    PROVIDER_SECONDS,
+    STORAGE_WRITES,
+)
 from shared.core.logs import bind
 from shared.core.settings import get_settings
 from shared.core.storage import Storage, get_storage, image_key
@@ -71,13 +78,19 @@ def _call_with_retries(
                 generation = get_provider(target.spec).generate(
                     Call(target.spec, target.params, count, first, progress, partials, inputs)
                 )
-                PROVIDER_SECONDS.labels(target.model).observe(time.monotonic() - started)
+                seconds = time.monotonic() - started
+                PROVIDER_SECONDS.labels(target.model).observe(seconds)
+                DEPLOYMENT_SECONDS.labels(target.model, target.deployment).observe(seconds)
+                DEPLOYMENT_CALLS.labels(target.model, target.deployment, "ok").inc()
                 generation.served_by = target.served_by
                 return generation
             except ProviderError as exc:
                 PROVIDER_ERRORS.labels(target.model, str(exc.code)).inc()
+                DEPLOYMENT_CALLS.labels(target.model, target.deployment, str(exc.code)).inc()
                 if not isinstance(exc, TransientProviderError):
                     raise  # a refusal: no other deployment or model would take it
+                if target.cools:
+                    DEPLOYMENT_COOLDOWNS.labels(target.model, target.deployment).inc()
                 cooldowns().cool(target, exc.retry_after)
                 failed = exc
                 log.info("job %s: %s from %s", job_id, exc.message, target.served_by)

@@ -38,6 +38,22 @@ PROVIDER_SECONDS = Histogram(
 PROVIDER_ERRORS = Counter(
     "imagegen_provider_errors_total", "Failed provider calls by model and code.", ["model", "code"]
 )
+DEPLOYMENT_CALLS = Counter(
+    "imagegen_deployment_calls_total",
+    "Calls to each deployment of a model, by outcome (ok, or the error's code).",
+    ["model", "deployment", "outcome"],
+)
+DEPLOYMENT_SECONDS = Histogram(
+    "imagegen_deployment_call_duration_seconds",
+    "Calls to each deployment of a model that answered with images.",
+    ["model", "deployment"],
+    buckets=SECONDS,
+)
+DEPLOYMENT_COOLDOWNS = Counter(
+    "imagegen_deployment_cooldowns_total",
+    "Times a deployment was put in cooldown after a failure.",
+    ["model", "deployment"],
+)
 JOBS_FINISHED = Counter(
     "imagegen_jobs_finished_total", "Jobs that ended, by status and model.", ["status", "model"]
 )

@@ -256,3 +256,29 @@ def test_the_admin_api_shows_which_deployments_are_cooling(
     assert rows[("spread", "dep-b")]["cooling"] is False
     assert rows[("spread", "dep-a")]["weight"] == 1000
     assert ("fake-fast", "fake-fast") in rows  # a model without deployments: its own one
+
+
+def test_metrics_count_each_deployments_calls_errors_and_cooldowns(
+    routed: Stack, upstreams: dict[str, FakeUpstream]
+) -> None:
+    upstreams["a"].mode = "429"  # if "dep-a" is not cooling already, it is now
+    try:
+        job = routed.submit("metrics", model="spread")
+        assert routed.wait_job(job["id"])["status"] == "succeeded"
+    finally:
+        upstreams["a"].mode = None
+    text = httpx.get(
+        f"{routed.base_url}/metrics", headers={"Authorization": "Bearer sk-admin-test"}
+    ).text
+
+    def value(name: str, **labels: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    calls = "imagegen_deployment_calls_total"
+    assert value(calls, model="spread", deployment="dep-b", outcome="ok") >= 1
+    assert value(calls, model="spread", deployment="dep-a", outcome="upstream_rate_limited") >= 1
+    assert value("imagegen_deployment_cooldowns_total", model="spread", deployment="dep-a") >= 1
+    assert value("imagegen_deployment_call_duration_seconds_count", deployment="dep-b") >= 1
