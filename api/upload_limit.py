@@ -26,7 +26,6 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import (
-    GATEWAY_KEY_HEADERS,
     key_from_request,
     known_key,
     missing_key,
@@ -63,16 +62,8 @@ def body_limit(path: str, settings: Settings) -> int:
     return settings.max_body_bytes
 
 
-# The headers a key may come in (api/deps.py:key_from_request).
-_KEY_HEADERS = {b"authorization", b"x-api-key", *(h.encode() for h in GATEWAY_KEY_HEADERS)}
-
-
 def _keyed_surface(path: str) -> bool:
     return path.startswith(("/v1/", *WEAVE_PREFIXES))
-
-
-def _has_key(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(name in _KEY_HEADERS and value.strip() for name, value in headers)
 
 
 def _code(path: str) -> str:
@@ -149,7 +140,7 @@ class UploadLimit:
             except ClientError as exc:
                 return exc
             return None
-        key = key_from_request(Request(scope)) if _has_key(scope["headers"]) else None
+        key = key_from_request(Request(scope))
         if not key:
             return missing_key()
         try:

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from cli import tables
-from cli.startup import migrated_or_exit, upgrade_or_exit
+from cli.startup import migrated_or_exit, refuse, upgrade_or_exit
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -49,14 +49,11 @@ def _data_or_exit() -> None:
     if not settings.database_url:
         database = (settings.data_dir / "imagegen.db").resolve()
         if not database.exists():
-            console.print(
-                f"[red]error:[/red] no imagegen data at {database.parent}: run this where "
+            refuse(
+                f"no imagegen data at {database.parent}: run this where "
                 "`imagegen dev` runs (its data is ./.imagegen), set IMAGEGEN_DATA_DIR (or "
-                "IMAGEGEN_DATABASE_URL) to the server's, or create it with `imagegen migrate`.",
-                soft_wrap=True,
-                highlight=False,
+                "IMAGEGEN_DATABASE_URL) to the server's, or create it with `imagegen migrate`."
             )
-            raise typer.Exit(1)
     migrated_or_exit()
 
 

@@ -4,7 +4,7 @@ the fix (exit 1 or 2), or warns and lets it start."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from shared.registry import Registry
 
 console = Console(stderr=True)
+
+
+def refuse(message: str) -> NoReturn:
+    """The command's one-line refusal, naming the fix; exit 1."""
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
+    raise typer.Exit(1)
 
 
 def registry_or_exit() -> Registry:
@@ -40,8 +46,7 @@ def migrated_or_exit() -> None:
     except sqlalchemy.exc.SQLAlchemyError as exc:
         missing = _missing_database(exc)
         if missing:
-            console.print(f"[red]error:[/red] {missing}", soft_wrap=True, highlight=False)
-            raise typer.Exit(1) from None
+            refuse(missing)
         console.print(
             f"[yellow]warning:[/yellow] cannot reach the database at {_database_at()}: "
             f"{_first_line(exc)}; starting anyway (requests answer 503 until it is back).",
@@ -50,8 +55,7 @@ def migrated_or_exit() -> None:
         )
         return
     if problem:
-        console.print(f"[red]error:[/red] {problem}", soft_wrap=True, highlight=False)
-        raise typer.Exit(1)
+        refuse(problem)
 
 
 def _database_at() -> str:
@@ -99,8 +103,7 @@ def upgrade_or_exit() -> None:
             f"cannot reach the database at {_database_at()}: {_first_line(exc)}. Start it, "
             "or point IMAGEGEN_DATABASE_URL at one."
         )
-        console.print(f"[red]error:[/red] {problem}", soft_wrap=True, highlight=False)
-        raise typer.Exit(1) from None
+        refuse(problem)
 
 
 def port_free_or_exit(host: str, port: int) -> None:
@@ -113,13 +116,10 @@ def port_free_or_exit(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            console.print(
-                f"[red]error:[/red] cannot listen on {host}:{port} ({exc.strerror}); "
-                "choose another port with --port or IMAGEGEN_PORT.",
-                soft_wrap=True,
-                highlight=False,
+            refuse(
+                f"cannot listen on {host}:{port} ({exc.strerror}); "
+                "choose another port with --port or IMAGEGEN_PORT."
             )
-            raise typer.Exit(1) from None
 
 
 def lock_data_dir_or_exit(data_dir: Path) -> IO[str]:
@@ -132,13 +132,10 @@ def lock_data_dir_or_exit(data_dir: Path) -> IO[str]:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        console.print(
-            f"[red]error:[/red] another `imagegen dev` is running on {data_dir.resolve()}; "
-            "stop it, or give this one its own IMAGEGEN_DATA_DIR.",
-            soft_wrap=True,
-            highlight=False,
+        refuse(
+            f"another `imagegen dev` is running on {data_dir.resolve()}; "
+            "stop it, or give this one its own IMAGEGEN_DATA_DIR."
         )
-        raise typer.Exit(1) from None
     return lock
 
 

@@ -234,22 +234,16 @@ def for_fallback(params: GenerationParams, spec: ModelSpec) -> GenerationParams 
         params.operation == "variation" and not caps.variations
     ):
         return None
-    request = ImageGenerationRequest(
-        model=spec.name,
-        prompt=params.prompt,
-        n=params.n,
-        size=params.size,
-        quality=params.quality,
-        style=params.style,
-        response_format=params.response_format,
-        output_format=params.output_format,
-        output_compression=params.output_compression,
-        background=params.background,
-        moderation=params.moderation,
-        user=params.user,
-        seed=params.seed if caps.seed else None,
-        stream=params.stream,
-        partial_images=params.partial_images or None,
+    # The request as the client could have sent it to the fallback: the fields
+    # both shapes share, the fallback's name, and a seed only where it takes one.
+    shared = params.model_dump(include=set(ImageGenerationRequest.model_fields))
+    request = ImageGenerationRequest.model_validate(
+        {
+            **shared,
+            "model": spec.name,
+            "seed": params.seed if caps.seed else None,
+            "partial_images": params.partial_images or None,
+        }
     )
     try:
         taken = validate_generation(request, Registry(models=[spec]))

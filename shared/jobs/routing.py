@@ -30,6 +30,9 @@ from shared.jobs.schemas import GenerationParams
 from shared.registry import ModelSpec, OpenAIModel, Registry
 
 COOLDOWN_SECONDS = 10.0
+# The weighted order's draws: one generator for the process (seeding one per call
+# reads the OS's entropy on every provider call).
+_RNG = random.Random()
 KEY = "imagegen:cooldown:{model}:{deployment}"
 log = logging.getLogger(__name__)
 
@@ -102,12 +105,13 @@ def targets(
     rng: random.Random | None = None,
 ) -> list[Target]:
     """The targets of one attempt, in the order to try them."""
-    found = _of(spec, params, cooldowns, rng or random.Random())
+    rng = rng or _RNG
+    found = _of(spec, params, cooldowns, rng)
     for name in spec.fallbacks:
         fallback = registry.get(name)
         taken = for_fallback(params, fallback)
         if taken is not None:
-            found += _of(fallback, taken, cooldowns, rng or random.Random())
+            found += _of(fallback, taken, cooldowns, rng)
     return found
 
 
