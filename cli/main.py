@@ -14,6 +14,7 @@ from rich.console import Console
 
 from cli.admin import keys_app, migrate, projects_app
 from cli.batch import batch_app
+from cli.deployments import deployments
 from cli.generate import generate
 from cli.help import name_values
 from cli.jobs import jobs_app
@@ -34,6 +35,7 @@ app.command()(worker)
 app.command()(dev)
 app.command()(generate)
 app.command()(usage)
+app.command()(deployments)
 app.add_typer(keys_app, name="keys")
 app.add_typer(projects_app, name="projects")
 app.add_typer(batch_app, name="batch")

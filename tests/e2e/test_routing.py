@@ -7,6 +7,7 @@ served it (``served_by``) and what it cost (``cost_usd``), through the unmodifie
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -256,6 +257,18 @@ def test_the_admin_api_shows_which_deployments_are_cooling(
     assert rows[("spread", "dep-b")]["cooling"] is False
     assert rows[("spread", "dep-a")]["weight"] == 1000
     assert ("fake-fast", "fake-fast") in rows  # a model without deployments: its own one
+    # The CLI shows the same (imagegen deployments).
+    shown = subprocess.run(
+        [sys.executable, "-m", "cli", "deployments", "--base-url", routed.base_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "IMAGEGEN_ADMIN_API_KEY": "sk-admin-test", "COLUMNS": "200"},
+    ).stdout
+    lines = {tuple(line.split()[:2]): line.split()[2:] for line in shown.splitlines()}
+    assert lines[("spread", "dep-a")] == ["1000", "-", "-", "cooling", "down"]
+    assert lines[("spread", "dep-b")] == ["1", "-", "-", "healthy"]
 
 
 def test_metrics_count_each_deployments_calls_errors_and_cooldowns(
