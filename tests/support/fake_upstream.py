@@ -5,19 +5,59 @@ Behaviour is chosen by markers in the prompt, counted per prompt:
 ``[content-policy]`` a 400 content_policy_violation, ``[hang]`` never answers in
 time, ``[slow=S]`` waits S seconds, ``[garbage]`` returns bytes that are no image.
 ``response_format: url`` answers with URLs served by this same server.
+
+A deployment's behaviour, whatever the prompt, by attributes: ``mode`` ("429",
+"500", "empty"), ``delay`` (every call admitted waits that long: a slow
+upstream) and ``images_per_minute`` (a rate limit). The rate limit follows
+OpenAI's published documents:
+
+- the "Rate limits" guide (platform.openai.com/docs/guides/rate-limits): limits
+  are per minute but may be quantized, enforced over shorter periods (the help
+  centre's "How can I solve 429: 'Too Many Requests' errors?": "1 request per
+  second for a 60 RPM limit"). Here a token bucket of images holding one
+  second's worth (``images_per_minute / 60``, at least 1), refilled
+  continuously. A call of ``n`` images passes when the bucket holds ``n`` (or
+  all of its capacity, for an ``n`` larger than that) and takes ``n``: the rate
+  over time is the limit exactly. A refused call takes nothing. Every answer
+  carries the guide's headers ``x-ratelimit-limit-requests`` (the per-minute
+  limit), ``x-ratelimit-remaining-requests`` (whole images the bucket holds now)
+  and ``x-ratelimit-reset-requests`` (until the bucket is full, in the guide's
+  form: ``12ms``, ``1s``, ``6m0s``);
+- the "Error codes" guide (platform.openai.com/docs/guides/error-codes): past
+  the limit, 429 "Rate limit reached for requests", in the API's error shape
+  ``{"error": {"message": "Rate limit reached for ...", "type": "requests",
+  "param": null, "code": "rate_limit_exceeded"}}``, the message in the form of
+  OpenAI's own (the limit, the images requested, "Please try again in 500ms").
+  Neither guide promises a ``Retry-After`` header; OpenAI's SDKs honour
+  ``retry-after-ms`` and then ``retry-after`` where one is sent
+  (openai-python's ``_parse_retry_after_header``), as this project's provider
+  does. The fake sends both: ``Retry-After`` in whole seconds (RFC 9110,
+  rounded up) and ``retry-after-ms``, until the bucket holds enough.
+
+``rate_limited`` counts the 429s sent (the rate limit's, ``mode`` "429"'s and
+``[429-once]``'s).
+
+``python -m tests.support.fake_upstream --port P --images-per-minute N --delay S``
+serves one until killed (a benchmark's deployment in a process of its own) and
+prints its base URL.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
+import math
 import os
 import re
+import signal
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,8 +76,56 @@ class _Server(ThreadingHTTPServer):
         pass  # a client that gave up (timeout tests) is expected here
 
 
+class TokenBucket:
+    """Images a minute, enforced per second as OpenAI quantizes its limits: a
+    bucket of one second's worth (at least 1), refilled continuously."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_minute <= 0:
+            raise ValueError("images_per_minute must be positive")
+        self.per_minute = per_minute
+        self.rate = per_minute / 60.0  # images a second
+        self.capacity = max(1.0, self.rate)
+        self._clock = clock
+        self.tokens = self.capacity
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def take(self, images: int) -> float:
+        """Take ``images`` and answer 0, or take nothing and answer the seconds until
+        the bucket holds enough (a call larger than the bucket needs it full)."""
+        self._refill()
+        need = min(float(images), self.capacity)
+        if self.tokens >= need:
+            self.tokens -= images  # below zero for a call larger than the bucket
+            return 0.0
+        return (need - self.tokens) / self.rate
+
+    def remaining(self) -> int:
+        self._refill()
+        return max(0, math.floor(self.tokens))
+
+    def reset_in(self) -> float:
+        """Seconds until the bucket is full again."""
+        self._refill()
+        return max(0.0, self.capacity - self.tokens) / self.rate
+
+
+def _duration(seconds: float) -> str:
+    """A duration as OpenAI's rate-limit headers write it: ``12ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(round(seconds, 3), 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
 class FakeUpstream:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.calls: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self.files: dict[str, bytes] = {}
@@ -46,13 +134,29 @@ class FakeUpstream:
         # A deployment's failure, whatever the prompt: "429" (Retry-After: 30),
         # "500", or "empty" (200 with no image); None answers as asked.
         self.mode: str | None = None
+        self.delay = 0.0  # seconds every admitted call waits: a slow upstream
+        self.rate_limited = 0  # the 429s sent
+        self._bucket: TokenBucket | None = None
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
-        self.server = _Server(("127.0.0.1", 0), self._handler())
+        self.server = _Server(("127.0.0.1", port), self._handler())
         self.port = self.server.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # Stopped within 50 ms (shutdown waits for the loop's next poll).
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def images_per_minute(self) -> int | None:
+        """The rate limit (None: none); setting it starts a full bucket."""
+        return None if self._bucket is None else self._bucket.per_minute
+
+    @images_per_minute.setter
+    def images_per_minute(self, value: int | None) -> None:
+        with self.lock:
+            self._bucket = None if value is None else TokenBucket(value)
 
     def start(self) -> FakeUpstream:
         self.thread.start()
@@ -92,6 +196,7 @@ class FakeUpstream:
             # connection (every sequential request of a benchmark, on either side).
             # Real providers' servers do not add that.
             disable_nagle_algorithm = True
+            limit_headers: dict[str, str]  # the rate limit's, on every answer of a call
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -106,7 +211,7 @@ class FakeUpstream:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
-                for k, v in (headers or {}).items():
+                for k, v in {**self.limit_headers, **(headers or {})}.items():
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body)
@@ -117,18 +222,45 @@ class FakeUpstream:
                 message: str,
                 code: str | None,
                 headers: dict[str, str] | None = None,
+                kind: str = "invalid_request_error",
             ) -> None:
-                body = {
-                    "error": {
-                        "message": message,
-                        "type": "invalid_request_error",
-                        "param": None,
-                        "code": code,
-                    }
-                }
+                body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+                if status == 429:
+                    with upstream.lock:
+                        upstream.rate_limited += 1
                 self._send(status, json.dumps(body).encode(), headers=headers)
 
+            def _over_limit(self, images: int) -> bool:
+                """Past the rate limit: answer 429 as OpenAI does (True); else note
+                the limit's headers for the answer (False)."""
+                with upstream.lock:
+                    bucket = upstream._bucket
+                    if bucket is None:
+                        return False
+                    wait = bucket.take(images)
+                    self.limit_headers = {
+                        "x-ratelimit-limit-requests": str(bucket.per_minute),
+                        "x-ratelimit-remaining-requests": str(bucket.remaining()),
+                        "x-ratelimit-reset-requests": _duration(bucket.reset_in()),
+                    }
+                if not wait:
+                    return False
+                self._error(
+                    429,
+                    f"Rate limit reached for images per min (fake upstream): Limit "
+                    f"{bucket.per_minute}, Requested {images}. Please try again in "
+                    f"{_duration(wait)}.",
+                    "rate_limit_exceeded",
+                    {
+                        "Retry-After": str(max(1, math.ceil(wait))),
+                        "retry-after-ms": str(math.ceil(wait * 1000)),
+                    },
+                    kind="requests",
+                )
+                return True
+
             def do_GET(self) -> None:
+                self.limit_headers = {}
                 name = self.path.rsplit("/", 1)[-1]
                 data = upstream.files.get(name)
                 if data is None:
@@ -137,6 +269,7 @@ class FakeUpstream:
                     self._send(200, data, "image/png")
 
             def do_POST(self) -> None:
+                self.limit_headers = {}  # one connection carries many calls
                 with upstream.lock:
                     upstream.in_flight += 1
                     upstream.max_in_flight = max(upstream.max_in_flight, upstream.in_flight)
@@ -170,6 +303,10 @@ class FakeUpstream:
                     return self._error(404, "not found", None)
                 if self.headers.get("Authorization") != f"Bearer {EXPECTED_KEY}":
                     return self._error(401, "Incorrect API key provided", "invalid_api_key")
+                if self._over_limit(int(body.get("n") or 1)):
+                    return None
+                if upstream.delay:
+                    time.sleep(upstream.delay)
                 if upstream.mode == "429":
                     return self._error(
                         429, "Rate limit reached", "rate_limit_exceeded", {"Retry-After": "30"}
@@ -287,3 +424,36 @@ def _stream(body: dict[str, Any], resp: dict[str, Any]) -> bytes:
             }
         )
     return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve one fake upstream until killed, its base URL printed first."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.support.fake_upstream",
+        description="A fake OpenAI-compatible image upstream, served until killed.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    parser.add_argument("--images-per-minute", type=int, default=None, help="a rate limit")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds every call waits")
+    parser.add_argument(
+        "--mode", choices=["429", "500", "empty"], default=None, help="fail every call"
+    )
+    args = parser.parse_args(argv)
+    if args.images_per_minute is not None and args.images_per_minute <= 0:
+        parser.error("--images-per-minute must be positive")
+    upstream = FakeUpstream(port=args.port)
+    upstream.images_per_minute = args.images_per_minute
+    upstream.delay = args.delay
+    upstream.mode = args.mode
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(upstream.base_url, flush=True)
+    try:
+        upstream.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        upstream.server.server_close()
+
+
+if __name__ == "__main__":
+    main()
