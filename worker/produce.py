@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shared.core import retry
 from shared.core.errors import (
     JobCanceled,
+    NoCapacity,
     PermanentProviderError,
     ProviderError,
     StorageUnavailable,
@@ -19,6 +21,7 @@ from shared.core.errors import (
     UnreadableImage,
 )
 from shared.core.instruments import (
+    CAPACITY_WAITS,
     DEPLOYMENT_CALLS,
     DEPLOYMENT_COOLDOWNS,
     DEPLOYMENT_SECONDS,
@@ -49,9 +52,26 @@ from shared.registry import ModelSpec, get_registry
 from worker.leases import LEASES
 from worker.progress import StepReporter, set_detail
 from worker.record import Result
-from worker.resources import answer_slots, cooldowns, fanout_pool
+from worker.resources import answer_slots, capacity, cooldowns, fanout_pool
 
 log = logging.getLogger(__name__)
+
+
+# A wait for room shorter than this is slept here (the thread idle, the job
+# running); a longer one goes back to the queue (shared/jobs/lifecycle.py:defer),
+# holding nothing while it waits.
+WAIT_IN_PLACE_SECONDS = 2.0
+# Come back just after the turn, not just before it (a timer firing early would
+# find no room and queue again at the end of the line).
+_LATE = 0.005
+
+
+@dataclass(frozen=True)
+class _Busy:
+    """No target had room: how long until one may, and why."""
+
+    wait: float
+    why: str
 
 
 def _call_with_retries(
@@ -63,48 +83,90 @@ def _call_with_retries(
     progress: Progress,
     partials: Partials,
     inputs: Inputs | None,
+    interactive: bool = True,
+    may_defer: bool = False,
 ) -> Generation:
     """One call, each attempt trying the model's deployments and then its fallbacks
-    (shared/jobs/routing.py), the attempts spaced by the provider retry policy."""
+    (shared/jobs/routing.py), the attempts spaced by the provider retry policy.
+    Where every deployment that could take it is at its limit, it waits for room
+    (shared/jobs/capacity.py) without spending an attempt: in place when the wait is
+    short, else (``may_defer``) raising NoCapacity to wait in the queue."""
     policy = retry.provider_calls(get_settings())
     attempt = 0
     first_try = time.monotonic()
+    call = Call(spec, params, count, first, progress, partials, inputs)
     while True:
+        tried = _try_targets(call, job_id, interactive)
+        if isinstance(tried, Generation):
+            return tried
+        if isinstance(tried, _Busy):
+            if may_defer and tried.wait > WAIT_IN_PLACE_SECONDS:
+                CAPACITY_WAITS.labels(spec.name, "queue").inc()
+                raise NoCapacity(tried.why, retry_after=tried.wait)
+            CAPACITY_WAITS.labels(spec.name, "in_place").inc()
+            _wait_unless_lost(job_id, tried.wait)
+            continue
         attempt += 1
-        failed: TransientProviderError | None = None
-        for target in routing.targets(spec, params, get_registry(), cooldowns()):
-            started = time.monotonic()
-            try:
-                generation = get_provider(target.spec).generate(
-                    Call(target.spec, target.params, count, first, progress, partials, inputs)
-                )
-                seconds = time.monotonic() - started
-                PROVIDER_SECONDS.labels(target.model).observe(seconds)
-                DEPLOYMENT_SECONDS.labels(target.model, target.deployment).observe(seconds)
-                DEPLOYMENT_CALLS.labels(target.model, target.deployment, "ok").inc()
-                generation.served_by = target.served_by
-                return generation
-            except ProviderError as exc:
-                PROVIDER_ERRORS.labels(target.model, str(exc.code)).inc()
-                DEPLOYMENT_CALLS.labels(target.model, target.deployment, str(exc.code)).inc()
-                if not isinstance(exc, TransientProviderError):
-                    raise  # a refusal: no other deployment or model would take it
-                if target.cools:
-                    DEPLOYMENT_COOLDOWNS.labels(target.model, target.deployment).inc()
-                cooldowns().cool(target, exc.retry_after)
-                failed = exc
-                log.info("job %s: %s from %s", job_id, exc.message, target.served_by)
-        if failed is None:  # every deployment cooling down
-            failed = TransientProviderError(
-                f"every deployment of '{spec.name}' is cooling down",
-                code="upstream_rate_limited",
-                retry_after=cooldowns().shortest(),
-            )
         if policy.exhausted(attempt, first_try):
-            raise failed
-        delay = policy.delay(attempt, failed.retry_after)
+            raise tried
+        delay = policy.delay(attempt, tried.retry_after)
         log.info("job %s: retry %d in %.1fs", job_id, attempt, delay)
         _wait_unless_lost(job_id, delay)
+
+
+def _try_targets(
+    call: Call, job_id: str, interactive: bool
+) -> Generation | _Busy | TransientProviderError:
+    """One attempt over the targets in order: the first that has room and answers
+    serves it. A target at its limit is passed over, not failed; where one was, the
+    next model's targets (fallbacks) are not tried: they serve failures, not a
+    model that is only busy."""
+    spec, params = call.spec, call.params
+    failed: TransientProviderError | None = None
+    busy: list[tuple[float, routing.Target]] = []
+    for target in routing.targets(spec, params, get_registry(), cooldowns()):
+        if busy and target.model != busy[0][1].model:
+            break
+        taken = capacity().take(target, call.count, interactive)
+        if taken.call_id is None:
+            busy.append((taken.wait, target))
+            continue
+        started = time.monotonic()
+        try:
+            generation = get_provider(target.spec).generate(
+                replace(call, spec=target.spec, params=target.params)
+            )
+            seconds = time.monotonic() - started
+            PROVIDER_SECONDS.labels(target.model).observe(seconds)
+            DEPLOYMENT_SECONDS.labels(target.model, target.deployment).observe(seconds)
+            DEPLOYMENT_CALLS.labels(target.model, target.deployment, "ok").inc()
+            generation.served_by = target.served_by
+            return generation
+        except ProviderError as exc:
+            PROVIDER_ERRORS.labels(target.model, str(exc.code)).inc()
+            DEPLOYMENT_CALLS.labels(target.model, target.deployment, str(exc.code)).inc()
+            if not isinstance(exc, TransientProviderError):
+                raise  # a refusal: no other deployment or model would take it
+            if target.cools:
+                DEPLOYMENT_COOLDOWNS.labels(target.model, target.deployment).inc()
+            cooldowns().cool(target, exc.retry_after)
+            failed = exc
+            log.info("job %s: %s from %s", job_id, exc.message, target.served_by)
+        finally:
+            capacity().give_back(target, taken)
+    if busy:
+        wait, target = min(busy, key=lambda pair: pair[0])
+        if not interactive:  # a batch line queues for its turn there
+            wait = capacity().book(target, call.count)
+        why = f"waiting for capacity: every deployment of '{target.model}' is at its limit"
+        return _Busy(wait + _LATE, why)
+    if failed is None:  # every deployment cooling down
+        failed = TransientProviderError(
+            f"every deployment of '{spec.name}' is cooling down",
+            code="upstream_rate_limited",
+            retry_after=cooldowns().shortest(),
+        )
+    return failed
 
 
 def _generate(
@@ -114,12 +176,17 @@ def _generate(
     progress: Progress,
     partials: Partials = no_partials,
     inputs: Inputs | None = None,
+    interactive: bool = True,
 ) -> Generation:
-    """All ``n`` images, fanning out when the upstream makes fewer per call."""
+    """All ``n`` images, fanning out when the upstream makes fewer per call. Only a
+    single call may wait for room in the queue: a fan-out's calls wait in place,
+    so none of its images already made is thrown away."""
     per_call = max(1, spec.images_per_call)
     chunks = [(first, min(per_call, params.n - first)) for first in range(0, params.n, per_call)]
     if len(chunks) == 1:
-        return _call_with_retries(spec, params, params.n, 0, job_id, progress, partials, inputs)
+        return _call_with_retries(
+            spec, params, params.n, 0, job_id, progress, partials, inputs, interactive, True
+        )
     futures = [
         fanout_pool().submit(
             # In a copy of this context: the calls share the job's answer slot.
@@ -133,6 +200,7 @@ def _generate(
             progress,
             partials,
             inputs,
+            interactive,
         )
         for first, count in chunks
     ]
@@ -201,7 +269,10 @@ def _produce(job: Job) -> Result | None:
         steps = StepReporter(job)
         sink = PartialPublisher(job.id) if params.stream and params.partial_images else None
         inputs = _inputs(params)
-        generation = _generate(spec, params, job.id, steps, sink or no_partials, inputs)
+        interactive = job.batch_id is None  # ahead of batch lines for the same room
+        generation = _generate(
+            spec, params, job.id, steps, sink or no_partials, inputs, interactive
+        )
         if LEASES.lost(job.id):
             raise JobCanceled()
         before_answer()  # taken already, unless the provider made its images here
@@ -238,6 +309,10 @@ def _produce(job: Job) -> Result | None:
     except JobCanceled:
         log.info("job %s stopped: canceled, or its lease was lost", job.id)
         return None
+    except NoCapacity as exc:
+        wait = exc.retry_after or WAIT_IN_PLACE_SECONDS
+        log.info("job %s: %s; back in %.1fs", job.id, exc.message, wait)
+        return Result.deferred(job, wait, f"{exc.message} (back in {wait:.0f} s)")
     except (ProviderError, UnreadableImage) as exc:
         code = exc.code if isinstance(exc, ProviderError) else "upstream_bad_response"
         message = exc.message if isinstance(exc, ProviderError) else str(exc)

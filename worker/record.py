@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -47,10 +47,17 @@ class Result:
     attempts: int | None = None
     served_by: dict[str, str] | None = None
     cost_usd: float | None = None
+    # Set when nothing was called for want of room at any deployment: the job waits
+    # this many seconds queued (error_message says why).
+    defer_seconds: float | None = None
 
     @classmethod
     def failure(cls, job: Job, code: str, message: str, attempts: int | None = None) -> Result:
         return cls(job, False, error_code=code, error_message=message, attempts=attempts)
+
+    @classmethod
+    def deferred(cls, job: Job, seconds: float, why: str) -> Result:
+        return cls(job, False, error_message=why, defer_seconds=seconds)
 
 
 def finish(token: str, results: list[Result]) -> dict[str, Outcome]:
@@ -86,7 +93,7 @@ def finish(token: str, results: list[Result]) -> dict[str, Outcome]:
             ended[result.job.id] = _record_one(session, token, now, result)
     for result in results:
         job = result.job
-        if ended[job.id] == Outcome.discarded:
+        if ended[job.id] in (Outcome.discarded, Outcome.deferred):
             continue
         if job.batch_id is not None:  # a job's limits are released by the runner
             BATCH_TICKS.call(job.batch_id, batch_tick)
@@ -105,6 +112,9 @@ def _record_one(session: Session, token: str, now: datetime, result: Result) -> 
     """One job's end, then what follows it: its batch line, or its webhook events
     and trace call."""
     job = result.job
+    if result.defer_seconds is not None:  # nothing ran: queued again, nothing to tell
+        due = now + timedelta(seconds=result.defer_seconds)
+        return lifecycle.defer(session, job, token, result.error_message or "", due)
     outcome = _end(session, token, now, result)
     if outcome == Outcome.discarded:
         return outcome  # canceled or taken over meanwhile

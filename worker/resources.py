@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from shared.core.context import Context, current
+from shared.jobs.capacity import Capacity
 from shared.jobs.routing import Cooldowns
 
 
@@ -52,8 +53,18 @@ def cooldowns() -> Cooldowns:
     return current().made("cooldowns", lambda c: Cooldowns(c.redis))
 
 
+def capacity() -> Capacity:
+    """The deployments' declared limits, held in Redis (shared/jobs/capacity.py). A
+    call's concurrency slot is leased for as long as the call may take, and a
+    minute more."""
+    return current().made(
+        "capacity", lambda c: Capacity(c.redis, c.settings.provider_timeout_seconds + 60)
+    )
+
+
 def make_all() -> None:
     cooldowns()
+    capacity()
     fanout_pool()
     lines_pool()
     answer_slots()

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 
+from shared.core.broker import publish_job
 from shared.core.events import publish_changed
-from shared.core.instruments import JOBS_FINISHED
+from shared.core.instruments import COST_USD, JOBS_FINISHED
 from shared.core.settings import get_settings
 from shared.jobs.lifecycle import Outcome
 from shared.jobs.models import Job, JobStatus
@@ -62,11 +63,30 @@ def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, Outcome]:
     by_job = {r.job.id: r for r in produced if r is not None}
     for job in jobs:
         ended.setdefault(job.id, Outcome.discarded)
-        if ended[job.id] != Outcome.discarded:
-            JOBS_FINISHED.labels(ended[job.id], job.model).inc()
-        if job.batch_id is None:  # batch lines: their batch tells its own progress
-            _announce(job, ended[job.id], by_job.get(job.id) if reply else None)
+        _after(job, ended[job.id], by_job.get(job.id), reply)
     return ended
+
+
+def _after(job: Job, outcome: Outcome, result: Result | None, reply: bool) -> None:
+    """What follows one job's recorded end, after the commit."""
+    if outcome == Outcome.deferred and result is not None:
+        _come_back(job, result, reply)
+        return
+    if outcome != Outcome.discarded:
+        JOBS_FINISHED.labels(outcome, job.model).inc()
+    if outcome == Outcome.succeeded and result is not None and result.cost_usd:
+        COST_USD.labels(job.model).inc(result.cost_usd)
+    if job.batch_id is None:  # batch lines: their batch tells its own progress
+        _announce(job, outcome, result if reply else None)
+
+
+def _come_back(job: Job, result: Result, reply: bool) -> None:
+    """A job that found no room at its upstreams, queued again: its message is
+    published to come back when its turn is due (a lost one is the sweeper's, once
+    due), and watchers see it queued with the reason."""
+    publish_job(job.id, job.queue, reply=reply, countdown=result.defer_seconds)
+    if job.batch_id is None:
+        publish_changed(job.id, JobStatus.queued)
 
 
 def _announce(job: Job, status: Outcome, reply: Result | None) -> None:

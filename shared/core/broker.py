@@ -105,7 +105,13 @@ def get_celery() -> Celery:
     return current().celery
 
 
-def publish(task: Task, args: list[Any], queue: str, kwargs: dict[str, Any] | None = None) -> bool:
+def publish(
+    task: Task,
+    args: list[Any],
+    queue: str,
+    kwargs: dict[str, Any] | None = None,
+    countdown: float | None = None,
+) -> bool:
     """The one way a task is published: False when the broker cannot take it now,
     logged, never raised. Losing a message is harmless: the row it names is the
     truth, and the sweeper publishes again what is still due (a job, a delivery, a
@@ -115,19 +121,25 @@ def publish(task: Task, args: list[Any], queue: str, kwargs: dict[str, Any] | No
     hand-built kombu envelope pushed with one LPUSH: 106 us of CPU per publish
     against Celery's 296 us here, about 2% of the 10 ms of CPU a request costs the
     service with an instant upstream (bench_proxy), and nothing beside a provider
-    taking seconds; Celery's path follows Celery and kombu upgrades, and any broker."""
+    taking seconds; Celery's path follows Celery and kombu upgrades, and any broker.
+
+    ``countdown``: run it no sooner than that many seconds from now (a job waiting
+    for room at its upstreams). The consumer holds such a message, not a worker
+    slot, until it is due."""
     try:
-        get_celery().send_task(task, args=args, kwargs=kwargs, queue=queue)
+        get_celery().send_task(task, args=args, kwargs=kwargs, queue=queue, countdown=countdown)
     except Exception as exc:  # kombu and redis raise many types for an unreachable broker
         log.warning("broker did not take %s %s: %s", task, args, exc)
         return False
     return True
 
 
-def publish_job(job_id: str, queue: str, reply: bool = False) -> bool:
+def publish_job(
+    job_id: str, queue: str, reply: bool = False, countdown: float | None = None
+) -> bool:
     """Hand "run job X" to the broker. ``reply``: a request waits for the job
     (shared/jobs/replies.py)."""
-    return publish(Task.run_job, [job_id], queue, {"reply": True} if reply else None)
+    return publish(Task.run_job, [job_id], queue, {"reply": True} if reply else None, countdown)
 
 
 def publish_jobs(job_ids: list[str], queue: str) -> bool:

@@ -303,6 +303,14 @@ class JobCanceled(InternalError):
         super().__init__(message)
 
 
+class NoCapacity(InternalError):
+    """Every deployment that could take the call is at its limit (issue 26): the
+    job waits ``retry_after`` seconds in the queue, not holding a worker; no
+    attempt is spent."""
+
+    code = ErrorCode.upstream_rate_limited
+
+
 class UnsafeTarget(InternalError):
     """A webhook URL that is not http(s) or points at a non-public address. At the
     edge it becomes the request's 400 (``shared.webhooks.service.check_url``); in

@@ -54,6 +54,17 @@ DEPLOYMENT_COOLDOWNS = Counter(
     "Times a deployment was put in cooldown after a failure.",
     ["model", "deployment"],
 )
+CAPACITY_WAITS = Counter(
+    "imagegen_capacity_waits_total",
+    "Calls that found every deployment of a model at its limit, by how they waited "
+    "(in_place: a short wait in the worker; queue: the job queued again).",
+    ["model", "how"],
+)
+COST_USD = Counter(
+    "imagegen_cost_usd_total",
+    "What the jobs that succeeded cost, in USD, by the model asked for (priced models).",
+    ["model"],
+)
 JOBS_FINISHED = Counter(
     "imagegen_jobs_finished_total", "Jobs that ended, by status and model.", ["status", "model"]
 )

@@ -2,7 +2,8 @@
 
 A job is recorded ``queued`` (``create``), taken by a worker's attempt (``claim``),
 held by that attempt's lease (``renew``, ``note_progress``, ``set_detail``) until
-it ends (``finish``, ``finish_lines``, ``fail``); a cancel (``cancel``,
+it ends (``finish``, ``finish_lines``, ``fail``) or, having found no room at any
+upstream, waits queued again (``defer``); a cancel (``cancel``,
 ``cancel_batch_jobs``) or the sweeper (``requeue_expired``) may take it from the
 attempt first; the outbox's marks (``mark_published``, ``mark_unpublished``) say
 whether its message reached the broker.
@@ -41,6 +42,9 @@ class Outcome(StrEnum):
     discarded = "discarded"
     # Nothing ran: the job could not be claimed (finished, or held by a live attempt).
     skipped = "skipped"
+    # Nothing was called: every deployment was at its limit; the job is queued again
+    # to come back when there is room (``defer``).
+    deferred = "deferred"
 
 
 _JOBS = table(Job)
@@ -319,6 +323,32 @@ def fail(
         **extra,
     )
     return Outcome.failed if moved else Outcome.discarded
+
+
+_DEFER = (
+    sa.update(_JOBS)
+    .where(_JOBS.c.id == sa.bindparam("_id"), _held_by())
+    .values(
+        status=JobStatus.queued,
+        attempts=_JOBS.c.attempts - 1,
+        lease_token=None,
+        lease_expires_at=None,
+        status_detail=sa.bindparam("detail"),
+        published_at=sa.bindparam("due"),
+    )
+)
+
+
+def defer(session: Session, job: Job, token: str, detail: str, due: datetime) -> Outcome:
+    """The attempt holding ``token`` found no room at any deployment (issue 26) and
+    called nothing: the job is queued again, its attempt not counted, saying why
+    (``status_detail``), its message due at ``due`` (published with that countdown
+    after commit; the sweeper leaves it until then). ``discarded`` when it is no
+    longer the attempt's."""
+    params = {"_id": job.id, "token": token, "detail": detail[:500], "due": due}
+    if _rowcount(session.execute(_DEFER, params)) != 1:
+        return Outcome.discarded
+    return Outcome.deferred
 
 
 # --- taken from an attempt: the sweeper, a cancel --------------------------------------

@@ -11,8 +11,10 @@ retry policy's backoff, as before.
 
 Cooldowns are shared by every worker process and host through Redis (a key per
 deployment that expires with its cooldown); in embedded mode, without Redis, each
-process keeps its own. Not built yet: the deployments' ``images_per_minute`` and
-``max_concurrency`` are read but not enforced.
+process keeps its own. The deployments' ``images_per_minute`` and
+``max_concurrency`` are held in shared/jobs/capacity.py: a deployment at its limit
+is passed over, not failed, and a job whose every deployment is at its limit waits
+(worker/produce.py) rather than spilling into a fallback.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import redis
 
 from shared.jobs.input import for_fallback
 from shared.jobs.schemas import GenerationParams
-from shared.registry import ModelSpec, OpenAIModel, Registry
+from shared.registry import Deployment, ModelSpec, OpenAIModel, Registry
 
 COOLDOWN_SECONDS = 10.0
 # The weighted order's draws: one generator for the process (seeding one per call
@@ -47,6 +49,7 @@ class Target:
     model: str
     deployment: str
     cools: bool  # one of several: it cools down when it fails
+    limits: Deployment | None = None  # its images_per_minute and max_concurrency
 
     @property
     def served_by(self) -> dict[str, str]:
@@ -124,7 +127,7 @@ def _of(
     # deployment's key is u ** (1 / weight), highest first.
     order = sorted(spec.deployments, key=lambda d: rng.random() ** (1 / d.weight), reverse=True)
     return [
-        Target(spec.served_by(d), params, spec.name, d.id, cools=True)
+        Target(spec.served_by(d), params, spec.name, d.id, cools=True, limits=d)
         for d in order
         if not cooldowns.cooling(spec.name, d.id)
     ]

@@ -356,6 +356,38 @@ def test_fail_may_correct_the_attempts(session: Session) -> None:
     assert job.attempts == 3
 
 
+@pytest.mark.parametrize("status", ALL)
+def test_defer_queues_a_held_job_again_without_spending_its_attempt(
+    session: Session, status: JobStatus
+) -> None:
+    job = put(session, status, attempts=2)
+    before = row(session, job.id)
+    due = NOW + timedelta(seconds=30)
+    ended = lifecycle.defer(session, job, TOKEN, "waiting for capacity", due)
+    session.commit()
+    if status not in LEASED:
+        assert ended is Outcome.discarded
+        assert unchanged(session, job, before)
+        return
+    assert ended is Outcome.deferred
+    now = row(session, job.id)
+    assert (now.status, now.attempts, now.status_detail) == (
+        JobStatus.queued,
+        1,
+        "waiting for capacity",
+    )
+    assert (now.lease_token, now.lease_expires_at, now.published_at) == (None, None, due)
+    assert now.finished_at is None
+
+
+def test_defer_is_discarded_once_the_lease_is_someone_elses(session: Session) -> None:
+    job = put(session, JobStatus.running, token="another")
+    before = row(session, job.id)
+    assert lifecycle.defer(session, job, TOKEN, "w", NOW) is Outcome.discarded
+    session.commit()
+    assert unchanged(session, job, before)
+
+
 # --- taken from an attempt: requeue, cancel ------------------------------------------------
 
 
@@ -448,5 +480,9 @@ def test_mark_unpublished_only_touches_a_waiting_job(session: Session, status: J
         assert unchanged(session, job, before)
 
 
-def test_outcomes_name_every_finished_status_and_the_two_non_ends() -> None:
-    assert {o.value for o in Outcome} == {s.value for s in FINISHED} | {"discarded", "skipped"}
+def test_outcomes_name_every_finished_status_and_the_three_non_ends() -> None:
+    assert {o.value for o in Outcome} == {s.value for s in FINISHED} | {
+        "discarded",
+        "skipped",
+        "deferred",
+    }

@@ -1,0 +1,193 @@
+"""A deployment's declared limits (issue 26): ``images_per_minute`` and
+``max_concurrency``, held for every worker process and host in Redis, so a model
+spread over several keys runs at their summed limits without the upstreams'
+429s.
+
+The rate is a generic cell rate (GCRA): one key per deployment holds the time its
+budget of images is spent up to (its "theoretical arrival time"); a call of ``n``
+images may go when that time plus ``n`` images' share is within one burst of now.
+The burst is one second's worth of the limit, as OpenAI enforces a per-minute
+limit over shorter periods (docs: "Rate limits", "quantization"): a whole
+minute's burst at once would be answered 429. Concurrency is a sorted set of the
+calls in flight, each with the time its lease ends, so a worker that dies never
+holds a slot past its lease.
+
+Interactive jobs (sync and async single requests) go ahead of batch lines for the
+same capacity: a batch line leaves one image of the burst, and one concurrency
+slot, to them, and queues for a ticket where they do not.
+
+A call refused gets how long to wait. Where every target refused, the job books a
+ticket at the target with the shortest wait (``book``): tickets are handed out in
+order, each one image-share later than the last, so waiting jobs come back one by
+one as room frees instead of all at once (no herd, no busy loop). Interactive jobs
+take no ticket: they come back at the first room.
+
+Without Redis (embedded mode) the limits are not enforced: one process, and a 429
+still cools the deployment down (shared/jobs/routing.py). With Redis unreachable
+they fail open, logged, like the project limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import redis
+
+if TYPE_CHECKING:
+    from shared.jobs.routing import Target
+
+log = logging.getLogger(__name__)
+
+BURST_SECONDS = 1.0
+# A job refused for concurrency alone comes back this often: when a call ends is
+# not known in advance.
+BUSY_WAIT_SECONDS = 0.25
+KEYS = (
+    "imagegen:rate:{model}:{deployment}",
+    "imagegen:busy:{model}:{deployment}",
+    "imagegen:ticket:{model}:{deployment}",
+)
+
+# KEYS: rate (theoretical arrival time), busy (call id -> lease end), ticket (the
+# waiting line's end). ARGV, times in microseconds: images, interactive (1/0), call
+# id, lease, time per image (0: no rate), burst, max concurrency (0: none), busy
+# wait, book (1/0). Returns {1, 0} (taken) or {0, microseconds to wait}; a booking
+# returns {0, microseconds until the ticket's turn}. The clock is Redis's own: one
+# clock for every host. Microseconds, stored with %.0f: a per-image time rounded
+# to milliseconds would run a 1,800-a-minute limit 2% slow or fast.
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function ms(us) return math.max(1, math.ceil(us / 1000)) end
+local function num(v) return string.format('%.0f', v) end
+local images = tonumber(ARGV[1])
+local interactive = ARGV[2] == '1'
+local period = tonumber(ARGV[5])
+local burst = tonumber(ARGV[6])
+local maxc = tonumber(ARGV[7])
+local need = images * period
+local slack = math.max(burst, need)
+if not interactive and burst - period >= need then slack = burst - period end
+if ARGV[9] == '1' then
+  if period == 0 then return {0, tonumber(ARGV[8])} end
+  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+  local line = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), tat)
+  local at = line + need
+  redis.call('SET', KEYS[3], num(at), 'PX', ms(at - now + burst))
+  return {0, math.max(0, at - slack - now)}
+end
+local wait = 0
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  local room = maxc
+  if not interactive and maxc > 1 then room = maxc - 1 end
+  if redis.call('ZCARD', KEYS[2]) >= room then wait = tonumber(ARGV[8]) end
+end
+local tat = now
+if period > 0 then
+  tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+  local allow = tat + need - slack
+  if allow > now then wait = math.max(wait, allow - now) end
+end
+if wait > 0 then return {0, wait} end
+if period > 0 then
+  redis.call('SET', KEYS[1], num(tat + need), 'PX', ms(tat + need - now + burst))
+end
+if maxc > 0 then
+  local lease = tonumber(ARGV[4])
+  redis.call('ZADD', KEYS[2], num(now + lease), ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ms(lease))
+end
+return {1, 0}
+"""
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A target's answer: room taken (``call_id`` set, give it back when the call
+    ends) or not (``wait``: seconds until there may be room)."""
+
+    call_id: str | None
+    wait: float = 0.0
+
+
+TAKEN_FREELY = Taken(call_id="")  # a target without limits (or without Redis)
+
+
+class Capacity:
+    """The deployments' limits, in Redis where there is one."""
+
+    def __init__(self, client: redis.Redis | None, lease_seconds: float) -> None:
+        self._client = client
+        self._lease_us = max(1_000_000, int(lease_seconds * 1_000_000))
+        self._take = client.register_script(_TAKE) if client is not None else None
+
+    def limited(self, target: Target) -> bool:
+        limits = target.limits
+        return (
+            self._take is not None
+            and limits is not None
+            and bool(limits.images_per_minute or limits.max_concurrency)
+        )
+
+    def take(self, target: Target, images: int, interactive: bool) -> Taken:
+        """Room for one call of ``images`` images at ``target``, or how long to wait."""
+        if not self.limited(target):
+            return TAKEN_FREELY
+        call_id = uuid.uuid4().hex
+        answer = self._run(target, images, interactive, call_id, book=False)
+        if answer is None:
+            return TAKEN_FREELY
+        taken, wait_us = answer
+        return Taken(call_id) if taken else Taken(None, wait_us / 1_000_000)
+
+    def book(self, target: Target, images: int) -> float:
+        """A batch line's ticket at ``target``: seconds until its turn."""
+        if not self.limited(target):
+            return 0.0
+        answer = self._run(target, images, False, "", book=True)
+        return 0.0 if answer is None else answer[1] / 1_000_000
+
+    def give_back(self, target: Target, taken: Taken) -> None:
+        """The call ended: its concurrency slot is free."""
+        if not taken.call_id or self._client is None or not self.limited(target):
+            return
+        if not (target.limits and target.limits.max_concurrency):
+            return
+        try:
+            self._client.zrem(self._keys(target)[1], taken.call_id)
+        except redis.RedisError as exc:
+            log.warning("concurrency slot of %s not freed (its lease frees it): %s", target, exc)
+
+    def _run(
+        self, target: Target, images: int, interactive: bool, call_id: str, book: bool
+    ) -> tuple[bool, int] | None:
+        limits = target.limits
+        if self._take is None or limits is None:
+            return None
+        per_minute = limits.images_per_minute
+        period = round(60_000_000 / per_minute) if per_minute else 0
+        args: list[str | int] = [
+            images,
+            int(interactive),
+            call_id,
+            self._lease_us,
+            period,
+            int(BURST_SECONDS * 1_000_000),
+            limits.max_concurrency or 0,
+            int(BUSY_WAIT_SECONDS * 1_000_000),
+            int(book),
+        ]
+        try:
+            taken, wait_us = self._take(keys=self._keys(target), args=args)
+        except redis.RedisError as exc:
+            log.warning("deployment limits unavailable, not enforcing: %s", exc)
+            return None
+        return bool(taken), int(wait_us)
+
+    @staticmethod
+    def _keys(target: Target) -> list[str]:
+        return [key.format(model=target.model, deployment=target.deployment) for key in KEYS]
