@@ -24,7 +24,7 @@ from shared.jobs.routing import Cooldowns, Target
 from shared.jobs.schemas import GenerationParams
 from shared.registry import PROCEDURAL
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.processes import RedisServer
+from tests.support.processes import RedisServer, cmdline
 from tests.support.stack import Stack
 
 PARAMS = GenerationParams(model="spread", prompt="p", n=1, size="64x64")
@@ -43,7 +43,7 @@ def _deployment(upstream: FakeUpstream, name: str, weight: float = 1) -> dict[st
 
 @pytest.fixture(scope="module")
 def upstreams() -> Iterator[dict[str, FakeUpstream]]:
-    fakes = {name: FakeUpstream().start() for name in ("a", "b", "broken")}
+    fakes = {name: FakeUpstream().start() for name in ("a", "b", "broken", "cool", "steady")}
     yield fakes
     for fake in fakes.values():
         fake.stop()
@@ -77,6 +77,14 @@ def routed(
             "capabilities": caps,
             "deployments": [_deployment(upstreams["b"], "dep-b")],
             "fallbacks": ["procedural"],
+        },
+        {  # its own cooldown keys: one process cools "dep-cool", the other skips it
+            "name": "shared-cooldown",
+            "capabilities": caps,
+            "deployments": [
+                _deployment(upstreams["cool"], "dep-cool", weight=1000),
+                _deployment(upstreams["steady"], "dep-steady"),
+            ],
         },
         {
             "name": "tiny-only",
@@ -217,6 +225,57 @@ def test_a_cooldown_is_seen_by_every_process_on_the_same_redis(tmp_path: Path) -
         assert not second.cooling("procedural", "procedural")
     finally:
         server.stop()
+
+
+def test_a_cooldown_one_worker_process_wrote_is_honoured_by_the_other(
+    routed: Stack, upstreams: dict[str, FakeUpstream]
+) -> None:
+    """The stack's worker runs two consumer processes: interactive jobs in one, batch
+    lines in the other (worker/supervisor.py), each with its own in-process
+    cooldowns; Redis is all they share. What Redis guarantees: a process writes the
+    cooldown right after the 429, before its job moves on, and from then on no
+    attempt that chooses its targets, in any process, calls that deployment until
+    it expires (Retry-After: 30 here). Attempts that chose theirs before the write
+    may still call it: the first job is waited for before the batch starts, so the
+    deployment is called exactly once."""
+    consumers = [cmdline(pid) for pid in routed.consumers()]
+    queues = sorted(argv[argv.index("--queues") + 1] for argv in consumers)
+    assert queues == ["batch", "default,webhooks"]  # two processes, one queue each
+    cool, steady = upstreams["cool"], upstreams["steady"]
+    cool.mode = "429"  # Retry-After: 30
+    try:
+        # The interactive consumer meets the 429 (dep-cool, weighing 1000 to 1, is
+        # tried first all but once in a thousand) and cools it down.
+        for attempt in range(5):
+            job = routed.submit(f"cool first {attempt}", model="shared-cooldown")
+            done = routed.wait_job(job["id"])
+            assert done["status"] == "succeeded", done
+            assert done["served_by"]["deployment"] == "dep-steady"
+            if cool.rate_limited:
+                break
+        assert cool.rate_limited == 1
+        lines = [f"cool line {index}" for index in range(6)]
+        with routed.client() as client:
+            resp = client.post(
+                "/v1/images/batches",
+                json={"model": "shared-cooldown", "size": "64x64", "prompts": lines},
+            )
+            assert resp.status_code == 200, resp.text
+            batch_id = resp.json()["id"]
+            deadline = time.monotonic() + 60
+            while (batch := client.get(f"/v1/images/batches/{batch_id}").json())["status"] not in (
+                "completed",
+                "failed",
+            ):
+                assert time.monotonic() < deadline, batch
+                time.sleep(0.1)
+    finally:
+        cool.mode = None
+    assert batch["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
+    # The batch consumer never called dep-cool: every line went to dep-steady.
+    assert len(cool.calls) == 1
+    assert cool.rate_limited == 1
+    assert all(len(steady.calls_for(line)) == 1 for line in lines)
 
 
 def test_a_batch_says_what_its_lines_cost(routed: Stack) -> None:
