@@ -86,6 +86,8 @@ def error_response(err: ImagegenError) -> JSONResponse:
     """OpenAI's error shape, from the one renderer (``shared.core.errors.render``)."""
     retry = _retry_after(err)
     headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else {}
+    if err.should_retry is False:  # the openai package retries a 429 unless told not to
+        headers["x-should-retry"] = "false"
     return JSONResponse(
         {"error": render(err).model_dump()}, status_code=err.status_code, headers=headers
     )

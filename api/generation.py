@@ -1,6 +1,6 @@
 """Submit a generation and (optionally) wait for it: the flow both surfaces share.
 
-reserve limits -> record job (+ trace call) and commit -> publish -> wait.
+reserve budgets and limits -> record job (+ trace call) and commit -> publish -> wait.
 
 The one route flow with a transaction of its own instead of the request's: the
 job must be committed and published before the request waits for it, and a
@@ -29,6 +29,7 @@ from shared.jobs.schemas import ImagesResponse, job_params
 from shared.jobs.service import create_job, get_job, job_images, queue_position
 from shared.jobs.submission import Submission
 from shared.jobs.views import StoredImage, render_result
+from shared.projects.budgets import estimate, get_budgets
 from shared.projects.limits import get_limiter
 from shared.projects.service import Principal
 from shared.webhooks.service import Webhook, webhook_of
@@ -56,12 +57,19 @@ class Outcome:
 
 
 def _record(submission: Submission, reply: bool) -> Job:
-    """The job reserved against the project's limits, recorded and committed (and
-    published after the commit). ``reply``: a request waits for it."""
+    """The job reserved against the budgets (its estimated cost) and the project's
+    limits, recorded and committed (and published after the commit). ``reply``: a
+    request waits for it. A refusal comes before any upstream call."""
     submission = submission.for_user()
     principal = submission.principal
-    limiter = get_limiter()
-    limiter.reserve_job(principal, submission.job_id, submission.params.n)
+    limiter, budgets = get_limiter(), get_budgets()
+    cost = estimate(submission.spec, submission.params)
+    budgets.reserve_job(principal, submission.job_id, cost, unit_of_work)
+    try:
+        limiter.reserve_job(principal, submission.job_id, submission.params.n)
+    except BaseException:
+        budgets.release([submission.job_id])
+        raise
     try:
         with unit_of_work() as session:
             if submission.idempotency is not None:
@@ -71,8 +79,17 @@ def _record(submission: Submission, reply: bool) -> Job:
             job = create_job(session, submission, reply=reply)
     except BaseException:
         limiter.release_job(principal.project_id, submission.job_id)
+        budgets.release([submission.job_id])
         raise
     return job
+
+
+def check_budget(submission: Submission) -> None:
+    """A stream's answer starts before its job is recorded: what its budgets already
+    cannot cover is refused here, as a 429 (the reservation in ``_record`` decides
+    the race, answered as the stream's error event)."""
+    cost = estimate(submission.spec, submission.params)
+    get_budgets().check(submission.principal, cost)
 
 
 async def webhook_for(body: Any) -> Webhook | None:

@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import ImageLinks
 from api.generation import Outcome, stream_job
-from shared.core.errors import ImagegenError, UpstreamError
+from shared.core.errors import ClientError, ImagegenError, UpstreamError
 from shared.core.events import async_redis_client
 from shared.jobs.models import JobStatus
 from shared.jobs.openai_shape import NO_USAGE, event_fields, token_usage
@@ -87,21 +87,25 @@ def stream_response(
 
     async def events() -> AsyncIterator[bytes]:
         outcome: Outcome | None = None
-        async for partial, done in stream_job(request, submission, wait, partial_feed):
-            if done is not None:
-                outcome = done
-                continue
-            assert partial is not None
-            yield _event(
-                f"{prefix}.partial_image",
-                {
-                    "type": f"{prefix}.partial_image",
-                    "b64_json": partial["b64_json"],
-                    "partial_image_index": partial["partial_image_index"],
-                    "created_at": int(time.time()),
-                    **shape,
-                },
-            )
+        try:
+            async for partial, done in stream_job(request, submission, wait, partial_feed):
+                if done is not None:
+                    outcome = done
+                    continue
+                assert partial is not None
+                yield _event(
+                    f"{prefix}.partial_image",
+                    {
+                        "type": f"{prefix}.partial_image",
+                        "b64_json": partial["b64_json"],
+                        "partial_image_index": partial["partial_image_index"],
+                        "created_at": int(time.time()),
+                        **shape,
+                    },
+                )
+        except ClientError as exc:  # refused as it was recorded (a budget, a limit)
+            yield _error(exc)
+            return
         assert outcome is not None
         job = outcome.job
         if not outcome.finished:

@@ -57,17 +57,32 @@ def _data_or_exit() -> None:
     migrated_or_exit()
 
 
+BudgetOption = Annotated[
+    float | None, typer.Option(help="USD; a request it cannot cover answers 429", min=0)
+]
+
+
 @keys_app.command("create")
 def keys_create(
     project: Annotated[str, typer.Option(help="Project name")],
     name: Annotated[str, typer.Option(help="Key name")] = "default",
     user: Annotated[str, typer.Option(help="User identity (wb_user_id)")] = "",
+    daily_budget_usd: BudgetOption = None,
+    monthly_budget_usd: BudgetOption = None,
 ) -> None:
-    """Create an API key for PROJECT (created if new). The key is printed once."""
+    """Create an API key for PROJECT (created if new), with its own budgets if given
+    (beside its project's). The key is printed once."""
     from shared.projects.service import create_key
 
     with _admin_session() as session:
-        key, plaintext = create_key(session, project, name, user)
+        key, plaintext = create_key(
+            session,
+            project,
+            name,
+            user,
+            daily_budget_usd=daily_budget_usd,
+            monthly_budget_usd=monthly_budget_usd,
+        )
     console.print(f"[green]created key {key.id} for project '{project}'[/green] (shown only once):")
     print(plaintext)
 
@@ -97,6 +112,8 @@ def keys_list(
                             "created_at": _when(key.created_at),
                             "last_used_at": _when(key.last_used_at),
                             "revoked_at": _when(key.revoked_at),
+                            "daily_budget_usd": key.daily_budget_usd,
+                            "monthly_budget_usd": key.monthly_budget_usd,
                         }
                     )
                 )
@@ -134,8 +151,10 @@ def projects_create(
     rpm: RpmOption = None,
     images_per_day: LimitOption = None,
     jobs_in_flight: LimitOption = None,
+    daily_budget_usd: BudgetOption = None,
+    monthly_budget_usd: BudgetOption = None,
 ) -> None:
-    """Create a project, optionally with its own limits."""
+    """Create a project, optionally with its own limits and budgets."""
     from shared.projects.service import create_project
 
     with _admin_session() as session:
@@ -145,6 +164,8 @@ def projects_create(
             key_requests_per_minute=rpm,
             images_per_day=images_per_day,
             jobs_in_flight=jobs_in_flight,
+            daily_budget_usd=daily_budget_usd,
+            monthly_budget_usd=monthly_budget_usd,
         )
     console.print(f"[green]created project '{name}'[/green] ({project.id})")
 
@@ -155,17 +176,29 @@ def projects_set_limits(
     rpm: RpmOption = None,
     images_per_day: LimitOption = None,
     jobs_in_flight: LimitOption = None,
+    daily_budget_usd: BudgetOption = None,
+    monthly_budget_usd: BudgetOption = None,
+    no_budgets: Annotated[
+        bool, typer.Option("--no-budgets", help="Remove both budgets (nothing else given)")
+    ] = False,
 ) -> None:
-    """Change a project's limits (only the ones given)."""
+    """Change a project's limits and budgets (only the ones given)."""
     from shared.projects.service import update_limits
 
-    given = {
+    given: dict[str, float | None] = {
         "key_requests_per_minute": rpm,
         "images_per_day": images_per_day,
         "jobs_in_flight": jobs_in_flight,
+        "daily_budget_usd": daily_budget_usd,
+        "monthly_budget_usd": monthly_budget_usd,
     }
+    changes: dict[str, float | None] = {k: v for k, v in given.items() if v is not None}
+    if no_budgets:
+        if changes:
+            refuse("--no-budgets takes no other option.")
+        changes = {"daily_budget_usd": None, "monthly_budget_usd": None}
     with _admin_session() as session:
-        update_limits(session, name, **{k: v for k, v in given.items() if v is not None})
+        update_limits(session, name, **changes)
     console.print(f"[green]updated project '{name}'[/green]")
 
 
@@ -177,12 +210,25 @@ def projects_list(
     from shared.projects.service import list_projects
 
     table = tables.table(
-        "id", "name", "created", "requests/min/key", "images/day", "jobs in flight"
+        "id",
+        "name",
+        "created",
+        "requests/min/key",
+        "images/day",
+        "jobs in flight",
+        "USD/day",
+        "USD/month",
     )
     with _admin_session() as session:
         for p in list_projects(session):
             if as_json:
-                limits = ("key_requests_per_minute", "images_per_day", "jobs_in_flight")
+                limits = (
+                    "key_requests_per_minute",
+                    "images_per_day",
+                    "jobs_in_flight",
+                    "daily_budget_usd",
+                    "monthly_budget_usd",
+                )
                 row = {"id": p.id, "name": p.name, "created_at": _when(p.created_at)}
                 print(json.dumps(row | {name: getattr(p, name) for name in limits}))
                 continue
@@ -193,6 +239,8 @@ def projects_list(
                 _limit(p.key_requests_per_minute),
                 _limit(p.images_per_day),
                 _limit(p.jobs_in_flight),
+                _budget(p.daily_budget_usd),
+                _budget(p.monthly_budget_usd),
             )
     if not as_json:
         Console().print(table)
@@ -204,3 +252,7 @@ def _when(value: datetime | None) -> str | None:
 
 def _limit(value: int | None) -> str:
     return "default" if value is None else ("unlimited" if value == 0 else str(value))
+
+
+def _budget(value: float | None) -> str:
+    return "none" if value is None else f"{value:.2f}"

@@ -22,7 +22,9 @@ def usage(
     base_url: BaseUrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
-    """Jobs, images and cost by UTC day and model (the last 30 days by default)."""
+    """Jobs, images and cost by UTC day and model (the last 30 days by default), then
+    what the project (and the key, where it has its own) spent against its budgets
+    today and this month."""
     params: dict[str, Any] = {
         name: value
         for name, value in (("start_date", start_date), ("end_date", end_date))
@@ -47,3 +49,16 @@ def usage(
         "total", "", str(totals["jobs"]), str(totals["images"]), f"{totals['cost_usd']:.4f}"
     )
     Console().print(table)
+    budgets = tables.table("budget", "period", "budget (USD)", "spent", "reserved", "remaining")
+    for row in report.get("budgets", []):
+        limit, remaining = row["budget_usd"], row["remaining_usd"]
+        budgets.add_row(
+            row["scope"],
+            f"{row['period']} from {row['period_start']}",
+            "none" if limit is None else f"{limit:.4f}",
+            f"{row['spent_usd']:.4f}",
+            f"{row['reserved_usd']:.4f}",
+            "-" if remaining is None else f"{remaining:.4f}",
+        )
+    if report.get("budgets"):
+        Console().print(budgets)

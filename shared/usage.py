@@ -8,11 +8,13 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from pydantic import Field
 from sqlmodel import Session, col
 
 from shared.core.errors import InvalidRequest
 from shared.core.schemas import Schema
 from shared.jobs.models import Image, Job, JobStatus
+from shared.projects.schemas import BudgetStatus
 
 MAX_DAYS = 92
 
@@ -64,6 +66,10 @@ class UsageReport(Schema):
     """One bucket per day and model that had jobs, oldest first."""
     totals: UsageTotals
     """The sums over every bucket."""
+    budgets: list[BudgetStatus] = Field(default_factory=list)
+    """The budgets as they stand now, whatever the report's days: the project's day
+    and month (``budget_usd`` null where it has none), then the calling key's own
+    where it has them."""
 
 
 def usage_report(

@@ -19,6 +19,7 @@ from shared.core.settings import get_settings
 from shared.jobs.lifecycle import Outcome
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.replies import leave_reply
+from shared.projects.budgets import get_budgets
 from shared.projects.limits import get_limiter
 from worker.claim import claim
 from worker.leases import LEASES
@@ -98,6 +99,8 @@ def _announce(job: Job, status: Outcome, reply: Result | None) -> None:
         publish_changed(job.id, status)
     if status != Outcome.discarded:
         get_limiter().release_job(job.project_id, job.id)
+        # Its budget's reservation settled at the real cost (a failure costs nothing).
+        get_budgets().settle(job.id, job.cost_usd if status == Outcome.succeeded else None)
 
 
 def heartbeat_thread(stop: threading.Event) -> threading.Thread:

@@ -84,7 +84,14 @@ def get_keys(
 @router.post("/keys", response_model=CreatedKey, responses=ERRORS)
 def post_key(body: KeyCreate, session: DbSession) -> CreatedKey:
     """Create a key; ``key`` appears in this answer only."""
-    key, plaintext = create_key(session, body.project, body.name, body.user)
+    key, plaintext = create_key(
+        session,
+        body.project,
+        body.name,
+        body.user,
+        daily_budget_usd=body.daily_budget_usd,
+        monthly_budget_usd=body.monthly_budget_usd,
+    )
     project = session.get(Project, key.project_id)
     assert project is not None
     return CreatedKey(**key_view(key, project).model_dump(), key=plaintext)

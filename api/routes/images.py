@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from api import openapi
 from api.deps import Claims, CurrentPrincipal, IdempotencyClaims, ImageLinks, Links, SettingsDep
-from api.generation import position, submit, webhook_for
+from api.generation import check_budget, position, submit, webhook_for
 from api.streaming import stream_response
 from shared.core.ids import new_id
 from shared.core.settings import Settings
@@ -122,6 +122,7 @@ async def answer(
     )
     respond_async, wait = parse_prefer(how.prefer, how.settings.sync_wait_seconds)
     if params.stream:
+        await run_in_threadpool(check_budget, submission)
         return stream_response(
             request,
             submission,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import CurrentPrincipal, DbSession
 from api.errors import ERRORS
+from shared.projects.budgets import statuses
 from shared.usage import UsageReport, usage_report
 
 router = APIRouter(tags=["usage"])
@@ -37,4 +38,6 @@ def read_usage(
 ) -> UsageReport:
     end = end_date or datetime.now(UTC).date()
     start = start_date or end - timedelta(days=29)
-    return usage_report(session, principal.project_id, principal.project_name, start, end)
+    report = usage_report(session, principal.project_id, principal.project_name, start, end)
+    report.budgets = statuses(session, principal)
+    return report

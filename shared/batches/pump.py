@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -19,7 +20,14 @@ from shared.batches.models import PUMPED, Batch, BatchItem, BatchStatus, ItemSta
 from shared.core.broker import publish_jobs
 from shared.core.clock import utcnow
 from shared.core.columns import table
-from shared.core.errors import ClientError, ErrorCode, ImagegenError, InvalidRequest, render
+from shared.core.errors import (
+    ClientError,
+    ErrorCode,
+    ImagegenError,
+    InsufficientQuota,
+    InvalidRequest,
+    render,
+)
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
 from shared.core.settings import get_settings
@@ -32,6 +40,7 @@ from shared.jobs.models import Job, JobStatus
 from shared.jobs.schemas import GenerationParams
 from shared.jobs.service import store_inputs
 from shared.jobs.views import job_failure
+from shared.projects.budgets import Budgets, estimate, get_budgets, project_budgets
 from shared.projects.limits import get_limiter, images_per_day_exceeded
 from shared.projects.models import Project
 from shared.registry import get_registry
@@ -104,13 +113,17 @@ def _queue_lines(
     valid: list[tuple[str, GenerationParams, str, str]],
     now: datetime,
 ) -> list[dict[str, Any]]:
-    """Jobs for validated lines, as far as the project's images a day allow (lines
-    past it fail with its 429, like any request; the rest of the batch goes on)."""
+    """Jobs for validated lines, as far as the project's budgets cover their
+    estimates (past that the batch stops taking lines: ``_out_of_budget``) and its
+    images a day allow (lines past it fail with its 429, like any request; the rest
+    of the batch goes on)."""
     project = session.get(Project, batch.project_id)
     quota = project.images_per_day if project else None
+    valid = _within_budget(session, batch, project, valid, now)
     granted = get_limiter().take_images(
         batch.project_id, quota, [params.n for _, params, _, _ in valid]
     )
+    get_budgets().release([job_id for _, _, _, job_id in valid[granted:]])
     for item_id, _, _, _ in valid[granted:]:
         _fail_item(session, item_id, images_per_day_exceeded(quota), now)
     # Plain rows and two executemany statements: the ORM's unit of work for
@@ -146,6 +159,50 @@ def _queue_lines(
             [{"item_id": job["batch_item_id"], "new_job_id": job["id"]} for job in jobs],
         )
     return jobs
+
+
+def _within_budget(
+    session: Session,
+    batch: Batch,
+    project: Project | None,
+    valid: list[tuple[str, GenerationParams, str, str]],
+    now: datetime,
+) -> list[tuple[str, GenerationParams, str, str]]:
+    """The lines whose estimates the project's budgets cover, reserved in order (one
+    round trip). Once one is not covered the batch stops taking lines: it and every
+    pending line fail ``insufficient_quota`` (OpenAI's Batch: the batch completes
+    with what ran, the rest in its error file), while the lines in flight finish."""
+    if project is None:
+        return valid
+    budgets = project_budgets(project.id, project.daily_budget_usd, project.monthly_budget_usd)
+    if not budgets:
+        return valid
+    registry = get_registry()
+    amounts = [estimate(registry.get(model), params) for _, params, model, _ in valid]
+    job_ids = [job_id for _, _, _, job_id in valid]
+    granted, blocked = get_budgets().reserve(
+        budgets, job_ids, amounts, lambda: nullcontext(session), now
+    )
+    if blocked is not None:
+        refusal = blocked.refusal(now, amounts[granted])
+        for item_id, _, _, _ in valid[granted:]:
+            _fail_item(session, item_id, refusal, now)
+        _out_of_budget(session, batch, refusal, now)
+    return valid[:granted]
+
+
+def _out_of_budget(session: Session, batch: Batch, exc: InsufficientQuota, now: datetime) -> None:
+    """Every line not started yet fails with the budget's 429; those in flight run on."""
+    session.execute(
+        sa.update(BatchItem)
+        .where(col(BatchItem.batch_id) == batch.id, col(BatchItem.status) == ItemStatus.pending)
+        .values(
+            status=ItemStatus.failed,
+            status_code=exc.status_code,
+            finished_at=now,
+            error=render(exc).model_dump(),
+        )
+    )
 
 
 def _fail_item(session: Session, item_id: str, exc: ImagegenError, now: datetime) -> None:
@@ -187,12 +244,18 @@ def stop_pending(session: Session, batch: Batch, code: str, message: str) -> Non
             .where(col(BatchItem.id).in_(queued), col(BatchItem.status) == ItemStatus.queued)
             .values(status=ItemStatus.canceled, error=error, finished_at=now)
         )
+        if isinstance(get_budgets(), Budgets):  # their reservations, once they never run
+            jobs = _jobs_of(session, queued)
+            after_commit(session, lambda: get_budgets().release(list(jobs)))
 
 
 def item_finished(session: Session, job: Job) -> None:
-    """In the transaction that ends a batch job: keep the line's result."""
+    """In the transaction that ends a batch job: keep the line's result (and, after
+    commit, settle its budget at its cost: a failure costs nothing)."""
     if not job.batch_item_id:
         return
+    cost = job.cost_usd if job.status == JobStatus.succeeded else None
+    after_commit(session, lambda: get_budgets().settle(job.id, cost))
     values: dict[str, Any] = {"finished_at": utcnow()}
     if job.status == JobStatus.succeeded:
         values |= {"status": ItemStatus.succeeded, "status_code": 200}
@@ -224,6 +287,19 @@ def lines_succeeded(session: Session, item_ids: list[str]) -> None:
             .values(status=ItemStatus.succeeded, status_code=200, finished_at=utcnow())
             .execution_options(synchronize_session=False)
         )
+        if isinstance(get_budgets(), Budgets):  # with Redis: their costs settle budgets
+            costs = _jobs_of(session, item_ids)
+            after_commit(session, lambda: get_budgets().settle_many(costs))
+
+
+def _jobs_of(session: Session, item_ids: list[str]) -> dict[str, float | None]:
+    """The lines' jobs and their costs (read in the transaction that ended them)."""
+    rows = session.execute(
+        sa.select(col(Job.id), col(Job.cost_usd))
+        .join(BatchItem, col(BatchItem.job_id) == col(Job.id))
+        .where(col(BatchItem.id).in_(item_ids))
+    ).all()
+    return {job_id: cost for job_id, cost in rows}
 
 
 # --- batches of edits ----------------------------------------------------------------

@@ -42,6 +42,7 @@ class ErrorCode(StrEnum):
     rate_limit_exceeded = "rate_limit_exceeded"
     images_per_day_exceeded = "images_per_day_exceeded"
     jobs_in_flight_exceeded = "jobs_in_flight_exceeded"
+    insufficient_quota = "insufficient_quota"
     # The service and its providers
     service_unavailable = "service_unavailable"
     internal_error = "internal_error"
@@ -104,6 +105,8 @@ class ImagegenError(Exception):
     status_code = 500
     error_type = "server_error"
     code: str | None = ErrorCode.internal_error
+    # False: the answer says so to OpenAI's clients (``x-should-retry: false``).
+    should_retry: bool | None = None
 
     def __init__(
         self,
@@ -210,6 +213,17 @@ class RateLimited(ClientError):
     status_code = 429
     error_type = "rate_limit_error"
     code = ErrorCode.rate_limit_exceeded
+
+
+class InsufficientQuota(RateLimited):
+    """The project's (or key's) budget cannot cover the request (429): OpenAI's own
+    ``insufficient_quota``, whose ``type`` is the code itself. Trying again does
+    not help before the budget's period ends (``retry_after``) or it is raised,
+    so the answer tells OpenAI's clients not to retry (``should_retry``)."""
+
+    error_type = "insufficient_quota"
+    code = ErrorCode.insufficient_quota
+    should_retry = False
 
 
 class ServiceUnavailable(ClientError):

@@ -27,6 +27,7 @@ from shared.imaging import CONTENT_TYPES, InputImage
 from shared.jobs import lifecycle
 from shared.jobs.models import Image, Job, JobStatus
 from shared.jobs.submission import Submission
+from shared.projects.budgets import get_budgets
 from shared.projects.limits import get_limiter
 from shared.traces.models import Call
 from shared.traces.service import finish_call, start_call
@@ -140,6 +141,7 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
     finish_call(session, job, output=None, exception="canceled", usage=None)
     record_job_event(session, job, [])
     after_commit(session, lambda: get_limiter().release_job(project_id, job.id))
+    after_commit(session, lambda: get_budgets().release([job.id]))  # its cost never comes
     after_commit(session, lambda: publish_changed(job.id, job.status))
     return job
 

@@ -19,6 +19,9 @@ class Project(SQLModel, table=True):
     key_requests_per_minute: int | None = None
     images_per_day: int | None = None
     jobs_in_flight: int | None = None
+    # Budgets in USD per UTC day and month; None: no budget (shared/projects/budgets.py).
+    daily_budget_usd: float | None = None
+    monthly_budget_usd: float | None = None
     # Signs per-job webhooks (GET /v1/webhooks/default/secret); made on first use.
     webhook_secret: str | None = Field(default=None, max_length=100)
 
@@ -38,3 +41,6 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     last_used_at: datetime | None = ts_field()
     revoked_at: datetime | None = ts_field()
+    # The key's own budgets, beside its project's (None: none).
+    daily_budget_usd: float | None = None
+    monthly_budget_usd: float | None = None

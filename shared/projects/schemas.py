@@ -9,12 +9,26 @@ from pydantic import Field
 from shared.core.schemas import Schema
 
 INT32_MAX = 2**31 - 1  # the limit columns are SQL INTEGER
+# The most a budget may be, in USD: counted in micro-USD in Redis, whose Lua numbers
+# are exact integers below 2^53.
+BUDGET_MAX_USD = 1e9
 
 
-class Limits(Schema):
+class Budgets(Schema):
+    """Budgets in USD (null: none). A request whose estimated cost the remaining
+    budget cannot cover is refused with 429 ``insufficient_quota``; counted in Redis
+    (the full stack)."""
+
+    daily_budget_usd: float | None = Field(default=None, ge=0, le=BUDGET_MAX_USD)
+    """What may be spent per UTC day, in USD."""
+    monthly_budget_usd: float | None = Field(default=None, ge=0, le=BUDGET_MAX_USD)
+    """What may be spent per UTC calendar month, in USD."""
+
+
+class Limits(Budgets):
     """A project's limits: 0 means unlimited, null the service's default
-    (``IMAGEGEN_KEY_REQUESTS_PER_MINUTE`` and the like). They need Redis (the full
-    stack)."""
+    (``IMAGEGEN_KEY_REQUESTS_PER_MINUTE`` and the like), and its budgets (null: no
+    budget). They need Redis (the full stack)."""
 
     key_requests_per_minute: int | None = Field(default=None, ge=0, le=INT32_MAX)
     """Requests per minute per API key."""
@@ -31,8 +45,9 @@ class ProjectCreate(Limits):
     """A unique name; keys and the Weave surface's ``project_id`` refer to it."""
 
 
-class KeyCreate(Schema):
-    """``POST /v1/admin/keys``."""
+class KeyCreate(Budgets):
+    """``POST /v1/admin/keys``: the key's own budgets count what its requests cost,
+    beside its project's."""
 
     project: str = Field(min_length=1, max_length=200)
     """The project the key acts for."""
@@ -59,6 +74,10 @@ class ProjectObject(Schema):
     """Images per UTC day; 0 for unlimited, null for the service's default."""
     jobs_in_flight: int | None = None
     """Jobs queued or running at once; 0 for unlimited, null for the service's default."""
+    daily_budget_usd: float | None = None
+    """USD per UTC day; null for no budget."""
+    monthly_budget_usd: float | None = None
+    """USD per UTC month; null for no budget."""
 
 
 class KeyObject(Schema):
@@ -82,6 +101,10 @@ class KeyObject(Schema):
     """When it last authenticated a request, to the minute, Unix seconds."""
     revoked_at: int | None = None
     """When it was revoked (it authenticates nothing after), Unix seconds."""
+    daily_budget_usd: float | None = None
+    """The key's own USD per UTC day (beside its project's); null for none."""
+    monthly_budget_usd: float | None = None
+    """The key's own USD per UTC month; null for none."""
 
 
 class CreatedKey(KeyObject):
@@ -89,6 +112,27 @@ class CreatedKey(KeyObject):
 
     key: str
     """The secret key (``sk-ig-...``): keep it, it is never shown again."""
+
+
+class BudgetStatus(Schema):
+    """One budget as it stands (``GET /v1/usage``'s ``budgets``), in USD."""
+
+    scope: Literal["project", "key"]
+    """Whose: the project's, or the calling key's own."""
+    period: Literal["day", "month"]
+    """The UTC day or calendar month it counts."""
+    period_start: str
+    """The period's first day, ``YYYY-MM-DD``."""
+    resets_at: int
+    """When the next period starts, Unix seconds."""
+    budget_usd: float | None = None
+    """The budget; null for none (the project's spend is shown anyway)."""
+    spent_usd: float
+    """What jobs that ended in the period cost."""
+    reserved_usd: float
+    """What jobs in flight are estimated to cost (settled at their real cost)."""
+    remaining_usd: float | None = None
+    """``budget_usd`` less spent and reserved, at least 0; null without a budget."""
 
 
 class DeploymentHealth(Schema):

@@ -49,6 +49,11 @@ class Principal:
     key_requests_per_minute: int | None = None
     images_per_day: int | None = None
     jobs_in_flight: int | None = None
+    # Budgets in USD (shared/projects/budgets.py): the project's, and the key's own.
+    daily_budget_usd: float | None = None
+    monthly_budget_usd: float | None = None
+    key_daily_budget_usd: float | None = None
+    key_monthly_budget_usd: float | None = None
 
     def owns_project(self, project_ref: str) -> bool:
         """Weave's ``project_id`` names the project by name (``entity/project``) or id."""
@@ -69,6 +74,8 @@ def create_project(
     key_requests_per_minute: int | None = None,
     images_per_day: int | None = None,
     jobs_in_flight: int | None = None,
+    daily_budget_usd: float | None = None,
+    monthly_budget_usd: float | None = None,
 ) -> Project:
     name = name.strip()
     if not name:
@@ -78,6 +85,7 @@ def create_project(
         images_per_day=images_per_day,
         jobs_in_flight=jobs_in_flight,
     )
+    _budgets_valid(daily_budget_usd=daily_budget_usd, monthly_budget_usd=monthly_budget_usd)
     if session.exec(select(Project).where(col(Project.name) == name)).first() is not None:
         raise Conflict(f"A project named '{name}' exists already.", param="name")
     project = Project(
@@ -85,6 +93,8 @@ def create_project(
         key_requests_per_minute=key_requests_per_minute,
         images_per_day=images_per_day,
         jobs_in_flight=jobs_in_flight,
+        daily_budget_usd=daily_budget_usd,
+        monthly_budget_usd=monthly_budget_usd,
     )
     session.add(project)
     session.flush()
@@ -96,7 +106,7 @@ def get_or_create_project(session: Session, name: str) -> Project:
     return project if project is not None else create_project(session, name)
 
 
-def _limits_enforceable(**limits: int | None) -> None:
+def _limits_enforceable(**limits: float | None) -> None:
     """Limits are counted in Redis (shared/projects/limits.py): without it (embedded
     mode) they would be accepted and never enforced, so they are refused instead."""
     given = [field for field, value in limits.items() if value]
@@ -108,13 +118,36 @@ def _limits_enforceable(**limits: int | None) -> None:
         )
 
 
-def update_limits(session: Session, name: str, **limits: int | None) -> Project:
-    _limits_enforceable(**limits)
+def _budgets_valid(**budgets: float | None) -> None:
+    """Budgets are counted in Redis too: refused without it, as limits are (a budget
+    of 0 is a budget: nothing priced may run)."""
+    for field, value in budgets.items():
+        if value is None:
+            continue
+        if value < 0:
+            raise InvalidRequest(f"'{field}' must be 0 or more (USD).", param=field)
+        if not get_settings().redis_url:
+            raise InvalidRequest(
+                f"'{field}' cannot be enforced here: budgets are counted in Redis, and this "
+                "setup has none (set IMAGEGEN_REDIS_URL).",
+                param=field,
+            )
+
+
+LIMITS = ("key_requests_per_minute", "images_per_day", "jobs_in_flight")
+BUDGETS = ("daily_budget_usd", "monthly_budget_usd")
+
+
+def update_limits(session: Session, name: str, **limits: float | None) -> Project:
+    """Change the given limits and budgets (null: the default limit, no budget)."""
+    for field in limits:
+        if field not in LIMITS + BUDGETS:
+            raise InvalidRequest(f"Unknown limit '{field}'.", param=field)
+    _limits_enforceable(**{f: v for f, v in limits.items() if f in LIMITS})
+    _budgets_valid(**{f: v for f, v in limits.items() if f in BUDGETS})
     project = get_project(session, name)
     for field, value in limits.items():
-        if field not in ("key_requests_per_minute", "images_per_day", "jobs_in_flight"):
-            raise InvalidRequest(f"Unknown limit '{field}'.", param=field)
-        if value is not None and value < 0:
+        if field in LIMITS and value is not None and value < 0:
             raise InvalidRequest(f"'{field}' must be 0 (unlimited) or more.", param=field)
         setattr(project, field, value)
     session.add(project)
@@ -133,8 +166,13 @@ def create_key(
     name: str = "default",
     user: str = "",
     plaintext: str | None = None,
+    *,
+    daily_budget_usd: float | None = None,
+    monthly_budget_usd: float | None = None,
 ) -> tuple[ApiKey, str]:
-    """Create a key (and its project if new); the plaintext is returned once, never stored."""
+    """Create a key (and its project if new), with its own budgets if given; the
+    plaintext is returned once, never stored."""
+    _budgets_valid(daily_budget_usd=daily_budget_usd, monthly_budget_usd=monthly_budget_usd)
     project = get_or_create_project(session, project_name)
     plaintext = plaintext or KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
@@ -143,6 +181,8 @@ def create_key(
         user=user or name,
         prefix=plaintext[:10],
         key_hash=hash_key(plaintext),
+        daily_budget_usd=daily_budget_usd,
+        monthly_budget_usd=monthly_budget_usd,
     )
     session.add(key)
     session.flush()
@@ -213,6 +253,10 @@ def authenticate(session: Session, plaintext: str) -> KnownKey | None:
         key_requests_per_minute=project.key_requests_per_minute,
         images_per_day=project.images_per_day,
         jobs_in_flight=project.jobs_in_flight,
+        daily_budget_usd=project.daily_budget_usd,
+        monthly_budget_usd=project.monthly_budget_usd,
+        key_daily_budget_usd=key.daily_budget_usd,
+        key_monthly_budget_usd=key.monthly_budget_usd,
     )
     return KnownKey(principal, used_at)
 

@@ -15,6 +15,8 @@ def project_view(project: Project) -> ProjectObject:
         key_requests_per_minute=project.key_requests_per_minute,
         images_per_day=project.images_per_day,
         jobs_in_flight=project.jobs_in_flight,
+        daily_budget_usd=project.daily_budget_usd,
+        monthly_budget_usd=project.monthly_budget_usd,
     )
 
 
@@ -28,4 +30,6 @@ def key_view(key: ApiKey, project: Project) -> KeyObject:
         created_at=to_unix(key.created_at) or 0,
         last_used_at=to_unix(key.last_used_at),
         revoked_at=to_unix(key.revoked_at),
+        daily_budget_usd=key.daily_budget_usd,
+        monthly_budget_usd=key.monthly_budget_usd,
     )

@@ -7,11 +7,13 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
-from tests.support.processes import ServiceProcess, free_port, wait_http
+from tests.support.processes import ServiceProcess, free_port, wait_for, wait_http
 from tests.support.stack import Stack
 
 ADMIN = {"Authorization": "Bearer sk-admin-test"}
@@ -196,3 +198,92 @@ def test_projects_list_json_has_every_project_with_its_limits(stack: Stack) -> N
     names = {row["name"]: row for row in rows}
     assert {"alpha", "beta"} <= set(names)
     assert set(names["alpha"]) >= {"id", "created_at", "images_per_day", "jobs_in_flight"}
+
+
+def _usage_budgets(stack: Stack, key: str) -> dict[str, dict[str, Any]]:
+    """``GET /v1/usage``'s budgets by scope and period (``project/day``)."""
+    with stack.client(key) as client:
+        rows = client.get("/v1/usage").json()["budgets"]
+    return {f"{row['scope']}/{row['period']}": row for row in rows}
+
+
+def test_a_request_over_budget_is_refused_before_any_upstream_call(stack: Stack) -> None:
+    """Issue 26: 429 insufficient_quota in OpenAI's own shape (the openai package's
+    RateLimitError, not retried), settlement at the job's cost, a key's own budget,
+    and the Weave surface's own shape."""
+    stack.cli("projects", "create", "budgeted")
+    patched = httpx.patch(
+        f"{stack.base_url}/v1/admin/projects/budgeted",
+        headers=ADMIN,
+        json={"daily_budget_usd": 0.025, "monthly_budget_usd": 10},
+    ).json()
+    assert (patched["daily_budget_usd"], patched["monthly_budget_usd"]) == (0.025, 10)
+    key = stack.create_key("budgeted")
+    with openai.OpenAI(api_key=key, base_url=f"{stack.base_url}/v1") as client:
+        first = client.images.generate(model="priced", prompt="[budget] first", size="64x64", n=2)
+        assert first.data is not None
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.images.generate(model="priced", prompt="[budget] over", size="64x64")
+        # A model without a price is never refused by a budget.
+        client.images.generate(model="procedural", prompt="[budget] free", size="64x64")
+    assert refused.value.code == "insufficient_quota"
+    assert refused.value.type == "insufficient_quota"
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert "daily budget of $0.0250 cannot cover" in refused.value.message
+    assert not stack.upstream.calls_for("[budget] over")  # refused before any call
+    assert len(stack.upstream.calls_for("[budget] first")) >= 1
+    budgets = _usage_budgets(stack, key)
+    day = budgets["project/day"]
+    assert (day["budget_usd"], day["spent_usd"], day["reserved_usd"]) == (0.025, 0.02, 0.0)
+    assert day["remaining_usd"] == pytest.approx(0.005)
+    assert budgets["project/month"]["spent_usd"] == 0.02
+    assert "key/day" not in budgets
+    weave = httpx.post(
+        f"{stack.base_url}/image/create",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"project_id": "budgeted", "inputs": {"model": "priced", "prompt": "[budget] w"}},
+    )
+    assert weave.status_code == 429
+    assert "budget" in weave.json()["detail"]
+    # A key's own budget, below its project's (none here).
+    made = httpx.post(
+        f"{stack.base_url}/v1/admin/keys",
+        headers=ADMIN,
+        json={"project": "alpha", "name": "capped", "daily_budget_usd": 0.005},
+    ).json()
+    assert made["daily_budget_usd"] == 0.005
+    capped = gen(stack, made["key"], model="priced", prompt="[budget] capped")
+    assert capped.status_code == 429
+    assert capped.json()["error"] == {
+        "code": "insufficient_quota",
+        "type": "insufficient_quota",
+        "message": capped.json()["error"]["message"],
+        "param": None,
+    }
+    assert "API key's daily budget" in capped.json()["error"]["message"]
+    assert _usage_budgets(stack, made["key"])["key/day"]["budget_usd"] == 0.005
+
+
+def test_a_batch_out_of_budget_completes_with_the_rest_failed(stack: Stack) -> None:
+    stack.cli("projects", "create", "batch-budget", "--daily-budget-usd", "0.035")
+    key = stack.create_key("batch-budget")
+    with stack.client(key) as api:
+        batch = api.post(
+            "/v1/images/batches",
+            json={"prompts": [f"[budget] line {i}" for i in range(6)], "model": "priced"},
+        ).json()
+        wait_for(
+            lambda: api.get(f"/v1/images/batches/{batch['id']}").json()["status"] == "completed",
+            60,
+            "batch out of budget",
+        )
+        items = api.get(f"/v1/images/batches/{batch['id']}/items").json()["data"]
+        done = api.get(f"/v1/images/batches/{batch['id']}").json()
+    assert [i["status"] for i in items] == ["succeeded"] * 3 + ["failed"] * 3
+    for item in items[3:]:
+        assert item["response"]["status_code"] == 429
+        assert item["response"]["body"]["error"]["code"] == "insufficient_quota"
+    assert done["request_counts"] == {"total": 6, "completed": 3, "failed": 3}
+    assert done["error_file_id"]
+    day = _usage_budgets(stack, key)["project/day"]
+    assert (day["spent_usd"], day["reserved_usd"]) == (0.03, 0.0)

@@ -109,6 +109,14 @@ def models_yaml(upstream_url: str) -> dict[str, Any]:
                 **upstream,
                 "capabilities": {"sizes": ["64x64", "256x256", "1024x1024"], "max_n": 4},
             },
+            # A price per image (budgets: tests/e2e/test_keys_and_limits.py).
+            {
+                "name": "priced",
+                "upstream_model": "fake-fast",
+                **upstream,
+                "price": {"per_image": 0.01},
+                "capabilities": {"sizes": ["64x64"], "max_n": 4},
+            },
             # A queue no worker consumes: its jobs stay queued (cancel tests).
             {
                 "name": "parked",
