@@ -192,6 +192,12 @@ def test_the_pages_render(page: Page, stack: Stack) -> None:
         "rs => rs.map(r => r.dataset.model + '=' + getComputedStyle(r).fill)"
     )
     assert len({f.split("=")[1] for f in fills}) == len(legend)
+    # Cost per day and model, and the budgets (issue 26): alpha has none, its spend shows.
+    expect(page.locator("#usage-table th").last).to_have_text("cost (USD)")
+    day = page.locator('#budgets-table tr[data-scope="project"][data-period="day"] td')
+    expect(day.nth(2)).to_have_text("none")
+    expect(day.nth(3)).to_have_text("$0.0000")
+    expect(page.locator("#budgets-table tbody tr")).to_have_count(2)
     shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("L")
     assert shot.width == 1200
     # Rendered, not blank: the header bar, text and chart give the page contrast.

@@ -416,14 +416,28 @@ function usageChart(rows) {
   return el("div", { class: "card" }, svg, legend);
 }
 
+const usd = (value) => (value === null || value === undefined ? "none" : `$${value.toFixed(4)}`);
+
+// The project's day and month (and the key's own budgets): budget, spent, in flight, left.
+function budgetsTable(rows) {
+  const head = ["budget", "period", "budget (USD)", "spent", "reserved", "remaining"];
+  return el("table", { id: "budgets-table" }, el("thead", {}, el("tr", {}, head.map((h) => el("th", { text: h })))),
+    el("tbody", {}, rows.map((b) => el("tr", { "data-scope": b.scope, "data-period": b.period },
+      el("td", { text: b.scope }), el("td", { text: `${b.period} from ${b.period_start}` }), el("td", { text: usd(b.budget_usd) }),
+      el("td", { text: usd(b.spent_usd) }), el("td", { text: usd(b.reserved_usd) }),
+      el("td", { text: b.remaining_usd === null ? "-" : usd(b.remaining_usd) })))));
+}
+
 async function usageView() {
   const report = await api("/v1/usage");
   show(
     el("h1", { text: "Usage" }),
-    el("p", { text: `${report.totals.images} images, ${report.totals.jobs} jobs from ${report.start_date} to ${report.end_date}.` }),
+    el("p", { text: `${report.totals.images} images, ${report.totals.jobs} jobs, ${usd(report.totals.cost_usd)} from ${report.start_date} to ${report.end_date}.` }),
+    el("h2", { text: "Budgets" }),
+    budgetsTable(report.budgets || []),
     usageChart(report.data),
-    el("table", {}, el("thead", {}, el("tr", {}, ["day", "model", "images", "succeeded", "failed"].map((h) => el("th", { text: h })))),
-      el("tbody", {}, report.data.map((r) => el("tr", {}, el("td", { text: r.date }), el("td", { text: r.model }), el("td", { text: String(r.images) }), el("td", { text: String(r.jobs.succeeded || 0) }), el("td", { text: String(r.jobs.failed || 0) }))))),
+    el("table", { id: "usage-table" }, el("thead", {}, el("tr", {}, ["day", "model", "images", "succeeded", "failed", "cost (USD)"].map((h) => el("th", { text: h })))),
+      el("tbody", {}, report.data.map((r) => el("tr", {}, el("td", { text: r.date }), el("td", { text: r.model }), el("td", { text: String(r.images) }), el("td", { text: String(r.jobs.succeeded || 0) }), el("td", { text: String(r.jobs.failed || 0) }), el("td", { text: usd(r.cost_usd) }))))),
   );
 }
 
