@@ -224,13 +224,19 @@ def test_a_request_over_budget_is_refused_before_any_upstream_call(stack: Stack)
         assert first.data is not None
         with pytest.raises(openai.RateLimitError) as refused:
             client.images.generate(model="priced", prompt="[budget] over", size="64x64")
+        with pytest.raises(openai.RateLimitError) as streamed:  # a 429, not a 200 stream
+            client.images.generate(
+                model="priced", prompt="[budget] streamed", size="64x64", stream=True
+            )
         # A model without a price is never refused by a budget.
         client.images.generate(model="procedural", prompt="[budget] free", size="64x64")
     assert refused.value.code == "insufficient_quota"
     assert refused.value.type == "insufficient_quota"
     assert refused.value.response.headers["x-should-retry"] == "false"
     assert "daily budget of $0.0250 cannot cover" in refused.value.message
+    assert streamed.value.code == "insufficient_quota"
     assert not stack.upstream.calls_for("[budget] over")  # refused before any call
+    assert not stack.upstream.calls_for("[budget] streamed")
     assert len(stack.upstream.calls_for("[budget] first")) >= 1
     budgets = _usage_budgets(stack, key)
     day = budgets["project/day"]
