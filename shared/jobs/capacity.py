@@ -13,7 +13,7 @@ calls in flight, each with the time its lease ends, so a worker that dies never
 holds a slot past its lease.
 
 Interactive jobs (sync and async single requests) go ahead of batch lines for the
-same capacity: batch lines leave a tenth of the burst (at least one image), and one
+same capacity: batch lines leave a tenth of the burst more (at least one image), and one
 concurrency slot, to them, and queue for tickets where they do not. That tenth is
 also the slack the upstream's own bucket keeps while a batch runs it at its limit:
 without it, calls granted one share apart that reach the upstream a few
@@ -46,6 +46,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BURST_SECONDS = 1.0
+# Calls granted one share apart can reach the upstream a little closer together
+# (network, scheduling): each call leaves this much of the burst unused, and one
+# as large as the whole burst waits for the bucket to have been full this long
+# (bench/bench_routing.py and tests/e2e/test_routing.py met 429s without it).
+JITTER_SECONDS = 0.02
 # A job refused for concurrency alone comes back this often: when a call ends is
 # not known in advance.
 BUSY_WAIT_SECONDS = 0.25
@@ -58,7 +63,7 @@ KEYS = (
 # KEYS: rate (theoretical arrival time), busy (call id -> lease end), ticket (the
 # waiting line's end). ARGV, times in microseconds: images, interactive (1/0), call
 # id, lease, time per image (0: no rate), burst, max concurrency (0: none), busy
-# wait, book (1/0). Returns {1, 0} (taken) or {0, microseconds to wait}; a booking
+# wait, book (1/0), jitter margin. Returns {1, 0} (taken) or {0, microseconds to wait}; a booking
 # returns {0, microseconds until the ticket's turn}. The clock is Redis's own: one
 # clock for every host. Microseconds, stored with %.0f: a per-image time rounded
 # to milliseconds would run a 1,800-a-minute limit 2% slow or fast.
@@ -73,9 +78,11 @@ local period = tonumber(ARGV[5])
 local burst = tonumber(ARGV[6])
 local maxc = tonumber(ARGV[7])
 local need = images * period
-local slack = math.max(burst, need)
-local reserve = math.max(period, math.floor(burst / 10))
-if not interactive and burst - reserve >= need then slack = burst - reserve end
+local jitter = tonumber(ARGV[10])
+local cap = burst - jitter
+if not interactive then cap = cap - math.max(period, math.floor(burst / 10)) end
+local slack = cap
+if need > cap then slack = need - jitter end
 if ARGV[9] == '1' then
   if period == 0 then return {0, tonumber(ARGV[8])} end
   local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
@@ -93,9 +100,12 @@ if maxc > 0 then
 end
 local tat = now
 if period > 0 then
-  tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
-  local allow = tat + need - slack
+  local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
+  -- Not clamped to now: a call larger than its cap waits for the bucket to have
+  -- been full for the jitter margin.
+  local allow = stored + need - slack
   if allow > now then wait = math.max(wait, allow - now) end
+  tat = math.max(stored, now)
 end
 if wait > 0 then return {0, wait} end
 if period > 0 then
@@ -185,6 +195,7 @@ class Capacity:
             limits.max_concurrency or 0,
             int(BUSY_WAIT_SECONDS * 1_000_000),
             int(book),
+            int(JITTER_SECONDS * 1_000_000),
         ]
         try:
             taken, wait_us = self._take(keys=self._keys(target), args=args)

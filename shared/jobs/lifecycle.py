@@ -356,7 +356,13 @@ def defer(session: Session, job: Job, token: str, detail: str, due: datetime) ->
 _REQUEUE = (
     sa.update(_JOBS)
     .where(_taken_from(JobStatus.queued))
-    .values(status=JobStatus.queued, lease_token=None, lease_expires_at=None, published_at=None)
+    .values(
+        status=JobStatus.queued,
+        lease_token=None,
+        lease_expires_at=None,
+        published_at=None,
+        status_detail=None,  # what the dead attempt waited on no longer holds
+    )
 )
 
 

@@ -220,7 +220,9 @@ class JobObject(Schema):
     webhook_events: list[str] | None = None
     """The events the per-job webhook receives."""
     status_detail: str | None = None
-    """While running: what it waits on, if anything (``waiting for storage: ...``)."""
+    """What it waits on, if anything: while running, ``waiting for storage: ...``;
+    while queued again, ``waiting for capacity: ...`` (every deployment of its
+    model at its limit)."""
     request_id: str | None = None
     """The ``X-Request-Id`` of the request that created the job."""
     progress: JobProgress | None = None

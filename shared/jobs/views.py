@@ -29,6 +29,8 @@ from shared.jobs.schemas import (
 )
 from shared.registry import get_registry
 
+_DETAILED = (JobStatus.running, JobStatus.queued)
+
 
 def job_failure(job: Job) -> ClientError:
     """How a failed (or canceled) job answers a waiting request, and its batch line."""
@@ -122,7 +124,8 @@ def render_job(
         webhook_url=job.webhook_url,
         webhook_events=job.webhook_events,
         request_id=job.request_id,
-        status_detail=job.status_detail if job.status == JobStatus.running else None,
+        # Running: what it waits on; queued again: why (waiting for capacity).
+        status_detail=job.status_detail if job.status in _DETAILED else None,
         progress=JobProgress.model_validate(job.progress) if job.progress else None,
         seeds=_seeds(job.request),
         served_by=ServedBy.model_validate(job.served_by) if job.served_by else None,

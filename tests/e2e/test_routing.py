@@ -43,7 +43,10 @@ def _deployment(upstream: FakeUpstream, name: str, weight: float = 1) -> dict[st
 
 @pytest.fixture(scope="module")
 def upstreams() -> Iterator[dict[str, FakeUpstream]]:
-    fakes = {name: FakeUpstream().start() for name in ("a", "b", "broken", "cool", "steady")}
+    fakes = {
+        name: FakeUpstream().start() for name in ("a", "b", "broken", "cool", "steady", "paced")
+    }
+    fakes["paced"].images_per_minute = 120  # OpenAI's 429 past it
     yield fakes
     for fake in fakes.values():
         fake.stop()
@@ -55,6 +58,13 @@ def routed(
 ) -> Iterator[Stack]:
     caps = {"sizes": ["64x64", "256x256"], "max_n": 4}
     models: list[dict[str, Any]] = [
+        {  # one deployment declaring its upstream's limit: jobs wait for room
+            "name": "paced",
+            "capabilities": caps,
+            "deployments": [
+                {**_deployment(upstreams["paced"], "dep-paced"), "images_per_minute": 120}
+            ],
+        },
         {  # issue 26's form: no provider on the entry, its deployments say it
             "name": "spread",
             "capabilities": caps,
@@ -276,6 +286,53 @@ def test_a_cooldown_one_worker_process_wrote_is_honoured_by_the_other(
     assert len(cool.calls) == 1
     assert cool.rate_limited == 1
     assert all(len(steady.calls_for(line)) == 1 for line in lines)
+
+
+def test_jobs_wait_for_room_at_a_limited_deployment_instead_of_meeting_its_429(
+    routed: Stack, upstreams: dict[str, FakeUpstream]
+) -> None:
+    """A deployment declaring 120 images a minute, its upstream answering 429 past
+    that: three interactive jobs of four images each (two seconds' worth each) and a
+    batch of four two-image lines, all at once. None is refused upstream; the jobs
+    whose turn is more than two seconds off wait queued, saying why, without
+    spending an attempt, and all succeed."""
+    paced = upstreams["paced"]
+    started = time.monotonic()
+    jobs = [routed.submit(f"paced job {index}", model="paced", n=4) for index in range(3)]
+    with routed.client() as client:
+        resp = client.post(
+            "/v1/images/batches",
+            json={
+                "model": "paced",
+                "size": "64x64",
+                "n": 2,
+                "prompts": [f"paced line {index}" for index in range(4)],
+            },
+        )
+        assert resp.status_code == 200, resp.text
+        batch_id = resp.json()["id"]
+        details: set[str] = set()
+        deadline = time.monotonic() + 60
+        while (batch := client.get(f"/v1/images/batches/{batch_id}").json())["status"] not in (
+            "completed",
+            "failed",
+        ) or any(_job(routed, j["id"])["status"] in ("queued", "running") for j in jobs):
+            assert time.monotonic() < deadline, batch
+            for job in jobs:
+                seen = _job(routed, job["id"])
+                if seen["status"] == "queued" and seen.get("status_detail"):
+                    details.add(seen["status_detail"])
+            time.sleep(0.1)
+    took = time.monotonic() - started
+    done = [_job(routed, job["id"]) for job in jobs]
+    assert [job["status"] for job in done] == ["succeeded"] * 3
+    assert all(len(job["result"]["data"]) == 4 for job in done)
+    assert all(job["attempts"] == 1 for job in done)  # waiting spends no attempt
+    assert batch["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
+    assert paced.rate_limited == 0  # every call inside the upstream's limit
+    assert len(paced.calls) == 3 + 4  # and none repeated
+    assert took > 6 - 1.5  # 20 images at 2 a second, less the one-second burst
+    assert any(d.startswith("waiting for capacity: every deployment of 'paced'") for d in details)
 
 
 def test_a_batch_says_what_its_lines_cost(routed: Stack) -> None:

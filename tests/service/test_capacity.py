@@ -47,11 +47,12 @@ def _target(per_minute: int | None = None, at_once: int | None = None) -> Target
 
 def test_a_minute_limit_allows_one_second_of_it_at_once_then_paces(client: redis.Redis) -> None:
     capacity, target = Capacity(client, 60), _target(per_minute=600)  # 10 a second
-    taken = [capacity.take(target, 1, interactive=True) for _ in range(10)]
+    # One second's worth, less the jitter margin (20 ms: a fifth of an image).
+    taken = [capacity.take(target, 1, interactive=True) for _ in range(9)]
     assert all(t.call_id for t in taken)
     refused = capacity.take(target, 1, interactive=True)
     assert refused.call_id is None
-    assert 0.05 < refused.wait <= 0.1  # the next image's share of a second
+    assert 0 < refused.wait <= 0.1  # at most the next image's share of a second
     time.sleep(refused.wait + 0.01)
     assert capacity.take(target, 1, interactive=True).call_id
 
@@ -67,7 +68,7 @@ def test_a_call_counts_its_images(client: redis.Redis) -> None:
 def test_batch_lines_leave_a_tenth_of_the_burst_to_interactive_jobs(client: redis.Redis) -> None:
     capacity, target = Capacity(client, 60), _target(per_minute=600)
     lines = [capacity.take(target, 1, interactive=False) for _ in range(10)]
-    assert sum(1 for t in lines if t.call_id) == 9
+    assert sum(1 for t in lines if t.call_id) == 8
     assert capacity.take(target, 1, interactive=True).call_id  # the one left
 
 
@@ -78,7 +79,7 @@ def test_a_call_larger_than_the_burst_waits_for_an_empty_bucket_not_forever(
     assert capacity.take(target, 3, interactive=False).call_id  # an idle deployment takes it
     refused = capacity.take(target, 3, interactive=False)
     assert refused.call_id is None
-    assert 2.5 < refused.wait <= 3.0
+    assert 2.9 < refused.wait <= 3.1  # the bucket full again, and the jitter margin
 
 
 def test_calls_at_once_are_held_until_given_back(client: redis.Redis) -> None:
@@ -131,7 +132,7 @@ def test_two_processes_share_one_limit(client: redis.Redis) -> None:
         for capacity in (one, other)
         if capacity.take(target, 1, interactive=True).call_id
     )
-    assert took == 10  # one burst between them, not one each
+    assert took == 9  # one burst between them, not one each
 
 
 def test_paced_takers_stay_within_the_limit_and_use_it(client: redis.Redis) -> None:
@@ -144,7 +145,7 @@ def test_paced_takers_stay_within_the_limit_and_use_it(client: redis.Redis) -> N
             taken += 1
         else:
             time.sleep(capacity.book(target, 1) + 0.005)
-    assert 18 + 38 <= taken <= 20 + 40  # burst (less the tenth kept back) + 2 s of pace
+    assert 17 + 38 <= taken <= 20 + 40  # burst (less what is kept back) + 2 s of pace
 
 
 def test_without_redis_nothing_is_held(client: redis.Redis) -> None:
