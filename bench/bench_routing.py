@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.bench_routing                      # 2,000 lines
     .venv/bin/python -m bench.bench_routing --kill-after 10      # one dies mid-run
+    .venv/bin/python -m bench.bench_routing --fair               # two projects share
 
 Three fake deployments (tests/support/fake_upstream.py, each a process of its
 own) rate-limited to 60, 120 and 180 images a minute times ``--scale`` (10: 600,
@@ -19,6 +20,11 @@ worker saw them: ``imagegen_deployment_calls_total`` in /metrics) and its
 cooldowns, the lines that failed, and the interactive p50 during the batch
 against its idle p50. Targets: >= 95% of the limits used, at most one 429 per
 deployment per cooldown, interactive p50 at most 2x idle, nothing failed.
+
+``--fair``: instead, two projects' batches at once, the same lines in all: one
+project in one batch, the other in two. Reported: each project's share of the
+lines done when half of all were, and when each project finished. Fair: half
+each, whatever the number of batches.
 """
 
 from __future__ import annotations
@@ -147,6 +153,58 @@ def deployment_metrics(stack: Stack) -> dict[str, dict[str, float]]:
     return found
 
 
+def fairness(stack: Stack, lines: int) -> None:
+    """One project's batch of ``lines / 2`` against another's two of ``lines / 4``."""
+    gamma = stack.create_key("gamma")
+    plan = [
+        (stack.key_a, "alpha", lines // 2),
+        (gamma, "gamma", lines // 4),
+        (gamma, "gamma", lines // 4),
+    ]
+    batches: list[tuple[str, str, str]] = []
+    for key, project, count in plan:
+        with stack.client(key) as client:
+            resp = client.post(
+                "/v1/images/batches",
+                json={
+                    "model": MODEL,
+                    "size": "64x64",
+                    "prompts": [f"fair {project} {i}" for i in range(count)],
+                },
+            )
+            assert resp.status_code == 200, resp.text
+            batches.append((key, project, resp.json()["id"]))
+    started = time.perf_counter()
+    finished: dict[str, float] = {}
+    half: dict[str, int] | None = None
+    while len(finished) < 2:
+        done = {"alpha": 0, "gamma": 0}
+        open_by = {"alpha": False, "gamma": False}
+        for key, project, batch_id in batches:
+            with stack.client(key) as client:
+                batch = client.get(f"/v1/images/batches/{batch_id}").json()
+            counts = batch["request_counts"]
+            done[project] += counts["completed"] + counts["failed"]
+            open_by[project] |= batch["status"] not in ("completed", "failed", "cancelled")
+        for project, still in open_by.items():
+            if not still and project not in finished:
+                finished[project] = time.perf_counter() - started
+        if half is None and sum(done.values()) >= lines // 2:
+            half = dict(done)
+        time.sleep(0.2)
+    assert half is not None
+    total = sum(half.values())
+    print(
+        f"two projects, {lines} lines in all: alpha one batch of {lines // 2}, gamma two of "
+        f"{lines // 4}"
+    )
+    print(
+        f"  when half the lines were done: alpha {100 * half['alpha'] / total:.0f}%, gamma "
+        f"{100 * half['gamma'] / total:.0f}% of them"
+    )
+    print(f"  alpha finished at {finished['alpha']:.1f}s, gamma at {finished['gamma']:.1f}s")
+
+
 def ideal_seconds(lines: int, deployments: list[Deployment], started: float) -> float:
     """Lines over the summed limits; a deployment killed counts until it died."""
     rates = [d.per_minute / 60 for d in deployments]
@@ -169,6 +227,7 @@ def main() -> None:
     parser.add_argument(
         "--kill-after", type=float, default=None, help="kill the largest deployment then"
     )
+    parser.add_argument("--fair", action="store_true", help="two projects' batches share")
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
@@ -194,6 +253,9 @@ def main() -> None:
     )
     try:
         wait_http(f"{stack.base_url}/healthz")
+        if args.fair:
+            fairness(stack, args.lines)
+            return
         idle = interactive(stack, None, 10, 0.5)
         client = openai.OpenAI(
             api_key=stack.key_a, base_url=f"{stack.base_url}/v1", max_retries=0, timeout=300

@@ -17,7 +17,7 @@ from sqlmodel import Session, col
 
 from shared.batches.input import EDITS_ENDPOINT
 from shared.batches.models import PUMPED, Batch, BatchItem, BatchStatus, ItemStatus
-from shared.core.broker import publish_jobs
+from shared.core.broker import publish_batch_pump, publish_jobs
 from shared.core.clock import utcnow
 from shared.core.columns import table
 from shared.core.errors import (
@@ -69,7 +69,11 @@ def pump(session: Session, batch_id: str) -> Pumped:
         batch.status = BatchStatus.expiring
         session.add(batch)
     in_flight = _count(session, batch.id, ItemStatus.queued)
-    room = bound - in_flight
+    # The bound is the project's, across its open batches: projects share the
+    # workers and upstreams fairly however many batches each runs at once (their
+    # lines take turns for an upstream's room in order: shared/jobs/capacity.py).
+    siblings = _open_batches(session, batch.project_id, batch.id)
+    room = bound - in_flight - _in_flight(session, siblings)
     pending: list[sa.Row[Any]] = []
     if batch.status == BatchStatus.in_progress and room >= max(1, bound // 4):
         pending = list(
@@ -96,7 +100,13 @@ def pump(session: Session, batch_id: str) -> Pumped:
             _fail_item(session, item_id, exc, now)
     jobs = _queue_lines(session, batch, valid, now) if valid else []
     created = [job["id"] for job in jobs]
-    finished = not created and in_flight == 0 and _count(session, batch.id, ItemStatus.pending) == 0
+    drained = not pending and _count(session, batch.id, ItemStatus.pending) == 0
+    finished = not created and in_flight == 0 and drained
+    if drained and siblings:
+        # The project's room this batch no longer needs goes to its other batches
+        # (only those with lines left: two drained batches never wake each other).
+        for sibling in _with_pending(session, siblings):
+            after_commit(session, partial(publish_batch_pump, sibling))
     # Lines run in chunks: one message, one claim and one finishing transaction per
     # chunk instead of per line (if a message is lost, the job sweeper re-publishes
     # its jobs one by one).
@@ -216,6 +226,45 @@ def _fail_item(session: Session, item_id: str, exc: ImagegenError, now: datetime
             error=render(exc).model_dump(),
         )
     )
+
+
+def _open_batches(session: Session, project_id: str, but: str) -> list[str]:
+    """The project's other batches being pumped (a handful)."""
+    return list(
+        session.execute(
+            sa.select(col(Batch.id)).where(
+                col(Batch.project_id) == project_id,
+                col(Batch.status).in_(PUMPED),
+                col(Batch.id) != but,
+            )
+        ).scalars()
+    )
+
+
+def _in_flight(session: Session, batch_ids: list[str]) -> int:
+    if not batch_ids:
+        return 0
+    return int(
+        session.execute(
+            sa.select(sa.func.count())
+            .select_from(BatchItem)
+            .where(
+                col(BatchItem.batch_id).in_(batch_ids), col(BatchItem.status) == ItemStatus.queued
+            )
+        ).scalar_one()
+    )
+
+
+def _with_pending(session: Session, batch_ids: list[str]) -> list[str]:
+    return [
+        batch_id
+        for batch_id in batch_ids
+        if session.execute(
+            sa.select(col(BatchItem.id))
+            .where(col(BatchItem.batch_id) == batch_id, col(BatchItem.status) == ItemStatus.pending)
+            .limit(1)
+        ).first()
+    ]
 
 
 def _count(session: Session, batch_id: str, status: ItemStatus) -> int:

@@ -1,7 +1,7 @@
 """Batches: OpenAI's Batch API over a JSONL file, and a native JSON batch.
 
 A batch's lines become items; items become ordinary jobs on the batch queue a
-few at a time (``pump``: at most ``batch_max_in_flight`` per batch), so a
+few at a time (``pump``: at most ``batch_max_in_flight`` per project), so a
 50,000-line batch never floods the broker or starves other projects' sync
 requests. Every step is a guarded transition in SQL: a restart of any process
 resumes the batch (the sweeper pumps it), an item's job is created once, and a

@@ -115,9 +115,10 @@ class Settings(BaseSettings):
     webhook_retry_schedule: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
     webhook_timeout_seconds: float = 15.0
     webhook_allow_private_targets: bool = False
-    # Batches: their jobs' queue, how many lines of one batch are queued or running
-    # at once (the rest wait in SQL), and how long URLs in output files live (7
-    # days, the most an S3 SigV4 presigned URL may).
+    # Batches: their jobs' queue, how many lines of one project's batches are queued
+    # or running at once (the rest wait in SQL; one bound per project, so projects
+    # share fairly however many batches each runs), and how long URLs in output
+    # files live (7 days, the most an S3 SigV4 presigned URL may).
     batch_queue: str = "batch"
     batch_max_in_flight: int = 128
     # Lines of a batch run per worker task (their provider calls side by side).
