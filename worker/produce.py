@@ -129,6 +129,8 @@ def _try_targets(
             break
         taken = capacity().take(target, call.count, interactive)
         if taken.call_id is None:
+            if target.probe:
+                cooldowns().unclaim(target)
             busy.append((taken.wait, target))
             continue
         started = time.monotonic()
@@ -140,6 +142,8 @@ def _try_targets(
             PROVIDER_SECONDS.labels(target.model).observe(seconds)
             DEPLOYMENT_SECONDS.labels(target.model, target.deployment).observe(seconds)
             DEPLOYMENT_CALLS.labels(target.model, target.deployment, "ok").inc()
+            if target.probe:
+                cooldowns().healthy(target)
             generation.served_by = target.served_by
             return generation
         except ProviderError as exc:

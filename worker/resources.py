@@ -50,7 +50,9 @@ def webhook_client() -> httpx.Client:
 def cooldowns() -> Cooldowns:
     """Deployments cooling down after a failure (shared through Redis where there
     is one: shared/jobs/routing.py)."""
-    return current().made("cooldowns", lambda c: Cooldowns(c.redis))
+    return current().made(
+        "cooldowns", lambda c: Cooldowns(c.redis, c.settings.provider_timeout_seconds + 5)
+    )
 
 
 def capacity() -> Capacity:

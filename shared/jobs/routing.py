@@ -19,6 +19,7 @@ is passed over, not failed, and a job whose every deployment is at its limit wai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -36,6 +37,11 @@ COOLDOWN_SECONDS = 10.0
 # reads the OS's entropy on every provider call).
 _RNG = random.Random()
 KEY = "imagegen:cooldown:{model}:{deployment}"
+DUE = "imagegen:cooldown-ended:{model}:{deployment}"
+PROBE = "imagegen:probe:{model}:{deployment}"
+# How long a deployment stays half open after its cooldown, waiting for a probe
+# (a deployment nobody calls meanwhile is simply healthy again after it).
+DUE_MS = 600_000
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +56,7 @@ class Target:
     deployment: str
     cools: bool  # one of several: it cools down when it fails
     limits: Deployment | None = None  # its images_per_minute and max_concurrency
+    probe: bool = False  # its cooldown ended: this call tells whether it is healthy
 
     @property
     def served_by(self) -> dict[str, str]:
@@ -59,11 +66,22 @@ class Target:
 class Cooldowns:
     """Deployments cooling down: in Redis where there is one (shared by every
     process), else in this process; each also noted here, until when (monotonic
-    seconds), so a Redis outage leaves this process's own knowledge."""
+    seconds), so a Redis outage leaves this process's own knowledge.
 
-    def __init__(self, client: redis.Redis | None = None) -> None:
+    When a cooldown ends the deployment is half open: one call, by whichever
+    caller claims it first (a key set only if absent), probes it while every other
+    caller still passes it over. The probe's success makes it healthy again; its
+    failure cools it down again. So a deployment that keeps failing (a 429 storm,
+    a dead host) costs one call per cooldown, not one per call in flight when its
+    cooldown ends. A claim whose holder died lapses after ``probe_seconds``."""
+
+    def __init__(self, client: redis.Redis | None = None, probe_seconds: float = 30.0) -> None:
         self._client = client
+        self._probe_ms = max(1, int(probe_seconds * 1000))
         self._until: dict[tuple[str, str], float] = {}
+        # Deployments whose cooldown ended, not yet probed back to health.
+        self._due: set[tuple[str, str]] = set()
+        self._probing: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
     def cool(self, target: Target, seconds: float | None) -> None:
@@ -71,15 +89,42 @@ class Cooldowns:
             return
         seconds = COOLDOWN_SECONDS if seconds is None else max(0.0, seconds)
         until = time.monotonic() + seconds
+        key = (target.model, target.deployment)
         with self._lock:
-            key = (target.model, target.deployment)
             self._until[key] = max(until, self._until.get(key, 0.0))
-        if self._client is not None and seconds > 0:
-            name = KEY.format(model=target.model, deployment=target.deployment)
+            self._due.add(key)
+            self._probing.pop(key, None)
+        if self._client is not None:
+            names = _names(target.model, target.deployment)
             try:
-                self._client.set(name, 1, px=max(1, int(seconds * 1000)))
+                pipe = self._client.pipeline(transaction=False)
+                if seconds > 0:
+                    pipe.set(names[0], 1, px=max(1, int(seconds * 1000)))
+                pipe.set(names[1], 1, px=max(1, int(seconds * 1000)) + DUE_MS)
+                pipe.delete(names[2])
+                pipe.execute()
             except redis.RedisError as exc:
-                log.warning("cooldown of %s not shared: %s", name, exc)
+                log.warning("cooldown of %s not shared: %s", names[0], exc)
+
+    def healthy(self, target: Target) -> None:
+        """A probe answered: the deployment takes calls again."""
+        key = (target.model, target.deployment)
+        with self._lock:
+            self._due.discard(key)
+            self._probing.pop(key, None)
+        if self._client is not None:
+            try:
+                self._client.delete(*_names(target.model, target.deployment)[1:])
+            except redis.RedisError as exc:
+                log.warning("%s healthy, not shared: %s", target.served_by, exc)
+
+    def unclaim(self, target: Target) -> None:
+        """The probe was not made (no room at the deployment): another call may."""
+        with self._lock:
+            self._probing.pop((target.model, target.deployment), None)
+        if self._client is not None:
+            with contextlib.suppress(redis.RedisError):  # the claim lapses on its own
+                self._client.delete(_names(target.model, target.deployment)[2])
 
     def cooling(self, model: str, deployment: str) -> bool:
         with self._lock:
@@ -92,12 +137,60 @@ class Cooldowns:
         except redis.RedisError:
             return False
 
+    def states(self, model: str, deployments: list[str]) -> list[str]:
+        """Each deployment's state for one call: ``ok``; ``cooling`` (or half open
+        and another caller probing it); ``probe`` (half open, and this call is the
+        probe). One round trip to Redis, and one more per probe claimed."""
+        now = time.monotonic()
+        shared: list[object] = [None] * (2 * len(deployments))
+        read = False  # Redis answered: its half-open marks are the truth
+        if self._client is not None:
+            keys = [name for d in deployments for name in _names(model, d)[:2]]
+            with contextlib.suppress(redis.RedisError):  # this process's knowledge alone
+                shared, read = list(self._client.mget(keys)), True
+        found = []
+        for index, deployment in enumerate(deployments):
+            key = (model, deployment)
+            with self._lock:
+                cooling_here = self._until.get(key, 0.0) > now
+                due_here = key in self._due
+            if cooling_here or shared[2 * index] is not None:
+                found.append("cooling")
+            elif shared[2 * index + 1] is not None if read else due_here:
+                found.append("probe" if self._claim(model, deployment, now) else "cooling")
+            else:
+                found.append("ok")
+        return found
+
+    def _claim(self, model: str, deployment: str, now: float) -> bool:
+        key = (model, deployment)
+        if self._client is not None:
+            try:
+                name = _names(model, deployment)[2]
+                return bool(self._client.set(name, 1, nx=True, px=self._probe_ms))
+            except redis.RedisError:
+                pass  # this process's own claim, below
+        with self._lock:
+            if self._probing.get(key, 0.0) > now:
+                return False
+            self._probing[key] = now + self._probe_ms / 1000
+            return True
+
     def shortest(self) -> float | None:
         """Seconds until the first cooling deployment is ready again."""
         now = time.monotonic()
         with self._lock:
             waits = [until - now for until in self._until.values() if until > now]
         return min(waits) if waits else None
+
+
+def _names(model: str, deployment: str) -> tuple[str, str, str]:
+    """The deployment's cooldown, its half-open mark, its probe's claim."""
+    return (
+        KEY.format(model=model, deployment=deployment),
+        DUE.format(model=model, deployment=deployment),
+        PROBE.format(model=model, deployment=deployment),
+    )
 
 
 def targets(
@@ -126,8 +219,11 @@ def _of(
     # A weighted order without replacement (Efraimidis and Spirakis): each
     # deployment's key is u ** (1 / weight), highest first.
     order = sorted(spec.deployments, key=lambda d: rng.random() ** (1 / d.weight), reverse=True)
+    states = cooldowns.states(spec.name, [d.id for d in order])
     return [
-        Target(spec.served_by(d), params, spec.name, d.id, cools=True, limits=d)
-        for d in order
-        if not cooldowns.cooling(spec.name, d.id)
+        Target(
+            spec.served_by(d), params, spec.name, d.id, cools=True, limits=d, probe=state == "probe"
+        )
+        for d, state in zip(order, states, strict=True)
+        if state != "cooling"
     ]

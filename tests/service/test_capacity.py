@@ -1,7 +1,8 @@
 """A deployment's declared limits held in a real Redis (shared/jobs/capacity.py):
 images a minute with a one-second burst, calls at once, batch lines leaving room
 to interactive jobs, tickets handing waiting lines their turns in order, and two
-processes' holders sharing one limit."""
+processes' holders sharing one limit; and a deployment whose cooldown ended
+probed by one process alone (shared/jobs/routing.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from shared.jobs.capacity import BUSY_WAIT_SECONDS, Capacity
-from shared.jobs.routing import Target
+from shared.jobs.routing import Cooldowns, Target
 from shared.jobs.schemas import GenerationParams
 from shared.registry import PROCEDURAL, Deployment
 from tests.support.processes import RedisServer
@@ -157,3 +158,25 @@ def test_without_redis_nothing_is_held(client: redis.Redis) -> None:
 def _url(client: redis.Redis) -> str:
     kwargs = client.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/0"
+
+
+def test_one_process_probes_a_deployment_whose_cooldown_ended(client: redis.Redis) -> None:
+    """Half open, through Redis: of two processes, the one that claims it probes;
+    the other passes it over until the probe says healthy (or cools it again)."""
+    one, other = Cooldowns(client), Cooldowns(redis.Redis.from_url(_url(client)))
+    target = _target()
+    names = ["m", target.deployment]
+    one.cool(target, 0.1)
+    assert one.states(*_as_call(names)) == other.states(*_as_call(names)) == ["cooling"]
+    time.sleep(0.15)
+    assert other.states(*_as_call(names)) == ["probe"]
+    assert one.states(*_as_call(names)) == ["cooling"]  # the other one probes it
+    other.cool(target, 0.1)  # the probe failed
+    time.sleep(0.15)
+    assert one.states(*_as_call(names)) == ["probe"]
+    one.healthy(target)
+    assert other.states(*_as_call(names)) == one.states(*_as_call(names)) == ["ok"]
+
+
+def _as_call(names: list[str]) -> tuple[str, list[str]]:
+    return names[0], names[1:]

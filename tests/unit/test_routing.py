@@ -4,6 +4,7 @@ order a call's targets are tried in (shared/jobs/routing.py)."""
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,30 @@ def test_deployments_are_tried_by_weight_and_cooling_ones_skipped(tmp_path: Path
     after = targets(registry.get("m"), params, registry, cooldowns, rng)
     assert order[0].deployment not in [t.deployment for t in after if t.model == "m"]
     assert cooldowns.shortest() == pytest.approx(30, abs=1)
+
+
+def test_a_deployment_whose_cooldown_ended_is_probed_by_one_call(tmp_path: Path) -> None:
+    registry = _load(
+        tmp_path,
+        [{"name": "m", "capabilities": CAPS, "deployments": [_deployment("a"), _deployment("b")]}],
+    )
+    spec = registry.get("m")
+    params = GenerationParams(model="m", prompt="p", n=1, size="1024x1024")
+    cooldowns = Cooldowns()
+
+    def tried() -> dict[str, bool]:
+        """Deployment -> whether this call probes it, for those it may call."""
+        found = targets(spec, params, registry, cooldowns)
+        return {t.deployment: t.probe for t in found}
+
+    (a,) = [t for t in targets(spec, params, registry, cooldowns) if t.deployment == "a"]
+    cooldowns.cool(a, 0.05)
+    assert tried() == {"b": False}
+    time.sleep(0.06)
+    assert tried() == {"a": True, "b": False}  # this call probes it
+    assert tried() == {"b": False}  # the others pass it over meanwhile
+    cooldowns.cool(a, 0.05)  # the probe failed: cooling again
+    time.sleep(0.06)
+    assert tried() == {"a": True, "b": False}
+    cooldowns.healthy(a)  # the probe answered
+    assert tried() == {"a": False, "b": False}
