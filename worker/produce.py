@@ -95,16 +95,20 @@ def _call_with_retries(
     attempt = 0
     first_try = time.monotonic()
     call = Call(spec, params, count, first, progress, partials, inputs)
+    waited = 0.0  # in place, for room: past WAIT_IN_PLACE_SECONDS the job goes back
     while True:
         tried = _try_targets(call, job_id, interactive)
         if isinstance(tried, Generation):
             return tried
         if isinstance(tried, _Busy):
-            if may_defer and tried.wait > WAIT_IN_PLACE_SECONDS:
+            if may_defer and waited + tried.wait > WAIT_IN_PLACE_SECONDS:
+                # A wait for a concurrency slot is short but may repeat for as long
+                # as the deployment is full: queued, it comes back in 2 s at least.
                 CAPACITY_WAITS.labels(spec.name, "queue").inc()
-                raise NoCapacity(tried.why, retry_after=tried.wait)
+                raise NoCapacity(tried.why, retry_after=max(tried.wait, WAIT_IN_PLACE_SECONDS))
             CAPACITY_WAITS.labels(spec.name, "in_place").inc()
             _wait_unless_lost(job_id, tried.wait)
+            waited += tried.wait
             continue
         attempt += 1
         if policy.exhausted(attempt, first_try):
@@ -121,39 +125,22 @@ def _try_targets(
     serves it. A target at its limit is passed over, not failed; where one was, the
     next model's targets (fallbacks) are not tried: they serve failures, not a
     model that is only busy."""
-    spec, params = call.spec, call.params
     failed: TransientProviderError | None = None
     busy: list[tuple[float, routing.Target]] = []
-    for target in routing.targets(spec, params, get_registry(), cooldowns()):
+    for target in routing.targets(call.spec, call.params, get_registry(), cooldowns()):
         if busy and target.model != busy[0][1].model:
             break
+        if target.probe and not cooldowns().claim(target):
+            continue  # half open, and another call is probing it
         taken = capacity().take(target, call.count, interactive)
         if taken.call_id is None:
             if target.probe:
                 cooldowns().unclaim(target)
             busy.append((taken.wait, target))
             continue
-        started = time.monotonic()
         try:
-            generation = get_provider(target.spec).generate(
-                replace(call, spec=target.spec, params=target.params)
-            )
-            seconds = time.monotonic() - started
-            PROVIDER_SECONDS.labels(target.model).observe(seconds)
-            DEPLOYMENT_SECONDS.labels(target.model, target.deployment).observe(seconds)
-            DEPLOYMENT_CALLS.labels(target.model, target.deployment, "ok").inc()
-            if target.probe:
-                cooldowns().healthy(target)
-            generation.served_by = target.served_by
-            return generation
-        except ProviderError as exc:
-            PROVIDER_ERRORS.labels(target.model, str(exc.code)).inc()
-            DEPLOYMENT_CALLS.labels(target.model, target.deployment, str(exc.code)).inc()
-            if not isinstance(exc, TransientProviderError):
-                raise  # a refusal: no other deployment or model would take it
-            if target.cools:
-                DEPLOYMENT_COOLDOWNS.labels(target.model, target.deployment).inc()
-            cooldowns().cool(target, exc.retry_after)
+            return _call(call, target)
+        except TransientProviderError as exc:
             failed = exc
             log.info("job %s: %s from %s", job_id, exc.message, target.served_by)
         finally:
@@ -166,11 +153,39 @@ def _try_targets(
         return _Busy(wait + _LATE, why)
     if failed is None:  # every deployment cooling down
         failed = TransientProviderError(
-            f"every deployment of '{spec.name}' is cooling down",
+            f"every deployment of '{call.spec.name}' is cooling down",
             code="upstream_rate_limited",
             retry_after=cooldowns().shortest(),
         )
     return failed
+
+
+def _call(call: Call, target: routing.Target) -> Generation:
+    """One call to one target, counted. A transient failure cools the target down;
+    any answer from a probed one (even a refusal) makes it healthy again."""
+    started = time.monotonic()
+    try:
+        generation = get_provider(target.spec).generate(
+            replace(call, spec=target.spec, params=target.params)
+        )
+    except ProviderError as exc:
+        PROVIDER_ERRORS.labels(target.model, str(exc.code)).inc()
+        DEPLOYMENT_CALLS.labels(target.model, target.deployment, str(exc.code)).inc()
+        if isinstance(exc, TransientProviderError):
+            if target.cools:
+                DEPLOYMENT_COOLDOWNS.labels(target.model, target.deployment).inc()
+            cooldowns().cool(target, exc.retry_after)
+        elif target.probe:
+            cooldowns().healthy(target)
+        raise  # transient: the caller moves on; a refusal: nothing else would take it
+    seconds = time.monotonic() - started
+    PROVIDER_SECONDS.labels(target.model).observe(seconds)
+    DEPLOYMENT_SECONDS.labels(target.model, target.deployment).observe(seconds)
+    DEPLOYMENT_CALLS.labels(target.model, target.deployment, "ok").inc()
+    if target.probe:
+        cooldowns().healthy(target)
+    generation.served_by = target.served_by
+    return generation
 
 
 def _generate(

@@ -13,14 +13,18 @@ import logging
 import threading
 
 from shared.core.broker import publish_job
+from shared.core.db import unit_of_work
+from shared.core.errors import ImagegenError
 from shared.core.events import publish_changed
 from shared.core.instruments import COST_USD, JOBS_FINISHED
 from shared.core.settings import get_settings
+from shared.jobs import lifecycle
 from shared.jobs.lifecycle import Outcome
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.replies import leave_reply
 from shared.projects.budgets import get_budgets
 from shared.projects.limits import get_limiter
+from shared.registry import get_registry
 from worker.claim import claim
 from worker.leases import LEASES
 from worker.produce import produce
@@ -84,8 +88,11 @@ def _after(job: Job, outcome: Outcome, result: Result | None, reply: bool) -> No
 def _come_back(job: Job, result: Result, reply: bool) -> None:
     """A job that found no room at its upstreams, queued again: its message is
     published to come back when its turn is due (a lost one is the sweeper's, once
-    due), and watchers see it queued with the reason."""
-    publish_job(job.id, job.queue, reply=reply, countdown=result.defer_seconds)
+    due), and watchers see it queued with the reason. A message the broker refused
+    leaves the job unpublished: the sweeper's at once, not once its mark is stale."""
+    if not publish_job(job.id, job.queue, reply=reply, countdown=result.defer_seconds):
+        with unit_of_work() as session:
+            lifecycle.mark_unpublished(session, job.id)
     if job.batch_id is None:
         publish_changed(job.id, JobStatus.queued)
 
@@ -99,8 +106,17 @@ def _announce(job: Job, status: Outcome, reply: Result | None) -> None:
         publish_changed(job.id, status)
     if status != Outcome.discarded:
         get_limiter().release_job(job.project_id, job.id)
-        # Its budget's reservation settled at the real cost (a failure costs nothing).
-        get_budgets().settle(job.id, job.cost_usd if status == Outcome.succeeded else None)
+        # Its budget's reservation settled at the real cost (a failure costs nothing);
+        # a model without a price reserved nothing (no round trip for it).
+        if _priced(job.model):
+            get_budgets().settle(job.id, job.cost_usd if status == Outcome.succeeded else None)
+
+
+def _priced(model: str) -> bool:
+    try:
+        return get_registry().get(model).price is not None
+    except ImagegenError:  # no longer in the registry: settle, to be sure
+        return True
 
 
 def heartbeat_thread(stop: threading.Event) -> threading.Thread:

@@ -29,7 +29,7 @@ from shared.core.errors import (
     render,
 )
 from shared.core.ids import new_id
-from shared.core.outbox import after_commit
+from shared.core.outbox import after_commit, after_rollback
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
 from shared.files.service import get_file
@@ -193,6 +193,8 @@ def _within_budget(
     granted, blocked = get_budgets().reserve(
         budgets, job_ids, amounts, lambda: nullcontext(session), now
     )
+    # Reserved in Redis before the jobs' rows commit: a rollback gives it back.
+    after_rollback(session, partial(get_budgets().release, job_ids[:granted]))
     if blocked is not None:
         refusal = blocked.refusal(now, amounts[granted])
         for item_id, _, _, _ in valid[granted:]:

@@ -85,6 +85,14 @@ local slack = cap
 if need > cap then slack = need - jitter end
 if ARGV[9] == '1' then
   if period == 0 then return {0, tonumber(ARGV[8])} end
+  if maxc > 0 then
+    -- Refused for a slot, not for the rate: no ticket (the line would move on
+    -- for nothing each time it came back).
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+    local room = maxc
+    if not interactive and maxc > 1 then room = maxc - 1 end
+    if redis.call('ZCARD', KEYS[2]) >= room then return {0, tonumber(ARGV[8])} end
+  end
   local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
   local line = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), tat)
   local at = line + need

@@ -56,7 +56,7 @@ class Target:
     deployment: str
     cools: bool  # one of several: it cools down when it fails
     limits: Deployment | None = None  # its images_per_minute and max_concurrency
-    probe: bool = False  # its cooldown ended: this call tells whether it is healthy
+    probe: bool = False  # half open: the call that claims it tells whether it is healthy
 
     @property
     def served_by(self) -> dict[str, str]:
@@ -69,11 +69,12 @@ class Cooldowns:
     seconds), so a Redis outage leaves this process's own knowledge.
 
     When a cooldown ends the deployment is half open: one call, by whichever
-    caller claims it first (a key set only if absent), probes it while every other
-    caller still passes it over. The probe's success makes it healthy again; its
-    failure cools it down again. So a deployment that keeps failing (a 429 storm,
-    a dead host) costs one call per cooldown, not one per call in flight when its
-    cooldown ends. A claim whose holder died lapses after ``probe_seconds``."""
+    caller claims it first (a key set only if absent) just before calling it,
+    probes it while every other caller still passes it over. The probe's answer
+    makes it healthy again; its failure cools it down again. So a deployment that
+    keeps failing (a 429 storm, a dead host) costs one call per cooldown, not one
+    per call in flight when its cooldown ends. A claim whose holder died lapses
+    after ``probe_seconds``."""
 
     def __init__(self, client: redis.Redis | None = None, probe_seconds: float = 30.0) -> None:
         self._client = client
@@ -138,9 +139,10 @@ class Cooldowns:
             return False
 
     def states(self, model: str, deployments: list[str]) -> list[str]:
-        """Each deployment's state for one call: ``ok``; ``cooling`` (or half open
-        and another caller probing it); ``probe`` (half open, and this call is the
-        probe). One round trip to Redis, and one more per probe claimed."""
+        """Each deployment's state: ``ok``, ``cooling``, or ``half_open`` (its
+        cooldown ended and no probe has answered since: a call claims the probe
+        (``claim``) just before it would call it, so a claim is never taken by a
+        call that ends elsewhere). One round trip to Redis."""
         now = time.monotonic()
         shared: list[object] = [None] * (2 * len(deployments))
         read = False  # Redis answered: its half-open marks are the truth
@@ -157,19 +159,22 @@ class Cooldowns:
             if cooling_here or shared[2 * index] is not None:
                 found.append("cooling")
             elif shared[2 * index + 1] is not None if read else due_here:
-                found.append("probe" if self._claim(model, deployment, now) else "cooling")
+                found.append("half_open")
             else:
                 found.append("ok")
         return found
 
-    def _claim(self, model: str, deployment: str, now: float) -> bool:
-        key = (model, deployment)
+    def claim(self, target: Target) -> bool:
+        """This call probes the half-open ``target``: False when another call holds
+        the probe (pass it over meanwhile)."""
+        key = (target.model, target.deployment)
         if self._client is not None:
             try:
-                name = _names(model, deployment)[2]
+                name = _names(target.model, target.deployment)[2]
                 return bool(self._client.set(name, 1, nx=True, px=self._probe_ms))
             except redis.RedisError:
                 pass  # this process's own claim, below
+        now = time.monotonic()
         with self._lock:
             if self._probing.get(key, 0.0) > now:
                 return False
@@ -222,7 +227,13 @@ def _of(
     states = cooldowns.states(spec.name, [d.id for d in order])
     return [
         Target(
-            spec.served_by(d), params, spec.name, d.id, cools=True, limits=d, probe=state == "probe"
+            spec.served_by(d),
+            params,
+            spec.name,
+            d.id,
+            cools=True,
+            limits=d,
+            probe=state == "half_open",
         )
         for d, state in zip(order, states, strict=True)
         if state != "cooling"

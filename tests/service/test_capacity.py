@@ -165,18 +165,28 @@ def test_one_process_probes_a_deployment_whose_cooldown_ended(client: redis.Redi
     the other passes it over until the probe says healthy (or cools it again)."""
     one, other = Cooldowns(client), Cooldowns(redis.Redis.from_url(_url(client)))
     target = _target()
-    names = ["m", target.deployment]
+    model, ids = "m", [target.deployment]
     one.cool(target, 0.1)
-    assert one.states(*_as_call(names)) == other.states(*_as_call(names)) == ["cooling"]
+    assert one.states(model, ids) == other.states(model, ids) == ["cooling"]
     time.sleep(0.15)
-    assert other.states(*_as_call(names)) == ["probe"]
-    assert one.states(*_as_call(names)) == ["cooling"]  # the other one probes it
+    assert one.states(model, ids) == other.states(model, ids) == ["half_open"]
+    assert other.claim(target)
+    assert not one.claim(target)  # the other one probes it
     other.cool(target, 0.1)  # the probe failed
+    assert one.states(model, ids) == ["cooling"]
     time.sleep(0.15)
-    assert one.states(*_as_call(names)) == ["probe"]
+    assert one.claim(target)
     one.healthy(target)
-    assert other.states(*_as_call(names)) == one.states(*_as_call(names)) == ["ok"]
+    assert other.states(model, ids) == one.states(model, ids) == ["ok"]
 
 
-def _as_call(names: list[str]) -> tuple[str, list[str]]:
-    return names[0], names[1:]
+def test_a_line_refused_for_a_slot_takes_no_ticket(client: redis.Redis) -> None:
+    """Waiting on a full deployment's slots does not push the rate's waiting line
+    back: once a slot frees, a line's turn is as near as the rate allows."""
+    capacity, target = Capacity(client, 60), _target(per_minute=600, at_once=2)
+    slots = [capacity.take(target, 1, interactive=True) for _ in range(2)]
+    assert all(slot.call_id for slot in slots)
+    assert [capacity.book(target, 1) for _ in range(20)] == [BUSY_WAIT_SECONDS] * 20
+    for slot in slots:
+        capacity.give_back(target, slot)
+    assert capacity.book(target, 1) <= 0.1

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 import shared.core.db
 from shared.core.db import unit_of_work
-from shared.core.outbox import after_commit
+from shared.core.outbox import after_commit, after_rollback
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +48,22 @@ def test_a_failing_send_does_not_stop_the_others() -> None:
         after_commit(session, broken)
         after_commit(session, lambda: sent.append("webhook"))
     assert sent == ["webhook"]
+
+
+def test_undos_run_on_rollback_only() -> None:
+    """A side effect taken before the commit (a budget reserved in Redis) is given
+    back when the transaction rolls back, and kept when it commits."""
+    undone: list[str] = []
+    with unit_of_work() as session:
+        after_rollback(session, lambda: undone.append("kept"))
+    assert undone == []
+
+    def failing_pump() -> None:
+        with unit_of_work() as session:
+            after_rollback(session, lambda: undone.append("reservation"))
+            after_commit(session, lambda: undone.append("never sent"))
+            raise RuntimeError("the commit failed")
+
+    with pytest.raises(RuntimeError):
+        failing_pump()
+    assert undone == ["reservation"]

@@ -154,7 +154,7 @@ def test_a_deployment_whose_cooldown_ended_is_probed_by_one_call(tmp_path: Path)
     cooldowns = Cooldowns()
 
     def tried() -> dict[str, bool]:
-        """Deployment -> whether this call probes it, for those it may call."""
+        """Deployment -> whether it is half open, for those a call may try."""
         found = targets(spec, params, registry, cooldowns)
         return {t.deployment: t.probe for t in found}
 
@@ -162,10 +162,14 @@ def test_a_deployment_whose_cooldown_ended_is_probed_by_one_call(tmp_path: Path)
     cooldowns.cool(a, 0.05)
     assert tried() == {"b": False}
     time.sleep(0.06)
-    assert tried() == {"a": True, "b": False}  # this call probes it
-    assert tried() == {"b": False}  # the others pass it over meanwhile
+    assert tried() == {"a": True, "b": False}  # half open
+    assert cooldowns.claim(a)  # the call about to call it probes it
+    assert not cooldowns.claim(a)  # the others pass it over meanwhile
     cooldowns.cool(a, 0.05)  # the probe failed: cooling again
+    assert tried() == {"b": False}
     time.sleep(0.06)
-    assert tried() == {"a": True, "b": False}
+    assert cooldowns.claim(a)
+    cooldowns.unclaim(a)  # not called after all (no room): another call may probe
+    assert cooldowns.claim(a)
     cooldowns.healthy(a)  # the probe answered
     assert tried() == {"a": False, "b": False}
