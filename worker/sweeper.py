@@ -8,6 +8,9 @@ Every ``sweep_interval_seconds`` it
    latter only for queues the broker reports empty: while messages still wait,
    an old job's message is most likely among them, and re-publishing a long
    backlog every few minutes would flood the queue with duplicates.
+3. settles budget reservations whose settle was lost (a worker died between the
+   job's commit and its settle, or Redis refused the settle): the few held past
+   five minutes, from their jobs' rows (``settle_held``).
 Several sweepers (one per worker process) may run at once: each step is a
 guarded UPDATE, and a duplicate message only finds the job already claimed.
 """
@@ -30,6 +33,7 @@ from shared.core.settings import get_settings
 from shared.idempotency.service import purge_expired
 from shared.jobs import lifecycle
 from shared.jobs.models import Job, JobStatus
+from shared.projects.budgets import get_budgets
 from shared.webhooks.models import DeliveryStatus, WebhookDelivery
 from worker.batches import pump_batch, refinalize
 
@@ -137,11 +141,19 @@ def tend_batches() -> None:
             pump_batch(batch_id)
 
 
+def settle_held() -> int:
+    """Budget reservations held past their settle: one ZRANGEBYSCORE each sweep
+    (nothing to read in SQL unless some are), at most 500 jobs' rows read when there
+    are (shared/projects/budgets.py:Budgets.reconcile)."""
+    return get_budgets().reconcile(unit_of_work)
+
+
 def sweep_once() -> tuple[int, int]:
     requeued = requeue_expired()
     published = publish_pending()
     publish_due_deliveries()
     tend_batches()
+    settle_held()
     with unit_of_work() as session:
         purge_expired(session)  # idempotency keys past their 24 hours (indexed, cheap)
     if requeued or published:

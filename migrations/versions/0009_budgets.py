@@ -1,4 +1,5 @@
-"""budgets: daily_budget_usd and monthly_budget_usd on project and api_key
+"""budgets: daily_budget_usd and monthly_budget_usd on project and api_key; the key
+that created a batch (batch.key_id: its lines count against that key's budgets)
 
 Revision ID: 0009
 Revises: 0008
@@ -8,6 +9,7 @@ Create Date: 2026-12-06 12:00:00.000000
 from collections.abc import Sequence
 
 import sqlalchemy as sa
+import sqlmodel
 from alembic import op
 
 revision: str = "0009"
@@ -21,9 +23,15 @@ def upgrade() -> None:
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.add_column(sa.Column("daily_budget_usd", sa.Float(), nullable=True))
             batch_op.add_column(sa.Column("monthly_budget_usd", sa.Float(), nullable=True))
+    with op.batch_alter_table("batch", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("key_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True)
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("batch", schema=None) as batch_op:
+        batch_op.drop_column("key_id")
     for table in ("api_key", "project"):
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.drop_column("monthly_budget_usd")

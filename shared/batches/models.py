@@ -71,6 +71,9 @@ class Batch(SQLModel, table=True):
 
     id: str = Field(default_factory=lambda: new_id("batch"), primary_key=True, max_length=64)
     project_id: str = Field(foreign_key="project.id", max_length=64)
+    # The key that created it: its lines' jobs carry it, and count against its own
+    # budgets (shared/batches/pump.py). None for batches made before it was kept.
+    key_id: str | None = Field(default=None, max_length=64)
     kind: str = Field(default="openai", max_length=16)  # openai (a file) | native (JSON)
     endpoint: str = Field(default="/v1/images/generations", max_length=100)
     input_file_id: str | None = Field(default=None, max_length=64)

@@ -40,9 +40,16 @@ from shared.jobs.models import Job, JobStatus
 from shared.jobs.schemas import GenerationParams
 from shared.jobs.service import store_inputs
 from shared.jobs.views import job_failure
-from shared.projects.budgets import Budgets, estimate, get_budgets, project_budgets
+from shared.projects.budgets import (
+    Budget,
+    Budgets,
+    estimate,
+    get_budgets,
+    key_budgets,
+    project_budgets,
+)
 from shared.projects.limits import get_limiter, images_per_day_exceeded
-from shared.projects.models import Project
+from shared.projects.models import ApiKey, Project
 from shared.registry import get_registry
 
 
@@ -123,10 +130,10 @@ def _queue_lines(
     valid: list[tuple[str, GenerationParams, str, str]],
     now: datetime,
 ) -> list[dict[str, Any]]:
-    """Jobs for validated lines, as far as the project's budgets cover their
-    estimates (past that the batch stops taking lines: ``_out_of_budget``) and its
-    images a day allow (lines past it fail with its 429, like any request; the rest
-    of the batch goes on)."""
+    """Jobs for validated lines, as far as the budgets of the project and of the key
+    that created the batch cover their estimates (past that the batch stops taking
+    lines: ``_out_of_budget``) and its images a day allow (lines past it fail with
+    its 429, like any request; the rest of the batch goes on)."""
     project = session.get(Project, batch.project_id)
     quota = project.images_per_day if project else None
     valid = _within_budget(session, batch, project, valid, now)
@@ -141,6 +148,7 @@ def _queue_lines(
     template = Job(
         id="",
         project_id=batch.project_id,
+        key_id=batch.key_id,  # the key's spend, in SQL too (budgets.spent_in_sql)
         surface="batch",
         model="",
         queue=get_settings().batch_queue,
@@ -178,13 +186,18 @@ def _within_budget(
     valid: list[tuple[str, GenerationParams, str, str]],
     now: datetime,
 ) -> list[tuple[str, GenerationParams, str, str]]:
-    """The lines whose estimates the project's budgets cover, reserved in order (one
-    round trip). Once one is not covered the batch stops taking lines: it and every
-    pending line fail ``insufficient_quota`` (OpenAI's Batch: the batch completes
-    with what ran, the rest in its error file), while the lines in flight finish."""
-    if project is None:
-        return valid
-    budgets = project_budgets(project.id, project.daily_budget_usd, project.monthly_budget_usd)
+    """The lines whose estimates the budgets cover (the project's, and the own ones
+    of the key that created the batch), reserved in order (one round trip). Once
+    one is not covered the batch stops taking lines: it and every pending line fail
+    ``insufficient_quota`` (OpenAI's Batch: the batch completes with what ran, the
+    rest in its error file), while the lines in flight finish."""
+    budgets: list[Budget] = []
+    if project is not None:
+        budgets += project_budgets(project.id, project.daily_budget_usd, project.monthly_budget_usd)
+    # A key revoked since still counts: what its batch spends is its spend.
+    key = session.get(ApiKey, batch.key_id) if batch.key_id else None
+    if key is not None:
+        budgets += key_budgets(key.id, key.daily_budget_usd, key.monthly_budget_usd)
     if not budgets:
         return valid
     registry = get_registry()

@@ -79,6 +79,7 @@ def create_openai_batch(
     now = utcnow()
     batch = Batch(
         project_id=principal.project_id,
+        key_id=principal.key_id,
         input_file_id=file.id,
         endpoint=endpoint,
         completion_window=completion_window,
@@ -124,6 +125,7 @@ def create_native_batch(
     now = utcnow()
     batch = Batch(
         project_id=principal.project_id,
+        key_id=principal.key_id,
         kind="native",
         webhook_url=webhook_url,
         batch_metadata=metadata,

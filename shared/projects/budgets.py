@@ -16,6 +16,11 @@ In Redis, in micro-USD (integers):
   which counters (``counters``), so its settlement adjusts the periods it was
   reserved in, once. Jobs in flight while Redis restarted lose theirs: their cost
   is counted again from SQL in the next period's first use, not in this one.
+- ``imagegen:budget:held``: a sorted set of the jobs holding a reservation, scored
+  by when it was made (or last found still running). The sweeper's ``reconcile``
+  settles those whose settle was lost (a worker died between the job's commit and
+  its settle, or Redis refused it) from the job's row; without it they would hold
+  their estimate until the period ended.
 
 Without Redis (embedded mode) budgets are not enforced (and setting one is refused,
 as limits are). With Redis unreachable they fail open, logged, like the limits.
@@ -30,7 +35,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Literal
+from typing import Literal, cast
 
 import redis
 import sqlalchemy as sa
@@ -39,7 +44,7 @@ from sqlmodel import Session, col
 from shared.core.clock import utcnow
 from shared.core.context import Context, current
 from shared.core.errors import InsufficientQuota
-from shared.jobs.models import Job
+from shared.jobs.models import FINISHED, Job, JobStatus
 from shared.jobs.schemas import GenerationParams
 from shared.projects.schemas import BudgetStatus
 from shared.projects.service import Principal
@@ -50,6 +55,14 @@ log = logging.getLogger(__name__)
 MICRO = 1_000_000
 # A job's reservation outlives any wait in a queue (a batch's window is a day).
 JOB_TTL_SECONDS = 35 * 86400
+HELD = "imagegen:budget:held"
+# The sweeper's reconciliation (``Budgets.reconcile``): a reservation is looked at
+# once it is this old (its settle had time to happen), a job still queued or running
+# again as long after, and one whose job has no row at all (the request that made
+# it never committed) is released once it is this old.
+RECONCILE_AFTER_SECONDS = 300
+ORPHAN_AFTER_SECONDS = 900
+RECONCILE_BATCH = 500
 
 Sessions = Callable[[], AbstractContextManager[Session]]
 """Opens a session for the read-only SQL that starts a missing counter."""
@@ -166,6 +179,10 @@ def project_budgets(project_id: str, daily: float | None, monthly: float | None)
     return _set("project", project_id, daily, monthly)
 
 
+def key_budgets(key_id: str, daily: float | None, monthly: float | None) -> list[Budget]:
+    return _set("key", key_id, daily, monthly)
+
+
 def budgets_of(principal: Principal) -> list[Budget]:
     """The budgets a request of ``principal`` counts against: its project's and its
     key's own."""
@@ -193,12 +210,13 @@ def spent_in_sql(session: Session, budget: Budget, now: datetime) -> float:
 
 # --- Redis ------------------------------------------------------------------------------
 
-# KEYS: the budget counters, then one hash per job. ARGV[1]: the number of counters c;
-# ARGV[2..c+1]: their limits; ARGV[c+2]: the jobs' hash ttl; then each job's amount
-# (all micro-USD). Takes the longest prefix of jobs every counter can cover (a job of
-# amount 0 always fits), reserves it and remembers each job's amount and counters.
-# Returns {granted, the counter that stopped it (0: none)}, or {-1, i} when counter
-# i is missing (start it, then call again).
+# KEYS: the budget counters, then one hash per job, then the held set. ARGV[1]: the
+# number of counters c; ARGV[2..c+1]: their limits; ARGV[c+2]: the jobs' hash ttl;
+# ARGV[c+3]: now (epoch seconds); then each job's id and amount (micro-USD), in
+# pairs. Takes the longest prefix of jobs every counter can cover (a job of amount 0
+# always fits), reserves it and remembers each job's amount and counters, and the
+# job among those held. Returns {granted, the counter that stopped it (0: none)},
+# or {-1, i} when counter i is missing (start it, then call again).
 _RESERVE = """
 local c = tonumber(ARGV[1])
 for i = 1, c do
@@ -210,10 +228,12 @@ for i = 1, c do
   room[i] = tonumber(ARGV[1 + i]) - (tonumber(h[1]) or 0) - (tonumber(h[2]) or 0)
 end
 local ttl = tonumber(ARGV[c + 2])
+local now = ARGV[c + 3]
+local held = KEYS[#KEYS]
 local counters = table.concat(KEYS, ' ', 1, c)
 local granted, total, blocked = 0, 0, 0
-for j = c + 3, #ARGV do
-  local amount = tonumber(ARGV[j])
+for j = c + 4, #ARGV, 2 do
+  local amount = tonumber(ARGV[j + 1])
   for i = 1, c do
     if amount > 0 and total + amount > room[i] then
       blocked = i
@@ -226,6 +246,7 @@ for j = c + 3, #ARGV do
   local job = KEYS[c + granted]
   redis.call('HSET', job, 'amount', amount, 'counters', counters)
   redis.call('EXPIRE', job, ttl)
+  redis.call('ZADD', held, now, ARGV[j])
 end
 if total > 0 then
   for i = 1, c do redis.call('HINCRBY', KEYS[i], 'reserved', total) end
@@ -245,9 +266,11 @@ end
 return 0
 """
 
-# KEYS: the job's hash. ARGV: its real cost (micro-USD; 0 releases). Its amount
-# leaves each counter's reserved and its cost joins their spent, once: the hash goes.
+# KEYS: the job's hash, the held set. ARGV: its real cost (micro-USD; 0 releases),
+# the job's id. Its amount leaves each counter's reserved and its cost joins their
+# spent, once: the hash goes, and the job leaves the held set.
 _SETTLE = """
+redis.call('ZREM', KEYS[2], ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'amount', 'counters')
 if not h[1] then return 0 end
 local amount = tonumber(h[1])
@@ -301,11 +324,15 @@ class Budgets:
         nor are jobs under no budget."""
         if not budgets or not any(a > 0 for a in amounts):
             return len(job_ids), None
+        held_at = utcnow().timestamp()  # when, whatever period it is reserved in
         now = now or utcnow()
         counters = [b.counter(now) for b in budgets]
-        keys = counters + [f"imagegen:budget:job:{job_id}" for job_id in job_ids]
+        keys = [*counters, *(f"imagegen:budget:job:{job_id}" for job_id in job_ids), HELD]
         limits = [round(b.limit_usd * MICRO) for b in budgets]
-        args = [len(budgets), *limits, JOB_TTL_SECONDS, *(to_micro(a) for a in amounts)]
+        jobs = [
+            x for job_id, a in zip(job_ids, amounts, strict=True) for x in (job_id, to_micro(a))
+        ]
+        args = [len(budgets), *limits, JOB_TTL_SECONDS, held_at, *jobs]
         try:
             for _ in range(3):
                 granted, blocked = (int(x) for x in self._reserve(keys=keys, args=args))
@@ -354,8 +381,8 @@ class Budgets:
             pipe = self.client.pipeline(transaction=False)
             for job_id, cost in costs.items():
                 self._settle(
-                    keys=[f"imagegen:budget:job:{job_id}"],
-                    args=[to_micro(cost or 0.0)],
+                    keys=[f"imagegen:budget:job:{job_id}", HELD],
+                    args=[to_micro(cost or 0.0), job_id],
                     client=pipe,
                 )
             pipe.execute()
@@ -364,6 +391,60 @@ class Budgets:
 
     def release(self, job_ids: Sequence[str]) -> None:
         self.settle_many(dict.fromkeys(job_ids))
+
+    def reconcile(
+        self, sessions: Sessions, now: datetime | None = None, limit: int = RECONCILE_BATCH
+    ) -> int:
+        """The sweeper's step: settle the reservations whose settle was lost. Takes
+        the ``limit`` oldest held past ``RECONCILE_AFTER_SECONDS`` (one ZRANGEBYSCORE:
+        usually nothing), reads their jobs' status and cost (read-only), and settles
+        the finished ones (a success at its cost, a failure or cancel releasing), and
+        releases those with no job row past ``ORPHAN_AFTER_SECONDS``. Jobs still
+        queued or running stay held, looked at again as long after (so a long queue
+        of them never hides the ones behind it). Returns how many it settled."""
+        now = now or utcnow()
+        at = now.timestamp()
+        try:
+            raw = cast(
+                list[tuple[bytes | str, float]],
+                self.client.zrangebyscore(
+                    HELD, "-inf", at - RECONCILE_AFTER_SECONDS, start=0, num=limit, withscores=True
+                ),
+            )
+        except redis.RedisError as exc:
+            log.warning("budgets unavailable, not reconciling: %s", exc)
+            return 0
+        if not raw:
+            return 0
+        held = {(m.decode() if isinstance(m, bytes) else str(m)): float(t) for m, t in raw}
+        with sessions() as session:
+            rows = session.execute(
+                sa.select(col(Job.id), col(Job.status), col(Job.cost_usd)).where(
+                    col(Job.id).in_(list(held))
+                )
+            ).all()
+        costs: dict[str, float | None] = {}
+        running: list[str] = []
+        for job_id, status, cost in rows:
+            if status == JobStatus.succeeded:
+                costs[job_id] = cost
+            elif status in FINISHED:
+                costs[job_id] = None
+            else:
+                running.append(job_id)
+        found = {job_id for job_id, _, _ in rows}
+        for job_id, since in held.items():
+            if job_id not in found and since < at - ORPHAN_AFTER_SECONDS:
+                costs[job_id] = None  # reserved, never recorded
+        self.settle_many(costs)
+        if running:
+            try:  # XX: one settled meanwhile is not added back
+                self.client.zadd(HELD, dict.fromkeys(running, at), xx=True)
+            except redis.RedisError as exc:
+                log.warning("could not mark %d held budget(s) seen: %s", len(running), exc)
+        if costs:
+            log.info("budgets: settled %d reservation(s) whose settle was lost", len(costs))
+        return len(costs)
 
     def standing(self, budget: Budget, session: Session, now: datetime | None = None) -> Standing:
         """The budget as it stands: from its counter, or from SQL where none was
@@ -433,6 +514,11 @@ class NoBudgets:
 
     def release(self, job_ids: Sequence[str]) -> None:
         pass
+
+    def reconcile(
+        self, sessions: Sessions, now: datetime | None = None, limit: int = RECONCILE_BATCH
+    ) -> int:
+        return 0
 
     def standing(self, budget: Budget, session: Session, now: datetime | None = None) -> Standing:
         now = now or utcnow()
