@@ -34,6 +34,7 @@ from shared.core.settings import get_settings
 from shared.core.storage import Storage, get_storage, image_key
 from shared.imaging import encode
 from shared.jobs import routing
+from shared.jobs.capacity import Taken
 from shared.jobs.models import Image, Job
 from shared.jobs.partials import PartialPublisher
 from shared.jobs.schemas import GenerationParams, job_params
@@ -72,6 +73,7 @@ class _Busy:
 
     wait: float
     why: str
+    slots: bool  # for a concurrency slot: when one frees is not known
 
 
 def _call_with_retries(
@@ -95,20 +97,22 @@ def _call_with_retries(
     attempt = 0
     first_try = time.monotonic()
     call = Call(spec, params, count, first, progress, partials, inputs)
-    waited = 0.0  # in place, for room: past WAIT_IN_PLACE_SECONDS the job goes back
+    waited = 0.0  # in place, for slots in a row
     while True:
         tried = _try_targets(call, job_id, interactive)
         if isinstance(tried, Generation):
             return tried
         if isinstance(tried, _Busy):
-            if may_defer and waited + tried.wait > WAIT_IN_PLACE_SECONDS:
-                # A wait for a concurrency slot is short but may repeat for as long
-                # as the deployment is full: queued, it comes back in 2 s at least.
+            # A wait for the rate is its turn (a ticket): in place when it is near.
+            # A wait for a slot is short but repeats for as long as the deployment
+            # is full: past 2 s of them the job goes back, for 2 s at least.
+            waited = waited + tried.wait if tried.slots else 0.0
+            if may_defer and max(tried.wait, waited) > WAIT_IN_PLACE_SECONDS:
                 CAPACITY_WAITS.labels(spec.name, "queue").inc()
-                raise NoCapacity(tried.why, retry_after=max(tried.wait, WAIT_IN_PLACE_SECONDS))
+                back = max(tried.wait, WAIT_IN_PLACE_SECONDS) if tried.slots else tried.wait
+                raise NoCapacity(tried.why, retry_after=back)
             CAPACITY_WAITS.labels(spec.name, "in_place").inc()
             _wait_unless_lost(job_id, tried.wait)
-            waited += tried.wait
             continue
         attempt += 1
         if policy.exhausted(attempt, first_try):
@@ -126,7 +130,7 @@ def _try_targets(
     next model's targets (fallbacks) are not tried: they serve failures, not a
     model that is only busy."""
     failed: TransientProviderError | None = None
-    busy: list[tuple[float, routing.Target]] = []
+    busy: list[tuple[Taken, routing.Target]] = []
     for target in routing.targets(call.spec, call.params, get_registry(), cooldowns()):
         if busy and target.model != busy[0][1].model:
             break
@@ -136,7 +140,7 @@ def _try_targets(
         if taken.call_id is None:
             if target.probe:
                 cooldowns().unclaim(target)
-            busy.append((taken.wait, target))
+            busy.append((taken, target))
             continue
         try:
             return _call(call, target)
@@ -146,11 +150,11 @@ def _try_targets(
         finally:
             capacity().give_back(target, taken)
     if busy:
-        wait, target = min(busy, key=lambda pair: pair[0])
+        refused, target = min(busy, key=lambda pair: pair[0].wait)
         if not interactive:  # a batch line queues for its turn there
-            wait = capacity().book(target, call.count)
+            refused = capacity().book(target, call.count)
         why = f"waiting for capacity: every deployment of '{target.model}' is at its limit"
-        return _Busy(wait + _LATE, why)
+        return _Busy(refused.wait + _LATE, why, refused.slots)
     if failed is None:  # every deployment cooling down
         failed = TransientProviderError(
             f"every deployment of '{call.spec.name}' is cooling down",

@@ -63,8 +63,9 @@ KEYS = (
 # KEYS: rate (theoretical arrival time), busy (call id -> lease end), ticket (the
 # waiting line's end). ARGV, times in microseconds: images, interactive (1/0), call
 # id, lease, time per image (0: no rate), burst, max concurrency (0: none), busy
-# wait, book (1/0), jitter margin. Returns {1, 0} (taken) or {0, microseconds to wait}; a booking
-# returns {0, microseconds until the ticket's turn}. The clock is Redis's own: one
+# wait, book (1/0), jitter margin. Returns {1, 0, 0} (taken) or {0, microseconds to
+# wait, 1 if for a slot else 0}; a booking returns {0, microseconds until the
+# ticket's turn, 0}, or the busy wait for a slot. The clock is Redis's own: one
 # clock for every host. Microseconds, stored with %.0f: a per-image time rounded
 # to milliseconds would run a 1,800-a-minute limit 2% slow or fast.
 _TAKE = """
@@ -84,27 +85,27 @@ if not interactive then cap = cap - math.max(period, math.floor(burst / 10)) end
 local slack = cap
 if need > cap then slack = need - jitter end
 if ARGV[9] == '1' then
-  if period == 0 then return {0, tonumber(ARGV[8])} end
+  if period == 0 then return {0, tonumber(ARGV[8]), 1} end
   if maxc > 0 then
     -- Refused for a slot, not for the rate: no ticket (the line would move on
     -- for nothing each time it came back).
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
     local room = maxc
     if not interactive and maxc > 1 then room = maxc - 1 end
-    if redis.call('ZCARD', KEYS[2]) >= room then return {0, tonumber(ARGV[8])} end
+    if redis.call('ZCARD', KEYS[2]) >= room then return {0, tonumber(ARGV[8]), 1} end
   end
   local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
   local line = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), tat)
   local at = line + need
   redis.call('SET', KEYS[3], num(at), 'PX', ms(at - now + burst))
-  return {0, math.max(0, at - slack - now)}
+  return {0, math.max(0, at - slack - now), 0}
 end
-local wait = 0
+local wait, slots = 0, 0
 if maxc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   local room = maxc
   if not interactive and maxc > 1 then room = maxc - 1 end
-  if redis.call('ZCARD', KEYS[2]) >= room then wait = tonumber(ARGV[8]) end
+  if redis.call('ZCARD', KEYS[2]) >= room then wait = tonumber(ARGV[8]); slots = 1 end
 end
 local tat = now
 if period > 0 then
@@ -112,10 +113,10 @@ if period > 0 then
   -- Not clamped to now: a call larger than its cap waits for the bucket to have
   -- been full for the jitter margin.
   local allow = stored + need - slack
-  if allow > now then wait = math.max(wait, allow - now) end
+  if allow - now > wait then wait = allow - now; slots = 0 end
   tat = math.max(stored, now)
 end
-if wait > 0 then return {0, wait} end
+if wait > 0 then return {0, wait, slots} end
 if period > 0 then
   redis.call('SET', KEYS[1], num(tat + need), 'PX', ms(tat + need - now + burst))
 end
@@ -124,7 +125,7 @@ if maxc > 0 then
   redis.call('ZADD', KEYS[2], num(now + lease), ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ms(lease))
 end
-return {1, 0}
+return {1, 0, 0}
 """
 
 
@@ -135,6 +136,7 @@ class Taken:
 
     call_id: str | None
     wait: float = 0.0
+    slots: bool = False  # refused for a concurrency slot, not for the rate
 
 
 TAKEN_FREELY = Taken(call_id="")  # a target without limits (or without Redis)
@@ -164,15 +166,19 @@ class Capacity:
         answer = self._run(target, images, interactive, call_id, book=False)
         if answer is None:
             return TAKEN_FREELY
-        taken, wait_us = answer
-        return Taken(call_id) if taken else Taken(None, wait_us / 1_000_000)
+        taken, wait_us, slots = answer
+        return Taken(call_id) if taken else Taken(None, wait_us / 1_000_000, slots)
 
-    def book(self, target: Target, images: int) -> float:
-        """A batch line's ticket at ``target``: seconds until its turn."""
+    def book(self, target: Target, images: int) -> Taken:
+        """A batch line's ticket at ``target``: seconds until its turn (or, where
+        its slots are full, until it looks again)."""
         if not self.limited(target):
-            return 0.0
+            return TAKEN_FREELY
         answer = self._run(target, images, False, "", book=True)
-        return 0.0 if answer is None else answer[1] / 1_000_000
+        if answer is None:
+            return TAKEN_FREELY
+        _, wait_us, slots = answer
+        return Taken(None, wait_us / 1_000_000, slots)
 
     def give_back(self, target: Target, taken: Taken) -> None:
         """The call ended: its concurrency slot is free."""
@@ -187,7 +193,7 @@ class Capacity:
 
     def _run(
         self, target: Target, images: int, interactive: bool, call_id: str, book: bool
-    ) -> tuple[bool, int] | None:
+    ) -> tuple[bool, int, bool] | None:
         limits = target.limits
         if self._take is None or limits is None:
             return None
@@ -206,11 +212,11 @@ class Capacity:
             int(JITTER_SECONDS * 1_000_000),
         ]
         try:
-            taken, wait_us = self._take(keys=self._keys(target), args=args)
+            taken, wait_us, slots = self._take(keys=self._keys(target), args=args)
         except redis.RedisError as exc:
             log.warning("deployment limits unavailable, not enforcing: %s", exc)
             return None
-        return bool(taken), int(wait_us)
+        return bool(taken), int(wait_us), bool(slots)
 
     @staticmethod
     def _keys(target: Target) -> list[str]:

@@ -90,6 +90,7 @@ def test_calls_at_once_are_held_until_given_back(client: redis.Redis) -> None:
     assert second.call_id
     third = capacity.take(target, 1, interactive=True)
     assert third.call_id is None
+    assert third.slots
     assert third.wait == pytest.approx(BUSY_WAIT_SECONDS)
     capacity.give_back(target, first)
     assert capacity.take(target, 1, interactive=True).call_id
@@ -114,7 +115,7 @@ def test_tickets_hand_waiting_lines_their_turns_one_share_apart(client: redis.Re
     capacity, target = Capacity(client, 60), _target(per_minute=600)
     while capacity.take(target, 1, interactive=False).call_id:
         pass  # the burst spent
-    waits = [capacity.book(target, 1) for _ in range(5)]
+    waits = [capacity.book(target, 1).wait for _ in range(5)]
     steps = [later - earlier for earlier, later in itertools.pairwise(waits)]
     assert all(step == pytest.approx(0.1, abs=0.01) for step in steps)
     # Each comes back at its turn and finds room (no herd of refusals).
@@ -145,14 +146,14 @@ def test_paced_takers_stay_within_the_limit_and_use_it(client: redis.Redis) -> N
         if capacity.take(target, 1, interactive=False).call_id:
             taken += 1
         else:
-            time.sleep(capacity.book(target, 1) + 0.005)
+            time.sleep(capacity.book(target, 1).wait + 0.005)
     assert 17 + 38 <= taken <= 20 + 40  # burst (less what is kept back) + 2 s of pace
 
 
 def test_without_redis_nothing_is_held(client: redis.Redis) -> None:
     capacity, target = Capacity(None, 60), _target(per_minute=1, at_once=1)
     assert all(capacity.take(target, 5, interactive=False).call_id is not None for _ in range(3))
-    assert capacity.book(target, 1) == 0.0
+    assert capacity.book(target, 1).wait == 0.0
 
 
 def _url(client: redis.Redis) -> str:
@@ -186,7 +187,9 @@ def test_a_line_refused_for_a_slot_takes_no_ticket(client: redis.Redis) -> None:
     capacity, target = Capacity(client, 60), _target(per_minute=600, at_once=2)
     slots = [capacity.take(target, 1, interactive=True) for _ in range(2)]
     assert all(slot.call_id for slot in slots)
-    assert [capacity.book(target, 1) for _ in range(20)] == [BUSY_WAIT_SECONDS] * 20
+    booked = [capacity.book(target, 1) for _ in range(20)]
+    assert all(b.slots for b in booked)
+    assert [b.wait for b in booked] == [BUSY_WAIT_SECONDS] * 20
     for slot in slots:
         capacity.give_back(target, slot)
-    assert capacity.book(target, 1) <= 0.1
+    assert capacity.book(target, 1).wait <= 0.1
