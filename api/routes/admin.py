@@ -29,7 +29,7 @@ from shared.projects.service import (
     update_limits,
 )
 from shared.projects.views import key_view, project_view
-from shared.registry import OpenAIModel, get_registry
+from shared.registry import UpstreamModel, get_registry
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -65,7 +65,7 @@ def get_deployments(request: Request) -> ListPage[DeploymentHealth]:
                 cooling=bool(spec.deployments) and cooldowns.cooling(spec.name, deployment.id),
             )
             for spec in get_registry().models
-            if isinstance(spec, OpenAIModel)
+            if isinstance(spec, UpstreamModel)
             for deployment in spec.upstreams()
         ]
     )

@@ -30,7 +30,7 @@ import redis
 
 from shared.jobs.input import for_fallback
 from shared.jobs.schemas import GenerationParams
-from shared.registry import Deployment, ModelSpec, OpenAIModel, Registry
+from shared.registry import Deployment, ModelSpec, Registry, UpstreamModel
 
 COOLDOWN_SECONDS = 10.0
 # The weighted order's draws: one generator for the process (seeding one per call
@@ -219,7 +219,7 @@ def targets(
 def _of(
     spec: ModelSpec, params: GenerationParams, cooldowns: Cooldowns, rng: random.Random
 ) -> list[Target]:
-    if not isinstance(spec, OpenAIModel) or not spec.deployments:
+    if not isinstance(spec, UpstreamModel) or not spec.deployments:
         return [Target(spec, params, spec.name, spec.name, cools=False)]
     # A weighted order without replacement (Efraimidis and Spirakis): each
     # deployment's key is u ** (1 / weight), highest first.

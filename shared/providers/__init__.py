@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from shared.core.errors import PermanentProviderError, ProviderError, TransientProviderError
 from shared.providers.base import (
     GeneratedImage,
@@ -20,9 +22,16 @@ def get_provider(spec: ModelSpec) -> Provider:
         from shared.providers.local.diffusion import DiffusersProvider
 
         return DiffusersProvider()
-    from shared.providers.openai_compat import OpenAICompatibleProvider
+    module, name = REMOTE[spec.provider].split(":")
+    provider: Provider = getattr(import_module(module), name).shared()
+    return provider
 
-    return OpenAICompatibleProvider.shared()
+
+# Each remote kind's provider (shared/registry/entries.py:REMOTE_KINDS), imported on
+# first use; ``shared()`` gives the process's one instance (its HTTP client).
+REMOTE = {
+    "openai": "shared.providers.openai_compat:OpenAICompatibleProvider",
+}
 
 
 __all__ = [

@@ -34,7 +34,7 @@ from shared.providers.base import (
     Partials,
     entry_of,
 )
-from shared.registry import OpenAIModel
+from shared.registry import UpstreamModel
 from shared.webhooks.targets import check_target
 
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
@@ -95,7 +95,7 @@ class OpenAICompatibleProvider:
             )
         )
 
-    def _payload(self, spec: OpenAIModel, params: GenerationParams, count: int) -> dict[str, Any]:
+    def _payload(self, spec: UpstreamModel, params: GenerationParams, count: int) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": spec.upstream_model or spec.name,
             "prompt": params.prompt,
@@ -114,7 +114,7 @@ class OpenAICompatibleProvider:
         return payload
 
     def generate(self, call: Call) -> Generation:
-        spec = entry_of(call.spec, OpenAIModel)
+        spec = entry_of(call.spec, UpstreamModel)
         params, count, first_index = call.params, call.count, call.first_index
         partials, inputs = call.partials, call.inputs
         if not spec.base_url:

@@ -28,11 +28,11 @@ from shared.registry.entries import (
     DiffusersModel,
     ModelBase,
     ModelSpec,
-    OpenAIModel,
     Price,
     ProceduralModel,
     SizeRule,
     Upstream,
+    UpstreamModel,
     model_spec,
     parse_size,
 )
@@ -45,13 +45,13 @@ __all__ = [
     "DiffusersModel",
     "ModelBase",
     "ModelSpec",
-    "OpenAIModel",
     "Price",
     "ProceduralModel",
     "Registry",
     "RegistryError",
     "SizeRule",
     "Upstream",
+    "UpstreamModel",
     "get_registry",
     "load_registry",
     "model_spec",
@@ -128,7 +128,7 @@ def _routing_problem(registry: Registry) -> str | None:
         cycle = _cycle(spec.name, by_name, [])
         if cycle:
             return f"{where}: fallbacks: a cycle ({' -> '.join(cycle)})"
-        if isinstance(spec, OpenAIModel):
+        if isinstance(spec, UpstreamModel):
             ids = [d.id for d in spec.deployments]
             doubled = sorted({i for i in ids if ids.count(i) > 1})
             if doubled:
@@ -177,7 +177,11 @@ def _problem(error: ErrorDetails, kind: str | None, loc: list[str]) -> tuple[str
     field = ".".join(loc)
     if error["type"] == "extra_forbidden" and kind is not None and len(loc) == 1:
         # A field another kind takes: name the kinds that do, and this entry's.
-        owners = [other for other, cls in KINDS.items() if loc[0] in cls.model_fields]
+        # Each kind of entry once, by its first tag (every remote kind is an
+        # UpstreamModel, named 'openai').
+        first = {cls: tag for tag, cls in reversed(KINDS.items())}
+        owners = [tag for cls, tag in first.items() if loc[0] in cls.model_fields]
+        owners.sort(key=list(KINDS).index)
         if owners:
             takers = " or ".join(f"{_a(owner)} {owner!r}" for owner in owners)
             return field, f"only {takers} model takes it, not {_a(kind)} {kind!r} one"

@@ -13,9 +13,9 @@ from shared.registry.entries import (
     OUTPUT_FORMATS,
     Capabilities,
     ModelSpec,
-    OpenAIModel,
     ProceduralModel,
     SizeRule,
+    UpstreamModel,
 )
 
 PROCEDURAL = ProceduralModel(
@@ -59,7 +59,7 @@ def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec
         "owned_by": "openai",
     }
     return [
-        OpenAIModel(
+        UpstreamModel(
             name="dall-e-2",
             upstream_model="dall-e-2",
             **common,
@@ -72,7 +72,7 @@ def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec
                 variations=True,
             ),
         ),
-        OpenAIModel(
+        UpstreamModel(
             name="dall-e-3",
             upstream_model="dall-e-3",
             **common,
@@ -88,7 +88,7 @@ def openai_models(base_url: str = "https://api.openai.com/v1") -> list[ModelSpec
             ),
         ),
         *(
-            OpenAIModel(
+            UpstreamModel(
                 name=name,
                 upstream_model=name,
                 upstream_response_format=None,

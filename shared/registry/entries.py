@@ -1,16 +1,17 @@
 """A registry entry: one public model name, what it can do, and what serves it.
 
 ``ModelSpec`` is a discriminated union on ``provider``: ``ProceduralModel``,
-``OpenAIModel`` (an OpenAI-compatible upstream) and ``DiffusersModel`` (a local
-pipeline), over ``ModelBase``'s common fields. Each kind takes its own fields and
-refuses every other (``extra="forbid"``): a diffusers-only field on an openai entry
-is pydantic's refusal, which the loader (``shared/registry/__init__.py``) words
-naming the entry, the field and the provider.
+``UpstreamModel`` (a remote upstream of one of ``REMOTE_KINDS``) and
+``DiffusersModel`` (a local pipeline), over ``ModelBase``'s common fields. Each
+kind takes its own fields and refuses every other (``extra="forbid"``): a
+diffusers-only field on an openai entry is pydantic's refusal, which the loader
+(``shared/registry/__init__.py``) words naming the entry, the field and the
+provider.
 
 ``Upstream`` groups the fields of one connection (base_url, api_key_env,
 upstream_model, upstream_response_format, upstream_streams), written flat on an
 openai entry; issue 26's deployments are Upstreams with an id, a weight and limits
-(``OpenAIModel.deployments: list[Deployment]``), and an entry without any is the one
+(``UpstreamModel.deployments: list[Deployment]``), and an entry without any is the one
 deployment its own Upstream fields make, so a models file written today still loads.
 """
 
@@ -168,13 +169,41 @@ class ProceduralModel(ModelBase):
     provider: Literal["procedural"] = "procedural"
 
 
+# The kinds of remote upstream a model (or one of its deployments) may be served by,
+# each speaking its provider's own protocol (shared/providers/: issue 27).
+RemoteKind: TypeAlias = Literal[
+    "openai", "azure_openai", "google", "bedrock", "stability", "replicate", "fal", "comfyui"
+]
+REMOTE_KINDS: tuple[str, ...] = RemoteKind.__args__  # type: ignore[attr-defined]
+# Providers that are queues themselves: the worker submits, records the upstream's
+# job and comes back for it, holding no slot meanwhile (worker/upstream_jobs.py).
+QUEUE_KINDS = ("replicate", "fal", "comfyui")
+# The kinds whose provider is built; the others are refused at load, by name.
+BUILT_KINDS = ("openai",)
+# Fields only some kinds take: each other kind refuses them (naming the kinds).
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "api_version": ("azure_openai",),
+    "region": ("bedrock",),
+    "workflow": ("comfyui",),
+    "workflow_inputs": ("comfyui",),
+    "upstream_streams": ("openai", "azure_openai"),
+}
+
+
 class Upstream(BaseModel):
-    """One connection to an OpenAI-compatible upstream (issue 26: one deployment)."""
+    """One connection to a remote upstream (issue 26: one deployment), of the kind
+    ``provider`` names (issue 27)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    provider: RemoteKind = "openai"
+    # The provider's own host (tests point it at fakes); each kind has a default
+    # public host where it has one (azure_openai and comfyui have none).
     base_url: str | None = None
     api_key_env: str | None = None
+    # The model as the provider names it: an OpenAI model, an Azure deployment, a
+    # Gemini or Imagen model, a Bedrock model id, Stability's endpoint (core, ultra,
+    # sd3), Replicate's owner/name[:version], fal's app id.
     upstream_model: str | None = None
     # Which response_format to ask the upstream for; None sends none (gpt-image
     # models refuse the field and always answer b64_json).
@@ -182,9 +211,38 @@ class Upstream(BaseModel):
     # The upstream streams partial images itself (OpenAI's GPT image models): a
     # streamed request with partial_images is forwarded with stream: true.
     upstream_streams: bool = False
+    # azure_openai: the api-version query parameter.
+    api_version: str | None = None
+    # bedrock: the AWS region (credentials come from the AWS chain).
+    region: str | None = None
+    # comfyui: a workflow in ComfyUI's API format (a JSON file), and which node
+    # input takes each of the request's fields ({"prompt": "6.text", "seed":
+    # "3.seed", "width": "5.width", "height": "5.height", "steps": "3.steps",
+    # "n": "5.batch_size"}).
+    workflow: str | None = None
+    workflow_inputs: dict[str, str] = Field(default_factory=dict)
+    # Queue-style kinds: seconds between looks at a pending upstream job.
+    poll_seconds: float = Field(default=2.0, gt=0, le=300)
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Upstream:
+        if self.provider not in BUILT_KINDS:
+            raise ValueError(f"provider: {self.provider!r} is not built yet")
+        for name, kinds in KIND_FIELDS.items():
+            if name in self.model_fields_set and self.provider not in kinds:
+                raise ValueError(f"{name}: only a {' or '.join(kinds)} upstream takes it")
+        needs = {
+            "azure_openai": ("base_url", "api_version"),
+            "bedrock": ("region",),
+            "comfyui": ("base_url", "workflow"),
+        }
+        for name in needs.get(self.provider, ()):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: a {self.provider} upstream needs one")
+        return self
 
 
 class Deployment(Upstream):
@@ -192,17 +250,16 @@ class Deployment(Upstream):
     (``weight``) and its limits."""
 
     id: str = Field(min_length=1, max_length=100)
-    provider: Literal["openai"] = "openai"
     weight: float = Field(default=1.0, gt=0)
     images_per_minute: int | None = Field(default=None, ge=1)
     max_concurrency: int | None = Field(default=None, ge=1)
 
 
-class OpenAIModel(Upstream, ModelBase):
-    """``provider: openai``: any OpenAI-compatible ``/images/*`` upstream, or
-    several (``deployments``)."""
+class UpstreamModel(Upstream, ModelBase):
+    """A remote upstream of any kind (``provider``: openai, any OpenAI-compatible
+    ``/images/*`` upstream, or another provider's protocol), or several
+    (``deployments``, each of its own kind)."""
 
-    provider: Literal["openai"] = "openai"
     deployments: list[Deployment] = Field(default_factory=list)
 
     def upstreams(self) -> list[Deployment]:
@@ -210,10 +267,10 @@ class OpenAIModel(Upstream, ModelBase):
         id the model's name)."""
         if self.deployments:
             return self.deployments
-        own = {name: getattr(self, name) for name in Upstream.model_fields}
-        return [Deployment(id=self.name, **own)]
+        fields = (self.model_fields_set & Upstream.model_fields.keys()) | {"provider"}
+        return [Deployment(id=self.name, **{name: getattr(self, name) for name in fields})]
 
-    def served_by(self, deployment: Deployment) -> OpenAIModel:
+    def served_by(self, deployment: Deployment) -> UpstreamModel:
         """This entry as ``deployment`` serves it: its connection fields swapped in."""
         return self.model_copy(
             update={name: getattr(deployment, name) for name in Upstream.model_fields}
@@ -299,12 +356,12 @@ def _multiple_of_8(size: str) -> bool:
 
 # A registry entry, one of the kinds by its ``provider``.
 ModelSpec: TypeAlias = Annotated[
-    ProceduralModel | OpenAIModel | DiffusersModel, Field(discriminator="provider")
+    ProceduralModel | UpstreamModel | DiffusersModel, Field(discriminator="provider")
 ]
 # Each kind by its ``provider`` (the union's tags).
 KINDS: dict[str, type[ModelBase]] = {
     "procedural": ProceduralModel,
-    "openai": OpenAIModel,
+    **dict.fromkeys(REMOTE_KINDS, UpstreamModel),
     "diffusers": DiffusersModel,
 }
 _SPEC: TypeAdapter[ModelSpec] = TypeAdapter(ModelSpec)

@@ -17,10 +17,10 @@ from shared.jobs.schemas import GenerationParams
 from shared.providers.answers import answer_slot, before_answer
 from shared.providers.base import Call, Generation
 from shared.providers.openai_compat import OpenAICompatibleProvider
-from shared.registry import Capabilities, OpenAIModel
+from shared.registry import Capabilities, UpstreamModel
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 100
-SPEC = OpenAIModel(
+SPEC = UpstreamModel(
     name="m",
     provider="openai",
     base_url="http://upstream.test/v1",

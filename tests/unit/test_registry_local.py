@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from shared.core.settings import Settings
 from shared.registry import (
     DiffusersModel,
-    OpenAIModel,
     ProceduralModel,
     RegistryError,
+    UpstreamModel,
     load_registry,
     model_spec,
 )
@@ -122,7 +122,8 @@ def test_local_fields_on_a_remote_model_are_refused(tmp_path: Path) -> None:
         ({}, "model 'm': provider: Field required"),
         (
             {"provider": "comfy"},
-            "model 'm': provider: Input should be 'procedural', 'openai' or 'diffusers'",
+            "model 'm': provider: Input should be 'procedural', 'openai', 'azure_openai', "
+            "'google', 'bedrock', 'stability', 'replicate', 'fal', 'comfyui' or 'diffusers'",
         ),
     ],
 )
@@ -139,7 +140,7 @@ def test_each_provider_has_its_own_kind_of_entry(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(models_yaml("http://upstream.test/v1")))
     kinds = {spec.name: type(spec) for spec in load_registry(path).models}
     assert kinds["procedural"] is ProceduralModel
-    assert kinds["dall-e-2"] is OpenAIModel
+    assert kinds["dall-e-2"] is UpstreamModel
     assert {type(spec) for spec in load(tmp_path, local_entry()).models} == {DiffusersModel}
 
 

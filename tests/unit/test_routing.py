@@ -13,7 +13,7 @@ import yaml
 
 from shared.jobs.routing import Cooldowns, targets
 from shared.jobs.schemas import GenerationParams
-from shared.registry import OpenAIModel, Price, RegistryError, load_registry
+from shared.registry import Price, RegistryError, UpstreamModel, load_registry
 
 CAPS = {"sizes": ["1024x1024", "256x256"], "max_n": 4}
 
@@ -46,7 +46,7 @@ def test_an_entry_of_deployments_needs_no_provider_of_its_own(tmp_path: Path) ->
         [{"name": "gpt-image-1", "capabilities": CAPS, "deployments": [_deployment("a")]}],
     )
     spec = registry.get("gpt-image-1")
-    assert isinstance(spec, OpenAIModel)
+    assert isinstance(spec, UpstreamModel)
     assert [d.id for d in spec.upstreams()] == ["a"]
     assert spec.served_by(spec.deployments[0]).base_url == "http://a.test/v1"
 

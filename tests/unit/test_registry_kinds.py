@@ -1,0 +1,48 @@
+"""Remote kinds in the registry (issue 27): each kind's own fields, refused on
+the others, a kind's required fields, and kinds not built yet refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from shared.registry import RegistryError, load_registry
+
+CAPS = {"sizes": ["1024x1024"], "max_n": 1}
+
+
+def _load(tmp_path: Path, entry: dict[str, Any]) -> Any:
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "m", "capabilities": CAPS, **entry}]}))
+    return load_registry(path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            {"provider": "openai", "base_url": "http://u.test/v1", "region": "us-east-1"},
+            "model 'm': region: only a bedrock upstream takes it",
+        ),
+        (
+            {"provider": "openai", "base_url": "http://u.test/v1", "workflow": "w.json"},
+            "model 'm': workflow: only a comfyui upstream takes it",
+        ),
+    ],
+)
+def test_a_kinds_own_fields_are_refused_on_another(
+    tmp_path: Path, entry: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(RegistryError) as caught:
+        _load(tmp_path, entry)
+    assert message in str(caught.value)
+
+
+def test_an_entry_of_a_built_kind_loads_as_before(tmp_path: Path) -> None:
+    spec = _load(tmp_path, {"provider": "openai", "base_url": "http://u.test/v1"}).get("m")
+    assert spec.provider == "openai"
+    (only,) = spec.upstreams()
+    assert (only.provider, only.base_url) == ("openai", "http://u.test/v1")
