@@ -31,6 +31,13 @@ def get_provider(spec: ModelSpec) -> Provider:
 # first use; ``shared()`` gives the process's one instance (its HTTP client).
 REMOTE = {
     "openai": "shared.providers.openai_compat:OpenAICompatibleProvider",
+    "azure_openai": "shared.providers.azure_openai:AzureOpenAIProvider",
+    "google": "shared.providers.google:GoogleProvider",
+    "bedrock": "shared.providers.bedrock:BedrockProvider",
+    "stability": "shared.providers.stability:StabilityProvider",
+    "replicate": "shared.providers.replicate:ReplicateProvider",
+    "fal": "shared.providers.fal:FalProvider",
+    "comfyui": "shared.providers.comfyui:ComfyUIProvider",
 }
 
 

@@ -82,3 +82,37 @@ class Provider(Protocol):
         """Make the call's images (a provider that cannot do its operation raises
         PermanentProviderError)."""
         ...
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A queue provider's job not done yet: look again in ``after`` seconds.
+    ``status`` is the provider's own word for it (``starting``, ``IN_QUEUE``...)."""
+
+    after: float
+    status: str
+
+
+class QueueProvider(Protocol):
+    """A provider that is a queue itself (Replicate, fal, ComfyUI; issue 27): the
+    worker submits, records what ``submit`` returned on the job before anything
+    else (a worker that dies after it never submits again: it polls), then polls,
+    holding no worker slot between looks (the job waits queued). Canceling the
+    job calls ``cancel``. ``poll`` is idempotent: a job that is done answers its
+    images every time it is asked."""
+
+    def submit(self, call: Call) -> dict[str, Any]:
+        """Start the upstream job for ``call``; returns what identifies it (JSON:
+        the provider's id and any URLs it gave for status, result, cancel). Raises
+        ProviderError as ``generate`` does (a refusal is permanent)."""
+        ...
+
+    def poll(self, call: Call, ref: dict[str, Any]) -> Generation | Pending:
+        """The job's images once done (downloaded into memory from the provider's
+        URLs, which never reach the client), or Pending. A failed or canceled
+        upstream job raises ProviderError (content filtering: permanent)."""
+        ...
+
+    def cancel(self, spec: ModelSpec, ref: dict[str, Any]) -> None:
+        """Ask the upstream to stop the job (best effort: errors are logged)."""
+        ...
