@@ -40,6 +40,11 @@ class LeaseBook:
             if self._held.get(job_id) == token:
                 self._lost.add(job_id)
 
+    def token(self, job_id: str) -> str | None:
+        """The lease token this process holds the job by, if it does."""
+        with self._lock:
+            return self._held.get(job_id)
+
     def lost(self, job_id: str) -> bool:
         with self._lock:
             return job_id in self._lost

@@ -19,6 +19,7 @@ from shared.core.errors import (
     StorageUnavailable,
     TransientProviderError,
     UnreadableImage,
+    UpstreamPending,
 )
 from shared.core.instruments import (
     CAPACITY_WAITS,
@@ -50,6 +51,7 @@ from shared.providers.base import (
     no_partials,
 )
 from shared.registry import ModelSpec, get_registry
+from worker import upstream_jobs
 from worker.leases import LEASES
 from worker.progress import StepReporter, set_detail
 from worker.record import Result
@@ -97,6 +99,12 @@ def _call_with_retries(
     attempt = 0
     first_try = time.monotonic()
     call = Call(spec, params, count, first, progress, partials, inputs)
+    submitted = upstream_jobs.resumed(call, job_id)
+    if submitted is not None:  # a queue provider's job recorded by an earlier attempt
+        try:
+            return _call(call, submitted, job_id)
+        except TransientProviderError as exc:  # it failed there: submitted anew below
+            log.info("job %s: its upstream job failed: %s", job_id, exc.message)
     waited = 0.0  # in place, for slots in a row
     while True:
         tried = _try_targets(call, job_id, interactive)
@@ -143,7 +151,7 @@ def _try_targets(
             busy.append((taken, target))
             continue
         try:
-            return _call(call, target)
+            return _call(call, target, job_id)
         except TransientProviderError as exc:
             failed = exc
             log.info("job %s: %s from %s", job_id, exc.message, target.served_by)
@@ -164,14 +172,17 @@ def _try_targets(
     return failed
 
 
-def _call(call: Call, target: routing.Target) -> Generation:
+def _call(call: Call, target: routing.Target, job_id: str) -> Generation:
     """One call to one target, counted. A transient failure cools the target down;
-    any answer from a probed one (even a refusal) makes it healthy again."""
+    any answer from a probed one (even a refusal) makes it healthy again. A queue
+    provider's call is submitted once and looked at (worker/upstream_jobs.py)."""
     started = time.monotonic()
+    call = replace(call, spec=target.spec, params=target.params)
     try:
-        generation = get_provider(target.spec).generate(
-            replace(call, spec=target.spec, params=target.params)
-        )
+        if upstream_jobs.queued(target):
+            generation = upstream_jobs.call(call, target, job_id)
+        else:
+            generation = get_provider(target.spec).generate(call)
     except ProviderError as exc:
         PROVIDER_ERRORS.labels(target.model, str(exc.code)).inc()
         DEPLOYMENT_CALLS.labels(target.model, target.deployment, str(exc.code)).inc()
@@ -282,7 +293,11 @@ def produce(job: Job) -> Result | None:
         ),
         answer_slot(answer_slots()),
     ):
-        return _produce(job)
+        upstream_jobs.UPSTREAMS.hold(job)
+        try:
+            return _produce(job)
+        finally:
+            upstream_jobs.UPSTREAMS.release(job.id)
 
 
 def _produce(job: Job) -> Result | None:
@@ -332,7 +347,7 @@ def _produce(job: Job) -> Result | None:
     except JobCanceled:
         log.info("job %s stopped: canceled, or its lease was lost", job.id)
         return None
-    except NoCapacity as exc:
+    except (NoCapacity, UpstreamPending) as exc:
         wait = exc.retry_after or WAIT_IN_PLACE_SECONDS
         log.info("job %s: %s; back in %.1fs", job.id, exc.message, wait)
         return Result.deferred(job, wait, f"{exc.message} (back in {wait:.0f} s)")

@@ -6,6 +6,7 @@ from celery import Celery
 
 from shared.core.broker import Task
 from shared.jobs.lifecycle import Outcome
+from worker import upstream_jobs
 from worker.batches import pump_batch, validate
 from worker.runner import run_job, run_jobs
 from worker.webhooks import deliver
@@ -31,3 +32,7 @@ def register(app: Celery) -> None:
     @app.task(name=Task.pump_batch, acks_late=True, ignore_result=True)
     def pump_batch_task(batch_id: str) -> int:
         return pump_batch(batch_id)
+
+    @app.task(name=Task.cancel_upstream, acks_late=True, ignore_result=True)
+    def cancel_upstream_task(job_id: str) -> int:
+        return upstream_jobs.cancel(job_id)

@@ -26,6 +26,7 @@ class Task(StrEnum):
     deliver_webhook = "imagegen.deliver_webhook"
     validate_batch = "imagegen.validate_batch"
     pump_batch = "imagegen.pump_batch"
+    cancel_upstream = "imagegen.cancel_upstream"
 
 
 WEBHOOK_QUEUE = "webhooks"
@@ -160,6 +161,11 @@ def publish_batch_pump(batch_id: str) -> None:
     """Start (or drain) a batch's lines, and finalize it once none is left: heavy
     work a request never does inline."""
     publish(Task.pump_batch, [batch_id], get_settings().batch_queue)
+
+
+def publish_upstream_cancel(job_id: str, queue: str) -> None:
+    """Ask a worker to cancel a canceled job's jobs at its queue provider."""
+    publish(Task.cancel_upstream, [job_id], queue)
 
 
 def queue_size(queue: str) -> int | None:

@@ -325,6 +325,14 @@ class NoCapacity(InternalError):
     code = ErrorCode.upstream_rate_limited
 
 
+class UpstreamPending(InternalError):
+    """A queue provider's job is not done yet (issue 27): the job waits
+    ``retry_after`` seconds queued, holding no worker, and then looks again; no
+    attempt is spent."""
+
+    code = ErrorCode.upstream_unavailable
+
+
 class UnsafeTarget(InternalError):
     """A webhook URL that is not http(s) or points at a non-public address. At the
     edge it becomes the request's 400 (``shared.webhooks.service.check_url``); in

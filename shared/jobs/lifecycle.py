@@ -1,7 +1,8 @@
 """A job's life: every write that moves a job, in one place.
 
 A job is recorded ``queued`` (``create``), taken by a worker's attempt (``claim``),
-held by that attempt's lease (``renew``, ``note_progress``, ``set_detail``) until
+held by that attempt's lease (``renew``, ``note_progress``, ``set_detail``,
+``note_upstream``) until
 it ends (``finish``, ``finish_lines``, ``fail``) or, having found no room at any
 upstream, waits queued again (``defer``); a cancel (``cancel``,
 ``cancel_batch_jobs``) or the sweeper (``requeue_expired``) may take it from the
@@ -323,6 +324,20 @@ def fail(
         **extra,
     )
     return Outcome.failed if moved else Outcome.discarded
+
+
+_UPSTREAM = (
+    sa.update(_JOBS)
+    .where(_JOBS.c.id == sa.bindparam("_id"), _held_by())
+    .values(upstream=sa.bindparam("upstream"))
+)
+
+
+def note_upstream(session: Session, job_id: str, token: str, upstream: Mapping[str, Any]) -> bool:
+    """Record the queue provider's jobs the attempt holding ``token`` submitted
+    (issue 27); False when the job is no longer the attempt's."""
+    params = {"_id": job_id, "token": token, "upstream": dict(upstream)}
+    return _rowcount(session.execute(_UPSTREAM, params)) == 1
 
 
 _DEFER = (

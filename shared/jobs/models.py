@@ -98,6 +98,10 @@ class Job(SQLModel, table=True):
     served_by: dict[str, str] | None = Field(default=None, sa_type=sa.JSON)
     # USD, from the serving model's price; None where it has none.
     cost_usd: float | None = None
+    # A queue provider's jobs for this one (issue 27): call key ("model/deployment/
+    # first image") -> what its submit returned, recorded right after the submit so a
+    # worker that dies then never submits again (worker/upstream_jobs.py).
+    upstream: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
     # What a running job waits on, when it waits (storage being out), else None.
     status_detail: str | None = Field(default=None, sa_type=sa.Text)
     # {"step": s, "steps": t} while a local model denoises (throttled writes).

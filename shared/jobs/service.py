@@ -6,11 +6,12 @@ Services only flush; the caller's boundary (request, task) commits.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from shared.core.broker import publish_job
+from shared.core.broker import publish_job, publish_upstream_cancel
 from shared.core.clock import utcnow
 from shared.core.columns import table
 from shared.core.db import unit_of_work
@@ -143,6 +144,8 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
     after_commit(session, lambda: get_limiter().release_job(project_id, job.id))
     after_commit(session, lambda: get_budgets().release([job.id]))  # its cost never comes
     after_commit(session, lambda: publish_changed(job.id, job.status))
+    if job.upstream:  # submitted to a queue provider: stop it there too (issue 27)
+        after_commit(session, partial(publish_upstream_cancel, job.id, job.queue))
     return job
 
 

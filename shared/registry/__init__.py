@@ -22,6 +22,7 @@ from shared.core.settings import get_settings
 from shared.registry.catalogue import PROCEDURAL, builtin_models, openai_models
 from shared.registry.entries import (
     KINDS,
+    QUEUE_KINDS,
     AnswerShape,
     Capabilities,
     Deployment,
@@ -39,6 +40,7 @@ from shared.registry.entries import (
 
 __all__ = [
     "PROCEDURAL",
+    "QUEUE_KINDS",
     "AnswerShape",
     "Capabilities",
     "Deployment",

@@ -1,0 +1,188 @@
+"""A queue provider's job (issue 27, worker/upstream_jobs.py): submitted once and
+recorded on our job's row before anything else, looked at until done (pending:
+UpstreamPending, the job waits queued), resumed from the row by a later attempt
+(a worker that died) without a second submit, dropped when it failed there, and
+canceled upstream when our job is no longer the attempt's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import Session, SQLModel
+
+import shared.core.db
+import shared.models  # every table, for create_all
+from shared.core.clock import utcnow
+from shared.core.db import make_engine
+from shared.core.errors import JobCanceled, TransientProviderError, UpstreamPending
+from shared.jobs import lifecycle
+from shared.jobs.models import Job, JobStatus
+from shared.jobs.routing import Target
+from shared.jobs.schemas import GenerationParams
+from shared.projects.models import Project
+from shared.providers.base import Call, GeneratedImage, Generation, Pending
+from shared.registry import Capabilities, UpstreamModel
+from worker import upstream_jobs
+from worker.leases import LEASES
+
+TOKEN = "lease-1"
+PARAMS = GenerationParams(model="queued", prompt="p", n=1, size="1024x1024")
+
+
+class FakeQueue:
+    """A queue provider: pending for ``polls`` looks, then done (or ``failing``)."""
+
+    def __init__(self, polls: int = 2) -> None:
+        self.polls, self.submits, self.looks, self.canceled = polls, 0, 0, []  # type: ignore[var-annotated]
+        self.failing = False
+
+    def submit(self, call: Call) -> dict[str, Any]:
+        self.submits += 1
+        return {"id": f"up-{self.submits}"}
+
+    def poll(self, call: Call, ref: dict[str, Any]) -> Generation | Pending:
+        self.looks += 1
+        if self.failing:
+            raise TransientProviderError("the upstream job failed")
+        if self.looks <= self.polls:
+            return Pending(after=1.5, status="processing")
+        return Generation(images=[GeneratedImage(b"png")])
+
+    def cancel(self, spec: Any, ref: dict[str, Any]) -> None:
+        self.canceled.append(ref["id"])
+
+
+@pytest.fixture
+def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[sa.Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    SQLModel.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(Project(id="proj_1", name="one"))
+        session.commit()
+    monkeypatch.setattr(shared.core.db, "get_engine", lambda: engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def queue(monkeypatch: pytest.MonkeyPatch) -> FakeQueue:
+    fake = FakeQueue()
+    monkeypatch.setattr(upstream_jobs, "get_provider", lambda spec: fake)
+    return fake
+
+
+def _running(engine: sa.Engine) -> Job:
+    job = Job(
+        project_id="proj_1",
+        model="queued",
+        request={},
+        status=JobStatus.running,
+        attempts=1,
+        lease_token=TOKEN,
+        lease_expires_at=utcnow() + timedelta(seconds=60),
+    )
+    with Session(engine, expire_on_commit=False) as session:
+        session.add(job)
+        session.commit()
+    return job
+
+
+def _row(engine: sa.Engine, job_id: str) -> Job:
+    with Session(engine, expire_on_commit=False) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+# A queue kind's entry, built without the registry's check of built kinds.
+SPEC = UpstreamModel.model_construct(
+    name="queued",
+    provider="replicate",
+    capabilities=Capabilities(sizes=["1024x1024"]),
+    deployments=[],
+    fallbacks=[],
+)
+TARGET = Target(SPEC, PARAMS, "queued", "queued", cools=False)
+CALL = Call(SPEC, PARAMS, 1)
+
+
+def _attempt(job: Job) -> Generation:
+    LEASES.hold(job.id, TOKEN)
+    upstream_jobs.UPSTREAMS.hold(job)
+    try:
+        return upstream_jobs.call(CALL, TARGET, job.id)
+    finally:
+        upstream_jobs.UPSTREAMS.release(job.id)
+        LEASES.release(job.id)
+
+
+def test_a_job_is_submitted_once_recorded_and_resumed_from_its_row(
+    engine: sa.Engine, queue: FakeQueue
+) -> None:
+    job = _running(engine)
+    with pytest.raises(UpstreamPending) as first:
+        _attempt(job)
+    assert first.value.retry_after == 1.5
+    assert "processing" in first.value.message
+    recorded = _row(engine, job.id).upstream
+    assert recorded == {
+        "0": {
+            "provider": "replicate",
+            "model": "queued",
+            "deployment": "queued",
+            "ref": {"id": "up-1"},
+        }
+    }
+    # A later attempt (another worker: the book is loaded from the row) looks again.
+    with pytest.raises(UpstreamPending):
+        _attempt(_row(engine, job.id))
+    done = _attempt(_row(engine, job.id))
+    assert [image.data for image in done.images] == [b"png"]
+    assert queue.submits == 1  # never paid twice
+    assert queue.looks == 3
+
+
+def test_a_job_canceled_while_it_was_submitted_is_canceled_upstream(
+    engine: sa.Engine, queue: FakeQueue
+) -> None:
+    job = _running(engine)
+    with Session(engine) as session:  # canceled meanwhile: the lease is gone
+        assert lifecycle.cancel(session, job.id, utcnow())
+        session.commit()
+    with pytest.raises(JobCanceled):
+        _attempt(job)
+    assert queue.canceled == ["up-1"]
+
+
+def test_an_upstream_job_that_failed_is_forgotten_so_a_retry_submits_anew(
+    engine: sa.Engine, queue: FakeQueue
+) -> None:
+    job = _running(engine)
+    queue.failing = True
+    with pytest.raises(TransientProviderError):
+        _attempt(job)
+    assert _row(engine, job.id).upstream == {}
+    queue.failing, queue.looks = False, 10
+    assert _attempt(_row(engine, job.id)).images
+    assert queue.submits == 2
+
+
+def test_the_cancel_task_cancels_every_recorded_upstream_job(
+    engine: sa.Engine, queue: FakeQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = _running(engine)
+    with pytest.raises(UpstreamPending):
+        _attempt(job)
+
+    class Registry:
+        def get(self, name: str) -> UpstreamModel:
+            return SPEC
+
+    monkeypatch.setattr(upstream_jobs, "get_registry", Registry)
+    assert upstream_jobs.cancel(job.id) == 1
+    assert queue.canceled == ["up-1"]

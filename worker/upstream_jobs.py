@@ -1,0 +1,165 @@
+"""Jobs at providers that are queues themselves (issue 27: Replicate, fal, ComfyUI).
+
+A call to such a provider is submitted once: what ``submit`` returned is recorded
+on our job (``job.upstream``, by call: its first image's index) in a transaction
+of its own, before anything else happens, so a worker killed afterwards resumes
+from the record and polls instead of submitting (and paying) again. Then it polls;
+while the upstream job is not done the attempt ends ``deferred`` (UpstreamPending:
+queued again with a countdown, its attempt not counted, ``status_detail`` saying
+what the provider said) and no worker slot is held meanwhile. A poll that finds
+the upstream job failed drops the record, so a retry submits anew. Canceling our
+job cancels the upstream jobs (``cancel``, the ``cancel_upstream`` task); a worker
+that finds its job canceled right after submitting cancels it at once.
+
+The window left: a worker killed between the provider's answer to the submit and
+the record's commit submits again on retry (one round trip wide).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, cast
+
+from shared.core.db import unit_of_work
+from shared.core.errors import ImagegenError, JobCanceled, ProviderError, UpstreamPending
+from shared.jobs import lifecycle
+from shared.jobs.models import Job
+from shared.jobs.routing import Target
+from shared.providers import get_provider
+from shared.providers.base import Call, Generation, Pending, QueueProvider
+from shared.registry import QUEUE_KINDS, UpstreamModel, get_registry
+from worker.leases import LEASES
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamBook:
+    """The upstream jobs of the jobs this process runs, as recorded on their rows."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, dict[str, Any]] = {}
+
+    def hold(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.id] = dict(job.upstream or {})
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+    def get(self, job_id: str, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._jobs.get(job_id, {}).get(key)
+        return cast(dict[str, Any], entry) if isinstance(entry, dict) else None
+
+    def put(self, job_id: str, key: str, entry: dict[str, Any] | None) -> bool:
+        """Record (or, None, drop) one call's upstream job on the row; False when
+        the job is no longer this attempt's (canceled, taken over)."""
+        token = LEASES.token(job_id)
+        with self._lock:
+            jobs = dict(self._jobs.get(job_id, {}))
+            if entry is None:
+                jobs.pop(key, None)
+            else:
+                jobs[key] = entry
+            self._jobs[job_id] = jobs
+        if token is None:
+            return False
+        with unit_of_work() as session:
+            return lifecycle.note_upstream(session, job_id, token, jobs)
+
+
+UPSTREAMS = UpstreamBook()
+
+
+def queued(target: Target) -> bool:
+    return target.spec.provider in QUEUE_KINDS
+
+
+def key_of(call: Call) -> str:
+    return str(call.first_index)
+
+
+def resumed(call: Call, job_id: str) -> Target | None:
+    """The target a call already submitted to (recorded on the job), rebuilt from
+    the registry; None when there is none (or its deployment is gone)."""
+    entry = UPSTREAMS.get(job_id, key_of(call))
+    if entry is None:
+        return None
+    model, deployment = str(entry.get("model")), str(entry.get("deployment"))
+    try:
+        spec = get_registry().get(model)
+    except ImagegenError:
+        log.warning("job %s: model %r of its upstream job is gone", job_id, model)
+        return None
+    if not isinstance(spec, UpstreamModel):
+        return None
+    for upstream in spec.upstreams():
+        if upstream.id == deployment:
+            served = spec.served_by(upstream) if spec.deployments else spec
+            return Target(served, call.params, model, deployment, cools=bool(spec.deployments))
+    log.warning("job %s: deployment %r of its upstream job is gone", job_id, deployment)
+    return None
+
+
+def call(call: Call, target: Target, job_id: str) -> Generation:
+    """Submit (once) and look: the images, or UpstreamPending."""
+    provider = cast(QueueProvider, get_provider(target.spec))
+    key = key_of(call)
+    entry = UPSTREAMS.get(job_id, key)
+    if entry is None:
+        ref = provider.submit(call)
+        entry = {
+            "provider": target.spec.provider,
+            "model": target.model,
+            "deployment": target.deployment,
+            "ref": ref,
+        }
+        if not UPSTREAMS.put(job_id, key, entry):
+            _cancel(provider, target.spec, ref, job_id)  # not ours any more: stop paying
+            raise JobCanceled()
+    try:
+        answer = provider.poll(call, cast(dict[str, Any], entry["ref"]))
+    except ProviderError:
+        UPSTREAMS.put(job_id, key, None)  # failed there: a retry submits anew
+        raise
+    if isinstance(answer, Pending):
+        raise UpstreamPending(
+            f"waiting for {target.spec.provider}: its job is {answer.status}"[:300],
+            retry_after=max(0.2, answer.after),
+        )
+    return answer
+
+
+def cancel(job_id: str) -> int:
+    """The ``cancel_upstream`` task: cancel a canceled job's upstream jobs; returns
+    how many were asked."""
+    with unit_of_work() as session:
+        job = session.get(Job, job_id)
+        upstream = dict(job.upstream or {}) if job is not None else {}
+    asked = 0
+    for entry in upstream.values():
+        if not isinstance(entry, dict):
+            continue
+        try:
+            spec = get_registry().get(str(entry.get("model")))
+        except ImagegenError:
+            log.warning("job %s: cannot cancel upstream, model %r gone", job_id, entry.get("model"))
+            continue
+        if not isinstance(spec, UpstreamModel):
+            continue
+        served = next(
+            (spec.served_by(d) for d in spec.deployments if d.id == entry.get("deployment")), spec
+        )
+        _cancel(cast(QueueProvider, get_provider(served)), served, entry.get("ref") or {}, job_id)
+        asked += 1
+    return asked
+
+
+def _cancel(provider: QueueProvider, spec: Any, ref: dict[str, Any], job_id: str) -> None:
+    try:
+        provider.cancel(spec, ref)
+    except Exception as exc:  # best effort: the provider's job may have ended anyway
+        log.warning("job %s: upstream cancel failed: %s", job_id, exc)
