@@ -179,7 +179,7 @@ REMOTE_KINDS: tuple[str, ...] = RemoteKind.__args__  # type: ignore[attr-defined
 # job and comes back for it, holding no slot meanwhile (worker/upstream_jobs.py).
 QUEUE_KINDS = ("replicate", "fal", "comfyui")
 # The kinds whose provider is built; the others are refused at load, by name.
-BUILT_KINDS = ("openai",)
+BUILT_KINDS = ("openai", "bedrock", "azure_openai", "stability", "google", "replicate", "fal")
 # Fields only some kinds take: each other kind refuses them (naming the kinds).
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "api_version": ("azure_openai",),
