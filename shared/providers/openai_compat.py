@@ -11,13 +11,14 @@ import binascii
 import contextlib
 import json
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 import httpx
 
 from shared.core.context import Context, current
 from shared.core.errors import (
     PermanentProviderError,
+    ProviderError,
     TransientProviderError,
     UnresolvableTarget,
     UnsafeTarget,
@@ -80,7 +81,7 @@ class OpenAICompatibleProvider:
         return current().made("openai_compatible", cls._make)
 
     @classmethod
-    def _make(cls, context: Context) -> OpenAICompatibleProvider:
+    def _make(cls, context: Context) -> Self:
         settings = context.settings
         limit = max(64, settings.worker_concurrency * 2)
         return cls(
@@ -117,14 +118,7 @@ class OpenAICompatibleProvider:
         spec = entry_of(call.spec, UpstreamModel)
         params, count, first_index = call.params, call.count, call.first_index
         partials, inputs = call.partials, call.inputs
-        if not spec.base_url:
-            raise PermanentProviderError(
-                f"model '{spec.name}' has no base_url", code="provider_misconfigured"
-            )
-        headers = {}
-        key = spec.api_key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        headers = self._headers(spec)
         payload = self._payload(spec, params, count)
         if params.operation == "generate":
             request: dict[str, Any] = {"json": payload}
@@ -133,7 +127,7 @@ class OpenAICompatibleProvider:
             # Edits and variations: the upstream's own multipart form, as we took it.
             request = _multipart(params, payload, inputs)
             path = f"/images/{params.operation}s"
-        url = spec.base_url.rstrip("/") + path
+        url = self._url(spec, path)
         streamed = params.stream and params.partial_images > 0 and spec.upstream_streams
         if streamed:
             # The upstream's own partial images, relayed as they come.
@@ -151,7 +145,7 @@ class OpenAICompatibleProvider:
             self.client.stream("POST", url, headers=headers, **request) as response,
         ):
             if response.status_code >= 400:
-                _refuse(response)
+                self._refuse(response)
             if streamed:
                 return self._streamed(response, count, first_index, partials, url)
             # The body only once the job holds an answer slot (shared/providers/answers.py).
@@ -159,7 +153,7 @@ class OpenAICompatibleProvider:
             content = _read_capped(response, count * MAX_ANSWER_BYTES_PER_IMAGE, "answer")
         try:
             body = json.loads(content)
-            items = body["data"]
+            items = self._items(body)
         except (ValueError, KeyError, TypeError) as exc:
             raise TransientProviderError(
                 "upstream answered without a data list", code="upstream_bad_response"
@@ -173,6 +167,30 @@ class OpenAICompatibleProvider:
         images = [self._image(item, url) for item in items]
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
         return Generation(images=images, usage=usage)
+
+    # What a kind speaking this protocol with its own paths, auth or errors
+    # (azure_openai) replaces.
+
+    def _url(self, spec: UpstreamModel, path: str) -> str:
+        """Where an operation's call goes (``path``: ``/images/generations``...)."""
+        if not spec.base_url:
+            raise PermanentProviderError(
+                f"model '{spec.name}' has no base_url", code="provider_misconfigured"
+            )
+        return spec.base_url.rstrip("/") + path
+
+    def _headers(self, spec: UpstreamModel) -> dict[str, str]:
+        """The call's credentials (the key from ``api_key_env``, as a bearer token)."""
+        key = spec.api_key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _refuse(self, response: httpx.Response) -> NoReturn:
+        """An error answer as the provider error it means."""
+        _refuse(response)
+
+    def _items(self, body: Any) -> Any:
+        """The images of a successful answer (its ``data`` list)."""
+        return body["data"]
 
     def _streamed(
         self,
@@ -349,17 +367,23 @@ def _upstream_errors() -> Iterator[None]:
 def _refuse(response: httpx.Response) -> NoReturn:
     """An upstream's error answer as the provider error it means (its body read here,
     up to MAX_ERROR_BYTES)."""
-    message, code = _error_message(response, _read_capped(response, MAX_ERROR_BYTES, "error"))
+    raise _refusal(response, _read_capped(response, MAX_ERROR_BYTES, "error"))
+
+
+def _refusal(response: httpx.Response, content: bytes) -> ProviderError:
+    """The provider error an error answer (``content``, its body) means: 429, 5xx
+    and the like transient (with the answer's Retry-After), the rest permanent."""
+    message, code = _error_message(response, content)
     status = response.status_code
     if status in _TRANSIENT_STATUS:
-        raise TransientProviderError(
+        return TransientProviderError(
             f"upstream answered {status}: {message}",
             code="upstream_rate_limited" if status == 429 else "upstream_unavailable",
             retry_after=_retry_after(response),
         )
     if status in (401, 403):
         code = "upstream_auth_error"
-    raise PermanentProviderError(message, code=code or "upstream_rejected")
+    return PermanentProviderError(message, code=code or "upstream_rejected")
 
 
 def _events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
