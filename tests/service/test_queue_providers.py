@@ -1,0 +1,196 @@
+"""Replicate and fal models (provider: replicate, fal) through the `openai` package,
+in-process, their upstreams the fakes (tests/support/fakes/replicate.py, fal.py):
+each call submitted once and looked at until done (several looks pending), n images
+whichever way (one prediction for n, or fanned out one request an image), both
+response formats from our storage, refusals as our 400 and not retried, a
+throttled create retried, and a canceled job's upstream job canceled there."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+from PIL import Image
+
+from shared.core.settings import get_settings
+from shared.providers.fal import FalProvider
+from shared.providers.replicate import ReplicateProvider
+from shared.registry import get_registry
+from tests.service.conftest import Service
+from tests.support.fakes.fal import EXPECTED_KEY, FakeFal
+from tests.support.fakes.replicate import EXPECTED_TOKEN, FakeReplicate
+from tests.support.stack import models_yaml
+from worker import upstream_jobs
+
+
+def _entries(replicate: str, fal: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "flux-schnell",
+            "provider": "replicate",
+            "base_url": replicate,
+            "api_key_env": "REPLICATE_SERVICE_TOKEN",
+            "upstream_model": "black-forest-labs/flux-schnell",
+            "poll_seconds": 0.05,
+            "capabilities": {"sizes": ["64x64"], "max_n": 4, "upstream_max_n": 4, "seed": True},
+        },
+        {
+            "name": "flux-dev",
+            "provider": "fal",
+            "base_url": fal,
+            "api_key_env": "FAL_SERVICE_KEY",
+            "upstream_model": "fal-ai/flux/dev",
+            "poll_seconds": 0.05,
+            "capabilities": {"sizes": ["64x64"], "max_n": 4, "upstream_max_n": 1},
+        },
+    ]
+
+
+@pytest.fixture(scope="module")
+def fakes(
+    service: Service, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[FakeReplicate, FakeFal]]:
+    """Both fakes, the registry with their models besides the usual ones, their
+    keys, and retries spaced closely; all undone after."""
+    replicate, fal = FakeReplicate().start(), FakeFal().start()
+    models = models_yaml("http://127.0.0.1:9/v1")
+    models["models"] += _entries(replicate.base_url, fal.base_url)
+    path = Path(tmp_path_factory.mktemp("queues")) / "models.yaml"
+    path.write_text(yaml.safe_dump(models))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("IMAGEGEN_MODELS_FILE", str(path))
+    patch.setenv("IMAGEGEN_PROVIDER_BACKOFF_SECONDS", "0.05")
+    patch.setenv("REPLICATE_SERVICE_TOKEN", EXPECTED_TOKEN)
+    patch.setenv("FAL_SERVICE_KEY", EXPECTED_KEY)
+    get_registry.cache_clear()
+    get_settings.cache_clear()
+    yield replicate, fal
+    patch.undo()
+    get_registry.cache_clear()
+    get_settings.cache_clear()
+    for provider in (ReplicateProvider, FalProvider):
+        provider.shared().client.close()  # the process's client, made on first use
+    replicate.stop()
+    fal.stop()
+
+
+@pytest.fixture
+def api(service: Service, fakes: tuple[FakeReplicate, FakeFal]) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        api_key=service.key_a,
+        base_url="http://service.test/v1",
+        http_client=service.client(),
+        max_retries=0,
+    ) as client:
+        yield client
+
+
+def _size(b64: str | None) -> tuple[int, int]:
+    assert b64
+    return Image.open(io.BytesIO(base64.b64decode(b64))).size
+
+
+def test_replicate_makes_n_images_in_one_prediction_looked_at_until_done(
+    api: openai.OpenAI, fakes: tuple[FakeReplicate, FakeFal]
+) -> None:
+    replicate, _ = fakes
+    result = api.images.generate(
+        model="flux-schnell",
+        prompt="a lynx on a ridge",
+        n=3,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 1234},
+    )
+    assert result.data is not None
+    assert [_size(item.b64_json) for item in result.data] == [(64, 64)] * 3
+    (made,) = replicate.creates_for("a lynx on a ridge")
+    assert made["model"] == "black-forest-labs/flux-schnell"
+    model_input = made["body"]["input"]
+    assert (model_input["num_outputs"], model_input["seed"]) == (3, 1234)
+    assert replicate.looks[made["id"]] >= replicate.polls  # pending, then done
+
+
+def test_fal_fans_out_and_url_answers_are_our_own_urls(
+    api: openai.OpenAI, service: Service, fakes: tuple[FakeReplicate, FakeFal]
+) -> None:
+    _, fal = fakes
+    result = api.images.generate(
+        model="flux-dev", prompt="a heron in reeds", n=2, size="64x64", response_format="url"
+    )
+    assert result.data is not None
+    assert len(result.data) == 2
+    for item in result.data:
+        assert item.url
+        assert item.url.startswith("http://service.test/v1/images/files/")
+        got = service.client().get(item.url)
+        assert got.status_code == 200
+        assert Image.open(io.BytesIO(got.content)).size == (64, 64)
+    submitted = fal.submitted_for("a heron in reeds")
+    assert [s["body"]["num_images"] for s in submitted] == [1, 1]  # one image a request
+
+
+@pytest.mark.parametrize(
+    ("model", "prompt"),
+    [("flux-schnell", "a riot [nsfw]"), ("flux-dev", "a riot [policy]"), ("flux-dev", "[nsfw] 2")],
+)
+def test_refusals_answer_our_400_and_are_not_retried(
+    api: openai.OpenAI, fakes: tuple[FakeReplicate, FakeFal], model: str, prompt: str
+) -> None:
+    replicate, fal = fakes
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.images.generate(model=model, prompt=prompt, size="64x64")
+    assert caught.value.code == "content_policy_violation"
+    submitted = replicate.creates_for(prompt) + fal.submitted_for(prompt)
+    assert len(submitted) == 1
+
+
+def test_a_throttled_create_is_retried(
+    api: openai.OpenAI, fakes: tuple[FakeReplicate, FakeFal]
+) -> None:
+    replicate, _ = fakes
+    prompt = "[429-once] a gull"
+    result = api.images.generate(
+        model="flux-schnell", prompt=prompt, size="64x64", response_format="b64_json"
+    )
+    assert result.data is not None
+    assert len(result.data) == 1
+    assert replicate.counts[prompt] == 2  # refused once, then created
+    assert len(replicate.creates_for(prompt)) == 1
+
+
+@pytest.mark.parametrize("model", ["flux-schnell", "flux-dev"])
+def test_a_canceled_job_cancels_its_upstream_job_submitted_once(
+    service: Service, fakes: tuple[FakeReplicate, FakeFal], model: str
+) -> None:
+    replicate, fal = fakes
+    prompt = f"[hold] a long one on {model}"
+    client = service.client()
+    job = client.post(
+        "/v1/images/generations",
+        headers={"Prefer": "respond-async"},
+        json={"model": model, "prompt": prompt, "size": "64x64"},
+    ).json()
+    deadline = time.monotonic() + 10
+    looked = replicate.looks if model == "flux-schnell" else fal.looks
+    while not any(looked[ref] >= 3 for ref in _upstream_ids(replicate, fal, prompt)):
+        assert time.monotonic() < deadline, "the upstream job was never looked at"
+        time.sleep(0.02)
+    assert client.post(f"/v1/images/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+    assert upstream_jobs.cancel(job["id"]) == 1  # the cancel_upstream task's body
+    (upstream_id,) = _upstream_ids(replicate, fal, prompt)  # never submitted twice
+    assert upstream_id in replicate.canceled + fal.canceled
+
+
+def _upstream_ids(replicate: FakeReplicate, fal: FakeFal, prompt: str) -> list[str]:
+    made = [c["id"] for c in replicate.creates_for(prompt)]
+    with fal.served.lock:
+        queued = [rid for rid, r in fal.requests.items() if prompt in r["body"]["prompt"]]
+    return made + queued
