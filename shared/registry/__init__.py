@@ -37,6 +37,7 @@ from shared.registry.entries import (
     model_spec,
     parse_size,
 )
+from shared.registry.workflows import entry_problem, resolve_paths
 
 __all__ = [
     "PROCEDURAL",
@@ -97,6 +98,8 @@ def load_registry(path: Path | None) -> Registry:
         return Registry(models=builtin_models())
     data = yaml.safe_load(Path(path).read_text()) or {}
     for entry in data.get("models") or [] if isinstance(data, dict) else []:
+        # comfyui: a relative workflow path is the models file's neighbour.
+        resolve_paths(entry, Path(path).parent)
         # An entry of deployments may leave its provider to them (issue 26's form).
         if isinstance(entry, dict) and "provider" not in entry:
             deployments = entry.get("deployments")
@@ -115,7 +118,8 @@ def load_registry(path: Path | None) -> Registry:
 def _routing_problem(registry: Registry) -> str | None:
     """A mistake in deployments or fallbacks, in one line naming the entry: a
     fallback to an unknown model, to one on another queue, a cycle of fallbacks, two
-    deployments with one id, a deployment whose key variable is not set."""
+    deployments with one id, a deployment whose key variable is not set, a comfyui
+    workflow that cannot be read or lacks a node input its workflow_inputs name."""
     by_name = {spec.name: spec for spec in registry.models}
     for spec in registry.models:
         where = f"model {spec.name!r}"
@@ -131,6 +135,9 @@ def _routing_problem(registry: Registry) -> str | None:
         if cycle:
             return f"{where}: fallbacks: a cycle ({' -> '.join(cycle)})"
         if isinstance(spec, UpstreamModel):
+            workflow = entry_problem(spec)
+            if workflow:
+                return f"{where}: {workflow}"
             ids = [d.id for d in spec.deployments]
             doubled = sorted({i for i in ids if ids.count(i) > 1})
             if doubled:

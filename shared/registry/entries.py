@@ -179,7 +179,16 @@ REMOTE_KINDS: tuple[str, ...] = RemoteKind.__args__  # type: ignore[attr-defined
 # job and comes back for it, holding no slot meanwhile (worker/upstream_jobs.py).
 QUEUE_KINDS = ("replicate", "fal", "comfyui")
 # The kinds whose provider is built; the others are refused at load, by name.
-BUILT_KINDS = ("openai", "bedrock", "azure_openai", "stability", "google", "replicate", "fal")
+BUILT_KINDS = (
+    "openai",
+    "bedrock",
+    "azure_openai",
+    "stability",
+    "google",
+    "replicate",
+    "fal",
+    "comfyui",
+)
 # Fields only some kinds take: each other kind refuses them (naming the kinds).
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "api_version": ("azure_openai",),
@@ -239,7 +248,9 @@ class Upstream(BaseModel):
             "bedrock": ("region",),
             "comfyui": ("base_url", "workflow"),
         }
-        for name in needs.get(self.provider, ()):
+        # An entry of deployments connects through them: each is checked itself.
+        own = () if getattr(self, "deployments", None) else needs.get(self.provider, ())
+        for name in own:
             if not getattr(self, name):
                 raise ValueError(f"{name}: a {self.provider} upstream needs one")
         return self

@@ -228,4 +228,5 @@ def test_connections_clients_and_storage_are_made_by_the_context() -> None:
         "shared/projects/limits.py:_count_script",  # a script registered per client
         "shared/providers/procedural.py:_ramp",  # a gradient per size
         "shared/registry/__init__.py:get_registry",  # the models file, read once
+        "shared/registry/workflows.py:_read",  # a comfyui workflow file, read once
     ]
