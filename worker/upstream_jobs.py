@@ -11,18 +11,29 @@ the upstream job failed drops the record, so a retry submits anew. Canceling our
 job cancels the upstream jobs (``cancel``, the ``cancel_upstream`` task); a worker
 that finds its job canceled right after submitting cancels it at once.
 
-The window left: a worker killed between the provider's answer to the submit and
-the record's commit submits again on retry (one round trip wide).
+An upstream job still pending ``IMAGEGEN_UPSTREAM_JOB_TIMEOUT_SECONDS`` after its
+submit is canceled there and forgotten, and the call fails as a timeout (retried
+by the provider retry policy, bounded). The window left: a worker killed between
+the provider's answer to the submit and the record's commit submits again on
+retry (one round trip wide).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, cast
 
 from shared.core.db import unit_of_work
-from shared.core.errors import ImagegenError, JobCanceled, ProviderError, UpstreamPending
+from shared.core.errors import (
+    ImagegenError,
+    JobCanceled,
+    ProviderError,
+    TransientProviderError,
+    UpstreamPending,
+)
+from shared.core.settings import get_settings
 from shared.jobs import lifecycle
 from shared.jobs.models import Job
 from shared.jobs.routing import Target
@@ -116,6 +127,7 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
             "model": target.model,
             "deployment": target.deployment,
             "ref": ref,
+            "submitted_at": time.time(),
         }
         if not UPSTREAMS.put(job_id, key, entry):
             _cancel(provider, target.spec, ref, job_id)  # not ours any more: stop paying
@@ -126,6 +138,17 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
         UPSTREAMS.put(job_id, key, None)  # failed there: a retry submits anew
         raise
     if isinstance(answer, Pending):
+        waited = time.time() - float(entry.get("submitted_at") or time.time())
+        if waited > get_settings().upstream_job_timeout_seconds:
+            # Stuck there: stop paying, forget it, and let the retry policy decide
+            # whether to submit anew (bounded like any call's retries).
+            _cancel(provider, target.spec, cast(dict[str, Any], entry["ref"]), job_id)
+            UPSTREAMS.put(job_id, key, None)
+            raise TransientProviderError(
+                f"{target.spec.provider}'s job did not finish in "
+                f"{get_settings().upstream_job_timeout_seconds:.0f} s (it was {answer.status})",
+                code="upstream_timeout",
+            )
         raise UpstreamPending(
             f"waiting for {target.spec.provider}: its job is {answer.status}"[:300],
             retry_after=max(0.2, answer.after),

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     url_expiry_seconds: int = 3600
     provider_timeout_seconds: float = 180.0
     provider_max_attempts: int = 4
+    # A queue provider's job (Replicate, fal, ComfyUI) still pending this long after
+    # its submit is canceled there and the call fails as a timeout (then retried
+    # by the provider retry policy): their own queues and cold starts take minutes.
+    upstream_job_timeout_seconds: float = Field(default=1800.0, gt=0)
     provider_backoff_seconds: float = 2.0
     provider_backoff_max_seconds: float = 60.0
     # While storage is out, a job keeps its images and tries the upload again,
