@@ -4,6 +4,7 @@ its memory when they all return at once (issue 24):
     .venv/bin/python -m bench.bench_capacity --jobs 2000 --seconds 30
     .venv/bin/python -m bench.bench_capacity --jobs 2000 --seconds 30 --size 1024x1024 \
         --answer-slots 16        # and 4096: every answer read at once, as before
+    .venv/bin/python -m bench.bench_capacity --queue-provider --jobs 2000 --seconds 60
 
 Real Redis, PostgreSQL, moto's S3 server and the fake upstream, each call to which
 takes ``--seconds``. The jobs are queued with no worker running, then one worker
@@ -31,9 +32,12 @@ import threading
 import time
 from pathlib import Path
 
+import sqlalchemy as sa
 from moto.server import ThreadedMotoServer
 
-from bench.bench_core import BENCH_ENV, count_status, submit_async
+from bench.bench_core import BENCH_ENV, S3Double, count_status, submit_async
+from tests.support.fakes.replicate import EXPECTED_TOKEN as REPLICATE_TOKEN
+from tests.support.fakes.replicate import FakeReplicate
 from tests.support.processes import free_port
 from tests.support.stack import Stack
 
@@ -76,6 +80,14 @@ def _wait_consumer(stack: Stack) -> int:
 
 
 def main() -> None:
+    args = _args()
+    if args.queue_provider:
+        queue_provider(args)
+    else:
+        in_flight(args)
+
+
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=30)
@@ -83,7 +95,16 @@ def main() -> None:
     parser.add_argument("--size", default="64x64", help="64x64 (flat) or e.g. 1024x1024")
     parser.add_argument("--answer-slots", type=int, default=None)
     parser.add_argument("--max-rss-mb", type=int, default=8000)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--queue-provider",
+        action="store_true",
+        help="a queue-style provider (a fake Replicate) whose predictions take --seconds",
+    )
+    return parser.parse_args()
+
+
+def in_flight(args: argparse.Namespace) -> None:
+    """Calls one consumer holds in flight, and its memory (issues 11 and 24)."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     large = args.size != "64x64"
     # Large: every call held until all are in flight, then answered at once.
@@ -181,6 +202,90 @@ def main() -> None:
     finally:
         stack.close()
         moto.stop()
+
+
+def queue_provider(args: argparse.Namespace) -> None:
+    """Issue 27: ``--jobs`` jobs on a queue-style provider (a fake Replicate over
+    HTTP, its predictions done ``--seconds`` after they were created), one worker.
+    Sampled twice a second: the predictions pending upstream (calls in flight), the
+    jobs a worker holds (``running`` rows: a slot each), the consumer's RSS. Then
+    whether every job succeeded with one create each, and the looks it took."""
+    replicate = FakeReplicate(seconds=args.seconds).start()
+    env = {**BENCH_ENV, "REPLICATE_API_TOKEN": REPLICATE_TOKEN}
+    worker_env = {**env, "IMAGEGEN_WORKER_CONCURRENCY": str(args.concurrency)}
+    api_env = {
+        **env,
+        "IMAGEGEN_PROJECT_JOBS_IN_FLIGHT": "0",
+        "IMAGEGEN_KEY_REQUESTS_PER_MINUTE": "0",
+    }
+    model = {
+        "name": "flux-queue",
+        "provider": "replicate",
+        "base_url": replicate.base_url,
+        "api_key_env": "REPLICATE_API_TOKEN",
+        "upstream_model": "black-forest-labs/flux-schnell",
+        "capabilities": {"sizes": ["256x256"], "max_n": 1},
+    }
+    moto = S3Double()
+    workdir = Path(tempfile.mkdtemp(prefix="imagegen-capacity-queue-"))
+    stack = Stack(workdir, moto.url, worker_env=worker_env, api_env=api_env, extra_models=[model])
+    prompt = "queued capacity"
+    try:
+        pid = _wait_consumer(stack)
+        idle = _rss_kb(pid)
+        started = time.monotonic()
+        submit_s = submit_async(stack, args.jobs, prompt, "flux-queue", "256x256")
+        print(
+            f"submitted {args.jobs} jobs in {submit_s:.1f}s; each prediction takes "
+            f"{args.seconds:g}s"
+        )
+        engine = sa.create_engine(stack.database_url)
+        samples: list[tuple[float, int, int, int]] = []  # t, pending upstream, held, rss
+        deadline = started + args.seconds * 5 + 300
+        succeeded = 0
+        while succeeded < args.jobs and time.monotonic() < deadline:
+            with engine.connect() as conn:
+                rows = conn.execute(sa.text("SELECT status, count(*) FROM job GROUP BY status"))
+                counts: dict[str, int] = {str(r[0]): int(r[1]) for r in rows}
+            succeeded = int(counts.get("succeeded", 0))
+            with replicate.served.lock:
+                pending = sum(
+                    1
+                    for p in replicate.predictions.values()
+                    if p["status"] in ("starting", "processing")
+                )
+            samples.append(
+                (time.monotonic() - started, pending, int(counts.get("running", 0)), _rss_kb(pid))
+            )
+            if len(samples) % 20 == 0:
+                t, up, holding, rss = samples[-1]
+                print(
+                    f"  {t:4.0f}s: {up} predictions pending upstream, {holding} jobs held by "
+                    f"a worker, {succeeded} succeeded, RSS {rss / 1024:.0f} MB",
+                    flush=True,
+                )
+            time.sleep(0.5)
+        total = time.monotonic() - started
+        engine.dispose()
+        waiting = [s for s in samples if s[1] >= args.jobs * 0.9]
+        held = sorted(s[2] for s in waiting) or [0]
+        print(f"all {args.jobs} succeeded: {succeeded == args.jobs} ({succeeded}) in {total:.0f}s")
+        print(f"peak predictions pending upstream: {max(s[1] for s in samples)}")
+        print(
+            f"while >= 90% were pending upstream ({len(waiting)} samples): jobs held by a "
+            f"worker median {held[len(held) // 2]}, max {held[-1]}"
+        )
+        top = max(s[3] for s in samples)
+        print(f"consumer RSS: idle {idle / 1024:.0f} MB, max {top / 1024:.0f} MB")
+        looks = sum(replicate.looks.values())
+        print(
+            f"creates: {replicate.submits} for {args.jobs} jobs; looks: {looks} "
+            f"({looks / max(1, args.jobs):.1f} a job)"
+        )
+    finally:
+        stack.close()
+        moto.stop()
+        replicate.stop()
 
 
 if __name__ == "__main__":

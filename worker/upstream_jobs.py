@@ -43,6 +43,7 @@ from shared.registry import QUEUE_KINDS, UpstreamModel, get_registry
 from worker.leases import LEASES
 
 log = logging.getLogger(__name__)
+MAX_LOOK_SECONDS = 30.0
 
 
 class UpstreamBook:
@@ -149,9 +150,12 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
                 f"{get_settings().upstream_job_timeout_seconds:.0f} s (it was {answer.status})",
                 code="upstream_timeout",
             )
+        # Looked at less often the longer it takes (a third of its age, at most
+        # MAX_LOOK_SECONDS): 2,000 jobs of a minute each cost about 10 looks each,
+        # not 30 (bench/bench_capacity.py --queue-provider).
         raise UpstreamPending(
             f"waiting for {target.spec.provider}: its job is {answer.status}"[:300],
-            retry_after=max(0.2, answer.after),
+            retry_after=max(0.2, answer.after, min(MAX_LOOK_SECONDS, waited / 3)),
         )
     return answer
 

@@ -42,6 +42,7 @@ the model), ``looks`` the GETs of each, ``canceled`` the ids a cancel reached.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -104,8 +105,12 @@ def check_input(body: Any) -> str | None:
 
 
 class FakeReplicate:
-    def __init__(self, polls: int = 3, port: int = 0) -> None:
+    def __init__(self, polls: int = 3, port: int = 0, seconds: float | None = None) -> None:
         self.polls = polls
+        # Set: a prediction is done once it is this old, however often it is looked
+        # at (a model taking that long; bench/bench_capacity.py --queue-provider).
+        self.seconds = seconds
+        self._born: dict[str, float] = {}
         self.finish_when_waited = False
         self.predictions: dict[str, dict[str, Any]] = {}
         self.creates: list[dict[str, Any]] = []  # path, body, prefer of each one made
@@ -167,6 +172,7 @@ class FakeReplicate:
                 }
             )
             self.predictions[prediction_id] = prediction
+            self._born[prediction_id] = time.monotonic()
         if prefer.startswith("wait") and self.finish_when_waited:
             self._finish(prediction_id)
         return self.prediction(prediction_id)
@@ -178,6 +184,8 @@ class FakeReplicate:
             pending = prediction["status"] in ("starting", "processing")
             held = "[hold]" in prediction["input"]["prompt"]
             due = self.looks[prediction_id] >= self.polls and not held
+            if self.seconds is not None:
+                due = time.monotonic() - self._born[prediction_id] >= self.seconds
             if pending and not due:
                 prediction["status"] = "processing"
                 prediction.setdefault("started_at", _now())
