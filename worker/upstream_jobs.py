@@ -70,6 +70,9 @@ class UpstreamBook:
         """Record (or, None, drop) one call's upstream job on the row; False when
         the job is no longer this attempt's (canceled, taken over)."""
         token = LEASES.token(job_id)
+        # Written under the lock: a fan-out's calls record side by side, and a write
+        # of an older whole could otherwise land last and lose a newer call's record
+        # (its prediction then submitted again on resume).
         with self._lock:
             jobs = dict(self._jobs.get(job_id, {}))
             if entry is None:
@@ -77,10 +80,10 @@ class UpstreamBook:
             else:
                 jobs[key] = entry
             self._jobs[job_id] = jobs
-        if token is None:
-            return False
-        with unit_of_work() as session:
-            return lifecycle.note_upstream(session, job_id, token, jobs)
+            if token is None:
+                return False
+            with unit_of_work() as session:
+                return lifecycle.note_upstream(session, job_id, token, jobs)
 
 
 UPSTREAMS = UpstreamBook()

@@ -7,6 +7,7 @@ canceled upstream when our job is no longer the attempt's."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,24 @@ def test_an_upstream_job_pending_past_the_provider_timeout_is_canceled_and_forgo
     assert caught.value.code == "upstream_timeout"
     assert queue.canceled == ["up-1"]
     assert _row(engine, job.id).upstream == {}
+
+
+def test_a_fan_outs_calls_recorded_side_by_side_are_all_kept(engine: sa.Engine) -> None:
+    """Each call of a fan-out records its upstream job from its own thread; the row
+    ends with every one (a lost record would be submitted, and paid, again)."""
+    job = _running(engine)
+    LEASES.hold(job.id, TOKEN)
+    upstream_jobs.UPSTREAMS.hold(job)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            recorded = list(
+                pool.map(
+                    lambda i: upstream_jobs.UPSTREAMS.put(job.id, str(i), {"ref": {"id": i}}),
+                    range(16),
+                )
+            )
+    finally:
+        upstream_jobs.UPSTREAMS.release(job.id)
+        LEASES.release(job.id)
+    assert all(recorded)
+    assert sorted((_row(engine, job.id).upstream or {}), key=int) == [str(i) for i in range(16)]
