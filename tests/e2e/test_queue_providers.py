@@ -79,7 +79,7 @@ def test_a_prediction_answers_through_the_openai_package(
 def test_a_worker_killed_while_its_prediction_is_pending_resumes_without_a_second_submit(
     queued: Stack, replicate: FakeReplicate
 ) -> None:
-    replicate.polls = 8
+    replicate.polls = 5
     try:
         job = queued.submit("resume me", model="flux", size="1024x1024")
         # Recorded and looked at once (a kill between the create's answer and the
