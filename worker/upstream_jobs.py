@@ -6,8 +6,12 @@ of its own, before anything else happens, so a worker killed afterwards resumes
 from the record and polls instead of submitting (and paying) again. Then it polls;
 while the upstream job is not done the attempt ends ``deferred`` (UpstreamPending:
 queued again with a countdown, its attempt not counted, ``status_detail`` saying
-what the provider said) and no worker slot is held meanwhile. A poll that finds
-the upstream job failed drops the record, so a retry submits anew. Canceling our
+what the provider said) and no worker slot is held meanwhile. A look that fails
+for a reason that may pass is tried again later with the record kept, three times
+in a row at most (a job done there is never paid twice for a glitch in fetching
+its outputs); past that, or on a refusal, the record is dropped and a retry
+submits anew. A record at another target than the call's is canceled there and
+dropped. Canceling our
 job cancels the upstream jobs (``cancel``, the ``cancel_upstream`` task); a worker
 that finds its job canceled right after submitting cancels it at once.
 
@@ -44,6 +48,7 @@ from worker.leases import LEASES
 
 log = logging.getLogger(__name__)
 MAX_LOOK_SECONDS = 30.0
+LOOKS_IN_VAIN = 3
 
 
 class UpstreamBook:
@@ -124,6 +129,16 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
     provider = cast(QueueProvider, get_provider(target.spec))
     key = key_of(call)
     entry = UPSTREAMS.get(job_id, key)
+    if entry is not None and (entry.get("model"), entry.get("deployment")) != (
+        target.model,
+        target.deployment,
+    ):
+        # Recorded at another target (its deployment is gone from the registry, or
+        # the call moved on): that job is stopped there and this one starts anew.
+        log.warning("job %s: its upstream job was at %s; submitting anew", job_id, entry)
+        cancel_entry(entry, job_id)
+        UPSTREAMS.put(job_id, key, None)
+        entry = None
     if entry is None:
         ref = provider.submit(call)
         entry = {
@@ -138,8 +153,10 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
             raise JobCanceled()
     try:
         answer = provider.poll(call, cast(dict[str, Any], entry["ref"]))
+    except TransientProviderError as exc:
+        return _looked_in_vain(entry, key, job_id, exc)
     except ProviderError:
-        UPSTREAMS.put(job_id, key, None)  # failed there: a retry submits anew
+        UPSTREAMS.put(job_id, key, None)  # refused there: nothing to come back to
         raise
     if isinstance(answer, Pending):
         waited = time.time() - float(entry.get("submitted_at") or time.time())
@@ -160,7 +177,29 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
             f"waiting for {target.spec.provider}: its job is {answer.status}"[:300],
             retry_after=max(0.2, answer.after, min(MAX_LOOK_SECONDS, waited / 3)),
         )
+    if entry.get("failures"):
+        UPSTREAMS.put(job_id, key, {**entry, "failures": 0})
     return answer
+
+
+def _looked_in_vain(
+    entry: dict[str, Any], key: str, job_id: str, exc: TransientProviderError
+) -> Generation:
+    """A look failed for a reason that may pass: the upstream job failed there (an
+    aborted prediction, a lost prompt) or only our look did (its outputs not
+    fetched). Looked at again later, the record kept, up to LOOKS_IN_VAIN times in a
+    row (a job done there is then never paid twice); past that it is forgotten and
+    the error raised, so the retry policy submits anew."""
+    failures = int(entry.get("failures") or 0) + 1
+    if failures >= LOOKS_IN_VAIN:
+        UPSTREAMS.put(job_id, key, None)
+        raise exc
+    if not UPSTREAMS.put(job_id, key, {**entry, "failures": failures}):
+        raise JobCanceled()
+    raise UpstreamPending(
+        f"looking again at {entry.get('provider')}'s job: {exc.message}"[:300],
+        retry_after=max(exc.retry_after or 0.0, 2.0**failures),
+    )
 
 
 def cancel(job_id: str) -> int:
@@ -169,23 +208,26 @@ def cancel(job_id: str) -> int:
     with unit_of_work() as session:
         job = session.get(Job, job_id)
         upstream = dict(job.upstream or {}) if job is not None else {}
-    asked = 0
-    for entry in upstream.values():
-        if not isinstance(entry, dict):
-            continue
-        try:
-            spec = get_registry().get(str(entry.get("model")))
-        except ImagegenError:
-            log.warning("job %s: cannot cancel upstream, model %r gone", job_id, entry.get("model"))
-            continue
-        if not isinstance(spec, UpstreamModel):
-            continue
-        served = next(
-            (spec.served_by(d) for d in spec.deployments if d.id == entry.get("deployment")), spec
-        )
-        _cancel(cast(QueueProvider, get_provider(served)), served, entry.get("ref") or {}, job_id)
-        asked += 1
-    return asked
+    return sum(
+        cancel_entry(entry, job_id) for entry in upstream.values() if isinstance(entry, dict)
+    )
+
+
+def cancel_entry(entry: dict[str, Any], job_id: str) -> bool:
+    """Cancel one recorded upstream job at the target it was submitted to; False
+    when that target is no longer in the registry."""
+    try:
+        spec = get_registry().get(str(entry.get("model")))
+    except ImagegenError:
+        log.warning("job %s: cannot cancel upstream, model %r gone", job_id, entry.get("model"))
+        return False
+    if not isinstance(spec, UpstreamModel):
+        return False
+    served = next(
+        (spec.served_by(d) for d in spec.deployments if d.id == entry.get("deployment")), spec
+    )
+    _cancel(cast(QueueProvider, get_provider(served)), served, entry.get("ref") or {}, job_id)
+    return True
 
 
 def _cancel(provider: QueueProvider, spec: Any, ref: dict[str, Any], job_id: str) -> None:

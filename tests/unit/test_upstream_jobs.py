@@ -159,17 +159,63 @@ def test_a_job_canceled_while_it_was_submitted_is_canceled_upstream(
     assert queue.canceled == ["up-1"]
 
 
-def test_an_upstream_job_that_failed_is_forgotten_so_a_retry_submits_anew(
+def test_a_failed_look_is_tried_again_with_the_record_kept_then_submitted_anew(
     engine: sa.Engine, queue: FakeQueue
 ) -> None:
+    """A look that fails for a reason that may pass (outputs not fetched, a job
+    aborted there) keeps the record for two more looks: a job done there is not
+    paid twice. The third failure in a row forgets it, so a retry submits anew."""
     job = _running(engine)
     queue.failing = True
+    for failures in (1, 2):
+        with pytest.raises(UpstreamPending) as waiting:
+            _attempt(_row(engine, job.id))
+        assert "looking again" in waiting.value.message
+        assert waiting.value.retry_after == 2.0**failures
+        assert (_row(engine, job.id).upstream or {})["0"]["failures"] == failures
     with pytest.raises(TransientProviderError):
-        _attempt(job)
+        _attempt(_row(engine, job.id))
     assert _row(engine, job.id).upstream == {}
+    assert queue.submits == 1
     queue.failing, queue.looks = False, 10
     assert _attempt(_row(engine, job.id)).images
     assert queue.submits == 2
+
+
+def test_a_glitch_in_a_look_does_not_pay_again(engine: sa.Engine, queue: FakeQueue) -> None:
+    job = _running(engine)
+    queue.failing = True
+    with pytest.raises(UpstreamPending):
+        _attempt(job)
+    queue.failing, queue.looks = False, 10
+    assert _attempt(_row(engine, job.id)).images
+    assert queue.submits == 1
+
+
+def test_a_record_at_another_target_is_canceled_there_and_submitted_anew(
+    engine: sa.Engine, queue: FakeQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = _running(engine)
+    with pytest.raises(UpstreamPending):
+        _attempt(job)
+
+    class Registry:
+        def get(self, name: str) -> UpstreamModel:
+            return SPEC
+
+    monkeypatch.setattr(upstream_jobs, "get_registry", Registry)
+    elsewhere = Target(SPEC, PARAMS, "queued", "another-deployment", cools=True)
+    LEASES.hold(job.id, TOKEN)
+    upstream_jobs.UPSTREAMS.hold(_row(engine, job.id))
+    try:
+        with pytest.raises(UpstreamPending):
+            upstream_jobs.call(CALL, elsewhere, job.id)
+    finally:
+        upstream_jobs.UPSTREAMS.release(job.id)
+        LEASES.release(job.id)
+    assert queue.canceled == ["up-1"]
+    assert queue.submits == 2
+    assert (_row(engine, job.id).upstream or {})["0"]["deployment"] == "another-deployment"
 
 
 def test_the_cancel_task_cancels_every_recorded_upstream_job(
