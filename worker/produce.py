@@ -183,6 +183,10 @@ def _call(call: Call, target: routing.Target, job_id: str) -> Generation:
             generation = upstream_jobs.call(call, target, job_id)
         else:
             generation = get_provider(target.spec).generate(call)
+    except UpstreamPending:
+        if target.probe:  # it took the submit: healthy
+            cooldowns().healthy(target)
+        raise
     except ProviderError as exc:
         PROVIDER_ERRORS.labels(target.model, str(exc.code)).inc()
         DEPLOYMENT_CALLS.labels(target.model, target.deployment, str(exc.code)).inc()
@@ -352,6 +356,7 @@ def _produce(job: Job) -> Result | None:
         log.info("job %s: %s; back in %.1fs", job.id, exc.message, wait)
         return Result.deferred(job, wait, f"{exc.message} (back in {wait:.0f} s)")
     except (ProviderError, UnreadableImage) as exc:
+        upstream_jobs.cancel_open(job.id)  # a fan-out's other calls: stop paying there
         code = exc.code if isinstance(exc, ProviderError) else "upstream_bad_response"
         message = exc.message if isinstance(exc, ProviderError) else str(exc)
         log.info("job %s failed: %s: %s", job.id, code, message)

@@ -7,7 +7,7 @@ from the record and polls instead of submitting (and paying) again. Then it poll
 while the upstream job is not done the attempt ends ``deferred`` (UpstreamPending:
 queued again with a countdown, its attempt not counted, ``status_detail`` saying
 what the provider said) and no worker slot is held meanwhile. A look that fails
-for a reason that may pass is tried again later with the record kept, three times
+for a reason that may pass is tried again later with the record kept, six times
 in a row at most (a job done there is never paid twice for a glitch in fetching
 its outputs); past that, or on a refusal, the record is dropped and a retry
 submits anew. A record at another target than the call's is canceled there and
@@ -29,17 +29,20 @@ import threading
 import time
 from typing import Any, cast
 
+import sqlalchemy as sa
+
 from shared.core.db import unit_of_work
 from shared.core.errors import (
     ImagegenError,
     JobCanceled,
+    PermanentProviderError,
     ProviderError,
     TransientProviderError,
     UpstreamPending,
 )
 from shared.core.settings import get_settings
 from shared.jobs import lifecycle
-from shared.jobs.models import Job
+from shared.jobs.models import Job, JobStatus
 from shared.jobs.routing import Target
 from shared.providers import get_provider
 from shared.providers.base import Call, Generation, Pending, QueueProvider
@@ -48,7 +51,9 @@ from worker.leases import LEASES
 
 log = logging.getLogger(__name__)
 MAX_LOOK_SECONDS = 30.0
-LOOKS_IN_VAIN = 3
+# Looks that fail in a row before the upstream job is given up: 2 + 4 + 8 + 16 +
+# 32 s, a minute of a CDN's or the provider's trouble, before paying again.
+LOOKS_IN_VAIN = 6
 
 
 class UpstreamBook:
@@ -57,14 +62,21 @@ class UpstreamBook:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, Any]] = {}
+        self._writing: dict[str, threading.Lock] = {}  # one per job: its row's writes
 
     def hold(self, job: Job) -> None:
         with self._lock:
             self._jobs[job.id] = dict(job.upstream or {})
+            self._writing[job.id] = threading.Lock()
 
     def release(self, job_id: str) -> None:
         with self._lock:
             self._jobs.pop(job_id, None)
+            self._writing.pop(job_id, None)
+
+    def entries(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self._jobs.get(job_id, {}).values() if isinstance(e, dict)]
 
     def get(self, job_id: str, key: str) -> dict[str, Any] | None:
         with self._lock:
@@ -75,16 +87,19 @@ class UpstreamBook:
         """Record (or, None, drop) one call's upstream job on the row; False when
         the job is no longer this attempt's (canceled, taken over)."""
         token = LEASES.token(job_id)
-        # Written under the lock: a fan-out's calls record side by side, and a write
-        # of an older whole could otherwise land last and lose a newer call's record
-        # (its prediction then submitted again on resume).
+        # Written under the job's lock: a fan-out's calls record side by side, and a
+        # write of an older whole could otherwise land last and lose a newer call's
+        # record (its prediction then submitted again on resume).
         with self._lock:
-            jobs = dict(self._jobs.get(job_id, {}))
-            if entry is None:
-                jobs.pop(key, None)
-            else:
-                jobs[key] = entry
-            self._jobs[job_id] = jobs
+            writing = self._writing.setdefault(job_id, threading.Lock())
+        with writing:
+            with self._lock:
+                jobs = dict(self._jobs.get(job_id, {}))
+                if entry is None:
+                    jobs.pop(key, None)
+                else:
+                    jobs[key] = entry
+                self._jobs[job_id] = jobs
             if token is None:
                 return False
             with unit_of_work() as session:
@@ -106,7 +121,7 @@ def resumed(call: Call, job_id: str) -> Target | None:
     """The target a call already submitted to (recorded on the job), rebuilt from
     the registry; None when there is none (or its deployment is gone)."""
     entry = UPSTREAMS.get(job_id, key_of(call))
-    if entry is None:
+    if entry is None or "ref" not in entry:
         return None
     model, deployment = str(entry.get("model")), str(entry.get("deployment"))
     try:
@@ -129,17 +144,28 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
     provider = cast(QueueProvider, get_provider(target.spec))
     key = key_of(call)
     entry = UPSTREAMS.get(job_id, key)
-    if entry is not None and (entry.get("model"), entry.get("deployment")) != (
-        target.model,
-        target.deployment,
+    submits = int(entry.get("submits") or 1) if entry is not None else 0
+    if (
+        entry is not None
+        and "ref" in entry
+        and (entry.get("model"), entry.get("deployment"))
+        != (
+            target.model,
+            target.deployment,
+        )
     ):
         # Recorded at another target (its deployment is gone from the registry, or
         # the call moved on): that job is stopped there and this one starts anew.
         log.warning("job %s: its upstream job was at %s; submitting anew", job_id, entry)
         cancel_entry(entry, job_id)
-        UPSTREAMS.put(job_id, key, None)
         entry = None
-    if entry is None:
+    if entry is None or "ref" not in entry:
+        if submits >= get_settings().provider_max_attempts:
+            # Each submit failed there or never finished: never resubmitted forever.
+            raise PermanentProviderError(
+                f"{target.spec.provider}: the job failed there {submits} times",
+                code="upstream_error",
+            )
         ref = provider.submit(call)
         entry = {
             "provider": target.spec.provider,
@@ -147,8 +173,18 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
             "deployment": target.deployment,
             "ref": ref,
             "submitted_at": time.time(),
+            "submits": submits + 1,
         }
-        if not UPSTREAMS.put(job_id, key, entry):
+        try:
+            recorded = UPSTREAMS.put(job_id, key, entry)
+        except sa.exc.SQLAlchemyError as exc:
+            # Unrecorded, it would run there unseen: stop it, and try again later.
+            _cancel(provider, target.spec, ref, job_id)
+            raise TransientProviderError(
+                f"could not record {target.spec.provider}'s job ({type(exc).__name__})",
+                code="upstream_unavailable",
+            ) from None
+        if not recorded:
             _cancel(provider, target.spec, ref, job_id)  # not ours any more: stop paying
             raise JobCanceled()
     try:
@@ -156,7 +192,7 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
     except TransientProviderError as exc:
         return _looked_in_vain(entry, key, job_id, exc)
     except ProviderError:
-        UPSTREAMS.put(job_id, key, None)  # refused there: nothing to come back to
+        _forget(job_id, key, entry)  # refused there: nothing to come back to
         raise
     if isinstance(answer, Pending):
         waited = time.time() - float(entry.get("submitted_at") or time.time())
@@ -164,7 +200,7 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
             # Stuck there: stop paying, forget it, and let the retry policy decide
             # whether to submit anew (bounded like any call's retries).
             _cancel(provider, target.spec, cast(dict[str, Any], entry["ref"]), job_id)
-            UPSTREAMS.put(job_id, key, None)
+            _forget(job_id, key, entry)
             raise TransientProviderError(
                 f"{target.spec.provider}'s job did not finish in "
                 f"{get_settings().upstream_job_timeout_seconds:.0f} s (it was {answer.status})",
@@ -192,7 +228,7 @@ def _looked_in_vain(
     the error raised, so the retry policy submits anew."""
     failures = int(entry.get("failures") or 0) + 1
     if failures >= LOOKS_IN_VAIN:
-        UPSTREAMS.put(job_id, key, None)
+        _forget(job_id, key, entry)
         raise exc
     if not UPSTREAMS.put(job_id, key, {**entry, "failures": failures}):
         raise JobCanceled()
@@ -202,14 +238,32 @@ def _looked_in_vain(
     )
 
 
+def _forget(job_id: str, key: str, entry: dict[str, Any]) -> None:
+    """Drop a call's upstream job, keeping how many times it was submitted (the
+    next submit counts on from there: bounded by IMAGEGEN_PROVIDER_MAX_ATTEMPTS)."""
+    UPSTREAMS.put(job_id, key, {"submits": int(entry.get("submits") or 1)})
+
+
+def cancel_open(job_id: str) -> None:
+    """The job failed: its calls' upstream jobs still recorded are canceled there
+    (a fan-out whose one call was refused leaves the others running)."""
+    for entry in UPSTREAMS.entries(job_id):
+        if "ref" in entry:
+            cancel_entry(entry, job_id)
+
+
 def cancel(job_id: str) -> int:
     """The ``cancel_upstream`` task: cancel a canceled job's upstream jobs; returns
     how many were asked."""
     with unit_of_work() as session:
         job = session.get(Job, job_id)
-        upstream = dict(job.upstream or {}) if job is not None else {}
+        # Only a job canceled still (never one a worker runs on).
+        gone = job is not None and job.status == JobStatus.canceled
+        upstream = dict(job.upstream or {}) if gone and job is not None else {}
     return sum(
-        cancel_entry(entry, job_id) for entry in upstream.values() if isinstance(entry, dict)
+        cancel_entry(entry, job_id)
+        for entry in upstream.values()
+        if isinstance(entry, dict) and "ref" in entry
     )
 
 

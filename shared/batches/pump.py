@@ -17,7 +17,7 @@ from sqlmodel import Session, col
 
 from shared.batches.input import EDITS_ENDPOINT
 from shared.batches.models import PUMPED, Batch, BatchItem, BatchStatus, ItemStatus
-from shared.core.broker import publish_batch_pump, publish_jobs
+from shared.core.broker import publish_batch_pump, publish_jobs, publish_upstream_cancel
 from shared.core.clock import utcnow
 from shared.core.columns import table
 from shared.core.errors import (
@@ -36,7 +36,7 @@ from shared.files.service import get_file
 from shared.imaging import check_mask, check_total_pixels, read_input
 from shared.jobs import lifecycle
 from shared.jobs.input import parse_request, validate_edit, validate_generation
-from shared.jobs.models import Job, JobStatus
+from shared.jobs.models import WAITING, Job, JobStatus
 from shared.jobs.schemas import GenerationParams
 from shared.jobs.service import store_inputs
 from shared.jobs.views import job_failure
@@ -301,6 +301,17 @@ def stop_pending(session: Session, batch: Batch, code: str, message: str) -> Non
         .where(col(BatchItem.batch_id) == batch.id, col(BatchItem.status) == ItemStatus.pending)
         .values(status=ItemStatus.canceled, error=error, finished_at=now)
     )
+    # Lines waiting on a queue provider's job: canceled there too, once committed
+    # (the task cancels only what is still canceled then).
+    submitted = session.execute(
+        sa.select(col(Job.id), col(Job.queue)).where(
+            col(Job.batch_id) == batch.id,
+            col(Job.status).in_(WAITING),
+            col(Job.upstream).is_not(None),
+        )
+    ).all()
+    for job_id, queue in submitted:
+        after_commit(session, partial(publish_upstream_cancel, job_id, queue))
     queued = lifecycle.cancel_batch_jobs(session, batch.id, now)
     if queued:
         session.execute(

@@ -20,7 +20,12 @@ import shared.core.db
 import shared.models  # every table, for create_all
 from shared.core.clock import utcnow
 from shared.core.db import make_engine
-from shared.core.errors import JobCanceled, TransientProviderError, UpstreamPending
+from shared.core.errors import (
+    JobCanceled,
+    PermanentProviderError,
+    TransientProviderError,
+    UpstreamPending,
+)
 from shared.jobs import lifecycle
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.routing import Target
@@ -137,6 +142,7 @@ def test_a_job_is_submitted_once_recorded_and_resumed_from_its_row(
         "model": "queued",
         "deployment": "queued",
         "ref": {"id": "up-1"},
+        "submits": 1,
     }
     # A later attempt (another worker: the book is loaded from the row) looks again.
     with pytest.raises(UpstreamPending):
@@ -163,11 +169,12 @@ def test_a_failed_look_is_tried_again_with_the_record_kept_then_submitted_anew(
     engine: sa.Engine, queue: FakeQueue
 ) -> None:
     """A look that fails for a reason that may pass (outputs not fetched, a job
-    aborted there) keeps the record for two more looks: a job done there is not
-    paid twice. The third failure in a row forgets it, so a retry submits anew."""
+    aborted there) keeps the record, looked at again after 2, 4, 8, 16, 32 s: a
+    job done there is not paid twice. The sixth failure in a row forgets it, so a
+    retry submits anew (the submits counted on)."""
     job = _running(engine)
     queue.failing = True
-    for failures in (1, 2):
+    for failures in range(1, upstream_jobs.LOOKS_IN_VAIN):
         with pytest.raises(UpstreamPending) as waiting:
             _attempt(_row(engine, job.id))
         assert "looking again" in waiting.value.message
@@ -175,10 +182,33 @@ def test_a_failed_look_is_tried_again_with_the_record_kept_then_submitted_anew(
         assert (_row(engine, job.id).upstream or {})["0"]["failures"] == failures
     with pytest.raises(TransientProviderError):
         _attempt(_row(engine, job.id))
-    assert _row(engine, job.id).upstream == {}
+    assert _row(engine, job.id).upstream == {"0": {"submits": 1}}
     assert queue.submits == 1
     queue.failing, queue.looks = False, 10
     assert _attempt(_row(engine, job.id)).images
+    assert queue.submits == 2
+    assert (_row(engine, job.id).upstream or {})["0"]["submits"] == 2
+
+
+def test_a_call_is_submitted_at_most_the_provider_attempts(
+    engine: sa.Engine, queue: FakeQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream job that fails there every time is not resubmitted forever."""
+
+    class Settings:
+        upstream_job_timeout_seconds = 1800.0
+        provider_max_attempts = 2
+
+    monkeypatch.setattr(upstream_jobs, "get_settings", Settings)
+    monkeypatch.setattr(upstream_jobs, "LOOKS_IN_VAIN", 1)
+    job = _running(engine)
+    queue.failing = True
+    with pytest.raises(TransientProviderError):
+        _attempt(job)  # submit 1, failed there
+    with pytest.raises(TransientProviderError):
+        _attempt(_row(engine, job.id))  # submit 2, failed there
+    with pytest.raises(PermanentProviderError):
+        _attempt(_row(engine, job.id))
     assert queue.submits == 2
 
 
@@ -230,6 +260,10 @@ def test_the_cancel_task_cancels_every_recorded_upstream_job(
             return SPEC
 
     monkeypatch.setattr(upstream_jobs, "get_registry", Registry)
+    assert upstream_jobs.cancel(job.id) == 0  # a job a worker runs on is left alone
+    with Session(engine) as session:
+        assert lifecycle.cancel(session, job.id, utcnow())
+        session.commit()
     assert upstream_jobs.cancel(job.id) == 1
     assert queue.canceled == ["up-1"]
 
@@ -239,6 +273,7 @@ def test_an_upstream_job_pending_past_the_provider_timeout_is_canceled_and_forgo
 ) -> None:
     class Settings:
         upstream_job_timeout_seconds = 0.0
+        provider_max_attempts = 4
 
     monkeypatch.setattr(upstream_jobs, "get_settings", Settings)
     job = _running(engine)
@@ -246,7 +281,7 @@ def test_an_upstream_job_pending_past_the_provider_timeout_is_canceled_and_forgo
         _attempt(job)
     assert caught.value.code == "upstream_timeout"
     assert queue.canceled == ["up-1"]
-    assert _row(engine, job.id).upstream == {}
+    assert _row(engine, job.id).upstream == {"0": {"submits": 1}}
 
 
 def test_a_fan_outs_calls_recorded_side_by_side_are_all_kept(engine: sa.Engine) -> None:
