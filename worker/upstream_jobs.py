@@ -41,11 +41,12 @@ from shared.core.errors import (
     UpstreamPending,
 )
 from shared.core.settings import get_settings
+from shared.core.storage import get_storage
 from shared.jobs import lifecycle
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.routing import Target
 from shared.providers import get_provider
-from shared.providers.base import Call, Generation, Pending, QueueProvider
+from shared.providers.base import Call, GeneratedImage, Generation, Pending, QueueProvider
 from shared.registry import QUEUE_KINDS, UpstreamModel, get_registry
 from worker.leases import LEASES
 
@@ -63,16 +64,23 @@ class UpstreamBook:
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, Any]] = {}
         self._writing: dict[str, threading.Lock] = {}  # one per job: its row's writes
+        self._projects: dict[str, str] = {}
 
     def hold(self, job: Job) -> None:
         with self._lock:
             self._jobs[job.id] = dict(job.upstream or {})
             self._writing[job.id] = threading.Lock()
+            self._projects[job.id] = job.project_id
+
+    def project_of(self, job_id: str) -> str | None:
+        with self._lock:
+            return self._projects.get(job_id)
 
     def release(self, job_id: str) -> None:
         with self._lock:
             self._jobs.pop(job_id, None)
             self._writing.pop(job_id, None)
+            self._projects.pop(job_id, None)
 
     def entries(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -139,10 +147,11 @@ def resumed(call: Call, job_id: str) -> Target | None:
     return None
 
 
-def call(call: Call, target: Target, job_id: str) -> Generation:
-    """Submit (once) and look: the images, or UpstreamPending."""
-    provider = cast(QueueProvider, get_provider(target.spec))
-    key = key_of(call)
+def _submitted(
+    provider: QueueProvider, call: Call, target: Target, job_id: str, key: str
+) -> dict[str, Any]:
+    """The call's record: the one an earlier attempt left at this target, or a
+    submit made and recorded now."""
     entry = UPSTREAMS.get(job_id, key)
     submits = int(entry.get("submits") or 1) if entry is not None else 0
     if (
@@ -159,34 +168,46 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
         log.warning("job %s: its upstream job was at %s; submitting anew", job_id, entry)
         cancel_entry(entry, job_id)
         entry = None
-    if entry is None or "ref" not in entry:
-        if submits >= get_settings().provider_max_attempts:
-            # Each submit failed there or never finished: never resubmitted forever.
-            raise PermanentProviderError(
-                f"{target.spec.provider}: the job failed there {submits} times",
-                code="upstream_error",
-            )
-        ref = provider.submit(call)
-        entry = {
-            "provider": target.spec.provider,
-            "model": target.model,
-            "deployment": target.deployment,
-            "ref": ref,
-            "submitted_at": time.time(),
-            "submits": submits + 1,
-        }
-        try:
-            recorded = UPSTREAMS.put(job_id, key, entry)
-        except sa.exc.SQLAlchemyError as exc:
-            # Unrecorded, it would run there unseen: stop it, and try again later.
-            _cancel(provider, target.spec, ref, job_id)
-            raise TransientProviderError(
-                f"could not record {target.spec.provider}'s job ({type(exc).__name__})",
-                code="upstream_unavailable",
-            ) from None
-        if not recorded:
-            _cancel(provider, target.spec, ref, job_id)  # not ours any more: stop paying
-            raise JobCanceled()
+    if entry is not None and "ref" in entry:
+        return entry
+    if submits >= get_settings().provider_max_attempts:
+        # Each submit failed there or never finished: never resubmitted forever.
+        raise PermanentProviderError(
+            f"{target.spec.provider}: the job failed there {submits} times",
+            code="upstream_error",
+        )
+    ref = provider.submit(call)
+    entry = {
+        "provider": target.spec.provider,
+        "model": target.model,
+        "deployment": target.deployment,
+        "ref": ref,
+        "submitted_at": time.time(),
+        "submits": submits + 1,
+    }
+    try:
+        recorded = UPSTREAMS.put(job_id, key, entry)
+    except sa.exc.SQLAlchemyError as exc:
+        # Unrecorded, it would run there unseen: stop it, and try again later.
+        _cancel(provider, target.spec, ref, job_id)
+        raise TransientProviderError(
+            f"could not record {target.spec.provider}'s job ({type(exc).__name__})",
+            code="upstream_unavailable",
+        ) from None
+    if not recorded:
+        _cancel(provider, target.spec, ref, job_id)  # not ours any more: stop paying
+        raise JobCanceled()
+    return entry
+
+
+def call(call: Call, target: Target, job_id: str) -> Generation:
+    """Submit (once) and look: the images, or UpstreamPending."""
+    provider = cast(QueueProvider, get_provider(target.spec))
+    key = key_of(call)
+    entry = _submitted(provider, call, target, job_id, key)
+    kept = _kept(entry)
+    if kept is not None:
+        return kept
     try:
         answer = provider.poll(call, cast(dict[str, Any], entry["ref"]))
     except TransientProviderError as exc:
@@ -213,9 +234,42 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
             f"waiting for {target.spec.provider}: its job is {answer.status}"[:300],
             retry_after=max(0.2, answer.after, min(MAX_LOOK_SECONDS, waited / 3)),
         )
-    if entry.get("failures"):
+    if call.count < call.params.n:  # a fan-out: its other calls may still be out
+        _keep(answer, entry, key, job_id)
+    elif entry.get("failures"):
         UPSTREAMS.put(job_id, key, {**entry, "failures": 0})
     return answer
+
+
+def _keep(generation: Generation, entry: dict[str, Any], key: str, job_id: str) -> None:
+    """A fan-out's call done while others are still out: its images are kept in our
+    storage and the record says where, so a later look takes them from there
+    instead of asking (and downloading) again: a provider may delete outputs
+    (Replicate after an hour), and a job waiting on its other calls would then pay
+    for this one again. Best effort: unkept, the next look asks the provider."""
+    project = UPSTREAMS.project_of(job_id)
+    if project is None:
+        return
+    keys = [f"{project}/{job_id}/upstream/{key}-{i}" for i in range(len(generation.images))]
+    try:
+        storage = get_storage()
+        for name, image in zip(keys, generation.images, strict=True):
+            storage.put(name, image.data, "application/octet-stream")
+        UPSTREAMS.put(job_id, key, {**entry, "failures": 0, "kept": keys})
+    except Exception as exc:  # storage or the database out: asked again next time
+        log.warning("job %s: a finished call's images not kept: %s", job_id, exc)
+
+
+def _kept(entry: dict[str, Any]) -> Generation | None:
+    keys = entry.get("kept")
+    if not isinstance(keys, list) or not keys:
+        return None
+    try:
+        storage = get_storage()
+        return Generation(images=[GeneratedImage(storage.get(str(name))) for name in keys])
+    except Exception as exc:  # gone or unreachable: ask the provider again
+        log.warning("kept images unreadable (%s); asking the provider again", exc)
+        return None
 
 
 def _looked_in_vain(

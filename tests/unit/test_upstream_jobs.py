@@ -303,3 +303,48 @@ def test_a_fan_outs_calls_recorded_side_by_side_are_all_kept(engine: sa.Engine) 
         LEASES.release(job.id)
     assert all(recorded)
     assert sorted((_row(engine, job.id).upstream or {}), key=int) == [str(i) for i in range(16)]
+
+
+def test_a_fan_outs_finished_call_is_kept_and_not_asked_again(
+    engine: sa.Engine, queue: FakeQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One call of a job of two images done while the other is still out: its
+    images are kept in our storage, and the next look takes them from there (the
+    provider may have deleted them meanwhile; asking again could pay again)."""
+
+    class Storage:
+        def __init__(self) -> None:
+            self.objects: dict[str, bytes] = {}
+
+        def put(self, key: str, data: bytes, content_type: str) -> None:
+            self.objects[key] = data
+
+        def get(self, key: str) -> bytes:
+            return self.objects[key]
+
+    storage = Storage()
+    monkeypatch.setattr(upstream_jobs, "get_storage", lambda: storage)
+    two = GenerationParams(model="queued", prompt="p", n=2, size="1024x1024")
+    first_call = Call(SPEC, two, 1, first_index=0)
+    job = _running(engine)
+    queue.looks = 10  # done at the first look
+    LEASES.hold(job.id, TOKEN)
+    upstream_jobs.UPSTREAMS.hold(job)
+    try:
+        assert upstream_jobs.call(first_call, TARGET, job.id).images
+    finally:
+        upstream_jobs.UPSTREAMS.release(job.id)
+        LEASES.release(job.id)
+    kept = (_row(engine, job.id).upstream or {})["0"]["kept"]
+    assert [storage.objects[name] for name in kept] == [b"png"]
+    looks = queue.looks
+    LEASES.hold(job.id, TOKEN)
+    upstream_jobs.UPSTREAMS.hold(_row(engine, job.id))
+    try:
+        again = upstream_jobs.call(first_call, TARGET, job.id)
+    finally:
+        upstream_jobs.UPSTREAMS.release(job.id)
+        LEASES.release(job.id)
+    assert [image.data for image in again.images] == [b"png"]
+    assert queue.looks == looks  # not asked again
+    assert queue.submits == 1
