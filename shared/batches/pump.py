@@ -303,15 +303,16 @@ def stop_pending(session: Session, batch: Batch, code: str, message: str) -> Non
     )
     # Lines waiting on a queue provider's job: canceled there too, once committed
     # (the task cancels only what is still canceled then).
-    submitted = session.execute(
-        sa.select(col(Job.id), col(Job.queue)).where(
-            col(Job.batch_id) == batch.id,
-            col(Job.status).in_(WAITING),
-            col(Job.upstream).is_not(None),
+    # (None is stored as JSON null, not SQL NULL: told apart here, in Python; at
+    # most the batch's lines in flight are read.)
+    waiting = session.execute(
+        sa.select(col(Job.id), col(Job.queue), col(Job.upstream)).where(
+            col(Job.batch_id) == batch.id, col(Job.status).in_(WAITING)
         )
     ).all()
-    for job_id, queue in submitted:
-        after_commit(session, partial(publish_upstream_cancel, job_id, queue))
+    for job_id, queue, upstream in waiting:
+        if upstream:
+            after_commit(session, partial(publish_upstream_cancel, job_id, queue))
     queued = lifecycle.cancel_batch_jobs(session, batch.id, now)
     if queued:
         session.execute(

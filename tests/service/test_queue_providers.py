@@ -19,6 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from shared.batches import pump
 from shared.core.settings import get_settings
 from shared.providers.fal import FalProvider
 from shared.providers.replicate import ReplicateProvider
@@ -194,3 +195,37 @@ def _upstream_ids(replicate: FakeReplicate, fal: FakeFal, prompt: str) -> list[s
     with fal.served.lock:
         queued = [rid for rid, r in fal.requests.items() if prompt in r["body"]["prompt"]]
     return made + queued
+
+
+def test_a_canceled_batch_cancels_its_lines_upstream_jobs(
+    service: Service, fakes: tuple[FakeReplicate, FakeFal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines waiting on their predictions when the batch is canceled: each gets a
+    cancel_upstream task (published after the commit), whose body cancels the
+    prediction there."""
+    replicate, _ = fakes
+    published: list[str] = []
+    monkeypatch.setattr(
+        pump, "publish_upstream_cancel", lambda job_id, queue: published.append(job_id)
+    )
+    prompts = [f"[hold] batch line {i}" for i in range(2)]
+    client = service.client()
+    batch = client.post(
+        "/v1/images/batches",
+        json={"model": "flux-schnell", "size": "64x64", "prompts": prompts},
+    ).json()
+    deadline = time.monotonic() + 10
+    while not all(
+        replicate.creates_for(p) and replicate.looks[replicate.creates_for(p)[0]["id"]] >= 2
+        for p in prompts
+    ):
+        assert time.monotonic() < deadline, "the lines' predictions were never looked at"
+        time.sleep(0.02)
+    assert client.post(f"/v1/images/batches/{batch['id']}/cancel").status_code == 200
+    deadline = time.monotonic() + 10
+    while len(published) < 2:
+        assert time.monotonic() < deadline, published
+        time.sleep(0.02)
+    for job_id in published:
+        assert upstream_jobs.cancel(job_id) == 1
+    assert {c["id"] for p in prompts for c in replicate.creates_for(p)} <= set(replicate.canceled)
