@@ -15,8 +15,11 @@ from typing import Any
 
 _SECRETS = re.compile(
     # API keys and secrets, then signatures in URLs.
-    r"(?<![A-Za-z0-9])(?P<keep>sk-ig-|whsec_|sk-)[A-Za-z0-9_\-+/=]{6,}"
-    r"|(?P<param>(?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|signature)=)"
+    # Providers' own: Replicate's r8_ tokens, Google's AIza keys (issue 27); an AWS
+    # SigV4 Authorization header's Credential= (the access key id) and Signature=.
+    r"(?<![A-Za-z0-9])(?P<keep>sk-ig-|whsec_|sk-|r8_|AIza)[A-Za-z0-9_\-+/=]{6,}"
+    r"|(?P<param>(?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|signature"
+    r"|credential)=)"
     r"[^&\s\"']+",
     re.IGNORECASE,
 )

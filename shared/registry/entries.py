@@ -196,6 +196,8 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "workflow": ("comfyui",),
     "workflow_inputs": ("comfyui",),
     "upstream_streams": ("openai", "azure_openai"),
+    # Bedrock signs with the AWS credential chain: a key variable would be ignored.
+    "api_key_env": tuple(k for k in REMOTE_KINDS if k != "bedrock"),
 }
 
 

@@ -34,6 +34,21 @@ def test_keys_secrets_and_signatures_are_redacted() -> None:
     assert redact("disk-usage-report") == "disk-usage-report"
 
 
+def test_providers_keys_and_a_sigv4_header_are_redacted() -> None:
+    """Issue 27's providers: Replicate and Google keys, and boto3's Authorization
+    header for Bedrock (its access key id and signature)."""
+    line = (
+        "token r8_AbCdEf0123456789 key AIzaSyAbCdEf0123456789 Authorization: "
+        "AWS4-HMAC-SHA256 Credential=AKIAFAKEBEDROCKTEST1/20261206/us-east-1/bedrock/"
+        "aws4_request, SignedHeaders=host;x-amz-date, Signature=0123abcd"
+    )
+    out = redact(line)
+    for secret in ("AbCdEf0123456789", "AKIAFAKEBEDROCKTEST1", "0123abcd"):
+        assert secret not in out, secret
+    assert "r8_***" in out
+    assert "SignedHeaders=host" in out
+
+
 def test_log_records_are_redacted_whoever_logs_them(caplog: pytest.LogCaptureFixture) -> None:
     install()
     with caplog.at_level(logging.INFO):

@@ -31,6 +31,10 @@ def _load(tmp_path: Path, entry: dict[str, Any]) -> Any:
             {"provider": "openai", "base_url": "http://u.test/v1", "workflow": "w.json"},
             "model 'm': workflow: only a comfyui upstream takes it",
         ),
+        (  # Bedrock signs with the AWS credential chain
+            {"provider": "bedrock", "region": "us-east-1", "api_key_env": "K"},
+            "model 'm': api_key_env: only a openai or azure_openai",
+        ),
     ],
 )
 def test_a_kinds_own_fields_are_refused_on_another(
