@@ -25,7 +25,13 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 
 from shared.batches.models import PUMPED, Batch, BatchStatus
-from shared.core.broker import publish_batch_validation, publish_deliveries, publish_job, queue_size
+from shared.core.broker import (
+    publish_batch_validation,
+    publish_deliveries,
+    publish_job,
+    publish_upstream_cancel,
+    queue_size,
+)
 from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
 from shared.core.outbox import after_commit
@@ -148,9 +154,29 @@ def settle_held() -> int:
     return get_budgets().reconcile(unit_of_work)
 
 
+def cancel_upstream_left() -> int:
+    """Canceled jobs whose upstream jobs may still run there (a cancel_upstream
+    message lost: the broker was down) get one again, a minute on."""
+    since = utcnow() - timedelta(seconds=60)
+    with unit_of_work() as session:
+        rows = session.execute(
+            sa.select(col(Job.id), col(Job.queue))
+            .where(
+                col(Job.upstream_open).is_(True),
+                col(Job.status) == JobStatus.canceled,
+                col(Job.canceled_at) < since,
+            )
+            .limit(BATCH)
+        ).all()
+    for job_id, queue in rows:
+        publish_upstream_cancel(job_id, queue)
+    return len(rows)
+
+
 def sweep_once() -> tuple[int, int]:
     requeued = requeue_expired()
     published = publish_pending()
+    cancel_upstream_left()
     publish_due_deliveries()
     tend_batches()
     settle_held()

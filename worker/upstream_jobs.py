@@ -314,11 +314,15 @@ def cancel(job_id: str) -> int:
         # Only a job canceled still (never one a worker runs on).
         gone = job is not None and job.status == JobStatus.canceled
         upstream = dict(job.upstream or {}) if gone and job is not None else {}
-    return sum(
+    asked = sum(
         cancel_entry(entry, job_id)
         for entry in upstream.values()
         if isinstance(entry, dict) and "ref" in entry
     )
+    if gone:
+        with unit_of_work() as session:
+            lifecycle.close_upstream(session, job_id)
+    return asked
 
 
 def cancel_entry(entry: dict[str, Any], job_id: str) -> bool:

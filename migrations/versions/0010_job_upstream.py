@@ -20,8 +20,14 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("job", schema=None) as batch_op:
         batch_op.add_column(sa.Column("upstream", sa.JSON(), nullable=True))
+        batch_op.add_column(
+            sa.Column("upstream_open", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
+        batch_op.create_index("ix_job_upstream_open_status", ["upstream_open", "status"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.drop_index("ix_job_upstream_open_status")
+        batch_op.drop_column("upstream_open")
         batch_op.drop_column("upstream")

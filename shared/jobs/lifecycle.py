@@ -2,7 +2,7 @@
 
 A job is recorded ``queued`` (``create``), taken by a worker's attempt (``claim``),
 held by that attempt's lease (``renew``, ``note_progress``, ``set_detail``,
-``note_upstream``) until
+``note_upstream``; ``close_upstream`` once canceled) until
 it ends (``finish``, ``finish_lines``, ``fail``) or, having found no room at any
 upstream, waits queued again (``defer``); a cancel (``cancel``,
 ``cancel_batch_jobs``) or the sweeper (``requeue_expired``) may take it from the
@@ -329,15 +329,28 @@ def fail(
 _UPSTREAM = (
     sa.update(_JOBS)
     .where(_JOBS.c.id == sa.bindparam("_id"), _held_by())
-    .values(upstream=sa.bindparam("upstream"))
+    .values(upstream=sa.bindparam("upstream"), upstream_open=sa.bindparam("open"))
 )
 
 
 def note_upstream(session: Session, job_id: str, token: str, upstream: Mapping[str, Any]) -> bool:
     """Record the queue provider's jobs the attempt holding ``token`` submitted
     (issue 27); False when the job is no longer the attempt's."""
-    params = {"_id": job_id, "token": token, "upstream": dict(upstream)}
+    open_ = any(isinstance(entry, Mapping) and "ref" in entry for entry in upstream.values())
+    params = {"_id": job_id, "token": token, "upstream": dict(upstream), "open": open_}
     return _rowcount(session.execute(_UPSTREAM, params)) == 1
+
+
+_CLOSE_UPSTREAM = (
+    sa.update(_JOBS)
+    .where(_JOBS.c.id == sa.bindparam("_id"), _JOBS.c.status == JobStatus.canceled)
+    .values(upstream_open=False)
+)
+
+
+def close_upstream(session: Session, job_id: str) -> bool:
+    """A canceled job's upstream jobs were canceled there: nothing left open."""
+    return _rowcount(session.execute(_CLOSE_UPSTREAM, {"_id": job_id})) == 1
 
 
 _DEFER = (

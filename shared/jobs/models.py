@@ -74,6 +74,7 @@ class Job(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_job_project_id_id", "project_id", "id"),
         sa.Index("ix_job_queue_status_id", "queue", "status", "id"),
+        sa.Index("ix_job_upstream_open_status", "upstream_open", "status"),
     )
 
     id: str = Field(default_factory=lambda: new_id("job"), primary_key=True, max_length=64)
@@ -102,6 +103,11 @@ class Job(SQLModel, table=True):
     # first image") -> what its submit returned, recorded right after the submit so a
     # worker that dies then never submits again (worker/upstream_jobs.py).
     upstream: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    # Some of those may still run there: set with a record, cleared once a canceled
+    # job's are canceled (the sweeper repairs a lost cancel_upstream by it).
+    upstream_open: bool = Field(
+        default=False, sa_column_kwargs={"server_default": sa.false(), "nullable": False}
+    )
     # What a running job waits on, when it waits (storage being out), else None.
     status_detail: str | None = Field(default=None, sa_type=sa.Text)
     # {"step": s, "steps": t} while a local model denoises (throttled writes).

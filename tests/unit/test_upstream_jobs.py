@@ -33,7 +33,7 @@ from shared.jobs.schemas import GenerationParams
 from shared.projects.models import Project
 from shared.providers.base import Call, GeneratedImage, Generation, Pending
 from shared.registry import Capabilities, UpstreamModel
-from worker import upstream_jobs
+from worker import sweeper, upstream_jobs
 from worker.leases import LEASES
 
 TOKEN = "lease-1"
@@ -348,3 +348,32 @@ def test_a_fan_outs_finished_call_is_kept_and_not_asked_again(
     assert [image.data for image in again.images] == [b"png"]
     assert queue.looks == looks  # not asked again
     assert queue.submits == 1
+
+
+def test_a_lost_cancel_is_sent_again_by_the_sweeper_until_one_is_done(
+    engine: sa.Engine, queue: FakeQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job canceled while its upstream job ran there stays ``upstream_open`` until
+    a cancel_upstream task has run; a minute on, the sweeper sends one again (the
+    first was lost with the broker)."""
+    job = _running(engine)
+    with pytest.raises(UpstreamPending):
+        _attempt(job)
+    assert _row(engine, job.id).upstream_open
+    with Session(engine) as session:
+        assert lifecycle.cancel(session, job.id, utcnow() - timedelta(minutes=2))
+        session.commit()
+    sent: list[str] = []
+    monkeypatch.setattr(sweeper, "publish_upstream_cancel", lambda job_id, q: sent.append(job_id))
+    assert sweeper.cancel_upstream_left() == 1
+    assert sent == [job.id]
+
+    class Registry:
+        def get(self, name: str) -> UpstreamModel:
+            return SPEC
+
+    monkeypatch.setattr(upstream_jobs, "get_registry", Registry)
+    assert upstream_jobs.cancel(job.id) == 1  # the task's body
+    assert not _row(engine, job.id).upstream_open
+    assert sweeper.cancel_upstream_left() == 0
+    assert queue.canceled == ["up-1"]
