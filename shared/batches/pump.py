@@ -108,7 +108,12 @@ def pump(session: Session, batch_id: str) -> Pumped:
     jobs = _queue_lines(session, batch, valid, now) if valid else []
     created = [job["id"] for job in jobs]
     drained = not pending and _count(session, batch.id, ItemStatus.pending) == 0
-    finished = not created and in_flight == 0 and drained
+    # In flight counted again, after the pending lines: a concurrent pump moves its
+    # lines pending -> queued in one commit, and with in flight counted before that
+    # commit and pending after it, both counts missed them and the batch was
+    # finalized while they ran (completed with none of their results: seen in
+    # e2e under load). This order sees them in one count or the other.
+    finished = not created and drained and _count(session, batch.id, ItemStatus.queued) == 0
     if drained and siblings:
         # The project's room this batch no longer needs goes to its other batches
         # (only those with lines left: two drained batches never wake each other).
