@@ -75,6 +75,17 @@ def pump(session: Session, batch_id: str) -> Pumped:
         )
         batch.status = BatchStatus.expiring
         session.add(batch)
+    elif batch.status != BatchStatus.in_progress:
+        # Stopping: a line that was running when the batch stopped and then went
+        # back to the queue (waiting for room, or for its queue provider's job)
+        # is stopped now, and its upstream job canceled.
+        why: tuple[str, str] = (
+            ErrorCode.batch_expired,
+            "The batch expired before this request ran.",
+        )
+        if batch.status == BatchStatus.cancelling:
+            why = ("batch_cancelled", "The batch was cancelled.")
+        stop_pending(session, batch, *why)
     in_flight = _count(session, batch.id, ItemStatus.queued)
     # The bound is the project's, across its open batches: projects share the
     # workers and upstreams fairly however many batches each runs at once (their
