@@ -131,6 +131,21 @@ def resumed(call: Call, job_id: str) -> Target | None:
     entry = UPSTREAMS.get(job_id, key_of(call))
     if entry is None or "ref" not in entry:
         return None
+    found = _recorded_at(entry, job_id)
+    if found is None:
+        return None
+    spec, served = found
+    if served is None:
+        return None
+    model, deployment = str(entry.get("model")), str(entry.get("deployment"))
+    return Target(served, call.params, model, deployment, cools=bool(spec.deployments))
+
+
+def _recorded_at(
+    entry: dict[str, Any], job_id: str
+) -> tuple[UpstreamModel, UpstreamModel | None] | None:
+    """A record's model from the registry, and the model as the record's deployment
+    serves it (None: that deployment is gone); None when the model is gone."""
     model, deployment = str(entry.get("model")), str(entry.get("deployment"))
     try:
         spec = get_registry().get(model)
@@ -141,10 +156,9 @@ def resumed(call: Call, job_id: str) -> Target | None:
         return None
     for upstream in spec.upstreams():
         if upstream.id == deployment:
-            served = spec.served_by(upstream) if spec.deployments else spec
-            return Target(served, call.params, model, deployment, cools=bool(spec.deployments))
+            return spec, spec.served_by(upstream) if spec.deployments else spec
     log.warning("job %s: deployment %r of its upstream job is gone", job_id, deployment)
-    return None
+    return spec, None
 
 
 def _submitted(
@@ -326,18 +340,13 @@ def cancel(job_id: str) -> int:
 
 
 def cancel_entry(entry: dict[str, Any], job_id: str) -> bool:
-    """Cancel one recorded upstream job at the target it was submitted to; False
-    when that target is no longer in the registry."""
-    try:
-        spec = get_registry().get(str(entry.get("model")))
-    except ImagegenError:
-        log.warning("job %s: cannot cancel upstream, model %r gone", job_id, entry.get("model"))
+    """Cancel one recorded upstream job at the target it was submitted to (its
+    model's own connection where that deployment is gone); False when the model is
+    no longer in the registry."""
+    found = _recorded_at(entry, job_id)
+    if found is None:
         return False
-    if not isinstance(spec, UpstreamModel):
-        return False
-    served = next(
-        (spec.served_by(d) for d in spec.deployments if d.id == entry.get("deployment")), spec
-    )
+    served = found[1] or found[0]
     _cancel(cast(QueueProvider, get_provider(served)), served, entry.get("ref") or {}, job_id)
     return True
 
