@@ -18,6 +18,16 @@ The input: ``prompt``, ``image_size`` as ``{"width", "height"}``, ``num_images``
 checker flags (``has_nsfw_concepts``) is a refusal, ``content_policy_violation``,
 never an image.
 
+Edits and variations: the input image, and an edit's mask (white where to edit),
+go inline as data URIs, which fal's file inputs take ("Models also accept
+base64-encoded data URIs": https://docs.fal.ai/documentation/model-apis/fal-cdn;
+its CDN upload is another host, which our key does not go to), on the app's inputs
+the entry's ``file_inputs`` name (unset: FLUX Kontext's ``image_url``; FLUX Fill
+takes ``image_url`` and ``mask_url``, an app taking a list such as
+``fal-ai/nano-banana/edit`` ``image_urls``). A variation (FLUX Redux:
+``fal-ai/flux/dev/redux``, ``image_url``) sends no prompt. The size is sent as for a
+generation; a model listing ``auto`` sends none (the app's own default).
+
 Errors (https://docs.fal.ai/model-apis/errors, .../request-errors): a model's
 ``{"detail": [{"loc", "msg", "type", ...}]}`` (422 validation; ``type``
 ``content_policy_violation`` a refusal), a request's ``{"detail": "...",
@@ -42,14 +52,17 @@ from shared.providers.queued import (
     api_key,
     base_url,
     bounded,
+    data_uri,
     exchange,
     fetch_image,
+    file_fields,
     refusal,
     same_origin,
     unseen,
     wait_in_place,
 )
 from shared.registry import ModelSpec, UpstreamModel, parse_size
+from shared.registry.entries import FileInputs
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +73,8 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 NAMESPACES = ("workflows", "comfy")
 PENDING = ("IN_QUEUE", "IN_PROGRESS")
 URLS = {"status_url": "/status", "response_url": "", "cancel_url": "/cancel"}
+# An edit's files, unless the entry names others: FLUX Kontext's input image.
+DEFAULT_FILE_INPUTS = FileInputs(image="image_url")
 
 
 class FalProvider:
@@ -77,12 +92,12 @@ class FalProvider:
 
     def submit(self, call: Call) -> dict[str, Any]:
         spec = entry_of(call.spec, UpstreamModel)
-        if call.params.operation != "generate":
-            raise PermanentProviderError(
-                f"fal: {call.params.operation}s are not supported", code="invalid_request"
-            )
         url = f"{base_url(spec, DEFAULT_BASE_URL)}/{_app_id(spec)}"
         body = fal_input(call.params, call.count, call.first_index)
+        if call.params.operation != "generate":
+            if call.params.operation == "variation":  # the image alone: no prompt
+                del body["prompt"]
+            body.update(file_fields(call, spec.file_inputs or DEFAULT_FILE_INPUTS, data_uri))
         answer = exchange(self.client, "POST", url, _headers(spec), body)
         if answer.status >= 400:
             raise _refused(answer)

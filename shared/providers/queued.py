@@ -9,7 +9,8 @@ job it already submitted is not a failure of that job: the job is still there, s
 the provider answers ``Pending`` (a failure would make the worker drop its record
 and submit, and pay, again). ``wait_in_place`` is ``generate`` for such a provider:
 submit, then look until done, within
-``IMAGEGEN_PROVIDER_TIMEOUT_SECONDS``.
+``IMAGEGEN_PROVIDER_TIMEOUT_SECONDS``. ``file_fields`` puts an edit's or a
+variation's files on the model's inputs the entry's ``file_inputs`` name.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from shared.core.errors import (
 )
 from shared.core.settings import get_settings
 from shared.providers.base import Call, Generation, Pending
+from shared.providers.google import mime_type
 from shared.providers.openai_compat import (
     _TRANSIENT_STATUS,
     MAX_DOWNLOAD_BYTES,
@@ -43,7 +45,9 @@ from shared.providers.openai_compat import (
     _upstream_errors,
     _url,
 )
+from shared.providers.stability import stability_mask
 from shared.registry import ModelSpec, UpstreamModel
+from shared.registry.entries import FileInputs
 
 # The most of an upstream's error text a job's error message keeps.
 MAX_MESSAGE_CHARS = 500
@@ -78,12 +82,16 @@ def exchange(
     headers: dict[str, str],
     body: dict[str, Any] | None = None,
     limit: int = MAX_JOB_BYTES,
+    files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
 ) -> Answer:
-    """One request; its answer read up to ``limit`` (an error's up to
-    MAX_ERROR_BYTES). Timeouts and connection failures are transient errors."""
+    """One request (a JSON ``body``, or a multipart form of ``files``); its answer
+    read up to ``limit`` (an error's up to MAX_ERROR_BYTES). Timeouts and connection
+    failures are transient errors."""
     request: dict[str, Any] = {"headers": headers}
     if body is not None:
         request["json"] = body
+    if files is not None:
+        request["files"] = files
     with _upstream_errors(), client.stream(method, url, **request) as response:
         cap = MAX_ERROR_BYTES if response.status_code >= 400 else limit
         return Answer(response, _read_capped(response, cap, "answer"))
@@ -171,6 +179,44 @@ def _data_uri(url: str) -> bytes:
         raise PermanentProviderError(
             "the upstream's data URI is not valid base64", code="upstream_bad_response"
         ) from exc
+
+
+def data_uri(data: bytes) -> str:
+    """An input file inline, as both providers take one: ``data:<type>;base64,...``."""
+    return f"data:{mime_type(data)};base64,{base64.b64encode(data).decode()}"
+
+
+def file_fields(call: Call, names: FileInputs, file: Callable[[bytes], str]) -> dict[str, Any]:
+    """An edit's or a variation's files as the model's inputs ``names`` names, each
+    as ``file`` makes it (a data URI, an uploaded file's URL): the input image, or
+    all of them where the model takes a list; the mask, white where to edit (ours
+    marks it with transparent pixels; FLUX Fill and SDXL inpainting, on Replicate
+    and fal, paint the white ones), for the first image. A file the model has no
+    input for is refused, never dropped."""
+    name, inputs = call.spec.name, call.inputs
+    if inputs is None or not inputs.images:
+        raise PermanentProviderError(
+            "an edit or a variation needs an input image", code="invalid_value"
+        )
+    fields: dict[str, Any] = {}
+    if names.images is not None:
+        fields[names.images] = [file(data) for data in inputs.images]
+    elif names.image is not None and len(inputs.images) == 1:
+        fields[names.image] = file(inputs.images[0])
+    else:
+        raise PermanentProviderError(
+            f"model '{name}' takes one input image, not {len(inputs.images)} (a model "
+            "that takes a list names it as file_inputs.images)",
+            code="invalid_value",
+        )
+    if inputs.mask is not None:
+        if names.mask is None:
+            raise PermanentProviderError(
+                f"model '{name}' takes no mask (its file_inputs name no mask input)",
+                code="invalid_value",
+            )
+        fields[names.mask] = file(stability_mask(inputs.mask))
+    return fields
 
 
 def wait_in_place(

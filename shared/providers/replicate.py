@@ -18,6 +18,17 @@ one or the other, and Replicate drops inputs a model does not define); ``num_out
 when the call asks for more than one; ``seed`` (the job's seed plus the call's first
 image index: a fanned-out call's images differ); ``output_format``.
 
+Edits and variations (https://replicate.com/docs/topics/predictions/input-files): the
+input image, and an edit's mask (white where to edit), go on the model's inputs the
+entry's ``file_inputs`` name (unset: FLUX Kontext's ``input_image``; FLUX Fill and
+SDXL inpainting take ``image`` and ``mask``, FLUX Redux's variations
+``redux_image``). A file under 1 MB goes inline as a data URI, as the document
+recommends only for such; a larger one is uploaded first (``POST {base_url}/files``,
+multipart ``content``: https://sdks.replicate.com/resources/files/methods/create)
+and its ``urls.get`` passed, as Replicate's own clients do. A variation sends no
+prompt. The size is sent as for a generation; a model listing ``auto`` sends none
+(FLUX Kontext then matches the input image's ratio).
+
 Errors are RFC 7807 problem details (``{"title", "detail", "status"}``): 401/403
 bad credentials, 402 no credit, 404 and 422 (input validation) refusals, 429 with
 ``Retry-After`` and 5xx transient. A prediction that ``failed`` with an error naming
@@ -37,19 +48,23 @@ from shared.core.settings import get_settings
 from shared.jobs.schemas import GenerationParams
 from shared.providers.answers import before_answer
 from shared.providers.base import Call, GeneratedImage, Generation, Pending, entry_of
+from shared.providers.google import mime_type
 from shared.providers.openai_compat import OpenAICompatibleProvider
 from shared.providers.queued import (
     Answer,
     api_key,
     base_url,
     bounded,
+    data_uri,
     exchange,
     fetch_image,
+    file_fields,
     refusal,
     unseen,
     wait_in_place,
 )
 from shared.registry import ModelSpec, UpstreamModel, parse_size
+from shared.registry.entries import FileInputs
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +81,12 @@ POLICY = re.compile(r"nsfw|sensitive|safety|content policy|moderation", re.IGNOR
 # The longest synchronous wait a call in place asks for (``Prefer: wait``, 1 to 60).
 MAX_WAIT_SECONDS = 60
 PENDING = ("starting", "processing")
+# An edit's files, unless the entry names others: FLUX Kontext's input image.
+DEFAULT_FILE_INPUTS = FileInputs(image="input_image")
+# Replicate recommends a data URI only for a file under 1 MB; a larger one is
+# uploaded with the files API.
+MAX_DATA_URI_BYTES = 1_000_000
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 class ReplicateProvider:
@@ -133,12 +154,13 @@ class ReplicateProvider:
 
     def _create(self, call: Call, wait: int | None) -> dict[str, Any]:
         spec = entry_of(call.spec, UpstreamModel)
-        if call.params.operation != "generate":
-            raise PermanentProviderError(
-                f"replicate: {call.params.operation}s are not supported", code="invalid_request"
-            )
         path, body = _route(spec)
         body["input"] = prediction_input(call.params, call.count, call.first_index)
+        if call.params.operation != "generate":
+            if call.params.operation == "variation":  # the image alone: no prompt
+                del body["input"]["prompt"]
+            names = spec.file_inputs or DEFAULT_FILE_INPUTS
+            body["input"].update(file_fields(call, names, lambda data: self._file(spec, data)))
         headers = _headers(spec)
         if wait:
             headers["Prefer"] = f"wait={wait}"
@@ -153,6 +175,26 @@ class ReplicateProvider:
         if isinstance(urls, dict):  # kept for people reading the job, never followed
             ref["urls"] = {k: v for k, v in urls.items() if k in ("get", "cancel")}
         return ref
+
+    def _file(self, spec: UpstreamModel, data: bytes) -> str:
+        """An input file as a prediction takes it: a data URI under 1 MB, else the
+        URL of the file uploaded (``POST {base_url}/files``)."""
+        if len(data) < MAX_DATA_URI_BYTES:
+            return data_uri(data)
+        kind = mime_type(data)
+        form = [("content", (f"input.{EXTENSIONS[kind]}", data, kind))]
+        url = f"{base_url(spec, DEFAULT_BASE_URL)}/files"
+        answer = exchange(self.client, "POST", url, _headers(spec), files=form)
+        if answer.status >= 400:
+            raise _refused(answer)
+        uploaded = answer.json()
+        urls = uploaded.get("urls") if isinstance(uploaded, dict) else None
+        got = urls.get("get") if isinstance(urls, dict) else None
+        if not isinstance(got, str) or not got:
+            raise TransientProviderError(
+                "replicate answered the upload without its URL", code="upstream_bad_response"
+            )
+        return got
 
     def _generation(self, call: Call, prediction: dict[str, Any], upstream: str) -> Generation:
         urls = output_urls(prediction.get("output"))

@@ -195,10 +195,33 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "region": ("bedrock",),
     "workflow": ("comfyui",),
     "workflow_inputs": ("comfyui",),
+    "file_inputs": ("replicate", "fal"),
     "upstream_streams": ("openai", "azure_openai"),
     # Bedrock signs with the AWS credential chain: a key variable would be ignored.
     "api_key_env": tuple(k for k in REMOTE_KINDS if k != "bedrock"),
 }
+
+
+class FileInputs(BaseModel):
+    """replicate, fal: which of the model's inputs takes each file of an edit (and a
+    variation's image): ``image`` one input image, or ``images`` a list of them; and
+    ``mask``, where the model takes one (sent white where to edit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = None
+    images: str | None = None
+    mask: str | None = None
+
+    @model_validator(mode="after")
+    def _checked(self) -> FileInputs:
+        if (self.image is None) == (self.images is None):
+            raise ValueError("give image (an input of one file) or images (of a list), one of them")
+        for what in ("image", "images", "mask"):
+            value = getattr(self, what)
+            if value is not None and not IDENTIFIER.match(value):
+                raise ValueError(f"{what}: {value!r} is not an input name")
+        return self
 
 
 class Upstream(BaseModel):
@@ -232,6 +255,9 @@ class Upstream(BaseModel):
     # "n": "5.batch_size"}).
     workflow: str | None = None
     workflow_inputs: dict[str, str] = Field(default_factory=dict)
+    # replicate, fal: the model's inputs for an edit's files (unset: FLUX Kontext's,
+    # replicate {"image": "input_image"}, fal {"image": "image_url"}).
+    file_inputs: FileInputs | None = None
     # Queue-style kinds: seconds between looks at a pending upstream job.
     poll_seconds: float = Field(default=2.0, gt=0, le=300)
 

@@ -23,6 +23,16 @@ and FLUX.1 [dev]'s schema (https://fal.ai/models/fal-ai/flux/dev/api):
   name or ``{"width", "height"}``), ``num_images`` 1 to 4, ``seed``,
   ``output_format`` jpeg or png, ``enable_safety_checker``; a bad one is a 422 with
   the model error shape ``{"detail": [{"loc", "msg", "type", "url"}]}``.
+- File inputs: a data URI (``data:image/...;base64,...``: "Models also accept
+  base64-encoded data URIs", https://docs.fal.ai/documentation/model-apis/fal-cdn).
+  The apps with file inputs are those of ``SCHEMAS``, as their schemas name them:
+  FLUX Kontext's ``image_url``, FLUX Fill's ``image_url`` and ``mask_url`` (white:
+  filled), FLUX Redux's ``image_url`` (no prompt), nano-banana edit's
+  ``image_urls`` (a list); a missing one is a 422 ``missing``, one that is no
+  readable image a 422 ``image_load_error`` (fal's model error for an image it
+  cannot load). The result's image is the input image (the first of a list), the
+  mask's white pixels painted blue, at ``image_size`` where given, else the
+  input's size.
 
 Markers in the prompt: ``[policy]`` completes the request with a 422
 ``content_policy_violation`` model error, ``[nsfw]`` completes it with its images
@@ -45,7 +55,18 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from tests.support.fakes.queue_http import CONTENT_TYPES, JsonHandler, Served, picture
+from PIL import Image
+
+from tests.support.fakes.queue_http import (
+    CONTENT_TYPES,
+    JsonHandler,
+    Schema,
+    Served,
+    data_uri_file,
+    edited,
+    opened,
+    picture,
+)
 
 EXPECTED_KEY = "fal-fake-key"
 PRESETS = {
@@ -58,6 +79,15 @@ PRESETS = {
 }
 REQUEST = re.compile(r"^/(.+)/requests/([\w-]+)(/status|/cancel)?$")
 ERRORS_URL = "https://docs.fal.ai/errors"
+# The apps that take files, by their schemas.
+SCHEMAS = {
+    "fal-ai/flux-pro/kontext": Schema(("image_url",), required=("image_url",)),
+    "fal-ai/flux-pro/v1/fill": Schema(
+        ("image_url", "mask_url"), required=("image_url", "mask_url"), mask="mask_url"
+    ),
+    "fal-ai/flux/dev/redux": Schema(("image_url",), required=("image_url",), prompt=False),
+    "fal-ai/nano-banana/edit": Schema(lists=("image_urls",), required=("image_urls",)),
+}
 
 
 def model_error(field: str, msg: str, kind: str) -> dict[str, Any]:
@@ -72,13 +102,25 @@ def _size_ok(value: Any) -> bool:
     )
 
 
-def check_input(body: Any) -> dict[str, Any] | None:
+def file(value: Any) -> Image.Image | None:
+    """A file input opened (a data URI), or None."""
+    return opened(data_uri_file(value))
+
+
+def check_input(body: Any, schema: Schema) -> dict[str, Any] | None:
     """The 422 body a bad input gets, or None."""
     if not isinstance(body, dict):
         return model_error("body", "Input should be a valid dictionary", "dict_type")
     prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
+    if schema.prompt and (not isinstance(prompt, str) or not prompt):
         return model_error("prompt", "Field required", "missing")
+    wrong = schema.problem(body, file)
+    if wrong is not None:
+        name, why = wrong
+        if why == "missing":
+            return model_error(name, "Field required", "missing")
+        msg = "Failed to load the image. Please ensure the image file is not corrupted."
+        return model_error(name, msg, "image_load_error")
     checks: dict[str, Callable[[Any], bool]] = {
         "image_size": _size_ok,
         "num_images": lambda v: isinstance(v, int) and 1 <= v <= 4,
@@ -114,7 +156,7 @@ class FakeFal:
 
     def submitted_for(self, marker: str) -> list[dict[str, Any]]:
         with self.served.lock:
-            return [s for s in self.submitted if marker in s["body"]["prompt"]]
+            return [s for s in self.submitted if marker in s["body"].get("prompt", "")]
 
     def start(self) -> FakeFal:
         self.served.start_serving()
@@ -132,6 +174,7 @@ class FakeFal:
             self.submitted.append({"app": app, "body": body})
             self.requests[request_id] = {
                 "root": request_root(app),
+                "app": app,
                 "body": body,
                 "status": "IN_QUEUE",
                 "result": None,
@@ -149,7 +192,8 @@ class FakeFal:
             self.looks[request_id] += 1
             request = self.requests[request_id]
             if request["status"] != "COMPLETED":
-                looks = 1 if "[hold]" in request["body"]["prompt"] else self.looks[request_id]
+                held = "[hold]" in request["body"].get("prompt", "")
+                looks = 1 if held else self.looks[request_id]
                 request["status"] = (
                     "COMPLETED"
                     if looks >= self.polls
@@ -159,7 +203,7 @@ class FakeFal:
                 )
             status = request["status"]
         if status == "COMPLETED" and request["result"] is None:
-            request["result"] = self._run(request["body"])
+            request["result"] = self._run(request["app"], request["body"])
         state: dict[str, Any] = {"status": status}
         if status == "IN_QUEUE":
             state["queue_position"] = 1
@@ -167,9 +211,9 @@ class FakeFal:
             state["metrics"] = {"inference_time": 0.01}
         return state
 
-    def _run(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def _run(self, app: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
         """The request's answer once done: status, body, headers."""
-        prompt = body["prompt"]
+        prompt = body.get("prompt", "")
         if "[policy]" in prompt:
             msg = "The content was flagged by a content checker."
             return 422, model_error("prompt", msg, "content_policy_violation"), {}
@@ -183,14 +227,18 @@ class FakeFal:
         width, height = PRESETS[size] if isinstance(size, str) else (size["width"], size["height"])
         fmt = body.get("output_format", "jpeg")
         nsfw = "[nsfw]" in prompt and body.get("enable_safety_checker", True)
+        source, mask = SCHEMAS.get(app, Schema()).inputs(body, file)
+        if source is not None and "image_size" not in body:
+            width, height = source.size
         images = []
         for index in range(body.get("num_images", 1)):
             name = f"{uuid.uuid4().hex}.{fmt}"
+            if source is not None and not nsfw:  # an image model's edit of its input
+                data = edited(source, mask, (width, height), fmt)
+            else:
+                data = picture(width, height, fmt, index, nsfw)
             with self.served.lock:
-                self.served.files[name] = (
-                    picture(width, height, fmt, index, nsfw),
-                    CONTENT_TYPES[fmt],
-                )
+                self.served.files[name] = (data, CONTENT_TYPES[fmt])
             images.append(
                 {
                     "url": f"{self.base_url}/files/{name}",
@@ -270,13 +318,14 @@ class _Handler(JsonHandler):
         app = self.path.strip("/")
         if "/requests/" in self.path or "/" not in app:
             return self.send_json(404, {"detail": "Not Found"})
-        invalid = check_input(body)
+        invalid = check_input(body, SCHEMAS.get(app, Schema()))
         if invalid:
             return self.send_json(422, invalid)
+        prompt = body.get("prompt", "")
         with self.fake.served.lock:
-            self.fake.counts[body["prompt"]] += 1
-            first = self.fake.counts[body["prompt"]] == 1
-        if "[429-once]" in body["prompt"] and first:
+            self.fake.counts[prompt] += 1
+            first = self.fake.counts[prompt] == 1
+        if "[429-once]" in prompt and first:
             return self.send_json(429, {"detail": "Too many requests"}, {"Retry-After": "1"})
         return self.send_json(200, self.fake._queue(app, body))
 

@@ -28,6 +28,19 @@ and its guide to creating predictions
   where given, else the ratio's 1-megapixel size). Other inputs are dropped, as
   Replicate drops inputs a model does not define
   (https://github.com/replicate/cog/pull/2943).
+- File inputs (https://replicate.com/docs/topics/predictions/input-files): a data
+  URI (``data:image/...;base64,...``) or the URL of a file uploaded with ``POST
+  /v1/files`` (https://sdks.replicate.com/resources/files/methods/create: multipart,
+  the file in ``content`` with its filename and type; 201 with ``id``, ``name``,
+  ``content_type``, ``size``, ``etag``, ``checksums``, ``metadata``, ``created_at``,
+  ``expires_at`` and ``urls.get``, the URL a prediction takes). The models with file
+  inputs are those of ``SCHEMAS``, as their Replicate schemas name them: FLUX
+  Kontext's ``input_image``, FLUX Fill's ``image`` and ``mask`` (white: inpainted),
+  FLUX Redux's ``redux_image`` (no prompt), nano-banana's ``image_input`` (a list);
+  a file that is no image, or a required one missing, is a 422 naming the input. Its
+  output is the input image (the first of a list), the mask's white pixels painted
+  blue, at ``width``/``height`` or the ratio's size where given, else the input's
+  (``match_input_image``).
 
 Markers in the prompt: ``[nsfw]`` fails the prediction with FLUX's "NSFW content
 detected" error, ``[sensitive]`` with Replicate's E005 "flagged as sensitive",
@@ -36,20 +49,35 @@ detected" error, ``[sensitive]`` with Replicate's E005 "flagged as sensitive",
 (``Retry-After: 1``); ``[402]`` answers 402.
 
 ``creates`` counts the predictions asked for (every create request that reached
-the model), ``looks`` the GETs of each, ``canceled`` the ids a cancel reached.
+the model), ``looks`` the GETs of each, ``canceled`` the ids a cancel reached,
+``uploads`` the files uploaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from email.parser import BytesParser
+from email.policy import HTTP
 from typing import Any
 
-from tests.support.fakes.queue_http import CONTENT_TYPES, JsonHandler, Served, picture
+from PIL import Image
+
+from tests.support.fakes.queue_http import (
+    CONTENT_TYPES,
+    JsonHandler,
+    Schema,
+    Served,
+    data_uri_file,
+    edited,
+    opened,
+    picture,
+)
 
 EXPECTED_TOKEN = "r8_fake_replicate_token"
 RATIOS = {
@@ -66,6 +94,15 @@ RATIOS = {
     "9:21": (640, 1536),
 }
 FORMATS = ("webp", "jpg", "png")
+# The image models that take files, by their Replicate schemas.
+SCHEMAS = {
+    "black-forest-labs/flux-kontext-pro": Schema(("input_image",), required=("input_image",)),
+    "black-forest-labs/flux-fill-pro": Schema(("image", "mask"), required=("image",), mask="mask"),
+    "black-forest-labs/flux-redux-dev": Schema(
+        ("redux_image",), required=("redux_image",), prompt=False
+    ),
+    "google/nano-banana": Schema(lists=("image_input",)),
+}
 CREATE = re.compile(r"^/v1/models/([\w.-]+)/([\w.-]+)/predictions$")
 PREDICTION = re.compile(r"^/v1/predictions/([\w-]+)(/cancel)?$")
 NSFW = "NSFW content detected. Try running it again, or try a different prompt."
@@ -82,14 +119,19 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> dict[str, Any
     return {"title": title, "detail": detail, "status": status, **extra}
 
 
-def check_input(body: Any) -> str | None:
-    """Why the create's input is invalid (a 422's detail), or None."""
+def check_input(body: Any, schema: Schema, file: Callable[[Any], Image.Image | None]) -> str | None:
+    """Why the create's input is invalid (a 422's detail), or None; ``file`` opens a
+    file input (None: not a file)."""
     model_input = body.get("input") if isinstance(body, dict) else None
     if not isinstance(model_input, dict):
         return "- input: Invalid type. Expected: object"
     prompt = model_input.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
+    if schema.prompt and (not isinstance(prompt, str) or not prompt):
         return "- input: prompt is required"
+    wrong = schema.problem(model_input, file)
+    if wrong is not None:
+        name, why = wrong
+        return f"- input: {name} is required" if why == "missing" else f"- input.{name}: {why}"
     checks: dict[str, Callable[[Any], bool]] = {
         "aspect_ratio": lambda v: v in RATIOS,
         "num_outputs": lambda v: isinstance(v, int) and 1 <= v <= 4,
@@ -117,6 +159,7 @@ class FakeReplicate:
         self.looks: Counter[str] = Counter()
         self.canceled: list[str] = []
         self.counts: Counter[str] = Counter()  # create requests per prompt
+        self.uploads: dict[str, dict[str, Any]] = {}  # by id: the file and its bytes
         self.served = Served(self._handler(), port)
         self.base_url = f"{self.served.origin}/v1"
 
@@ -133,7 +176,36 @@ class FakeReplicate:
 
     def creates_for(self, marker: str) -> list[dict[str, Any]]:
         with self.served.lock:
-            return [c for c in self.creates if marker in c["body"]["input"]["prompt"]]
+            return [c for c in self.creates if marker in c["body"]["input"].get("prompt", "")]
+
+    def file(self, value: Any) -> Image.Image | None:
+        """A file input opened: a data URI, or the URL of a file uploaded here."""
+        if isinstance(value, str) and value.startswith(f"{self.base_url}/files/"):
+            with self.served.lock:
+                uploaded = self.uploads.get(value.rsplit("/", 1)[1])
+            return opened(uploaded["data"]) if uploaded else None
+        return opened(data_uri_file(value))
+
+    def _upload(self, name: str, ctype: str, data: bytes) -> dict[str, Any]:
+        file_id = uuid.uuid4().hex[:26]
+        uploaded = {
+            "id": file_id,
+            "name": name,
+            "content_type": ctype,
+            "size": len(data),
+            "etag": hashlib.md5(data).hexdigest(),
+            "checksums": {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "md5": hashlib.md5(data).hexdigest(),
+            },
+            "metadata": {},
+            "created_at": _now(),
+            "expires_at": None,
+            "urls": {"get": f"{self.base_url}/files/{file_id}"},
+        }
+        with self.served.lock:
+            self.uploads[file_id] = {**uploaded, "data": data}
+        return uploaded
 
     def prediction(self, prediction_id: str) -> dict[str, Any]:
         with self.served.lock:
@@ -182,7 +254,7 @@ class FakeReplicate:
             self.looks[prediction_id] += 1
             prediction = self.predictions[prediction_id]
             pending = prediction["status"] in ("starting", "processing")
-            held = "[hold]" in prediction["input"]["prompt"]
+            held = "[hold]" in prediction["input"].get("prompt", "")
             due = self.looks[prediction_id] >= self.polls and not held
             if self.seconds is not None:
                 due = time.monotonic() - self._born[prediction_id] >= self.seconds
@@ -198,7 +270,8 @@ class FakeReplicate:
         with self.served.lock:
             prediction = self.predictions[prediction_id]
             model_input = prediction["input"]
-        prompt = model_input["prompt"]
+            model = prediction["model"]
+        prompt = model_input.get("prompt", "")
         error = (
             NSFW
             if "[nsfw]" in prompt
@@ -208,7 +281,7 @@ class FakeReplicate:
             if "[fail]" in prompt
             else None
         )
-        outputs = [] if error else self._images(model_input)
+        outputs = [] if error else self._images(model, model_input)
         with self.served.lock:
             prediction.update(
                 status="failed" if error else "succeeded",
@@ -218,14 +291,19 @@ class FakeReplicate:
                 metrics={"predict_time": 0.01, "image_count": len(outputs)},
             )
 
-    def _images(self, model_input: dict[str, Any]) -> list[str]:
+    def _images(self, model: str, model_input: dict[str, Any]) -> list[str]:
         width, height = RATIOS[model_input.get("aspect_ratio", "1:1")]
         width, height = model_input.get("width", width), model_input.get("height", height)
         fmt = model_input.get("output_format", "webp")
+        source, mask = SCHEMAS.get(model, Schema()).inputs(model_input, self.file)
+        sized = "aspect_ratio" in model_input or "width" in model_input
         urls = []
         for index in range(model_input.get("num_outputs", 1)):
             name = f"{uuid.uuid4().hex}.{fmt}"
-            data = picture(width, height, fmt, index)
+            if source is not None:  # an image model's edit of its input
+                data = edited(source, mask, (width, height) if sized else None, fmt)
+            else:
+                data = picture(width, height, fmt, index)
             with self.served.lock:
                 self.served.files[name] = (data, CONTENT_TYPES[fmt])
             urls.append(f"{self.served.origin}/files/{name}")
@@ -266,6 +344,8 @@ class _Handler(JsonHandler):
         return self.send_json(200, self.fake._look(match.group(1)))
 
     def do_POST(self) -> None:
+        if self.path == "/v1/files":
+            return self._upload()
         body = self.read_body()
         if not self._authorized():
             return None
@@ -285,15 +365,34 @@ class _Handler(JsonHandler):
             model = "owner/versioned"
         else:
             return self._not_found()
-        invalid = check_input(body)
+        invalid = check_input(body, SCHEMAS.get(model, Schema()), self.fake.file)
         if invalid:
             return self.send_json(
                 422, problem(422, "Input validation failed", invalid, invalid_fields=[])
             )
-        if self._refused(body["input"]["prompt"]):
+        if self._refused(body["input"].get("prompt", "")):
             return None
         prefer = self.headers.get("Prefer", "")
         return self.send_json(201, self.fake._create(model, version, body, prefer))
+
+    def _upload(self) -> None:
+        """``POST /v1/files``: the multipart form's ``content`` part kept as a file."""
+        raw = self.read_raw()
+        if not self._authorized():
+            return None
+        head = f"Content-Type: {self.headers.get('Content-Type', '')}\r\n\r\n".encode()
+        form = BytesParser(policy=HTTP).parsebytes(head + raw)
+        parts = list(form.iter_parts()) if form.is_multipart() else []
+        content = next(
+            (p for p in parts if p.get_param("name", header="content-disposition") == "content"),
+            None,
+        )
+        data = content.get_payload(decode=True) if content is not None else None
+        if content is None or not isinstance(data, bytes) or not content.get_filename():
+            detail = "The request must include the file's content, with its filename."
+            return self.send_json(400, problem(400, "Bad request", detail))
+        uploaded = self.fake._upload(str(content.get_filename()), content.get_content_type(), data)
+        return self.send_json(201, uploaded)
 
     def _refused(self, prompt: str) -> bool:
         with self.fake.served.lock:
