@@ -15,22 +15,26 @@ from prometheus_client.registry import Collector
 
 from api.deps import require_admin
 from shared.batches.service import open_batch_lines
+from shared.core.broker import WEBHOOK_QUEUE
 from shared.core.db import unit_of_work
 from shared.core.instruments import scrape
 from shared.core.settings import get_settings
 from shared.jobs.service import active_jobs
+from shared.registry import get_registry
+from shared.webhooks.service import deliveries_due
 
 router = APIRouter()
 
 
 class WorkGauges(Collector):
-    """Jobs queued and running by model, queue depth, open batches' lines: from SQL,
-    at scrape time."""
+    """Jobs queued and running by model, queue depth, each queue's work, open
+    batches' lines: from SQL, at scrape time."""
 
     def collect(self) -> Iterator[Metric]:
         with unit_of_work() as session:
             jobs = active_jobs(session)
             lines = open_batch_lines(session)
+            due = deliveries_due(session)
         by_model = GaugeMetricFamily(
             "imagegen_jobs",
             "Jobs queued or running, by status and model.",
@@ -56,7 +60,35 @@ class WorkGauges(Collector):
         )
         for status, count in lines:
             batches.add_metric([status], count)
-        yield from (by_model, depth, batches)
+        yield from (by_model, depth, queue_work(jobs, due), batches)
+
+
+def queue_work(jobs: list[tuple[str, str, str, int]], deliveries: int) -> GaugeMetricFamily:
+    """What each queue's workers hold or must take: its jobs queued or running, and on
+    the webhooks queue the deliveries due or being attempted. The figure KEDA scales
+    each kind of worker on (deploy/keda/): in flight as well as waiting, since a
+    count of the waiting alone falls to 0 while busy workers keep up, and scaling
+    on it would take away the workers doing the work. From SQL, not the broker:
+    a consumer reserves as many messages as it has threads (2,048 by default), so
+    a broker's queue stays empty until every worker is full, and it holds no
+    running work at all. Every known queue is said, 0 when idle, so a scaler's
+    query always finds its series."""
+    settings = get_settings()
+    known = {"default", WEBHOOK_QUEUE, settings.batch_queue}
+    known |= {spec.queue for spec in get_registry().models}
+    work = dict.fromkeys(known, 0)
+    for _status, _model, queue, count in jobs:
+        work[queue] = work.get(queue, 0) + count
+    work[WEBHOOK_QUEUE] += deliveries
+    gauge = GaugeMetricFamily(
+        "imagegen_queue_work",
+        "Work on each queue: jobs queued or running; on the webhooks queue, deliveries "
+        "due or being attempted.",
+        labels=["queue"],
+    )
+    for queue, count in sorted(work.items()):
+        gauge.add_metric([queue], count)
+    return gauge
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -196,6 +196,22 @@ def delivery_attempts(session: Session, delivery_id: str) -> list[WebhookAttempt
     )
 
 
+def deliveries_due(session: Session) -> int:
+    """Deliveries of every project due now or being attempted: the webhooks queue's
+    work (an attempt keeps its due time until it ends), for the operator's gauges
+    (metrics), not any project's view. Counted on ``ix_delivery_due``."""
+    return int(
+        session.execute(
+            sa.select(sa.func.count())
+            .select_from(WebhookDelivery)
+            .where(
+                col(WebhookDelivery.status) == DeliveryStatus.pending,
+                col(WebhookDelivery.next_attempt_at) <= utcnow(),
+            )
+        ).scalar_one()
+    )
+
+
 def redeliver(session: Session, project_id: str, delivery_id: str) -> WebhookDelivery:
     delivery = owned(
         session,
