@@ -3,13 +3,17 @@ in-process, their upstreams the fakes (tests/support/fakes/replicate.py, fal.py)
 each call submitted once and looked at until done (several looks pending), n images
 whichever way (one prediction for n, or fanned out one request an image), both
 response formats from our storage, refusals as our 400 and not retried, a
-throttled create retried, and a canceled job's upstream job canceled there."""
+throttled create retried, a canceled job's upstream job canceled there; and edits
+and variations (images.edit, images.create_variation) with the input image and the
+mask as each provider's document says (data URIs; Replicate's files API above 1
+MB), answered as the models made them."""
 
 from __future__ import annotations
 
 import base64
 import io
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +25,13 @@ from PIL import Image
 
 from shared.batches import pump
 from shared.core.settings import get_settings
+from shared.providers import replicate as replicate_provider
 from shared.providers.fal import FalProvider
 from shared.providers.replicate import ReplicateProvider
 from shared.registry import get_registry
 from tests.service.conftest import Service
 from tests.support.fakes.fal import EXPECTED_KEY, FakeFal
+from tests.support.fakes.queue_http import PAINT
 from tests.support.fakes.replicate import EXPECTED_TOKEN, FakeReplicate
 from tests.support.stack import models_yaml
 from worker import upstream_jobs
@@ -50,6 +56,34 @@ def _entries(replicate: str, fal: str) -> list[dict[str, Any]]:
             "upstream_model": "fal-ai/flux/dev",
             "poll_seconds": 0.05,
             "capabilities": {"sizes": ["64x64"], "max_n": 4, "upstream_max_n": 1},
+        },
+        {  # file_inputs unset: Kontext's input_image
+            "name": "flux-kontext",
+            "provider": "replicate",
+            "base_url": replicate,
+            "api_key_env": "REPLICATE_SERVICE_TOKEN",
+            "upstream_model": "black-forest-labs/flux-kontext-pro",
+            "poll_seconds": 0.05,
+            "capabilities": {"sizes": ["auto", "64x64"], "edits": True},
+        },
+        {
+            "name": "flux-fill",
+            "provider": "fal",
+            "base_url": fal,
+            "api_key_env": "FAL_SERVICE_KEY",
+            "upstream_model": "fal-ai/flux-pro/v1/fill",
+            "file_inputs": {"image": "image_url", "mask": "mask_url"},
+            "poll_seconds": 0.05,
+            "capabilities": {"sizes": ["64x64"], "output_formats": ["png"], "edits": True},
+        },
+        {
+            "name": "flux-redux",
+            "provider": "fal",
+            "base_url": fal,
+            "api_key_env": "FAL_SERVICE_KEY",
+            "upstream_model": "fal-ai/flux/dev/redux",
+            "poll_seconds": 0.05,
+            "capabilities": {"sizes": ["64x64"], "variations": True},
         },
     ]
 
@@ -229,3 +263,107 @@ def test_a_canceled_batch_cancels_its_lines_upstream_jobs(
     for job_id in published:
         assert upstream_jobs.cancel(job_id) == 1
     assert {c["id"] for p in prompts for c in replicate.creates_for(p)} <= set(replicate.canceled)
+
+
+RED = (200, 20, 20)
+
+
+def _png(size: tuple[int, int], colour: tuple[int, ...], mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _picture(b64: str | None) -> Image.Image:
+    assert b64
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+
+
+@pytest.mark.parametrize("uploaded", [False, True])
+def test_an_edit_through_replicate_sends_the_image_once_and_answers_the_models_edit(
+    api: openai.OpenAI,
+    fakes: tuple[FakeReplicate, FakeFal],
+    monkeypatch: pytest.MonkeyPatch,
+    uploaded: bool,
+) -> None:
+    """A file under Replicate's data URI limit goes inline; over it, uploaded with the
+    files API and its URL passed (the limit lowered here: the test's image is small)."""
+    replicate, _ = fakes
+    if uploaded:
+        monkeypatch.setattr(replicate_provider, "MAX_DATA_URI_BYTES", 10)
+    prompt = f"a red card, uploaded: {uploaded}"
+    result = api.images.edit(
+        model="flux-kontext",
+        image=("in.png", _png((48, 32), RED), "image/png"),
+        prompt=prompt,
+        response_format="b64_json",
+    )
+    assert result.data is not None
+    picture = _picture(result.data[0].b64_json)
+    # The model's edit of our image (the fake answers the input it read), its size
+    # the input's own (size auto: no ratio sent).
+    assert (picture.size, picture.getpixel((10, 10))) == ((48, 32), RED)
+    (made,) = replicate.creates_for(prompt)  # submitted once, then looked at
+    sent = made["body"]["input"]["input_image"]
+    assert sent.startswith(f"{replicate.base_url}/files/" if uploaded else "data:image/png;")
+
+
+def test_an_edit_with_a_mask_through_fal_paints_only_where_the_mask_is_transparent(
+    api: openai.OpenAI, fakes: tuple[FakeReplicate, FakeFal]
+) -> None:
+    _, fal = fakes
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))  # the left half is to be edited
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    result = api.images.edit(
+        model="flux-fill",
+        image=("in.png", _png((64, 64), RED), "image/png"),
+        mask=("mask.png", buf.getvalue(), "image/png"),
+        prompt="a blue left half",
+        size="64x64",
+        response_format="b64_json",
+    )
+    assert result.data is not None
+    picture = _picture(result.data[0].b64_json)
+    assert picture.getpixel((4, 32)) == PAINT  # filled by the model
+    assert picture.getpixel((60, 32)) == RED  # kept
+    (submitted,) = fal.submitted_for("a blue left half")
+    assert submitted["body"]["mask_url"].startswith("data:image/png;base64,")
+
+
+def test_a_variation_through_fal_sends_the_image_without_a_prompt(
+    api: openai.OpenAI, fakes: tuple[FakeReplicate, FakeFal]
+) -> None:
+    _, fal = fakes
+    before = fal.submits
+    with warnings.catch_warnings():
+        # The openai package marks create_variation deprecated (dall-e-2's), not gone.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        result = api.images.create_variation(
+            model="flux-redux",
+            image=("in.png", _png((64, 64), RED), "image/png"),
+            size="64x64",  # type: ignore[arg-type]
+            response_format="b64_json",
+        )
+    assert result.data is not None
+    assert _picture(result.data[0].b64_json).getpixel((10, 10)) == RED
+    assert fal.submits == before + 1
+    body = fal.submitted[-1]["body"]
+    assert "prompt" not in body
+    assert body["image_url"].startswith("data:image/png;base64,")
+
+
+def test_an_edit_to_a_queue_model_without_edits_is_refused_at_our_edge(
+    api: openai.OpenAI, fakes: tuple[FakeReplicate, FakeFal]
+) -> None:
+    replicate, _ = fakes
+    before = replicate.submits
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.images.edit(
+            model="flux-schnell",
+            image=("in.png", _png((64, 64), RED), "image/png"),
+            prompt="never sent",
+        )
+    assert "does not make edits" in str(caught.value)
+    assert replicate.submits == before
