@@ -125,7 +125,7 @@ def _duration(seconds: float) -> str:
 
 
 class FakeUpstream:
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self.calls: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self.files: dict[str, bytes] = {}
@@ -140,9 +140,9 @@ class FakeUpstream:
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
-        self.server = _Server(("127.0.0.1", port), self._handler())
+        self.server = _Server((host, port), self._handler())
         self.port = self.server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.base_url = f"http://{host}:{self.port}/v1"
         # Stopped within 50 ms (shutdown waits for the loop's next poll).
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -433,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         description="A fake OpenAI-compatible image upstream, served until killed.",
     )
     parser.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     parser.add_argument("--images-per-minute", type=int, default=None, help="a rate limit")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds every call waits")
     parser.add_argument(
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.images_per_minute is not None and args.images_per_minute <= 0:
         parser.error("--images-per-minute must be positive")
-    upstream = FakeUpstream(port=args.port)
+    upstream = FakeUpstream(port=args.port, host=args.host)
     upstream.images_per_minute = args.images_per_minute
     upstream.delay = args.delay
     upstream.mode = args.mode

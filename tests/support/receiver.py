@@ -11,7 +11,8 @@ from tests.support.processes import free_port, wait_for
 
 
 class Receiver:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = port or free_port()
         self.requests: list[dict[str, Any]] = []
         self.script: deque[tuple[int, dict[str, str]]] = deque()
@@ -19,7 +20,7 @@ class Receiver:
         self.server: ThreadingHTTPServer | None = None
 
     def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def answer(self, *responses: int | tuple[int, dict[str, str]]) -> Receiver:
         for r in responses:
@@ -50,7 +51,7 @@ class Receiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = ThreadingHTTPServer((self.host, self.port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
