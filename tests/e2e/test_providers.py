@@ -131,12 +131,18 @@ def queued(
         "poll_seconds": 0.3,
         "capabilities": {"sizes": ["1024x1024"], "max_n": 4},
     }
+    editor = {  # FLUX Kontext: its input_image, file_inputs' default
+        **model,
+        "name": "flux-kontext",
+        "upstream_model": "black-forest-labs/flux-kontext-pro",
+        "capabilities": {"sizes": ["auto"], "edits": True},
+    }
     stack = Stack(
         tmp_path_factory.mktemp("queued"),
         s3_endpoint,
         worker_env=ENV,
         api_env=ENV,
-        extra_models=[model, *_other_models(others)],
+        extra_models=[model, editor, *_other_models(others)],
     )
     try:
         yield stack
@@ -164,6 +170,30 @@ def test_a_prediction_answers_through_the_openai_package(
     origin = replicate.base_url.removesuffix("/v1")
     assert all(item.url and not item.url.startswith(origin) for item in result.data)  # ours
     assert len(replicate.creates_for("a queued fox")) == 1  # one prediction, looked at
+
+
+def test_an_edit_through_a_queue_provider_answers_through_the_openai_package(
+    queued: Stack, replicate: FakeReplicate
+) -> None:
+    """The input image reaches Replicate as a data URI from a real worker (read back
+    from S3), and the model's edit of it comes back."""
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 32), (200, 20, 20)).save(buf, format="PNG")
+    with openai.OpenAI(
+        api_key=queued.key_a, base_url=f"{queued.base_url}/v1", max_retries=0, timeout=60
+    ) as client:
+        result = client.images.edit(
+            model="flux-kontext",
+            image=("in.png", buf.getvalue(), "image/png"),
+            prompt="an e2e edit",
+            response_format="b64_json",
+        )
+    assert result.data is not None
+    assert result.data[0].b64_json is not None
+    picture = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB")
+    assert (picture.size, picture.getpixel((10, 10))) == ((48, 32), (200, 20, 20))
+    (created,) = replicate.creates_for("an e2e edit")
+    assert created["body"]["input"]["input_image"].startswith("data:image/png;base64,")
 
 
 @pytest.mark.parametrize(
