@@ -15,6 +15,12 @@ dropped. Canceling our
 job cancels the upstream jobs (``cancel``, the ``cancel_upstream`` task); a worker
 that finds its job canceled right after submitting cancels it at once.
 
+A look that says how far the upstream job is (``Pending.progress``: ComfyUI's
+sampler steps) writes it to the job's ``progress`` before the attempt ends (the
+sum over the job's calls that told theirs), so a job waiting queued shows it; a
+claim keeps it while the job's upstream jobs are open (``lifecycle.claim``), and
+the job ends with its last step done.
+
 An upstream job still pending ``IMAGEGEN_UPSTREAM_JOB_TIMEOUT_SECONDS`` after its
 submit is canceled there and forgotten, and the call fails as a timeout (retried
 by the provider retry policy, bounded). The window left: a worker killed between
@@ -40,6 +46,7 @@ from shared.core.errors import (
     TransientProviderError,
     UpstreamPending,
 )
+from shared.core.events import publish_changed
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
 from shared.jobs import lifecycle
@@ -65,12 +72,18 @@ class UpstreamBook:
         self._jobs: dict[str, dict[str, Any]] = {}
         self._writing: dict[str, threading.Lock] = {}  # one per job: its row's writes
         self._projects: dict[str, str] = {}
+        # Each call's last (step, steps) told this attempt, and the job's as written.
+        self._steps: dict[str, dict[str, tuple[int, int]]] = {}
+        self._shown: dict[str, dict[str, int]] = {}
 
     def hold(self, job: Job) -> None:
         with self._lock:
             self._jobs[job.id] = dict(job.upstream or {})
             self._writing[job.id] = threading.Lock()
             self._projects[job.id] = job.project_id
+            self._steps[job.id] = {}
+            if isinstance(job.progress, dict):
+                self._shown[job.id] = dict(job.progress)
 
     def project_of(self, job_id: str) -> str | None:
         with self._lock:
@@ -81,6 +94,29 @@ class UpstreamBook:
             self._jobs.pop(job_id, None)
             self._writing.pop(job_id, None)
             self._projects.pop(job_id, None)
+            self._steps.pop(job_id, None)
+            self._shown.pop(job_id, None)
+
+    def progress(self, job_id: str, key: str, steps: tuple[int, int]) -> dict[str, int] | None:
+        """Note a call's (step, steps); the job's progress to write (the sum over its
+        calls that told theirs), None where it is what was written already."""
+        with self._lock:
+            calls = self._steps.setdefault(job_id, {})
+            calls[key] = steps
+            total = {
+                "step": sum(s for s, _ in calls.values()),
+                "steps": sum(t for _, t in calls.values()),
+            }
+            if self._shown.get(job_id) == total:
+                return None
+            self._shown[job_id] = total
+            return total
+
+    def shown(self, job_id: str) -> dict[str, int] | None:
+        """The job's progress as last written (by this attempt or, kept by its
+        claim, an earlier one)."""
+        with self._lock:
+            return self._shown.get(job_id)
 
     def entries(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -244,15 +280,38 @@ def call(call: Call, target: Target, job_id: str) -> Generation:
         # Looked at less often the longer it takes (a third of its age, at most
         # MAX_LOOK_SECONDS): 2,000 jobs of a minute each cost about 10 looks each,
         # not 30 (bench/bench_capacity.py --queue-provider).
+        if answer.progress is not None:
+            _note_progress(job_id, key, answer.progress)
         raise UpstreamPending(
             f"waiting for {target.spec.provider}: its job is {answer.status}"[:300],
             retry_after=max(0.2, answer.after, min(MAX_LOOK_SECONDS, waited / 3)),
         )
+    shown = UPSTREAMS.shown(job_id)
+    if shown and shown.get("steps"):  # its steps were shown: it ends with all done
+        call.progress(int(shown["steps"]), int(shown["steps"]))
     if call.count < call.params.n:  # a fan-out: its other calls may still be out
         _keep(answer, entry, key, job_id)
     elif entry.get("failures"):
         UPSTREAMS.put(job_id, key, {**entry, "failures": 0})
     return answer
+
+
+def _note_progress(job_id: str, key: str, steps: tuple[int, int]) -> None:
+    """Write how far the job is, now: the attempt ends deferred right after, so the
+    progress writer's later write (worker/progress.py) would find it no longer this
+    attempt's. Best effort: a write that fails is logged."""
+    total = UPSTREAMS.progress(job_id, key, steps)
+    token = LEASES.token(job_id)
+    if total is None or token is None:
+        return
+    try:
+        with unit_of_work() as session:
+            moved = lifecycle.note_progress(session, job_id, token, total)
+    except sa.exc.SQLAlchemyError as exc:
+        log.warning("job %s: progress not recorded: %s", job_id, exc)
+        return
+    if moved:
+        publish_changed(job_id, JobStatus.running)
 
 
 def _keep(generation: Generation, entry: dict[str, Any], key: str, job_id: str) -> None:

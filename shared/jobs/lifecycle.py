@@ -114,7 +114,10 @@ _CLAIM = (
         lease_token=sa.bindparam("token"),
         lease_expires_at=sa.bindparam("expires"),
         started_at=sa.func.coalesce(_JOBS.c.started_at, sa.bindparam("now")),
-        progress=None,  # a new attempt starts its steps again
+        # A new attempt starts its steps again, unless they are a queue provider's
+        # job still out there (issue 27): it goes on, and shows where it was until
+        # the attempt's look says more.
+        progress=sa.case((_JOBS.c.upstream_open, _JOBS.c.progress), else_=sa.null()),
         status_detail=None,
     )
     .returning(*_JOBS.c)

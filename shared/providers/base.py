@@ -91,6 +91,10 @@ class Pending:
 
     after: float
     status: str
+    progress: tuple[int, int] | None = None
+    """(step, steps) of the upstream job where the provider tells it (ComfyUI's
+    sampler steps); None where it does not, or did not this time (the job keeps
+    the last one noted)."""
 
 
 class QueueProvider(Protocol):

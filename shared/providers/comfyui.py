@@ -22,6 +22,22 @@ https://docs.comfy.org/development/comfyui-server/comms_routes):
 - images: ``GET {base_url}/view?filename=&subfolder=&type=`` on the server's own
   origin (built from ``base_url``, never from the answer), read up to
   MAX_DOWNLOAD_BYTES.
+- progress: while a prompt waits, each look also opens ``{base_url}/ws?clientId=``
+  (ws:// or wss://, the submit's ``client_id``: ComfyUI sends a prompt's events only
+  to the socket of the client that queued it) for at most PROGRESS_LISTEN_SECONDS.
+  On connecting the server sends ``{"type": "status", "data": {"status":
+  {"exec_info"}, "sid"}}`` and, to the client whose prompt is executing, ``{"type":
+  "executing", "data": {"node"}}`` (server.py's websocket_handler); its sampler
+  then reports ``{"type": "progress", "data": {"value", "max", "prompt_id",
+  "node"}}`` at each step (main.py's progress hook). The first such message for one
+  of the call's prompts is the call's progress (``Pending.progress``); none within
+  HINT_SECONDS of the status (not running: queued behind others) or by the limit is
+  no progress this time. Binary frames (previews) and other clients' messages are
+  skipped. Progress is best effort: a socket that fails is logged, never an error.
+- edits: the image (and mask) uploaded first with ``POST {base_url}/upload/image``
+  (multipart ``image`` with ``type=input``, ``subfolder``, ``overwrite``; answered
+  ``{"name", "subfolder", "type"}``), its ``subfolder/name`` set on the LoadImage
+  (LoadImageMask) node input ``workflow_inputs`` maps ``image`` (``mask``) to.
 - cancel: ``GET {base_url}/queue``; a prompt still in ``queue_pending`` is deleted
   (``POST /queue`` ``{"delete": [prompt_id]}``), one in ``queue_running`` is
   interrupted (``POST /interrupt`` ``{"prompt_id"}``: recent servers interrupt
@@ -30,7 +46,10 @@ https://docs.comfy.org/development/comfyui-server/comms_routes):
 
 ComfyUI has no authentication of its own; where ``api_key_env`` is set (a server
 behind an authenticating proxy) its value is sent as ``Authorization: Bearer`` on
-every call, to the configured server only.
+every call and on the websocket's handshake, to the configured server only: every
+URL is built from ``base_url``, redirects are not followed (the socket is opened to
+base_url's host by us, so the websocket client cannot follow one elsewhere), and no
+proxy from the environment is used for the socket.
 
 The request's fields go into the workflow's node inputs that ``workflow_inputs``
 names (``shared/registry/workflows.py``): the prompt; the seed (``params.seed``,
@@ -41,25 +60,44 @@ else one prompt per image, seeds counting up from the call's. A job's image ``i`
 is made with seed ``seed + i`` where each prompt makes one image, as the job's
 ``seeds`` say; a batched prompt makes its images from its one seed.
 
-Not covered: progress (ComfyUI's websocket), edits (the workflow takes no input
-image here), steps (no request field sets them yet; the workflow's own value is
-used), and content filtering (ComfyUI has none).
+An edit's first image goes to the ``image`` input; its mask to ``mask`` (without
+one, a fully transparent mask of the image's size: the whole image is edited, as
+the local models do). Files are named by their content (``imagegen/<sha256>.png``),
+so an upload made again (a worker killed after uploading, before the submit was
+recorded) lands on the same file instead of a new one; a call uploads once, and
+every prompt of it names the same files. What a submit uploaded is recorded with
+its prompts (``inputs``); a resumed job finds the record and never uploads again.
+
+Not covered: more than one input image (one LoadImage is mapped; more are
+refused), variations, ComfyUI's ``/upload/mask`` (which writes a mask into an
+uploaded image's alpha: a LoadImageMask reading our mask's own alpha does the same),
+``progress_state`` messages (newer servers' per-node state; ``progress`` is sent
+too), steps (no request field sets them yet; the workflow's own value is used),
+deleting uploaded inputs (ComfyUI has no route for it), and content filtering
+(ComfyUI has none).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import logging
 import re
 import secrets
+import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any, Self, TypeVar
+from urllib.parse import urlencode, urlsplit
 
 import httpx
+from PIL import Image
+from websockets.sync.client import connect
 
 from shared.core.context import current
 from shared.core.errors import (
@@ -69,7 +107,14 @@ from shared.core.errors import (
 )
 from shared.core.settings import get_settings
 from shared.providers.answers import before_answer
-from shared.providers.base import Call, GeneratedImage, Generation, Pending, entry_of
+from shared.providers.base import (
+    Call,
+    GeneratedImage,
+    Generation,
+    Inputs,
+    Pending,
+    entry_of,
+)
 from shared.providers.openai_compat import (
     _TRANSIENT_STATUS,
     MAX_DOWNLOAD_BYTES,
@@ -97,6 +142,24 @@ MAX_QUEUE_BYTES = 32 * 1024 * 1024
 MAX_MESSAGE_CHARS = 500
 # Out of GPU memory (torch's error): worth another try, on another box perhaps.
 _OOM = re.compile(r"out ?of ?memory", re.IGNORECASE)
+# A look at a waiting prompt listens this long at most for its progress (the worker
+# thread is held meanwhile, so it is short: a sampler step of an SD model takes a
+# fraction of a second; a slower one is simply seen at a later look).
+PROGRESS_LISTEN_SECONDS = 1.0
+# ComfyUI tells a client on connecting that its prompt executes (``executing``
+# right after ``status``, in the same handler); nothing by then: not running.
+HINT_SECONDS = 0.2
+CLOSE_SECONDS = 0.25
+# Preview images come as binary frames (skipped) of up to a few hundred KB.
+MAX_WS_MESSAGE_BYTES = 4 * 1024 * 1024
+# The submit's client_id as we make it (uuid4); anything else is not put in a URL.
+_CLIENT_ID = re.compile(r"[0-9a-f-]{36}")
+# Our uploads, apart from the server's other inputs.
+UPLOAD_SUBFOLDER = "imagegen"
+_WAITING = "queued or running"
+# Messages that show the call's prompt executing now, and those that end it.
+_RUNNING = {"executing", "execution_start", "execution_cached", "executed", "progress"}
+_ENDED = {"execution_success", "execution_error", "execution_interrupted"}
 
 
 class PromptLost(TransientProviderError):
@@ -126,6 +189,8 @@ class ComfyUIProvider:
         try:
             answer = self.poll(call, ref)
             while isinstance(answer, Pending) and time.monotonic() < deadline:
+                if answer.progress is not None:
+                    call.progress(*answer.progress)
                 time.sleep(max(0.0, min(answer.after, deadline - time.monotonic())))
                 answer = self.poll(call, ref)
         except ProviderError:  # it failed there: nothing left to cancel
@@ -147,12 +212,10 @@ class ComfyUIProvider:
         """Queue the call's prompts: one with a batch of ``count`` where the workflow
         maps ``n``, else one per image. Returns their ids and seeds."""
         spec = entry_of(call.spec, UpstreamModel)
-        if call.params.operation != "generate":
-            raise PermanentProviderError(
-                f"model '{spec.name}' (comfyui) makes images from a prompt only",
-                code="invalid_value",
-            )
+        _check_operation(spec, call)
         workflow = _workflow(spec)
+        # Uploaded once for all the call's prompts (an edit's; {} otherwise).
+        uploads = self._upload_inputs(spec, call.inputs) if "image" in spec.workflow_inputs else {}
         first = call.params.seed if call.params.seed is not None else _random_seed()
         first += call.first_index
         if "n" in spec.workflow_inputs:
@@ -164,6 +227,8 @@ class ComfyUIProvider:
         try:
             for seed, count in batches:
                 graph = build_workflow(spec, workflow, call.params.prompt, call.params.size)
+                for field, name in uploads.items():
+                    _set(graph, spec, field, name)
                 _set(graph, spec, "seed", seed % SEED_LIMIT)
                 _set(graph, spec, "n", count)
                 answer = self._post(spec, "/prompt", {"prompt": graph, "client_id": client_id})
@@ -175,16 +240,22 @@ class ComfyUIProvider:
                 except Exception as exc:
                     log.warning("model %s: ComfyUI prompts left queued: %s", spec.name, exc)
             raise
-        return {"client_id": client_id, "prompts": prompts}
+        ref: dict[str, Any] = {"client_id": client_id, "prompts": prompts}
+        if uploads:
+            ref["inputs"] = uploads
+        return ref
 
     def poll(self, call: Call, ref: dict[str, Any]) -> Generation | Pending:
         """The images once every prompt of the call has run; Pending while one has
         not (or the server could not be reached: its prompt is still there)."""
         spec = entry_of(call.spec, UpstreamModel)
+        prompts = _prompts(ref)
         entries = []
-        for prompt in _prompts(ref):
+        for prompt in prompts:
             entry = self._unless_unreached(spec, partial(self._entry, spec, prompt["prompt_id"]))
             if isinstance(entry, Pending):
+                if entry.status.startswith(_WAITING):  # the server has it: how far?
+                    entry = replace(entry, progress=self._progress(spec, ref, prompts))
                 return entry
             entries.append((prompt, entry))
         outputs = [_outputs(prompt, entry) for prompt, entry in entries]
@@ -216,6 +287,88 @@ class ComfyUIProvider:
             len(pending),
             len(running),
         )
+
+    # --- edits ---------------------------------------------------------------------
+
+    def _upload_inputs(self, spec: UpstreamModel, inputs: Inputs | None) -> dict[str, str]:
+        """Upload an edit's image and mask (a transparent one where the request has
+        none); the names the workflow's loader inputs take, by field."""
+        if inputs is None or len(inputs.images) != 1:
+            raise PermanentProviderError(
+                f"model '{spec.name}' (comfyui) edits one image", code="invalid_value"
+            )
+        image = inputs.images[0]
+        uploads = {"image": self._upload(spec, image)}
+        if "mask" in spec.workflow_inputs:
+            uploads["mask"] = self._upload(spec, inputs.mask or _clear_mask(image))
+        return uploads
+
+    def _upload(self, spec: UpstreamModel, data: bytes) -> str:
+        """``POST /upload/image`` of ``data``, named by its content; the value a
+        LoadImage node takes for it (``subfolder/name``)."""
+        kind = _image_kind(data)
+        name = f"{hashlib.sha256(data).hexdigest()[:32]}.{kind}"
+        answer = self._call(
+            spec,
+            "POST",
+            "/upload/image",
+            None,
+            MAX_ERROR_BYTES,
+            files={"image": (name, data, f"image/{kind}")},
+            data={"type": "input", "subfolder": UPLOAD_SUBFOLDER, "overwrite": "true"},
+        )
+        uploaded, subfolder = answer.get("name"), answer.get("subfolder") or ""
+        if not isinstance(uploaded, str) or not uploaded or not isinstance(subfolder, str):
+            raise TransientProviderError(
+                "ComfyUI took an upload without answering its name",
+                code="upstream_bad_response",
+            )
+        return f"{subfolder}/{uploaded}" if subfolder else uploaded
+
+    # --- progress ------------------------------------------------------------------
+
+    def _progress(
+        self, spec: UpstreamModel, ref: dict[str, Any], prompts: list[dict[str, Any]]
+    ) -> tuple[int, int] | None:
+        """How far the call's prompts are, as ``(step, steps)`` over all of them (a
+        prompt per image runs one after another), from the server's websocket; None
+        where it tells nothing within the time a look may listen."""
+        ids = [str(prompt["prompt_id"]) for prompt in prompts]
+        seen = self._listen(spec, ref.get("client_id"), ids)
+        return None if seen is None else call_progress(ids, *seen)
+
+    def _listen(
+        self, spec: UpstreamModel, client_id: Any, ids: list[str]
+    ) -> tuple[str, int, int] | None:
+        """The first progress the server reports on ``client_id``'s socket for one
+        of ``ids``, within PROGRESS_LISTEN_SECONDS; None otherwise, and where the
+        socket fails (best effort: never an error)."""
+        url = _ws_url(spec, client_id)
+        if url is None:
+            return None
+        deadline = time.monotonic() + PROGRESS_LISTEN_SECONDS
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "wss" else 80)
+            # Our socket, to base_url's host: no proxy from the environment, and the
+            # websocket client follows no redirect on a socket it was given.
+            sock = socket.create_connection(
+                (parts.hostname or "", port), timeout=PROGRESS_LISTEN_SECONDS
+            )
+            with connect(
+                url,
+                sock=sock,
+                additional_headers=_headers(spec),
+                open_timeout=max(0.01, deadline - time.monotonic()),
+                ping_interval=None,
+                close_timeout=CLOSE_SECONDS,
+                max_size=MAX_WS_MESSAGE_BYTES,
+                compression=None,
+            ) as ws:
+                return read_progress(lambda wait: ws.recv(timeout=wait), ids, deadline)
+        except Exception as exc:  # best effort: the look goes on without progress
+            log.info("model %s: no progress from ComfyUI's websocket: %s", spec.name, exc)
+            return None
 
     # --- the server's routes -------------------------------------------------------
 
@@ -291,11 +444,11 @@ class ComfyUIProvider:
         return self._call(spec, "POST", path, body, MAX_ERROR_BYTES)
 
     def _call(
-        self, spec: UpstreamModel, method: str, path: str, body: Any, limit: int
+        self, spec: UpstreamModel, method: str, path: str, body: Any, limit: int, **form: Any
     ) -> dict[str, Any]:
         """One call; its JSON answer (an empty body as ``{}``: /queue and /interrupt
-        answer 200 with none)."""
-        request: dict[str, Any] = {"headers": _headers(spec), "follow_redirects": False}
+        answer 200 with none). ``form``: a multipart body's ``files`` and ``data``."""
+        request: dict[str, Any] = {"headers": _headers(spec), "follow_redirects": False, **form}
         if body is not None:
             request["json"] = body
         with (
@@ -366,6 +519,132 @@ def _set(graph: Workflow, spec: UpstreamModel, field: str, value: Any) -> None:
 
 def _random_seed() -> int:
     return secrets.randbelow(RANDOM_SEEDS)
+
+
+def _check_operation(spec: UpstreamModel, call: Call) -> None:
+    """A workflow that loads an image serves edits, one that does not generations;
+    neither serves variations."""
+    operation = call.params.operation
+    edits = "image" in spec.workflow_inputs
+    if operation == ("edit" if edits else "generate"):
+        return
+    served = "edits an image (/v1/images/edits)" if edits else "makes images from a prompt only"
+    raise PermanentProviderError(f"model '{spec.name}' (comfyui) {served}", code="invalid_value")
+
+
+def _image_kind(data: bytes) -> str:
+    """png, jpeg or webp, as our edge takes them (by their first bytes)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "png"
+
+
+def _clear_mask(image: bytes) -> bytes:
+    """A fully transparent PNG of ``image``'s size: edit all of it."""
+    try:
+        with Image.open(io.BytesIO(image)) as picture:
+            size = picture.size
+    except Exception as exc:  # checked at our edge; unreadable now is a fault here
+        raise PermanentProviderError(
+            f"the edit's image is unreadable: {exc}", code="invalid_value"
+        ) from None
+    buffer = io.BytesIO()
+    Image.new("RGBA", size, (0, 0, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- progress ----------------------------------------------------------------------
+
+
+def parse_message(data: str | bytes) -> tuple[str, dict[str, Any]] | None:
+    """A websocket message as ``(type, data)``; None for a binary frame (a preview
+    image) or anything not ComfyUI's ``{"type", "data"}``."""
+    if not isinstance(data, str):
+        return None
+    try:
+        message = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(message, dict):
+        return None
+    kind, body = message.get("type"), message.get("data")
+    if not isinstance(kind, str) or not isinstance(body, dict):
+        return None
+    return kind, body
+
+
+def read_progress(
+    recv: Callable[[float], str | bytes], ids: Sequence[str], deadline: float
+) -> tuple[str, int, int] | None:
+    """The first ``progress`` for one of ``ids`` (its prompt id, value and max) that
+    ``recv(timeout)`` (the socket's next message) brings before ``deadline``. None
+    once one of them ended, or when no message shows one executing within
+    HINT_SECONDS of the server's first ``status`` (it is queued behind others), or
+    by the deadline."""
+    running = False
+    hint_by: float | None = None
+    while True:
+        now = time.monotonic()
+        wait = deadline - now
+        if not running and hint_by is not None:
+            wait = min(wait, hint_by - now)
+        if wait <= 0:
+            return None
+        try:
+            message = parse_message(recv(wait))
+        except TimeoutError:
+            return None
+        if message is None:
+            continue
+        kind, body = message
+        prompt_id = body.get("prompt_id")
+        if kind == "status":  # the first: what follows at once says whether ours runs
+            if hint_by is None:
+                hint_by = time.monotonic() + HINT_SECONDS
+            continue
+        if prompt_id is not None and prompt_id not in ids:
+            continue  # another client's prompt, broadcast
+        sighting = _sighting(kind, body)
+        if sighting is not None:
+            return sighting
+        if kind in _ENDED or (kind == "executing" and body.get("node") is None):
+            return None  # done: its history says how
+        running = running or kind in _RUNNING
+
+
+def _sighting(kind: str, body: dict[str, Any]) -> tuple[str, int, int] | None:
+    """A ``progress`` message's prompt id, value and max, where they make sense."""
+    if kind != "progress":
+        return None
+    prompt_id, value, most = body.get("prompt_id"), body.get("value"), body.get("max")
+    if not isinstance(prompt_id, str) or isinstance(value, bool) or isinstance(most, bool):
+        return None
+    if not isinstance(value, int | float) or not isinstance(most, int | float):
+        return None
+    if most <= 0 or not 0 <= value <= most:
+        return None
+    return prompt_id, int(value), int(most)
+
+
+def call_progress(ids: Sequence[str], prompt_id: str, value: int, most: int) -> tuple[int, int]:
+    """A prompt's ``value`` of ``most`` steps as the call's: its prompts run one after
+    another (a prompt per image), those before it done."""
+    index = list(ids).index(prompt_id)
+    return index * most + value, len(ids) * most
+
+
+def _ws_url(spec: UpstreamModel, client_id: Any) -> str | None:
+    """The websocket of ``client_id`` on the server's own origin (from base_url)."""
+    if not isinstance(client_id, str) or not _CLIENT_ID.fullmatch(client_id):
+        return None
+    base = _base(spec)
+    scheme, sep, rest = base.partition("://")
+    schemes = {"http": "ws", "https": "wss"}
+    if not sep or scheme.lower() not in schemes:
+        return None
+    return f"{schemes[scheme.lower()]}://{rest}/ws?{urlencode({'clientId': client_id})}"
 
 
 # --- answers -----------------------------------------------------------------------

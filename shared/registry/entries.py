@@ -252,7 +252,8 @@ class Upstream(BaseModel):
     # comfyui: a workflow in ComfyUI's API format (a JSON file), and which node
     # input takes each of the request's fields ({"prompt": "6.text", "seed":
     # "3.seed", "width": "5.width", "height": "5.height", "steps": "3.steps",
-    # "n": "5.batch_size"}).
+    # "n": "5.batch_size"}; an edit's "image": "10.image" on a LoadImage node and
+    # "mask": "11.image" on a LoadImageMask, its files uploaded to the server).
     workflow: str | None = None
     workflow_inputs: dict[str, str] = Field(default_factory=dict)
     # replicate, fal: the model's inputs for an edit's files (unset: FLUX Kontext's,

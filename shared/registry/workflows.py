@@ -8,7 +8,11 @@ read once per process (``load_workflow``); a relative path is resolved against t
 models file's folder when the registry loads it (``resolve_paths``), else against the
 working directory. ``workflow_problem`` checks, at load, that every node input
 ``workflow_inputs`` names exists, so a mistake is refused in one line naming the
-entry instead of failing each job.
+entry instead of failing each job. An edit's inputs go to the nodes ComfyUI loads
+images with: ``image`` a ``LoadImage`` node's ``image`` (the uploaded file's name),
+``mask`` a ``LoadImageMask`` node's (channel ``alpha``) or another ``LoadImage``'s,
+whose MASK output is the mask: both read a transparent pixel as 1, "edit here", as
+our masks mean it.
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ from shared.registry.entries import UpstreamModel
 # The request's fields a workflow input may take, and how: ``prompt`` (required) the
 # prompt's text; ``seed`` the image's seed; ``width``/``height`` from the size;
 # ``n`` the images of one call (a batch size); ``steps`` is checked but set by no
-# request field yet (the workflow's own value is used).
-FIELDS = ("prompt", "seed", "width", "height", "steps", "n")
+# request field yet (the workflow's own value is used); ``image`` and ``mask`` an
+# edit's image and mask, uploaded to the server (the name it answers is set).
+FIELDS = ("prompt", "seed", "width", "height", "steps", "n", "image", "mask")
+# The node classes that may take an edit's uploaded files, by field (nodes.py's
+# LoadImage and LoadImageMask: an ``image`` input naming a file in the input folder).
+LOADERS = {"image": ("LoadImage",), "mask": ("LoadImageMask", "LoadImage")}
 # ComfyUI's node ids are strings; a link is [node_id, output_index].
 Workflow = dict[str, dict[str, Any]]
 
@@ -108,6 +116,31 @@ def workflow_problem(workflow_path: str, inputs: dict[str, str]) -> str | None:
             return (
                 f"workflow_inputs: {field}: input {where!r} is a link to another node, not a value"
             )
+        problem = _loader_problem(field, node_id, name, node)
+        if problem:
+            return problem
+    if "mask" in inputs and "image" not in inputs:
+        return "workflow_inputs: mask: a mask needs the image it masks (map image too)"
+    return None
+
+
+def _loader_problem(field: str, node_id: str, name: str, node: dict[str, Any]) -> str | None:
+    """An edit's file mapped anywhere but the ``image`` input of a node that loads
+    one; a LoadImageMask reading another channel than the alpha our masks use."""
+    loaders = LOADERS.get(field)
+    if loaders is None:
+        return None
+    if node["class_type"] not in loaders or name != "image":
+        return (
+            f"workflow_inputs: {field}: takes the image input of a "
+            f"{' or '.join(loaders)} node, not {node_id}.{name} ({node['class_type']})"
+        )
+    channel = node["inputs"].get("channel", "alpha")
+    if node["class_type"] == "LoadImageMask" and channel != "alpha":
+        return (
+            f"workflow_inputs: mask: node {node_id!r} (LoadImageMask) reads channel "
+            f"{channel!r}; our masks mark what to edit by transparency: use 'alpha'"
+        )
     return None
 
 
@@ -117,10 +150,31 @@ def entry_problem(spec: UpstreamModel) -> str | None:
     for upstream in spec.upstreams():
         if upstream.provider != "comfyui" or not upstream.workflow:
             continue
-        problem = workflow_problem(upstream.workflow, upstream.workflow_inputs)
+        problem = workflow_problem(upstream.workflow, upstream.workflow_inputs) or _edit_problem(
+            spec, upstream.workflow_inputs
+        )
         if problem:
             where = f"deployment {upstream.id!r}: " if spec.deployments else ""
             return f"{where}{problem}"
+    return None
+
+
+def _edit_problem(spec: UpstreamModel, inputs: dict[str, str]) -> str | None:
+    """A model that serves edits needs a workflow that takes an image, and a
+    workflow that takes one serves nothing else (it cannot run without it)."""
+    edits = spec.capabilities.edits
+    if edits and "image" not in inputs:
+        return (
+            "workflow_inputs: image: a model with capabilities.edits needs the LoadImage "
+            "node input that takes the edit's image"
+        )
+    if "image" in inputs and not edits:
+        return (
+            "workflow_inputs: image: the workflow edits an image; set capabilities.edits: "
+            "true (it serves /v1/images/edits only)"
+        )
+    if spec.capabilities.variations:
+        return "capabilities.variations: a comfyui workflow serves generations or edits"
     return None
 
 

@@ -24,6 +24,24 @@ routes page https://docs.comfy.org/development/comfyui-server/comms_routes:
   only while it runs; no body, whatever runs); each answers 200 with no body.
 - ``GET /view?filename=&subfolder=&type=``: the image; 400 for a filename starting
   with ``/`` or holding ``..``, 404 for one it does not have.
+- ``POST /upload/image``: multipart ``image`` (a file, its filename the name) with
+  ``type`` (``input`` unless given), ``subfolder``, ``overwrite``; a name taken by
+  other bytes becomes ``name (1).ext`` unless ``overwrite`` is ``true``/``1``, the
+  same bytes again are the same file (``image_upload``); answered ``{"name",
+  "subfolder", "type"}``; no file, or a subfolder leaving the input folder, 400.
+  LoadImage and LoadImageMask nodes must name an uploaded file (``subfolder/name``;
+  ``example.png`` is there from the start, as in ComfyUI's input folder), else the
+  node's ``custom_validation_failed: Invalid image file``; an edit's latent from a
+  VAEEncode(ForInpaint) of a LoadImage makes images of that file's size.
+- ``GET /ws?clientId=``: a websocket (RFC 6455, enough of it: the handshake, text
+  and binary frames out, a close or ping in). On connecting: ``{"type": "status",
+  "data": {"status": {"exec_info": {"queue_remaining"}}, "sid"}}``; to the client
+  whose prompt runs, then ``{"type": "executing", "data": {"node"}}`` (server.py's
+  websocket_handler on a reconnect), a binary preview frame, and ``{"type":
+  "progress", "data": {"value", "max", "prompt_id", "node"}}`` (main.py's progress
+  hook): the sampler at step ``looks`` (at least 1, below its ``steps`` until it
+  has run) of its ``steps`` input. ``ws_refused`` answers 404 (a proxy without
+  websockets); ``sockets`` lists each connection's client id and Authorization.
 - Every route also under ``/api`` (as ``server.py`` adds them).
 
 A prompt is queued until looked at: its history stays ``{}`` for ``pending_polls``
@@ -45,8 +63,12 @@ to the first submit, ``[execution-error]`` the run fails at the KSampler node,
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
+import posixpath
+import struct
 import threading
 import uuid
 from collections import Counter
@@ -70,7 +92,12 @@ INPUTS = {
     "steps": "3.steps",
     "n": "5.batch_size",
 }
+# An inpainting workflow (LoadImage, LoadImageMask, VAEEncodeForInpaint) and its
+# mapping, the edit's files on the loaders.
+EDIT_WORKFLOW_FILE = Path(__file__).with_name("comfyui_edit_workflow.json")
+EDIT_INPUTS = {"prompt": "6.text", "seed": "3.seed", "image": "10.image", "mask": "11.image"}
 MAX_RESOLUTION = 16384
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's
 SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim"]
 SCHEDULERS = ["normal", "karras", "exponential", "simple"]
 # Each node class's inputs (nodes.py's INPUT_TYPES): a link type, ("INT", min, max),
@@ -98,13 +125,23 @@ NODES: dict[str, dict[str, Any]] = {
     "VAEDecode": {"samples": "LATENT", "vae": "VAE"},
     "SaveImage": {"images": "IMAGE", "filename_prefix": "STRING"},
     "PreviewImage": {"images": "IMAGE"},
+    # "FILE": a file in the input folder (their VALIDATE_INPUTS).
+    "LoadImage": {"image": "FILE"},
+    "LoadImageMask": {"image": "FILE", "channel": ["alpha", "red", "green", "blue"]},
+    "VAEEncode": {"pixels": "IMAGE", "vae": "VAE"},
+    "VAEEncodeForInpaint": {
+        "pixels": "IMAGE",
+        "vae": "VAE",
+        "mask": "MASK",
+        "grow_mask_by": ("INT", 0, 64),
+    },
 }
 OUTPUT_NODES = {"SaveImage", "PreviewImage"}
-LINK_TYPES = {"CLIP", "MODEL", "CONDITIONING", "LATENT", "VAE", "IMAGE"}
+LINK_TYPES = {"CLIP", "MODEL", "CONDITIONING", "LATENT", "VAE", "IMAGE", "MASK"}
 
 
-def load_workflow() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(WORKFLOW_FILE.read_text())
+def load_workflow(path: Path = WORKFLOW_FILE) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
     return data
 
 
@@ -160,6 +197,11 @@ class FakeComfyUI:
         self.markers: Counter[str] = Counter()
         self.prompts: dict[str, _Prompt] = {}
         self.files: dict[tuple[str, str, str], bytes] = {}
+        # The input folder: "subfolder/name" (or "name") -> bytes; what was uploaded.
+        self.inputs_folder: dict[str, bytes] = {"example.png": png(64, 64, 0)}
+        self.uploads: list[dict[str, Any]] = []
+        self.ws_refused = False
+        self.sockets: list[tuple[str, str | None]] = []
         self._number = 0
         self._counter = 0
         self.lock = threading.Lock()
@@ -244,13 +286,13 @@ class FakeComfyUI:
         if failure is not None:
             messages.append(failure)
         else:
-            latent = graph[graph[sampler]["inputs"]["latent_image"][0]]["inputs"]
+            width, height, batch = self._latent(graph, graph[sampler]["inputs"]["latent_image"])
             seed = int(graph[sampler]["inputs"]["seed"])
             for node_id in prompt.outputs:
                 node = graph[node_id]
                 saved = node["class_type"] == "SaveImage"
                 images = []
-                for index in range(int(latent["batch_size"])):
+                for index in range(batch):
                     self._counter += 1
                     prefix = node["inputs"].get("filename_prefix", "ComfyUI") if saved else "tmp"
                     image = {
@@ -259,7 +301,7 @@ class FakeComfyUI:
                         "type": "output" if saved else "temp",
                     }
                     self.files[(image["filename"], "", image["type"])] = png(
-                        int(latent["width"]), int(latent["height"]), seed + index
+                        width, height, seed + index
                     )
                     images.append(image)
                 outputs[node_id] = {"images": images}
@@ -277,6 +319,17 @@ class FakeComfyUI:
                 for n in outputs
             },
         }
+
+    def _latent(self, graph: dict[str, Any], link: list[Any]) -> tuple[int, int, int]:
+        """A latent's width, height and batch: an empty one's inputs, or an encoded
+        image's (a LoadImage's file) size, one image."""
+        node = graph[str(link[0])]
+        if node["class_type"] == "EmptyLatentImage":
+            inputs = node["inputs"]
+            return int(inputs["width"]), int(inputs["height"]), int(inputs["batch_size"])
+        loader = graph[str(node["inputs"]["pixels"][0])]
+        picture = Image.open(io.BytesIO(self.inputs_folder[loader["inputs"]["image"]]))
+        return picture.width, picture.height, 1
 
     # --- validation (execution.py's validate_prompt) -------------------------------
 
@@ -348,6 +401,15 @@ class FakeComfyUI:
             )
         if kind == "STRING":
             return None if isinstance(value, str) else self._type_error(name, value, "STRING")
+        if kind == "FILE":  # LoadImage.VALIDATE_INPUTS, as execution.py reports it
+            if isinstance(value, str) and value in self.inputs_folder:
+                return None
+            return _error(
+                "custom_validation_failed",
+                "Custom validation failed for node",
+                f"{name} - Invalid image file: {value}",
+                input_name=name,
+            )
         if isinstance(kind, tuple):
             return self._number_error(name, kind, value)
         options = self.checkpoints if kind is None else kind
@@ -484,6 +546,82 @@ class FakeComfyUI:
             self.prompts[prompt_id] = _Prompt(self._number, prompt_id, graph, extra)
             return Reply(200, {"prompt_id": prompt_id, "number": self._number, "node_errors": {}})
 
+    def route(
+        self, method: str, path: str, query: dict[str, str], raw: bytes, content_type: str | None
+    ) -> Reply:
+        if method == "POST" and path == "/upload/image":
+            return self.upload(content_type or "", raw)
+        if method == "GET":
+            return self.get(path, query)
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        return self.post(path, body)
+
+    def upload(self, content_type: str, raw: bytes) -> Reply:
+        """``POST /upload/image`` (server.py's image_upload)."""
+        fields = _multipart(content_type, raw)
+        image = fields.get("image")
+        if image is None or not image[0]:
+            return Reply(400)
+        filename, data = image
+        kind = (fields.get("type") or ("", b"input"))[1].decode()
+        subfolder = (fields.get("subfolder") or ("", b""))[1].decode()
+        overwrite = (fields.get("overwrite") or ("", b""))[1].decode() in ("true", "1")
+        folder = posixpath.normpath(subfolder) if subfolder else ""
+        if folder.startswith(("/", "..")) or "/" in filename or filename in ("", ".", ".."):
+            return Reply(400)
+        with self.lock:
+            name = filename
+            stem, dot, ext = filename.rpartition(".")
+            stem, ext = (stem, dot + ext) if dot else (filename, "")
+            index = 1
+            while not overwrite and self._stored(folder, name) not in (None, data):
+                name = f"{stem} ({index}){ext}"
+                index += 1
+            if kind == "input":
+                self.inputs_folder[f"{folder}/{name}" if folder else name] = data
+            self.uploads.append({"name": name, "subfolder": subfolder, "type": kind, "data": data})
+            return Reply(200, {"name": name, "subfolder": subfolder, "type": kind})
+
+    def _stored(self, folder: str, name: str) -> bytes | None:
+        return self.inputs_folder.get(f"{folder}/{name}" if folder else name)
+
+    # --- the websocket ---------------------------------------------------------------
+
+    def ws_messages(self, client_id: str) -> list[dict[str, Any] | bytes]:
+        """What the server sends a client on connecting: its status, and to the
+        client whose prompt runs, the node running, a preview and the progress."""
+        with self.lock:
+            self.sockets.append((client_id, None))
+            running, _ = self.queue()
+            status = {"status": {"exec_info": {"queue_remaining": len(self._waiting())}}}
+            messages: list[dict[str, Any] | bytes] = [
+                {"type": "status", "data": {**status, "sid": client_id}}
+            ]
+            ours = [p for p in running if p.extra.get("client_id") == client_id]
+            if not ours:
+                return messages
+            prompt = ours[0]
+            sampler = next(
+                (n for n, node in prompt.graph.items() if node["class_type"] == "KSampler"), None
+            )
+            if sampler is None:
+                return messages
+            steps = int(prompt.graph[sampler]["inputs"].get("steps") or 1)
+            value = min(max(prompt.looks, 1), max(steps - 1, 1))
+        preview = struct.pack(">II", 1, 1) + b"\xff\xd8\xff not a real jpeg"
+        return [
+            *messages,
+            {"type": "executing", "data": {"node": sampler}},
+            preview,
+            {
+                "type": "progress",
+                "data": {"value": value, "max": steps, "prompt_id": prompt.id, "node": sampler},
+            },
+        ]
+
     def _authorized(self, header: str | None) -> bool:
         if self.api_key is None or header == f"Bearer {self.api_key}":
             return True
@@ -512,17 +650,16 @@ class FakeComfyUI:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 parts = urlsplit(self.path)
                 path = parts.path.removeprefix("/api") or "/"
-                if not fake._authorized(self.headers.get("Authorization")):
+                query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+                authorization = self.headers.get("Authorization")
+                if not fake._authorized(authorization):
                     reply = Reply(401, b"401: Unauthorized", "text/plain")
-                elif method == "GET":
-                    query = parse_qs(parts.query, keep_blank_values=True)
-                    reply = fake.get(path, {k: v[0] for k, v in query.items()})
+                elif method == "GET" and path == "/ws" and not fake.ws_refused:
+                    client_id = query.get("clientId") or uuid.uuid4().hex
+                    _serve_websocket(self, fake, client_id, authorization)
+                    return
                 else:
-                    try:
-                        body = json.loads(raw) if raw else None
-                    except ValueError:
-                        body = None
-                    reply = fake.post(path, body)
+                    reply = fake.route(method, path, query, raw, self.headers.get("Content-Type"))
                 data = reply.data
                 if not isinstance(data, bytes):
                     data = b"" if data is None else json.dumps(data).encode()
@@ -536,3 +673,98 @@ class FakeComfyUI:
                 self.wfile.write(data)
 
         return Handler
+
+
+def _serve_websocket(
+    self: BaseHTTPRequestHandler, fake: FakeComfyUI, client_id: str, authorization: str | None
+) -> None:
+    """The ``/ws`` route on the handler's connection: the handshake, the messages,
+    then frames read until the client closes."""
+    key = self.headers.get("Sec-WebSocket-Key")
+    if not key or (self.headers.get("Upgrade") or "").lower() != "websocket":
+        self.send_error(400)
+        return
+    accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest())
+    self.send_response(101, "Switching Protocols")
+    self.send_header("Upgrade", "websocket")
+    self.send_header("Connection", "Upgrade")
+    self.send_header("Sec-WebSocket-Accept", accept.decode())
+    self.end_headers()
+    self.close_connection = True
+    messages = fake.ws_messages(client_id)
+    with fake.lock:
+        fake.sockets[-1] = (client_id, authorization)
+    for message in messages:
+        if isinstance(message, bytes):
+            self.wfile.write(_frame(0x2, message))
+        else:
+            self.wfile.write(_frame(0x1, json.dumps(message).encode()))
+    self.wfile.flush()
+    self.connection.settimeout(5)  # a client gone quiet frees the thread
+    while True:  # until the client closes (aiohttp answers its close)
+        try:
+            opcode, payload = _read_frame(self.rfile)
+        except (OSError, ValueError):
+            return
+        if opcode == 0x8:
+            self.wfile.write(_frame(0x8, payload[:2]))
+            self.wfile.flush()
+            return
+        if opcode == 0x9:
+            self.wfile.write(_frame(0xA, payload))
+            self.wfile.flush()
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    """A server's frame (unmasked, final)."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack(">BB", 0x80 | opcode, size)
+    elif size < 1 << 16:
+        header = struct.pack(">BBH", 0x80 | opcode, 126, size)
+    else:
+        header = struct.pack(">BBQ", 0x80 | opcode, 127, size)
+    return header + payload
+
+
+def _read_frame(stream: Any) -> tuple[int, bytes]:
+    """A client's frame (masked): its opcode and payload."""
+    head = stream.read(2)
+    if len(head) < 2:
+        raise ValueError("closed")
+    opcode, size = head[0] & 0x0F, head[1] & 0x7F
+    if size == 126:
+        size = struct.unpack(">H", stream.read(2))[0]
+    elif size == 127:
+        size = struct.unpack(">Q", stream.read(8))[0]
+    mask = stream.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+    data = stream.read(size)
+    return opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str, bytes]]:
+    """A multipart/form-data body's fields: name -> (filename, content)."""
+    _, _, boundary = content_type.partition("boundary=")
+    boundary = boundary.split(";")[0].strip().strip('"')
+    if not boundary:
+        return {}
+    fields: dict[str, tuple[str, bytes]] = {}
+    for part in raw.split(b"--" + boundary.encode())[1:]:
+        if part.startswith(b"--"):
+            break
+        head, _, body = part.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        disposition = next(
+            (
+                line.decode()
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-disposition")
+            ),
+            "",
+        )
+        params = dict(
+            (key.strip(), value.strip().strip('"'))
+            for key, _, value in (item.partition("=") for item in disposition.split(";")[1:])
+        )
+        if "name" in params:
+            fields[params["name"]] = (params.get("filename", ""), body.removesuffix(b"\r\n"))
+    return fields
