@@ -309,13 +309,29 @@ def test_file_inputs_are_refused_in_one_line_naming_the_entry(
     assert message in str(caught.value)
 
 
-def test_file_inputs_load_on_a_queue_kind_and_its_deployments(tmp_path: Path) -> None:
+def test_file_inputs_load_on_a_queue_kind_and_on_each_deployment(tmp_path: Path) -> None:
+    """Input names belong to the upstream model: each deployment names its own."""
     entry = {
         "provider": "fal",
         "upstream_model": "fal-ai/flux-pro/v1/fill",
         "file_inputs": {"image": "image_url", "mask": "mask_url"},
     }
-    spec_ = _load(tmp_path, entry).get("m")
-    (only,) = spec_.upstreams()
+    (only,) = _load(tmp_path, entry).get("m").upstreams()
     assert only.file_inputs is not None
     assert (only.file_inputs.image, only.file_inputs.mask) == ("image_url", "mask_url")
+    deployments = {
+        "deployments": [
+            {
+                "id": "on-replicate",
+                "provider": "replicate",
+                "upstream_model": "black-forest-labs/flux-fill-pro",
+                "file_inputs": {"image": "image", "mask": "mask"},
+            },
+            {"id": "on-fal", "provider": "fal", "upstream_model": "fal-ai/flux-pro/kontext"},
+        ]
+    }
+    spec_ = _load(tmp_path, deployments).get("m")
+    first, second = (spec_.served_by(d) for d in spec_.upstreams())
+    assert first.file_inputs is not None
+    assert (first.file_inputs.image, first.file_inputs.mask) == ("image", "mask")
+    assert second.file_inputs is None  # fal's default, Kontext's image_url
