@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import threading
-from collections.abc import Sequence
 
 from shared.core.broker import get_celery
 from shared.core.logs import configure
 from shared.core.settings import get_settings
 from worker.runner import heartbeat_thread
-from worker.supervisor import PARENT_ENV
+from worker.supervisor import PARENT_ENV, node_name
 from worker.sweeper import sweeper_thread
 from worker.tasks import register
 
@@ -97,18 +95,6 @@ def run_consumer(queues: list[str], concurrency: int | None = None, sweeper: boo
         stop.set()
         if sweeping is not None:
             sweeping.join(60)  # let a sweep under way (a batch it finalizes) finish
-
-
-def node_name(queues: Sequence[str], pid: int) -> str:
-    """This consumer's Celery node name, ``<queues>.<pid>@%h``: one of its own per
-    process and host. Celery's default, ``celery@<host>``, is the same for every
-    consumer on a host, and on RabbitMQ each node's remote-control queue
-    (``<node>.celery.pidbox``) is exclusive to one connection: the second consumer of
-    an ``imagegen worker`` died at start with ResourceLocked, and again on every
-    restart (issue 28). The pid, not an index, so that a consumer started again while
-    the broker still holds its dead predecessor's connection gets a new name too."""
-    label = re.sub(r"[^A-Za-z0-9_-]+", "_", "-".join(queues))[:64]  # "@" would split it
-    return f"{label}.{pid}@%h"
 
 
 def _exit_with_parent(stop: threading.Event) -> None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from types import FrameType
 
 from shared.core.logs import configure
@@ -70,6 +71,18 @@ def consumer_args(
         ["--queues", settings.batch_queue, *extra, "--no-sweeper"],
         *children,
     ]
+
+
+def node_name(queues: Sequence[str], pid: int) -> str:
+    """This consumer's Celery node name, ``<queues>.<pid>@%h``: one of its own per
+    process and host. Celery's default, ``celery@<host>``, is the same for every
+    consumer on a host, and on RabbitMQ each node's remote-control queue
+    (``<node>.celery.pidbox``) is exclusive to one connection: the second consumer of
+    an ``imagegen worker`` died at start with ResourceLocked, and again on every
+    restart (issue 28). The pid, not an index, so that a consumer started again while
+    the broker still holds its dead predecessor's connection gets a new name too."""
+    label = re.sub(r"[^A-Za-z0-9_-]+", "_", "-".join(queues))[:64]  # "@" would split it
+    return f"{label}.{pid}@%h"
 
 
 def _sweeps(sweeper: bool) -> list[str]:

@@ -30,6 +30,15 @@ class Task(StrEnum):
 
 
 WEBHOOK_QUEUE = "webhooks"
+# The longest countdown a message is published with. The consumer that takes a
+# countdown message holds it unacked until it is due and its task has run (acks
+# late), and RabbitMQ closes the channel of a consumer that holds a delivery past its
+# consumer_timeout (30 min by default): Celery then stops the whole consumer
+# (PreconditionFailed is unrecoverable to it; reproduced with Celery 5.7), and every
+# message it held is delivered again. A job whose wait is longer (an upstream's
+# Retry-After of an hour) comes back sooner, finds no room yet and is deferred again,
+# its attempt not counted; 10 min leaves 20 for the task's own run.
+MAX_COUNTDOWN_SECONDS = 600.0
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -39,41 +48,8 @@ def make_celery(settings: Settings) -> Celery:
 
         broker = f"{SCHEME}://"
     app = Celery("imagegen", broker=broker, set_as_current=True)
-    transport_options: dict[str, Any]
-    if settings.embedded_broker:
-        # kombu's filesystem transport: no server needed; about 900 jobs/s at 50 ms polling.
-        folder = settings.broker_dir
-        for sub in ("queue", "processed", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        transport_options = {
-            "data_folder_in": str(folder / "queue"),
-            "data_folder_out": str(folder / "queue"),
-            "processed_folder": str(folder / "processed"),
-            # Exchange tables too (kombu's default is ./control, in the working dir).
-            "control_folder": str(folder / "control"),
-            "store_processed": False,
-            "polling_interval": settings.broker_polling_interval,
-        }
-    else:
-        transport_options = {
-            # Short socket timeouts: with the broker down, a publish fails fast and
-            # the job waits for the sweeper instead of the request hanging.
-            "socket_connect_timeout": 2,
-            "socket_timeout": 5,
-            # No ack emulation: a message leaves Redis when a worker takes it, and
-            # acks never touch Redis. With it, kombu 5.7 / Celery 5.7 crash the whole
-            # worker on a broker outage: on connection loss the consumer collects the
-            # connection (dropping its transport's client) and then closes it, and the
-            # close restores unacked messages through that client ->
-            # AttributeError("'NoneType' object has no attribute 'hostname'"), which
-            # Celery treats as unrecoverable (reproduced; the worker exited 0). Acks
-            # arriving on the old channel after a reconnect hit the same path. We lose
-            # nothing by it: SQL leases decide who runs a job, and the sweeper
-            # re-publishes jobs whose message was taken by a worker that then died.
-            "ack_emulation": False,
-        }
     app.conf.update(
-        broker_transport_options=transport_options,
+        broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
         # Ride out a broker outage of any length (Celery's default gives up after
         # 100 tries and shuts the worker down).
@@ -97,6 +73,52 @@ def make_celery(settings: Settings) -> Celery:
         broker_heartbeat=0,
     )
     return app
+
+
+def _is_redis(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://"))
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    """What each broker's kombu transport is told beyond the URL."""
+    if settings.embedded_broker:
+        # kombu's filesystem transport: no server needed; about 900 jobs/s at 50 ms polling.
+        folder = settings.broker_dir
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            # Exchange tables too (kombu's default is ./control, in the working dir).
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+            "polling_interval": settings.broker_polling_interval,
+        }
+    if not _is_redis(settings.resolved_broker_url):
+        # RabbitMQ (amqp://, py-amqp): nothing to add. A publish with the broker down
+        # fails within broker_connection_timeout; a dead peer is found by the TCP
+        # keepalive py-amqp sets on its sockets (AMQP heartbeats stay off, as
+        # broker_heartbeat says). Acks are real here, unlike Redis: how that changes
+        # redelivery is in docs/operations.md ("RabbitMQ as the broker").
+        return {}
+    return {
+        # Short socket timeouts: with the broker down, a publish fails fast and
+        # the job waits for the sweeper instead of the request hanging.
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+        # No ack emulation: a message leaves Redis when a worker takes it, and
+        # acks never touch Redis. With it, kombu 5.7 / Celery 5.7 crash the whole
+        # worker on a broker outage: on connection loss the consumer collects the
+        # connection (dropping its transport's client) and then closes it, and the
+        # close restores unacked messages through that client ->
+        # AttributeError("'NoneType' object has no attribute 'hostname'"), which
+        # Celery treats as unrecoverable (reproduced; the worker exited 0). Acks
+        # arriving on the old channel after a reconnect hit the same path. We lose
+        # nothing by it: SQL leases decide who runs a job, and the sweeper
+        # re-publishes jobs whose message was taken by a worker that then died.
+        "ack_emulation": False,
+    }
 
 
 def get_celery() -> Celery:
@@ -125,8 +147,10 @@ def publish(
     taking seconds; Celery's path follows Celery and kombu upgrades, and any broker.
 
     ``countdown``: run it no sooner than that many seconds from now (a job waiting
-    for room at its upstreams). The consumer holds such a message, not a worker
-    slot, until it is due."""
+    for room at its upstreams), and no later than ``MAX_COUNTDOWN_SECONDS``. The
+    consumer holds such a message, not a worker slot, until it is due."""
+    if countdown is not None:
+        countdown = min(countdown, MAX_COUNTDOWN_SECONDS)
     try:
         get_celery().send_task(task, args=args, kwargs=kwargs, queue=queue, countdown=countdown)
     except Exception as exc:  # kombu and redis raise many types for an unreachable broker

@@ -138,7 +138,11 @@ class Stack:
         api_env: dict[str, str] | None = None,
         pg_admin_url: str = PG_ADMIN_URL,
         extra_models: list[dict[str, Any]] | None = None,
+        broker_url: str | None = None,
     ) -> None:
+        """``broker_url``: the broker (a RabbitMQ node's, tests/support/rabbitmq.py);
+        the stack's own Redis when None. Redis serves the rest either way (limits,
+        events, replies)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.upstream = FakeUpstream().start()
@@ -155,7 +159,7 @@ class Stack:
             **os.environ,
             "IMAGEGEN_DATA_DIR": str(workdir / "data"),
             "IMAGEGEN_DATABASE_URL": self.database_url,
-            "IMAGEGEN_BROKER_URL": self.redis.url,
+            "IMAGEGEN_BROKER_URL": broker_url or self.redis.url,
             "IMAGEGEN_REDIS_URL": self.redis.url,
             "IMAGEGEN_S3_ENDPOINT_URL": s3_endpoint,
             "IMAGEGEN_S3_BUCKET": f"imagegen-{self.port}",
