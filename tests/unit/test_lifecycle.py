@@ -167,6 +167,18 @@ def test_claim_takes_queued_jobs_and_running_ones_whose_lease_expired(
     assert row(session, job.id).lease_token == "token-b"
 
 
+def test_claim_keeps_the_steps_of_a_queue_providers_job_still_out(session: Session) -> None:
+    steps = {"step": 7, "steps": 20}
+    out = put(session, JobStatus.queued, progress=steps, upstream_open=True)
+    local = put(session, JobStatus.queued, progress=steps)
+    taken = lifecycle.claim(session, [out.id, local.id], "token-b", NOW, NOW)
+    session.commit()
+    progress = {job.id: job.progress for job in taken}
+    # its upstream job goes on there: shown where it was; a local model starts again
+    assert progress == {out.id: steps, local.id: None}
+    assert row(session, out.id).progress == steps
+
+
 def test_claim_takes_what_it_can_of_many(session: Session) -> None:
     queued, live, done = (
         put(session, JobStatus.queued),
