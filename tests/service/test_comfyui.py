@@ -4,7 +4,10 @@ models file named by a relative path: a batch queued once and looked at until ru
 n images either way (one prompt with a batch size, or a prompt per image with its
 own seed), both response formats from our storage, a workflow the server refuses
 answered as our error naming the node and not retried, a proxy's 503 retried, and
-a canceled job's prompt deleted from the server's queue."""
+a canceled job's prompt deleted from the server's queue; a waiting job showing its
+sampler's step (ComfyUI's websocket) through its deferrals and ending at the last;
+an edit through /v1/images/edits, its image and mask uploaded once and loaded by
+the workflow's LoadImage and LoadImageMask nodes."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -24,7 +28,14 @@ from shared.core.settings import get_settings
 from shared.providers.comfyui import ComfyUIProvider
 from shared.registry import get_registry
 from tests.service.conftest import Service
-from tests.support.fakes.comfyui import INPUTS, WORKFLOW_FILE, FakeComfyUI
+from tests.support.fakes.comfyui import (
+    EDIT_INPUTS,
+    EDIT_WORKFLOW_FILE,
+    INPUTS,
+    WORKFLOW_FILE,
+    FakeComfyUI,
+    load_workflow,
+)
 from tests.support.stack import models_yaml
 from worker import upstream_jobs
 
@@ -32,12 +43,23 @@ NO_N = {k: v for k, v in INPUTS.items() if k != "n"}
 
 
 @pytest.fixture(scope="module")
-def fake(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeComfyUI]:
+def edit_fake() -> Iterator[FakeComfyUI]:
+    """A server whose workflow inpaints (the ``comfy-edit`` model's)."""
+    server = FakeComfyUI(load_workflow(EDIT_WORKFLOW_FILE), EDIT_INPUTS).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def fake(
+    service: Service, edit_fake: FakeComfyUI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FakeComfyUI]:
     """The fake server, the registry with its models besides the usual ones and
     retries spaced closely; all undone after."""
     server = FakeComfyUI().start()
     home = Path(tmp_path_factory.mktemp("comfyui"))
     shutil.copy(WORKFLOW_FILE, home / "basic.json")
+    shutil.copy(EDIT_WORKFLOW_FILE, home / "inpaint.json")
     common = {"provider": "comfyui", "base_url": server.base_url, "workflow": "basic.json"}
     models = models_yaml("http://127.0.0.1:9/v1")
     models["models"] += [
@@ -59,6 +81,15 @@ def fake(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "workflow_inputs": NO_N,
             "poll_seconds": 0.05,
             "capabilities": {"sizes": ["64x64"], "max_n": 4, "upstream_max_n": 1, "seed": True},
+        },
+        {
+            "name": "comfy-edit",
+            "provider": "comfyui",
+            "base_url": edit_fake.base_url,
+            "workflow": "inpaint.json",
+            "workflow_inputs": EDIT_INPUTS,
+            "poll_seconds": 0.05,
+            "capabilities": {"sizes": ["64x64"], "max_n": 2, "seed": True, "edits": True},
         },
     ]
     path = home / "models.yaml"
@@ -192,3 +223,62 @@ def test_a_canceled_job_deletes_its_queued_prompt_or_interrupts_its_running_one(
     assert fake.deleted == [pending[0].id]
     assert fake.queue() == ([], [])
     assert [len(fake.workflows_for(text)) for text in texts] == [1, 1]  # never twice
+
+
+def test_a_waiting_job_shows_its_samplers_step_until_it_ends_at_the_last(
+    service: Service, fake: FakeComfyUI
+) -> None:
+    fake.pending_polls = 10**6  # it runs until told
+    client = service.client()
+    job = client.post(
+        "/v1/images/generations",
+        headers={"Prefer": "respond-async"},
+        json={"model": "comfy-sd15", "prompt": "a slow sampler", "size": "64x64"},
+    ).json()
+    path = f"/v1/images/jobs/{job['id']}"
+    seen: list[Any] = []
+    deadline = time.monotonic() + 10
+    while len({p["step"] for p in seen if p}) < 4:  # looked at again and again
+        assert time.monotonic() < deadline, f"no progress: {seen[-5:]}"
+        body = client.get(path).json()
+        assert body["status"] in ("queued", "running")
+        seen.append(body.get("progress"))
+        time.sleep(0.01)
+    shown = seen[next(i for i, p in enumerate(seen) if p) :]
+    # Never lost between looks: each look is a new claim of the job, queued meanwhile.
+    assert None not in shown
+    assert [p["steps"] for p in shown] == [20] * len(shown)
+    steps = [p["step"] for p in shown]
+    assert steps == sorted(steps)
+    fake.pending_polls = 0  # now it runs
+    done = service.wait_for(path, lambda b: b["status"] == "succeeded")
+    assert done["status"] == "succeeded"
+    assert done["progress"] == {"step": 20, "steps": 20}
+    assert len(fake.workflows_for("a slow sampler")) == 1
+
+
+def test_an_edit_uploads_its_image_and_mask_once_and_the_workflow_loads_them(
+    api: openai.OpenAI, edit_fake: FakeComfyUI
+) -> None:
+    image, mask = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (80, 48), (10, 120, 200)).save(image, format="PNG")
+    Image.new("RGBA", (80, 48), (0, 0, 0, 0)).save(mask, format="PNG")
+    result = api.images.edit(
+        model="comfy-edit",
+        image=("door.png", image.getvalue(), "image/png"),
+        mask=("mask.png", mask.getvalue(), "image/png"),
+        prompt="a red door",
+        n=2,
+        response_format="b64_json",
+        extra_body={"seed": 5},
+    )
+    assert result.data is not None
+    sizes = [_size(base64.b64decode(item.b64_json or "")) for item in result.data]
+    assert sizes == [(80, 48)] * 2  # made from the uploaded image
+    assert [u["data"] for u in edit_fake.uploads] == [image.getvalue(), mask.getvalue()]
+    names = [f"imagegen/{u['name']}" for u in edit_fake.uploads]
+    bodies = edit_fake.workflows_for("a red door")  # one call: a prompt per image
+    assert [b["prompt"]["3"]["inputs"]["seed"] for b in bodies] == [5, 6]
+    for body in bodies:
+        graph = body["prompt"]
+        assert [graph["10"]["inputs"]["image"], graph["11"]["inputs"]["image"]] == names
