@@ -13,7 +13,11 @@ COPY worker ./worker
 COPY shared ./shared
 COPY cli ./cli
 COPY migrations ./migrations
-RUN pip install --no-cache-dir --no-deps --no-build-isolation . && useradd --create-home imagegen
-USER imagegen
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+ && groupadd --gid 1000 imagegen && useradd --create-home --uid 1000 --gid 1000 imagegen
+# By number: Kubernetes' runAsNonRoot can check it, and deploy/ runs as the same.
+# 1000, what useradd gave before: compose's gpu-worker writes the HF cache into a
+# host folder, most often owned by the host's first user, 1000 too.
+USER 1000:1000
 EXPOSE 8000
 CMD ["imagegen", "api", "--host", "0.0.0.0"]

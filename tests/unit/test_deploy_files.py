@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_compose_has_every_service_with_healthchecks_and_ordering() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"api", "worker", "redis", "postgres", "minio"} <= set(services)
+    assert {"migrate", "api", "io-worker", "redis", "postgres", "minio"} <= set(services)
     for name in ("api", "redis", "postgres", "minio"):
         assert "healthcheck" in services[name], name
-    for name in ("api", "worker"):
+    for name in ("api", "io-worker"):
         deps = services[name]["depends_on"]
         assert deps["postgres"]["condition"] == "service_healthy"
         assert deps["redis"]["condition"] == "service_healthy"
@@ -39,7 +39,7 @@ def test_compose_has_every_service_with_healthchecks_and_ordering() -> None:
     # only on failure).
     for name, service in services.items():
         assert service.get("restart") == (
-            "on-failure" if name == "minio-init" else "unless-stopped"
+            "on-failure" if name in ("minio-init", "migrate") else "unless-stopped"
         ), name
     # The bucket exists before anything uses it.
     assert (
@@ -80,12 +80,12 @@ def test_the_gpu_profile_runs_local_models_on_a_reserved_gpu_with_the_local_extr
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     gpu = services["gpu-worker"]
     assert gpu["profiles"] == ["gpu"]
-    assert gpu["command"] == ["imagegen", "worker", "--queues", "gpu"]
+    assert gpu["command"][:4] == ["imagegen", "worker", "--queues", "gpu"]
     assert gpu["build"]["args"]["EXTRAS"] == "local"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     # Every process that reads the registry sees the same models file.
-    for name in ("api", "worker", "batch-worker", "webhook-worker", "gpu-worker"):
+    for name in ("api", "io-worker", "batch-worker", "webhook-worker", "gpu-worker"):
         assert any(v.endswith(":/models") or ":/models:" in v for v in services[name]["volumes"])
     # EXTRAS=local installs the lock with the local extra (tests/unit/test_lock.py).
     assert 'ARG EXTRAS=""' in (ROOT / "Dockerfile").read_text()
