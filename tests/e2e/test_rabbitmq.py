@@ -69,7 +69,7 @@ def image_keys(stack: Stack, job_id: str) -> list[tuple[int, str]]:
 def test_each_consumer_runs_under_a_node_name_of_its_own(rstack: Stack) -> None:
     """Both consumers of one ``imagegen worker`` stay up: with one node name the
     second died at start (ResourceLocked on the exclusive pidbox queue), for ever."""
-    wait_for(lambda: len(re.findall(r" ready\.", rstack.worker.log())) >= 2, 30, "consumers")
+    wait_for(lambda: len(re.findall(r" ready\.", rstack.worker.log())) >= 2, 60, "consumers")
     log = rstack.worker.log()
     names = re.findall(r"\[celery\.apps\.worker\] (\S+@\S+) ready\.", log)
     assert len(names) == len(set(names)) == 2, names
