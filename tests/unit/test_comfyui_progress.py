@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -153,6 +154,15 @@ def test_each_look_at_a_running_prompt_answers_its_samplers_step(
     assert (first.progress, second.progress) == ((1, 20), (2, 20))
     assert isinstance(provider.poll(call, ref), Generation)
     assert [client for client, _ in fake.sockets] == [ref["client_id"]] * 2
+
+
+def test_waiting_in_place_reports_each_step_to_the_calls_progress(
+    fake: FakeComfyUI, provider: ComfyUIProvider
+) -> None:
+    steps: list[tuple[int, int]] = []
+    call = replace(_call(_spec(fake.base_url)), progress=lambda s, t: steps.append((s, t)))
+    assert len(provider.generate(call).images) == 1
+    assert steps == [(1, 20), (2, 20)]
 
 
 def test_a_prompt_per_image_counts_those_run_before_it(

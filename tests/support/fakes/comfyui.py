@@ -590,11 +590,13 @@ class FakeComfyUI:
 
     # --- the websocket ---------------------------------------------------------------
 
-    def ws_messages(self, client_id: str) -> list[dict[str, Any] | bytes]:
+    def ws_messages(
+        self, client_id: str, authorization: str | None
+    ) -> list[dict[str, Any] | bytes]:
         """What the server sends a client on connecting: its status, and to the
         client whose prompt runs, the node running, a preview and the progress."""
         with self.lock:
-            self.sockets.append((client_id, None))
+            self.sockets.append((client_id, authorization))
             running, _ = self.queue()
             status = {"status": {"exec_info": {"queue_remaining": len(self._waiting())}}}
             messages: list[dict[str, Any] | bytes] = [
@@ -691,9 +693,7 @@ def _serve_websocket(
     self.send_header("Sec-WebSocket-Accept", accept.decode())
     self.end_headers()
     self.close_connection = True
-    messages = fake.ws_messages(client_id)
-    with fake.lock:
-        fake.sockets[-1] = (client_id, authorization)
+    messages = fake.ws_messages(client_id, authorization)
     for message in messages:
         if isinstance(message, bytes):
             self.wfile.write(_frame(0x2, message))
