@@ -297,6 +297,12 @@ class ComfyUIProvider:
             raise PermanentProviderError(
                 f"model '{spec.name}' (comfyui) edits one image", code="invalid_value"
             )
+        if inputs.mask is not None and "mask" not in spec.workflow_inputs:
+            # Dropped, the edit would change what the mask kept: refused instead.
+            raise PermanentProviderError(
+                f"model '{spec.name}' (comfyui) takes no mask: its workflow maps none",
+                code="invalid_value",
+            )
         image = inputs.images[0]
         uploads = {"image": self._upload(spec, image)}
         if "mask" in spec.workflow_inputs:

@@ -219,6 +219,10 @@ def test_what_an_edit_model_cannot_do_is_refused_before_anything_is_sent(
         provider.submit(Call(spec, params, 1))
     with pytest.raises(PermanentProviderError, match="edits one image"):
         provider.submit(_edit(spec, [_picture((64, 64)), _picture((64, 64))]))
+    image_to_image = {k: v for k, v in EDIT_INPUTS.items() if k != "mask"}
+    unmasked = _spec(fake.base_url, workflow_inputs=image_to_image)
+    with pytest.raises(PermanentProviderError, match="takes no mask: its workflow maps none"):
+        provider.submit(_edit(unmasked, [_picture((64, 64))], _picture((64, 64), alpha=0)))
     plain = UpstreamModel.model_validate(
         {
             **spec.model_dump(exclude_unset=True),
