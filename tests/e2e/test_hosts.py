@@ -67,9 +67,21 @@ def events_of(api: httpx.Client, job_id: str) -> list[tuple[str, dict[str, Any]]
     return events
 
 
+def streamed(api: httpx.Client, request: dict[str, Any]) -> list[str]:
+    """The event types of a streamed generation (OpenAI's image events)."""
+    request = {**request, "stream": True, "partial_images": 2}
+    with api.stream("POST", GENERATE, json=request) as resp:
+        assert resp.status_code == 200, resp.read()
+        return [
+            json.loads(line[len("data: ") :])["type"]
+            for line in resp.iter_lines()
+            if line.startswith("data: ")
+        ]
+
+
 def test_requests_spread_over_both_api_hosts(cluster: Cluster) -> None:
-    """Sync, async, SSE, a webhook, a batch and an Idempotency-Key, each asked of
-    one API host and answered or continued by the other."""
+    """Sync, streamed, async, SSE, a webhook, a batch and an Idempotency-Key, each
+    asked of one API host and answered or continued by the other or a worker host."""
     receiver = cluster.client.run(lambda: Receiver(port=9100, host=cluster.client.address).start())
 
     def scenario() -> dict[str, Any]:
@@ -79,6 +91,12 @@ def test_requests_spread_over_both_api_hosts(cluster: Cluster) -> None:
             seen["sync"] = [
                 api.post(GENERATE, json=body(f"sync on {i}")) for i, api in enumerate((one, two))
             ]
+            # Its image, stored by the worker host, from the data host's S3.
+            seen["image"] = httpx.get(seen["sync"][0].json()["data"][0]["url"], timeout=10)
+            # Streamed: the worker host's partial images reach the API host that streams.
+            seen["streamed"] = streamed(
+                two, {"model": "procedural", "prompt": "streamed", "size": "64x64"}
+            )
             # A job accepted by one host, its events streamed and its state read by
             # the other, its webhook delivered by the webhook host to the client host.
             job = one.post(
@@ -126,6 +144,13 @@ def test_requests_spread_over_both_api_hosts(cluster: Cluster) -> None:
     for resp in seen["sync"]:
         assert resp.status_code == 200, resp.text
         assert len(resp.json()["data"]) == 1
+    assert seen["image"].status_code == 200
+    assert seen["image"].content.startswith(b"\x89PNG")
+    assert seen["streamed"] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
     statuses = [data["status"] for _, data in seen["events"]]
     assert statuses[-1] == "succeeded"
     assert len(statuses) >= 2, "a change reached the other API host while it streamed"
@@ -142,6 +167,60 @@ def test_requests_spread_over_both_api_hosts(cluster: Cluster) -> None:
     assert "webhook-signature" in hook["headers"]
     event = json.loads(hook["body"])
     assert (event["type"], event["data"]["id"]) == ("job.succeeded", seen["job"]["id"])
+
+
+def test_what_a_process_caches_or_counts_holds_on_every_host(cluster: Cluster) -> None:
+    """A key's rate limit counts its requests at both API hosts together; a key
+    revoked at one host is refused at once at the other (which had it cached); a
+    webhook endpoint made at one host receives the events of a job that a worker
+    host records, though that host had cached the project as having none."""
+    receiver = cluster.client.run(lambda: Receiver(port=9101, host=cluster.client.address).start())
+    admin = {"Authorization": "Bearer sk-admin-test"}
+
+    def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        with (
+            httpx.Client(base_url=cluster.api_url("api1"), headers=admin) as one,
+            httpx.Client(base_url=cluster.api_url("api2"), headers=admin) as two,
+        ):
+            made = one.post(
+                "/v1/admin/projects", json={"name": "hosts-limited", "key_requests_per_minute": 4}
+            )
+            assert made.status_code == 200, made.text
+            limited = one.post("/v1/admin/keys", json={"project": "hosts-limited"}).json()
+            watched = one.post("/v1/admin/keys", json={"project": "hosts-hooks"}).json()
+            bearer = {"Authorization": f"Bearer {limited['key']}"}
+            seen["limited"] = [
+                api.get("/v1/images/jobs", headers=bearer).status_code
+                for api in (one, two, one, two, one, two)
+            ]
+            # Revoked at one host, known (cached) at the other.
+            hooks = {"Authorization": f"Bearer {watched['key']}"}
+            assert two.get("/v1/images/jobs", headers=hooks).status_code == 200
+            # A job first: the worker hosts cache the project's (no) endpoints.
+            assert two.post(GENERATE, headers=hooks, json=body("before")).status_code == 200
+            endpoint = two.post(
+                "/v1/webhooks/endpoints",
+                headers=hooks,
+                json={"url": receiver.url("/endpoint"), "events": ["job.succeeded"]},
+            )
+            assert endpoint.status_code == 200, endpoint.text
+            after = one.post(GENERATE, headers={**hooks, **ASYNC}, json=body("after")).json()
+            seen["after"] = after["id"]
+            revoked = one.post(f"/v1/admin/keys/{watched['id']}/revoke")
+            assert revoked.status_code == 200, revoked.text
+            seen["revoked"] = two.get("/v1/images/jobs", headers=hooks).status_code
+        return seen
+
+    try:
+        seen = cluster.client.run(scenario)
+        [hook] = receiver.wait_requests(1, timeout=20)
+    finally:
+        receiver.stop()
+    assert seen["limited"] == [200, 200, 200, 200, 429, 429]
+    assert seen["revoked"] == 401
+    assert hook["path"] == "/endpoint"
+    assert json.loads(hook["body"])["data"]["id"] == seen["after"]
 
 
 class Load:

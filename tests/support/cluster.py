@@ -34,6 +34,15 @@ PG_PORT = 5432
 S3_PORT = 9000
 UPSTREAM_PORT = 8080
 BUCKET = "imagegen-hosts"
+# moto's S3 app on the data host's address, in a process of its own (as
+# bench/bench_core.py's S3Double), quiet: a line per request costs CPU.
+S3_SERVER = f"""
+import logging, sys
+from moto.server import create_backend_app
+from werkzeug.serving import make_server
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+make_server(sys.argv[1], {S3_PORT}, create_backend_app("s3"), threaded=True).serve_forever()
+"""
 
 
 class Cluster:
@@ -92,11 +101,7 @@ class Cluster:
             ],
             dict(os.environ),
         )
-        data.popen(
-            [sys.executable, "-m", "moto.server", "-H", data.address, "-p", str(S3_PORT)],
-            dict(os.environ),
-            self.workdir / "s3.log",
-        )
+        data.popen([sys.executable, "-c", S3_SERVER, data.address], dict(os.environ))
         self._postgres()
         if upstream is None:
             self.upstream = data.run(
