@@ -196,6 +196,7 @@ def queue_size(queue: str) -> int | None:
     """Messages waiting in ``queue`` (not those reserved by a worker); None if unknown."""
     try:
         with get_celery().connection_for_write() as conn:
+            conn.ensure_connection(max_retries=0)  # one try: no 2 s sleep before failing
             # Not passive: after a broker restart the queue is not declared yet, and
             # declaring an (empty) queue we publish to anyway is harmless.
             ok = conn.default_channel.queue_declare(queue=queue, durable=True, auto_delete=False)

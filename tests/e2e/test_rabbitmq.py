@@ -190,6 +190,12 @@ def test_broker_restart_loses_no_accepted_job(rstack: Stack, rabbit: RabbitMQSer
     """With the broker down the API still accepts (sync and async); once it is back
     every job completes, once."""
     rabbit.stop()
+    with rstack.client() as http:
+        asked = time.monotonic()
+        ready = http.get("/readyz")
+        assert time.monotonic() - asked < 1.5  # one try, no retry interval slept
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["broker"].startswith("OperationalError"), ready.json()
     answers: list[httpx.Response] = []
 
     def sync_request() -> None:
