@@ -136,6 +136,7 @@ def main() -> None:
         workers=WORKERS,
         env=env,
         worker_args=worker_args[2:],
+        s3_in_process=False,
     )
     assert cluster.upstream is not None
     try:

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import yaml
+from moto.server import ThreadedMotoServer
 
 from tests.support.fake_upstream import EXPECTED_KEY, FakeUpstream
 from tests.support.netns import SUBNET, Host, Network
@@ -57,9 +58,14 @@ class Cluster:
         env: dict[str, str] | None = None,
         worker_args: Sequence[str] = (),
         upstream: Callable[[Host], str] | None = None,
+        s3_in_process: bool = True,
     ) -> None:
         """``upstream``: starts the fake upstream on the data host and answers its
-        base URL (default: a ``FakeUpstream`` in this process, as ``self.upstream``)."""
+        base URL (default: a ``FakeUpstream`` in this process, as ``self.upstream``).
+        ``s3_in_process``: moto's server on a thread of this process (a Python start
+        fewer: the test's hosts start on two cores), else in a process of its own
+        (a benchmark's load would take this process's GIL)."""
+        self.s3_in_process = s3_in_process
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.api_roles = list(apis)
@@ -67,6 +73,7 @@ class Cluster:
         self.network = Network(["data", *apis, *workers, "batch", "client"])
         self.pg_home: Path | None = None
         self.upstream: FakeUpstream | None = None
+        self._s3: ThreadedMotoServer | None = None
         try:
             self._start(env or {}, list(worker_args), upstream)
         except BaseException:
@@ -101,7 +108,11 @@ class Cluster:
             ],
             dict(os.environ),
         )
-        data.popen([sys.executable, "-c", S3_SERVER, data.address], dict(os.environ))
+        if self.s3_in_process:
+            self._s3 = ThreadedMotoServer(ip_address=data.address, port=S3_PORT, verbose=False)
+            data.run(self._s3.start)  # its thread, started from the data host, is there
+        else:
+            data.popen([sys.executable, "-c", S3_SERVER, data.address], dict(os.environ))
         self._postgres()
         if upstream is None:
             self.upstream = data.run(
@@ -160,7 +171,11 @@ class Cluster:
             self.start_api(role)
         for role in self.worker_roles:
             self.start_worker(role, ["--queues", "default", *worker_args])
-        self.start_worker("batch", ["--queues", "batch,webhooks"])
+        # One consumer for both (not the batch queue's own, niced child): a Python
+        # start fewer, and no batch here is big enough to slow webhooks.
+        self.start_worker(
+            "batch", ["--queues", "batch,webhooks"], {"IMAGEGEN_WORKER_SPLIT_BATCH": "false"}
+        )
         for role in self.api_roles:
             wait_for(lambda r=role: self._healthy(r), 60, f"the API on {role}")
 
@@ -222,11 +237,13 @@ class Cluster:
         self.processes[role] = proc
         return proc
 
-    def start_worker(self, role: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, role: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         host = self.network[role]
         proc = host.popen(
             [sys.executable, "-m", "cli", "worker", *args],
-            self.host_env(host),
+            {**self.host_env(host), **(env or {})},
             self.workdir / f"{role}.log",
         )
         self.processes[role] = proc
@@ -320,6 +337,8 @@ class Cluster:
     def close(self) -> None:
         if self.upstream is not None:
             self.upstream.stop()
+        if self._s3 is not None:
+            self._s3.stop()
         self.network.close()  # every process on every host, PostgreSQL's included
         if self.pg_home is not None:
             shutil.rmtree(self.pg_home, ignore_errors=True)
