@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.support import netns
-from tests.support.cluster import Cluster
+from tests.support.cluster import UPSTREAM_URL, Cluster
 from tests.support.processes import wait_for
 from tests.support.receiver import Receiver
 from tests.support.stack import FINISHED
@@ -32,6 +32,21 @@ from tests.support.stack import FINISHED
 GENERATE = "/v1/images/generations"
 ASYNC = {"Prefer": "respond-async"}
 MAX_ATTEMPTS = 5
+# A deployment taking two calls at once, whichever worker hosts make them.
+CAPPED = {
+    "name": "capped",
+    "capabilities": {"sizes": ["64x64"], "max_n": 1},
+    "deployments": [
+        {
+            "id": "capped-a",
+            "provider": "openai",
+            "base_url": UPSTREAM_URL,
+            "api_key_env": "FAKE_UPSTREAM_KEY",
+            "upstream_model": "capped",
+            "max_concurrency": 2,
+        }
+    ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +57,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     hosts = Cluster(
         Path(tmp_path_factory.mktemp("hosts")),
         env={"IMAGEGEN_JOB_MAX_ATTEMPTS": str(MAX_ATTEMPTS)},
+        extra_models=[CAPPED],
     )
     try:
         yield hosts
@@ -170,12 +186,15 @@ def test_requests_spread_over_both_api_hosts(cluster: Cluster) -> None:
 
 
 def test_what_a_process_caches_or_counts_holds_on_every_host(cluster: Cluster) -> None:
-    """A key's rate limit counts its requests at both API hosts together; a key
+    """A key's rate limit counts its requests at both API hosts together, and a
+    deployment's max_concurrency the calls of both worker hosts; a key
     revoked at one host is refused at once at the other (which had it cached); a
     webhook endpoint made at one host receives the events of a job that a worker
     host records, though that host had cached the project as having none."""
     receiver = cluster.client.run(lambda: Receiver(port=9101, host=cluster.client.address).start())
     admin = {"Authorization": "Bearer sk-admin-test"}
+    upstream = cluster.upstream
+    assert upstream is not None
 
     def scenario() -> dict[str, Any]:
         seen: dict[str, Any] = {}
@@ -210,6 +229,15 @@ def test_what_a_process_caches_or_counts_holds_on_every_host(cluster: Cluster) -
             revoked = one.post(f"/v1/admin/keys/{watched['id']}/revoke")
             assert revoked.status_code == 200, revoked.text
             seen["revoked"] = two.get("/v1/images/jobs", headers=hooks).status_code
+        wait_for(lambda: cluster.finished([seen["after"]]), 20, "the job after", interval=0.1)
+        upstream.max_in_flight = 0  # nothing else calls it from here on
+        with cluster.http("api1") as one, cluster.http("api2") as two:
+            seen["capped"] = [
+                api.post(
+                    GENERATE, headers=ASYNC, json=body(f"[slow=0.5] capped {i}", model="capped")
+                ).json()["id"]
+                for i, api in zip(range(8), itertools.cycle((one, two)), strict=False)
+            ]
         return seen
 
     try:
@@ -217,6 +245,10 @@ def test_what_a_process_caches_or_counts_holds_on_every_host(cluster: Cluster) -
         [hook] = receiver.wait_requests(1, timeout=20)
     finally:
         receiver.stop()
+    wait_for(lambda: cluster.finished(seen["capped"]), 30, "the capped jobs", interval=0.2)
+    rows = cluster.query("SELECT status FROM job WHERE id = ANY(:ids)", ids=seen["capped"])
+    assert {status for (status,) in rows} == {"succeeded"}
+    assert upstream.max_in_flight == 2
     assert seen["limited"] == [200, 200, 200, 200, 429, 429]
     assert seen["revoked"] == 401
     assert hook["path"] == "/endpoint"

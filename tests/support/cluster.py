@@ -34,6 +34,10 @@ REDIS_PORT = 6379
 PG_PORT = 5432
 S3_PORT = 9000
 UPSTREAM_PORT = 8080
+# The data host is the network's first: its address, and the in-process fake
+# upstream's base URL, are known before it starts (for extra models' entries).
+DATA_ADDRESS = f"{SUBNET}.2"
+UPSTREAM_URL = f"http://{DATA_ADDRESS}:{UPSTREAM_PORT}/v1"
 BUCKET = "imagegen-hosts"
 # moto's S3 app on the data host's address, in a process of its own (as
 # bench/bench_core.py's S3Double), quiet: a line per request costs CPU.
@@ -59,6 +63,7 @@ class Cluster:
         worker_args: Sequence[str] = (),
         upstream: Callable[[Host], str] | None = None,
         s3_in_process: bool = True,
+        extra_models: Sequence[dict[str, Any]] = (),
     ) -> None:
         """``upstream``: starts the fake upstream on the data host and answers its
         base URL (default: a ``FakeUpstream`` in this process, as ``self.upstream``).
@@ -66,6 +71,7 @@ class Cluster:
         fewer: the test's hosts start on two cores), else in a process of its own
         (a benchmark's load would take this process's GIL)."""
         self.s3_in_process = s3_in_process
+        self.extra_models = list(extra_models)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.api_roles = list(apis)
@@ -119,10 +125,13 @@ class Cluster:
                 lambda: FakeUpstream(port=UPSTREAM_PORT, host=data.address).start()
             )
             upstream_url = self.upstream.base_url
+            assert upstream_url == UPSTREAM_URL, upstream_url
         else:
             upstream_url = upstream(data)
         models_file = self.workdir / "models.yaml"
-        models_file.write_text(yaml.safe_dump(models_yaml(upstream_url)))
+        models = models_yaml(upstream_url)
+        models["models"] += self.extra_models
+        models_file.write_text(yaml.safe_dump(models))
         self.database_url = f"postgresql+psycopg://postgres@{data.address}:{PG_PORT}/imagegen"
         self.env = {
             **os.environ,
