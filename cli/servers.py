@@ -16,6 +16,7 @@ from cli.startup import (
     migrated_or_exit,
     port_free_or_exit,
     registry_or_exit,
+    say_if_host_local,
     say_if_storage_is_out,
     upgrade_or_exit,
 )
@@ -54,6 +55,7 @@ def api(
 ) -> None:
     """Run the HTTP API."""
     migrated_or_exit()
+    say_if_host_local()
     _serve_api(host, port)
 
 
@@ -80,6 +82,7 @@ def worker(
         get_settings.cache_clear()
     local_queues = registry_or_exit().local_queues
     migrated_or_exit()
+    say_if_host_local()
     if metrics_port is not None:
         # A worker host's own scrape target (its processes' counters; the work's
         # gauges are the API's /metrics).

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from shared.core.settings import Settings
     from shared.registry import Registry
 
 console = Console(stderr=True)
@@ -151,6 +152,39 @@ def say_if_storage_is_out() -> None:
         console.print(
             f"[yellow]warning:[/yellow] storage is not ready ({reason}); jobs will wait for "
             "it and /readyz answers 503 until it is.",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
+def host_local_parts(settings: Settings) -> list[str]:
+    """What of this configuration only processes on this host (sharing its data
+    dir) can see, where the database is a server that processes on other hosts
+    share: then an API host's jobs would wait in a folder no worker host reads,
+    or a worker host's images sit where no API host finds them, silently. Empty
+    with SQLite (one host by nature) or with nothing host-local."""
+    if settings.resolved_database_url.startswith("sqlite"):
+        return []
+    parts = []
+    if settings.embedded_broker:
+        parts.append(f"the broker (a folder, {settings.broker_dir}; set IMAGEGEN_BROKER_URL)")
+    if not settings.s3_bucket:
+        parts.append(f"stored images ({settings.files_dir}; set IMAGEGEN_S3_BUCKET)")
+    return parts
+
+
+def say_if_host_local() -> None:
+    """A server database beside host-local parts: said at start, since several API
+    and worker hosts on this configuration lose each other's work without an error
+    (one host sharing its data dir is fine, so it starts all the same)."""
+    from shared.core.settings import get_settings
+
+    parts = host_local_parts(get_settings())
+    if parts:
+        console.print(
+            "[yellow]warning:[/yellow] the database is shared, but "
+            + " and ".join(parts)
+            + " only this host's processes see: fine on one host, not across several.",
             soft_wrap=True,
             highlight=False,
         )
