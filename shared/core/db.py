@@ -17,7 +17,7 @@ from shared.core.private_files import private_dir, tighten_sqlite
 from shared.core.settings import Settings
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 20, max_overflow: int = 40) -> Engine:
     # hide_parameters: a failed statement's error (and so any log of it) never
     # carries the bound values, which can be secrets (a new whsec_ secret, a hash).
     if url.startswith("sqlite"):
@@ -45,7 +45,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    engine = sa.create_engine(url, pool_size=20, max_overflow=40, hide_parameters=True)
+    engine = sa.create_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, hide_parameters=True
+    )
     _ping_when_idle(engine)
     return engine
 
@@ -83,7 +85,9 @@ def make_process_engine(settings: Settings) -> Engine:
     """The engine a process uses (made by shared/core/context.py at its start)."""
     if settings.resolved_database_url.startswith("sqlite"):
         private_dir(settings.data_dir)
-    return make_engine(settings.resolved_database_url)
+    return make_engine(
+        settings.resolved_database_url, settings.database_pool_size, settings.database_max_overflow
+    )
 
 
 def get_engine() -> Engine:

@@ -23,6 +23,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".imagegen")
     database_url: str | None = None
+    # Each process's PostgreSQL pool: connections kept open, and how many more it
+    # may open under a burst. A deployment of many processes sizes these (or puts
+    # PgBouncer in front) to stay under the server's max_connections: docs/capacity.md.
+    database_pool_size: int = Field(default=20, ge=1)
+    database_max_overflow: int = Field(default=40, ge=0)
     broker_url: str | None = None
     redis_url: str | None = None
     s3_endpoint_url: str | None = None
