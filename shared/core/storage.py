@@ -9,15 +9,17 @@ so a job that runs twice overwrites rather than duplicates; the job id carries
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlencode
@@ -64,6 +66,19 @@ _TRANSIENT_CODES = {
 }
 
 
+# S3's DeleteObjects takes at most this many keys a call.
+DELETE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object found by ``Storage.scan``."""
+
+    key: str
+    size: int
+    modified: datetime  # aware, UTC
+
+
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None:
         """Store the object; raises StorageUnavailable when the store is out."""
@@ -80,6 +95,18 @@ class Storage(Protocol):
         ...
 
     def url(self, key: str, expires_in: int, base_url: str) -> str: ...
+
+    def delete(self, keys: Sequence[str]) -> int:
+        """Delete the objects (a key already gone is no error), at most
+        ``DELETE_BATCH`` a call; returns the calls made. Raises StorageUnavailable
+        when the store is out or refuses a key (nothing is reported deleted that
+        was not)."""
+        ...
+
+    def scan(self, prefix: str = "") -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix``, with its size and last
+        write, a page (1,000 on S3) at a time."""
+        ...
 
     def check(self) -> None:
         """Raise if the store cannot take objects now (readiness)."""
@@ -196,6 +223,35 @@ class S3Storage:
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)  # reachable, and the bucket is there
 
+    def delete(self, keys: Sequence[str]) -> int:
+        calls = 0
+        for start in range(0, len(keys), DELETE_BATCH):
+            chunk = keys[start : start + DELETE_BATCH]
+            with _outage_as_unavailable():
+                answer = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
+                )
+            calls += 1
+            # Quiet: only the keys S3 could not delete are listed (a missing key
+            # is deleted as far as S3 is concerned).
+            if errors := answer.get("Errors"):
+                first = errors[0]
+                raise StorageUnavailable(
+                    f"storage refused to delete {len(errors)} object(s), e.g. "
+                    f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')}"[:300]
+                )
+        return calls
+
+    def scan(self, prefix: str = "") -> Iterator[StoredObject]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": DELETE_BATCH}
+        )
+        with _outage_as_unavailable():
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield StoredObject(obj["Key"], int(obj["Size"]), obj["LastModified"])
+
     def url(self, key: str, expires_in: int, base_url: str) -> str:
         return str(
             self.signer.generate_presigned_url(
@@ -250,6 +306,37 @@ class LocalStorage:
             raise NotFound("No such file")
         with path.open("rb") as f:
             yield from f
+
+    def delete(self, keys: Sequence[str]) -> int:
+        for key in keys:
+            path = self._path(key)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise StorageUnavailable(f"storage delete failed: {exc}") from exc
+            # The job's folder goes with its last file (best effort: another
+            # writer may have just put a file there).
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+        return len(keys)
+
+    def scan(self, prefix: str = "") -> Iterator[StoredObject]:
+        # Walk only the folder the prefix names (keys are folder paths).
+        top = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
+        if not top.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(top):
+            for name in files:
+                path = Path(dirpath, name)
+                key = path.relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                modified = datetime.fromtimestamp(stat.st_mtime, UTC)
+                yield StoredObject(key, stat.st_size, modified)
 
     def sign(self, key: str, expires: int) -> str:
         return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
