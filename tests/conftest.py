@@ -22,6 +22,7 @@ LONGEST_MODULES = {
     "tests/e2e/test_webhooks.py": 42,
     "tests/e2e/test_embedded.py": 38,
     "tests/e2e/test_batches.py": 33,
+    "tests/e2e/test_hosts.py": 30,
     "tests/e2e/test_rabbitmq.py": 30,
     "tests/e2e/test_keys_and_limits.py": 24,
     "tests/e2e/test_console.py": 18,

@@ -86,7 +86,10 @@ def _started_at(pid: int) -> float | None:
     """When ``pid`` started (epoch seconds), None when it is not running."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            fields = f.read().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            return None  # exited, not yet reaped
+        ticks = int(fields[19])
         with open("/proc/stat") as f:
             boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
     except (OSError, StopIteration, ValueError):
@@ -94,18 +97,24 @@ def _started_at(pid: int) -> float | None:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _remove(namespace: str) -> None:
-    """SIGKILL whatever runs in ``namespace``, then delete it (and with it its
-    interfaces, once its last process is gone)."""
+def _kill_all(namespace: str) -> None:
+    """SIGKILL whatever runs in ``namespace``, again until nothing does (a
+    supervisor may start a child between a listing and its own kill)."""
     for _ in range(100):
         # Never this process: only threads of ours enter a host (Host.run).
         pids = [pid for pid in _pids(namespace) if pid != os.getpid()]
         if not pids:
-            break
+            return
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
+
+
+def _remove(namespace: str) -> None:
+    """Kill whatever runs in ``namespace``, then delete it (and with it its
+    interfaces, once its last process is gone)."""
+    _kill_all(namespace)
     _ip("netns", "del", namespace, check=False)
 
 
@@ -208,11 +217,7 @@ class Host:
 
     def kill(self) -> None:
         """The host dies: SIGKILL every process on it (nothing restarts them)."""
-        for pid in self.processes():
-            if pid == os.getpid():
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all(self.namespace)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -227,7 +232,7 @@ class Host:
 
 
 class Network:
-    """A switch and one host per role, each ``Host`` an attribute of ``hosts``."""
+    """A switch and one ``Host`` per role (``network[role]``)."""
 
     def __init__(self, roles: list[str]) -> None:
         remove_stale()
