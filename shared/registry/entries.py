@@ -178,17 +178,6 @@ REMOTE_KINDS: tuple[str, ...] = RemoteKind.__args__  # type: ignore[attr-defined
 # Providers that are queues themselves: the worker submits, records the upstream's
 # job and comes back for it, holding no slot meanwhile (worker/upstream_jobs.py).
 QUEUE_KINDS = ("replicate", "fal", "comfyui")
-# The kinds whose provider is built; the others are refused at load, by name.
-BUILT_KINDS = (
-    "openai",
-    "bedrock",
-    "azure_openai",
-    "stability",
-    "google",
-    "replicate",
-    "fal",
-    "comfyui",
-)
 # Fields only some kinds take: each other kind refuses them (naming the kinds).
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "api_version": ("azure_openai",),
@@ -267,8 +256,6 @@ class Upstream(BaseModel):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Upstream:
-        if self.provider not in BUILT_KINDS:
-            raise ValueError(f"provider: {self.provider!r} is not built yet")
         for name, kinds in KIND_FIELDS.items():
             if name in self.model_fields_set and self.provider not in kinds:
                 raise ValueError(f"{name}: only a {' or '.join(kinds)} upstream takes it")

@@ -1,5 +1,5 @@
 """Remote kinds in the registry (issue 27): each kind's own fields, refused on
-the others, a kind's required fields, and kinds not built yet refused by name."""
+the others, a kind's required fields, and every kind backed by a provider."""
 
 from __future__ import annotations
 
@@ -50,3 +50,15 @@ def test_an_entry_of_a_built_kind_loads_as_before(tmp_path: Path) -> None:
     assert spec.provider == "openai"
     (only,) = spec.upstreams()
     assert (only.provider, only.base_url) == ("openai", "http://u.test/v1")
+
+
+def test_every_kind_the_registry_takes_has_a_provider() -> None:
+    """The guard for the next kind: a kind added to RemoteKind without its provider
+    in shared/providers' REMOTE table would load, then fail every job."""
+    from shared.providers import REMOTE
+    from shared.registry.entries import REMOTE_KINDS
+
+    assert set(REMOTE) == set(REMOTE_KINDS)
+    for path in REMOTE.values():
+        module, name = path.split(":")
+        assert callable(getattr(__import__(module, fromlist=[name]), name).shared)
