@@ -3,6 +3,7 @@ imported column types from here. Code imports a table from its domain."""
 
 from __future__ import annotations
 
+from shared.audit.models import AuditEvent
 from shared.batches.models import Batch, BatchItem
 from shared.core.columns import UTCDateTime
 from shared.files.models import File
@@ -14,6 +15,7 @@ from shared.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpo
 
 __all__ = [
     "ApiKey",
+    "AuditEvent",
     "Batch",
     "BatchItem",
     "Call",

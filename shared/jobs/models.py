@@ -91,6 +91,8 @@ class Job(SQLModel, table=True):
     batch_id: str | None = Field(default=None, max_length=64, index=True)
     batch_item_id: str | None = Field(default=None, max_length=64)
     request: dict[str, Any] = Field(sa_type=sa.JSON)
+    # An edit's stored inputs and mask, in bytes (storage accounting, shared/usage.py).
+    input_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
     attempts: int = 0
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, sa_type=sa.Text)

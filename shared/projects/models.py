@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from shared.core.clock import utcnow
@@ -22,6 +23,9 @@ class Project(SQLModel, table=True):
     # Budgets in USD per UTC day and month; None: no budget (shared/projects/budgets.py).
     daily_budget_usd: float | None = None
     monthly_budget_usd: float | None = None
+    # Bytes the project may keep stored (images, edit inputs, files); None: no quota.
+    # Reached, new work is refused with 429 storage_quota_exceeded (shared/quota.py).
+    storage_quota_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
     # Signs per-job webhooks (GET /v1/webhooks/default/secret); made on first use.
     webhook_secret: str | None = Field(default=None, max_length=100)
 
