@@ -94,6 +94,9 @@ class Batch(SQLModel, table=True):
     expired_at: datetime | None = ts_field()
     cancelling_at: datetime | None = ts_field()
     cancelled_at: datetime | None = ts_field()
+    # Deleted on demand (issue 29): a tombstone, read as absent (404); its jobs'
+    # images and its files gone.
+    deleted_at: datetime | None = ts_field()
 
 
 class BatchItem(SQLModel, table=True):

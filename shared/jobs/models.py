@@ -75,6 +75,8 @@ class Job(SQLModel, table=True):
         sa.Index("ix_job_project_id_id", "project_id", "id"),
         sa.Index("ix_job_queue_status_id", "queue", "status", "id"),
         sa.Index("ix_job_upstream_open_status", "upstream_open", "status"),
+        # The deadline sweep: jobs still waiting past their Cancel-After (few have one).
+        sa.Index("ix_job_deadline_at", "deadline_at"),
     )
 
     id: str = Field(default_factory=lambda: new_id("job"), primary_key=True, max_length=64)
@@ -128,6 +130,12 @@ class Job(SQLModel, table=True):
     # Set while running: the claim of one attempt, renewed by the worker's heartbeat.
     lease_token: str | None = Field(default=None, max_length=64)
     lease_expires_at: datetime | None = ts_field()
+    # Cancel-After (issue 29): not finished by then, it ends canceled with
+    # ``deadline_exceeded``, never sent upstream if it had not started.
+    deadline_at: datetime | None = ts_field()
+    # Deleted on demand (issue 29): a tombstone, read as absent (404), its images,
+    # inputs and kept upstream images gone from storage.
+    deleted_at: datetime | None = ts_field()
 
 
 class Image(SQLModel, table=True):
