@@ -64,6 +64,8 @@ class ErrorCode(StrEnum):
     job_failed = "job_failed"
     job_canceled = "job_canceled"
     max_attempts_exceeded = "max_attempts_exceeded"
+    # Not finished by its Cancel-After deadline: ended canceled, not charged.
+    deadline_exceeded = "deadline_exceeded"
     # Batches and their lines
     batch_cancelled = "batch_cancelled"
     batch_expired = "batch_expired"
