@@ -263,12 +263,16 @@ def _generate(
 
 def _inputs(params: GenerationParams) -> Inputs | None:
     """An edit's or a variation's uploads, read back from storage (stored under the
-    job when it was accepted)."""
+    job when it was accepted) when a provider first needs them."""
     if params.operation == "generate":
         return None
-    storage = get_storage()
-    mask = storage.get(params.mask) if params.mask else None
-    return Inputs([storage.get(key) for key in params.images], mask)
+
+    def load() -> tuple[list[bytes], bytes | None]:
+        storage = get_storage()
+        mask = storage.get(params.mask) if params.mask else None
+        return [storage.get(key) for key in params.images], mask
+
+    return Inputs(load=load)
 
 
 def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -33,12 +35,37 @@ def no_progress(step: int, steps: int, /) -> None:
     """For callers that follow no progress."""
 
 
-@dataclass
 class Inputs:
-    """An edit's or a variation's input images (and an edit's mask), as uploaded."""
+    """An edit's or a variation's input images (and an edit's mask), as uploaded:
+    given, or read by ``load`` on first use. A queue provider's later looks at a
+    job it submitted never use them, so a waiting edit does not read its uploads
+    back from storage at every look."""
 
-    images: list[bytes]
-    mask: bytes | None = None
+    def __init__(
+        self,
+        images: list[bytes] | None = None,
+        mask: bytes | None = None,
+        *,
+        load: Callable[[], tuple[list[bytes], bytes | None]] | None = None,
+    ) -> None:
+        self._loaded = None if load is not None else (images or [], mask)
+        self._load = load
+        self._lock = threading.Lock()  # a fan-out's calls share one job's inputs
+
+    def _get(self) -> tuple[list[bytes], bytes | None]:
+        with self._lock:
+            if self._loaded is None:
+                assert self._load is not None
+                self._loaded = self._load()
+            return self._loaded
+
+    @property
+    def images(self) -> list[bytes]:
+        return self._get()[0]
+
+    @property
+    def mask(self) -> bytes | None:
+        return self._get()[1]
 
 
 class Partials(Protocol):

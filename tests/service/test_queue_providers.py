@@ -25,6 +25,7 @@ from PIL import Image
 
 from shared.batches import pump
 from shared.core.settings import get_settings
+from shared.core.storage import LocalStorage
 from shared.providers import replicate as replicate_provider
 from shared.providers.fal import FalProvider
 from shared.providers.replicate import ReplicateProvider
@@ -306,6 +307,32 @@ def test_an_edit_through_replicate_sends_the_image_once_and_answers_the_models_e
     (made,) = replicate.creates_for(prompt)  # submitted once, then looked at
     sent = made["body"]["input"]["input_image"]
     assert sent.startswith(f"{replicate.base_url}/files/" if uploaded else "data:image/png;")
+
+
+def test_a_waiting_edit_reads_its_uploads_from_storage_once_not_at_every_look(
+    api: openai.OpenAI, fakes: tuple[FakeReplicate, FakeFal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's input image is read back for the submit; the looks that follow
+    (each a new attempt of the queued job) never read it again."""
+    replicate, _ = fakes
+    reads: list[str] = []
+    real_get = LocalStorage.get
+
+    def counted(self: LocalStorage, key: str) -> bytes:
+        reads.append(key)
+        return real_get(self, key)
+
+    monkeypatch.setattr(LocalStorage, "get", counted)
+    prompt = "a red card, read once"
+    api.images.edit(
+        model="flux-kontext",
+        image=("in.png", _png((48, 32), RED), "image/png"),
+        prompt=prompt,
+        response_format="b64_json",
+    )
+    (made,) = replicate.creates_for(prompt)
+    assert replicate.looks[made["id"]] >= replicate.polls >= 2  # several looks
+    assert len([key for key in reads if "/input-" in key]) == 1
 
 
 def test_an_edit_with_a_mask_through_fal_paints_only_where_the_mask_is_transparent(
