@@ -6,8 +6,10 @@ held by that attempt's lease (``renew``, ``note_progress``, ``set_detail``,
 it ends (``finish``, ``finish_lines``, ``fail``) or, having found no room at any
 upstream, waits queued again (``defer``); a cancel (``cancel``,
 ``cancel_batch_jobs``) or the sweeper (``requeue_expired``) may take it from the
-attempt first; the outbox's marks (``mark_published``, ``mark_unpublished``) say
-whether its message reached the broker.
+attempt first, and so may its deadline (``end_overdue``); a finished job may be
+deleted (``mark_deleted``, ``mark_batch_jobs_deleted``: a tombstone); the outbox's
+marks (``mark_published``, ``mark_unpublished``) say whether its message reached
+the broker.
 
 Each move is one UPDATE whose WHERE names the statuses ``TRANSITIONS`` lets it
 come from (``moves_to``), so racing workers, sweepers and cancels cannot both
@@ -29,7 +31,16 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from shared.core.columns import table
-from shared.jobs.models import LEASED, START, WAITING, Image, Job, JobStatus, moves_to
+from shared.jobs.models import (
+    FINISHED,
+    LEASED,
+    START,
+    WAITING,
+    Image,
+    Job,
+    JobStatus,
+    moves_to,
+)
 
 
 class Outcome(StrEnum):
@@ -108,6 +119,9 @@ _CLAIM = (
     sa.update(_JOBS)
     .where(_JOBS.c.id.in_(sa.bindparam("ids", expanding=True)))
     .where(_taken_from(JobStatus.running))
+    # Past its deadline (Cancel-After) a job is never taken, so never sent upstream:
+    # ``end_overdue`` ends it instead (the claim's caller, the sweeper).
+    .where(sa.or_(_JOBS.c.deadline_at.is_(None), _JOBS.c.deadline_at > sa.bindparam("now")))
     .values(
         status=JobStatus.running,
         attempts=_JOBS.c.attempts + 1,
@@ -442,6 +456,99 @@ def cancel_batch_jobs(session: Session, batch_id: str, now: datetime) -> list[st
         ).scalars()
         if item_id is not None
     ]
+
+
+# --- deadlines and deletion (issue 29) ---------------------------------------------
+
+DEADLINE_MESSAGE = "The job did not finish by its deadline (Cancel-After) and was canceled."
+
+_OVERDUE = sa.and_(
+    _JOBS.c.deadline_at.is_not(None),
+    _JOBS.c.deadline_at <= sa.bindparam("now"),
+    _status_in(moves_to(JobStatus.canceled)),
+)
+_END_OVERDUE_VALUES = {
+    "status": JobStatus.canceled,
+    "canceled_at": sa.bindparam("now"),
+    "finished_at": sa.bindparam("now"),
+    "lease_token": None,
+    "lease_expires_at": None,
+    "status_detail": None,
+    "error_code": "deadline_exceeded",  # ErrorCode.deadline_exceeded (core imports no domain)
+    "error_message": DEADLINE_MESSAGE,
+}
+_END_OVERDUE_OF = (
+    sa.update(_JOBS)
+    .where(_JOBS.c.id.in_(sa.bindparam("ids", expanding=True)), _OVERDUE)
+    .values(**_END_OVERDUE_VALUES)
+    .returning(*_JOBS.c)
+)
+_END_OVERDUE_ANY = (
+    sa.update(_JOBS)
+    .where(
+        _JOBS.c.id.in_(
+            sa.select(_JOBS.c.id).where(_OVERDUE).limit(sa.bindparam("limit")).scalar_subquery()
+        ),
+        _OVERDUE,  # again: a row another sweeper ended meanwhile is not ended twice
+    )
+    .values(**_END_OVERDUE_VALUES)
+    .returning(*_JOBS.c)
+)
+
+
+def end_overdue(
+    session: Session, now: datetime, ids: Sequence[str] | None = None, limit: int = 500
+) -> list[Job]:
+    """Jobs past their deadline that have not finished end ``canceled`` with
+    ``deadline_exceeded``: queued ones never run (the claim refuses them), a running
+    one's attempt loses its lease (its heartbeat notices; its end is discarded).
+    Among ``ids`` (a claim's, a heartbeat's), else any (the sweeper; at most
+    ``limit``). Returns the jobs ended, as their rows now are: the caller releases
+    what they held (shared/jobs/service.py:overdue_ended)."""
+    if ids is not None:
+        if not ids:
+            return []
+        rows = session.execute(_END_OVERDUE_OF, {"ids": list(ids), "now": now})
+    else:
+        rows = session.execute(_END_OVERDUE_ANY, {"now": now, "limit": limit})
+    return [Job(**row._mapping) for row in rows]
+
+
+# A deleted job is a tombstone of a finished one: every move above is guarded by
+# statuses a finished job is not in, so none of them can touch it again (a late
+# worker's ``finish`` is discarded, its images never recorded).
+_DELETE = (
+    sa.update(_JOBS)
+    .where(
+        _JOBS.c.id == sa.bindparam("_id"),
+        _JOBS.c.deleted_at.is_(None),
+        _status_in(FINISHED),
+    )
+    .values(deleted_at=sa.bindparam("now"))
+)
+
+
+def mark_deleted(session: Session, job_id: str, now: datetime) -> bool:
+    """The finished job becomes a tombstone (read as absent); False when it is not
+    finished or was deleted already."""
+    return _rowcount(session.execute(_DELETE, {"_id": job_id, "now": now})) == 1
+
+
+_DELETE_BATCH_JOBS = (
+    sa.update(_JOBS)
+    .where(
+        _JOBS.c.batch_id == sa.bindparam("_batch_id"),
+        _JOBS.c.deleted_at.is_(None),
+        _status_in(FINISHED),
+    )
+    .values(deleted_at=sa.bindparam("now"))
+    .returning(_JOBS.c.id)
+)
+
+
+def mark_batch_jobs_deleted(session: Session, batch_id: str, now: datetime) -> list[str]:
+    """A deleted batch's finished jobs become tombstones; returns their ids."""
+    return list(session.execute(_DELETE_BATCH_JOBS, {"_batch_id": batch_id, "now": now}).scalars())
 
 
 # --- the outbox's marks ------------------------------------------------------------------
