@@ -78,6 +78,9 @@ class Batch(SQLModel, table=True):
     endpoint: str = Field(default="/v1/images/generations", max_length=100)
     input_file_id: str | None = Field(default=None, max_length=64)
     completion_window: str = Field(default="24h", max_length=16)
+    # OpenAI's output_expires_after (seconds from the output file's creation); None:
+    # the project's file retention.
+    output_expires_after_seconds: int | None = None
     status: str = Field(default=BatchStatus.validating, index=True, max_length=16)
     batch_metadata: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
     errors: list[dict[str, Any]] | None = Field(default=None, sa_type=sa.JSON)

@@ -77,6 +77,10 @@ class Job(SQLModel, table=True):
         sa.Index("ix_job_upstream_open_status", "upstream_open", "status"),
         # The deadline sweep: jobs still waiting past their Cancel-After (few have one).
         sa.Index("ix_job_deadline_at", "deadline_at"),
+        # The purge: a request's own image life, and job rows past their project's
+        # retention (shared/retention/purge.py).
+        sa.Index("ix_job_images_expire_at", "images_expire_at"),
+        sa.Index("ix_job_project_id_created_at", "project_id", "created_at"),
     )
 
     id: str = Field(default_factory=lambda: new_id("job"), primary_key=True, max_length=64)
@@ -136,10 +140,24 @@ class Job(SQLModel, table=True):
     # Deleted on demand (issue 29): a tombstone, read as absent (404), its images,
     # inputs and kept upstream images gone from storage.
     deleted_at: datetime | None = ts_field()
+    # Image-Expires-After (issue 29): the request's own shorter life for its images,
+    # counted from the request, capped at the project's image retention.
+    images_expire_at: datetime | None = ts_field()
 
 
 class Image(SQLModel, table=True):
-    __table_args__ = (sa.UniqueConstraint("job_id", "index", name="uq_image_job_index"),)
+    __table_args__ = (
+        sa.UniqueConstraint("job_id", "index", name="uq_image_job_index"),
+        # The purge's look for images past their project's retention: only those
+        # still stored are indexed, so the index shrinks as they expire.
+        sa.Index(
+            "ix_image_live_project_id_created_at",
+            "project_id",
+            "created_at",
+            postgresql_where=sa.text("expired_at IS NULL"),
+            sqlite_where=sa.text("expired_at IS NULL"),
+        ),
+    )
 
     id: str = Field(default_factory=lambda: new_id("img"), primary_key=True, max_length=64)
     project_id: str = Field(foreign_key="project.id", index=True, max_length=64)
@@ -152,3 +170,6 @@ class Image(SQLModel, table=True):
     size_bytes: int
     revised_prompt: str | None = Field(default=None, sa_type=sa.Text)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # Past its life (issue 29): its object deleted by the purge (marked first), its
+    # job still readable with an ``expired`` marker in its place.
+    expired_at: datetime | None = ts_field()

@@ -26,6 +26,12 @@ class Project(SQLModel, table=True):
     # Bytes the project may keep stored (images, edit inputs, files); None: no quota.
     # Reached, new work is refused with 429 storage_quota_exceeded (shared/quota.py).
     storage_quota_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # Retention in seconds (None: kept forever); the purge removes what is past it
+    # (shared/retention/). Images (with edit inputs) from when they were made, files
+    # from their upload (fixed as each file's expires_at), job rows from creation.
+    image_retention_seconds: int | None = None
+    file_retention_seconds: int | None = None
+    job_retention_seconds: int | None = None
     # Signs per-job webhooks (GET /v1/webhooks/default/secret); made on first use.
     webhook_secret: str | None = Field(default=None, max_length=100)
 
