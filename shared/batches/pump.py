@@ -351,6 +351,12 @@ def item_finished(session: Session, job: Job) -> None:
     values: dict[str, Any] = {"finished_at": utcnow()}
     if job.status == JobStatus.succeeded:
         values |= {"status": ItemStatus.succeeded, "status_code": 200}
+    elif job.status == JobStatus.canceled and job.error_code == ErrorCode.deadline_exceeded:
+        # Its own deadline (a native line's cancel_after): canceled, not charged.
+        values |= {
+            "status": ItemStatus.canceled,
+            "error": {"code": job.error_code, "message": job.error_message},
+        }
     elif job.status == JobStatus.canceled:
         values |= {
             "status": ItemStatus.canceled,

@@ -6,15 +6,18 @@ Services only flush; the caller's boundary (request, task) commits.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from functools import partial
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from shared.core.broker import publish_job, publish_upstream_cancel
+from shared.audit.service import record
+from shared.core.broker import publish_batch_pump, publish_job, publish_upstream_cancel
 from shared.core.clock import utcnow
 from shared.core.columns import table
 from shared.core.db import unit_of_work
+from shared.core.durations import parse_duration
 from shared.core.errors import (
     Conflict,
     NotFound,
@@ -23,10 +26,11 @@ from shared.core.events import publish_changed
 from shared.core.logs import current
 from shared.core.outbox import after_commit
 from shared.core.pages import newest_first, owned
+from shared.core.schemas import Deleted
 from shared.core.storage import Storage, input_key
 from shared.imaging import CONTENT_TYPES, InputImage
 from shared.jobs import lifecycle
-from shared.jobs.models import Image, Job, JobStatus
+from shared.jobs.models import FINISHED, Image, Job, JobStatus
 from shared.jobs.submission import Submission
 from shared.projects.budgets import get_budgets
 from shared.projects.limits import get_limiter
@@ -48,6 +52,8 @@ def create_job(session: Session, submission: Submission, *, reply: bool = False)
         submission.spec,
         submission.webhook,
     )
+    now = utcnow()
+    deadline = now + timedelta(seconds=submission.cancel_after) if submission.cancel_after else None
     job = Job(
         id=submission.job_id,
         project_id=principal.project_id,
@@ -62,7 +68,9 @@ def create_job(session: Session, submission: Submission, *, reply: bool = False)
         # Optimistic: published right after commit, and cleared if the broker refuses
         # (saving a write per request). If the process dies in between, the sweeper
         # re-publishes after redeliver_after_seconds.
-        published_at=utcnow(),
+        published_at=now,
+        created_at=now,
+        deadline_at=deadline,
     )
     call = None
     if submission.track:
@@ -124,7 +132,7 @@ def images_by_job(
 def list_jobs(
     session: Session, project_id: str, *, limit: int, after: str | None, status: JobStatus | None
 ) -> tuple[list[Job], bool]:
-    query = select(Job).where(Job.project_id == project_id)
+    query = select(Job).where(Job.project_id == project_id, col(Job.deleted_at).is_(None))
     if status is not None:
         query = query.where(col(Job.status) == status)
     return newest_first(session, query, col(Job.id), limit=limit, after=after)
@@ -139,14 +147,108 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
         if job.status != JobStatus.canceled:
             raise Conflict(f"Job '{job_id}' has already {job.status}.", param="job_id")
         return job  # canceled before: idempotent, no second event
-    finish_call(session, job, output=None, exception="canceled", usage=None)
-    record_job_event(session, job, [])
-    after_commit(session, lambda: get_limiter().release_job(project_id, job.id))
-    after_commit(session, lambda: get_budgets().release([job.id]))  # its cost never comes
-    after_commit(session, lambda: publish_changed(job.id, job.status))
+    _ended_early(session, job, "canceled")
+    return job
+
+
+def _ended_early(session: Session, job: Job, why: str) -> None:
+    """What follows a job ended before its attempt finished (a cancel, its
+    deadline): its trace call and event, and after commit its limits and budget
+    released (its cost never comes: a reservation released, never settled), the
+    waiters told, its queue provider's job canceled there."""
+    if job.batch_id is not None:
+        # Imported here: the batch pump makes its lines' jobs through this module.
+        from shared.batches.pump import item_finished
+
+        item_finished(session, job)  # settles its budget at no cost
+        batch_id = job.batch_id
+        after_commit(session, lambda: publish_batch_pump(batch_id))
+    else:
+        finish_call(session, job, output=None, exception=why, usage=None)
+        record_job_event(session, job, [])
+        after_commit(session, lambda: get_limiter().release_job(job.project_id, job.id))
+        after_commit(session, lambda: get_budgets().release([job.id]))
+        after_commit(session, lambda: publish_changed(job.id, job.status))
     if job.upstream:  # submitted to a queue provider: stop it there too (issue 27)
         after_commit(session, partial(publish_upstream_cancel, job.id, job.queue))
-    return job
+
+
+# --- deadlines (Cancel-After) -------------------------------------------------------
+
+# Cancel-After's bounds: shorter than 5 s could not reach a worker, longer than a
+# day outlives any job's sense (and a batch's window).
+CANCEL_AFTER_LEAST = 5.0
+CANCEL_AFTER_MOST = 24 * 3600.0
+
+
+def cancel_after(text: str | None, what: str = "Cancel-After") -> float | None:
+    """The ``Cancel-After`` header (or a native batch's ``cancel_after``) in seconds;
+    None when absent; a 400 naming ``what`` when it is no duration or out of bounds."""
+    if text is None:
+        return None
+    return parse_duration(text, what=what, least=CANCEL_AFTER_LEAST, most=CANCEL_AFTER_MOST)
+
+
+def end_overdue(
+    session: Session, ids: Sequence[str] | None = None, now: datetime | None = None
+) -> list[Job]:
+    """End the jobs past their deadline (among ``ids``, else any, a few hundred at a
+    time) canceled with ``deadline_exceeded``, and release what they held: the
+    claim (before anything is sent upstream), the lease heartbeat (a running one)
+    and the sweeper (one no worker took) call it."""
+    jobs = lifecycle.end_overdue(session, now or utcnow(), ids)
+    for job in jobs:
+        _ended_early(session, job, "deadline_exceeded")
+    return jobs
+
+
+# --- deletion -----------------------------------------------------------------------
+
+
+def job_prefix(project_id: str, job_id: str) -> str:
+    """Where everything a job stored lives: its images, an edit's inputs and mask,
+    a queue provider's kept images (``upstream/``)."""
+    return f"{project_id}/{job_id}/"
+
+
+def remove_objects(storage: Storage, prefixes: Sequence[str]) -> int:
+    """Delete every object under ``prefixes`` (S3 DeleteObjects, 1,000 keys a call);
+    how many were found."""
+    keys = [obj.key for prefix in prefixes for obj in storage.scan(prefix)]
+    storage.delete(keys)
+    return len(keys)
+
+
+def delete_job(
+    session: Session, storage: Storage, project_id: str, job_id: str, actor: str
+) -> Deleted:
+    """Delete a job on demand: canceled first if it has not finished (its queue
+    provider's job canceled there), then a tombstone (read as absent from now on),
+    its objects removed from storage at once, the deletion audited. A worker that
+    finishes it later is discarded (the tombstone is finished) and removes what it
+    stored (worker/runner.py). Deleting it again answers 404, as OpenAI does for a
+    deleted file."""
+    job = get_job(session, project_id, job_id)
+    if job.status not in FINISHED:
+        if lifecycle.cancel(session, job.id, utcnow()):
+            session.refresh(job)
+            _ended_early(session, job, "deleted")
+        else:  # it finished meanwhile
+            session.refresh(job)
+    if not lifecycle.mark_deleted(session, job.id, utcnow()):  # deleted by a twin
+        raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
+    # Marked first, in this transaction: a storage outage answers 503 and rolls the
+    # mark back, so the client may ask again; a removal that ran twice finds nothing.
+    removed = remove_objects(storage, [job_prefix(project_id, job.id)])
+    record(
+        session,
+        actor,
+        "job.delete",
+        job.id,
+        {"status": str(job.status), "objects": removed, "batch_id": job.batch_id},
+        project_id=project_id,
+    )
+    return Deleted(id=job.id, object="image.job")
 
 
 def queue_position(session: Session, job: Job) -> int | None:

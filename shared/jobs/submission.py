@@ -38,6 +38,9 @@ class Submission:
     """The request's own webhook."""
     idempotency: Claim | None = None
     """The request's Idempotency-Key claim: a retry answers with the job it made."""
+    cancel_after: float | None = None
+    """Seconds from now: not finished by then, the job ends canceled with
+    ``deadline_exceeded`` (the ``Cancel-After`` header)."""
 
     def for_user(self) -> Submission:
         """The params name the key's user where the request named none."""

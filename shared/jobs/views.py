@@ -36,6 +36,8 @@ def job_failure(job: Job) -> ClientError:
     """How a failed (or canceled) job answers a waiting request, and its batch line."""
     code = job.error_code or ErrorCode.job_failed
     message = job.error_message or "The job failed."
+    if job.status == JobStatus.canceled and code == ErrorCode.deadline_exceeded:
+        return Conflict(message, code=code)  # its Cancel-After passed first
     if job.status == JobStatus.canceled:
         return Conflict("The job was canceled before it finished.", code=ErrorCode.job_canceled)
     if code == ErrorCode.upstream_timeout:
@@ -104,7 +106,9 @@ def render_job(
     if job.status == JobStatus.succeeded and images is not None:
         result = render_result(job, images, storage, base_url, url_expiry)
     error = None
-    if job.status == JobStatus.failed:
+    # A failure's error, and a cancel's when its deadline ended it (deadline_exceeded).
+    deadline = job.status == JobStatus.canceled and job.error_code == ErrorCode.deadline_exceeded
+    if job.status == JobStatus.failed or deadline:
         error = JobError(
             code=job.error_code or "job_failed", message=job.error_message or "The job failed."
         )
