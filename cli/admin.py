@@ -1,5 +1,6 @@
-"""Database administration: ``imagegen migrate``, ``keys`` and ``projects``, acting
-on the server's database from where the command runs."""
+"""Database administration: ``imagegen migrate``, ``keys``, ``projects`` and
+``audit``, acting on the server's database from where the command runs. Each change
+is recorded in the audit trail (shared/audit) as done by ``cli``."""
 
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def keys_create(
 ) -> None:
     """Create an API key for PROJECT (created if new), with its own budgets if given
     (beside its project's). The key is printed once."""
+    from shared.audit.service import CLI
     from shared.projects.service import create_key
 
     with _admin_session() as session:
@@ -82,6 +84,7 @@ def keys_create(
             user,
             daily_budget_usd=daily_budget_usd,
             monthly_budget_usd=monthly_budget_usd,
+            actor=CLI,
         )
     console.print(f"[green]created key {key.id} for project '{project}'[/green] (shown only once):")
     print(plaintext)
@@ -134,15 +137,24 @@ def keys_list(
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by id; it stops working at once."""
+    from shared.audit.service import CLI
     from shared.projects.service import revoke_key
 
     with _admin_session() as session:
-        revoke_key(session, key_id)
+        revoke_key(session, key_id, actor=CLI)
     console.print(f"[green]revoked {key_id}[/green]")
 
 
 LimitOption = Annotated[int | None, typer.Option(help="0 = unlimited; unset = default")]
 RpmOption = Annotated[int | None, typer.Option("--key-requests-per-minute", help="0 = unlimited")]
+QuotaOption = Annotated[
+    int | None,
+    typer.Option(
+        "--storage-quota-bytes",
+        help="Bytes the project may keep stored; reached, new work answers 429",
+        min=0,
+    ),
+]
 
 
 @projects_app.command("create")
@@ -153,8 +165,10 @@ def projects_create(
     jobs_in_flight: LimitOption = None,
     daily_budget_usd: BudgetOption = None,
     monthly_budget_usd: BudgetOption = None,
+    storage_quota_bytes: QuotaOption = None,
 ) -> None:
-    """Create a project, optionally with its own limits and budgets."""
+    """Create a project, optionally with its own limits, budgets and storage quota."""
+    from shared.audit.service import CLI
     from shared.projects.service import create_project
 
     with _admin_session() as session:
@@ -166,6 +180,8 @@ def projects_create(
             jobs_in_flight=jobs_in_flight,
             daily_budget_usd=daily_budget_usd,
             monthly_budget_usd=monthly_budget_usd,
+            storage_quota_bytes=storage_quota_bytes,
+            actor=CLI,
         )
     console.print(f"[green]created project '{name}'[/green] ({project.id})")
 
@@ -181,8 +197,13 @@ def projects_set_limits(
     no_budgets: Annotated[
         bool, typer.Option("--no-budgets", help="Remove both budgets (nothing else given)")
     ] = False,
+    storage_quota_bytes: QuotaOption = None,
+    no_storage_quota: Annotated[
+        bool, typer.Option("--no-storage-quota", help="Remove the storage quota")
+    ] = False,
 ) -> None:
-    """Change a project's limits and budgets (only the ones given)."""
+    """Change a project's limits, budgets and storage quota (only the ones given)."""
+    from shared.audit.service import CLI
     from shared.projects.service import update_limits
 
     given: dict[str, float | None] = {
@@ -191,14 +212,19 @@ def projects_set_limits(
         "jobs_in_flight": jobs_in_flight,
         "daily_budget_usd": daily_budget_usd,
         "monthly_budget_usd": monthly_budget_usd,
+        "storage_quota_bytes": storage_quota_bytes,
     }
     changes: dict[str, float | None] = {k: v for k, v in given.items() if v is not None}
     if no_budgets:
-        if changes:
+        if changes or no_storage_quota:
             refuse("--no-budgets takes no other option.")
         changes = {"daily_budget_usd": None, "monthly_budget_usd": None}
+    if no_storage_quota:
+        if storage_quota_bytes is not None:
+            refuse("--no-storage-quota and --storage-quota-bytes contradict each other.")
+        changes["storage_quota_bytes"] = None
     with _admin_session() as session:
-        update_limits(session, name, **changes)
+        update_limits(session, name, actor=CLI, **changes)
     console.print(f"[green]updated project '{name}'[/green]")
 
 
@@ -218,6 +244,7 @@ def projects_list(
         "jobs in flight",
         "USD/day",
         "USD/month",
+        "storage quota",
     )
     with _admin_session() as session:
         for p in list_projects(session):
@@ -228,6 +255,7 @@ def projects_list(
                     "jobs_in_flight",
                     "daily_budget_usd",
                     "monthly_budget_usd",
+                    "storage_quota_bytes",
                 )
                 row = {"id": p.id, "name": p.name, "created_at": _when(p.created_at)}
                 print(json.dumps(row | {name: getattr(p, name) for name in limits}))
@@ -241,9 +269,62 @@ def projects_list(
                 _limit(p.jobs_in_flight),
                 _budget(p.daily_budget_usd),
                 _budget(p.monthly_budget_usd),
+                "none" if p.storage_quota_bytes is None else str(p.storage_quota_bytes),
             )
     if not as_json:
         Console().print(table)
+
+
+def audit(
+    project: Annotated[str | None, typer.Option(help="Only this project's events")] = None,
+    action: Annotated[str | None, typer.Option(help="Only this action (key.revoke)")] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option(help="Only events at or after this UTC time (2026-12-06T10:00)"),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first", min=1)] = 50,
+    after: Annotated[
+        str | None, typer.Option(help="The previous page's last id: what came before it")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")] = False,
+) -> None:
+    """The audit trail: admin actions (projects, keys, limits, budgets, quota,
+    retention, deletions), who did them (admin, cli or a key's id) and when."""
+    from datetime import UTC
+
+    from shared.audit.service import list_events, project_names
+    from shared.audit.views import event_view
+    from shared.projects.service import get_project
+
+    table = tables.table("id", "at", "actor", "project", "action", "target", "details")
+    with _admin_session() as session:
+        project_id = get_project(session, project).id if project is not None else None
+        events, more = list_events(
+            session,
+            limit=limit,
+            after=after,
+            project_id=project_id,
+            action=action,
+            since=since.replace(tzinfo=UTC) if since is not None and not since.tzinfo else since,
+        )
+        names = project_names(session, events)
+        for event in events:
+            if as_json:
+                print(event_view(event, names).model_dump_json())
+                continue
+            table.add_row(
+                event.id,
+                _when(event.at),
+                event.actor,
+                names.get(event.project_id or "", ""),
+                event.action,
+                event.target,
+                json.dumps(event.details, sort_keys=True),
+            )
+    if not as_json:
+        Console().print(table)
+        if more:
+            console.print(f"more: --after {events[-1].id}")
 
 
 def _when(value: datetime | None) -> str | None:

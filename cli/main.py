@@ -12,7 +12,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from cli.admin import keys_app, migrate, projects_app
+from cli.admin import audit, keys_app, migrate, projects_app
 from cli.batch import batch_app
 from cli.deployments import deployments
 from cli.generate import generate
@@ -36,6 +36,7 @@ app.command()(dev)
 app.command()(generate)
 app.command()(usage)
 app.command()(deployments)
+app.command()(audit)
 app.add_typer(keys_app, name="keys")
 app.add_typer(projects_app, name="projects")
 app.add_typer(batch_app, name="batch")

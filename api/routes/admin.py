@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from api.deps import DbSession, context_of, require_admin
+from api.deps import After, DbSession, context_of, require_admin
 from api.errors import ERRORS
+from shared.audit.schemas import AuditEventObject
+from shared.audit.service import ADMIN, list_events, project_names
+from shared.audit.views import event_view
 from shared.core.schemas import ListPage
 from shared.jobs.routing import Cooldowns
 from shared.projects.models import Project
@@ -23,6 +27,7 @@ from shared.projects.schemas import (
 from shared.projects.service import (
     create_key,
     create_project,
+    get_project,
     list_keys,
     list_projects,
     revoke_key,
@@ -41,12 +46,14 @@ def get_projects(session: DbSession) -> ListPage[ProjectObject]:
 
 @router.post("/projects", response_model=ProjectObject, responses=ERRORS)
 def post_project(body: ProjectCreate, session: DbSession) -> ProjectObject:
-    return project_view(create_project(session, body.name, **body.model_dump(exclude={"name"})))
+    limits = body.model_dump(exclude={"name"})
+    return project_view(create_project(session, body.name, actor=ADMIN, **limits))
 
 
 @router.patch("/projects/{name:path}", response_model=ProjectObject, responses=ERRORS)
 def patch_project(name: str, body: Limits, session: DbSession) -> ProjectObject:
-    return project_view(update_limits(session, name, **body.model_dump(exclude_unset=True)))
+    changes = body.model_dump(exclude_unset=True)
+    return project_view(update_limits(session, name, actor=ADMIN, **changes))
 
 
 @router.get("/deployments", response_model=ListPage[DeploymentHealth], responses=ERRORS)
@@ -91,6 +98,7 @@ def post_key(body: KeyCreate, session: DbSession) -> CreatedKey:
         body.user,
         daily_budget_usd=body.daily_budget_usd,
         monthly_budget_usd=body.monthly_budget_usd,
+        actor=ADMIN,
     )
     project = session.get(Project, key.project_id)
     assert project is not None
@@ -99,7 +107,36 @@ def post_key(body: KeyCreate, session: DbSession) -> CreatedKey:
 
 @router.post("/keys/{key_id}/revoke", response_model=KeyObject, responses=ERRORS)
 def post_revoke(key_id: str, session: DbSession) -> KeyObject:
-    key = revoke_key(session, key_id)
+    key = revoke_key(session, key_id, actor=ADMIN)
     project = session.get(Project, key.project_id)
     assert project is not None
     return key_view(key, project)
+
+
+@router.get("/audit", response_model=ListPage[AuditEventObject], responses=ERRORS)
+def get_audit(
+    session: DbSession,
+    after: After = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Objects per page")] = 20,
+    project: Annotated[
+        str | None, Query(max_length=200, description="Only this project's events (its name)")
+    ] = None,
+    action: Annotated[
+        str | None, Query(max_length=64, description="Only this action (`key.revoke`)")
+    ] = None,
+    since: Annotated[
+        int | None, Query(ge=0, le=253402300799, description="Only events at or after, Unix s")
+    ] = None,
+) -> ListPage[AuditEventObject]:
+    """The audit trail: every admin action, newest first."""
+    project_id = get_project(session, project).id if project is not None else None
+    events, more = list_events(
+        session,
+        limit=limit,
+        after=after,
+        project_id=project_id,
+        action=action,
+        since=datetime.fromtimestamp(since, UTC) if since is not None else None,
+    )
+    names = project_names(session, events)
+    return ListPage.of([event_view(e, names) for e in events], has_more=more)

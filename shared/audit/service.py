@@ -17,6 +17,7 @@ from shared.audit.models import AuditEvent
 from shared.core.clock import utcnow
 from shared.core.pages import newest_first
 from shared.core.redact import redact
+from shared.projects.models import Project
 
 # The actors that are not a project key.
 ADMIN = "admin"  # the admin key (IMAGEGEN_ADMIN_API_KEY): one key, named, never shown
@@ -91,3 +92,12 @@ def list_events(
     if since is not None:
         query = query.where(col(AuditEvent.at) >= since)
     return newest_first(session, query, col(AuditEvent.id), limit=limit, after=after)
+
+
+def project_names(session: Session, events: list[AuditEvent]) -> dict[str, str]:
+    """Project id -> name for the events' projects (one query)."""
+    ids = {e.project_id for e in events if e.project_id}
+    if not ids:
+        return {}
+    rows = session.exec(select(Project.id, Project.name).where(col(Project.id).in_(ids)))
+    return dict(rows.all())

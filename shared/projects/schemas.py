@@ -9,6 +9,7 @@ from pydantic import Field
 from shared.core.schemas import Schema
 
 INT32_MAX = 2**31 - 1  # the limit columns are SQL INTEGER
+INT64_MAX = 2**63 - 1  # storage_quota_bytes is a BIGINT
 # The most a budget may be, in USD: counted in micro-USD in Redis, whose Lua numbers
 # are exact integers below 2^53.
 BUDGET_MAX_USD = 1e9
@@ -36,6 +37,10 @@ class Limits(Budgets):
     """Images per UTC day for the whole project."""
     jobs_in_flight: int | None = Field(default=None, ge=0, le=INT32_MAX)
     """Jobs queued or running at once for the whole project."""
+    storage_quota_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    """The bytes the project may keep stored (images, edit inputs, files: its
+    ``storage_bytes``); once reached, new work is refused with 429
+    ``storage_quota_exceeded``. Null: no quota."""
 
 
 class ProjectCreate(Limits):
@@ -78,6 +83,8 @@ class ProjectObject(Schema):
     """USD per UTC day; null for no budget."""
     monthly_budget_usd: float | None = None
     """USD per UTC month; null for no budget."""
+    storage_quota_bytes: int | None = None
+    """Bytes it may keep stored before new work is refused; null for no quota."""
 
 
 class KeyObject(Schema):

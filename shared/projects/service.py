@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from shared.audit.service import record
 from shared.core.clock import utcnow
 from shared.core.errors import Conflict, InvalidRequest, NotFound
 from shared.core.invalidation import InvalidatedCache, invalidate
@@ -76,7 +77,11 @@ def create_project(
     jobs_in_flight: int | None = None,
     daily_budget_usd: float | None = None,
     monthly_budget_usd: float | None = None,
+    storage_quota_bytes: int | None = None,
+    actor: str | None = None,
 ) -> Project:
+    """Create a project. ``actor``: who asks, for the audit trail (``shared/audit``);
+    None only for set-up that is no admin action (a key's project made with it)."""
     name = name.strip()
     if not name:
         raise InvalidRequest("A project needs a name.", param="name")
@@ -95,15 +100,25 @@ def create_project(
         jobs_in_flight=jobs_in_flight,
         daily_budget_usd=daily_budget_usd,
         monthly_budget_usd=monthly_budget_usd,
+        storage_quota_bytes=storage_quota_bytes,
     )
     session.add(project)
     session.flush()
+    if actor is not None:
+        settings = {
+            field: getattr(project, field)
+            for field in LIMITS + BUDGETS + QUOTAS
+            if getattr(project, field) is not None
+        }
+        record(
+            session,
+            actor,
+            "project.create",
+            project.id,
+            {"name": project.name, **settings},
+            project_id=project.id,
+        )
     return project
-
-
-def get_or_create_project(session: Session, name: str) -> Project:
-    project = session.exec(select(Project).where(col(Project.name) == name)).first()
-    return project if project is not None else create_project(session, name)
 
 
 def _limits_enforceable(**limits: float | None) -> None:
@@ -136,22 +151,53 @@ def _budgets_valid(**budgets: float | None) -> None:
 
 LIMITS = ("key_requests_per_minute", "images_per_day", "jobs_in_flight")
 BUDGETS = ("daily_budget_usd", "monthly_budget_usd")
+QUOTAS = ("storage_quota_bytes",)
 
 
-def update_limits(session: Session, name: str, **limits: float | None) -> Project:
-    """Change the given limits and budgets (null: the default limit, no budget)."""
+def audit_action(field: str) -> str:
+    """The audit trail's action for a change of ``field``: one event per kind of
+    setting a change touches (a PATCH of a budget and a limit is two events)."""
+    if field in LIMITS:
+        return "limits.update"
+    if field in BUDGETS:
+        return "budget.update"
+    if field in QUOTAS:
+        return "quota.update"
+    if field.endswith("_retention_seconds"):
+        return "retention.update"
+    return "project.update"
+
+
+def update_limits(
+    session: Session, name: str, *, actor: str | None = None, **limits: float | None
+) -> Project:
+    """Change the given limits, budgets and storage quota (null: the default limit,
+    no budget, no quota), audited as ``actor`` did it."""
     for field in limits:
-        if field not in LIMITS + BUDGETS:
+        if field not in LIMITS + BUDGETS + QUOTAS:
             raise InvalidRequest(f"Unknown limit '{field}'.", param=field)
     _limits_enforceable(**{f: v for f, v in limits.items() if f in LIMITS})
     _budgets_valid(**{f: v for f, v in limits.items() if f in BUDGETS})
     project = get_project(session, name)
+    changes: dict[str, dict[str, dict[str, float | None]]] = {}
     for field, value in limits.items():
-        if field in LIMITS and value is not None and value < 0:
+        if field in LIMITS + QUOTAS and value is not None and value < 0:
             raise InvalidRequest(f"'{field}' must be 0 (unlimited) or more.", param=field)
+        before = getattr(project, field)
+        changes.setdefault(audit_action(field), {})[field] = {"from": before, "to": value}
         setattr(project, field, value)
     session.add(project)
     session.flush()
+    if actor is not None:
+        for action, fields in sorted(changes.items()):  # a stable order: by name
+            record(
+                session,
+                actor,
+                action,
+                project.id,
+                {"project": project.name, "changes": fields},
+                project_id=project.id,
+            )
     after_commit(session, lambda: invalidate(PRINCIPALS_CACHE))  # principals carry limits
     return project
 
@@ -169,11 +215,14 @@ def create_key(
     *,
     daily_budget_usd: float | None = None,
     monthly_budget_usd: float | None = None,
+    actor: str | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key (and its project if new), with its own budgets if given; the
-    plaintext is returned once, never stored."""
+    plaintext is returned once, never stored (nor audited: the event names the key's
+    id and prefix)."""
     _budgets_valid(daily_budget_usd=daily_budget_usd, monthly_budget_usd=monthly_budget_usd)
-    project = get_or_create_project(session, project_name)
+    existing = session.exec(select(Project).where(col(Project.name) == project_name)).first()
+    project = existing if existing is not None else create_project(session, project_name)
     plaintext = plaintext or KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
         project_id=project.id,
@@ -186,6 +235,24 @@ def create_key(
     )
     session.add(key)
     session.flush()
+    if actor is not None:
+        budgets = {"daily_budget_usd": daily_budget_usd, "monthly_budget_usd": monthly_budget_usd}
+        record(
+            session,
+            actor,
+            "key.create",
+            key.id,
+            {
+                "project": project.name,
+                # A key for a project not there yet makes it: one event says both.
+                "project_created": existing is None,
+                "name": key.name,
+                "user": key.user,
+                "prefix": key.prefix,
+                **{field: value for field, value in budgets.items() if value is not None},
+            },
+            project_id=project.id,
+        )
     return key, plaintext
 
 
@@ -207,10 +274,13 @@ def list_keys(session: Session, project_name: str | None = None) -> list[tuple[A
     return [(k, p) for k, p in session.exec(query.order_by(col(ApiKey.created_at)))]
 
 
-def revoke_key(session: Session, key_id: str) -> ApiKey:
+def revoke_key(session: Session, key_id: str, *, actor: str | None = None) -> ApiKey:
     key = session.get(ApiKey, key_id)
     if key is None:
         raise NotFound(f"No key with id '{key_id}'.", param="key_id")
+    if actor is not None:
+        details = {"name": key.name, "already_revoked": key.revoked_at is not None}
+        record(session, actor, "key.revoke", key.id, details, project_id=key.project_id)
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         session.add(key)

@@ -17,6 +17,7 @@ def project_view(project: Project) -> ProjectObject:
         jobs_in_flight=project.jobs_in_flight,
         daily_budget_usd=project.daily_budget_usd,
         monthly_budget_usd=project.monthly_budget_usd,
+        storage_quota_bytes=project.storage_quota_bytes,
     )
 
 
