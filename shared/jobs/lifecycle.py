@@ -551,6 +551,22 @@ def mark_batch_jobs_deleted(session: Session, batch_id: str, now: datetime) -> l
     return list(session.execute(_DELETE_BATCH_JOBS, {"_batch_id": batch_id, "now": now}).scalars())
 
 
+# --- retention (issue 29) ----------------------------------------------------------------
+
+_REMOVE_FINISHED = sa.delete(_JOBS).where(
+    _JOBS.c.id.in_(sa.bindparam("ids", expanding=True)), _status_in(FINISHED)
+)
+
+
+def remove_finished(session: Session, job_ids: Sequence[str]) -> int:
+    """The purge (shared/retention/purge.py) removes finished jobs past their
+    project's job retention, its children's rows gone first; a job that is not
+    finished is never removed. Returns the rows removed."""
+    if not job_ids:
+        return 0
+    return _rowcount(session.execute(_REMOVE_FINISHED, {"ids": list(job_ids)}))
+
+
 # --- the outbox's marks ------------------------------------------------------------------
 
 _PUBLISHED = (
