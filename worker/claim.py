@@ -1,4 +1,5 @@
-"""Claiming jobs for one attempt: a guarded UPDATE that hands back the rows it took."""
+"""Claiming jobs for one attempt: a guarded UPDATE that hands back the rows it took
+(a job past its deadline ended instead)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from shared.core.db import unit_of_work
 from shared.core.settings import get_settings
 from shared.jobs import lifecycle
 from shared.jobs.models import Job
+from shared.jobs.service import end_overdue
 from shared.webhooks.events import record_job_event
 
 
@@ -20,6 +22,9 @@ def claim(job_ids: list[str]) -> tuple[list[Job], str]:
     now = utcnow()
     expires = now + timedelta(seconds=get_settings().job_lease_seconds)
     with unit_of_work() as session:
+        # Those past their deadline (Cancel-After) end here, never sent upstream
+        # (the claim below refuses them too, should one pass its deadline now).
+        end_overdue(session, job_ids, now)
         jobs = lifecycle.claim(session, job_ids, token, now, expires)
         for job in jobs:
             # job.started once per job, not again when a crashed attempt is re-run.

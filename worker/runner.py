@@ -18,10 +18,12 @@ from shared.core.errors import ImagegenError
 from shared.core.events import publish_changed
 from shared.core.instruments import COST_USD, JOBS_FINISHED
 from shared.core.settings import get_settings
+from shared.core.storage import get_storage
 from shared.jobs import lifecycle
 from shared.jobs.lifecycle import Outcome
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.replies import leave_reply
+from shared.jobs.service import deleted_among, job_prefix, remove_objects
 from shared.projects.budgets import get_budgets
 from shared.projects.limits import get_limiter
 from shared.registry import get_registry
@@ -51,7 +53,7 @@ def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, Outcome]:
     spent = [job for job in jobs if job.attempts > limit]
     runnable = [job for job in jobs if job.attempts <= limit]
     for job in jobs:
-        LEASES.hold(job.id, token)
+        LEASES.hold(job.id, token, job.deadline_at)
     for job in runnable:
         if job.batch_id is None:
             publish_changed(job.id, JobStatus.running)
@@ -69,7 +71,24 @@ def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, Outcome]:
     for job in jobs:
         ended.setdefault(job.id, Outcome.discarded)
         _after(job, ended[job.id], by_job.get(job.id), reply)
+    _forget_deleted([job for job in jobs if ended[job.id] == Outcome.discarded])
     return ended
+
+
+def _forget_deleted(discarded: list[Job]) -> None:
+    """A job deleted while this attempt ran (issue 29): its end was discarded, and
+    what the attempt stored after the delete removed its objects (images, kept
+    upstream images) is removed now, so nothing of it outlives the delete."""
+    if not discarded:
+        return
+    with unit_of_work() as session:
+        deleted = deleted_among(session, [job.id for job in discarded])
+    if deleted:
+        prefixes = [job_prefix(job.project_id, job.id) for job in discarded if job.id in deleted]
+        try:
+            remove_objects(get_storage(), prefixes)
+        except ImagegenError as exc:  # storage out: the orphan sweep's, later
+            log.warning("could not remove the objects of deleted jobs %s: %s", deleted, exc)
 
 
 def _after(job: Job, outcome: Outcome, result: Result | None, reply: bool) -> None:

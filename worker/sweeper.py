@@ -8,7 +8,10 @@ Every ``sweep_interval_seconds`` it
    latter only for queues the broker reports empty: while messages still wait,
    an old job's message is most likely among them, and re-publishing a long
    backlog every few minutes would flood the queue with duplicates.
-3. settles budget reservations whose settle was lost (a worker died between the
+3. ends jobs past their deadline (Cancel-After) that no worker took, or whose
+   worker stopped beating (``end_overdue``: canceled, ``deadline_exceeded``,
+   never charged), a few hundred a sweep;
+4. settles budget reservations whose settle was lost (a worker died between the
    job's commit and its settle, or Redis refused the settle): the few held past
    five minutes, from their jobs' rows (``settle_held``).
 Several sweepers (one per worker process) may run at once: each step is a
@@ -39,6 +42,7 @@ from shared.core.settings import get_settings
 from shared.idempotency.service import purge_expired
 from shared.jobs import lifecycle
 from shared.jobs.models import Job, JobStatus
+from shared.jobs.service import end_overdue
 from shared.projects.budgets import get_budgets
 from shared.webhooks.models import DeliveryStatus, WebhookDelivery
 from worker.batches import pump_batch, refinalize
@@ -173,7 +177,14 @@ def cancel_upstream_left() -> int:
     return len(rows)
 
 
+def end_overdue_jobs() -> int:
+    """Jobs past their deadline end now, whether or not a worker picks them up."""
+    with unit_of_work() as session:
+        return len(end_overdue(session))
+
+
 def sweep_once() -> tuple[int, int]:
+    end_overdue_jobs()  # first: an overdue job is not re-queued or re-published
     requeued = requeue_expired()
     published = publish_pending()
     cancel_upstream_left()

@@ -25,6 +25,7 @@ from shared.jobs.schemas import (
     ImagesResponse,
     JobObject,
 )
+from shared.jobs.service import cancel_after as parse_cancel_after
 from shared.jobs.submission import Submission
 from shared.jobs.views import job_failure, render_job
 from shared.projects.service import Principal
@@ -46,6 +47,8 @@ class Answering:
     claims: Claims
     response: Response
     """The answer's headers (FastAPI merges them into what the route returns)."""
+    cancel_after: float | None = None
+    """The ``Cancel-After`` header in seconds: the job's deadline from now."""
 
 
 async def answering(
@@ -54,8 +57,15 @@ async def answering(
     claims: IdempotencyClaims,
     response: Response,
     prefer: Annotated[str | None, Header()] = None,
+    cancel_after: Annotated[
+        str | None,
+        Header(
+            description="A duration (`30s`, `5m`, `1h30m`; 5 s to 24 h): not finished by "
+            "then, the job ends `canceled` with `deadline_exceeded` and is not charged"
+        ),
+    ] = None,
 ) -> Answering:
-    return Answering(settings, links, prefer, claims, response)
+    return Answering(settings, links, prefer, claims, response, parse_cancel_after(cancel_after))
 
 
 HowToAnswer = Annotated[Answering, Depends(answering)]
@@ -119,6 +129,7 @@ async def answer(
         job_id=job_id or new_id("job"),
         webhook=webhook,
         idempotency=claim,
+        cancel_after=how.cancel_after,
     )
     respond_async, wait = parse_prefer(how.prefer, how.settings.sync_wait_seconds)
     if params.stream:

@@ -1,4 +1,5 @@
-"""Jobs you can poll, list and cancel. Every query is scoped to the caller's project."""
+"""Jobs you can poll, list, cancel and delete. Every query is scoped to the caller's
+project."""
 
 from __future__ import annotations
 
@@ -6,11 +7,19 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import After, CurrentPrincipal, DbSession, Links
+from api.deps import After, CurrentPrincipal, DbSession, Links, StorageDep
 from api.errors import ERRORS
+from shared.core.schemas import Deleted
 from shared.jobs.models import JobStatus
 from shared.jobs.schemas import JobList, JobObject
-from shared.jobs.service import cancel_job, get_job, job_images, list_jobs, queue_position
+from shared.jobs.service import (
+    cancel_job,
+    delete_job,
+    get_job,
+    job_images,
+    list_jobs,
+    queue_position,
+)
 from shared.jobs.views import render_job, render_list
 
 router = APIRouter(prefix="/v1/images/jobs", tags=["jobs"])
@@ -61,3 +70,13 @@ def cancel(
 ) -> JobObject:
     job = cancel_job(session, principal.project_id, job_id)
     return render_job(job, job_images(session, job), links.storage, links.base_url, links.expiry)
+
+
+@router.delete("/{job_id}", response_model=Deleted, responses=ERRORS)
+def delete(
+    job_id: str, principal: CurrentPrincipal, session: DbSession, storage: StorageDep
+) -> Deleted:
+    """Delete the job: canceled first if it has not finished, then its images, edit
+    inputs and kept upstream images removed from storage at once; from then on it
+    answers 404 (a second delete too), lists skip it and its image URLs answer 404."""
+    return delete_job(session, storage, principal.project_id, job_id, principal.key_id)

@@ -467,7 +467,7 @@ _OVERDUE = sa.and_(
     _JOBS.c.deadline_at <= sa.bindparam("now"),
     _status_in(moves_to(JobStatus.canceled)),
 )
-_END_OVERDUE_VALUES = {
+_END_OVERDUE_VALUES: dict[str, Any] = {
     "status": JobStatus.canceled,
     "canceled_at": sa.bindparam("now"),
     "finished_at": sa.bindparam("now"),

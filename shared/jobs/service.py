@@ -219,6 +219,17 @@ def remove_objects(storage: Storage, prefixes: Sequence[str]) -> int:
     return len(keys)
 
 
+def deleted_among(session: Session, job_ids: Sequence[str]) -> set[str]:
+    """The jobs among ``job_ids`` that were deleted."""
+    return set(
+        session.execute(
+            sa.select(col(Job.id)).where(
+                col(Job.id).in_(list(job_ids)), col(Job.deleted_at).is_not(None)
+            )
+        ).scalars()
+    )
+
+
 def delete_job(
     session: Session, storage: Storage, project_id: str, job_id: str, actor: str
 ) -> Deleted:
