@@ -43,6 +43,8 @@ class ErrorCode(StrEnum):
     images_per_day_exceeded = "images_per_day_exceeded"
     jobs_in_flight_exceeded = "jobs_in_flight_exceeded"
     insufficient_quota = "insufficient_quota"
+    # The project's stored bytes reached its storage_quota_bytes (issue 29).
+    storage_quota_exceeded = "storage_quota_exceeded"
     # The service and its providers
     service_unavailable = "service_unavailable"
     internal_error = "internal_error"
@@ -225,6 +227,18 @@ class InsufficientQuota(RateLimited):
 
     error_type = "insufficient_quota"
     code = ErrorCode.insufficient_quota
+    should_retry = False
+
+
+class StorageQuotaExceeded(RateLimited):
+    """The project keeps as many bytes as its ``storage_quota_bytes`` allows (429):
+    new work (generations, edits, variations, batches, file uploads) is refused
+    until it deletes or lets expire what it stores, or the quota is raised. The
+    ``type`` is OpenAI's ``insufficient_quota`` (a quota, not a rate), the code our
+    own; waiting alone does not help, so clients are told not to retry."""
+
+    error_type = "insufficient_quota"
+    code = ErrorCode.storage_quota_exceeded
     should_retry = False
 
 
