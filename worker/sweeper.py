@@ -13,7 +13,9 @@ Every ``sweep_interval_seconds`` it
    never charged), a few hundred a sweep;
 4. settles budget reservations whose settle was lost (a worker died between the
    job's commit and its settle, or Redis refused the settle): the few held past
-   five minutes, from their jobs' rows (``settle_held``).
+   five minutes, from their jobs' rows (``settle_held``);
+5. every ``purge_interval_seconds`` publishes ``imagegen.purge`` (retention and
+   orphans, shared/retention/periodic.py), once across every sweeper with Redis.
 Several sweepers (one per worker process) may run at once: each step is a
 guarded UPDATE, and a duplicate message only finds the job already claimed.
 """
@@ -32,6 +34,7 @@ from shared.core.broker import (
     publish_batch_validation,
     publish_deliveries,
     publish_job,
+    publish_purge,
     publish_upstream_cancel,
     queue_size,
 )
@@ -44,6 +47,7 @@ from shared.jobs import lifecycle
 from shared.jobs.models import Job, JobStatus
 from shared.jobs.service import end_overdue
 from shared.projects.budgets import get_budgets
+from shared.retention.periodic import purge_due
 from shared.webhooks.models import DeliveryStatus, WebhookDelivery
 from worker.batches import pump_batch, refinalize
 
@@ -193,6 +197,8 @@ def sweep_once() -> tuple[int, int]:
     settle_held()
     with unit_of_work() as session:
         purge_expired(session)  # idempotency keys past their 24 hours (indexed, cheap)
+    if purge_due():  # retention and orphans: a task of its own, every purge interval
+        publish_purge()
     if requeued or published:
         log.info("sweeper: re-queued %d expired, published %d pending", requeued, published)
     return requeued, published

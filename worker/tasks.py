@@ -6,6 +6,7 @@ from celery import Celery
 
 from shared.core.broker import Task
 from shared.jobs.lifecycle import Outcome
+from shared.retention.periodic import run_purge
 from worker import upstream_jobs
 from worker.batches import pump_batch, validate
 from worker.runner import run_job, run_jobs
@@ -32,6 +33,10 @@ def register(app: Celery) -> None:
     @app.task(name=Task.pump_batch, acks_late=True, ignore_result=True)
     def pump_batch_task(batch_id: str) -> int:
         return pump_batch(batch_id)
+
+    @app.task(name=Task.purge, acks_late=True, ignore_result=True)
+    def purge_task() -> None:
+        run_purge()
 
     @app.task(name=Task.cancel_upstream, acks_late=True, ignore_result=True)
     def cancel_upstream_task(job_id: str) -> int:

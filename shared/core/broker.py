@@ -27,6 +27,7 @@ class Task(StrEnum):
     validate_batch = "imagegen.validate_batch"
     pump_batch = "imagegen.pump_batch"
     cancel_upstream = "imagegen.cancel_upstream"
+    purge = "imagegen.purge"
 
 
 WEBHOOK_QUEUE = "webhooks"
@@ -190,6 +191,11 @@ def publish_batch_pump(batch_id: str) -> None:
 def publish_upstream_cancel(job_id: str, queue: str) -> None:
     """Ask a worker to cancel a canceled job's jobs at its queue provider."""
     publish(Task.cancel_upstream, [job_id], queue)
+
+
+def publish_purge() -> None:
+    """One pass of the purge (shared/retention/), on the default queue."""
+    publish(Task.purge, [], "default")
 
 
 def queue_size(queue: str) -> int | None:

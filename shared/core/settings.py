@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     # without persistence). Duplicates are harmless: the claim is guarded.
     redeliver_after_seconds: float = 300.0
     sweep_interval_seconds: float = 5.0
+    # The purge (issue 29, shared/retention/): how often one pass runs (one worker's
+    # sweeper publishes it; a Redis lock keeps it to one at a time with Redis), how
+    # old an unowned object must be before the orphan sweep deletes it, and how many
+    # objects one pass examines (it resumes from there next time).
+    purge_interval_seconds: float = Field(default=300.0, gt=0)
+    orphan_min_age_seconds: float = Field(default=86400.0, ge=0)
+    orphan_scan_limit: int = Field(default=10000, ge=1)
     broker_polling_interval: float = 0.05
     log_level: str = "INFO"
     # "text" (readable, the default) or "json" (one object a line, for a pipeline).

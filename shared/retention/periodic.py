@@ -1,0 +1,61 @@
+"""The purge's periodic pass: what the ``imagegen.purge`` task runs, and when the
+sweeper publishes it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+
+from shared.core.context import current
+from shared.core.settings import get_settings
+from shared.core.storage import get_storage
+from shared.retention.orphans import Swept, sweep_orphans
+from shared.retention.purge import Purged, purge_once
+
+log = logging.getLogger(__name__)
+
+DUE_KEY = "imagegen:purge:due"
+RUNNING_KEY = "imagegen:purge:running"
+_last_published = 0.0
+
+
+def run_purge(now: datetime | None = None) -> tuple[Purged, Swept] | None:
+    """One pass: what is past its time, then a bounded stretch of the orphan scan.
+    With Redis, one pass at a time across the fleet (a second finds it running and
+    returns None); the purge is safe twice at once, this only saves the work."""
+    settings = get_settings()
+    redis = current().redis
+    lease = int(max(settings.purge_interval_seconds, 60) * 4)
+    if redis is not None and not redis.set(RUNNING_KEY, b"1", nx=True, ex=lease):
+        return None
+    try:
+        storage = get_storage()
+        purged = purge_once(storage, now)
+        swept = sweep_orphans(
+            storage,
+            min_age_seconds=settings.orphan_min_age_seconds,
+            limit=settings.orphan_scan_limit,
+            now=now,
+        )
+        if swept.deleted:
+            log.info("orphans: %d deleted of %d examined", swept.deleted, swept.examined)
+        return purged, swept
+    finally:
+        if redis is not None:
+            redis.delete(RUNNING_KEY)
+
+
+def purge_due() -> bool:
+    """Whether this sweeper should publish the purge now: every
+    ``purge_interval_seconds``, once across every sweeper where Redis says so."""
+    global _last_published
+    settings = get_settings()
+    interval = settings.purge_interval_seconds
+    if time.monotonic() - _last_published < interval:
+        return False
+    _last_published = time.monotonic()
+    redis = current().redis
+    if redis is None:
+        return True
+    return bool(redis.set(DUE_KEY, b"1", nx=True, ex=max(1, int(interval))))
