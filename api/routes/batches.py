@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from api import openapi
-from api.deps import After, CurrentPrincipal, DbSession, IdempotencyClaims
+from api.deps import After, CurrentPrincipal, DbSession, IdempotencyClaims, StorageDep
 from api.errors import ERRORS
 from api.sse import Frame, event_stream
 from shared.batches.models import TERMINAL
@@ -24,13 +24,14 @@ from shared.batches.service import (
     cancel_batch,
     create_native_batch,
     create_openai_batch,
+    delete_batch,
     get_batch,
     list_batches,
 )
 from shared.batches.views import list_items, render_batch
 from shared.core.db import unit_of_work
 from shared.core.errors import InvalidRequest
-from shared.core.schemas import ListPage
+from shared.core.schemas import Deleted, ListPage
 from shared.idempotency.service import once
 from shared.webhooks.service import check_url
 
@@ -85,6 +86,18 @@ def post_cancel(batch_id: str, principal: CurrentPrincipal, session: DbSession) 
     return render_batch(session, cancel_batch(session, principal.project_id, batch_id))
 
 
+@router.delete("/v1/batches/{batch_id}", response_model=Deleted, responses=ERRORS)
+@router.delete("/v1/images/batches/{batch_id}", response_model=Deleted, responses=ERRORS)
+def delete_one_batch(
+    batch_id: str, principal: CurrentPrincipal, session: DbSession, storage: StorageDep
+) -> Deleted:
+    """Delete an ended batch (409 ``conflict`` while it runs: cancel it first): its
+    jobs' images and inputs and its input, output and error files are removed at
+    once; from then on the batch, its jobs and files answer 404 (a second delete
+    too)."""
+    return delete_batch(session, storage, principal.project_id, batch_id, principal.key_id)
+
+
 @router.post("/v1/images/batches", response_model=BatchObject, responses=ERRORS)
 async def post_native_batch(
     body: NativeBatchCreate,
@@ -112,7 +125,7 @@ async def post_native_batch(
             "batch",
             lambda: (
                 create_native_batch(
-                    session, principal, requests, body.webhook_url, body.metadata
+                    session, principal, requests, body.webhook_url, body.metadata, body.cancel_after
                 ).id
             ),
         )

@@ -8,7 +8,7 @@ import base64
 import binascii
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -51,6 +51,11 @@ from shared.projects.budgets import (
 from shared.projects.limits import get_limiter, images_per_day_exceeded
 from shared.projects.models import ApiKey, Project
 from shared.registry import get_registry
+
+# A native batch line's deadline, in seconds from its start: its own or the batch's
+# ``cancel_after``, kept on the line's body (shared/batches/service.py) and taken off
+# it here, before the body is read as a request.
+DEADLINE_FIELD = "cancel_after_seconds"
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ def pump(session: Session, batch_id: str) -> Pumped:
             ).all()
         )
     valid: list[tuple[str, GenerationParams, str, str]] = []
+    deadlines = _deadlines(batch, pending, now)
     for item_id, body in pending:
         job_id = new_id("job")
         try:
@@ -116,7 +122,7 @@ def pump(session: Session, batch_id: str) -> Pumped:
             valid.append((item_id, params, registry.get(params.model).name, job_id))
         except ClientError as exc:
             _fail_item(session, item_id, exc, now)
-    jobs = _queue_lines(session, batch, valid, now) if valid else []
+    jobs = _queue_lines(session, batch, valid, now, deadlines) if valid else []
     created = [job["id"] for job in jobs]
     drained = not pending and _count(session, batch.id, ItemStatus.pending) == 0
     # In flight counted again, after the pending lines: a concurrent pump moves its
@@ -140,16 +146,31 @@ def pump(session: Session, batch_id: str) -> Pumped:
     return Pumped(len(created), finished)
 
 
+def _deadlines(batch: Batch, pending: list[sa.Row[Any]], now: datetime) -> dict[str, datetime]:
+    """A native batch's lines' deadlines, from their start now (taken off their
+    bodies before these are read as requests)."""
+    found: dict[str, datetime] = {}
+    if batch.kind != "native":
+        return found
+    for item_id, body in pending:
+        seconds = body.pop(DEADLINE_FIELD, None) if isinstance(body, dict) else None
+        if isinstance(seconds, (int, float)):
+            found[item_id] = now + timedelta(seconds=seconds)
+    return found
+
+
 def _queue_lines(
     session: Session,
     batch: Batch,
     valid: list[tuple[str, GenerationParams, str, str]],
     now: datetime,
+    deadlines: dict[str, datetime],
 ) -> list[dict[str, Any]]:
-    """Jobs for validated lines, as far as the budgets of the project and of the key
-    that created the batch cover their estimates (past that the batch stops taking
-    lines: ``_out_of_budget``) and its images a day allow (lines past it fail with
-    its 429, like any request; the rest of the batch goes on)."""
+    """Jobs for validated lines (each with its deadline, if it has one), as far as
+    the budgets of the project and of the key that created the batch cover their
+    estimates (past that the batch stops taking lines: ``_out_of_budget``) and its
+    images a day allow (lines past it fail with its 429, like any request; the rest
+    of the batch goes on)."""
     project = session.get(Project, batch.project_id)
     quota = project.images_per_day if project else None
     valid = _within_budget(session, batch, project, valid, now)
@@ -180,6 +201,7 @@ def _queue_lines(
             "model": model,
             "request": params.model_dump(),
             "batch_item_id": item_id,
+            "deadline_at": deadlines.get(item_id),
         }
         for item_id, params, model, job_id in valid[:granted]
     ]

@@ -40,6 +40,11 @@ class NativeBatchCreate(Schema):
     """A URL that receives the batch's end event, signed as a per-job webhook."""
     metadata: dict[str, str] | None = None
     """Your own labels, returned on the batch."""
+    cancel_after: str | None = Field(default=None, max_length=32)
+    """Each line's deadline, as the ``Cancel-After`` header takes it (``30s``, ``5m``,
+    ``1h30m``; 5 s to 24 h), counted from when the line starts (its job is made): a
+    line not finished by then ends ``canceled`` with ``deadline_exceeded`` and is not
+    charged. A request's own ``cancel_after`` overrides it for that line."""
 
 
 class RequestCounts(Schema):

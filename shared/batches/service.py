@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from shared.audit.service import record
 from shared.batches.input import (
     ENDPOINTS,
     MAX_CUSTOM_ID_CHARS,
@@ -28,12 +29,13 @@ from shared.batches.input import (
 from shared.batches.models import (
     BATCH_TRANSITIONS,
     PUMPED,
+    TERMINAL,
     Batch,
     BatchItem,
     BatchStatus,
     ItemStatus,
 )
-from shared.batches.pump import stop_pending
+from shared.batches.pump import DEADLINE_FIELD, stop_pending
 from shared.batches.views import render_batch
 from shared.core.broker import publish_batch_pump, publish_batch_validation
 from shared.core.clock import utcnow
@@ -42,9 +44,14 @@ from shared.core.events import publish_changed
 from shared.core.ids import new_id
 from shared.core.outbox import after_commit
 from shared.core.pages import newest_first, owned
-from shared.core.storage import get_storage
+from shared.core.schemas import Deleted
+from shared.core.storage import Storage, get_storage
 from shared.files.models import File
 from shared.files.service import get_file
+from shared.jobs import lifecycle
+from shared.jobs.models import Image, Job
+from shared.jobs.service import cancel_after as parse_cancel_after
+from shared.jobs.service import job_prefix
 from shared.projects.service import Principal
 from shared.webhooks.events import record_batch_event
 
@@ -100,8 +107,12 @@ def create_native_batch(
     requests: list[dict[str, Any]],
     webhook_url: str | None,
     metadata: dict[str, str] | None,
+    cancel_after: str | None = None,
 ) -> Batch:
-    """Record the batch and its lines; the worker starts them (enqueued after commit)."""
+    """Record the batch and its lines; the worker starts them (enqueued after commit).
+    ``cancel_after``: each line's deadline from its start, unless a request has its
+    own (kept on the line as ``cancel_after`` seconds: shared/batches/pump.py)."""
+    default = parse_cancel_after(cancel_after, "cancel_after")
     if not requests:
         raise InvalidRequest("A batch needs at least one request.", param="requests")
     if len(requests) > MAX_LINES:
@@ -121,6 +132,15 @@ def create_native_batch(
                 f"The custom_id '{custom_id}' is used twice.", param=f"requests.{index}.custom_id"
             )
         seen.add(custom_id)
+        own = body.pop("cancel_after", None)
+        if own is not None and not isinstance(own, str):
+            raise InvalidValue(
+                "cancel_after must be a duration such as '30s' or '5m'.",
+                param=f"requests.{index}.cancel_after",
+            )
+        seconds = parse_cancel_after(own, f"requests.{index}.cancel_after") or default
+        if seconds is not None:
+            body[DEADLINE_FIELD] = seconds
         items.append({"line": index + 1, "custom_id": custom_id, "body": body})
     now = utcnow()
     batch = Batch(
@@ -205,6 +225,78 @@ def cancel_batch(session: Session, project_id: str, batch_id: str) -> Batch:
     return batch
 
 
+# --- deleting ----------------------------------------------------------------------
+
+
+def delete_batch(
+    session: Session, storage: Storage, project_id: str, batch_id: str, actor: str
+) -> Deleted:
+    """Delete an ended batch (a running one is refused, 409: cancel it first): its
+    jobs and the batch become tombstones (read as absent), its jobs' images, edit
+    inputs and kept upstream images and its input, output and error files are
+    removed from storage at once (DeleteObjects, 1,000 keys a call), and the deletion
+    is audited. Deleting it again answers 404."""
+    batch = get_batch(session, project_id, batch_id)
+    if batch.status not in TERMINAL:
+        raise Conflict(
+            f"Batch '{batch_id}' is {batch.status}: it can be deleted once it has ended "
+            "(cancel it first).",
+            param="batch_id",
+        )
+    now = utcnow()
+    batch.deleted_at = now
+    session.add(batch)
+    job_ids = lifecycle.mark_batch_jobs_deleted(session, batch.id, now)
+    keys = _job_objects(session, storage, project_id, job_ids)
+    files = [f for f in (batch.input_file_id, batch.output_file_id, batch.error_file_id) if f]
+    for file in session.exec(select(File).where(col(File.id).in_(files))):
+        keys.append(file.storage_key)
+        if file.deleted_at is None:
+            file.deleted_at = now
+            session.add(file)
+    session.flush()
+    # Marked first, in this transaction: a storage outage answers 503 and rolls the
+    # marks back; a removal that ran twice finds nothing.
+    storage.delete(keys)
+    record(
+        session,
+        actor,
+        "batch.delete",
+        batch.id,
+        {"status": batch.status, "jobs": len(job_ids), "objects": len(keys), "files": files},
+        project_id=project_id,
+    )
+    return Deleted(id=batch.id, object="batch")
+
+
+def _job_objects(
+    session: Session, storage: Storage, project_id: str, job_ids: list[str]
+) -> list[str]:
+    """What the jobs stored, from their rows (a listing per job would cost a
+    50,000-line batch 50,000 LIST calls): their images, an edit line's inputs and
+    mask, and a queue provider's kept images (listed, for the few that have any)."""
+    keys: list[str] = []
+    for start in range(0, len(job_ids), 500):
+        chunk = job_ids[start : start + 500]
+        keys += session.exec(
+            select(Image.storage_key).where(
+                col(Image.project_id) == project_id, col(Image.job_id).in_(chunk)
+            )
+        )
+        for job_id, request, upstream in session.execute(
+            sa.select(col(Job.id), col(Job.request), col(Job.upstream)).where(
+                col(Job.id).in_(chunk)
+            )
+        ):
+            keys += [k for k in request.get("images") or [] if isinstance(k, str)]
+            if isinstance(request.get("mask"), str):
+                keys.append(request["mask"])
+            if upstream:
+                prefix = f"{job_prefix(project_id, job_id)}upstream/"
+                keys += [obj.key for obj in storage.scan(prefix)]
+    return keys
+
+
 # --- reading -----------------------------------------------------------------------
 
 
@@ -221,7 +313,9 @@ def get_batch(session: Session, project_id: str, batch_id: str) -> Batch:
 def list_batches(
     session: Session, project_id: str, *, limit: int, after: str | None
 ) -> tuple[list[Batch], bool]:
-    query = select(Batch).where(col(Batch.project_id) == project_id)
+    query = select(Batch).where(
+        col(Batch.project_id) == project_id, col(Batch.deleted_at).is_(None)
+    )
     return newest_first(session, query, col(Batch.id), limit=limit, after=after)
 
 
