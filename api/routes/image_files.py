@@ -8,11 +8,12 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from api import openapi
-from api.deps import StorageDep
+from api.deps import DbSession, StorageDep
 from api.errors import ERRORS
-from shared.core.errors import NotFound
+from shared.core.errors import Gone, NotFound
 from shared.core.storage import LocalStorage
 from shared.imaging import CONTENT_TYPES
+from shared.retention.service import image_expired
 
 router = APIRouter(tags=["files"])
 
@@ -28,12 +29,17 @@ router = APIRouter(tags=["files"])
 def read_file(
     key: str,
     storage: StorageDep,
+    session: DbSession,
     expires: Annotated[int, Query(description="When the URL stops working, Unix seconds")],
     signature: Annotated[str, Query(max_length=128, description="The URL's HMAC signature")],
 ) -> Response:
     if not isinstance(storage, LocalStorage):
         raise NotFound("No such file.")
     storage.verify(key, expires, signature)
+    # An image past its life answers 410 image_expired, even before the purge has
+    # deleted its file (a deleted job's: 404, its file gone).
+    if image_expired(session, key):
+        raise Gone("This image has expired and was deleted.")
     data = storage.get(key)
     ext = key.rsplit(".", 1)[-1]
     return Response(

@@ -38,6 +38,8 @@ class ErrorCode(StrEnum):
     model_not_found = "model_not_found"
     conflict = "conflict"
     idempotency_key_reused = "idempotency_key_reused"
+    # An image past its life (retention or Image-Expires-After): deleted, 410 (issue 29).
+    image_expired = "image_expired"
     # Limits
     rate_limit_exceeded = "rate_limit_exceeded"
     images_per_day_exceeded = "images_per_day_exceeded"
@@ -202,6 +204,13 @@ class ModelNotFound(NotFound):
     """The model is not in the registry (404 ``model_not_found``)."""
 
     code = ErrorCode.model_not_found
+
+
+class Gone(ClientError):
+    """The object existed and is past its life (410): an expired image's file."""
+
+    status_code = 410
+    code = ErrorCode.image_expired
 
 
 class Conflict(ClientError):

@@ -133,6 +133,9 @@ class ImageData(Schema):
     """The image file, base64 (``response_format: b64_json``)."""
     revised_prompt: str | None = None
     """The prompt the model used, where it rewrites prompts (dall-e-3)."""
+    expired: bool | None = None
+    """``true`` in place of ``url``/``b64_json`` once the image is past its life (its
+    project's image retention or the request's ``Image-Expires-After``) and deleted."""
 
 
 class ImagesResponse(Schema):

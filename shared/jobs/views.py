@@ -4,7 +4,7 @@ import base64
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from shared.core.clock import to_unix
+from shared.core.clock import to_unix, utcnow
 from shared.core.errors import (
     ClientError,
     Conflict,
@@ -28,6 +28,7 @@ from shared.jobs.schemas import (
     job_params,
 )
 from shared.registry import get_registry
+from shared.retention.policy import image_ends_at, url_life
 
 _DETAILED = (JobStatus.running, JobStatus.queued)
 
@@ -67,19 +68,30 @@ def render_result(
     base_url: str,
     url_expiry: int,
     inline: list[str] | None = None,
+    *,
+    retention_seconds: int | None = None,
 ) -> ImagesResponse:
     """The job's answer; ``inline`` is the images' base64 when already at hand
-    (otherwise a ``b64_json`` answer reads them back from storage)."""
+    (otherwise a ``b64_json`` answer reads them back from storage). An image past
+    its life (marked by the purge, or past its time already: ``retention_seconds``
+    is its project's image retention where the caller knows it) is an ``expired``
+    marker; a URL never outlives its image."""
     params = job_params(job)
     data = []
+    now = utcnow()
     for i, image in enumerate(images):
-        if params.response_format == "b64_json":
+        ends = image_ends_at(
+            job.images_expire_at, getattr(image, "created_at", None), retention_seconds
+        )
+        if getattr(image, "expired_at", None) is not None or (ends is not None and ends <= now):
+            data.append(ImageData(expired=True, revised_prompt=image.revised_prompt))
+        elif params.response_format == "b64_json":
             b64 = inline[i] if inline else base64.b64encode(storage.get(image.storage_key)).decode()
             data.append(ImageData(b64_json=b64, revised_prompt=image.revised_prompt))
         else:
             data.append(
                 ImageData(
-                    url=storage.url(image.storage_key, url_expiry, base_url),
+                    url=storage.url(image.storage_key, url_life(ends, now, url_expiry), base_url),
                     revised_prompt=image.revised_prompt,
                 )
             )
@@ -100,11 +112,19 @@ def answer_shape(model: str) -> AnswerShape:
 
 
 def render_job(
-    job: Job, images: list[Image] | None, storage: Storage, base_url: str, url_expiry: int
+    job: Job,
+    images: list[Image] | None,
+    storage: Storage,
+    base_url: str,
+    url_expiry: int,
+    *,
+    retention_seconds: int | None = None,
 ) -> JobObject:
     result = None
     if job.status == JobStatus.succeeded and images is not None:
-        result = render_result(job, images, storage, base_url, url_expiry)
+        result = render_result(
+            job, images, storage, base_url, url_expiry, retention_seconds=retention_seconds
+        )
     error = None
     # A failure's error, and a cancel's when its deadline ended it (deadline_exceeded).
     deadline = job.status == JobStatus.canceled and job.error_code == ErrorCode.deadline_exceeded

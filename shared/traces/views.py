@@ -13,6 +13,7 @@ from shared.core.storage import Storage
 from shared.jobs.models import Image, Job
 from shared.jobs.service import job_images
 from shared.jobs.views import render_result
+from shared.projects.models import Project
 from shared.traces.models import Call
 
 
@@ -77,13 +78,22 @@ def _call_output(
     base_url: str,
     expiry: int,
     jobs: dict[str, tuple[Job, list[Image]]],
+    retention: dict[str, int | None],
 ) -> dict[str, Any] | None:
-    """The stored output, with image URLs made fresh (never b64 blobs in traces)."""
+    """The stored output, with image URLs made fresh (never b64 blobs in traces), an
+    image past its life an ``expired`` marker (its object deleted: never presigned)."""
     if call.output is None or call.job_id not in jobs:
         return call.output
     job, images = jobs[call.job_id]
     job_as_url = job.model_copy(update={"request": {**job.request, "response_format": "url"}})
-    data = render_result(job_as_url, images, storage, base_url, expiry).data
+    data = render_result(
+        job_as_url,
+        images,
+        storage,
+        base_url,
+        expiry,
+        retention_seconds=retention.get(job.project_id),
+    ).data
     return {**call.output, "data": [d.model_dump(exclude_none=True) for d in data]}
 
 
@@ -97,11 +107,16 @@ def render_calls(
 ) -> list[dict[str, Any]]:
     """Calls as Weave's CallSchema, each output with its job's images (fresh URLs)."""
     jobs: dict[str, tuple[Job, list[Image]]] = {}
+    retention: dict[str, int | None] = {}
     for call in calls:
         if call.job_id and call.output is not None:
             job = session.get(Job, call.job_id)
             if job is not None and job.project_id == call.project_id:
                 jobs[call.job_id] = (job, job_images(session, job))
+                if job.project_id not in retention:
+                    project = session.get(Project, job.project_id)
+                    retention[job.project_id] = project.image_retention_seconds if project else None
     return [
-        call_schema(c, project_ref, _call_output(c, storage, base_url, expiry, jobs)) for c in calls
+        call_schema(c, project_ref, _call_output(c, storage, base_url, expiry, jobs, retention))
+        for c in calls
     ]
