@@ -41,6 +41,7 @@ from shared.projects.service import (
     touch_due,
     touch_key,
 )
+from shared.quota import STORED, refuse_if_full
 
 # auto_error=False: we answer a missing key ourselves, in the surface's error shape.
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
@@ -192,6 +193,32 @@ def context_of(request: Request) -> Context:
 DbSession = Annotated[Session, Depends(request_session, scope="function")]
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 WeavePrincipal = Annotated[Principal, Depends(weave_principal)]
+
+
+async def room_for(principal: Principal) -> None:
+    """Refuse new work (429 ``storage_quota_exceeded``) once the project stores as
+    many bytes as its quota allows (shared/quota.py). Without a quota: nothing, not
+    even a thread hop; with one, a fresh cached figure is read on the loop."""
+    quota = principal.storage_quota_bytes
+    if quota is None:
+        return
+    stored = STORED.cached(principal.project_id)
+    if stored is None:
+        stored = await run_in_threadpool(STORED.get, principal.project_id, unit_of_work)
+    refuse_if_full(principal.project_id, stored, quota)
+
+
+async def storage_room(principal: CurrentPrincipal) -> None:
+    await room_for(principal)
+
+
+async def weave_storage_room(principal: WeavePrincipal) -> None:
+    await room_for(principal)
+
+
+# On each route that accepts new work: generations, edits, variations, batches, uploads.
+StorageRoom = Depends(storage_room)
+WeaveStorageRoom = Depends(weave_storage_room)
 SettingsDep = Annotated[Settings, Depends(settings_dep)]
 StorageDep = Annotated[Storage, Depends(storage_dep)]
 BaseUrl = Annotated[str, Depends(base_url)]

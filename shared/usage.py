@@ -1,5 +1,7 @@
 """Usage per project, by UTC day and model: jobs by status, images, pixels, the
-provider's own usage figures (tokens, for gpt-image models) and the cost in USD."""
+provider's own usage figures (tokens, for gpt-image models) and the cost in USD;
+and the bytes a project keeps stored (``storage_bytes``: its images, edit inputs and
+files), summed from the rows that own them."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from sqlmodel import Session, col
 
 from shared.core.errors import InvalidRequest
 from shared.core.schemas import Schema
+from shared.files.models import File
 from shared.jobs.models import Image, Job, JobStatus
 from shared.projects.schemas import BudgetStatus
 
@@ -51,6 +54,18 @@ class UsageTotals(Schema):
     """What it cost in USD."""
 
 
+class StorageUsage(Schema):
+    """What the project keeps stored now, in bytes, by kind."""
+
+    images_bytes: int
+    """Its images not expired, of jobs not deleted."""
+    inputs_bytes: int
+    """Its edits' and variations' uploaded images and masks, kept under their jobs
+    until their images expire or the job is deleted."""
+    files_bytes: int
+    """Its Files API files not deleted (batch inputs, outputs and errors included)."""
+
+
 class UsageReport(Schema):
     """``GET /v1/usage``: the project's jobs and images per day and model."""
 
@@ -70,6 +85,72 @@ class UsageReport(Schema):
     """The budgets as they stand now, whatever the report's days: the project's day
     and month (``budget_usd`` null where it has none), then the calling key's own
     where it has them."""
+    storage_bytes: int = 0
+    """The bytes the project keeps stored now, whatever the report's days: images,
+    edit inputs and files (``storage`` by kind)."""
+    storage: StorageUsage | None = None
+    """``storage_bytes`` by kind."""
+    storage_quota_bytes: int | None = None
+    """The project's storage quota: reached, new work is refused with 429
+    ``storage_quota_exceeded``; null for none."""
+
+
+def _storage_queries(project_id: str | None) -> list[sa.Select[Any]]:
+    """The three sums of a project's stored bytes (every project's, by project, when
+    ``project_id`` is None). Each is over an index on project_id; images of deleted
+    jobs are kept as rows (tombstones) and left out here, as are an edit's inputs once
+    its images expired (the purge deletes those with them, shared/retention/purge.py)."""
+    expired = (
+        sa.select(sa.literal(1))
+        .where(col(Image.job_id) == col(Job.id), col(Image.expired_at).is_not(None))
+        .exists()
+    )
+    images = (
+        sa.select(col(Image.project_id), sa.func.coalesce(sa.func.sum(col(Image.size_bytes)), 0))
+        .join(Job, col(Job.id) == col(Image.job_id))
+        .where(col(Image.expired_at).is_(None), col(Job.deleted_at).is_(None))
+    )
+    inputs = sa.select(
+        col(Job.project_id), sa.func.coalesce(sa.func.sum(col(Job.input_bytes)), 0)
+    ).where(col(Job.input_bytes).is_not(None), col(Job.deleted_at).is_(None), ~expired)
+    files = sa.select(
+        col(File.project_id), sa.func.coalesce(sa.func.sum(col(File.bytes)), 0)
+    ).where(col(File.deleted_at).is_(None))
+    if project_id is not None:
+        return [
+            images.where(col(Image.project_id) == project_id).group_by(col(Image.project_id)),
+            inputs.where(col(Job.project_id) == project_id).group_by(col(Job.project_id)),
+            files.where(col(File.project_id) == project_id).group_by(col(File.project_id)),
+        ]
+    return [
+        images.group_by(col(Image.project_id)),
+        inputs.group_by(col(Job.project_id)),
+        files.group_by(col(File.project_id)),
+    ]
+
+
+def storage_usage(session: Session, project_id: str) -> StorageUsage:
+    """The bytes ``project_id`` keeps stored now, exact (three indexed sums)."""
+    sums = [
+        int(row[1]) if (row := session.execute(q).first()) is not None else 0
+        for q in _storage_queries(project_id)
+    ]
+    return StorageUsage(images_bytes=sums[0], inputs_bytes=sums[1], files_bytes=sums[2])
+
+
+def storage_bytes(session: Session, project_id: str) -> int:
+    usage = storage_usage(session, project_id)
+    return usage.images_bytes + usage.inputs_bytes + usage.files_bytes
+
+
+def storage_bytes_by_project(session: Session) -> dict[str, int]:
+    """Every project's stored bytes (those storing nothing left out): the metrics'
+    gauge, one grouped sum per kind."""
+    total: dict[str, int] = defaultdict(int)
+    for query in _storage_queries(None):
+        for project_id, value in session.execute(query):
+            total[str(project_id)] += int(value)
+    return dict(total)
 
 
 def usage_report(

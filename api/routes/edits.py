@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
 from api import openapi
-from api.deps import CurrentPrincipal
+from api.deps import CurrentPrincipal, StorageRoom
 from api.generation import webhook_for
 from api.input_guard import check_text
 from api.routes.images import Answering, HowToAnswer, answer
@@ -68,6 +68,8 @@ for _operation, _summary, _schema in (
         summary=_summary,
         name=f"create_image_{_operation}",
         openapi_extra=_form(_schema),
+        # Before the form is read: a project at its quota stores no uploads.
+        dependencies=[StorageRoom],
     )(_route(_operation))  # type: ignore[arg-type]
 
 
@@ -130,6 +132,7 @@ async def _accept(
         how,
         job_id=job_id,
         prefix="image_edit",
+        input_bytes=sum(len(i.data) for i in images) + (len(mask.data) if mask else 0),
     )
 
 

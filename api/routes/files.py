@@ -10,7 +10,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from api import openapi
-from api.deps import After, CurrentPrincipal, DbSession, IdempotencyKeyHeader, StorageDep
+from api.deps import (
+    After,
+    CurrentPrincipal,
+    DbSession,
+    IdempotencyKeyHeader,
+    StorageDep,
+    StorageRoom,
+)
 from api.errors import ERRORS
 from api.input_guard import check_text
 from shared.core.errors import InvalidRequest, InvalidValue, quoted
@@ -31,7 +38,7 @@ from shared.idempotency.service import claim_of, once
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", response_model=FileObject, responses=ERRORS)
+@router.post("", response_model=FileObject, responses=ERRORS, dependencies=[StorageRoom])
 async def upload(
     file: Annotated[
         UploadFile, File(description="The file: JSONL for `batch`, an image for `vision`")

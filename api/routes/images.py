@@ -11,7 +11,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api import openapi
-from api.deps import Claims, CurrentPrincipal, IdempotencyClaims, ImageLinks, Links, SettingsDep
+from api.deps import (
+    Claims,
+    CurrentPrincipal,
+    IdempotencyClaims,
+    ImageLinks,
+    Links,
+    SettingsDep,
+    StorageRoom,
+)
 from api.generation import check_budget, position, submit, webhook_for
 from api.streaming import stream_response
 from shared.core.ids import new_id
@@ -99,6 +107,7 @@ def accepted(job: JobObject) -> JSONResponse:
     response_model_exclude_none=True,
     responses=openapi.IMAGE_ANSWERS,
     summary="Create image",
+    dependencies=[StorageRoom],
 )
 async def create_image(
     body: ImageGenerationRequest, request: Request, principal: CurrentPrincipal, how: HowToAnswer
@@ -119,6 +128,7 @@ async def answer(
     *,
     job_id: str | None = None,
     prefix: str = "image_generation",
+    input_bytes: int | None = None,
 ) -> Response | ImagesResponse:
     """Record the validated request's job and answer: streamed events, the images
     once it finished, or 202 with the job (generations, edits and variations)."""
@@ -130,6 +140,7 @@ async def answer(
         webhook=webhook,
         idempotency=claim,
         cancel_after=how.cancel_after,
+        input_bytes=input_bytes,
     )
     respond_async, wait = parse_prefer(how.prefer, how.settings.sync_wait_seconds)
     if params.stream:

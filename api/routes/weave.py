@@ -15,7 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from api import openapi
-from api.deps import DbSession, Links, SettingsDep, WeavePrincipal
+from api.deps import DbSession, Links, SettingsDep, WeavePrincipal, WeaveStorageRoom
 from api.generation import submit, webhook_for
 from shared.core.db import unit_of_work
 from shared.core.errors import Forbidden, ImagegenError, quoted
@@ -148,6 +148,7 @@ def _failure(message: str) -> ImageGenerationCreateRes:
     response_model=ImageGenerationCreateRes,
     summary="Image Create",
     responses=WEAVE_ERRORS,
+    dependencies=[WeaveStorageRoom],
 )
 async def image_create(
     body: Annotated[ImageGenerationCreateReq, Body()],

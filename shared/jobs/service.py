@@ -71,6 +71,7 @@ def create_job(session: Session, submission: Submission, *, reply: bool = False)
         published_at=now,
         created_at=now,
         deadline_at=deadline,
+        input_bytes=submission.input_bytes,
     )
     call = None
     if submission.track:

@@ -41,6 +41,8 @@ class Submission:
     cancel_after: float | None = None
     """Seconds from now: not finished by then, the job ends canceled with
     ``deadline_exceeded`` (the ``Cancel-After`` header)."""
+    input_bytes: int | None = None
+    """An edit's or variation's stored uploads and mask, in bytes (storage accounting)."""
 
     def for_user(self) -> Submission:
         """The params name the key's user where the request named none."""

@@ -55,6 +55,8 @@ class Principal:
     monthly_budget_usd: float | None = None
     key_daily_budget_usd: float | None = None
     key_monthly_budget_usd: float | None = None
+    # The project's storage quota in bytes (shared/quota.py); None: none, and no check.
+    storage_quota_bytes: int | None = None
 
     def owns_project(self, project_ref: str) -> bool:
         """Weave's ``project_id`` names the project by name (``entity/project``) or id."""
@@ -327,6 +329,7 @@ def authenticate(session: Session, plaintext: str) -> KnownKey | None:
         monthly_budget_usd=project.monthly_budget_usd,
         key_daily_budget_usd=key.daily_budget_usd,
         key_monthly_budget_usd=key.monthly_budget_usd,
+        storage_quota_bytes=project.storage_quota_bytes,
     )
     return KnownKey(principal, used_at)
 
