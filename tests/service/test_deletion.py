@@ -1,0 +1,210 @@
+"""Deletion on demand (issue 29), in-process on local storage: a job's images and
+an edit's inputs gone from storage at once, the job answering 404 after (a second
+delete too), lists skipping it, its image URLs 404, the deletion audited; a queued
+job canceled first; a job deleted while its attempt runs keeps none of what that
+attempt stores; a batch deleted only once it ended, with its jobs and files."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+from sqlmodel import col, select
+
+from shared.audit.models import AuditEvent
+from shared.core.db import unit_of_work
+from shared.core.storage import get_storage
+from shared.jobs.models import Job
+from tests.service.conftest import Service
+from worker import runner
+
+
+def _objects(project_id: str, job_id: str) -> list[str]:
+    return [obj.key for obj in get_storage().scan(f"{project_id}/{job_id}/")]
+
+
+def _job_row(job_id: str) -> Job:
+    with unit_of_work() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def _audit(action: str, target: str) -> list[AuditEvent]:
+    with unit_of_work() as session:
+        rows = list(
+            session.exec(
+                select(AuditEvent).where(
+                    col(AuditEvent.action) == action, col(AuditEvent.target) == target
+                )
+            )
+        )
+        for row in rows:
+            session.expunge(row)
+        return rows
+
+
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGBA", (64, 64), (200, 10, 10, 255)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_finished_job_is_deleted_with_its_images(service: Service) -> None:
+    client = service.client()
+    answer = client.post(
+        "/v1/images/generations",
+        headers={"Prefer": "respond-async"},
+        json={"prompt": "a gull", "size": "64x64", "n": 2},
+    ).json()
+    job = service.wait_for(f"/v1/images/jobs/{answer['id']}", lambda j: j["status"] == "succeeded")
+    url = job["result"]["data"][0]["url"]
+    assert client.get(url).status_code == 200
+    row = _job_row(job["id"])
+    assert len(_objects(row.project_id, row.id)) == 2
+
+    deleted = client.delete(f"/v1/images/jobs/{job['id']}")
+
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json() == {"id": job["id"], "object": "image.job", "deleted": True}
+    assert _objects(row.project_id, row.id) == []
+    gone = client.get(f"/v1/images/jobs/{job['id']}")
+    assert gone.status_code == 404
+    assert gone.json()["error"]["code"] == "not_found"
+    assert client.get(url).status_code == 404
+    listed = client.get("/v1/images/jobs", params={"limit": 100}).json()["data"]
+    assert job["id"] not in [j["id"] for j in listed]
+    again = client.delete(f"/v1/images/jobs/{job['id']}")
+    assert again.status_code == 404
+    assert _job_row(job["id"]).deleted_at is not None  # the tombstone
+    [event] = _audit("job.delete", job["id"])
+    assert event.project_id == row.project_id
+    assert event.details["objects"] == 2
+
+
+def test_another_projects_job_cannot_be_deleted(service: Service) -> None:
+    job = (
+        service.client()
+        .post(
+            "/v1/images/generations",
+            headers={"Prefer": "respond-async"},
+            json={"prompt": "mine", "size": "64x64"},
+        )
+        .json()
+    )
+    other = service.client(service.create_key("service-deletion-other"))
+    assert other.delete(f"/v1/images/jobs/{job['id']}").status_code == 404
+    assert service.client().get(f"/v1/images/jobs/{job['id']}").status_code == 200
+
+
+def test_a_queued_edit_is_canceled_then_deleted_with_its_inputs(service: Service) -> None:
+    client = service.client()
+    with service.paused():
+        answer = client.post(
+            "/v1/images/edits",
+            headers={"Prefer": "respond-async"},
+            data={"prompt": "repaint", "size": "64x64"},
+            files={"image": ("in.png", _png(), "image/png")},
+        )
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+        row = _job_row(job_id)
+        assert _objects(row.project_id, job_id)  # the input, stored under the job
+
+        assert client.delete(f"/v1/images/jobs/{job_id}").status_code == 200
+
+        assert _objects(row.project_id, job_id) == []
+        after = _job_row(job_id)
+        assert (after.status, after.deleted_at is not None) == ("canceled", True)
+    assert client.get(f"/v1/images/jobs/{job_id}").status_code == 404
+
+
+def test_a_job_deleted_while_it_runs_keeps_nothing_its_attempt_stores(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempt is deleted under it (canceled, then a tombstone) before it stores
+    its images: its end is discarded, and what it stored is removed."""
+    client = service.client()
+    produce = runner.produce
+
+    def deleted_meanwhile(job: Job) -> Any:
+        assert client.delete(f"/v1/images/jobs/{job.id}").status_code == 200
+        return produce(job)  # stores its images, as a late worker would
+
+    with service.paused():
+        job_id = client.post(
+            "/v1/images/generations",
+            headers={"Prefer": "respond-async"},
+            json={"prompt": "late", "size": "64x64", "n": 2},
+        ).json()["id"]
+        monkeypatch.setattr(runner, "produce", deleted_meanwhile)
+        outcome = runner.run_job(job_id)
+    row = _job_row(job_id)
+    assert outcome == "discarded"
+    assert (row.status, row.deleted_at is not None) == ("canceled", True)
+    assert _objects(row.project_id, job_id) == []
+    with unit_of_work() as session:
+        from shared.jobs.models import Image as ImageRow
+
+        assert not list(session.exec(select(ImageRow).where(col(ImageRow.job_id) == job_id)))
+
+
+def test_a_batch_is_deleted_once_it_ended_with_its_jobs_and_files(service: Service) -> None:
+    client = service.client()
+    with service.paused():
+        batch = client.post(
+            "/v1/images/batches", json={"prompts": ["one", "two"], "size": "64x64"}
+        ).json()
+        running = client.delete(f"/v1/images/batches/{batch['id']}")
+        assert running.status_code == 409
+        assert running.json()["error"]["code"] == "conflict"
+    ended = service.wait_for(
+        f"/v1/images/batches/{batch['id']}", lambda b: b["status"] == "completed"
+    )
+    items = client.get(f"/v1/images/batches/{batch['id']}/items").json()["data"]
+    job_ids = [item["job_id"] for item in items]
+    project = _job_row(job_ids[0]).project_id
+    assert all(_objects(project, job_id) for job_id in job_ids)
+    output = ended.get("output_file_id")
+
+    deleted = client.delete(f"/v1/batches/{batch['id']}")
+
+    assert deleted.json() == {"id": batch["id"], "object": "batch", "deleted": True}
+    assert client.get(f"/v1/images/batches/{batch['id']}").status_code == 404
+    assert batch["id"] not in [b["id"] for b in client.get("/v1/batches").json()["data"]]
+    for job_id in job_ids:
+        assert client.get(f"/v1/images/jobs/{job_id}").status_code == 404
+        assert _objects(project, job_id) == []
+    if output:
+        assert client.get(f"/v1/files/{output}").status_code == 404
+    assert client.delete(f"/v1/images/batches/{batch['id']}").status_code == 404
+    [event] = _audit("batch.delete", batch["id"])
+    assert event.details["jobs"] == 2
+
+
+def test_an_openai_batch_deletes_its_input_and_output_files(service: Service) -> None:
+    client = service.client()
+    line = '{"custom_id": "a", "method": "POST", "url": "/v1/images/generations", '
+    line += '"body": {"prompt": "a wren", "size": "64x64"}}\n'
+    file = client.post(
+        "/v1/files",
+        data={"purpose": "batch"},
+        files={"file": ("in.jsonl", line.encode(), "application/jsonl")},
+    ).json()
+    batch = client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": file["id"],
+            "endpoint": "/v1/images/generations",
+            "completion_window": "24h",
+        },
+    ).json()
+    ended = service.wait_for(f"/v1/batches/{batch['id']}", lambda b: b["status"] == "completed")
+    assert ended["output_file_id"]
+    assert client.delete(f"/v1/batches/{batch['id']}").status_code == 200
+    for file_id in (file["id"], ended["output_file_id"]):
+        assert client.get(f"/v1/files/{file_id}").status_code == 404
+        assert client.get(f"/v1/files/{file_id}/content").status_code == 404
