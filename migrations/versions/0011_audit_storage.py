@@ -38,10 +38,17 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("storage_quota_bytes", sa.BigInteger(), nullable=True))
     with op.batch_alter_table("job", schema=None) as batch_op:
         batch_op.add_column(sa.Column("input_bytes", sa.BigInteger(), nullable=True))
+        batch_op.create_index(
+            "ix_job_project_id_input_bytes",
+            ["project_id", "input_bytes"],
+            postgresql_where=sa.text("input_bytes IS NOT NULL"),
+            sqlite_where=sa.text("input_bytes IS NOT NULL"),
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.drop_index("ix_job_project_id_input_bytes")
         batch_op.drop_column("input_bytes")
     with op.batch_alter_table("project", schema=None) as batch_op:
         batch_op.drop_column("storage_quota_bytes")

@@ -81,6 +81,15 @@ class Job(SQLModel, table=True):
         # retention (shared/retention/purge.py).
         sa.Index("ix_job_images_expire_at", "images_expire_at"),
         sa.Index("ix_job_project_id_created_at", "project_id", "created_at"),
+        # Storage accounting: a project's edits' input bytes (shared/usage.py), summed
+        # over its edits only.
+        sa.Index(
+            "ix_job_project_id_input_bytes",
+            "project_id",
+            "input_bytes",
+            postgresql_where=sa.text("input_bytes IS NOT NULL"),
+            sqlite_where=sa.text("input_bytes IS NOT NULL"),
+        ),
     )
 
     id: str = Field(default_factory=lambda: new_id("job"), primary_key=True, max_length=64)
