@@ -38,6 +38,7 @@ from shared.jobs.submission import Submission
 from shared.jobs.views import job_failure, render_job
 from shared.projects.service import Principal
 from shared.registry import get_registry
+from shared.retention.policy import request_image_life
 from shared.webhooks.service import Webhook
 
 router = APIRouter(tags=["images"])
@@ -57,6 +58,9 @@ class Answering:
     """The answer's headers (FastAPI merges them into what the route returns)."""
     cancel_after: float | None = None
     """The ``Cancel-After`` header in seconds: the job's deadline from now."""
+    image_expires_after: str | None = None
+    """The ``Image-Expires-After`` header as sent (checked against the project's
+    retention once the caller is known)."""
 
 
 async def answering(
@@ -72,8 +76,24 @@ async def answering(
             "then, the job ends `canceled` with `deadline_exceeded` and is not charged"
         ),
     ] = None,
+    image_expires_after: Annotated[
+        str | None,
+        Header(
+            description="A duration (`30s`, `5m`, `1h30m`; at least 1 minute): the images "
+            "are deleted that long after the request (capped at the project's image "
+            "retention), their entries then `expired`"
+        ),
+    ] = None,
 ) -> Answering:
-    return Answering(settings, links, prefer, claims, response, parse_cancel_after(cancel_after))
+    return Answering(
+        settings,
+        links,
+        prefer,
+        claims,
+        response,
+        parse_cancel_after(cancel_after),
+        image_expires_after,
+    )
 
 
 HowToAnswer = Annotated[Answering, Depends(answering)]
@@ -140,6 +160,7 @@ async def answer(
         webhook=webhook,
         idempotency=claim,
         cancel_after=how.cancel_after,
+        image_life=request_image_life(how.image_expires_after, principal.image_retention_seconds),
         input_bytes=input_bytes,
     )
     respond_async, wait = parse_prefer(how.prefer, how.settings.sync_wait_seconds)

@@ -36,7 +36,14 @@ def read_job(
 ) -> JobObject:
     job = get_job(session, principal.project_id, job_id)
     # Fresh presigned URLs on every read.
-    obj = render_job(job, job_images(session, job), links.storage, links.base_url, links.expiry)
+    obj = render_job(
+        job,
+        job_images(session, job),
+        links.storage,
+        links.base_url,
+        links.expiry,
+        retention_seconds=principal.image_retention_seconds,
+    )
     obj.queue_position = queue_position(session, job)
     return obj
 

@@ -34,6 +34,7 @@ from shared.jobs.models import FINISHED, Image, Job, JobStatus
 from shared.jobs.submission import Submission
 from shared.projects.budgets import get_budgets
 from shared.projects.limits import get_limiter
+from shared.retention.policy import images_expire_at
 from shared.traces.models import Call
 from shared.traces.service import finish_call, start_call
 from shared.webhooks.events import record_job_event
@@ -72,6 +73,7 @@ def create_job(session: Session, submission: Submission, *, reply: bool = False)
         created_at=now,
         deadline_at=deadline,
         input_bytes=submission.input_bytes,
+        images_expire_at=images_expire_at(now, submission.image_life),
     )
     call = None
     if submission.track:

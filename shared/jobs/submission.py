@@ -43,6 +43,9 @@ class Submission:
     ``deadline_exceeded`` (the ``Cancel-After`` header)."""
     input_bytes: int | None = None
     """An edit's or variation's stored uploads and mask, in bytes (storage accounting)."""
+    image_life: float | None = None
+    """Seconds from now its images live (``Image-Expires-After``, capped at the
+    project's image retention); None: the project's retention alone."""
 
     def for_user(self) -> Submission:
         """The params name the key's user where the request named none."""

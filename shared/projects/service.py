@@ -57,6 +57,9 @@ class Principal:
     key_monthly_budget_usd: float | None = None
     # The project's storage quota in bytes (shared/quota.py); None: none, and no check.
     storage_quota_bytes: int | None = None
+    # The project's image retention in seconds (None: forever): caps a request's
+    # Image-Expires-After and the life of its images' URLs (shared/retention/).
+    image_retention_seconds: int | None = None
 
     def owns_project(self, project_ref: str) -> bool:
         """Weave's ``project_id`` names the project by name (``entity/project``) or id."""
@@ -330,6 +333,7 @@ def authenticate(session: Session, plaintext: str) -> KnownKey | None:
         key_daily_budget_usd=key.daily_budget_usd,
         key_monthly_budget_usd=key.monthly_budget_usd,
         storage_quota_bytes=project.storage_quota_bytes,
+        image_retention_seconds=project.image_retention_seconds,
     )
     return KnownKey(principal, used_at)
 
