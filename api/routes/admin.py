@@ -20,9 +20,9 @@ from shared.projects.schemas import (
     DeploymentHealth,
     KeyCreate,
     KeyObject,
-    Limits,
     ProjectCreate,
     ProjectObject,
+    ProjectUpdate,
 )
 from shared.projects.service import (
     create_key,
@@ -35,6 +35,7 @@ from shared.projects.service import (
 )
 from shared.projects.views import key_view, project_view
 from shared.registry import UpstreamModel, get_registry
+from shared.retention.service import RETENTIONS, set_retention
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -51,9 +52,14 @@ def post_project(body: ProjectCreate, session: DbSession) -> ProjectObject:
 
 
 @router.patch("/projects/{name:path}", response_model=ProjectObject, responses=ERRORS)
-def patch_project(name: str, body: Limits, session: DbSession) -> ProjectObject:
+def patch_project(name: str, body: ProjectUpdate, session: DbSession) -> ProjectObject:
     changes = body.model_dump(exclude_unset=True)
-    return project_view(update_limits(session, name, actor=ADMIN, **changes))
+    retention = {f: changes.pop(f) for f in RETENTIONS if f in changes}
+    if retention:
+        project = set_retention(session, name, ADMIN, **retention)
+    if changes or not retention:
+        project = update_limits(session, name, actor=ADMIN, **changes)
+    return project_view(project)
 
 
 @router.get("/deployments", response_model=ListPage[DeploymentHealth], responses=ERRORS)

@@ -43,6 +43,25 @@ class Limits(Budgets):
     ``storage_quota_exceeded``. Null: no quota."""
 
 
+class Retention(Schema):
+    """How long a project's data is kept, in seconds (null: forever, the default);
+    the purge deletes what is past it (docs/projects-and-limits.md)."""
+
+    image_retention_seconds: int | None = Field(default=None, ge=60, le=INT32_MAX)
+    """Images, with their edit inputs and masks, from when each was made: then
+    deleted, their job's entries ``expired``."""
+    file_retention_seconds: int | None = Field(default=None, ge=60, le=INT32_MAX)
+    """Files (batch inputs, outputs and errors, uploads) from their creation: each
+    file's ``expires_at``, fixed when it is made."""
+    job_retention_seconds: int | None = Field(default=None, ge=60, le=INT32_MAX)
+    """Finished jobs' rows (with their trace calls and webhook deliveries) from their
+    creation: then removed (404)."""
+
+
+class ProjectUpdate(Limits, Retention):
+    """``PATCH /v1/admin/projects/{name}``: the fields given change, the rest stay."""
+
+
 class ProjectCreate(Limits):
     """``POST /v1/admin/projects``."""
 
@@ -85,6 +104,12 @@ class ProjectObject(Schema):
     """USD per UTC month; null for no budget."""
     storage_quota_bytes: int | None = None
     """Bytes it may keep stored before new work is refused; null for no quota."""
+    image_retention_seconds: int | None = None
+    """Seconds its images (and edit inputs) are kept; null: forever."""
+    file_retention_seconds: int | None = None
+    """Seconds its files are kept (from each one's creation); null: forever."""
+    job_retention_seconds: int | None = None
+    """Seconds its finished jobs' rows are kept; null: forever."""
 
 
 class KeyObject(Schema):

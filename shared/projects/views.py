@@ -18,6 +18,9 @@ def project_view(project: Project) -> ProjectObject:
         daily_budget_usd=project.daily_budget_usd,
         monthly_budget_usd=project.monthly_budget_usd,
         storage_quota_bytes=project.storage_quota_bytes,
+        image_retention_seconds=project.image_retention_seconds,
+        file_retention_seconds=project.file_retention_seconds,
+        job_retention_seconds=project.job_retention_seconds,
     )
 
 
