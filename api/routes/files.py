@@ -34,6 +34,7 @@ from shared.files.service import (
 )
 from shared.files.views import file_view
 from shared.idempotency.service import claim_of, once
+from shared.retention.policy import file_expires_after
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -48,6 +49,17 @@ async def upload(
     session: DbSession,
     storage: StorageDep,
     request: Request,
+    expires_anchor: Annotated[
+        str | None,
+        Form(alias="expires_after[anchor]", description="`created_at` (OpenAI's only anchor)"),
+    ] = None,
+    expires_seconds: Annotated[
+        str | None,
+        Form(
+            alias="expires_after[seconds]",
+            description="Seconds after the anchor the file expires: 3600 to 2592000",
+        ),
+    ] = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> FileObject:
     check_text(purpose, "purpose")
@@ -57,6 +69,7 @@ async def upload(
         raise InvalidValue(
             f"The file name is longer than {MAX_FILENAME_CHARS} characters.", param="file"
         )
+    expires_after = file_expires_after(expires_anchor, expires_seconds)
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(
             f"Invalid purpose '{quoted(purpose)}': use one of {', '.join(UPLOAD_PURPOSES)}.",
@@ -78,7 +91,12 @@ async def upload(
             while chunk := file.file.read(1 << 20):
                 digest.update(chunk)
             file.file.seek(0)
-            form = {"purpose": purpose, "filename": filename, "sha256": digest.hexdigest()}
+            form = {
+                "purpose": purpose,
+                "filename": filename,
+                "sha256": digest.hexdigest(),
+                "expires_after": str(expires_after),
+            }
             claim = claim_of(idempotency_key, "POST", request.url.path, form)
         file_id = once(
             session,
@@ -87,7 +105,14 @@ async def upload(
             "file",
             lambda: (
                 create_file(
-                    session, storage, principal.project_id, filename, purpose, file.file, size
+                    session,
+                    storage,
+                    principal.project_id,
+                    filename,
+                    purpose,
+                    file.file,
+                    size,
+                    expires_after,
                 ).id
             ),
         )

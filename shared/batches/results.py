@@ -112,6 +112,7 @@ def write_results(session: Session, batch_id: str, final: BatchStatus) -> None:
             f"{batch.id}_output.jsonl",
             "batch_output",
             ("\n".join(out_lines) + "\n").encode(),
+            expires_after=batch.output_expires_after_seconds,
         ).id
     if err_lines:
         batch.error_file_id = create_file(
@@ -121,6 +122,7 @@ def write_results(session: Session, batch_id: str, final: BatchStatus) -> None:
             f"{batch.id}_error.jsonl",
             "batch_output",
             ("\n".join(err_lines) + "\n").encode(),
+            expires_after=batch.output_expires_after_seconds,
         ).id
     batch.status = final
     setattr(

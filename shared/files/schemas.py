@@ -25,6 +25,7 @@ class FileObject(Schema):
     status: Literal["processed"] = "processed"
     """Always ``processed`` (deprecated by OpenAI, kept for its clients)."""
     expires_at: int | None = None
-    """Never set here: files are kept until deleted."""
+    """When the file expires and is deleted, Unix seconds (its ``expires_after``, or
+    its project's file retention); null: kept until deleted."""
     status_details: str | None = None
     """Never set here (deprecated by OpenAI)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from shared.core.clock import utcnow
@@ -12,6 +13,8 @@ from shared.core.ids import new_id
 from shared.core.pages import newest_first, owned
 from shared.core.storage import Storage
 from shared.files.models import File
+from shared.projects.models import Project
+from shared.retention.policy import file_expires_at
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's batch input limit
 MAX_FILENAME_CHARS = 500  # the column
@@ -29,9 +32,12 @@ def create_file(
     purpose: str,
     data: bytes | BinaryIO,
     size: int | None = None,
+    expires_after: int | None = None,
 ) -> File:
     """Store a file (bytes, or an open file streamed to storage in chunks: an
-    upload is never held in memory whole) and record it."""
+    upload is never held in memory whole) and record it. It expires
+    ``expires_after`` seconds from now (OpenAI's ``expires_after``), or at its
+    project's file retention, whichever comes first (never, without either)."""
     if purpose not in PURPOSES:
         raise InvalidRequest(
             f"Invalid purpose '{purpose}': use one of {', '.join(UPLOAD_PURPOSES)}.",
@@ -49,6 +55,8 @@ def create_file(
         storage.put(key, data, "application/jsonl")
     else:
         storage.put_file(key, data, "application/jsonl")
+    project = session.get(Project, project_id)
+    now = utcnow()
     file = File(
         id=file_id,
         project_id=project_id,
@@ -56,6 +64,10 @@ def create_file(
         purpose=purpose,
         bytes=size,
         storage_key=key,
+        created_at=now,
+        expires_at=file_expires_at(
+            now, expires_after, project.file_retention_seconds if project else None
+        ),
     )
     session.add(file)
     session.flush()
@@ -63,19 +75,22 @@ def create_file(
 
 
 def get_file(session: Session, project_id: str, file_id: str) -> File:
-    return owned(
-        session,
-        File,
-        project_id,
-        file_id,
-        NotFound(f"No such File object: {file_id}", param="file_id"),
-    )
+    """The file; an expired one is gone (404) even before the purge deletes it."""
+    missing = NotFound(f"No such File object: {file_id}", param="file_id")
+    file = owned(session, File, project_id, file_id, missing)
+    if file.expires_at is not None and file.expires_at <= utcnow():
+        raise missing
+    return file
 
 
 def list_files(
     session: Session, project_id: str, *, purpose: str | None, limit: int, after: str | None
 ) -> tuple[list[File], bool]:
-    query = select(File).where(col(File.project_id) == project_id, col(File.deleted_at).is_(None))
+    query = select(File).where(
+        col(File.project_id) == project_id,
+        col(File.deleted_at).is_(None),
+        sa.or_(col(File.expires_at).is_(None), col(File.expires_at) > utcnow()),
+    )
     if purpose is not None:
         query = query.where(col(File.purpose) == purpose)
     return newest_first(session, query, col(File.id), limit=limit, after=after)

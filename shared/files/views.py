@@ -14,4 +14,5 @@ def file_view(file: File) -> FileObject:
         created_at=to_unix(file.created_at) or 0,
         filename=file.filename,
         purpose=file.purpose,
+        expires_at=to_unix(file.expires_at),
     )

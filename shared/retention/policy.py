@@ -72,6 +72,28 @@ def file_expires_at(
     return created_at + timedelta(seconds=min(lives)) if lives else None
 
 
+def file_expires_after(anchor: str | None, seconds: str | None) -> int | None:
+    """OpenAI's ``expires_after`` on ``POST /v1/files`` (multipart fields
+    ``expires_after[anchor]`` and ``expires_after[seconds]``): both or neither; the
+    anchor ``created_at``; 3600 to 2592000 seconds. Errors name the field."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise InvalidRequest(
+            "expires_after[anchor] must be 'created_at'.", param="expires_after.anchor"
+        )
+    try:
+        value = int(seconds or "")
+    except ValueError:
+        value = None
+    if value is None or not FILE_LEAST <= value <= FILE_MOST:
+        raise InvalidRequest(
+            f"expires_after[seconds] must be an integer between {FILE_LEAST} and {FILE_MOST}.",
+            param="expires_after.seconds",
+        )
+    return value
+
+
 _DAYS = re.compile(r"(\d+)d(.*)")
 
 
@@ -88,7 +110,7 @@ def parse_retention(text: str, *, what: str) -> int | None:
     rest = parse_duration(value, what=what, most=MOST_LIFE * 100) if value else 0.0
     seconds = int(days * 86400 + rest)
     if not 60 <= seconds <= RETENTION_MOST:
-        raise InvalidRequest(f"{what}: {text!r} must be between 1 minute and 100 years", param=what)
+        raise InvalidRequest(f"{what}: {text!r} must be between 1 minute and 68 years", param=what)
     return seconds
 
 
