@@ -24,7 +24,7 @@ def usage(
 ) -> None:
     """Jobs, images and cost by UTC day and model (the last 30 days by default), then
     what the project (and the key, where it has its own) spent against its budgets
-    today and this month."""
+    today and this month, and the bytes it keeps stored now (against its quota)."""
     params: dict[str, Any] = {
         name: value
         for name, value in (("start_date", start_date), ("end_date", end_date))
@@ -62,3 +62,11 @@ def usage(
         )
     if report.get("budgets"):
         Console().print(budgets)
+    storage = report.get("storage") or {}
+    quota = report.get("storage_quota_bytes")
+    print(
+        f"stored: {report.get('storage_bytes', 0)} bytes"
+        f" ({'no quota' if quota is None else f'quota {quota} bytes'}):"
+        f" images {storage.get('images_bytes', 0)}, edit inputs {storage.get('inputs_bytes', 0)},"
+        f" files {storage.get('files_bytes', 0)}"
+    )

@@ -10,7 +10,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from api import openapi
-from api.deps import After, CurrentPrincipal, DbSession, IdempotencyClaims, StorageDep
+from api.deps import (
+    After,
+    CurrentPrincipal,
+    DbSession,
+    IdempotencyClaims,
+    StorageDep,
+    StorageRoom,
+)
 from api.errors import ERRORS
 from api.sse import Frame, event_stream
 from shared.batches.models import TERMINAL
@@ -38,7 +45,9 @@ from shared.webhooks.service import check_url
 router = APIRouter(tags=["batches"])
 
 
-@router.post("/v1/batches", response_model=BatchObject, responses=ERRORS)
+@router.post(
+    "/v1/batches", response_model=BatchObject, responses=ERRORS, dependencies=[StorageRoom]
+)
 def post_batch(
     body: BatchCreate,
     principal: CurrentPrincipal,
@@ -98,7 +107,9 @@ def delete_one_batch(
     return delete_batch(session, storage, principal.project_id, batch_id, principal.key_id)
 
 
-@router.post("/v1/images/batches", response_model=BatchObject, responses=ERRORS)
+@router.post(
+    "/v1/images/batches", response_model=BatchObject, responses=ERRORS, dependencies=[StorageRoom]
+)
 async def post_native_batch(
     body: NativeBatchCreate,
     principal: CurrentPrincipal,

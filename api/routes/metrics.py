@@ -5,6 +5,8 @@ rest of a development setup is."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
@@ -20,7 +22,9 @@ from shared.core.db import unit_of_work
 from shared.core.instruments import scrape
 from shared.core.settings import get_settings
 from shared.jobs.service import active_jobs
+from shared.projects.service import list_projects
 from shared.registry import get_registry
+from shared.usage import storage_bytes_by_project
 from shared.webhooks.service import deliveries_due
 
 router = APIRouter()
@@ -60,7 +64,44 @@ class WorkGauges(Collector):
         )
         for status, count in lines:
             batches.add_metric([status], count)
-        yield from (by_model, depth, queue_work(jobs, due), batches)
+        yield from (by_model, depth, queue_work(jobs, due), batches, STORAGE.gauge())
+
+
+class StorageGauge:
+    """``imagegen_project_storage_bytes``: each project's stored bytes, summed (three
+    grouped sums over every project's rows) at most once every ``ttl`` seconds per
+    process, whatever the scrape interval and however many scrapers: a scrape
+    between sums says the last figures."""
+
+    def __init__(self, ttl: float = 30.0) -> None:
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._figures: list[tuple[str, str, int]] = []
+        self._until = 0.0
+
+    def figures(self) -> list[tuple[str, str, int]]:
+        with self._lock:
+            if time.monotonic() >= self._until:
+                with unit_of_work() as session:
+                    stored = storage_bytes_by_project(session)
+                    projects = list_projects(session)
+                self._figures = [(p.name, p.id, stored.get(p.id, 0)) for p in projects]
+                self._until = time.monotonic() + self.ttl
+            return self._figures
+
+    def gauge(self) -> GaugeMetricFamily:
+        gauge = GaugeMetricFamily(
+            "imagegen_project_storage_bytes",
+            "Bytes each project keeps stored: images, edit inputs and files "
+            "(as GET /v1/usage's storage_bytes; summed at most every 30 s).",
+            labels=["project", "project_id"],
+        )
+        for name, project_id, stored in self.figures():
+            gauge.add_metric([name, project_id], stored)
+        return gauge
+
+
+STORAGE = StorageGauge()
 
 
 def queue_work(jobs: list[tuple[str, str, str, int]], deliveries: int) -> GaugeMetricFamily:

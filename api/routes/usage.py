@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from api.deps import CurrentPrincipal, DbSession
 from api.errors import ERRORS
 from shared.projects.budgets import statuses
-from shared.usage import UsageReport, usage_report
+from shared.usage import UsageReport, storage_usage, usage_report
 
 router = APIRouter(tags=["usage"])
 # Days a report may name: no job predates 1970, and the day after the last must
@@ -40,4 +40,8 @@ def read_usage(
     start = start_date or end - timedelta(days=29)
     report = usage_report(session, principal.project_id, principal.project_name, start, end)
     report.budgets = statuses(session, principal)
+    storage = storage_usage(session, principal.project_id)
+    report.storage = storage
+    report.storage_bytes = storage.images_bytes + storage.inputs_bytes + storage.files_bytes
+    report.storage_quota_bytes = principal.storage_quota_bytes
     return report

@@ -112,17 +112,18 @@ def pump(session: Session, batch_id: str) -> Pumped:
         )
     valid: list[tuple[str, GenerationParams, str, str]] = []
     deadlines = _deadlines(batch, pending, now)
+    inputs: dict[str, int] = {}  # an edit line's stored input bytes, by its job
     for item_id, body in pending:
         job_id = new_id("job")
         try:
             if batch.endpoint == EDITS_ENDPOINT:
-                params = _edit_line(session, batch.project_id, job_id, body)
+                params, inputs[job_id] = _edit_line(session, batch.project_id, job_id, body)
             else:
                 params = validate_generation(parse_request(body), registry)
             valid.append((item_id, params, registry.get(params.model).name, job_id))
         except ClientError as exc:
             _fail_item(session, item_id, exc, now)
-    jobs = _queue_lines(session, batch, valid, now, deadlines) if valid else []
+    jobs = _queue_lines(session, batch, valid, now, deadlines, inputs) if valid else []
     created = [job["id"] for job in jobs]
     drained = not pending and _count(session, batch.id, ItemStatus.pending) == 0
     # In flight counted again, after the pending lines: a concurrent pump moves its
@@ -165,6 +166,7 @@ def _queue_lines(
     valid: list[tuple[str, GenerationParams, str, str]],
     now: datetime,
     deadlines: dict[str, datetime],
+    inputs: dict[str, int],
 ) -> list[dict[str, Any]]:
     """Jobs for validated lines (each with its deadline, if it has one), as far as
     the budgets of the project and of the key that created the batch cover their
@@ -202,6 +204,7 @@ def _queue_lines(
             "request": params.model_dump(),
             "batch_item_id": item_id,
             "deadline_at": deadlines.get(item_id),
+            "input_bytes": inputs.get(job_id),
         }
         for item_id, params, model, job_id in valid[:granted]
     ]
@@ -425,9 +428,12 @@ def _jobs_of(session: Session, item_ids: list[str]) -> dict[str, float | None]:
 # --- batches of edits ----------------------------------------------------------------
 
 
-def _edit_line(session: Session, project_id: str, job_id: str, body: Any) -> GenerationParams:
+def _edit_line(
+    session: Session, project_id: str, job_id: str, body: Any
+) -> tuple[GenerationParams, int]:
     """An edit line: its fields checked as an edit's are, its images (file ids or
-    data URLs) read, checked and stored under the job it becomes."""
+    data URLs) read, checked and stored under the job it becomes; with the bytes
+    stored (storage accounting)."""
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object.", param="body")
     settings = get_settings()
@@ -454,7 +460,8 @@ def _edit_line(session: Session, project_id: str, job_id: str, body: Any) -> Gen
         mask = read_input(raw, "mask", *limits)
         check_mask(mask, images[0])
     keys, mask_key = store_inputs(get_storage(), project_id, job_id, images, mask)
-    return params.model_copy(update={"images": keys, "mask": mask_key})
+    stored = sum(len(i.data) for i in images) + (len(mask.data) if mask else 0)
+    return params.model_copy(update={"images": keys, "mask": mask_key}), stored
 
 
 def _image_bytes(session: Session, project_id: str, ref: Any, param: str) -> bytes:

@@ -428,11 +428,29 @@ function budgetsTable(rows) {
       el("td", { text: b.remaining_usd === null ? "-" : usd(b.remaining_usd) })))));
 }
 
+// Bytes in binary units: 1536 -> "1.5 KiB".
+function bytes(n) {
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return i === 0 ? `${n} bytes` : `${n.toFixed(1)} ${units[i]}`;
+}
+
+// What the project keeps stored now (images, edit inputs, files), against its quota.
+function storageLine(report) {
+  const s = report.storage || { images_bytes: 0, inputs_bytes: 0, files_bytes: 0 };
+  const quota = report.storage_quota_bytes;
+  const of = quota === null || quota === undefined ? "no quota" : `of a ${bytes(quota)} quota`;
+  return el("p", { id: "storage", "data-bytes": String(report.storage_bytes), text:
+    `Stored: ${bytes(report.storage_bytes)} (${of}): images ${bytes(s.images_bytes)}, edit inputs ${bytes(s.inputs_bytes)}, files ${bytes(s.files_bytes)}.` });
+}
+
 async function usageView() {
   const report = await api("/v1/usage");
   show(
     el("h1", { text: "Usage" }),
     el("p", { text: `${report.totals.images} images, ${report.totals.jobs} jobs, ${usd(report.totals.cost_usd)} from ${report.start_date} to ${report.end_date}.` }),
+    storageLine(report),
     el("h2", { text: "Budgets" }),
     budgetsTable(report.budgets || []),
     usageChart(report.data),
