@@ -18,6 +18,7 @@ from shared.core.db import unit_of_work
 from shared.core.storage import get_storage
 from shared.jobs.models import Job
 from tests.service.conftest import Service
+from worker import produce as worker_produce
 from worker import runner
 
 
@@ -128,7 +129,7 @@ def test_a_job_deleted_while_it_runs_keeps_nothing_its_attempt_stores(
     """The attempt is deleted under it (canceled, then a tombstone) before it stores
     its images: its end is discarded, and what it stored is removed."""
     client = service.client()
-    produce = runner.produce
+    produce = worker_produce.produce
 
     def deleted_meanwhile(job: Job) -> Any:
         assert client.delete(f"/v1/images/jobs/{job.id}").status_code == 200
