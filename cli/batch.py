@@ -21,7 +21,7 @@ from rich.progress import (
 )
 
 from cli import tables
-from cli.client import BaseUrlOpt, JsonOpt, KeyOpt, cancel_at, check, connect
+from cli.client import BaseUrlOpt, JsonOpt, KeyOpt, cancel_at, check, connect, delete_at
 
 batch_app = typer.Typer(
     help="Bulk generation: submit, follow and download batches.",
@@ -168,6 +168,17 @@ def cancel(
 ) -> None:
     """Cancel a batch: pending lines never run; it ends `cancelled` once none runs."""
     cancel_at(f"/v1/batches/{batch_id}/cancel", as_json, base_url, api_key)
+
+
+@batch_app.command("delete")
+def delete(
+    batch_id: str,
+    as_json: JsonOpt = False,
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+) -> None:
+    """Delete an ended batch: its jobs' images and its input, output and error files."""
+    delete_at(f"/v1/batches/{batch_id}", as_json, base_url, api_key)
 
 
 def _report(client: httpx.Client, batch: dict[str, Any]) -> None:

@@ -46,6 +46,16 @@ def cancel_at(path: str, as_json: bool, base_url: str, api_key: str | None) -> N
         console.print(f"{obj['id']} {obj['status']}")
 
 
+def delete_at(path: str, as_json: bool, base_url: str, api_key: str | None) -> None:
+    """DELETE an object; print the answer (JSON) or its id and ``deleted``."""
+    with connect(base_url, api_key) as client:
+        obj = check(client.delete(path))
+    if as_json:
+        print(json.dumps(obj))
+    else:
+        console.print(f"{obj['id']} deleted")
+
+
 def resolve_key(api_key: str | None) -> str:
     """--api-key, IMAGEGEN_API_KEY, IMAGEGEN_DEV_API_KEY, or the dev server's key file."""
     key = api_key or os.environ.get("IMAGEGEN_DEV_API_KEY")

@@ -1,4 +1,5 @@
-"""``imagegen jobs list|get|cancel|watch``: the project's jobs on a running server."""
+"""``imagegen jobs list|get|cancel|delete|watch``: the project's jobs on a running
+server."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import typer
 from rich.console import Console
 
 from cli import tables
-from cli.client import BaseUrlOpt, JsonOpt, KeyOpt, cancel_at, check, connect
+from cli.client import BaseUrlOpt, JsonOpt, KeyOpt, cancel_at, check, connect, delete_at
 
 jobs_app = typer.Typer(
-    help="Jobs: list, show, cancel, follow.", no_args_is_help=True, rich_markup_mode=None
+    help="Jobs: list, show, cancel, delete, follow.", no_args_is_help=True, rich_markup_mode=None
 )
 console = Console(stderr=True)
 
@@ -70,6 +71,17 @@ def cancel_job(
 ) -> None:
     """Cancel a queued or running job."""
     cancel_at(f"/v1/images/jobs/{job_id}/cancel", as_json, base_url, api_key)
+
+
+@jobs_app.command("delete")
+def delete_job(
+    job_id: str,
+    as_json: JsonOpt = False,
+    base_url: BaseUrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+) -> None:
+    """Delete a job and its images (canceled first if it has not finished)."""
+    delete_at(f"/v1/images/jobs/{job_id}", as_json, base_url, api_key)
 
 
 @jobs_app.command("watch")

@@ -7,17 +7,22 @@ attempt stores; a batch deleted only once it ended, with its jobs and files."""
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 from sqlmodel import col, select
+from typer.testing import CliRunner
 
+from cli import client as cli_client
+from cli.main import app as cli_app
 from shared.audit.models import AuditEvent
 from shared.core.db import unit_of_work
 from shared.core.storage import get_storage
 from shared.jobs.models import Job
-from tests.service.conftest import Service
+from tests.service.conftest import BASE_URL, Service
 from worker import produce as worker_produce
 from worker import runner
 
@@ -209,3 +214,38 @@ def test_an_openai_batch_deletes_its_input_and_output_files(service: Service) ->
     for file_id in (file["id"], ended["output_file_id"]):
         assert client.get(f"/v1/files/{file_id}").status_code == 404
         assert client.get(f"/v1/files/{file_id}/content").status_code == 404
+
+
+class _InProcess(TestClient):
+    """The CLI's client, on the app in this process (its lifespan already runs)."""
+
+    def __init__(self, like: TestClient) -> None:
+        super().__init__(like.app, base_url=BASE_URL, headers=dict(like.headers))
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def test_the_cli_deletes_a_job_and_a_batch(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``imagegen jobs delete`` and ``imagegen batch delete`` over the API."""
+    client = service.client()
+    job = client.post("/v1/images/generations", json={"prompt": "cli", "size": "64x64"})
+    job_id = client.get("/v1/images/jobs", params={"limit": 1}).json()["data"][0]["id"]
+    assert job.status_code == 200
+    batch = client.post("/v1/images/batches", json={"prompts": ["c"], "size": "64x64"}).json()
+    service.wait_for(f"/v1/images/batches/{batch['id']}", lambda b: b["status"] == "completed")
+    monkeypatch.setattr(cli_client, "connect", lambda base_url, api_key: _InProcess(client))
+    cli = CliRunner()
+    deleted = cli.invoke(cli_app, ["jobs", "delete", job_id, "--json", "--api-key", "k"])
+    assert deleted.exit_code == 0, deleted.output
+    assert json.loads(deleted.stdout) == {"id": job_id, "object": "image.job", "deleted": True}
+    again = cli.invoke(cli_app, ["jobs", "delete", job_id, "--api-key", "k"])
+    assert again.exit_code == 1
+    gone = cli.invoke(cli_app, ["batch", "delete", batch["id"], "--json", "--api-key", "k"])
+    assert gone.exit_code == 0, gone.output
+    assert client.get(f"/v1/images/batches/{batch['id']}").status_code == 404
