@@ -188,6 +188,14 @@ class Cluster:
         for role in self.api_roles:
             wait_for(lambda r=role: self._healthy(r), 60, f"the API on {role}")
 
+    def _healthy(self, role: str) -> bool:
+        """The API on ``role`` answers /healthz; one that exited fails at once, with
+        its log's last lines."""
+        if self.processes[role].poll() is not None:
+            tail = "\n".join(self.log(role).splitlines()[-5:])
+            raise RuntimeError(f"the API on {role} exited:\n{tail}")
+        return self._answers(role)
+
     def _postgres(self) -> None:
         """A cluster of the data host's own: initdb as postgres in a temporary
         folder, listening on the host's address, trusting the test subnet."""
@@ -264,7 +272,7 @@ class Cluster:
     def api_url(self, role: str) -> str:
         return self.network[role].url(API_PORT)
 
-    def _healthy(self, role: str) -> bool:
+    def _answers(self, role: str) -> bool:
         def get() -> bool:
             try:
                 return httpx.get(f"{self.api_url(role)}/healthz", timeout=1).status_code == 200
