@@ -89,6 +89,11 @@ class StorageGauge:
                 self._until = time.monotonic() + self.ttl
             return self._figures
 
+    def forget(self) -> None:
+        """The next scrape sums again."""
+        with self._lock:
+            self._until = 0.0
+
     def gauge(self) -> GaugeMetricFamily:
         gauge = GaugeMetricFamily(
             "imagegen_project_storage_bytes",
