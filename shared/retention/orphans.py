@@ -143,7 +143,8 @@ def _owned(objects: list[StoredObject], uow: UnitOfWork) -> set[str]:
 
 def _projects(uow: UnitOfWork) -> list[str]:
     with uow() as session:
-        return [str(p) for p in session.execute(sa.select(col(Project.id)).order_by(Project.id))]
+        query = sa.select(col(Project.id)).order_by(col(Project.id))
+        return [str(p) for p in session.execute(query).scalars()]
 
 
 def _pages(objects: Iterable[StoredObject], size: int) -> Iterable[list[StoredObject]]:

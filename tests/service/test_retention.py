@@ -1,0 +1,309 @@
+"""Retention (issue 29) through the whole service in one process, on local storage:
+a project's retention and a request's own shorter life expire images (the job stays
+readable, its entries ``expired``, its file URL 410), Files ``expires_after``, job
+rows past their retention removed, the purge killed halfway and run again, orphans
+swept but not young ones. Time is the purge's ``now`` argument: no sleeps."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import col, select
+
+from shared.core.clock import utcnow
+from shared.core.db import unit_of_work
+from shared.core.storage import LocalStorage, Storage, get_storage
+from shared.jobs.models import Image, Job
+from shared.retention import purge
+from shared.retention.orphans import Cursor, sweep_orphans
+from shared.retention.purge import purge_once
+from shared.traces.models import Call
+from tests.service.conftest import Service
+
+ADMIN = {"Authorization": "Bearer admin-service-key"}
+DAY = timedelta(days=1)
+
+
+def project_client(service: Service, name: str) -> TestClient:
+    return service.client(service.create_key(name))
+
+
+def set_retention(service: Service, project: str, **fields: Any) -> dict[str, Any]:
+    resp = service.anonymous().patch(f"/v1/admin/projects/{project}", json=fields, headers=ADMIN)
+    assert resp.status_code == 200, resp.text
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+def generate(
+    service: Service, client: TestClient, headers: dict[str, str] | None = None, n: int = 2
+) -> dict[str, Any]:
+    resp = client.post(
+        "/v1/images/generations",
+        headers={"Prefer": "respond-async", **(headers or {})},
+        json={"prompt": "a heron", "size": "64x64", "n": n},
+    )
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/v1/images/jobs/{job_id}").json()
+        if job["status"] == "succeeded":
+            return job
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def image_keys(job_id: str) -> list[str]:
+    with unit_of_work() as session:
+        return list(session.exec(select(Image.storage_key).where(col(Image.job_id) == job_id)))
+
+
+def stored(storage: Storage, key: str) -> bool:
+    return any(obj.key == key for obj in storage.scan(key))
+
+
+def fetch(client: TestClient, url: str) -> int:
+    parsed = urlparse(url)
+    return client.get(f"{parsed.path}?{parsed.query}").status_code
+
+
+def test_project_retention_expires_images_and_the_job_stays_readable(service: Service) -> None:
+    client = project_client(service, "retention-images")
+    body = set_retention(service, "retention-images", image_retention_seconds=3600)
+    assert body["image_retention_seconds"] == 3600
+    assert body["job_retention_seconds"] is None
+    job = generate(service, client)
+    url = job["result"]["data"][0]["url"]
+    keys = image_keys(job["id"])
+    storage = get_storage()
+    assert all(stored(storage, k) for k in keys)
+
+    # Within its time: an hour less a minute on, nothing is touched.
+    assert purge_once(storage, utcnow() + timedelta(minutes=59)).images == 0
+    assert all(stored(storage, k) for k in keys)
+
+    done = purge_once(storage, utcnow() + timedelta(hours=2))
+    assert done.images >= 2
+    assert not any(stored(storage, k) for k in keys)
+    read = client.get(f"/v1/images/jobs/{job['id']}")
+    assert read.status_code == 200
+    assert read.json()["status"] == "succeeded"
+    assert read.json()["result"]["data"] == [{"expired": True}, {"expired": True}]
+    # The URL handed out before: 410 in our error shape.
+    resp = client.get(urlparse(url).path + "?" + urlparse(url).query)
+    assert resp.status_code == 410
+    assert resp.json()["error"]["code"] == "image_expired"
+
+
+def test_retention_is_validated_and_null_means_forever(service: Service) -> None:
+    service.create_key("retention-checks")
+    admin = service.anonymous()
+    bad = admin.patch(
+        "/v1/admin/projects/retention-checks", json={"image_retention_seconds": 5}, headers=ADMIN
+    )
+    assert bad.status_code == 400
+    assert "image_retention_seconds" in bad.text
+    set_retention(service, "retention-checks", job_retention_seconds=86400)
+    body = set_retention(service, "retention-checks", job_retention_seconds=None)
+    assert body["job_retention_seconds"] is None
+    events = admin.get(
+        "/v1/admin/audit", params={"action": "retention.update"}, headers=ADMIN
+    ).json()["data"]
+    assert any(e["target"] == "retention-checks" for e in events)
+
+
+def test_a_requests_own_shorter_life(service: Service) -> None:
+    client = project_client(service, "retention-header")
+    set_retention(service, "retention-header", image_retention_seconds=86400)
+    short = generate(service, client, {"Image-Expires-After": "10m"}, n=1)
+    capped = generate(service, client, {"Image-Expires-After": "1000h"}, n=1)
+    plain = generate(service, client, n=1)
+    with unit_of_work() as session:
+        rows = {j.id: j for j in session.exec(select(Job).where(col(Job.project_id).is_not(None)))}
+    now = utcnow()
+    assert rows[short["id"]].images_expire_at is not None
+    assert abs((rows[short["id"]].images_expire_at - now).total_seconds() - 600) < 30  # type: ignore[operator]
+    # Longer than the project's retention: capped at it, not refused.
+    assert abs((rows[capped["id"]].images_expire_at - now).total_seconds() - 86400) < 30  # type: ignore[operator]
+    assert rows[plain["id"]].images_expire_at is None
+
+    storage = get_storage()
+    purge_once(storage, now + timedelta(minutes=11))
+    assert client.get(f"/v1/images/jobs/{short['id']}").json()["result"]["data"] == [
+        {"expired": True}
+    ]
+    for job in (capped, plain):
+        data = client.get(f"/v1/images/jobs/{job['id']}").json()["result"]["data"]
+        assert "url" in data[0]
+        assert all(stored(storage, k) for k in image_keys(job["id"]))
+
+    bad = client.post(
+        "/v1/images/generations",
+        headers={"Image-Expires-After": "soon"},
+        json={"prompt": "x", "size": "64x64"},
+    )
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "Image-Expires-After"
+
+
+def test_files_expires_after(service: Service) -> None:
+    client = project_client(service, "retention-files")
+    upload = client.post(
+        "/v1/files",
+        files={"file": ("in.jsonl", b"{}\n")},
+        data={
+            "purpose": "batch",
+            "expires_after[anchor]": "created_at",
+            "expires_after[seconds]": "3600",
+        },
+    )
+    assert upload.status_code == 200, upload.text
+    file = upload.json()
+    assert file["expires_at"] == file["created_at"] + 3600
+    kept = client.post("/v1/files", files={"file": ("k.jsonl", b"{}\n")}, data={"purpose": "batch"})
+    assert kept.json()["expires_at"] is None
+    for fields in (
+        {"expires_after[anchor]": "created_at", "expires_after[seconds]": "60"},
+        {"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"},
+        {"expires_after[seconds]": "3600"},
+    ):
+        resp = client.post(
+            "/v1/files", files={"file": ("x.jsonl", b"{}\n")}, data={"purpose": "batch", **fields}
+        )
+        assert resp.status_code == 400, fields
+        assert resp.json()["error"]["param"].startswith("expires_after")
+
+    storage = get_storage()
+    key = f"{file['id']}"
+    purged = purge_once(storage, utcnow() + timedelta(hours=2))
+    assert purged.files >= 1
+    assert client.get(f"/v1/files/{file['id']}").status_code == 404
+    listed = [f["id"] for f in client.get("/v1/files").json()["data"]]
+    assert file["id"] not in listed
+    assert kept.json()["id"] in listed
+    assert not any(o.key.endswith(key) for o in storage.scan(""))
+
+
+def test_job_rows_past_their_retention_are_removed(service: Service) -> None:
+    client = project_client(service, "retention-jobs")
+    set_retention(service, "retention-jobs", job_retention_seconds=3600)
+    job = generate(service, client)
+    keys = image_keys(job["id"])
+    storage = get_storage()
+    assert purge_once(storage, utcnow() + timedelta(minutes=30)).jobs == 0
+    assert client.get(f"/v1/images/jobs/{job['id']}").status_code == 200
+
+    assert purge_once(storage, utcnow() + timedelta(hours=2)).jobs >= 1
+    assert client.get(f"/v1/images/jobs/{job['id']}").status_code == 404
+    assert not any(stored(storage, k) for k in keys)
+    with unit_of_work() as session:
+        assert session.exec(select(Call).where(col(Call.job_id) == job["id"])).first() is None
+        assert session.exec(select(Image).where(col(Image.job_id) == job["id"])).first() is None
+
+
+class Killed(Exception):
+    pass
+
+
+def test_the_purge_killed_halfway_and_run_again_purges_exactly(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = project_client(service, "retention-kill")
+    set_retention(service, "retention-kill", image_retention_seconds=3600)
+    jobs = [generate(service, client, n=2) for _ in range(3)]
+    young = project_client(service, "retention-kill-young")
+    set_retention(service, "retention-kill-young", image_retention_seconds=30 * 86400)
+    kept = generate(service, young, n=1)
+    storage = get_storage()
+    monkeypatch.setattr(purge, "CHUNK", 2)  # three chunks of this project's images
+
+    calls = {"n": 0}
+    real_delete = storage.delete
+
+    def dying_delete(keys: list[str]) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed after the first chunk, its objects half gone
+            real_delete(keys[:1])
+            raise Killed()
+        return real_delete(keys)
+
+    monkeypatch.setattr(storage, "delete", dying_delete)
+    later = utcnow() + timedelta(hours=2)
+    with pytest.raises(Killed):
+        purge_once(storage, later)
+    with unit_of_work() as session:
+        marked = session.exec(
+            select(Image).where(col(Image.job_id).in_([j["id"] for j in jobs]))
+        ).all()
+    assert sum(1 for i in marked if i.expired_at is not None) == 2  # the first chunk only
+
+    monkeypatch.setattr(storage, "delete", real_delete)
+    purge_once(storage, later)
+    for job in jobs:
+        assert not any(stored(storage, k) for k in image_keys(job["id"]))
+        data = client.get(f"/v1/images/jobs/{job['id']}").json()["result"]["data"]
+        assert data == [{"expired": True}, {"expired": True}]
+    # Within its time: untouched by either run.
+    assert all(stored(storage, k) for k in image_keys(kept["id"]))
+    assert "url" in young.get(f"/v1/images/jobs/{kept['id']}").json()["result"]["data"][0]
+
+
+def test_orphans_are_swept_but_not_young_ones(service: Service) -> None:
+    client = project_client(service, "retention-orphans")
+    job = generate(service, client, n=1)
+    storage = get_storage()
+    assert isinstance(storage, LocalStorage)
+    project = image_keys(job["id"])[0].split("/")[0]
+    old = time.time() - 3 * 86400
+    orphan_keys = [
+        f"{project}/job_gone/0.png",  # an image of no job (a failed job's write)
+        f"{project}/job_gone/input-0.png",  # an idempotent replay's input
+        f"{project}/{job['id']}/7.png",  # an index the job has no row for
+        f"{project}/files/file_gone",  # a file never recorded
+        f"{project}/{job['id']}/0.png.tmp",  # a crashed upload
+    ]
+    for key in orphan_keys:
+        path = storage.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (old, old))
+    owned = image_keys(job["id"])[0]
+    os.utime(storage.root / owned, (old, old))
+    young = f"{project}/job_new/0.png"  # maybe a job whose row is not committed yet
+    storage.put(young, b"y", "image/png")
+
+    Cursor._local = ""
+    swept = sweep_orphans(storage, min_age_seconds=86400, limit=1_000_000)
+    assert swept.finished_round, swept
+    assert swept.deleted == len(orphan_keys), swept
+    left = {o.key for o in storage.scan(f"{project}/")}
+    assert not left & set(orphan_keys)
+    assert owned in left
+    assert young in left
+    assert (
+        fetch(client, client.get(f"/v1/images/jobs/{job['id']}").json()["result"]["data"][0]["url"])
+        == 200
+    )
+
+
+def test_the_orphan_scan_is_bounded_and_resumes(service: Service) -> None:
+    storage = get_storage()
+    assert isinstance(storage, LocalStorage)
+    Cursor._local = ""
+    first = sweep_orphans(storage, min_age_seconds=86400, limit=3)
+    assert first.examined == 3
+    assert not first.finished_round
+    assert Cursor._local != ""
+    rest = sweep_orphans(storage, min_age_seconds=86400, limit=1_000_000)
+    assert rest.finished_round
+    assert Cursor._local == ""
+    total = sum(1 for _ in storage.scan(""))
+    # Every object of a project (those under no project row are not scanned) once.
+    assert first.examined + rest.examined <= total
