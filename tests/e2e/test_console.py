@@ -137,6 +137,12 @@ def test_a_running_job_is_cancelled_from_its_page(page: Page, stack: Stack) -> N
     expect(page.locator("#job-status")).to_have_text("canceled", timeout=10_000)
     with stack.client() as client:
         assert client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "canceled"
+    # Then deleted from the same page (issue 29): asked to confirm, back to the list.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-job")
+    expect(page.locator("#jobs-table")).to_be_visible()
+    with stack.client() as client:
+        assert client.get(f"/v1/images/jobs/{job['id']}").status_code == 404
 
 
 def test_the_jobs_list_pages_back_to_older_jobs(page: Page, stack: Stack) -> None:

@@ -203,6 +203,20 @@ async function jobView(id) {
               text: "Cancel",
               onclick: () => api(`/v1/images/jobs/${job.id}/cancel`, { method: "POST" }).then(render, fail),
             }),
+        " ",
+        // Deleting a job removes its images and inputs for good (a running one is
+        // canceled first): asked once more, then back to the list, where it is gone.
+        el("button", {
+          type: "button",
+          id: "delete-job",
+          text: "Delete",
+          onclick: () => {
+            if (!confirm(`Delete job ${job.id} and its images? This cannot be undone.`)) return;
+            api(`/v1/images/jobs/${job.id}`, { method: "DELETE" }).then(() => {
+              location.hash = "#/jobs";
+            }, fail);
+          },
+        }),
       ),
       el(
         "table",
