@@ -1,15 +1,19 @@
-"""Deletion on demand (issue 29), in-process on local storage: a job's images and
-an edit's inputs gone from storage at once, the job answering 404 after (a second
-delete too), lists skipping it, its image URLs 404, the deletion audited; a queued
-job canceled first; a job deleted while its attempt runs keeps none of what that
-attempt stores; a batch deleted only once it ended, with its jobs and files."""
+"""Deletion on demand (issue 29), in-process on local storage and on S3 (moto): a
+job's images and an edit's inputs gone from storage at once, the job answering
+404 after (a second delete too), lists skipping it, its image URLs 404, the
+deletion audited; a queued job canceled first; a job deleted while its attempt
+runs keeps none of what that attempt stores; a batch deleted only once it ended,
+with its jobs and files; the CLI's delete commands."""
 
 from __future__ import annotations
 
 import io
 import json
 from typing import Any
+from uuid import uuid4
 
+import boto3
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -19,8 +23,10 @@ from typer.testing import CliRunner
 from cli import client as cli_client
 from cli.main import app as cli_app
 from shared.audit.models import AuditEvent
+from shared.core.context import current
 from shared.core.db import unit_of_work
-from shared.core.storage import get_storage
+from shared.core.settings import Settings
+from shared.core.storage import S3Storage, get_storage
 from shared.jobs.models import Job
 from tests.service.conftest import BASE_URL, Service
 from worker import produce as worker_produce
@@ -249,3 +255,37 @@ def test_the_cli_deletes_a_job_and_a_batch(
     gone = cli.invoke(cli_app, ["batch", "delete", batch["id"], "--json", "--api-key", "k"])
     assert gone.exit_code == 0, gone.output
     assert client.get(f"/v1/images/batches/{batch['id']}").status_code == 404
+
+
+@pytest.fixture
+def on_s3(service: Service, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Storage:
+    """The service's storage (the API's and the in-process worker's) on moto's S3."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    bucket = f"deletion-{uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    s3 = S3Storage(Settings(s3_bucket=bucket, s3_endpoint_url=s3_endpoint))
+    for made in (current(), service.app.state.context):  # the same one, or two
+        monkeypatch.setattr(made, "storage", s3)
+    return s3
+
+
+def test_a_job_on_s3_is_deleted_with_its_objects(service: Service, on_s3: S3Storage) -> None:
+    client = service.client()
+    resp = client.post(
+        "/v1/images/generations", json={"prompt": "a tern on s3", "size": "64x64", "n": 3}
+    )
+    assert resp.status_code == 200, resp.text
+    job_id = client.get("/v1/images/jobs", params={"limit": 1}).json()["data"][0]["id"]
+    project = _job_row(job_id).project_id
+    url = resp.json()["data"][0]["url"]
+    assert httpx.get(url).status_code == 200  # presigned, answered by S3
+    assert len([o.key for o in on_s3.scan(f"{project}/{job_id}/")]) == 3
+
+    assert client.delete(f"/v1/images/jobs/{job_id}").status_code == 200
+
+    assert list(on_s3.scan(f"{project}/{job_id}/")) == []
+    assert httpx.get(url).status_code == 404  # S3's own answer: the object is gone
+    assert client.get(f"/v1/images/jobs/{job_id}").status_code == 404
