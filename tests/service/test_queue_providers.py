@@ -3,7 +3,8 @@ in-process, their upstreams the fakes (tests/support/fakes/replicate.py, fal.py)
 each call submitted once and looked at until done (several looks pending), n images
 whichever way (one prediction for n, or fanned out one request an image), both
 response formats from our storage, refusals as our 400 and not retried, a
-throttled create retried, a canceled job's upstream job canceled there; and edits
+throttled create retried, a canceled job's upstream job canceled there (and a
+job's past its Cancel-After deadline); and edits
 and variations (images.edit, images.create_variation) with the input image and the
 mask as each provider's document says (data URIs; Replicate's files API above 1
 MB), answered as the models made them."""
@@ -15,6 +16,7 @@ import io
 import time
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,10 @@ import yaml
 from PIL import Image
 
 from shared.batches import pump
+from shared.core.clock import utcnow
 from shared.core.settings import get_settings
 from shared.core.storage import LocalStorage
+from shared.jobs import service as jobs_service
 from shared.providers import replicate as replicate_provider
 from shared.providers.fal import FalProvider
 from shared.providers.replicate import ReplicateProvider
@@ -35,7 +39,7 @@ from tests.support.fakes.fal import EXPECTED_KEY, FakeFal
 from tests.support.fakes.queue_http import PAINT
 from tests.support.fakes.replicate import EXPECTED_TOKEN, FakeReplicate
 from tests.support.stack import models_yaml
-from worker import upstream_jobs
+from worker import sweeper, upstream_jobs
 
 
 def _entries(replicate: str, fal: str) -> list[dict[str, Any]]:
@@ -223,6 +227,34 @@ def test_a_canceled_job_cancels_its_upstream_job_submitted_once(
     assert upstream_jobs.cancel(job["id"]) == 1  # the cancel_upstream task's body
     (upstream_id,) = _upstream_ids(replicate, fal, prompt)  # never submitted twice
     assert upstream_id in replicate.canceled + fal.canceled
+
+
+def test_a_deadline_cancels_the_upstream_job_and_charges_nothing(
+    service: Service, fakes: tuple[FakeReplicate, FakeFal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancel-After (issue 29) on a prediction that never ends: past the deadline the
+    sweeper ends the job (deadline_exceeded) and its prediction is canceled there."""
+    replicate, fal = fakes
+    prompt = "[hold] a deadline on flux-schnell"
+    client = service.client()
+    job = client.post(
+        "/v1/images/generations",
+        headers={"Prefer": "respond-async", "Cancel-After": "30s"},
+        json={"model": "flux-schnell", "prompt": prompt, "size": "64x64"},
+    ).json()
+    deadline = time.monotonic() + 10
+    while not any(replicate.looks[ref] >= 2 for ref in _upstream_ids(replicate, fal, prompt)):
+        assert time.monotonic() < deadline, "the upstream job was never looked at"
+        time.sleep(0.02)
+    later = utcnow() + timedelta(seconds=31)
+    monkeypatch.setattr(jobs_service, "utcnow", lambda: later)
+    assert sweeper.end_overdue_jobs() == 1
+    ended = client.get(f"/v1/images/jobs/{job['id']}").json()
+    assert (ended["status"], ended["error"]["code"]) == ("canceled", "deadline_exceeded")
+    assert "cost_usd" not in ended
+    assert upstream_jobs.cancel(job["id"]) == 1  # the cancel_upstream task's body
+    (upstream_id,) = _upstream_ids(replicate, fal, prompt)
+    assert upstream_id in replicate.canceled
 
 
 def _upstream_ids(replicate: FakeReplicate, fal: FakeFal, prompt: str) -> list[str]:
