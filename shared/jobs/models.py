@@ -90,6 +90,14 @@ class Job(SQLModel, table=True):
             postgresql_where=sa.text("input_bytes IS NOT NULL"),
             sqlite_where=sa.text("input_bytes IS NOT NULL"),
         ),
+        # Storage accounting: a project's deleted jobs (few), whose images it no
+        # longer counts.
+        sa.Index(
+            "ix_job_deleted_project_id",
+            "project_id",
+            postgresql_where=sa.text("deleted_at IS NOT NULL"),
+            sqlite_where=sa.text("deleted_at IS NOT NULL"),
+        ),
     )
 
     id: str = Field(default_factory=lambda: new_id("job"), primary_key=True, max_length=64)
@@ -163,6 +171,15 @@ class Image(SQLModel, table=True):
             "ix_image_live_project_id_created_at",
             "project_id",
             "created_at",
+            postgresql_where=sa.text("expired_at IS NULL"),
+            sqlite_where=sa.text("expired_at IS NULL"),
+        ),
+        # Storage accounting: a project's live image bytes summed from the index
+        # alone (shared/usage.py).
+        sa.Index(
+            "ix_image_live_project_id_size_bytes",
+            "project_id",
+            "size_bytes",
             postgresql_where=sa.text("expired_at IS NULL"),
             sqlite_where=sa.text("expired_at IS NULL"),
         ),
