@@ -22,10 +22,13 @@ def claim(job_ids: list[str]) -> tuple[list[Job], str]:
     now = utcnow()
     expires = now + timedelta(seconds=get_settings().job_lease_seconds)
     with unit_of_work() as session:
-        # Those past their deadline (Cancel-After) end here, never sent upstream
-        # (the claim below refuses them too, should one pass its deadline now).
-        end_overdue(session, job_ids, now)
         jobs = lifecycle.claim(session, job_ids, token, now, expires)
+        if len(jobs) < len(job_ids):
+            # The claim refuses a job past its deadline (Cancel-After): it ends
+            # here, never sent upstream. Only looked for when some were refused, so
+            # the hot path's claim stays one statement.
+            taken = {job.id for job in jobs}
+            end_overdue(session, [job_id for job_id in job_ids if job_id not in taken], now)
         for job in jobs:
             # job.started once per job, not again when a crashed attempt is re-run.
             # Batch lines send no job events: their batch has its own.
