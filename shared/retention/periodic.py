@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 DUE_KEY = "imagegen:purge:due"
 RUNNING_KEY = "imagegen:purge:running"
-_last_published = 0.0
+# The first pass one interval after the process starts (a fleet restarting at once
+# does not purge at once); then every interval.
+_last_published = time.monotonic()
 
 
 def run_purge(now: datetime | None = None) -> tuple[Purged, Swept] | None:
