@@ -95,20 +95,25 @@ class UsageReport(Schema):
     ``storage_quota_exceeded``; null for none."""
 
 
-def _storage_queries(project_id: str | None) -> list[sa.Select[Any]]:
-    """The three sums of a project's stored bytes (every project's, by project, when
-    ``project_id`` is None). Each is over an index on project_id; images of deleted
-    jobs are kept as rows (tombstones) and left out here, as are an edit's inputs once
-    its images expired (the purge deletes those with them, shared/retention/purge.py)."""
+def _storage_queries(project_id: str | None) -> list[tuple[int, sa.Select[Any]]]:
+    """The sums of a project's stored bytes, each with its sign (every
+    project's, by project, when ``project_id`` is None): its live images (an index
+    alone: ix_image_live_project_id_size_bytes), less those of its deleted jobs (kept
+    as rows, tombstones; found by a partial index, they are few), its edits' inputs
+    until their images expire (the purge deletes them together,
+    shared/retention/purge.py), and its files not deleted."""
+    live = sa.select(
+        col(Image.project_id), sa.func.coalesce(sa.func.sum(col(Image.size_bytes)), 0)
+    ).where(col(Image.expired_at).is_(None))
+    deleted = (
+        sa.select(col(Job.project_id), sa.func.coalesce(sa.func.sum(col(Image.size_bytes)), 0))
+        .join(Image, col(Image.job_id) == col(Job.id))
+        .where(col(Job.deleted_at).is_not(None), col(Image.expired_at).is_(None))
+    )
     expired = (
         sa.select(sa.literal(1))
         .where(col(Image.job_id) == col(Job.id), col(Image.expired_at).is_not(None))
         .exists()
-    )
-    images = (
-        sa.select(col(Image.project_id), sa.func.coalesce(sa.func.sum(col(Image.size_bytes)), 0))
-        .join(Job, col(Job.id) == col(Image.job_id))
-        .where(col(Image.expired_at).is_(None), col(Job.deleted_at).is_(None))
     )
     inputs = sa.select(
         col(Job.project_id), sa.func.coalesce(sa.func.sum(col(Job.input_bytes)), 0)
@@ -116,26 +121,22 @@ def _storage_queries(project_id: str | None) -> list[sa.Select[Any]]:
     files = sa.select(
         col(File.project_id), sa.func.coalesce(sa.func.sum(col(File.bytes)), 0)
     ).where(col(File.deleted_at).is_(None))
+    owners = [col(Image.project_id), col(Job.project_id), col(Job.project_id), col(File.project_id)]
+    queries: list[sa.Select[Any]] = [live, deleted, inputs, files]
     if project_id is not None:
-        return [
-            images.where(col(Image.project_id) == project_id).group_by(col(Image.project_id)),
-            inputs.where(col(Job.project_id) == project_id).group_by(col(Job.project_id)),
-            files.where(col(File.project_id) == project_id).group_by(col(File.project_id)),
-        ]
-    return [
-        images.group_by(col(Image.project_id)),
-        inputs.group_by(col(Job.project_id)),
-        files.group_by(col(File.project_id)),
-    ]
+        queries = [q.where(o == project_id) for q, o in zip(queries, owners, strict=True)]
+    grouped = [q.group_by(o) for q, o in zip(queries, owners, strict=True)]
+    signs = [1, -1, 1, 1]  # the deleted jobs' images are taken off the live ones
+    return list(zip(signs, grouped, strict=True))
 
 
 def storage_usage(session: Session, project_id: str) -> StorageUsage:
-    """The bytes ``project_id`` keeps stored now, exact (three indexed sums)."""
-    sums = [
-        int(row[1]) if (row := session.execute(q).first()) is not None else 0
-        for q in _storage_queries(project_id)
-    ]
-    return StorageUsage(images_bytes=sums[0], inputs_bytes=sums[1], files_bytes=sums[2])
+    """The bytes ``project_id`` keeps stored now, exact (four indexed sums)."""
+    sums = []
+    for sign, query in _storage_queries(project_id):
+        row = session.execute(query).first()
+        sums.append(sign * int(row[1]) if row is not None else 0)
+    return StorageUsage(images_bytes=sums[0] + sums[1], inputs_bytes=sums[2], files_bytes=sums[3])
 
 
 def storage_bytes(session: Session, project_id: str) -> int:
@@ -147,9 +148,9 @@ def storage_bytes_by_project(session: Session) -> dict[str, int]:
     """Every project's stored bytes (those storing nothing left out): the metrics'
     gauge, one grouped sum per kind."""
     total: dict[str, int] = defaultdict(int)
-    for query in _storage_queries(None):
+    for sign, query in _storage_queries(None):
         for project_id, value in session.execute(query):
-            total[str(project_id)] += int(value)
+            total[str(project_id)] += sign * int(value)
     return dict(total)
 
 
