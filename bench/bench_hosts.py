@@ -29,6 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+
 from bench.bench_core import BENCH_ENV
 from tests.support import netns
 from tests.support.cluster import Cluster
@@ -46,11 +48,20 @@ def submit(cluster: Cluster, jobs: int, prefix: str, threads: int) -> float:
         try:
 
             def one(i: int) -> None:
-                resp = clients[i % len(clients)].post(
-                    "/v1/images/generations",
-                    headers={"Prefer": "respond-async"},
-                    json={"model": "fake-fast", "prompt": f"{prefix} {i}", "size": "64x64"},
-                )
+                # A connection reset (a keep-alive closed under it, on a machine
+                # this loaded) is retried at the other host under the same key:
+                # one job whatever happens.
+                for attempt in range(3):
+                    try:
+                        resp = clients[(i + attempt) % len(clients)].post(
+                            "/v1/images/generations",
+                            headers={"Prefer": "respond-async", "Idempotency-Key": f"{prefix}-{i}"},
+                            json={"model": "fake-fast", "prompt": f"{prefix} {i}", "size": "64x64"},
+                        )
+                        break
+                    except httpx.TransportError:
+                        if attempt == 2:
+                            raise
                 assert resp.status_code == 202, resp.text
 
             started = time.perf_counter()
