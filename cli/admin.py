@@ -228,6 +228,59 @@ def projects_set_limits(
     console.print(f"[green]updated project '{name}'[/green]")
 
 
+RetentionOption = Annotated[
+    str | None,
+    typer.Option(
+        help="How long to keep them: 30d, 12h, 7d12h, 3600 (seconds), or 'forever'",
+        show_default=False,
+    ),
+]
+
+
+@projects_app.command("set-retention")
+def projects_set_retention(
+    name: str,
+    images: RetentionOption = None,
+    files: RetentionOption = None,
+    jobs: RetentionOption = None,
+) -> None:
+    """Change how long a project keeps its images (with edit inputs), files and
+    finished jobs' rows (only the ones given); the purge deletes what is past it."""
+    from shared.audit.service import CLI
+    from shared.core.errors import InvalidRequest
+    from shared.retention.policy import parse_retention
+    from shared.retention.service import set_retention
+
+    given = {
+        "image_retention_seconds": ("--images", images),
+        "file_retention_seconds": ("--files", files),
+        "job_retention_seconds": ("--jobs", jobs),
+    }
+    changes: dict[str, int | None] = {}
+    for field, (option, text) in given.items():
+        if text is None:
+            continue
+        try:
+            changes[field] = parse_retention(text, what=option)
+        except InvalidRequest as exc:
+            refuse(str(exc))
+    if not changes:
+        refuse("Give --images, --files or --jobs.")
+    with _admin_session() as session:
+        project = set_retention(session, name, CLI, **changes)
+        shown = {
+            field: "forever" if (value := getattr(project, field)) is None else f"{value} s"
+            for field in given
+        }
+    console.print(
+        f"[green]updated project '{name}'[/green]: "
+        + ", ".join(
+            f"{field.removesuffix('_seconds').replace('_', ' ')} {value}"
+            for field, value in shown.items()
+        )
+    )
+
+
 @projects_app.command("list")
 def projects_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")] = False,
@@ -256,6 +309,9 @@ def projects_list(
                     "daily_budget_usd",
                     "monthly_budget_usd",
                     "storage_quota_bytes",
+                    "image_retention_seconds",
+                    "file_retention_seconds",
+                    "job_retention_seconds",
                 )
                 row = {"id": p.id, "name": p.name, "created_at": _when(p.created_at)}
                 print(json.dumps(row | {name: getattr(p, name) for name in limits}))

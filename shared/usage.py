@@ -17,7 +17,7 @@ from shared.core.errors import InvalidRequest
 from shared.core.schemas import Schema
 from shared.files.models import File
 from shared.jobs.models import Image, Job, JobStatus
-from shared.projects.schemas import BudgetStatus
+from shared.projects.schemas import BudgetStatus, Retention
 
 MAX_DAYS = 92
 
@@ -93,6 +93,8 @@ class UsageReport(Schema):
     storage_quota_bytes: int | None = None
     """The project's storage quota: reached, new work is refused with 429
     ``storage_quota_exceeded``; null for none."""
+    retention: Retention | None = None
+    """How long the project keeps its images, files and job rows (null: forever)."""
 
 
 def _storage_queries(project_id: str | None) -> list[tuple[int, sa.Select[Any]]]:

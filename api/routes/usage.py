@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from api.deps import CurrentPrincipal, DbSession
 from api.errors import ERRORS
 from shared.projects.budgets import statuses
+from shared.retention.service import retention_of
 from shared.usage import UsageReport, storage_usage, usage_report
 
 router = APIRouter(tags=["usage"])
@@ -44,4 +45,5 @@ def read_usage(
     report.storage = storage
     report.storage_bytes = storage.images_bytes + storage.inputs_bytes + storage.files_bytes
     report.storage_quota_bytes = principal.storage_quota_bytes
+    report.retention = retention_of(session, principal.project_id)
     return report

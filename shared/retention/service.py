@@ -15,6 +15,7 @@ from shared.core.invalidation import invalidate
 from shared.core.outbox import after_commit
 from shared.jobs.models import Image, Job
 from shared.projects.models import Project
+from shared.projects.schemas import Retention
 from shared.projects.service import PRINCIPALS_CACHE, get_project
 from shared.retention.policy import RETENTION_MOST, image_ends_at
 
@@ -44,12 +45,20 @@ def set_retention(session: Session, name: str, actor: str, **retention: int | No
             actor,
             "retention.update",
             project.name,
-            {"before": before, "after": dict(retention)},
+            {"changes": {f: {"from": before[f], "to": v} for f, v in retention.items()}},
             project_id=project.id,
         )
     # Principals carry the image retention (the cap on Image-Expires-After).
     after_commit(session, lambda: invalidate(PRINCIPALS_CACHE))
     return project
+
+
+def retention_of(session: Session, project_id: str) -> Retention:
+    """A project's retention settings, as ``GET /v1/usage`` and the console show them."""
+    project = session.get(Project, project_id)
+    return Retention.model_validate(
+        {field: getattr(project, field) if project else None for field in RETENTIONS}
+    )
 
 
 def image_expired(session: Session, key: str, now: datetime | None = None) -> bool:

@@ -6,6 +6,7 @@ swept but not young ones. Time is the purge's ``now`` argument: no sleeps."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from datetime import timedelta
@@ -15,7 +16,9 @@ from urllib.parse import urlparse
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import col, select
+from typer.testing import CliRunner
 
+from cli.main import app
 from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
 from shared.core.storage import LocalStorage, Storage, get_storage
@@ -116,7 +119,39 @@ def test_retention_is_validated_and_null_means_forever(service: Service) -> None
     events = admin.get(
         "/v1/admin/audit", params={"action": "retention.update"}, headers=ADMIN
     ).json()["data"]
-    assert any(e["target"] == "retention-checks" for e in events)
+    mine = [e for e in events if e["target"] == "retention-checks"]
+    assert [e["details"]["changes"] for e in mine] == [
+        {"job_retention_seconds": {"from": 86400, "to": None}},
+        {"job_retention_seconds": {"from": None, "to": 86400}},
+    ]
+
+
+def test_the_cli_sets_retention_in_days(service: Service) -> None:
+    key = service.create_key("retention-cli")
+    runner = CliRunner()
+    args = ["projects", "set-retention", "retention-cli", "--images", "7d", "--files", "36h"]
+    result = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    listed = service.anonymous().get("/v1/admin/projects", headers=ADMIN).json()["data"]
+    project = next(p for p in listed if p["name"] == "retention-cli")
+    assert project["image_retention_seconds"] == 7 * 86400
+    assert project["file_retention_seconds"] == 36 * 3600
+    assert project["job_retention_seconds"] is None
+    # The project's own key sees it in its usage (what the console's usage page shows).
+    usage = service.client(key).get("/v1/usage").json()
+    assert usage["retention"] == {
+        "image_retention_seconds": 7 * 86400,
+        "file_retention_seconds": 36 * 3600,
+        "job_retention_seconds": None,
+    }
+    listed_json = runner.invoke(app, ["projects", "list", "--json"]).output.splitlines()
+    row = next(json.loads(r) for r in listed_json if '"retention-cli"' in r)
+    assert row["image_retention_seconds"] == 7 * 86400
+    forever = ["projects", "set-retention", "retention-cli", "--images", "forever"]
+    assert runner.invoke(app, forever).exit_code == 0
+    bad = runner.invoke(app, ["projects", "set-retention", "retention-cli", "--jobs", "soon"])
+    assert bad.exit_code == 1
+    assert "--jobs" in bad.output
 
 
 def test_a_requests_own_shorter_life(service: Service) -> None:

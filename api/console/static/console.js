@@ -459,12 +459,28 @@ function storageLine(report) {
     `Stored: ${bytes(report.storage_bytes)} (${of}): images ${bytes(s.images_bytes)}, edit inputs ${bytes(s.inputs_bytes)}, files ${bytes(s.files_bytes)}.` });
 }
 
+// How long the project keeps its data (null: forever), in the largest whole unit.
+function lifetime(seconds) {
+  if (seconds === null || seconds === undefined) return "forever";
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["m", 60]]) {
+    if (seconds >= size && seconds % size === 0) return `${seconds / size}${unit}`;
+  }
+  return `${seconds}s`;
+}
+
+function retentionLine(report) {
+  const r = report.retention || {};
+  return el("p", { id: "retention", text:
+    `Kept: images ${lifetime(r.image_retention_seconds)}, files ${lifetime(r.file_retention_seconds)}, finished jobs ${lifetime(r.job_retention_seconds)}.` });
+}
+
 async function usageView() {
   const report = await api("/v1/usage");
   show(
     el("h1", { text: "Usage" }),
     el("p", { text: `${report.totals.images} images, ${report.totals.jobs} jobs, ${usd(report.totals.cost_usd)} from ${report.start_date} to ${report.end_date}.` }),
     storageLine(report),
+    retentionLine(report),
     el("h2", { text: "Budgets" }),
     budgetsTable(report.budgets || []),
     usageChart(report.data),
