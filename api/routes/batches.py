@@ -64,6 +64,9 @@ def post_batch(
             endpoint=body.endpoint,
             completion_window=body.completion_window,
             metadata=body.metadata,
+            output_expires_after_seconds=(
+                body.output_expires_after.seconds if body.output_expires_after else None
+            ),
         ).id
 
     batch_id = once(session, principal.project_id, claim, "batch", create)

@@ -10,6 +10,15 @@ from shared.batches.models import BatchStatus, ItemStatus
 from shared.core.schemas import ListPage, Schema
 
 
+class ExpiresAfter(Schema):
+    """OpenAI's expiration policy for a batch's output and error files."""
+
+    anchor: Literal["created_at"]
+    """``created_at``: counted from the file's creation (OpenAI's only anchor)."""
+    seconds: int = Field(ge=3600, le=2592000)
+    """Seconds after the anchor the file expires: one hour to 30 days."""
+
+
 class BatchCreate(Schema):
     """``POST /v1/batches``: OpenAI's Batch API over an uploaded JSONL file."""
 
@@ -22,6 +31,9 @@ class BatchCreate(Schema):
     """Always ``24h``: lines not done by then are given up (``batch_expired``)."""
     metadata: dict[str, str] | None = None
     """Your own labels, returned on the batch."""
+    output_expires_after: ExpiresAfter | None = None
+    """When its output and error files expire (their ``expires_at``); without it, at
+    the project's file retention (null: kept until deleted)."""
 
 
 class NativeBatchCreate(Schema):

@@ -66,8 +66,10 @@ def create_openai_batch(
     endpoint: str,
     completion_window: str,
     metadata: dict[str, str] | None,
+    output_expires_after_seconds: int | None = None,
 ) -> Batch:
-    """Record the batch; the worker validates its input file (enqueued after commit)."""
+    """Record the batch; the worker validates its input file (enqueued after commit).
+    ``output_expires_after_seconds``: its output and error files' life."""
     if endpoint not in ENDPOINTS:
         raise InvalidRequest(
             f"Unsupported endpoint '{quoted(endpoint)}': this service batches "
@@ -93,6 +95,7 @@ def create_openai_batch(
         batch_metadata=metadata,
         created_at=now,
         expires_at=now + timedelta(hours=24),
+        output_expires_after_seconds=output_expires_after_seconds,
     )
     session.add(batch)
     session.flush()

@@ -342,3 +342,42 @@ def test_the_orphan_scan_is_bounded_and_resumes(service: Service) -> None:
     total = sum(1 for _ in storage.scan(""))
     # Every object of a project (those under no project row are not scanned) once.
     assert first.examined + rest.examined <= total
+
+
+def test_batch_files_take_their_batchs_output_expires_after(service: Service) -> None:
+    client = project_client(service, "retention-batches")
+    set_retention(service, "retention-batches", file_retention_seconds=30 * 86400)
+    line = '{"custom_id": "a", "method": "POST", "url": "/v1/images/generations", '
+    line += '"body": {"prompt": "a wren", "size": "64x64"}}\n'
+    source = client.post(
+        "/v1/files",
+        data={"purpose": "batch"},
+        files={"file": ("in.jsonl", line.encode(), "application/jsonl")},
+    ).json()
+    # The input file: the project's file retention.
+    assert source["expires_at"] == source["created_at"] + 30 * 86400
+    body = {
+        "input_file_id": source["id"],
+        "endpoint": "/v1/images/generations",
+        "completion_window": "24h",
+    }
+    bad = client.post(
+        "/v1/batches", json={**body, "output_expires_after": {"anchor": "created_at", "seconds": 5}}
+    )
+    assert bad.status_code == 400
+    assert "output_expires_after" in bad.json()["error"]["param"]
+    batch = client.post(
+        "/v1/batches",
+        json={**body, "output_expires_after": {"anchor": "created_at", "seconds": 7200}},
+    ).json()
+    deadline = time.monotonic() + 15
+    while (ended := client.get(f"/v1/batches/{batch['id']}").json())["status"] != "completed":
+        assert time.monotonic() < deadline, ended
+        time.sleep(0.02)
+    output = client.get(f"/v1/files/{ended['output_file_id']}").json()
+    assert output["expires_at"] == output["created_at"] + 7200
+
+    purge_once(get_storage(), utcnow() + timedelta(hours=3))
+    assert client.get(f"/v1/files/{ended['output_file_id']}").status_code == 404
+    assert client.get(f"/v1/files/{ended['output_file_id']}/content").status_code == 404
+    assert client.get(f"/v1/files/{source['id']}").status_code == 200
