@@ -214,6 +214,15 @@ def test_a_project_at_its_quota_is_refused_new_work_until_it_is_raised(
         )
     )
     _refused(client.post("/v1/images/batches", json={"requests": [{"prompt": "a gull"}]}))
+    weave = client.post(
+        "/image/create",
+        json={
+            "project_id": project.name,
+            "inputs": {"model": "procedural", "prompt": "a gull", "size": "64x64"},
+        },
+    )
+    assert weave.status_code == 429  # in the Weave surface's own shape
+    assert "storage quota" in weave.json()["detail"]
     assert project.on_disk() == stored  # nothing refused was stored (no edit uploads)
     # Reading and deleting go on: the way out of a full quota.
     assert client.get("/v1/usage").status_code == 200
