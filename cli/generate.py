@@ -29,12 +29,24 @@ def generate(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object: the files and seconds taken")
     ] = False,
+    cancel_after: Annotated[
+        str | None,
+        typer.Option(help="A deadline such as 30s or 5m: not done by then, it is canceled"),
+    ] = None,
 ) -> None:
     """Generate images on a running server and save them to OUT."""
     key = resolve_key(api_key)
     started = time.monotonic()
     paths = generate_images(
-        base_url, key, prompt, model=model, size=size, n=n, out=out, console=console
+        base_url,
+        key,
+        prompt,
+        model=model,
+        size=size,
+        n=n,
+        out=out,
+        console=console,
+        cancel_after=cancel_after,
     )
     seconds = round(time.monotonic() - started, 3)
     if as_json:
@@ -72,6 +84,7 @@ def generate_images(
     n: int,
     out: Path,
     console: Console,
+    cancel_after: str | None = None,
 ) -> list[Path]:
     body: dict[str, Any] = {"prompt": prompt, "n": n}
     if model:
@@ -79,6 +92,8 @@ def generate_images(
     if size:
         body["size"] = size
     headers = {"Authorization": f"Bearer {key}", "Prefer": "respond-async"}
+    if cancel_after:
+        headers["Cancel-After"] = cancel_after
     with httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
         resp = client.post("/v1/images/generations", json=body)
         if resp.status_code >= 400:

@@ -18,8 +18,12 @@ from typing import Any
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from sqlmodel import col, select
+from typer.testing import CliRunner
 
+from cli import generate as cli_generate
+from cli.main import app as cli_app
 from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
 from shared.core.ids import new_id
@@ -28,7 +32,7 @@ from shared.jobs import service as jobs_service
 from shared.jobs.models import Job, JobStatus
 from shared.projects.budgets import HELD, Budgets, budgets_of
 from shared.projects.service import Principal
-from tests.service.conftest import Service
+from tests.service.conftest import BASE_URL, Service
 from tests.support.processes import RedisServer
 from worker import claim, leases, produce, runner, sweeper
 from worker.batches import pump_batch
@@ -256,3 +260,36 @@ def test_native_batch_lines_keep_their_own_deadlines(
     assert items["short"]["status"] == "canceled"
     assert items["short"]["error"]["code"] == "deadline_exceeded"
     assert items["long"]["status"] == "succeeded"
+
+
+def test_imagegen_generate_sends_cancel_after(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``imagegen generate --cancel-after``: the header reaches the API (a bound it
+    breaks is refused, naming it)."""
+    sent: list[dict[str, str]] = []
+
+    def client(base_url: str, headers: dict[str, str], timeout: float) -> TestClient:
+        sent.append(headers)
+        return _InProcess(service.app, headers)
+
+    monkeypatch.setattr(cli_generate.httpx, "Client", client)
+    result = CliRunner().invoke(
+        cli_app, ["generate", "a deadline", "--cancel-after", "1s", "--api-key", service.key_a]
+    )
+    assert result.exit_code == 1
+    assert "Cancel-After" in result.output
+    assert sent[0]["Cancel-After"] == "1s"
+
+
+class _InProcess(TestClient):
+    """The CLI's client, on the app in this process (its lifespan already runs)."""
+
+    def __init__(self, app: Any, headers: dict[str, str]) -> None:
+        super().__init__(app, base_url=BASE_URL, headers=headers)
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
