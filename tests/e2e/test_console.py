@@ -188,6 +188,10 @@ def test_the_pages_render(page: Page, stack: Stack) -> None:
     expect(page.locator("#jobs-table")).to_be_visible()
     page.click("nav >> text=Usage")
     expect(page.locator("#usage-chart")).to_be_visible()
+    # What the project stores now (its images at least), against its quota (none).
+    storage = page.locator("#storage")
+    expect(storage).to_contain_text("(no quota)")
+    assert int(storage.get_attribute("data-bytes") or 0) > 0
     # Per day and model: a bar segment and a legend entry for each model used.
     legend = page.locator("#usage-legend li").all_inner_texts()
     assert "procedural" in legend
