@@ -157,6 +157,9 @@ def test_cli_admin_commands_are_audited_as_cli_and_listed(
     assert events[2]["details"]["changes"] == {"storage_quota_bytes": {"from": 500, "to": None}}
     assert secret.startswith("sk-ig-")
     assert secret not in "\n".join(lines)
+    since = _cli("audit", "--project", name, "--since", "2000-01-01T00:00", "--json")
+    assert since.splitlines() == lines
+    assert _cli("audit", "--project", name, "--since", "2999-01-01", "--json") == ""
     table = _cli("audit", "--project", name, "--action", "key.revoke")
     assert key_id in table
     assert "project.create" not in table
