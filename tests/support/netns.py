@@ -61,7 +61,10 @@ def unavailable() -> str | None:
     probe = f"{PREFIX}{os.getpid()}x{secrets.token_hex(3)}-probe"
     made = _ip("netns", "add", probe, check=False)
     if made.returncode != 0:
-        return f"the kernel refuses network namespaces here (`ip netns add`: {made.stderr.strip()})"
+        return (
+            f"`ip netns add` is refused here ({made.stderr.strip()}): it needs root (or "
+            "CAP_SYS_ADMIN and CAP_NET_ADMIN) and a kernel that allows network namespaces"
+        )
     _ip("netns", "del", probe, check=False)
     return None
 
