@@ -13,10 +13,9 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from schemathesis.core.result import Err
-from schemathesis.schemas import APIOperation
 
 from api.app import create_app
+from tests.support.schema_operations import Operation, operations
 from tests.support.stack import Stack
 
 schema = schemathesis.openapi.from_dict(create_app().openapi())
@@ -35,28 +34,13 @@ EXCLUDED = [
 ]
 
 
-# One test per operation, each named by it. Not schemathesis' own
-# ``@schema.parametrize()``: its items all share one node id, and pytest-xdist
-# (pyproject's addopts) schedules by node id, so under it only the first operation
-# ran and the other 50 were silently dropped.
-def _operations() -> list[APIOperation[Any, Any, Any, Any]]:
-    found = []
-    for result in schema.get_all_operations():
-        if isinstance(result, Err):  # our own document is unreadable: fail loudly
-            raise result.err()
-        found.append(result.ok())
-    return found
-
-
-OPERATIONS = _operations()
-
-
-@pytest.mark.parametrize("operation", OPERATIONS, ids=[op.label for op in OPERATIONS])
+# One test per operation (tests/support/schema_operations.py says why).
+@pytest.mark.parametrize("operation", operations(schema))
 def test_api_conforms_to_its_openapi_document(
-    operation: APIOperation[Any, Any, Any, Any], stack: Stack, http: requests.Session
+    operation: Operation, stack: Stack, http: requests.Session
 ) -> None:
-    # The admin API takes the admin key alone: with a project key every call there,
-    # an undeclared method's included, is a 401 (the key is checked first).
+    # The admin API takes the admin key alone (a project key's every call there is a
+    # 401, which tests nothing of the operation).
     admin = operation.path.startswith("/v1/admin")
     key = stack.env["IMAGEGEN_ADMIN_API_KEY"] if admin else stack.key_a
 
