@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -66,15 +67,18 @@ make_server("127.0.0.1", PORT, counting, threaded=True).serve_forever()
 """
 
 _PURGE = """
-import json, time
+import json, resource, time
 from shared.core import context
+from shared.core.settings import get_settings
 from shared.core.storage import get_storage
 from shared.retention.purge import purge_once
 context.start()
 started = time.perf_counter()
-purged = purge_once(get_storage())
+purged = purge_once(get_storage(), duty=get_settings().purge_duty_cycle)
+usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": time.perf_counter() - started, "images": purged.images,
-                  "objects": purged.objects, "delete_calls": purged.delete_calls}))
+                  "objects": purged.objects, "delete_calls": purged.delete_calls,
+                  "cpu_seconds": usage.ru_utime + usage.ru_stime}))
 """
 
 
@@ -117,6 +121,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--images-per-job", type=int, default=10)
     parser.add_argument("--idle-requests", type=int, default=400)
+    parser.add_argument(
+        "--duty",
+        type=float,
+        nargs="+",
+        default=[0.5],
+        help="IMAGEGEN_PURGE_DUTY_CYCLE of each round (a round seeds its own images)",
+    )
     args = parser.parse_args()
 
     s3 = CountingS3()
@@ -130,6 +141,12 @@ def main() -> None:
         s3.stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(stack: Stack, s3: CountingS3, args: argparse.Namespace) -> None:
     client = httpx.Client(
         base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.key_a}"}, timeout=60
@@ -141,17 +158,7 @@ def run(stack: Stack, s3: CountingS3, args: argparse.Namespace) -> None:
     )
     assert made.status_code == 202, made.text
     path = f"/v1/images/jobs/{made.json()['id']}"
-
-    stack.create_key("purged")
     engine = sa.create_engine(stack.database_url)
-    with engine.begin() as conn:
-        project_id = conn.execute(
-            sa.text(
-                "UPDATE project SET image_retention_seconds = 3600 WHERE name = 'purged' "
-                "RETURNING id"
-            )
-        ).scalar_one()
-    bucket = stack.env["IMAGEGEN_S3_BUCKET"]
     s3_client = boto3.client(
         "s3",
         endpoint_url=s3.url,
@@ -160,6 +167,34 @@ def run(stack: Stack, s3: CountingS3, args: argparse.Namespace) -> None:
         aws_secret_access_key="testing",
         config=Config(max_pool_connections=32),
     )
+    for duty in args.duty:
+        print(
+            json.dumps(one_round(stack, s3, s3_client, engine, client, path, duty, args), indent=2)
+        )
+    engine.dispose()
+
+
+def one_round(
+    stack: Stack,
+    s3: CountingS3,
+    s3_client: Any,
+    engine: sa.Engine,
+    client: httpx.Client,
+    path: str,
+    duty: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Seed a project's expired images, then purge them at ``duty``."""
+    name = f"purged-{duty}"
+    stack.create_key(name)
+    with engine.begin() as conn:
+        project_id = conn.execute(
+            sa.text(
+                "UPDATE project SET image_retention_seconds = 3600 WHERE name = :n RETURNING id"
+            ),
+            {"n": name},
+        ).scalar_one()
+    bucket = stack.env["IMAGEGEN_S3_BUCKET"]
     images = args.jobs * args.images_per_job
     started = time.perf_counter()
     seed_jobs(
@@ -176,45 +211,49 @@ def run(stack: Stack, s3: CountingS3, args: argparse.Namespace) -> None:
     latencies(client, path, 50)  # warm-up
     idle = latencies(client, path, args.idle_requests)
     s3.counts(reset=True)
+    assert stack.api.proc is not None
+    api_cpu, s3_cpu = cpu_seconds(stack.api.proc.pid), cpu_seconds(s3.proc.pid)
 
     done = threading.Event()
     during: list[float] = []
     reader = threading.Thread(target=lambda: during.extend(latencies(client, path, done)))
     reader.start()
     purge = subprocess.run(
-        [sys.executable, "-c", _PURGE], env=stack.env, capture_output=True, text=True, timeout=1800
+        [sys.executable, "-c", _PURGE],
+        env={**stack.env, "IMAGEGEN_PURGE_DUTY_CYCLE": str(duty)},
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     done.set()
     reader.join()
     assert purge.returncode == 0, purge.stderr
     result: dict[str, Any] = json.loads(purge.stdout.strip().splitlines()[-1])
+    api_cpu = cpu_seconds(stack.api.proc.pid) - api_cpu
+    s3_cpu = cpu_seconds(s3.proc.pid) - s3_cpu
     counts = s3.counts()
     with engine.connect() as conn:
         left = conn.execute(
             sa.text("SELECT count(*) FROM image WHERE project_id = :p AND expired_at IS NULL"),
             {"p": project_id},
         ).scalar_one()
-    engine.dispose()
-
     p50_idle, p50_during = statistics.median(idle), statistics.median(during)
-    print(
-        json.dumps(
-            {
-                "images": images,
-                "jobs": args.jobs,
-                "purge_seconds": round(result["seconds"], 2),
-                "images_expired": result["images"],
-                "images_left": left,
-                "s3_requests_during_purge": counts,
-                "delete_calls_reported": result["delete_calls"],
-                "api_p50_idle_ms": round(p50_idle * 1000, 2),
-                "api_p50_during_ms": round(p50_during * 1000, 2),
-                "api_requests_during": len(during),
-                "ratio": round(p50_during / p50_idle, 2),
-            },
-            indent=2,
-        )
-    )
+    return {
+        "duty_cycle": duty,
+        "images": images,
+        "jobs": args.jobs,
+        "purge_seconds": round(result["seconds"], 1),
+        "images_expired": result["images"],
+        "images_left": left,
+        "s3_requests_during_purge": counts,
+        "purge_process_cpu_s": round(result["cpu_seconds"], 1),
+        "s3_double_cpu_s": round(s3_cpu, 1),
+        "api_cpu_s_serving_reads": round(api_cpu, 1),
+        "api_p50_idle_ms": round(p50_idle * 1000, 2),
+        "api_p50_during_ms": round(p50_during * 1000, 2),
+        "api_requests_during": len(during),
+        "ratio": round(p50_during / p50_idle, 2),
+    }
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     # old an unowned object must be before the orphan sweep deletes it, and how many
     # objects one pass examines (it resumes from there next time).
     purge_interval_seconds: float = Field(default=300.0, gt=0)
+    # The share of its time a pass works: it rests between chunks for the rest, so
+    # the API sharing the hosts and the database is not slowed (1.0: flat out).
+    purge_duty_cycle: float = Field(default=0.5, gt=0, le=1)
     orphan_min_age_seconds: float = Field(default=86400.0, ge=0)
     orphan_scan_limit: int = Field(default=10000, ge=1)
     broker_polling_interval: float = 0.05

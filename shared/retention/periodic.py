@@ -33,7 +33,7 @@ def run_purge(now: datetime | None = None) -> tuple[Purged, Swept] | None:
         return None
     try:
         storage = get_storage()
-        purged = purge_once(storage, now)
+        purged = purge_once(storage, now, duty=settings.purge_duty_cycle)
         swept = sweep_orphans(
             storage,
             min_age_seconds=settings.orphan_min_age_seconds,
