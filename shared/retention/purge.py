@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -85,7 +85,6 @@ class Purged:
     objects: int = 0
     delete_calls: int = 0
     chunks: int = 0
-    projects: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.images or self.files or self.jobs)
