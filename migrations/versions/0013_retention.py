@@ -45,9 +45,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("expires_at", UTCDateTime(), nullable=True))
         batch_op.create_index("ix_file_expires_at", ["expires_at"])
     with op.batch_alter_table("batch", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("output_expires_after_seconds", sa.Integer(), nullable=True)
-        )
+        batch_op.add_column(sa.Column("output_expires_after_seconds", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
