@@ -132,7 +132,12 @@ def main() -> None:
 
     s3 = CountingS3()
     workdir = Path(tempfile.mkdtemp(prefix="bench_purge_"))
-    env = {"IMAGEGEN_PURGE_INTERVAL_SECONDS": "86400", "IMAGEGEN_LOG_LEVEL": "WARNING"}
+    env = {
+        "IMAGEGEN_PURGE_INTERVAL_SECONDS": "86400",
+        "IMAGEGEN_LOG_LEVEL": "WARNING",
+        # One client reading as fast as it can: no per-key rate limit in the way.
+        "IMAGEGEN_KEY_REQUESTS_PER_MINUTE": "0",
+    }
     stack = Stack(workdir, s3.url, worker_env=env, api_env=env)
     try:
         run(stack, s3, args)
