@@ -117,3 +117,26 @@ def test_the_orphan_sweep_judges_only_key_shapes_it_makes() -> None:
     assert shapes.files == {"file_1": "p/files/file_1"}
     # Not ours to judge: left alone. The .tmp is in none (never owned).
     assert shapes.unknown == {"p/notes.txt", "p/job_1/thumbs/0.png"}
+
+
+def test_the_sweeper_publishes_the_purge_once_an_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from shared.core.settings import Settings
+    from shared.retention import periodic
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr("shared.retention.periodic.time.monotonic", lambda: clock["now"])
+    monkeypatch.setattr(periodic, "current", lambda: SimpleNamespace(redis=None))
+    monkeypatch.setattr(periodic, "get_settings", lambda: Settings(purge_interval_seconds=300))
+    monkeypatch.setattr(periodic, "_last_published", 1000.0)  # the worker just started
+    assert not periodic.purge_due()
+    clock["now"] += 299
+    assert not periodic.purge_due()
+    clock["now"] += 2
+    assert periodic.purge_due()
+    assert not periodic.purge_due()  # once an interval
+    clock["now"] += 301
+    assert periodic.purge_due()
