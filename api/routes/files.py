@@ -155,6 +155,8 @@ def read_content(
 
 
 @router.delete("/{file_id}", response_model=Deleted, responses=ERRORS)
-def remove_file(file_id: str, principal: CurrentPrincipal, session: DbSession) -> Deleted:
-    file = delete_file(session, principal.project_id, file_id)
+def remove_file(
+    file_id: str, principal: CurrentPrincipal, session: DbSession, storage: StorageDep
+) -> Deleted:
+    file = delete_file(session, storage, principal.project_id, file_id)
     return Deleted(id=file.id, object="file")

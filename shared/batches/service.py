@@ -192,7 +192,10 @@ def validate_batch(session: Session, batch_id: str) -> bool:
     if batch is None or batch.status != BatchStatus.validating:
         return False
     file = session.get(File, batch.input_file_id)
-    lines = get_storage().lines(file.storage_key) if file is not None else iter(())
+    # A file deleted since the batch was made has no object left: read as empty,
+    # the batch fails naming an empty input rather than crashing on the read.
+    live = file if file is not None and file.deleted_at is None else None
+    lines = get_storage().lines(live.storage_key) if live is not None else iter(())
     items, errors = parse_input(lines, batch.endpoint)
     if errors:
         batch.status, batch.failed_at, batch.errors = BatchStatus.failed, utcnow(), errors[:1000]

@@ -96,8 +96,11 @@ def list_files(
     return newest_first(session, query, col(File.id), limit=limit, after=after)
 
 
-def delete_file(session: Session, project_id: str, file_id: str) -> File:
+def delete_file(session: Session, storage: Storage, project_id: str, file_id: str) -> File:
+    """Delete the file: its object at once (as a deleted job's images are; a storage
+    outage is a 503 and nothing changes), its row kept as a tombstone."""
     file = get_file(session, project_id, file_id)
+    storage.delete([file.storage_key])
     file.deleted_at = utcnow()
     session.add(file)
     session.flush()

@@ -144,8 +144,8 @@ def test_storage_bytes_are_exactly_what_storage_holds(project: Project) -> None:
     assert edited["id"]
 
     assert project.client.delete(f"/v1/files/{made.json()['id']}").status_code == 200
-    # A deleted file is no longer the project's (its object is left to the purge).
-    assert project.usage()["storage_bytes"] == 0
+    # A deleted file is no longer the project's, and its object is gone at once.
+    assert project.usage()["storage_bytes"] == 0 == project.on_disk()
 
 
 def test_metrics_and_the_cli_say_the_same_bytes(
