@@ -348,7 +348,11 @@ def test_a_worker_host_cut_off_and_another_killed_lose_and_repeat_nothing(
         assert 1 <= calls <= attempts <= MAX_ATTEMPTS, (job_id, calls, attempts)
         retried += attempts > 1
     assert retried, "the cut off and the killed host held jobs that other hosts finished"
-    print(f"hosts: {len(accepted)} accepted, {load.refused} refused, {retried} taken over")
+    called_again = sum(upstream.counts[prompt] > 1 for prompt, _ in accepted.values())
+    print(
+        f"hosts: {len(accepted)} accepted, {len(accepted) - len(failures)} succeeded, "
+        f"{load.refused} refused, {retried} taken over, {called_again} called upstream again"
+    )
 
 
 def test_an_api_host_killed_the_client_retries_its_key_at_the_other(cluster: Cluster) -> None:
