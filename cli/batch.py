@@ -177,7 +177,7 @@ def delete(
     base_url: BaseUrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
-    """Delete an ended batch: its jobs' images and its input, output and error files."""
+    """Delete an ended batch: its jobs' images and its output and error files."""
     delete_at(f"/v1/batches/{batch_id}", as_json, base_url, api_key)
 
 

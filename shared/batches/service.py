@@ -13,7 +13,7 @@ records its change and enqueues the step.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -238,10 +238,10 @@ def delete_batch(
     session: Session, storage: Storage, project_id: str, batch_id: str, actor: str
 ) -> Deleted:
     """Delete an ended batch (a running one is refused, 409: cancel it first): its
-    jobs and the batch become tombstones (read as absent), its jobs' images, edit
-    inputs and kept upstream images and its input, output and error files are
-    removed from storage at once (DeleteObjects, 1,000 keys a call), and the deletion
-    is audited. Deleting it again answers 404."""
+    jobs and the batch become tombstones (read as absent), its lines' bodies are
+    cleared, its jobs' images, edit inputs and kept upstream images and its output
+    and error files are removed from storage at once (DeleteObjects, 1,000 keys a
+    call), and the deletion is audited. Deleting it again answers 404."""
     batch = get_batch(session, project_id, batch_id)
     if batch.status not in TERMINAL:
         raise Conflict(
@@ -250,11 +250,22 @@ def delete_batch(
             param="batch_id",
         )
     now = utcnow()
-    batch.deleted_at = now
-    session.add(batch)
+    # Guarded: of two deletes at once, one marks it and the other answers 404.
+    marked = session.execute(
+        sa.update(Batch)
+        .where(col(Batch.id) == batch.id, col(Batch.deleted_at).is_(None))
+        .values(deleted_at=now)
+    )
+    if cast(sa.CursorResult[Any], marked).rowcount != 1:
+        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
     job_ids = lifecycle.mark_batch_jobs_deleted(session, batch.id, now)
     keys = _job_objects(session, storage, project_id, job_ids)
-    files = [f for f in (batch.input_file_id, batch.output_file_id, batch.error_file_id) if f]
+    # The lines' bodies are the requests, an edit line's input image among them
+    # (a data URL): they go with the batch; the rows stay for its counts.
+    session.execute(sa.update(BatchItem).where(col(BatchItem.batch_id) == batch.id).values(body={}))
+    # Its output and error files; not its input file, which is the user's own Files
+    # object (another batch may read it, and DELETE /v1/files deletes it).
+    files = [f for f in (batch.output_file_id, batch.error_file_id) if f]
     for file in session.exec(select(File).where(col(File.id).in_(files))):
         keys.append(file.storage_key)
         if file.deleted_at is None:

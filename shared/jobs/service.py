@@ -243,6 +243,15 @@ def delete_job(
     stored (worker/runner.py). Deleting it again answers 404, as OpenAI does for a
     deleted file."""
     job = get_job(session, project_id, job_id)
+    if job.batch_id is not None:
+        # A batch line's job is part of its batch's results (its output file, its
+        # line pages): deleting it alone would leave the batch pointing at images
+        # that are gone. The batch is deleted whole.
+        raise Conflict(
+            f"Job '{job_id}' is a line of batch '{job.batch_id}': delete the batch "
+            "(once it has ended) to delete its jobs.",
+            param="job_id",
+        )
     if job.status not in FINISHED:
         if lifecycle.cancel(session, job.id, utcnow()):
             session.refresh(job)

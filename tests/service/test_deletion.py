@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from cli import client as cli_client
 from cli.main import app as cli_app
 from shared.audit.models import AuditEvent
+from shared.batches.models import BatchItem
 from shared.core.context import current
 from shared.core.db import unit_of_work
 from shared.core.settings import Settings
@@ -57,6 +58,11 @@ def _audit(action: str, target: str) -> list[AuditEvent]:
         for row in rows:
             session.expunge(row)
         return rows
+
+
+def _line_jobs(batch_id: str) -> list[str]:
+    with unit_of_work() as session:
+        return [str(j) for j in session.exec(select(Job.id).where(Job.batch_id == batch_id)).all()]
 
 
 def _png() -> bytes:
@@ -197,7 +203,7 @@ def test_a_batch_is_deleted_once_it_ended_with_its_jobs_and_files(service: Servi
     assert event.details["jobs"] == 2
 
 
-def test_an_openai_batch_deletes_its_input_and_output_files(service: Service) -> None:
+def test_an_openai_batch_deletes_its_output_not_the_users_input_file(service: Service) -> None:
     client = service.client()
     line = '{"custom_id": "a", "method": "POST", "url": "/v1/images/generations", '
     line += '"body": {"prompt": "a wren", "size": "64x64"}}\n'
@@ -216,10 +222,22 @@ def test_an_openai_batch_deletes_its_input_and_output_files(service: Service) ->
     ).json()
     ended = service.wait_for(f"/v1/batches/{batch['id']}", lambda b: b["status"] == "completed")
     assert ended["output_file_id"]
+    (job_id,) = _line_jobs(batch["id"])
+    # A line's job goes with its batch, not alone (the batch's results name it).
+    refused = client.delete(f"/v1/images/jobs/{job_id}")
+    assert refused.status_code == 409, refused.text
+    assert batch["id"] in refused.json()["error"]["message"]
+
     assert client.delete(f"/v1/batches/{batch['id']}").status_code == 200
-    for file_id in (file["id"], ended["output_file_id"]):
-        assert client.get(f"/v1/files/{file_id}").status_code == 404
-        assert client.get(f"/v1/files/{file_id}/content").status_code == 404
+    assert client.get(f"/v1/files/{ended['output_file_id']}").status_code == 404
+    assert client.get(f"/v1/files/{ended['output_file_id']}/content").status_code == 404
+    assert client.get(f"/v1/images/jobs/{job_id}").status_code == 404
+    # The input is the user's own Files object: another batch may read it.
+    assert client.get(f"/v1/files/{file['id']}/content").text == line
+    # The lines' requests went with the batch.
+    with unit_of_work() as session:
+        bodies = session.exec(select(BatchItem.body).where(BatchItem.batch_id == batch["id"])).all()
+    assert bodies == [{}]
 
 
 class _InProcess(TestClient):
