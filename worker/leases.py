@@ -100,6 +100,14 @@ class LeaseBook:
                 self.renew()
             except Exception:
                 log.exception("lease renewal failed")
+                # The database is out: a deadline that passed stays due (it is
+                # dropped only once ended), so without this wait the loop would try
+                # again at once, flat out, for the whole outage, deaf to ``stop``.
+                if stop.wait(min(interval, RETRY_AFTER_FAILURE_SECONDS)):
+                    return
 
+
+# After a failed renewal the heartbeat tries again this soon at the earliest.
+RETRY_AFTER_FAILURE_SECONDS = 1.0
 
 LEASES = LeaseBook()

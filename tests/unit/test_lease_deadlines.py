@@ -48,3 +48,29 @@ def test_the_heartbeat_beats_at_a_held_jobs_deadline() -> None:
         stop.set()
         thread.join(2)
     assert not thread.is_alive()  # a stop ends it at once, not after the interval
+
+
+class _Down(LeaseBook):
+    """A lease book whose database is out: every renewal fails, so a deadline that
+    passed stays due."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    def renew(self) -> None:
+        self.tries += 1
+        raise ConnectionError("database down")
+
+
+def test_a_failing_renewal_past_a_deadline_is_retried_paced_and_stops_at_once() -> None:
+    book = _Down()
+    book.hold("job_a", "token", utcnow() - timedelta(seconds=1))  # already overdue
+    stop = threading.Event()
+    thread = threading.Thread(target=book.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    stop.set()
+    thread.join(2)
+    assert not thread.is_alive()  # heard the stop while the database was down
+    assert 1 <= book.tries <= 2  # once, then a second's pause: not a hot loop
