@@ -35,11 +35,13 @@ def read_file(
 ) -> Response:
     if not isinstance(storage, LocalStorage):
         raise NotFound("No such file.")
-    storage.verify(key, expires, signature)
     # An image past its life answers 410 image_expired, even before the purge has
-    # deleted its file (a deleted job's: 404, its file gone).
-    if image_expired(session, key):
+    # deleted its file (a deleted job's: 404, its file gone). Looked at before the
+    # URL's own expiry, which is capped at the image's life: a genuine URL of an
+    # expired image would otherwise always say 403 "URL expired".
+    if storage.signed(key, expires, signature) and image_expired(session, key):
         raise Gone("This image has expired and was deleted.")
+    storage.verify(key, expires, signature)
     data = storage.get(key)
     ext = key.rsplit(".", 1)[-1]
     return Response(

@@ -29,11 +29,23 @@ _SECRET_FIELDS = frozenset(
 )
 
 
+# A key's prefix (``sk-ig-pbbm``) is what lets an admin tell keys apart, and too
+# short to be one: kept as it is (the redactor would take it for a key).
+_PREFIX_FIELDS = frozenset({"prefix"})
+_PREFIX_MOST = 16
+
+
 def clean(value: Any) -> Any:
     """``value`` without secrets: secret-named fields dropped, strings redacted,
     anything not JSON made a string."""
     if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items() if str(k) not in _SECRET_FIELDS}
+        return {
+            str(k): v
+            if str(k) in _PREFIX_FIELDS and isinstance(v, str) and len(v) <= _PREFIX_MOST
+            else clean(v)
+            for k, v in value.items()
+            if str(k) not in _SECRET_FIELDS
+        }
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     if isinstance(value, str):

@@ -44,8 +44,11 @@ def set_retention(session: Session, name: str, actor: str, **retention: int | No
             session,
             actor,
             "retention.update",
-            project.name,
-            {"changes": {f: {"from": before[f], "to": v} for f, v in retention.items()}},
+            project.id,  # as every project event: the id, the name in details
+            {
+                "project": project.name,
+                "changes": {f: {"from": before[f], "to": v} for f, v in retention.items()},
+            },
             project_id=project.id,
         )
     # Principals carry the image retention (the cap on Image-Expires-After).

@@ -79,6 +79,7 @@ def test_each_admin_api_action_leaves_one_event_without_secrets(admin: TestClien
     assert created["project"] == name
     assert created["name"] == "ci"
     assert created["project_created"] is False
+    assert created["prefix"] == key.json()["prefix"]  # how an admin tells keys apart
     assert all(e["project"] == name and e["project_id"] == project_id for e in events)
     # The secret is nowhere in the trail, whole or as its random part.
     trail = json.dumps(_events(admin))

@@ -119,7 +119,8 @@ def test_retention_is_validated_and_null_means_forever(service: Service) -> None
     events = admin.get(
         "/v1/admin/audit", params={"action": "retention.update"}, headers=ADMIN
     ).json()["data"]
-    mine = [e for e in events if e["target"] == "retention-checks"]
+    mine = [e for e in events if e["details"]["project"] == "retention-checks"]
+    assert {e["target"] for e in mine} == {body["id"]}
     assert [e["details"]["changes"] for e in mine] == [
         {"job_retention_seconds": {"from": 86400, "to": None}},
         {"job_retention_seconds": {"from": None, "to": 86400}},
