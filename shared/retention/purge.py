@@ -6,9 +6,10 @@ One pass (``purge_once``, the ``imagegen.purge`` task's body) does, a chunk at a
    kept upstream images, are deleted (S3 DeleteObjects, up to 1,000 keys a call)
    and the rows marked ``expired_at`` (the job stays readable);
 2. files past their ``expires_at``: object deleted, row marked deleted;
-3. job rows past their project's job retention: their objects first, then their
-   trace calls, webhook attempts and deliveries, images, idempotency keys and the
-   jobs themselves.
+3. job rows past their project's job retention (and past their idempotency key's
+   24 hours, with no webhook delivery still pending): their objects first, then
+   their trace calls, webhook attempts and deliveries, images, idempotency keys and
+   the jobs themselves.
 
 Each chunk is one transaction: its rows are claimed (``FOR UPDATE SKIP LOCKED`` on
 PostgreSQL, so several workers purging at once take different rows; SQLite has one
@@ -38,11 +39,12 @@ from shared.core.db import unit_of_work
 from shared.core.storage import Storage
 from shared.files.models import File
 from shared.idempotency.models import IdempotencyKey
+from shared.idempotency.service import KEEP as IDEMPOTENCY_KEEP
 from shared.jobs import lifecycle
 from shared.jobs.models import FINISHED, Image, Job
 from shared.projects.models import Project
 from shared.traces.models import Call
-from shared.webhooks.models import WebhookAttempt, WebhookDelivery
+from shared.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -259,12 +261,25 @@ def remove_jobs(
 ) -> None:
     """Job rows past their project's job retention (counted from creation), finished
     ones only, and a batch's lines only once their batch has ended (its output file
-    is written from them)."""
+    is written from them). A row also outlives what still answers with it: its
+    ``Idempotency-Key`` (a retry gets the job for 24 hours, however short the
+    retention) and its webhook deliveries still pending (retried for days)."""
     with uow() as session:
         retentions = _retentions(session, col(Project.job_retention_seconds))
     open_batches = sa.select(col(Batch.id)).where(col(Batch.status).not_in(TERMINAL))
+    pending = (
+        sa.select(sa.literal(1))
+        .where(
+            col(WebhookDelivery.job_id) == col(Job.id),
+            col(WebhookDelivery.status) == DeliveryStatus.pending,
+        )
+        .exists()
+    )
     for project_id, seconds in retentions:
-        cutoff = now - timedelta(seconds=seconds)
+        # A job's key is written before the job, in its transaction, and lives KEEP
+        # from then: a job made over KEEP ago has none left that is live. A cutoff,
+        # not a lookup: idempotency_key has no index on the resource it names.
+        cutoff = now - max(timedelta(seconds=seconds), IDEMPOTENCY_KEEP)
         while True:
             with pacer.chunk(), uow() as session:
                 job_ids = [
@@ -281,6 +296,7 @@ def remove_jobs(
                                     col(Job.batch_id).is_(None),
                                     col(Job.batch_id).not_in(open_batches),
                                 ),
+                                ~pending,
                             )
                             .limit(JOB_CHUNK),
                         )

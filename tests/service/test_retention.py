@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import col, select
 from typer.testing import CliRunner
@@ -27,9 +29,11 @@ from shared.retention import purge
 from shared.retention.orphans import Cursor, sweep_orphans
 from shared.retention.purge import purge_once
 from shared.traces.models import Call
+from shared.webhooks.models import DeliveryStatus, WebhookDelivery
 from tests.service.conftest import Service
 
 ADMIN = {"Authorization": "Bearer admin-service-key"}
+ASYNC = {"Prefer": "respond-async"}
 DAY = timedelta(days=1)
 
 
@@ -236,12 +240,61 @@ def test_job_rows_past_their_retention_are_removed(service: Service) -> None:
     assert purge_once(storage, utcnow() + timedelta(minutes=30)).jobs == 0
     assert client.get(f"/v1/images/jobs/{job['id']}").status_code == 200
 
-    assert purge_once(storage, utcnow() + timedelta(hours=2)).jobs >= 1
+    # Past its key's 24 hours too (a retry with it gets the job till then).
+    assert purge_once(storage, utcnow() + timedelta(hours=25)).jobs >= 1
     assert client.get(f"/v1/images/jobs/{job['id']}").status_code == 404
     assert not any(stored(storage, k) for k in keys)
     with unit_of_work() as session:
         assert session.exec(select(Call).where(col(Call.job_id) == job["id"])).first() is None
         assert session.exec(select(Image).where(col(Image.job_id) == job["id"])).first() is None
+
+
+def finished(client: TestClient, job_id: str) -> None:
+    deadline = time.monotonic() + 15
+    while (job := client.get(f"/v1/images/jobs/{job_id}").json())["status"] != "succeeded":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
+
+
+def test_a_job_row_outlives_its_idempotency_key_and_its_pending_webhooks(
+    service: Service,
+) -> None:
+    """Job retention may be a minute, but an Idempotency-Key answers with its job for
+    24 hours and a webhook is retried for days: the row stays until both are over."""
+    client = project_client(service, "retention-keep")
+    set_retention(service, "retention-keep", job_retention_seconds=60)
+    key, body = str(uuid.uuid4()), {"prompt": "kept", "size": "64x64"}
+    keyed = client.post(
+        "/v1/images/generations", json=body, headers={"Idempotency-Key": key, **ASYNC}
+    ).json()["id"]
+    hook = {"webhook_url": "http://127.0.0.1:9/hook", "webhook_events": ["job.succeeded"]}
+    hooked = client.post("/v1/images/generations", json={**body, **hook}, headers=ASYNC)
+    hooked_id = hooked.json()["id"]
+    finished(client, keyed)
+    finished(client, hooked_id)
+    storage = get_storage()
+    now = utcnow()
+
+    purge_once(storage, now + timedelta(hours=1))  # past the job retention only
+    assert client.get(f"/v1/images/jobs/{keyed}").status_code == 200
+    again = client.post(
+        "/v1/images/generations", json=body, headers={"Idempotency-Key": key, **ASYNC}
+    )
+    assert again.json()["id"] == keyed  # the retry still gets the first job
+    assert client.get(f"/v1/images/jobs/{hooked_id}").status_code == 200
+
+    purge_once(storage, now + timedelta(hours=25))  # the key has expired
+    assert client.get(f"/v1/images/jobs/{keyed}").status_code == 404
+    # Its delivery is still pending (no webhook worker runs here): kept.
+    assert client.get(f"/v1/images/jobs/{hooked_id}").status_code == 200
+    with unit_of_work() as session:
+        session.execute(
+            sa.update(WebhookDelivery)
+            .where(col(WebhookDelivery.job_id) == hooked_id)
+            .values(status=DeliveryStatus.failed)  # its retry schedule exhausted
+        )
+    purge_once(storage, now + timedelta(hours=25))
+    assert client.get(f"/v1/images/jobs/{hooked_id}").status_code == 404
 
 
 class Killed(Exception):
