@@ -352,7 +352,6 @@ def audit(
     from shared.audit.views import event_view
     from shared.projects.service import get_project
 
-    table = tables.table("id", "at", "actor", "project", "action", "target", "details")
     with _admin_session() as session:
         project_id = get_project(session, project).id if project is not None else None
         events, more = list_events(
@@ -368,19 +367,16 @@ def audit(
             if as_json:
                 print(event_view(event, names).model_dump_json())
                 continue
-            table.add_row(
-                event.id,
-                _when(event.at),
-                event.actor,
-                names.get(event.project_id or "", ""),
-                event.action,
-                event.target,
-                json.dumps(event.details, sort_keys=True),
+            # One line an event, not a table: its ids (target, actor) stay whole on
+            # an 80-column terminal, where seven columns cut them all (--json has
+            # the details).
+            project_name = names.get(event.project_id or "", "")
+            print(
+                f"{_when(event.at)}  {event.action:<16} {event.target}  by {event.actor}"
+                + (f"  ({project_name})" if project_name else "")
             )
-    if not as_json:
-        Console().print(table)
-        if more:
-            console.print(f"more: --after {events[-1].id}")
+    if not as_json and more:
+        console.print(f"more: --after {events[-1].id}")
 
 
 def _when(value: datetime | None) -> str | None:
