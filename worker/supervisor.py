@@ -152,9 +152,13 @@ class WorkerGroup:
             ChildWorker(args)
             for args in consumer_args(settings, queues, concurrency, sweeper, local_queues)
         ]
+        self.drain_seconds = settings.worker_drain_seconds
 
-    def stop(self, timeout: float = 60) -> None:
-        stoppers = [threading.Thread(target=c.stop, args=(timeout,)) for c in self.children]
+    def stop(self, timeout: float | None = None) -> None:
+        """A warm shutdown of every consumer, within ``timeout`` (the settings'
+        ``worker_drain_seconds`` by default)."""
+        wait = self.drain_seconds if timeout is None else timeout
+        stoppers = [threading.Thread(target=c.stop, args=(wait,)) for c in self.children]
         for t in stoppers:
             t.start()
         for t in stoppers:

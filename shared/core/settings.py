@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     # threads start on demand). Measured (bench/bench_capacity.py): 2,000 calls in
     # flight against a 30 s upstream cost one consumer about 96 KB of RSS each.
     worker_concurrency: int = 2048
+    # How long `imagegen worker` waits, on SIGTERM, for its consumers to finish the
+    # jobs they hold before killing them (their jobs then go back to the queue when
+    # their leases end, an attempt spent). A deployment that must wait out its
+    # longest provider call sets it above IMAGEGEN_PROVIDER_TIMEOUT_SECONDS, and
+    # its grace period (Kubernetes, compose) above this plus 5 s: docs/deploy.md.
+    worker_drain_seconds: float = Field(default=60.0, gt=0)
     # How many jobs of one worker process hold provider answers in memory at once,
     # from reading the answer to storing its images (shared/providers/answers.py):
     # when thousands of calls return together, peak memory is bounded by this.

@@ -11,7 +11,6 @@ cluster or Docker here: the rest is the contract read from the files.
 from __future__ import annotations
 
 import ast
-import inspect
 import re
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from shared.core.broker import WEBHOOK_QUEUE
 from shared.core.settings import Settings
 from shared.registry import load_registry
 from shared.registry.entries import DiffusersModel
-from worker.supervisor import ChildWorker, WorkerGroup
+from worker import supervisor
+from worker.supervisor import WorkerGroup
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -49,13 +49,7 @@ WORKERS = {
 KILL_WAIT_SECONDS = 5
 
 
-def _default(function: Any, parameter: str) -> float:
-    value = inspect.signature(function).parameters[parameter].default
-    assert isinstance(value, int | float)
-    return float(value)
-
-
-DRAIN_SECONDS = _default(WorkerGroup.stop, "timeout") + KILL_WAIT_SECONDS
+DRAIN_SECONDS = Settings.model_fields["worker_drain_seconds"].default + KILL_WAIT_SECONDS
 
 
 def _manifests() -> list[Path]:
@@ -206,8 +200,22 @@ def _uvicorn_drain() -> float:
     return float(value)
 
 
-def test_workers_get_the_whole_warm_shutdown_before_they_are_killed() -> None:
-    assert _default(ChildWorker.stop, "timeout") <= _default(WorkerGroup.stop, "timeout")
+def test_workers_get_the_whole_warm_shutdown_before_they_are_killed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The group hands each consumer its whole drain (IMAGEGEN_WORKER_DRAIN_SECONDS).
+    stops: list[float] = []
+
+    class Consumer:  # no process started
+        def __init__(self, args: list[str]) -> None:
+            self.args = args
+
+        def stop(self, timeout: float) -> None:
+            stops.append(timeout)
+
+    monkeypatch.setattr(supervisor, "ChildWorker", Consumer)
+    WorkerGroup(Settings(worker_drain_seconds=7), ["default"]).stop()
+    assert stops == [7]
     pods = _pods()
     for name in WORKERS:
         assert pods[name]["terminationGracePeriodSeconds"] >= DRAIN_SECONDS, name
