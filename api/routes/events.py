@@ -47,7 +47,14 @@ async def job_events(
             job = get_job(session, principal.project_id, job_id)
             images = job_images(session, job) if job.status in FINISHED else []
             position = queue_position(session, job)
-        obj = render_job(job, images, links.storage, links.base_url, links.expiry)
+        obj = render_job(
+            job,
+            images,
+            links.storage,
+            links.base_url,
+            links.expiry,
+            retention_seconds=principal.image_retention_seconds,
+        )
         obj.queue_position = position
         # While a local model denoises, each recorded step is a `job.progress` event
         # (the worker throttles them, IMAGEGEN_PROGRESS_INTERVAL_SECONDS).

@@ -76,7 +76,14 @@ def cancel(
     links: Links,
 ) -> JobObject:
     job = cancel_job(session, principal.project_id, job_id)
-    return render_job(job, job_images(session, job), links.storage, links.base_url, links.expiry)
+    return render_job(
+        job,
+        job_images(session, job),
+        links.storage,
+        links.base_url,
+        links.expiry,
+        retention_seconds=principal.image_retention_seconds,
+    )
 
 
 @router.delete("/{job_id}", response_model=Deleted, responses=ERRORS)

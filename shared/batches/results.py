@@ -24,6 +24,7 @@ from shared.core.storage import get_storage
 from shared.files.service import create_file
 from shared.jobs.service import images_by_job
 from shared.jobs.views import render_result
+from shared.retention.service import image_retention
 from shared.webhooks.events import record_batch_event
 
 
@@ -76,6 +77,7 @@ def write_results(session: Session, batch_id: str, final: BatchStatus) -> None:
         batch.project_id,
         [job.id for item, job in rows if item.status == ItemStatus.succeeded and job is not None],
     )
+    retention = image_retention(session, batch.project_id)
     for item, job in rows:
         line: dict[str, Any] = {
             "id": item.id,
@@ -85,7 +87,12 @@ def write_results(session: Session, batch_id: str, final: BatchStatus) -> None:
         }
         if item.status == ItemStatus.succeeded and job is not None:
             body = render_result(
-                job, images[job.id], storage, base_url, settings.batch_url_expiry_seconds
+                job,
+                images[job.id],
+                storage,
+                base_url,
+                settings.batch_url_expiry_seconds,
+                retention_seconds=retention,
             )
             line["response"] = {
                 "status_code": 200,

@@ -23,6 +23,7 @@ from shared.core.storage import get_storage
 from shared.jobs.models import Job
 from shared.jobs.service import images_by_job
 from shared.jobs.views import render_result
+from shared.retention.service import image_retention
 
 
 def request_counts(session: Session, batch: Batch) -> RequestCounts:
@@ -107,6 +108,7 @@ def list_items(session: Session, batch: Batch, *, limit: int, after: int | None)
             if item.status == ItemStatus.succeeded and job is not None
         ],
     )
+    retention = image_retention(session, batch.project_id)
     page = []
     for item, job in rows[:limit]:
         response = None
@@ -117,6 +119,7 @@ def list_items(session: Session, batch: Batch, *, limit: int, after: int | None)
                 get_storage(),
                 settings.public_base_url(),
                 settings.url_expiry_seconds,
+                retention_seconds=retention,
             )
             response = ItemResponse(status_code=200, body=body.model_dump(exclude_none=True))
         elif item.status_code is not None:

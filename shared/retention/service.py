@@ -64,6 +64,15 @@ def retention_of(session: Session, project_id: str) -> Retention:
     )
 
 
+def image_retention(session: Session, project_id: str) -> int | None:
+    """A project's image retention in seconds (None: forever), for a view rendering
+    its images where no principal carries it (a batch's pages and output file, a
+    webhook's payload): an image past it is expired, a URL capped at it."""
+    return session.execute(
+        sa.select(col(Project.image_retention_seconds)).where(col(Project.id) == project_id)
+    ).scalar()
+
+
 def image_expired(session: Session, key: str, now: datetime | None = None) -> bool:
     """Whether ``key`` is an image past its life (marked by the purge, or past its
     time already); False for anything else (an input, a file, a key of no image)."""

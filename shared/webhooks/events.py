@@ -13,6 +13,7 @@ from shared.core.settings import get_settings
 from shared.core.storage import get_storage
 from shared.jobs.models import Image, Job, JobStatus
 from shared.jobs.views import render_job
+from shared.retention.service import image_retention
 from shared.webhooks.models import JOB_EVENTS, WebhookDelivery
 from shared.webhooks.service import subscriptions
 
@@ -24,12 +25,18 @@ EVENT_FOR_STATUS: dict[JobStatus, str] = {
 }
 
 
-def _job_payload(job: Job, images: list[Image]) -> dict[str, Any]:
-    # URLs, never image bytes, whatever response_format the job asked for.
+def _job_payload(session: Session, job: Job, images: list[Image]) -> dict[str, Any]:
+    # URLs, never image bytes, whatever response_format the job asked for; a URL
+    # never outlives its image (the project's image retention).
     as_url = job.model_copy(update={"request": {**job.request, "response_format": "url"}})
     settings = get_settings()
     obj = render_job(
-        as_url, images, get_storage(), settings.public_base_url(), settings.url_expiry_seconds
+        as_url,
+        images,
+        get_storage(),
+        settings.public_base_url(),
+        settings.url_expiry_seconds,
+        retention_seconds=image_retention(session, job.project_id) if images else None,
     )
     data = obj.model_dump(mode="json", exclude_none=True)
     data["request"]["response_format"] = job.request.get("response_format")
@@ -80,7 +87,14 @@ def record_job_event(session: Session, job: Job, images: list[Image]) -> None:
     if event is None:
         return
     own = job.webhook_url if event in (job.webhook_events or JOB_EVENTS) else None
-    _record(session, job.project_id, event, own, lambda: _job_payload(job, images), job_id=job.id)
+    _record(
+        session,
+        job.project_id,
+        event,
+        own,
+        lambda: _job_payload(session, job, images),
+        job_id=job.id,
+    )
 
 
 def record_batch_event(session: Session, batch: Batch, event: str, data: dict[str, Any]) -> None:

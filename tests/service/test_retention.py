@@ -12,7 +12,7 @@ import time
 import uuid
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import sqlalchemy as sa
@@ -24,6 +24,7 @@ from cli.main import app
 from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
 from shared.core.storage import LocalStorage, Storage, get_storage
+from shared.jobs import views
 from shared.jobs.models import Image, Job
 from shared.retention import purge
 from shared.retention.orphans import Cursor, sweep_orphans
@@ -435,3 +436,53 @@ def test_batch_files_take_their_batchs_output_expires_after(service: Service) ->
     assert client.get(f"/v1/files/{ended['output_file_id']}").status_code == 404
     assert client.get(f"/v1/files/{ended['output_file_id']}/content").status_code == 404
     assert client.get(f"/v1/files/{source['id']}").status_code == 200
+
+
+def url_expires(url: str) -> int:
+    return int(parse_qs(urlparse(url).query)["expires"][0])
+
+
+def test_every_view_of_an_image_honours_its_projects_retention(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its project's image retention but not purged yet, an image is expired in
+    every view (SSE, a batch's line pages), and a URL handed out before (a batch's
+    output file, a webhook's payload) never outlives it."""
+    client = project_client(service, "retention-views")
+    set_retention(service, "retention-views", image_retention_seconds=1800)
+    line = '{"custom_id": "a", "method": "POST", "url": "/v1/images/generations", '
+    line += '"body": {"prompt": "a wren", "size": "64x64"}}\n'
+    source = client.post(
+        "/v1/files",
+        data={"purpose": "batch"},
+        files={"file": ("in.jsonl", line.encode(), "application/jsonl")},
+    ).json()
+    body = {"input_file_id": source["id"], "endpoint": "/v1/images/generations"}
+    batch = client.post("/v1/batches", json={**body, "completion_window": "24h"}).json()
+    hook = {"webhook_url": "http://127.0.0.1:9/hook", "webhook_events": ["job.succeeded"]}
+    job = client.post(
+        "/v1/images/generations", json={"prompt": "a kite", "size": "64x64", **hook}, headers=ASYNC
+    ).json()["id"]
+    finished(client, job)
+    deadline = time.monotonic() + 15
+    while (ended := client.get(f"/v1/batches/{batch['id']}").json())["status"] != "completed":
+        assert time.monotonic() < deadline, ended
+        time.sleep(0.02)
+    half_an_hour = time.time() + 1800 + 5  # URLs are presigned for an hour otherwise
+    output = client.get(f"/v1/files/{ended['output_file_id']}/content").text
+    written = json.loads(output)["response"]["body"]["data"][0]["url"]
+    assert url_expires(written) <= half_an_hour  # not the batch URLs' week
+    with unit_of_work() as session:
+        payload = session.exec(
+            select(WebhookDelivery.payload).where(col(WebhookDelivery.job_id) == job)
+        ).one()
+    assert url_expires(payload["data"]["result"]["data"][0]["url"]) <= half_an_hour
+
+    later = utcnow() + timedelta(hours=2)
+    monkeypatch.setattr(views, "utcnow", lambda: later)
+    items = client.get(f"/v1/images/batches/{batch['id']}/items").json()["data"]
+    assert items[0]["response"]["body"]["data"] == [{"expired": True}]
+    with client.stream("GET", f"/v1/images/jobs/{job}/events") as stream:
+        frames = [json.loads(t[6:]) for t in stream.iter_lines() if t.startswith("data: ")]
+    assert frames[0]["status"] == "succeeded"
+    assert frames[0]["result"]["data"] == [{"expired": True}]
