@@ -61,7 +61,8 @@ class StorageUsage(Schema):
     """Its images not expired, of jobs not deleted."""
     inputs_bytes: int
     """Its edits' and variations' uploaded images and masks, kept under their jobs
-    until their images expire or the job is deleted."""
+    until their images expire (an edit that made none: its project's image
+    retention after it ended) or the job is deleted."""
     files_bytes: int
     """Its Files API files not deleted (batch inputs, outputs and errors included)."""
 

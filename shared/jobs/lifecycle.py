@@ -558,6 +558,26 @@ _REMOVE_FINISHED = sa.delete(_JOBS).where(
 )
 
 
+_INPUTS_REMOVED = (
+    sa.update(_JOBS)
+    .where(
+        _JOBS.c.id.in_(sa.bindparam("ids", expanding=True)),
+        _JOBS.c.input_bytes > 0,
+        _status_in(FINISHED),
+    )
+    .values(input_bytes=0)
+)
+
+
+def inputs_removed(session: Session, job_ids: Sequence[str]) -> int:
+    """The purge deleted these finished jobs' stored inputs (an edit's images and
+    mask): they store 0 bytes from now on (the project's storage_bytes drops) and
+    the purge does not take them again. Returns the rows marked."""
+    if not job_ids:
+        return 0
+    return _rowcount(session.execute(_INPUTS_REMOVED, {"ids": list(job_ids)}))
+
+
 def remove_finished(session: Session, job_ids: Sequence[str]) -> int:
     """The purge (shared/retention/purge.py) removes finished jobs past their
     project's job retention, its children's rows gone first; a job that is not

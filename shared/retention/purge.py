@@ -5,8 +5,12 @@ One pass (``purge_once``, the ``imagegen.purge`` task's body) does, a chunk at a
    project's image retention): their objects, with their job's edit inputs and
    kept upstream images, are deleted (S3 DeleteObjects, up to 1,000 keys a call)
    and the rows marked ``expired_at`` (the job stays readable);
-2. files past their ``expires_at``: object deleted, row marked deleted;
-3. job rows past their project's job retention (and past their idempotency key's
+2. the inputs of finished jobs that made no image (an edit failed or canceled),
+   once their project's image retention has passed since the job ended (or its
+   own ``images_expire_at``): objects deleted, the job's ``input_bytes`` set to 0
+   (the mark: it stores nothing now, and is not taken again);
+3. files past their ``expires_at``: object deleted, row marked deleted;
+4. job rows past their project's job retention (and past their idempotency key's
    24 hours, with no webhook delivery still pending): their objects first, then
    their trace calls, webhook attempts and deliveries, images, idempotency keys and
    the jobs themselves.
@@ -82,6 +86,7 @@ class Purged:
     """What one pass removed."""
 
     images: int = 0
+    inputs: int = 0
     files: int = 0
     jobs: int = 0
     objects: int = 0
@@ -89,7 +94,7 @@ class Purged:
     chunks: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.images or self.files or self.jobs)
+        return bool(self.images or self.inputs or self.files or self.jobs)
 
 
 def _locked(session: Session, query: sa.Select[Any]) -> sa.Select[Any]:
@@ -189,6 +194,48 @@ def expire_images(
             with pacer.chunk(), uow() as session:
                 done = _expire_images(session, storage, now, where, purged)
             if done < CHUNK:
+                break
+
+
+def expire_inputs(
+    storage: Storage, now: datetime, purged: Purged, uow: UnitOfWork, pacer: Pacer
+) -> None:
+    """Stored inputs of finished jobs with no image at all (a job with images has
+    its inputs deleted with them, step 1): a failed or canceled edit's would
+    otherwise stay for good, owned by its row."""
+    with uow() as session:
+        retentions = _retentions(session, col(Project.image_retention_seconds))
+    imageless = ~sa.select(sa.literal(1)).where(col(Image.job_id) == col(Job.id)).exists()
+    wheres: list[sa.ColumnElement[bool]] = [
+        sa.and_(
+            col(Job.project_id) == project_id,
+            col(Job.finished_at) < now - timedelta(seconds=seconds),
+        )
+        for project_id, seconds in retentions
+    ]
+    wheres.append(sa.and_(col(Job.images_expire_at).is_not(None), col(Job.images_expire_at) <= now))
+    for where in wheres:
+        while True:
+            with pacer.chunk(), uow() as session:
+                rows = session.execute(
+                    _locked(
+                        session,
+                        sa.select(col(Job.id), col(Job.request), col(Job.upstream))
+                        .where(
+                            col(Job.input_bytes) > 0,
+                            col(Job.status).in_(FINISHED),
+                            col(Job.deleted_at).is_(None),
+                            imageless,
+                            where,
+                        )
+                        .limit(JOB_CHUNK),
+                    )
+                ).all()
+                if rows:
+                    _delete(storage, [k for r in rows for k in job_object_keys(r[1], r[2])], purged)
+                    purged.inputs += lifecycle.inputs_removed(session, [str(r[0]) for r in rows])
+                    purged.chunks += 1
+            if len(rows) < JOB_CHUNK:
                 break
 
 
@@ -320,12 +367,15 @@ def purge_once(
     purged = Purged()
     pacer = Pacer(duty)
     expire_images(storage, now, purged, uow, pacer)
+    expire_inputs(storage, now, purged, uow, pacer)
     expire_files(storage, now, purged, uow, pacer)
     remove_jobs(storage, now, purged, uow, pacer)
     if purged:
         log.info(
-            "purge: %d images expired, %d files, %d jobs removed (%d objects, %d calls)",
+            "purge: %d images expired, %d jobs' inputs, %d files, %d jobs removed "
+            "(%d objects, %d calls)",
             purged.images,
+            purged.inputs,
             purged.files,
             purged.jobs,
             purged.objects,

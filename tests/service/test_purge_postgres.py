@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 from uuid import uuid4
 
@@ -20,13 +21,15 @@ from sqlmodel import Session, SQLModel, col
 
 import shared.models  # noqa: F401  (every table, for create_all)
 from shared.core.clock import utcnow
+from shared.core.ids import new_id
 from shared.core.settings import Settings
 from shared.core.storage import S3Storage
-from shared.jobs.models import Image, Job
+from shared.jobs.models import Image, Job, JobStatus
 from shared.jobs.views import render_result
 from shared.projects.models import Project
 from shared.retention import purge
 from shared.retention.purge import UnitOfWork, purge_once
+from shared.webhooks.models import WebhookDelivery
 from tests.support.expired import seed_jobs
 from tests.support.processes import create_database, drop_database
 
@@ -196,3 +199,59 @@ def test_a_presigned_url_never_outlives_its_image(engine: sa.Engine, storage: S3
         data = render_result(job, [image], storage, "http://x", 3600, retention_seconds=3600).data
     expires = int(parse_qs(urlparse(data[0].url or "").query)["X-Amz-Expires"][0])
     assert 590 <= expires <= 600  # the ten minutes left of its hour, not the URL's hour
+
+
+def test_a_failed_edits_inputs_expire_and_a_job_with_a_pending_webhook_stays(
+    engine: sa.Engine, storage: S3Storage
+) -> None:
+    """On PostgreSQL (the claim is FOR UPDATE SKIP LOCKED over NOT EXISTS): a failed
+    edit's inputs go at its project's image retention, marked 0 bytes; a job past
+    its job retention with a webhook delivery still pending is not removed."""
+    edits, pid = project(engine, 3600), project(engine, None)
+    now = utcnow()
+    ended = now - timedelta(days=2)
+    edit, hooked, removed = new_id("job"), new_id("job"), new_id("job")
+    inputs = [f"{edits}/{edit}/input-0.png", f"{edits}/{edit}/mask.png"]
+    base: dict[str, Any] = {"model": "procedural", "created_at": ended, "finished_at": ended}
+    with Session(engine) as session, session.begin():
+        session.get(Project, pid).job_retention_seconds = 3600  # type: ignore[union-attr]
+        session.add(
+            Job(
+                id=edit,
+                project_id=edits,
+                status=JobStatus.failed,
+                request={"prompt": "x", "images": inputs[:1], "mask": inputs[1]},
+                input_bytes=2,
+                **base,
+            )
+        )
+        session.flush()
+        for job_id, status in ((hooked, "pending"), (removed, "failed")):
+            session.add(
+                Job(id=job_id, project_id=pid, status=JobStatus.succeeded, request={}, **base)
+            )
+            session.flush()
+            session.add(
+                WebhookDelivery(
+                    project_id=pid,
+                    job_id=job_id,
+                    url="http://127.0.0.1:9/",
+                    event_type="job.succeeded",
+                    payload={},
+                    status=status,
+                )
+            )
+    for key in inputs:
+        storage.put(key, b"x", "image/png")
+
+    done = purge_once(storage, now, uow_of(engine))
+    assert done.inputs == 1
+    assert not stored(storage) & set(inputs)
+    with Session(engine) as session:
+        row = session.get(Job, edit)
+        assert row is not None
+        assert row.input_bytes == 0
+        assert session.get(Job, hooked) is not None
+        assert session.get(Job, removed) is None
+    # Its inputs done, the edit is not taken again.
+    assert purge_once(storage, now, uow_of(engine)).inputs == 0

@@ -6,6 +6,7 @@ swept but not young ones. Time is the purge's ``now`` argument: no sleeps."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from PIL import Image as PILImage
 from sqlmodel import col, select
 from typer.testing import CliRunner
 
@@ -486,3 +488,38 @@ def test_every_view_of_an_image_honours_its_projects_retention(
         frames = [json.loads(t[6:]) for t in stream.iter_lines() if t.startswith("data: ")]
     assert frames[0]["status"] == "succeeded"
     assert frames[0]["result"]["data"] == [{"expired": True}]
+
+
+def test_a_canceled_edits_inputs_expire_with_the_project_image_retention(
+    service: Service,
+) -> None:
+    """An edit that made no image (canceled, failed) still stored its inputs: they
+    are deleted once its project's image retention has passed since it ended, and
+    the project's stored bytes drop; the next pass has nothing to redo."""
+    client = project_client(service, "retention-inputs")
+    set_retention(service, "retention-inputs", image_retention_seconds=3600)
+    picture = io.BytesIO()
+    PILImage.new("RGB", (64, 64), (200, 10, 10)).save(picture, format="PNG")
+    with service.paused():
+        edit = client.post(
+            "/v1/images/edits",
+            headers=ASYNC,
+            data={"prompt": "make it blue", "size": "64x64"},
+            files={"image": ("in.png", picture.getvalue(), "image/png")},
+        )
+        assert edit.status_code == 202, edit.text
+        job_id = edit.json()["id"]
+        assert client.post(f"/v1/images/jobs/{job_id}/cancel").json()["status"] == "canceled"
+    storage = get_storage()
+    inputs = [o.key for o in storage.scan("") if f"/{job_id}/input-" in o.key]
+    assert len(inputs) == 1
+    assert client.get("/v1/usage").json()["storage"]["inputs_bytes"] > 0
+
+    assert purge_once(storage, utcnow() + timedelta(minutes=59)).inputs == 0  # in its time
+    assert stored(storage, inputs[0])
+    done = purge_once(storage, utcnow() + timedelta(hours=2))
+    assert done.inputs == 1
+    assert not stored(storage, inputs[0])
+    assert client.get("/v1/usage").json()["storage"]["inputs_bytes"] == 0
+    assert client.get(f"/v1/images/jobs/{job_id}").json()["status"] == "canceled"
+    assert purge_once(storage, utcnow() + timedelta(hours=2)).inputs == 0
