@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from stat import S_ISREG
 from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlencode
 
@@ -103,9 +104,10 @@ class Storage(Protocol):
         was not)."""
         ...
 
-    def scan(self, prefix: str = "") -> Iterator[StoredObject]:
-        """Every object whose key starts with ``prefix``, with its size and last
-        write, a page (1,000 on S3) at a time."""
+    def scan(self, prefix: str = "", start_after: str = "") -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix`` (and sorts after
+        ``start_after``: a scan resumed where one stopped), with its size and last
+        write, in key order, a page (1,000 on S3) at a time."""
         ...
 
     def check(self) -> None:
@@ -243,9 +245,14 @@ class S3Storage:
                 )
         return calls
 
-    def scan(self, prefix: str = "") -> Iterator[StoredObject]:
+    def scan(self, prefix: str = "", start_after: str = "") -> Iterator[StoredObject]:
+        # S3 lists in UTF-8 byte order, and StartAfter starts there: no page before.
+        after = {"StartAfter": start_after} if start_after else {}
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": DELETE_BATCH}
+            Bucket=self.bucket,
+            Prefix=prefix,
+            PaginationConfig={"PageSize": DELETE_BATCH},
+            **after,
         )
         with _outage_as_unavailable():
             for page in pages:
@@ -320,23 +327,44 @@ class LocalStorage:
                 path.parent.rmdir()
         return len(keys)
 
-    def scan(self, prefix: str = "") -> Iterator[StoredObject]:
+    def scan(self, prefix: str = "", start_after: str = "") -> Iterator[StoredObject]:
         # Walk only the folder the prefix names (keys are folder paths).
-        top = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
-        if not top.is_dir():
+        folders = prefix.split("/")[:-1]
+        top = self.root.joinpath(*folders)
+        if top.is_dir():
+            yield from self._walk(top, "".join(f + "/" for f in folders), prefix, start_after)
+
+    def _walk(
+        self, folder: Path, under: str, prefix: str, start_after: str
+    ) -> Iterator[StoredObject]:
+        """A folder's keys in S3's order (a folder sorts as its name and '/': its
+        keys all start so), folders wholly at or before ``start_after`` skipped."""
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:  # deleted meanwhile
             return
-        for dirpath, _dirs, files in os.walk(top):
-            for name in files:
-                path = Path(dirpath, name)
-                key = path.relative_to(self.root).as_posix()
-                if not key.startswith(prefix):
-                    continue
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:  # deleted meanwhile
-                    continue
-                modified = datetime.fromtimestamp(stat.st_mtime, UTC)
-                yield StoredObject(key, stat.st_size, modified)
+        named = sorted(
+            (
+                (under + e.name + ("/" if e.is_dir(follow_symlinks=False) else ""), e)
+                for e in entries
+            ),
+            key=lambda pair: pair[0],
+        )
+        for key, entry in named:
+            if key.endswith("/"):
+                before = key < start_after and not start_after.startswith(key)
+                if not before and (key.startswith(prefix) or prefix.startswith(key)):
+                    yield from self._walk(Path(entry.path), key, prefix, start_after)
+                continue
+            if not key.startswith(prefix) or key <= start_after:
+                continue
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+            if not S_ISREG(stat.st_mode):
+                continue  # a link to a folder: never an object of ours
+            yield StoredObject(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
 
     def sign(self, key: str, expires: int) -> str:
         return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()

@@ -24,8 +24,9 @@ last project is done.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -147,14 +148,13 @@ def _projects(uow: UnitOfWork) -> list[str]:
         return [str(p) for p in session.execute(query).scalars()]
 
 
-def _pages(objects: Iterable[StoredObject], size: int) -> Iterable[list[StoredObject]]:
-    page: list[StoredObject] = []
-    for obj in objects:
-        page.append(obj)
-        if len(page) == size:
-            yield page
-            page = []
-    if page:
+def _pages(
+    objects: Iterable[StoredObject], sizes: Callable[[], int]
+) -> Iterable[list[StoredObject]]:
+    """Pages of the objects, each of ``sizes()`` (what is left of the run's limit,
+    asked before each page: no object is listed that the run does not examine)."""
+    objects = iter(objects)
+    while page := list(itertools.islice(objects, sizes())):
         yield page
 
 
@@ -177,9 +177,10 @@ def sweep_orphans(
     for project in _projects(uow):
         if start and project < start.split("/", 1)[0]:
             continue
-        objects = (o for o in storage.scan(f"{project}/") if o.key > start)
-        for page in _pages(objects, 1000):
-            page = page[: limit - swept.examined]
+        # Listed from where the last run stopped (S3's StartAfter), not from the
+        # project's start: pass k of a large project lists its own stretch only.
+        objects = storage.scan(f"{project}/", start_after=start)
+        for page in _pages(objects, lambda: min(1000, limit - swept.examined)):
             swept.examined += len(page)
             old = [o for o in page if o.modified < young]
             owned = _owned(old, uow)

@@ -57,6 +57,24 @@ def test_scan_lists_what_is_stored_with_size_and_age(storage: Storage) -> None:
     assert len(keys(storage)) == 4
 
 
+# '-' sorts before '/': a folder walk in name order would put p/a/ first.
+ORDERED = ["p/a-b/0.png", "p/a/0.png", "p/a/10.png", "p/a/2.png", "p/a0/0.png", "p/b"]
+
+
+def test_scan_is_in_key_order_and_resumes_after_a_key(storage: Storage) -> None:
+    """Both stores list in S3's (byte) order, so a scan resumed after the last key
+    seen (the orphan sweep's cursor) misses nothing and repeats nothing."""
+    for key in reversed(ORDERED):
+        storage.put(key, b"x", "image/png")
+    storage.put("q/0.png", b"x", "image/png")
+    assert [o.key for o in storage.scan("p/")] == ORDERED
+    assert [o.key for o in storage.scan("p/", start_after="p/a/10.png")] == ORDERED[3:]
+    assert [o.key for o in storage.scan("p/", start_after="p/a/")] == ORDERED[1:]
+    assert [o.key for o in storage.scan("p/", start_after="o")] == ORDERED
+    assert [o.key for o in storage.scan("p/", start_after="p/b")] == []
+    assert [o.key for o in storage.scan("", start_after="p/a0/0.png")] == ["p/b", "q/0.png"]
+
+
 def test_delete_removes_only_the_keys_named_and_missing_ones_are_no_error(
     storage: Storage,
 ) -> None:
