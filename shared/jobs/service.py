@@ -36,8 +36,9 @@ from shared.projects.budgets import get_budgets
 from shared.projects.limits import get_limiter
 from shared.retention.policy import images_expire_at
 from shared.traces.models import Call
-from shared.traces.service import finish_call, start_call
+from shared.traces.service import finish_call, forget_calls, start_call
 from shared.webhooks.events import record_job_event
+from shared.webhooks.service import stop_job_deliveries
 
 # Built once, as every statement of a job's path (ARCHITECTURE.md, "A job"; the
 # job's own insert is lifecycle.create's).
@@ -263,6 +264,10 @@ def delete_job(
     # Marked first, in this transaction: a storage outage answers 503 and rolls the
     # mark back, so the client may ask again; a removal that ran twice finds nothing.
     removed = remove_objects(storage, [job_prefix(project_id, job.id)])
+    # Its trace call (the prompt, the image links) goes; its deliveries (the whole
+    # job) are no longer listed nor sent (shared/webhooks/service.py).
+    forget_calls(session, [job.id])
+    stop_job_deliveries(session, job.id)
     record(
         session,
         actor,

@@ -8,6 +8,7 @@ an expired link.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -139,3 +140,13 @@ def read_call(session: Session, project_id: str, call_id: str) -> Call | None:
     return session.exec(
         select(Call).where(col(Call.project_id) == project_id, col(Call.id) == call_id)
     ).first()
+
+
+def forget_calls(session: Session, job_ids: Sequence[str]) -> int:
+    """Deleted jobs' trace calls removed, as Weave deletes a call: their inputs are
+    the requests (prompts), their outputs the images' links, and no Weave query
+    shows them again. A late finish of one updates nothing. Returns the rows."""
+    if not job_ids:
+        return 0
+    result = session.execute(sa.delete(Call).where(col(Call.job_id).in_(list(job_ids))))
+    return int(result.rowcount)  # type: ignore[attr-defined]

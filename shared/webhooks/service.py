@@ -23,6 +23,7 @@ from shared.core.invalidation import InvalidatedCache, invalidate
 from shared.core.outbox import after_commit
 from shared.core.pages import newest_first, owned
 from shared.core.settings import get_settings
+from shared.jobs.models import Job
 from shared.projects.models import Project
 from shared.webhooks.models import (
     ALL_EVENTS,
@@ -176,7 +177,9 @@ def list_deliveries(
     limit: int,
     after: str | None,
 ) -> tuple[list[WebhookDelivery], bool]:
-    query = select(WebhookDelivery).where(col(WebhookDelivery.project_id) == project_id)
+    query = select(WebhookDelivery).where(
+        col(WebhookDelivery.project_id) == project_id, ~_of_deleted_job()
+    )
     if job_id is not None:
         query = query.where(col(WebhookDelivery.job_id) == job_id)
     if endpoint_id is not None:
@@ -184,6 +187,31 @@ def list_deliveries(
     if status is not None:
         query = query.where(col(WebhookDelivery.status) == status)
     return newest_first(session, query, col(WebhookDelivery.id), limit=limit, after=after)
+
+
+def _of_deleted_job() -> sa.Exists:
+    """A delivery about a job deleted since (its payload is the job: its request,
+    its images' links): not listed, not redelivered."""
+    return (
+        sa.select(sa.literal(1))
+        .where(col(Job.id) == col(WebhookDelivery.job_id), col(Job.deleted_at).is_not(None))
+        .exists()
+    )
+
+
+def stop_job_deliveries(session: Session, job_id: str) -> int:
+    """A deleted job's deliveries still pending are not sent again: failed, with
+    ``job deleted`` as their error (an attempt under way still records its end).
+    Returns the deliveries stopped."""
+    result = session.execute(
+        sa.update(WebhookDelivery)
+        .where(
+            col(WebhookDelivery.job_id) == job_id,
+            col(WebhookDelivery.status) == DeliveryStatus.pending,
+        )
+        .values(status=DeliveryStatus.failed, last_error="job deleted", updated_at=utcnow())
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def delivery_attempts(session: Session, delivery_id: str) -> list[WebhookAttempt]:
@@ -220,6 +248,10 @@ def redeliver(session: Session, project_id: str, delivery_id: str) -> WebhookDel
         delivery_id,
         NotFound(f"No delivery '{delivery_id}'.", param="delivery_id"),
     )
+    if session.execute(
+        sa.select(_of_deleted_job()).where(col(WebhookDelivery.id) == delivery_id)
+    ).scalar():
+        raise NotFound(f"No delivery '{delivery_id}'.", param="delivery_id")
     now = utcnow()
     delivery.status = DeliveryStatus.pending
     delivery.next_attempt_at = now

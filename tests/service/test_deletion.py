@@ -7,8 +7,10 @@ with its jobs and files; the CLI's delete commands."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import time
 from typing import Any
 from uuid import uuid4
 
@@ -29,6 +31,7 @@ from shared.core.db import unit_of_work
 from shared.core.settings import Settings
 from shared.core.storage import S3Storage, get_storage
 from shared.jobs.models import Job
+from shared.webhooks.models import WebhookDelivery
 from tests.service.conftest import BASE_URL, Service
 from worker import produce as worker_produce
 from worker import runner
@@ -307,3 +310,41 @@ def test_a_job_on_s3_is_deleted_with_its_objects(service: Service, on_s3: S3Stor
     assert list(on_s3.scan(f"{project}/{job_id}/")) == []
     assert httpx.get(url).status_code == 404  # S3's own answer: the object is gone
     assert client.get(f"/v1/images/jobs/{job_id}").status_code == 404
+
+
+def test_a_deleted_jobs_trace_call_and_webhook_deliveries_are_gone(service: Service) -> None:
+    """Its trace call held the prompt and its output the image links, its delivery the
+    whole job: neither is shown once the job is deleted, nor sent again."""
+    key = service.create_key("deletion-traces")
+    client = service.client(key)
+    hook = {"webhook_url": "http://127.0.0.1:9/hook", "webhook_events": ["job.succeeded"]}
+    answer = client.post(
+        "/v1/images/generations",
+        headers={"Prefer": "respond-async"},
+        json={"prompt": "a secret heron", "size": "64x64", **hook},
+    ).json()
+    deadline = time.monotonic() + 15
+    while (job := client.get(f"/v1/images/jobs/{answer['id']}").json())["status"] != "succeeded":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
+    project = _job_row(job["id"]).project_id
+    weave = {"Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()}
+    read = {"project_id": project, "id": job["call_id"]}
+    assert client.post("/call/read", headers=weave, json=read).json()["call"] is not None
+    deliveries = client.get("/v1/webhooks/deliveries", params={"job_id": job["id"]}).json()
+    [delivery] = deliveries["data"]
+    assert delivery["status"] == "pending"  # no webhook worker runs here
+
+    assert client.delete(f"/v1/images/jobs/{job['id']}").status_code == 200
+
+    assert client.post("/call/read", headers=weave, json=read).json()["call"] is None
+    query = {"project_id": project, "filter": {"call_ids": [job["call_id"]]}}
+    assert client.post("/calls/stream_query", headers=weave, json=query).text == ""
+    assert client.get("/v1/webhooks/deliveries").json()["data"] == []
+    resend = client.post(f"/v1/webhooks/deliveries/{delivery['id']}/redeliver")
+    assert resend.status_code == 404
+    with unit_of_work() as session:
+        row = session.get(WebhookDelivery, delivery["id"])
+        assert row is not None
+        assert row.status == "failed"  # never sent again
+        assert row.last_error == "job deleted"
