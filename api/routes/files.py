@@ -158,5 +158,5 @@ def read_content(
 def remove_file(
     file_id: str, principal: CurrentPrincipal, session: DbSession, storage: StorageDep
 ) -> Deleted:
-    file = delete_file(session, storage, principal.project_id, file_id)
+    file = delete_file(session, storage, principal.project_id, file_id, principal.key_id)
     return Deleted(id=file.id, object="file")

@@ -7,6 +7,7 @@ from typing import BinaryIO
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from shared.audit.service import record
 from shared.core.clock import utcnow
 from shared.core.errors import InvalidRequest, NotFound
 from shared.core.ids import new_id
@@ -96,12 +97,28 @@ def list_files(
     return newest_first(session, query, col(File.id), limit=limit, after=after)
 
 
-def delete_file(session: Session, storage: Storage, project_id: str, file_id: str) -> File:
-    """Delete the file: its object at once (as a deleted job's images are; a storage
-    outage is a 503 and nothing changes), its row kept as a tombstone."""
+def delete_file(
+    session: Session, storage: Storage, project_id: str, file_id: str, actor: str
+) -> File:
+    """Delete the file: its row marked a tombstone, its object deleted at once (as a
+    deleted job's images are; a storage outage is a 503 and rolls the mark back),
+    the deletion audited (``file.delete``). Of two deletes at once, the one that
+    marks it second answers 404."""
     file = get_file(session, project_id, file_id)
+    marked = session.execute(
+        sa.update(File)
+        .where(col(File.id) == file.id, col(File.deleted_at).is_(None))
+        .values(deleted_at=utcnow())
+    )
+    if marked.rowcount != 1:  # type: ignore[attr-defined]
+        raise NotFound(f"No such File object: {file_id}", param="file_id")
     storage.delete([file.storage_key])
-    file.deleted_at = utcnow()
-    session.add(file)
-    session.flush()
+    record(
+        session,
+        actor,
+        "file.delete",
+        file.id,
+        {"filename": file.filename, "purpose": file.purpose, "bytes": file.bytes},
+        project_id=project_id,
+    )
     return file

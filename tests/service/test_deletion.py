@@ -30,6 +30,8 @@ from shared.core.context import current
 from shared.core.db import unit_of_work
 from shared.core.settings import Settings
 from shared.core.storage import S3Storage, get_storage
+from shared.files import service as files_service
+from shared.files.models import File
 from shared.jobs.models import Job
 from shared.webhooks.models import WebhookDelivery
 from tests.service.conftest import BASE_URL, Service
@@ -348,3 +350,35 @@ def test_a_deleted_jobs_trace_call_and_webhook_deliveries_are_gone(service: Serv
         assert row is not None
         assert row.status == "failed"  # never sent again
         assert row.last_error == "job deleted"
+
+
+def test_a_file_delete_is_audited_and_of_two_deletes_one_404s(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = service.create_key("deletion-files")
+    client = service.client(key)
+    upload = client.post(
+        "/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", b"{}\n")}
+    ).json()
+    twin = client.post(
+        "/v1/files", data={"purpose": "batch"}, files={"file": ("twin.jsonl", b"{}\n")}
+    ).json()
+
+    assert client.delete(f"/v1/files/{upload['id']}").status_code == 200
+    [event] = _audit("file.delete", upload["id"])
+    assert event.actor.startswith("key_")
+    assert event.details == {"filename": "in.jsonl", "purpose": "batch", "bytes": 3}
+    assert client.delete(f"/v1/files/{upload['id']}").status_code == 404
+
+    # Two deletes at once: both read the file before either marks it; the one that
+    # marks it second answers 404 and records nothing.
+    with unit_of_work() as session:
+        stale = session.get(File, twin["id"])
+        assert stale is not None
+        session.expunge(stale)
+    assert client.delete(f"/v1/files/{twin['id']}").status_code == 200
+    monkeypatch.setattr(files_service, "get_file", lambda *_: stale)
+    late = client.delete(f"/v1/files/{twin['id']}")
+    assert late.status_code == 404
+    assert late.json()["error"]["param"] == "file_id"
+    assert len(_audit("file.delete", twin["id"])) == 1
