@@ -4,6 +4,7 @@ sweeper publishes it."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from datetime import datetime
 
@@ -17,6 +18,14 @@ log = logging.getLogger(__name__)
 
 DUE_KEY = "imagegen:purge:due"
 RUNNING_KEY = "imagegen:purge:running"
+# Delete the lease only if it is still this pass's (its token): a pass that ran
+# past its lease must not release the lease of the pass that took over.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
 # The first pass one interval after the process starts (a fleet restarting at once
 # does not purge at once); then every interval.
 _last_published = time.monotonic()
@@ -29,7 +38,8 @@ def run_purge(now: datetime | None = None) -> tuple[Purged, Swept] | None:
     settings = get_settings()
     redis = current().redis
     lease = int(max(settings.purge_interval_seconds, 60) * 4)
-    if redis is not None and not redis.set(RUNNING_KEY, b"1", nx=True, ex=lease):
+    token = secrets.token_hex(16)
+    if redis is not None and not redis.set(RUNNING_KEY, token, nx=True, ex=lease):
         return None
     try:
         storage = get_storage()
@@ -45,7 +55,7 @@ def run_purge(now: datetime | None = None) -> tuple[Purged, Swept] | None:
         return purged, swept
     finally:
         if redis is not None:
-            redis.delete(RUNNING_KEY)
+            redis.eval(_RELEASE, 1, RUNNING_KEY, token)
 
 
 def purge_due() -> bool:
