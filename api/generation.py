@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import Request
@@ -46,14 +47,25 @@ class Outcome:
     def finished(self) -> bool:
         return self.job.status in FINISHED
 
-    async def result(self, storage: Storage, base_url: str, url_expiry: int) -> ImagesResponse:
-        """The succeeded job's answer. Presigning is local computation, so only
-        reading images back from storage needs a thread."""
-        if self.b64 is not None or job_params(self.job).response_format == "url":
-            return render_result(self.job, self.images, storage, base_url, url_expiry, self.b64)
-        return await run_in_threadpool(
-            render_result, self.job, self.images, storage, base_url, url_expiry
+    async def result(
+        self, storage: Storage, base_url: str, url_expiry: int, retention_seconds: int | None
+    ) -> ImagesResponse:
+        """The succeeded job's answer, its URLs capped at the project's image
+        retention. Presigning is local computation, so only reading images back
+        from storage needs a thread."""
+        render = partial(
+            render_result,
+            self.job,
+            self.images,
+            storage,
+            base_url,
+            url_expiry,
+            self.b64,
+            retention_seconds=retention_seconds,
         )
+        if self.b64 is not None or job_params(self.job).response_format == "url":
+            return render()
+        return await run_in_threadpool(render)
 
 
 def _record(submission: Submission, reply: bool) -> Job:

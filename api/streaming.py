@@ -120,7 +120,12 @@ def stream_response(
         if job.status != JobStatus.succeeded:
             yield _error(job_failure(job))
             return
-        result = await outcome.result(links.storage, links.base_url, links.expiry)
+        result = await outcome.result(
+            links.storage,
+            links.base_url,
+            links.expiry,
+            submission.principal.image_retention_seconds,
+        )
         for item in result.data:
             yield _event(
                 f"{prefix}.completed",

@@ -180,7 +180,12 @@ async def answer(
         if job.status == JobStatus.succeeded:
             if job.cost_usd is not None:  # what the images cost, by the model's price
                 how.response.headers[COST_HEADER] = f"{job.cost_usd:.6f}"
-            return await outcome.result(how.links.storage, how.links.base_url, how.links.expiry)
+            return await outcome.result(
+                how.links.storage,
+                how.links.base_url,
+                how.links.expiry,
+                submission.principal.image_retention_seconds,
+            )
         raise job_failure(job)
     obj = render_job(job, None, how.links.storage, how.links.base_url, how.links.expiry)
     obj.queue_position = await run_in_threadpool(position, job)

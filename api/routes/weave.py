@@ -187,7 +187,9 @@ async def image_create(
         )
     if job.status != JobStatus.succeeded:
         return _failure(job.error_message or f"The generation {job.status}.")
-    result = await outcome.result(links.storage, links.base_url, links.expiry)
+    result = await outcome.result(
+        links.storage, links.base_url, links.expiry, principal.image_retention_seconds
+    )
     response = result.model_dump(exclude_none=True)
     response["model"] = job.model
     usage = normalise_usage(job.usage)

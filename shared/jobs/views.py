@@ -80,9 +80,9 @@ def render_result(
     data = []
     now = utcnow()
     for i, image in enumerate(images):
-        ends = image_ends_at(
-            job.images_expire_at, getattr(image, "created_at", None), retention_seconds
-        )
+        # A worker's reply carries no created_at: its images were made as it finished.
+        made = getattr(image, "created_at", None) or job.finished_at or now
+        ends = image_ends_at(job.images_expire_at, made, retention_seconds)
         if getattr(image, "expired_at", None) is not None or (ends is not None and ends <= now):
             data.append(ImageData(expired=True, revised_prompt=image.revised_prompt))
         elif params.response_format == "b64_json":

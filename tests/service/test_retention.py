@@ -549,3 +549,14 @@ def test_a_canceled_edits_inputs_expire_with_the_project_image_retention(
     assert client.get("/v1/usage").json()["storage"]["inputs_bytes"] == 0
     assert client.get(f"/v1/images/jobs/{job_id}").json()["status"] == "canceled"
     assert purge_once(storage, utcnow() + timedelta(hours=2)).inputs == 0
+
+
+def test_a_sync_answers_urls_never_outlive_the_projects_image_retention(
+    service: Service,
+) -> None:
+    client = project_client(service, "retention-sync")
+    set_retention(service, "retention-sync", image_retention_seconds=120)
+    answer = client.post("/v1/images/generations", json={"prompt": "a tern", "size": "64x64"})
+    assert answer.status_code == 200, answer.text
+    # Two minutes, not the URLs' hour: the image is purged then.
+    assert url_expires(answer.json()["data"][0]["url"]) <= time.time() + 120 + 5
