@@ -118,17 +118,17 @@ def test_faults_under_load_lose_duplicate_and_repeat_nothing(
         # long enough for every reconnect and retry path to run, short enough for
         # the suite. (Celery 5.7's crash on a lost broker came within a second.)
         stack.redis.stop()  # same port, empty when back: every message is gone
-        time.sleep(7)
+        time.sleep(5)
         stack.redis.start()
-        time.sleep(4)
+        time.sleep(3)
         stack.kill_consumers()
         kills += 1
         pg.stop()
-        time.sleep(6)
+        time.sleep(5)
         pg.start()
-        time.sleep(4)
+        time.sleep(3)
         s3.stop()
-        time.sleep(6)
+        time.sleep(4)
         s3.start()
         time.sleep(2)
         stack.kill_consumers()

@@ -276,7 +276,7 @@ def test_schemathesis_finds_no_violation_and_no_server_error(
 ) -> None:
     @given(case=operation.as_strategy())
     @settings(
-        max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
     )
     def no_violation(case: schemathesis.Case[Any]) -> None:
         case.call_and_validate(

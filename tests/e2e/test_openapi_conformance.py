@@ -1,5 +1,5 @@
 """Schemathesis against the service's own OpenAPI document: no 5xx, no response
-that contradicts the document. Examples are bounded (15 per operation) to keep the suite fast.
+that contradicts the document. Examples are bounded (10 per operation) to keep the suite fast.
 
 The document is taken from the app object at import (no server is needed for
 that); the calls go over HTTP to the running stack.
@@ -46,7 +46,7 @@ def test_api_conforms_to_its_openapi_document(
 
     @given(case=operation.as_strategy())
     @settings(
-        max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
     )
     def conforms(case: schemathesis.Case[Any]) -> None:
         case.call_and_validate(
