@@ -53,6 +53,7 @@ from shared.jobs.models import Image, Job
 from shared.jobs.service import cancel_after as parse_cancel_after
 from shared.jobs.service import job_prefix
 from shared.projects.service import Principal
+from shared.retention.purge import job_object_keys
 from shared.webhooks.events import record_batch_event
 
 # --- creating ----------------------------------------------------------------------
@@ -305,9 +306,7 @@ def _job_objects(
                 col(Job.id).in_(chunk)
             )
         ):
-            keys += [k for k in request.get("images") or [] if isinstance(k, str)]
-            if isinstance(request.get("mask"), str):
-                keys.append(request["mask"])
+            keys += job_object_keys(request, None)  # its inputs and mask
             if upstream:
                 prefix = f"{job_prefix(project_id, job_id)}upstream/"
                 keys += [obj.key for obj in storage.scan(prefix)]

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from shared.core.errors import PermanentProviderError
 from shared.jobs.schemas import GenerationParams
 from shared.registry import ModelBase, ModelSpec
 
@@ -147,3 +148,14 @@ class QueueProvider(Protocol):
     def cancel(self, spec: ModelSpec, ref: dict[str, Any]) -> None:
         """Ask the upstream to stop the job (best effort: errors are logged)."""
         ...
+
+
+def mime_type(data: bytes) -> str:
+    """An input image's MIME type by its signature (our edge took PNG, JPEG or WebP)."""
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    raise PermanentProviderError("an input image is not PNG, JPEG or WebP", code="invalid_value")

@@ -114,6 +114,7 @@ from shared.providers.base import (
     Inputs,
     Pending,
     entry_of,
+    mime_type,
 )
 from shared.providers.openai_compat import (
     _TRANSIENT_STATUS,
@@ -312,7 +313,7 @@ class ComfyUIProvider:
     def _upload(self, spec: UpstreamModel, data: bytes) -> str:
         """``POST /upload/image`` of ``data``, named by its content; the value a
         LoadImage node takes for it (``subfolder/name``)."""
-        kind = _image_kind(data)
+        kind = mime_type(data).removeprefix("image/")
         name = f"{hashlib.sha256(data).hexdigest()[:32]}.{kind}"
         answer = self._call(
             spec,
@@ -536,15 +537,6 @@ def _check_operation(spec: UpstreamModel, call: Call) -> None:
         return
     served = "edits an image (/v1/images/edits)" if edits else "makes images from a prompt only"
     raise PermanentProviderError(f"model '{spec.name}' (comfyui) {served}", code="invalid_value")
-
-
-def _image_kind(data: bytes) -> str:
-    """png, jpeg or webp, as our edge takes them (by their first bytes)."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return "png"
 
 
 def _clear_mask(image: bytes) -> bytes:

@@ -78,7 +78,14 @@ from shared.core.errors import PermanentProviderError, TransientProviderError
 from shared.core.storable import clean
 from shared.jobs.schemas import GenerationParams
 from shared.providers.answers import before_answer
-from shared.providers.base import Call, GeneratedImage, Generation, Inputs, entry_of
+from shared.providers.base import (
+    Call,
+    GeneratedImage,
+    Generation,
+    Inputs,
+    entry_of,
+    mime_type,
+)
 from shared.providers.openai_compat import (
     _TRANSIENT_STATUS,
     MAX_ANSWER_BYTES_PER_IMAGE,
@@ -169,17 +176,6 @@ def shape_of(size: str, family: Family) -> Shape | None:
 def _value(ratio: str) -> float:
     width, _, height = ratio.partition(":")
     return int(width) / int(height)
-
-
-def mime_type(data: bytes) -> str:
-    """An input image's MIME type by its signature (our edge took PNG, JPEG or WebP)."""
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    raise PermanentProviderError("an input image is not PNG, JPEG or WebP", code="invalid_value")
 
 
 def gemini_request(

@@ -32,8 +32,7 @@ from shared.core.errors import (
     TransientProviderError,
 )
 from shared.core.settings import get_settings
-from shared.providers.base import Call, Generation, Pending
-from shared.providers.google import mime_type
+from shared.providers.base import Call, Generation, Pending, mime_type
 from shared.providers.openai_compat import (
     _TRANSIENT_STATUS,
     MAX_DOWNLOAD_BYTES,

@@ -47,8 +47,14 @@ from shared.core.errors import PermanentProviderError, ProviderError, TransientP
 from shared.core.settings import get_settings
 from shared.jobs.schemas import GenerationParams
 from shared.providers.answers import before_answer
-from shared.providers.base import Call, GeneratedImage, Generation, Pending, entry_of
-from shared.providers.google import mime_type
+from shared.providers.base import (
+    Call,
+    GeneratedImage,
+    Generation,
+    Pending,
+    entry_of,
+    mime_type,
+)
 from shared.providers.openai_compat import OpenAICompatibleProvider
 from shared.providers.queued import (
     Answer,
