@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     # from the Hugging Face Hub (a Hub id must be in the local cache).
     device: str | None = None
     hf_offline: bool = False
+    # Local models' memory budget on a device (issue 30): pipelines past it are
+    # unloaded least recently used. A fraction of the device's memory
+    # (`imagegen worker --gpu-memory-fraction`), or bytes (wins where set; the
+    # budget on a CPU, where there is no device total to take a fraction of).
+    gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    gpu_memory_bytes: int | None = Field(default=None, ge=1)
+    # A GPU consumer's messages held at once: the jobs it chooses each call's
+    # companions and the next turn from (worker/gpu/). Each waits on a thread.
+    gpu_worker_slots: int = Field(default=64, ge=1, le=1024)
     # Least time between two progress writes of a denoising job (the job's
     # `progress` and its SSE `job.progress` events); a cancel is noticed at each.
     progress_interval_seconds: float = 0.5

@@ -98,6 +98,13 @@ class ImageVariationForm(Schema):
     """Extension: a per-job webhook."""
 
 
+class LoraChoice(BaseModel):
+    """One LoRA adapter a job uses (issue 30), its scale filled in: stored on the job."""
+
+    name: str
+    scale: float
+
+
 class GenerationParams(BaseModel):
     """A validated request with every default filled in; stored on the job."""
 
@@ -121,6 +128,8 @@ class GenerationParams(BaseModel):
     images: list[str] = Field(default_factory=list)
     mask: str | None = None
     input_fidelity: Literal["high", "low"] | None = None
+    # Local models: the LoRA adapters applied, in the request's order.
+    lora: list[LoraChoice] = Field(default_factory=list)
 
 
 class ImageData(Schema):

@@ -22,7 +22,9 @@ from shared.core.settings import get_settings
 from shared.registry.catalogue import PROCEDURAL, builtin_models, openai_models
 from shared.registry.entries import (
     KINDS,
+    MAX_LORA_SCALE,
     QUEUE_KINDS,
+    Adapter,
     AnswerShape,
     Capabilities,
     Deployment,
@@ -40,8 +42,10 @@ from shared.registry.entries import (
 from shared.registry.workflows import entry_problem, resolve_paths
 
 __all__ = [
+    "MAX_LORA_SCALE",
     "PROCEDURAL",
     "QUEUE_KINDS",
+    "Adapter",
     "AnswerShape",
     "Capabilities",
     "Deployment",

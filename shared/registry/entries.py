@@ -25,8 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 MAX_STEPS = 500
+# A LoRA's scale: past +-2 adapters trained at 1 only break the image.
+MAX_LORA_SCALE = 2.0
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A LoRA adapter's name: what a request's `lora` names it by, and diffusers'
+# adapter_name (peft refuses dots in it: they are module paths there).
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # Upstream model names of OpenAI's GPT image family (answer_shape's default).
 GPT_IMAGE_PREFIXES = ("gpt-image", "chatgpt-image")
 
@@ -342,6 +347,19 @@ class DiffusersModel(ModelBase):
     # about a third of the memory); decode the image in tiles (large sizes).
     cpu_offload: bool = False
     vae_tiling: bool = False
+    # Batching across requests (issue 30): the most images one pipeline call makes,
+    # from as many jobs as share its settings (sized by the device's memory: an
+    # out-of-memory error splits the call); 1 turns batching off. How long a call
+    # waits for companions, when the device is busy or was just freed (never when
+    # idle: a lone request starts at once).
+    max_batch_images: int = Field(default=4, ge=1, le=64)
+    batch_wait_ms: int = Field(default=20, ge=0, le=2000)
+    # Load at worker start and keep warm: evicted only when no other model can
+    # make room (pipelines are unloaded least recently used past the device's
+    # memory budget, shared/providers/local/pipelines.py).
+    preload: bool = True
+    # The LoRA adapters a request may name in its `lora` field, by name.
+    adapters: dict[str, Adapter] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -370,10 +388,27 @@ class DiffusersModel(ModelBase):
                 raise ValueError(f"quality_steps: {quality!r} is not among capabilities.qualities")
             if not 1 <= steps <= MAX_STEPS:
                 raise ValueError(f"quality_steps: {quality}: {steps} steps, not 1 to {MAX_STEPS}")
+        for name in self.adapters:
+            if not ADAPTER_NAME.match(name):
+                raise ValueError(
+                    f"adapters: {name!r} is not a name (letters, digits, _ and -, at most 64)"
+                )
         return self
 
     def steps_for(self, quality: str | None) -> int:
         return self.quality_steps.get(quality or "", self.steps)
+
+
+class Adapter(BaseModel):
+    """A LoRA adapter a local model may use (issue 30), named by a request's ``lora``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A .safetensors file, a folder holding one (save_lora_weights' output), or a
+    # Hugging Face Hub id: read by the GPU worker when a request first names it.
+    path: str = Field(min_length=1)
+    # The scale a request gets when it names the adapter without one.
+    default_scale: float = Field(default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
 
 
 def _multiple_of_8(size: str) -> bool:
