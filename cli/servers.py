@@ -66,6 +66,19 @@ def worker(
     device: Annotated[
         str | None, typer.Option(help="Run local models on this device (cuda:1, cpu)")
     ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help="One consumer of local models per device, each pinned to it: "
+            "all (every GPU of this host) or cuda:0,cuda:2"
+        ),
+    ] = None,
+    gpu_memory_fraction: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01, max=1.0, help="Share of each GPU's memory local models' weights may take"
+        ),
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve this host's metrics (Prometheus) on this port")
     ] = None,
@@ -73,13 +86,26 @@ def worker(
     """Run a worker: a supervisor whose consumer processes each hold many provider
     calls at once, started again whenever one dies (with the batch queue among
     others, batch lines run in a second consumer at lower priority; the queues of
-    local models, `--queues gpu`, in a consumer of their own, one job at a time)."""
+    local models, `--queues gpu`, in a consumer of their own per device)."""
     from shared.core.settings import get_settings
-    from worker.supervisor import supervise
+    from worker.supervisor import resolve_devices, supervise
 
+    if device is not None and devices is not None:
+        console.print("[red]--device and --devices: name one[/red]")
+        raise typer.Exit(2)
+    pinned: list[str] = []
+    if devices is not None:
+        try:
+            pinned = resolve_devices(devices)
+        except ValueError as exc:
+            console.print(f"[red]--devices: {exc}[/red]")
+            raise typer.Exit(2) from None
+    # Read by the consumers it starts (a pinned consumer's own IMAGEGEN_DEVICE wins).
     if device is not None:
-        os.environ["IMAGEGEN_DEVICE"] = device  # read by the consumers it starts
-        get_settings.cache_clear()
+        os.environ["IMAGEGEN_DEVICE"] = device
+    if gpu_memory_fraction is not None:
+        os.environ["IMAGEGEN_GPU_MEMORY_FRACTION"] = str(gpu_memory_fraction)
+    get_settings.cache_clear()
     local_queues = registry_or_exit().local_queues
     migrated_or_exit()
     say_if_host_local()
@@ -89,7 +115,7 @@ def worker(
         from shared.core.instruments import serve
 
         serve(metrics_port)
-    supervise(get_settings(), queues.split(","), concurrency, sweeper, local_queues)
+    supervise(get_settings(), queues.split(","), concurrency, sweeper, local_queues, pinned)
 
 
 def dev(

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 def warm_up(queues: list[str]) -> None:
     """Build every per-process resource once, single-threaded; load the local models
-    this process serves (a GPU worker keeps each for its life)."""
+    this process serves that are marked ``preload``, in registry order, while they
+    fit the device's memory budget (the others load when a job needs them)."""
     from shared.core import context
     from shared.providers.openai_compat import OpenAICompatibleProvider
     from shared.registry import get_registry
@@ -51,7 +52,11 @@ def warm_up(queues: list[str]) -> None:
     get_registry()
     OpenAICompatibleProvider.shared()
     resources.make_all()
-    local = [m for m in get_registry().models if m.provider == "diffusers" and m.queue in queues]
+    local = [
+        m
+        for m in get_registry().models
+        if m.provider == "diffusers" and m.queue in queues and m.preload
+    ]
     if local:
         # Imported only here: workers of other queues never load torch.
         from shared.providers.local.pipelines import preload

@@ -207,7 +207,7 @@ def test_workers_get_the_whole_warm_shutdown_before_they_are_killed(
     stops: list[float] = []
 
     class Consumer:  # no process started
-        def __init__(self, args: list[str]) -> None:
+        def __init__(self, args: list[str], env: dict[str, str]) -> None:
             self.args = args
 
         def stop(self, timeout: float) -> None:

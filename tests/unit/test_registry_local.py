@@ -144,15 +144,15 @@ def test_each_provider_has_its_own_kind_of_entry(tmp_path: Path) -> None:
     assert {type(spec) for spec in load(tmp_path, local_entry()).models} == {DiffusersModel}
 
 
-def test_local_queues_get_a_consumer_of_their_own_one_job_at_a_time() -> None:
-    settings = Settings(broker_url="redis://localhost:6379/0")
+def test_local_queues_get_a_consumer_of_their_own_holding_its_gpu_slots() -> None:
+    settings = Settings(broker_url="redis://localhost:6379/0", gpu_worker_slots=24)
     both = consumer_args(settings, ["default", "webhooks", "gpu"], None, True, {"gpu"})
     assert both == [
         ["--queues", "default,webhooks"],
-        ["--queues", "gpu", "--concurrency", "1", "--no-sweeper"],
+        ["--queues", "gpu", "--concurrency", "24", "--no-sweeper"],
     ]
     alone = consumer_args(settings, ["gpu"], None, True, {"gpu"})
-    assert alone == [["--queues", "gpu", "--concurrency", "1"]]
+    assert alone == [["--queues", "gpu", "--concurrency", "24"]]
 
 
 def test_the_supervisor_names_its_broker_without_a_password(tmp_path: Path) -> None:
