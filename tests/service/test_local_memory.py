@@ -52,6 +52,9 @@ def budget(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     with _clean():
         yield set_budget
+    # Before monkeypatch's own undo, which comes after this: no later test may
+    # find the budget in the cached settings.
+    monkeypatch.delenv("IMAGEGEN_GPU_MEMORY_BYTES")
     get_settings.cache_clear()
 
 
@@ -127,21 +130,37 @@ def test_a_model_in_use_is_not_unloaded_the_load_waits_for_its_call_to_end(
 ) -> None:
     budget(size * 3 // 2)
     a, b = spec(model_dir, "busy-a"), spec(model_dir, "busy-b")
-    done = threading.Event()
+    order: list[str] = []
+    release_b = threading.Event()
 
-    def load_b() -> None:
-        with using(b):
-            done.set()
+    def call(model: DiffusersModel, then: threading.Event | None = None) -> None:
+        with using(model):
+            order.append(model.name)
+            if then is not None:
+                then.wait(10)
 
     with using(a):
-        loader = threading.Thread(target=load_b)
+        loader = threading.Thread(target=call, args=(b, release_b))
         loader.start()
         time.sleep(0.5)
-        assert not done.is_set()  # waiting for room
-        assert "busy-a" in loaded_models()
-    assert done.wait(10)
-    loader.join()
-    assert loaded_models() == {"busy-b": size}
+        assert order == []  # b waits for room: a is in use
+        assert list(loaded_models()) == ["busy-a"]
+        # A new call for a waits behind b's load, or a busy model would never
+        # give its room.
+        again = threading.Thread(target=call, args=(a,))
+        again.start()
+        time.sleep(0.3)
+        assert order == []
+    deadline = time.monotonic() + 10
+    while not order and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert order == ["busy-b"]  # b loaded once a's call ended; a's new call still waits
+    assert list(loaded_models()) == ["busy-b"]
+    release_b.set()  # b's call ends: a loads again in its place
+    for thread in (loader, again):
+        thread.join(10)
+    assert order == ["busy-b", "busy-a"]
+    assert list(loaded_models()) == ["busy-a"]
 
 
 def test_a_load_that_waits_too_long_for_models_in_use_is_refused_naming_them(
