@@ -16,6 +16,8 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 
@@ -104,3 +106,25 @@ def build_tiny_sd(folder: Path) -> Path:
     path = folder / "model"
     pipe.save_pretrained(path)
     return path
+
+
+def build_tiny_lora(model_path: Path, folder: Path, seed: int = 1, rank: int = 4) -> Path:
+    """Write a tiny LoRA for the pipeline at ``model_path`` to ``folder`` (what
+    ``save_lora_weights`` writes: ``pytorch_lora_weights.safetensors``) and return
+    ``folder``. Made as diffusers' text-to-image LoRA training script makes its own
+    (peft on the UNet's attention projections, saved in diffusers' key format), with
+    ``lora_B`` random: peft starts it at zero, which would change nothing."""
+    unet = UNet2DConditionModel.from_pretrained(model_path / "unet")
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=folder, unet_lora_layers=layers, safe_serialization=True
+    )
+    return folder
