@@ -172,7 +172,10 @@ async def image_create(
         surface="weave",
         track=body.track_llm_call is not False,
         op_name=OP_WEAVE,
-        call_inputs=inputs,
+        # The adapters as applied (default scales filled in), beside what was sent.
+        call_inputs={**inputs, "lora": [c.model_dump() for c in params.lora]}
+        if params.lora
+        else inputs,
         webhook=webhook,
     )
     outcome = await submit(request, submission, settings.sync_wait_seconds)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from shared.core.errors import InvalidRequest, quoted, schema_error
-from shared.jobs.schemas import MAX_SEED, GenerationParams, ImageGenerationRequest
-from shared.registry import ModelSpec, Registry, parse_size
+from shared.jobs.schemas import (
+    MAX_SEED,
+    GenerationParams,
+    ImageGenerationRequest,
+    LoraChoice,
+    LoraRequest,
+)
+from shared.registry import DiffusersModel, ModelSpec, Registry, parse_size
 
 
 def parse_request(body: Any) -> ImageGenerationRequest:
@@ -65,6 +72,43 @@ def _size(value: str | None, spec: ModelSpec) -> str | None:
     return f"{wh[0]}x{wh[1]}"
 
 
+def _lora(choices: list[LoraRequest] | None, spec: ModelSpec) -> list[LoraChoice]:
+    """The adapters a request names, each one of the model's, named once, its scale
+    filled in from the adapter's default. The list's length and each scale's bounds
+    are the schema's (``LoraRequest``, ``MAX_LORAS``)."""
+    if not choices:
+        return []
+    adapters = spec.adapters if isinstance(spec, DiffusersModel) else {}
+    if not adapters:
+        raise InvalidRequest(
+            f"The model '{spec.name}' does not support 'lora'.", param="lora", code="invalid_value"
+        )
+    # Params named as schema_error names a list item's (``lora.1.name``): one
+    # spelling for a field whoever refuses it.
+    taken: list[LoraChoice] = []
+    for i, choice in enumerate(choices):
+        adapter = adapters.get(choice.name)
+        if adapter is None:
+            known = sorted(adapters)
+            listed = ", ".join(repr(a) for a in known[:20]) + (", ..." if len(known) > 20 else "")
+            raise InvalidRequest(
+                f"Invalid value '{quoted(choice.name)}' for 'lora.{i}.name': the model "
+                f"'{spec.name}' has no such adapter. Its adapters are: {listed}.",
+                param=f"lora.{i}.name",
+                code="invalid_value",
+            )
+        if any(t.name == choice.name for t in taken):
+            raise InvalidRequest(
+                f"The adapter '{choice.name}' is named twice in 'lora'; name it once, with "
+                "the scale you want.",
+                param=f"lora.{i}.name",
+                code="invalid_value",
+            )
+        scale = adapter.default_scale if choice.scale is None else choice.scale
+        taken.append(LoraChoice(name=choice.name, scale=scale))
+    return taken
+
+
 def validate_generation(req: ImageGenerationRequest, registry: Registry) -> GenerationParams:
     spec = registry.get(req.model if req.model is not None else registry.default_model)
     caps = spec.capabilities
@@ -106,6 +150,7 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
         raise InvalidRequest(
             f"The model '{name}' does not support 'seed'.", param="seed", code="invalid_value"
         )
+    lora = _lora(req.lora, spec)
     stream = bool(req.stream)
     if req.partial_images and not stream:
         raise InvalidRequest(
@@ -139,6 +184,7 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
         seed=seed if caps.seed else None,
         stream=stream,
         partial_images=req.partial_images or 0,
+        lora=lora,
     )
 
 
@@ -147,6 +193,8 @@ def validate_generation(req: ImageGenerationRequest, registry: Registry) -> Gene
 _INT_FIELDS = ("n", "output_compression", "partial_images", "seed")
 _BOOL_FIELDS = ("stream",)
 _LIST_FIELDS = ("webhook_events",)
+# A form field holding a list of objects: JSON text (`-F 'lora=[{"name": "ink"}]'`).
+_JSON_FIELDS = ("lora",)
 # What a variation takes (dall-e-2's form); anything else there is refused.
 VARIATION_FIELDS = ("model", "n", "size", "response_format", "user", "webhook_url")
 
@@ -161,7 +209,16 @@ def form_request(fields: dict[str, list[str]]) -> dict[str, Any]:
             body[key] = values
             continue
         value = values[-1]
-        if key in _INT_FIELDS:
+        if key in _JSON_FIELDS:
+            try:
+                body[key] = json.loads(value)
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser
+                raise InvalidRequest(
+                    f'\'{key}\' must be JSON text, e.g. [{{"name": "...", "scale": 0.8}}].',
+                    param=key,
+                    code="invalid_value",
+                ) from None
+        elif key in _INT_FIELDS:
             try:
                 body[key] = int(value)
             except ValueError:
@@ -236,6 +293,9 @@ def for_fallback(params: GenerationParams, spec: ModelSpec) -> GenerationParams 
         return None
     # The request as the client could have sent it to the fallback: the fields
     # both shapes share, the fallback's name, and a seed only where it takes one.
+    # Its LoRA adapters go along (a seed picks among the same model's images, an
+    # adapter changes what is drawn): a fallback without adapters of those names
+    # refuses the request and is skipped, rather than serve it without them.
     shared = params.model_dump(include=set(ImageGenerationRequest.model_fields))
     request = ImageGenerationRequest.model_validate(
         {

@@ -4,12 +4,31 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from shared.core.schemas import ListPage, Schema
 from shared.jobs.models import Job, JobStatus
+from shared.registry import MAX_LORA_SCALE
 
 MAX_SEED = 2**32 - 1
+# Most LoRA adapters one request names (issue 30): each adds its own products to
+# every projection it adapts, on every step; past a few, they only muddy each other.
+MAX_LORAS = 4
+
+
+class LoraRequest(Schema):
+    """One LoRA adapter a request names."""
+
+    # A misspelt key ("weight") would silently take the default scale: refused.
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(min_length=1, max_length=64)
+    """One of the model's adapters (its registry entry's ``adapters``)."""
+    scale: StrictFloat | None = Field(
+        default=None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False
+    )
+    """How strongly it applies, -2 to 2 (0: not at all); the adapter's
+    ``default_scale`` when null."""
 
 
 class ImageGenerationRequest(Schema):
@@ -58,6 +77,10 @@ class ImageGenerationRequest(Schema):
     """Extension, models with the seed capability (local models): image i of the job
     uses ``seed + i``; the same request and seed give the same images on the same
     device and dtype. Without one a random seed is chosen and recorded."""
+    lora: list[LoraRequest] | None = Field(default=None, max_length=MAX_LORAS)
+    """Extension, local models with adapters: the LoRA adapters to apply, at most 4,
+    each ``{"name": ..., "scale": ...}``; none when null. The images differ from the
+    plain model's only by them: a request without any gets the model's own."""
     stream: StrictBool | None = None
     """Answer ``text/event-stream`` in OpenAI's image events: partial images, then
     ``image_generation.completed``."""
@@ -77,6 +100,9 @@ class ImageEditForm(ImageGenerationRequest):
     """A png of the first image's size whose transparent pixels mark where to edit."""
     input_fidelity: Literal["high", "low"] | None = None
     """How closely to keep the input's features (``high`` changes less)."""
+    lora: StrictStr | None = None  # type: ignore[assignment]
+    """Extension: the generation's ``lora`` as JSON text, e.g.
+    ``[{"name": "ink", "scale": 0.8}]``."""
 
 
 class ImageVariationForm(Schema):
