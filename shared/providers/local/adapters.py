@@ -14,15 +14,16 @@ Image-to-image and inpainting pipelines are made from the text-to-image one with
 ``from_pipe`` (``pipelines.py``) and share its modules: an adapter loaded through
 one is held by all, and each sees it through ``get_list_adapters``.
 
-Unfused, by measurement (tiny pipeline, CPU, 6 steps at 64x64, the least of 20
-calls each, one adapter of rank 4 on every attention projection): a call with an
-adapter switched on 139 ms, with it fused 105 ms, with none 134 ms; a fuse and an
-unfuse 12 ms, so fusing would pay for itself only after one call of the same
-set. But an unfused weight is not the weight it was (W + dW - dW differs in the
-last bits: 7e-7 after a fuse and an unfuse), so a call without adapters after a
-fused one would no longer give the images of the plain model, nor the same bytes
-for the same seed as before; and a set switched per call (batches are grouped by
-adapters, but consecutive calls differ) pays the fuse each time. ``set_adapters``
+Unfused, by measurement (tiny pipeline, CPU, one thread, 6 steps at 64x64, one
+adapter of rank 4 on every attention projection; the least of 20 calls each): a
+call of a pipeline that never loaded an adapter 102 ms, with adapters loaded and
+off 106 ms, with one on 120 ms unfused against 108 ms fused; a fuse and an
+unfuse 10 ms, so a call that switches adapters costs 124 ms unfused, 119 ms
+fused. Fusing would save up to a tenth of a call, but an unfused weight is not
+the weight it was (W + dW - dW differs in the last bits: after 20 fuse/unfuse
+cycles the plain image differed by 9e-7), so a call without adapters would no
+longer give the plain model's images, and the same request and seed would give
+bytes that depend on which adapters the calls before it fused. ``set_adapters``
 keeps the base weights untouched.
 """
 
