@@ -11,10 +11,12 @@ nothing downloaded (the images are noise). SD 1.5 at 512x512 and SDXL at
 1024x1024, 25 steps, the tokenizer a byte-level stand-in (77 tokens either way);
 these need a CUDA GPU. ``--arch tiny`` (the default without one) is a CPU-sized
 Stable Diffusion built the same way (tests/support/tiny_diffusion.py's approach,
-wider): UNet channels (32, 64, 64), a 4-level VAE, 128x128 images, 6 steps, about
-5.7 M parameters in all; one image takes about 0.26 s a call on one core of this
-2-core machine, and about 0.2 s an image in calls of 2 to 8, so the pipeline's
-compute, not the service's overhead, dominates each image.
+wider): UNet channels (32, 64, 64), a 4-level VAE (latents 1/8 of the image),
+128x128 images, 6 steps, 5.7 M parameters in all. On one core of this 2-core
+machine, quiet, one image takes about 0.26 s a call and about 0.2 s an image in
+calls of 2 to 8 (0.29 and 0.15 CPU seconds an image at batch 1 and 4 when it is
+busy), so the pipeline's compute, not the service's overhead, dominates each
+image, and a batched call is worth making, as on a GPU.
 
 ``direct``: the pipeline called in this process, as our provider calls it
 (``num_images_per_prompt``, CPU generators, PIL output): seconds per call and per
@@ -40,9 +42,9 @@ PNG encode, storage, record, wake-up).
    request, which waits for the model to load, then one request per client at
    once); the idle latency (``--idle-requests`` sync requests, one at a time: the
    p50 a lone user sees); then ``--clients`` clients, each sending its next
-   single-image sync request (n=1, ``response_format=url``: a dall-e-shaped
-   model's default answer, what a user of the OpenAI SDK gets; ``--response-format
-   b64_json`` for the bytes inline) as soon as its last one answered, for
+   single-image sync request (n=1, ``response_format=url``: the service's answer
+   when a request names none, so what a user of the OpenAI SDK gets by default;
+   ``--response-format b64_json`` for the bytes inline) as soon as its last one answered, for
    ``--seconds`` (or until ``--requests`` were sent).
    Throughput counts whole pipeline calls: completions that land together (less
    than half a batch-1 call apart) are one call's images, and the window runs
@@ -50,25 +52,33 @@ PNG encode, storage, record, wake-up).
    the clients stopped sending, so a call cut by either edge is never half
    counted. images/s = the images of the window's calls / its wall time; p50 and
    p95 are of those requests' latencies (sent to answered).
-3. A table, the ratios (images/s on and off against the bare best; idle p50 on
-   against off), and with ``--json PATH`` all of it as JSON.
+3. The bare pipeline at its best batch size once more, after both runs: the
+   limit is the faster of the two (on a shared machine, the stricter ratio).
+4. A table, the ratios (images/s on and off against the bare best; idle p50 on
+   against off), and with ``--json PATH`` all of it as JSON. Beside the wall
+   times, CPU seconds an image: the bare pipeline's (all its threads, by
+   ``time.process_time``) and the worker's consumer's over its run (from
+   /proc), with their ratio. On a CPU shared with other work the wall-clock
+   ratio moves with whatever else runs (the load average after each phase is
+   printed); the CPU ratio says what a quiet machine would give where compute
+   binds. On a GPU the wall-clock ratio is the figure.
 
 Threads: the bare pipeline and the worker use the same number of torch threads,
 ``--threads`` (``torch.set_num_threads`` here, ``OMP_NUM_THREADS`` and
 ``MKL_NUM_THREADS`` in the services' environment). On the CPU it defaults to 1:
 on a 2-core machine the other core is left to the API, Redis and the clients, so
 the bare pipeline and the worker both get one core for the compute. On a GPU it
-defaults to what torch picks here.
+defaults to what torch picks here. ``--batch-images`` defaults to 4 on both: the
+registry's default, and on the CPU the tiny model's least CPU time an image.
 
-Run on this 2-core machine (the code before batching; measured 2026, see
-docs/benchmarks.md for the figures)::
+On the CPU (about 3 minutes; the figures are in docs/benchmarks.md)::
 
     .venv/bin/python -m bench.bench_local load --seconds 30 --json /tmp/load.json
 
-and where a GPU is (one invocation per architecture keeps a failure cheap)::
+Where a GPU is (one invocation per architecture keeps a failure cheap)::
 
-    .venv/bin/python -m bench.bench_local load --arch sd15 --seconds 120
-    .venv/bin/python -m bench.bench_local load --arch sdxl --seconds 240
+    .venv/bin/python -m bench.bench_local load --arch sd15 --seconds 120 --json sd15.json
+    .venv/bin/python -m bench.bench_local load --arch sdxl --seconds 240 --json sdxl.json
 """
 
 from __future__ import annotations
@@ -297,15 +307,19 @@ def timed(pipe: Any, arch: str, n: int, runs: int, *, prompts: bool = False) -> 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     seconds = []
+    cpu = time.process_time()
     for run in range(runs):
         start = time.perf_counter()
         call(pipe, arch, n, seed=run * n, prompts=prompts)
         seconds.append(time.perf_counter() - start)
+    cpu = time.process_time() - cpu
     per_call = statistics.median(seconds)
     row = {
         "s_per_call": round(per_call, 3),
         "s_per_image": round(per_call / n, 3),
         "images_per_s": round(n / per_call, 3),
+        # CPU seconds of all threads: on a shared CPU, what the wall time hides.
+        "cpu_s_per_image": round(cpu / (runs * n), 4),
     }
     if torch.cuda.is_available():
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -554,6 +568,18 @@ class LoadRun:
     samples: list[Sample] = field(default_factory=list)
     stopped_at: float = 0.0
     errors: list[str] = field(default_factory=list)
+    worker_cpu_s: float = 0.0
+
+
+def worker_cpu_seconds(server: Server) -> float:
+    """User and system CPU seconds of the worker's consumer processes so far."""
+    assert server.worker.proc is not None
+    total = 0.0
+    for pid in imagegen_workers(parent=server.worker.proc.pid):
+        with suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _body(arch: str, i: int, response_format: str) -> dict[str, Any]:
@@ -614,6 +640,7 @@ def closed_loop(
                     run.errors.append(error)
 
     threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    cpu = worker_cpu_seconds(server)
     for thread in threads:
         thread.start()
     if requests is None:
@@ -624,6 +651,7 @@ def closed_loop(
         thread.join()
     if not run.stopped_at:  # every client ended on an error
         run.stopped_at = time.perf_counter()
+    run.worker_cpu_s = worker_cpu_seconds(server) - cpu
     return run
 
 
@@ -759,6 +787,10 @@ def load_one(args: argparse.Namespace, arch: str) -> dict[str, Any]:
                 "errors": len(run.errors),
                 **steady(run.samples, run.stopped_at, gap),
                 "idle_p50_s": idle,
+                # Every image of the run (ramp and drain too) was made in it.
+                "worker_cpu_s_per_image": round(
+                    run.worker_cpu_s / max(1, sum(s.ok for s in run.samples)), 4
+                ),
             }
             if run.errors:
                 row["first_error"] = run.errors[0]
@@ -771,6 +803,8 @@ def load_one(args: argparse.Namespace, arch: str) -> dict[str, Any]:
         result["load_avg"]["bare_after"] = _load_avg()
         print(json.dumps({"arch": arch, "bare_after": {"batch": best["batch"], **after}}))
         bare_best = max(best["images_per_s"], after["images_per_s"])
+        bare_cpu = min(row["cpu_s_per_image"] for row in [*bare, after])
+        result["bare_cpu_s_per_image"] = bare_cpu
         result["bare_best"] = {
             "batch": best["batch"],
             "images_per_s": bare_best,
@@ -783,6 +817,10 @@ def load_one(args: argparse.Namespace, arch: str) -> dict[str, Any]:
             "idle_p50_on_vs_off": round(
                 result["on"]["idle_p50_s"] / result["off"]["idle_p50_s"], 3
             ),
+            # CPU seconds an image, bare (its least, any batch size) / the worker's:
+            # the share of the bare limit a quiet CPU would give, where compute binds.
+            "cpu_bare_vs_on": round(bare_cpu / result["on"]["worker_cpu_s_per_image"], 3),
+            "cpu_bare_vs_off": round(bare_cpu / result["off"]["worker_cpu_s_per_image"], 3),
         }
         return result
     except BaseException:
@@ -809,21 +847,23 @@ def table(result: dict[str, Any], threads: int, clients: int) -> str:
             f"batch {r['batch']} {r['images_per_s']:.2f} img/s ({r['s_per_call']:.3f} s/call)"
             for r in result["bare"]
         ),
-        "| run | max_batch_images | images/s | p50 s | p95 s | idle p50 s | images | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | max_batch_images | images/s | p50 s | p95 s | idle p50 s | images | errors "
+        "| CPU s/image |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     best = result["bare_best"]
     lines.append(
         f"| bare pipeline, batch {best['batch']} (best of before {best['before']:.2f}, "
         f"after {best['after']:.2f}) | - | {best['images_per_s']:.2f} "
-        f"| - | - | {result['bare'][0]['s_per_call']:.3f} (batch 1 call) | - | - |"
+        f"| - | - | {result['bare'][0]['s_per_call']:.3f} (batch 1 call) | - | - "
+        f"| {result['bare_cpu_s_per_image']:.3f} (least) |"
     )
     for mode in ("off", "on"):
         r = result[mode]
         lines.append(
             f"| batching {mode} | {r['max_batch_images']} | {r['images_per_s']:.2f} "
             f"| {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['idle_p50_s']:.3f} "
-            f"| {r['images']} | {r['errors']} |"
+            f"| {r['images']} | {r['errors']} | {r['worker_cpu_s_per_image']:.3f} |"
         )
     ratios = result["ratios"]
     lines.append(
@@ -833,7 +873,9 @@ def table(result: dict[str, Any], threads: int, clients: int) -> str:
     lines.append(
         f"images/s on / bare best {ratios['on_vs_bare_best']:.2f}, "
         f"off / bare best {ratios['off_vs_bare_best']:.2f}; "
-        f"idle p50 on / off {ratios['idle_p50_on_vs_off']:.2f}"
+        f"idle p50 on / off {ratios['idle_p50_on_vs_off']:.2f}; "
+        f"CPU s/image bare / on {ratios['cpu_bare_vs_on']:.2f}, "
+        f"bare / off {ratios['cpu_bare_vs_off']:.2f}"
     )
     return "\n".join(lines)
 
