@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from tests.service.conftest import Service
 from tests.support.models_file import models_added
+from tests.support.tiny_diffusion import build_tiny_lora, build_tiny_sd
 
 MODEL = "lora-local"
 ADAPTERS = {"ink": {"path": "/adapters/ink", "default_scale": 0.7}, "paper": {"path": "/p"}}
@@ -88,9 +90,11 @@ def test_a_model_without_adapters_refuses_lora_but_not_an_empty_list(client: Tes
     assert client.post("/v1/images/generations", json=empty).status_code == 200
 
 
-def call_of(client: TestClient, key: str, job: dict[str, Any]) -> dict[str, Any]:
+def call_of(
+    client: TestClient, key: str, job: dict[str, Any], project: str = "lora-recorded"
+) -> dict[str, Any]:
     weave = {"Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()}
-    read = {"project_id": "lora-recorded", "id": job["call_id"]}
+    read = {"project_id": project, "id": job["call_id"]}
     call = client.post("/call/read", headers=weave, json=read).json()["call"]
     assert call is not None
     return dict(call)
@@ -163,3 +167,86 @@ def test_the_weave_surface_checks_lora_and_answers_in_its_own_shape(client: Test
     assert answer["weave_call_id"] is None
     assert "has no such adapter" in answer["response"]["error"]
     assert "'ink', 'paper'" in answer["response"]["error"]
+
+
+@pytest.fixture(scope="module")
+def tiny_with_lora(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tiny pipeline with a tiny LoRA, served by the in-process worker."""
+    folder = tmp_path_factory.mktemp("tiny-lora-model")
+    model = build_tiny_sd(folder)
+    entry = {
+        "name": "tiny-lora",
+        "provider": "diffusers",
+        "model_path": str(model),
+        "device": "cpu",
+        "steps": 3,
+        "preload": False,
+        "capabilities": {"sizes": ["32x32"], "max_n": 2},
+        "adapters": {"ink": {"path": str(build_tiny_lora(model, folder / "ink"))}},
+    }
+    with models_added(folder, [entry]):
+        yield "tiny-lora"
+
+
+def test_a_job_with_an_adapter_runs_with_it_and_one_without_gets_the_plain_image(
+    service: Service, tiny_with_lora: str
+) -> None:
+    client = service.client()
+
+    def made(**extra: Any) -> str:
+        body = {"model": tiny_with_lora, "prompt": "a fox", "seed": 5, "size": "32x32"}
+        resp = client.post(
+            "/v1/images/generations", json={**body, "response_format": "b64_json", **extra}
+        )
+        assert resp.status_code == 200, resp.text
+        return str(resp.json()["data"][0]["b64_json"])
+
+    plain = made()
+    inked = made(lora=[{"name": "ink"}])
+    assert inked != plain
+    assert made() == plain  # switched off again: nothing leaks into the next job
+    assert made(lora=[{"name": "ink", "scale": 0}]) == plain
+
+
+def test_weave_records_the_adapters_as_applied_on_its_call(
+    service: Service, tiny_with_lora: str
+) -> None:
+    key = service.create_key("lora-weave")
+    client = service.client(key)
+    inputs = {
+        "model": tiny_with_lora,
+        "prompt": "a fox",
+        "size": "32x32",
+        "lora": [{"name": "ink"}],
+    }
+    answer = client.post("/image/create", json={"project_id": "lora-weave", "inputs": inputs})
+    assert answer.status_code == 200, answer.text
+    assert "data" in answer.json()["response"], answer.json()
+    call = call_of(client, key, {"call_id": answer.json()["weave_call_id"]}, "lora-weave")
+    assert call["inputs"]["lora"] == [{"name": "ink", "scale": 1.0}]
+
+
+def test_a_batch_line_takes_lora_and_a_bad_one_fails_alone(
+    service: Service, tiny_with_lora: str
+) -> None:
+    client = service.client()
+    line = {"model": tiny_with_lora, "prompt": "a fox", "size": "32x32"}
+    made = client.post(
+        "/v1/images/batches",
+        json={
+            "requests": [{**line, "lora": [{"name": "ink"}]}, {**line, "lora": [{"name": "oil"}]}]
+        },
+    )
+    assert made.status_code == 200, made.text
+    batch = f"/v1/images/batches/{made.json()['id']}"
+    deadline = time.monotonic() + 30
+    while client.get(batch).json()["status"] != "completed":
+        assert time.monotonic() < deadline, client.get(batch).json()
+        time.sleep(0.05)
+    good, bad = client.get(f"{batch}/items").json()["data"]
+    assert good["status"] == "succeeded", good
+    job = client.get(f"/v1/images/jobs/{good['job_id']}").json()
+    assert job["request"]["lora"] == [{"name": "ink", "scale": 1.0}]
+    error = bad["response"]["body"]["error"]
+    assert (bad["status"], error["param"]) == ("failed", "lora.0.name")
+    assert "no such adapter" in error["message"]
