@@ -77,7 +77,10 @@ def run_consumer(queues: list[str], concurrency: int | None = None, sweeper: boo
         log.info("batch worker at nice %d", settings.batch_worker_nice)
     warm_up(queues)
     app = get_celery()
-    register(app)
+    from shared.registry import get_registry
+
+    # A consumer of local models' queues only (the supervisor gives them their own).
+    register(app, gpu=set(queues) <= get_registry().local_queues)
     stop = threading.Event()
     heartbeat_thread(stop)
     sweeping = sweeper_thread(stop) if sweeper else None

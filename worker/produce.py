@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -261,7 +262,12 @@ def _generate(
     return Generation(images=images, usage=usage or None, served_by=served_by)
 
 
-def _inputs(params: GenerationParams) -> Inputs | None:
+def partial_sink(job: Job, params: GenerationParams) -> PartialPublisher | None:
+    """Where a streamed job's partial images go, if it asked for them."""
+    return PartialPublisher(job.id) if params.stream and params.partial_images else None
+
+
+def job_inputs(params: GenerationParams) -> Inputs | None:
     """An edit's or a variation's uploads, read back from storage (stored under the
     job when it was accepted) when a provider first needs them."""
     if params.operation == "generate":
@@ -289,12 +295,18 @@ def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
                 _add_usage(inner, value)
 
 
-def produce(job: Job) -> Result | None:
+# A job's images made elsewhere (a GPU call shared with other jobs, worker/gpu/):
+# its generation and last progress, or the exception its part of the call raised.
+Made = Callable[[], tuple[Generation, dict[str, int] | None]]
+
+
+def produce(job: Job, made: Made | None = None) -> Result | None:
     """Generate and store the job's images; None when the attempt was canceled.
     Every line logged meanwhile names the job, its batch, project and request. From
     its provider's answer until its images are stored, the job holds one of the
     process's answer slots (shared/providers/answers.py): a burst of answers costs
-    memory by the slots, not by the calls in flight."""
+    memory by the slots, not by the calls in flight. ``made``: the images were
+    made by a call this job shared (worker/gpu/), handed over here to be stored."""
     with (
         bind(
             job_id=job.id, batch_id=job.batch_id, project=job.project_id, request_id=job.request_id
@@ -303,22 +315,26 @@ def produce(job: Job) -> Result | None:
     ):
         upstream_jobs.UPSTREAMS.hold(job)
         try:
-            return _produce(job)
+            return _produce(job, made)
         finally:
             upstream_jobs.UPSTREAMS.release(job.id)
 
 
-def _produce(job: Job) -> Result | None:
+def _produce(job: Job, made: Made | None) -> Result | None:
     params = job_params(job)
     try:
         spec = get_registry().get(job.model)
-        steps = StepReporter(job)
-        sink = PartialPublisher(job.id) if params.stream and params.partial_images else None
-        inputs = _inputs(params)
-        interactive = job.batch_id is None  # ahead of batch lines for the same room
-        generation = _generate(
-            spec, params, job.id, steps, sink or no_partials, inputs, interactive
-        )
+        if made is None:
+            steps = StepReporter(job)
+            sink = partial_sink(job, params)
+            inputs = job_inputs(params)
+            interactive = job.batch_id is None  # ahead of batch lines for the same room
+            generation = _generate(
+                spec, params, job.id, steps, sink or no_partials, inputs, interactive
+            )
+            final = steps.final
+        else:
+            generation, final = made()
         if LEASES.lost(job.id):
             raise JobCanceled()
         before_answer()  # taken already, unless the provider made its images here
@@ -348,7 +364,7 @@ def _produce(job: Job) -> Result | None:
             images,
             data if job.batch_id is None else [],  # batch lines have no waiter
             usage=generation.usage,
-            progress=steps.final or None,
+            progress=final or None,
             served_by=generation.served_by,
             cost_usd=_cost(spec, params, len(images), generation),
         )

@@ -49,20 +49,44 @@ def run_jobs(job_ids: list[str], reply: bool = False) -> dict[str, Outcome]:
     jobs, token = claim(job_ids)
     if not jobs:
         return {}
+    runnable = start(jobs, token)
+    produced: list[Result | None] = [spent(job) for job in jobs if job not in runnable]
+    try:
+        if len(runnable) == 1:
+            produced.append(produce(runnable[0]))
+        elif runnable:
+            produced += lines_pool().map(produce, runnable)
+    except BaseException:
+        for job in jobs:
+            LEASES.release(job.id)
+        raise
+    return finish(jobs, token, produced, reply)
+
+
+def start(jobs: list[Job], token: str) -> list[Job]:
+    """Hold the claimed jobs' leases and tell their watchers they run; returns those
+    with attempts left (the others are ``spent``)."""
     limit = get_settings().job_max_attempts
-    spent = [job for job in jobs if job.attempts > limit]
     runnable = [job for job in jobs if job.attempts <= limit]
     for job in jobs:
         LEASES.hold(job.id, token, job.deadline_at)
     for job in runnable:
         if job.batch_id is None:
             publish_changed(job.id, JobStatus.running)
+    return runnable
+
+
+def spent(job: Job) -> Result:
+    """The end of a job claimed past its attempts."""
+    return exhausted(job, get_settings().job_max_attempts)
+
+
+def finish(
+    jobs: list[Job], token: str, produced: list[Result | None], reply: bool = False
+) -> dict[str, Outcome]:
+    """Record what an attempt produced (one transaction), release the jobs' leases,
+    then what follows each end (replies, events, limits, budgets)."""
     try:
-        produced: list[Result | None] = [exhausted(job, limit) for job in spent]
-        if len(runnable) == 1:
-            produced.append(produce(runnable[0]))
-        elif runnable:
-            produced += lines_pool().map(produce, runnable)
         ended = record(token, [r for r in produced if r is not None])
     finally:
         for job in jobs:

@@ -9,18 +9,26 @@ from shared.jobs.lifecycle import Outcome
 from shared.retention.periodic import run_purge
 from worker import upstream_jobs
 from worker.batches import pump_batch, validate
-from worker.runner import run_job, run_jobs
+from worker.runner import run_jobs
 from worker.webhooks import deliver
 
 
-def register(app: Celery) -> None:
+def register(app: Celery, gpu: bool = False) -> None:
+    """The tasks; ``gpu``: a consumer of local models' queues, whose jobs wait in
+    their device's room and share its calls (worker/gpu/)."""
+    run = run_jobs
+    if gpu:
+        from worker.gpu.consumer import run_local  # imports torch: GPU consumers only
+
+        run = run_local
+
     @app.task(name=Task.run_job, acks_late=True, ignore_result=True)
     def run_job_task(job_id: str, reply: bool = False) -> str:
-        return run_job(job_id, reply)
+        return run([job_id], reply).get(job_id, Outcome.skipped)
 
     @app.task(name=Task.run_jobs, acks_late=True, ignore_result=True)
     def run_jobs_task(job_ids: list[str]) -> dict[str, Outcome]:
-        return run_jobs(job_ids)
+        return run(job_ids)
 
     @app.task(name=Task.deliver_webhook, acks_late=True, ignore_result=True)
     def deliver_webhook_task(delivery_id: str) -> str:

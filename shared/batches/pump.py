@@ -50,7 +50,7 @@ from shared.projects.budgets import (
 )
 from shared.projects.limits import get_limiter, images_per_day_exceeded
 from shared.projects.models import ApiKey, Project
-from shared.registry import get_registry
+from shared.registry import DiffusersModel, Registry, get_registry
 
 # A native batch line's deadline, in seconds from its start: its own or the batch's
 # ``cancel_after``, kept on the line's body (shared/batches/service.py) and taken off
@@ -140,11 +140,25 @@ def pump(session: Session, batch_id: str) -> Pumped:
     # Lines run in chunks: one message, one claim and one finishing transaction per
     # chunk instead of per line (if a message is lost, the job sweeper re-publishes
     # its jobs one by one).
-    size = max(1, settings.batch_chunk_size)
-    for start in range(0, len(created), size):
-        chunk = created[start : start + size]
-        after_commit(session, partial(publish_jobs, chunk, settings.batch_queue))
+    _publish_after_commit(session, jobs, max(1, settings.batch_chunk_size))
     return Pumped(len(created), finished)
+
+
+def _publish_after_commit(session: Session, jobs: list[dict[str, Any]], size: int) -> None:
+    """The new lines' messages, each of ``size`` jobs of one queue, sent at commit."""
+    by_queue: dict[str, list[str]] = {}
+    for job in jobs:
+        by_queue.setdefault(job["queue"], []).append(job["id"])
+    for queue, ids in by_queue.items():
+        for start in range(0, len(ids), size):
+            after_commit(session, partial(publish_jobs, ids[start : start + size], queue))
+
+
+def _line_queue(registry: Registry, model: str) -> str:
+    """A line runs on the batch queue, except a local model's: on its GPU queue,
+    where its device takes turns between projects and batches calls (issue 30)."""
+    spec = registry.get(model)
+    return spec.queue if isinstance(spec, DiffusersModel) else get_settings().batch_queue
 
 
 def _deadlines(batch: Batch, pending: list[sa.Row[Any]], now: datetime) -> dict[str, datetime]:
@@ -173,6 +187,7 @@ def _queue_lines(
     estimates (past that the batch stops taking lines: ``_out_of_budget``) and its
     images a day allow (lines past it fail with its 429, like any request; the rest
     of the batch goes on)."""
+    registry = get_registry()
     project = session.get(Project, batch.project_id)
     quota = project.images_per_day if project else None
     valid = _within_budget(session, batch, project, valid, now)
@@ -201,6 +216,7 @@ def _queue_lines(
             **template,
             "id": job_id,
             "model": model,
+            "queue": _line_queue(registry, model),
             "request": params.model_dump(),
             "batch_item_id": item_id,
             "deadline_at": deadlines.get(item_id),

@@ -34,6 +34,7 @@ from shared.jobs.models import FINISHED, Image, Job, JobStatus
 from shared.jobs.submission import Submission
 from shared.projects.budgets import get_budgets
 from shared.projects.limits import get_limiter
+from shared.registry import get_registry
 from shared.retention.policy import images_expire_at
 from shared.traces.models import Call
 from shared.traces.service import finish_call, forget_calls, start_call
@@ -284,9 +285,12 @@ def queue_position(session: Session, job: Job) -> int | None:
 
     Cheap (an index range count on queue, status, id) and approximate: FIFO by
     creation, ignoring messages a worker has reserved, re-queued retries and
-    other queues' workers."""
+    other queues' workers. A local model's queue is served in turns instead
+    (``_turn_position``)."""
     if job.status != JobStatus.queued:
         return None
+    if job.queue in get_registry().local_queues:
+        return _turn_position(session, job)
     ahead = session.execute(
         sa.select(sa.func.count())
         .select_from(Job)
@@ -294,6 +298,48 @@ def queue_position(session: Session, job: Job) -> int | None:
             col(Job.queue) == job.queue, col(Job.status) == JobStatus.queued, col(Job.id) < job.id
         )
     ).scalar_one()
+    return int(ahead) + 1
+
+
+def _turn_position(session: Session, job: Job) -> int:
+    """A job's place in a GPU queue's order (worker/gpu/turns.py): interactive jobs
+    before batch lines, and within each, projects taking turns: every project's
+    first waiting job, then every project's second... The order of the scheduler
+    but for its tie between projects at the same turn (who was served last, which
+    only it knows): here the older job goes first. Counts the jobs of a
+    few projects' in-flight windows, not their whole batches."""
+    queued = sa.and_(col(Job.queue) == job.queue, col(Job.status) == JobStatus.queued)
+    interactive = job.batch_id is None
+    same_kind = col(Job.batch_id).is_(None) if interactive else col(Job.batch_id).is_not(None)
+    mine = session.execute(
+        sa.select(sa.func.count())
+        .select_from(Job)
+        .where(queued, same_kind, col(Job.project_id) == job.project_id, col(Job.id) < job.id)
+    ).scalar_one()
+    turns = (
+        sa.select(
+            col(Job.id).label("id"),
+            sa.func.row_number()
+            .over(partition_by=col(Job.project_id), order_by=col(Job.id))
+            .label("turn"),
+        )
+        .where(queued, same_kind)
+        .subquery()
+    )
+    ahead = session.execute(
+        sa.select(sa.func.count())
+        .select_from(turns)
+        .where(
+            sa.or_(
+                turns.c.turn < mine + 1,
+                sa.and_(turns.c.turn == mine + 1, turns.c.id < job.id),
+            )
+        )
+    ).scalar_one()
+    if not interactive:  # every interactive job waiting goes first
+        ahead += session.execute(
+            sa.select(sa.func.count()).select_from(Job).where(queued, col(Job.batch_id).is_(None))
+        ).scalar_one()
     return int(ahead) + 1
 
 

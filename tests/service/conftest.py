@@ -37,6 +37,26 @@ BASE_URL = "http://service.test"
 CACHED = [settings.get_settings, registry.get_registry]
 
 
+TINY_LOCAL = "tiny-local"
+
+
+def tiny_local_entry(home: Path) -> dict[str, Any]:
+    """A local model on the CPU whose pipeline a test builds when it needs it
+    (tests/service/test_gpu_room.py), at ``home/tiny-local/model``."""
+    return {
+        "name": TINY_LOCAL,
+        "provider": "diffusers",
+        "model_path": str(home / TINY_LOCAL / "model"),
+        "device": "cpu",
+        "steps": 4,
+        "quality_steps": {"low": 4, "high": 400},
+        "max_batch_images": 4,
+        "batch_wait_ms": 20,
+        "preload": False,
+        "capabilities": {"sizes": ["64x64", "32x32"], "max_n": 4},
+    }
+
+
 class InProcessRunner:
     """Runs queued jobs and open batches of the in-process service, as a worker would."""
 
@@ -123,7 +143,9 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     home: Path = tmp_path_factory.mktemp("service")
     models_file = home / "models.yaml"
-    models_file.write_text(yaml.safe_dump(models_yaml("http://127.0.0.1:9/v1")))
+    models = models_yaml("http://127.0.0.1:9/v1")
+    models["models"].append(tiny_local_entry(home))
+    models_file.write_text(yaml.safe_dump(models))
     patch = pytest.MonkeyPatch()
     for name in (
         "IMAGEGEN_DATABASE_URL",

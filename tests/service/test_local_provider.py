@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from shared.core.errors import JobCanceled, PermanentProviderError
 from shared.core.settings import get_settings
 from shared.jobs.schemas import GenerationParams
 from shared.providers.base import Call, Inputs
-from shared.providers.local import diffusion, pipelines
+from shared.providers.local import pipelines
 from shared.providers.local.diffusion import DiffusersProvider
 from shared.registry import DiffusersModel
 from tests.support.tiny_diffusion import build_tiny_sd
@@ -138,32 +139,37 @@ class OutOfMemoryAbove:
         self.calls: list[int] = []
 
     def __call__(self, **kw: Any) -> Any:
-        self.calls.append(kw["num_images_per_prompt"])
-        if kw["num_images_per_prompt"] > self.limit:
+        self.calls.append(len(kw["prompt"]))
+        if len(kw["prompt"]) > self.limit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return self.pipe(**kw)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the pipeline, as it is
+        return getattr(self.pipe, name)
 
 
 @pytest.fixture
 def out_of_memory_above(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> list[OutOfMemoryAbove]:
     made: list[OutOfMemoryAbove] = []
-    loaded = pipelines.pipeline
+    loaded = pipelines.using
 
-    def limited(spec: DiffusersModel, task: Any = "text2image") -> Any:
-        pipe, device = loaded(spec, task)
-        made.append(OutOfMemoryAbove(pipe, int(spec.name.rsplit("-", 1)[1])))
-        return made[-1], device
+    @contextmanager
+    def limited(spec: DiffusersModel, task: Any = "text2image") -> Iterator[Any]:
+        with loaded(spec, task) as (pipe, device):
+            made.append(OutOfMemoryAbove(pipe, int(spec.name.rsplit("-", 1)[1])))
+            yield made[-1], device
 
-    monkeypatch.setattr(diffusion, "pipeline", limited)
+    monkeypatch.setattr(pipelines, "using", limited)
     return made
 
 
-def test_out_of_memory_retries_once_one_image_a_call_with_the_same_images(
+def test_out_of_memory_splits_the_call_in_halves_with_the_same_images(
     model_dir: Path, out_of_memory_above: list[OutOfMemoryAbove]
 ) -> None:
     expected = DiffusersProvider().generate(Call(spec_for(model_dir, "oom-9"), params(n=3), 3, 0))
     split = DiffusersProvider().generate(Call(spec_for(model_dir, "oom-1"), params(n=3), 3, 0))
-    assert out_of_memory_above[-1].calls == [3, 1, 1, 1]
+    # 3 images: out of memory; 1, then 2: out of memory; 1 and 1.
+    assert out_of_memory_above[-1].calls == [3, 1, 2, 1, 1]
     assert len(split.images) == 3
     for got, want in zip(split.images, expected.images, strict=True):
         assert same_picture(got.data, want.data)
@@ -255,7 +261,14 @@ def test_an_edit_runs_image_to_image_or_inpainting_over_the_last_steps(
     gen = DiffusersProvider().generate(
         Call(
             spec,
-            params(n=2, size="32x48", operation="edit", input_fidelity=fidelity),
+            params(
+                n=2,
+                size="32x48",
+                operation="edit",
+                input_fidelity=fidelity,
+                images=["input-0.png"],  # the keys the edge stores them under
+                mask="mask.png" if with_mask else None,
+            ),
             2,
             0,
             lambda s, t: seen.append((s, t)),
