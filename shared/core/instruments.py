@@ -35,6 +35,19 @@ PROVIDER_SECONDS = Histogram(
     ["model"],
     buckets=SECONDS,
 )
+GPU_CALL_IMAGES = Histogram(
+    "imagegen_gpu_call_images",
+    "Images each pipeline call of a local model made, from as many jobs as shared it "
+    "(the count is the calls; the sum over the count, images per call).",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+GPU_CALL_SECONDS = Histogram(
+    "imagegen_gpu_call_duration_seconds",
+    "Pipeline calls of a local model, each for one or more jobs.",
+    ["model"],
+    buckets=SECONDS,
+)
 PROVIDER_ERRORS = Counter(
     "imagegen_provider_errors_total", "Failed provider calls by model and code.", ["model", "code"]
 )

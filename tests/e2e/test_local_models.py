@@ -9,6 +9,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -33,7 +34,7 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> I
         "device": "cpu",
         "steps": 8,
         # "high" takes long enough on the CPU to cancel in the middle.
-        "quality_steps": {"low": 8, "medium": 120, "high": 500},
+        "quality_steps": {"low": 8, "standard": 30, "medium": 120, "high": 500},
         "capabilities": {"sizes": ["64x64", "32x48", "256x256"], "max_n": 4},
     }
     stack = Stack(workdir, s3_endpoint, extra_models=[model])
@@ -164,3 +165,89 @@ def test_cancel_mid_run_stops_the_denoising_loop(local_stack: Stack) -> None:
         assert final["status"] == "canceled"
         assert final["progress"]["step"] < 500
         assert "result" not in final
+
+
+def gpu_calls(stack: Stack) -> tuple[int, int]:
+    """(pipeline calls, images) of the tiny model so far, from the worker's metrics."""
+    text = httpx.get(
+        f"{stack.base_url}/metrics", headers={"Authorization": "Bearer sk-admin-test"}
+    ).text
+    found = {"count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        for what in found:
+            if line.startswith(f'imagegen_gpu_call_images_{what}{{model="{TINY}"}}'):
+                found[what] = float(line.rsplit(" ", 1)[1])
+    return int(found["count"]), int(found["sum"])
+
+
+def test_requests_arriving_together_share_pipeline_calls(
+    client: openai.OpenAI, local_stack: Stack
+) -> None:
+    """Eight single-image requests at once through Celery: the first finds the
+    device idle and starts alone; the rest wait in the room meanwhile and share
+    calls of up to max_batch_images (4); each gets its own image."""
+    calls, images = gpu_calls(local_stack)
+
+    def one(i: int) -> bytes:
+        result = client.images.generate(
+            model=TINY,
+            prompt=f"together {i}",
+            size="64x64",
+            quality="standard",
+            response_format="b64_json",
+            extra_body={"seed": 500 + i},
+        )
+        assert result.data is not None
+        return base64.b64decode(result.data[0].b64_json or "")
+
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(one, range(8)))
+    assert len(set(made)) == 8
+    now_calls, now_images = gpu_calls(local_stack)
+    assert now_images - images == 8
+    assert now_calls - calls <= 4, (now_calls - calls, "calls for 8 images")
+
+
+def test_another_projects_request_runs_while_a_batch_of_fifty_does(local_stack: Stack) -> None:
+    """Project A's 50-line batch runs on the GPU queue; project B's single request,
+    sent once A's lines are running, is made within two calls: the one under way
+    and the next, which it leads."""
+    with local_stack.client() as http:
+        resp = http.post(
+            "/v1/images/batches",
+            json={
+                "model": TINY,
+                "size": "64x64",
+                "quality": "standard",
+                "prompts": [f"line {i}" for i in range(50)],
+            },
+        )
+        assert resp.status_code == 200, resp.text
+        batch = resp.json()["id"]
+        wait_for(
+            lambda: (
+                http.get(f"/v1/images/batches/{batch}").json()["request_counts"]["completed"] >= 4
+            ),
+            timeout=60,
+            what="the batch's first lines",
+        )
+    before, _ = gpu_calls(local_stack)
+    with local_stack.client(local_stack.key_b) as other:
+        answer = other.post(
+            "/v1/images/generations",
+            json={"model": TINY, "prompt": "project b", "size": "64x64", "quality": "standard"},
+            timeout=60,
+        )
+    assert answer.status_code == 200, answer.text
+    after, _ = gpu_calls(local_stack)
+    with local_stack.client() as http:
+        counts = http.get(f"/v1/images/batches/{batch}").json()["request_counts"]
+    assert counts["completed"] < 50, "the batch was over before B's request: nothing shown"
+    assert after - before <= 2
+    with local_stack.client() as http:  # the rest is not needed: stopped
+        assert http.post(f"/v1/images/batches/{batch}/cancel").status_code == 200
+        wait_for(
+            lambda: http.get(f"/v1/images/batches/{batch}").json()["status"] == "cancelled",
+            timeout=60,
+            what="the batch's end",
+        )

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from shared.core.instruments import PROVIDER_SECONDS
 from shared.jobs.models import Job
 from shared.jobs.schemas import job_params
 from shared.providers.base import GeneratedImage, Generation, no_partials
@@ -151,7 +152,9 @@ class Room:
         try:
             spec = get_registry().get(first.model)
             assert isinstance(spec, DiffusersModel)  # only local models' jobs enter
+            started = time.monotonic()
             made = make(spec, plan_of(spec, job_params(first)), [m for *_, m in members])
+            PROVIDER_SECONDS.labels(spec.name).observe(time.monotonic() - started)
         except Exception as exc:  # no such model any more, a plan it cannot make
             made = {member.job: exc for *_, member in members}
         for ticket, job, reporter, member in members:

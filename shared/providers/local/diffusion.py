@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from PIL import Image, ImageOps
 
 from shared.core.errors import ErrorCode, JobCanceled, PermanentProviderError
+from shared.core.instruments import GPU_CALL_IMAGES, GPU_CALL_SECONDS
 from shared.jobs.schemas import GenerationParams
 from shared.providers.base import (
     Call,
@@ -270,6 +272,7 @@ def _call(
     if plan.task == "inpainting":
         extra["mask_image"] = masks
     on_step = _stepper(pipe, plan, parts, rows)
+    started = time.monotonic()
     with device_lock(device):  # the adapters switched for this call, then the call
         adapters.activate(pipe, spec, plan.lora)
         out = pipe(
@@ -281,6 +284,8 @@ def _call(
             callback_on_step_end=on_step,
             output_type="pil",
         )
+    GPU_CALL_SECONDS.labels(spec.name).observe(time.monotonic() - started)
+    GPU_CALL_IMAGES.labels(spec.name).observe(len(prompts))
     pictures = list(out.images)
     for part, row in zip(parts, rows, strict=True):
         for i in range(part.count):
