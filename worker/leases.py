@@ -37,6 +37,11 @@ class LeaseBook:
             if deadline is not None:
                 self._deadlines[job_id] = deadline
 
+    def holds(self, job_id: str) -> bool:
+        """Whether this process holds (and renews) the job's lease."""
+        with self._lock:
+            return job_id in self._held
+
     def release(self, job_id: str) -> None:
         with self._lock:
             self._held.pop(job_id, None)

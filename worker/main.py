@@ -80,7 +80,16 @@ def run_consumer(queues: list[str], concurrency: int | None = None, sweeper: boo
     from shared.registry import get_registry
 
     # A consumer of local models' queues only (the supervisor gives them their own).
-    register(app, gpu=set(queues) <= get_registry().local_queues)
+    gpu = set(queues) <= get_registry().local_queues
+    register(app, gpu=gpu)
+    if gpu:
+        from celery.signals import worker_shutting_down
+
+        from worker.gpu.room import close_rooms
+
+        # Its waiting jobs go back to the broker at once: only the call under way
+        # is waited for (the drain and the pod's grace period bound a shutdown).
+        worker_shutting_down.connect(lambda **_: close_rooms(), weak=False)
     stop = threading.Event()
     heartbeat_thread(stop)
     sweeping = sweeper_thread(stop) if sweeper else None

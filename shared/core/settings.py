@@ -91,8 +91,10 @@ class Settings(BaseSettings):
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     gpu_memory_bytes: int | None = Field(default=None, ge=1)
     # A GPU consumer's messages held at once: the jobs it chooses each call's
-    # companions and the next turn from (worker/gpu/). Each waits on a thread.
-    gpu_worker_slots: int = Field(default=64, ge=1, le=1024)
+    # companions and the next turn from (worker/gpu/). Each waits on a thread (a
+    # few pages of stack); 256 holds the in-flight lines of 32 projects' batches
+    # (8 chunks each) and still leaves room for interactive requests.
+    gpu_worker_slots: int = Field(default=256, ge=1, le=1024)
     # Least time between two progress writes of a denoising job (the job's
     # `progress` and its SSE `job.progress` events); a cancel is noticed at each.
     progress_interval_seconds: float = 0.5

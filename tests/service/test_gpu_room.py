@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from PIL import Image as Picture
 from sqlmodel import col
 
 from shared.batches.pump import pump
+from shared.core.clock import utcnow
 from shared.core.db import unit_of_work
 from shared.core.settings import get_settings
 from shared.core.storage import get_storage
@@ -27,7 +29,10 @@ from shared.jobs.models import Image, Job
 from shared.providers.local import pipelines
 from tests.service.conftest import TINY_LOCAL, Service
 from tests.support.tiny_diffusion import build_tiny_sd
+from worker.gpu import room as room_module
 from worker.gpu.consumer import run_local
+from worker.gpu.room import Room, Ticket
+from worker.gpu.turns import Waiting
 from worker.leases import LEASES
 
 
@@ -276,3 +281,94 @@ def test_queue_positions_follow_the_devices_turns(service: Service, batch_projec
         run_local([*a, *c, *b])  # leave nothing queued for the next test
     assert ordered == [b[0], b[1], a[0], c[0], a[1], c[1], a[2]]
     assert sorted(positions.values()) == list(range(1, 8))
+
+
+def edit(service: Service, prompt: str) -> str:
+    picture = io.BytesIO()
+    Picture.new("RGB", (64, 64), (200, 30, 30)).save(picture, format="PNG")
+    with service.client() as client:
+        resp = client.post(
+            "/v1/images/edits",
+            files={"image": ("in.png", picture.getvalue(), "image/png")},
+            data={"model": TINY_LOCAL, "prompt": prompt, "size": "64x64"},
+            headers={"Prefer": "respond-async"},
+        )
+    assert resp.status_code == 202, resp.text
+    job_id: str = resp.json()["id"]
+    return job_id
+
+
+def test_an_edit_whose_input_cannot_be_read_fails_alone(service: Service, device: Device) -> None:
+    with service.paused():
+        good, bad = edit(service, "good edit"), edit(service, "bad edit")
+        with unit_of_work() as session:
+            key = session.get(Job, bad).request["images"][0]  # type: ignore[union-attr]
+        get_storage().put(key, b"not a picture", "image/png")
+        ended = run_local([good, bad])
+    assert ended == {good: "succeeded", bad: "failed"}
+    assert device.calls == [["good edit"]]
+
+
+def test_a_job_that_waited_too_long_goes_back_to_the_broker_keeping_its_turn(
+    service: Service, monkeypatch: pytest.MonkeyPatch, tiny: Path
+) -> None:
+    """Past half of redeliver_after_seconds a waiting job is published again and its
+    message answered: no message stays unacked for a broker to take it back."""
+    with service.paused():
+        job = submit(service, "waited", seed=1)
+        with unit_of_work() as session:
+            before = session.get(Job, job).published_at  # type: ignore[union-attr]
+        room = Room("test-device")
+        old = Ticket(Waiting(job, "p", True, "plan", 1, 4), 0.0, "gpu", False)
+        old.entered -= get_settings().redeliver_after_seconds
+        [ticket] = room.enter([old])
+        handed = ticket.handed.result(10)
+        with unit_of_work() as session:
+            row = session.get(Job, job)
+            assert row is not None
+            assert (row.status, row.lease_token) == ("queued", None)
+            assert row.published_at is not None
+            assert before is not None
+            assert row.published_at > before
+        assert handed.job is None
+        run_local([job])  # leave nothing queued for the next test
+
+
+def test_a_warm_shutdown_hands_every_waiting_job_back(service: Service, tiny: Path) -> None:
+    with service.paused():
+        jobs = [submit(service, f"shutdown {i}", seed=i) for i in range(2)]
+        room = Room("closing-device")
+        room.close()
+        tickets = room.enter(
+            [Ticket(Waiting(j, "p", True, "plan", 1, 4), 0.0, "gpu", False) for j in jobs]
+        )
+        assert [t.handed.result(10).job for t in tickets] == [None, None]
+        run_local(jobs)
+
+
+def test_a_call_that_fails_before_it_starts_answers_every_job_and_holds_no_lease(
+    service: Service, monkeypatch: pytest.MonkeyPatch, device: Device
+) -> None:
+    """The jobs were claimed (their leases held), then the call could not be made:
+    every job's thread is answered and every lease let go, so the sweeper takes
+    the jobs back once their leases expire instead of a heartbeat renewing them."""
+
+    def broken(_job: Job) -> Any:
+        raise RuntimeError("a bug between the claim and the call")
+
+    with service.paused():
+        jobs = [submit(service, f"no call {i}", seed=i) for i in range(3)]
+        with monkeypatch.context() as patch:
+            patch.setattr(room_module, "StepReporter", broken)
+            with pytest.raises(RuntimeError):
+                run_local(jobs)
+        assert not any(LEASES.holds(job) for job in jobs)
+        with unit_of_work() as session:
+            assert {session.get(Job, job).status for job in jobs} == {"running"}  # type: ignore[union-attr]
+            session.execute(  # their leases run out, as nothing renews them
+                sa.update(Job)
+                .where(col(Job.id).in_(jobs))
+                .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+            )
+        assert run_local(jobs) == dict.fromkeys(jobs, "succeeded")  # taken over
+    assert len(device.calls) == 1

@@ -20,7 +20,7 @@ from shared.providers.base import Generation
 from shared.providers.local.diffusion import plan_of
 from shared.providers.local.pipelines import resolve_device
 from shared.registry import DiffusersModel, get_registry
-from worker.gpu.room import Handed, room_for
+from worker.gpu.room import Handed, Ticket, room_for
 from worker.gpu.turns import Waiting
 from worker.produce import produce
 from worker.runner import finish, run_jobs, spent
@@ -33,17 +33,19 @@ def run_local(job_ids: list[str], reply: bool = False) -> dict[str, Outcome]:
     returns how each ended (none for a job that was not this message's to run)."""
     with unit_of_work() as session:
         rows = session.execute(
-            sa.select(col(Job.id), col(Job.project_id), col(Job.batch_id), col(Job.model))
+            sa.select(
+                col(Job.id), col(Job.project_id), col(Job.batch_id), col(Job.model), col(Job.queue)
+            )
             .add_columns(col(Job.request))
             .where(
                 col(Job.id).in_(job_ids),
                 col(Job.status).in_((JobStatus.queued, JobStatus.running)),
             )
         ).all()
-    arrivals: dict[str, list[tuple[Waiting, float]]] = {}
+    arrivals: dict[str, list[Ticket]] = {}
     others: list[str] = []
     registry = get_registry()
-    for job_id, project_id, batch_id, model, request in rows:
+    for job_id, project_id, batch_id, model, queue, request in rows:
         try:
             spec = registry.get(model)
         except ImagegenError:
@@ -59,14 +61,28 @@ def run_local(job_ids: list[str], reply: bool = False) -> dict[str, Outcome]:
         waiting = Waiting(
             job_id, project_id, batch_id is None, plan, params.n, spec.max_batch_images
         )
-        device = str(resolve_device(spec))
-        arrivals.setdefault(device, []).append((waiting, spec.batch_wait_ms / 1000))
+        ticket = Ticket(waiting, spec.batch_wait_ms / 1000, queue, reply)
+        arrivals.setdefault(str(resolve_device(spec)), []).append(ticket)
     tickets = [t for device, jobs in arrivals.items() for t in room_for(device).enter(jobs)]
-    ended = run_jobs(others, reply) if others else {}
+    ended: dict[str, Outcome] = {}
+    failed: list[Exception] = []
+    if others:
+        try:
+            ended.update(run_jobs(others, reply))
+        except Exception as exc:  # the room's jobs are answered all the same
+            failed.append(exc)
+    # Each job answered, whatever another's end: a job claimed and never finished
+    # would hold its lease for the life of the process.
     for future in as_completed([ticket.handed for ticket in tickets]):
-        handed = future.result()
-        if handed.job is not None:
-            ended[handed.job.id] = _finish(handed, reply)
+        try:
+            handed = future.result()
+            if handed.job is not None:
+                ended[handed.job.id] = _finish(handed, reply)
+        except Exception as exc:  # its lease released: the sweeper re-queues it
+            log.exception("a job of this message could not be finished")
+            failed.append(exc)
+    if failed:
+        raise failed[0]
     return ended
 
 

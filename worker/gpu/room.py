@@ -11,6 +11,15 @@ and recording run on the task threads while the device works.
 Companions are waited for only when the device was just freed and the call is not
 full, for at most the model's ``batch_wait_ms``; a job that finds the device idle
 starts at once, alone.
+
+A job waits here at most half of ``redeliver_after_seconds`` (150 s by default):
+past it, it is handed back, published again to the broker and its message here
+acked. So no message stays unacked long enough for RabbitMQ's consumer_timeout
+(30 min) or Redis' visibility timeout to take it back, and the sweeper, which
+re-publishes queued jobs whose last publish is older than that setting, never
+duplicates one waiting here. (Its turn is kept: the order is by job id.) A warm
+shutdown hands back every waiting job the same way at once, so the call under
+way is all it waits for.
 """
 
 from __future__ import annotations
@@ -19,9 +28,16 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from shared.core.broker import publish_job
+from shared.core.clock import utcnow
+from shared.core.db import unit_of_work
 from shared.core.instruments import PROVIDER_SECONDS
+from shared.core.settings import get_settings
+from shared.jobs import lifecycle
 from shared.jobs.models import Job
 from shared.jobs.schemas import job_params
 from shared.providers.base import GeneratedImage, Generation, no_partials
@@ -52,7 +68,10 @@ class Handed:
 class Ticket:
     waiting: Waiting
     wait_seconds: float  # its model's batch_wait_ms
-    handed: Future[Handed]
+    queue: str
+    reply: bool  # a request waits for it (published again so)
+    handed: Future[Handed] = field(default_factory=Future)
+    entered: float = field(default_factory=time.monotonic)
 
 
 class Room:
@@ -65,36 +84,47 @@ class Room:
         self._served: dict[str, int] = {}  # project -> the call that last served it
         self._calls = 0
         self._thread: threading.Thread | None = None
+        self._closed = False
 
-    def enter(self, arrivals: list[tuple[Waiting, float]]) -> list[Ticket]:
+    def enter(self, arrivals: list[Ticket]) -> list[Ticket]:
         """Wait for the device, together (a message's jobs: a chunk of batch lines
-        is seen whole by the next call), each with its model's ``batch_wait_ms`` in
-        seconds. A job waiting already (a duplicate message) is left out: the first
-        message's thread answers for it."""
+        is seen whole by the next call). A job waiting already (a duplicate
+        message) is left out: the first message's thread answers for it."""
         tickets = []
         with self._cond:
-            for waiting, wait_seconds in arrivals:
-                if waiting.job_id not in self._tickets:
-                    ticket = Ticket(waiting, wait_seconds, Future())
-                    self._tickets[waiting.job_id] = ticket
-                    tickets.append(ticket)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name=f"gpu-{self.device}", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify()
-        return tickets
+            if self._closed:
+                closed = arrivals
+            else:
+                closed = []
+                for ticket in arrivals:
+                    if ticket.waiting.job_id not in self._tickets:
+                        self._tickets[ticket.waiting.job_id] = ticket
+                        tickets.append(ticket)
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name=f"gpu-{self.device}", daemon=True
+                    )
+                    self._thread.start()
+                self._cond.notify()
+        _hand_back(closed)
+        return [*tickets, *closed]
 
-    def waiting(self) -> int:
+    def close(self) -> None:
+        """A warm shutdown: every waiting job handed back to the broker, and any
+        that arrives after; the call under way finishes."""
         with self._cond:
-            return len(self._tickets)
+            self._closed = True
+            waiting = list(self._tickets.values())
+            self._tickets.clear()
+        _hand_back(waiting)
 
     def _run(self) -> None:
         freed = False
         while True:
-            tickets = self._take(freed)
+            tickets: list[Ticket] = []
             try:
+                tickets, stale = self._take(freed)
+                _hand_back(stale)
                 self._serve(tickets)
             except BaseException as exc:  # never leave a task thread waiting
                 log.exception("device %s: a call for %d jobs failed", self.device, len(tickets))
@@ -104,13 +134,20 @@ class Room:
                         ticket.handed.set_exception(exc)
             freed = True
 
-    def _take(self, freed: bool) -> list[Ticket]:
-        """The next call's jobs, out of the room; waits for a first job, and for
-        companions when the device was just ``freed``."""
+    def _take(self, freed: bool) -> tuple[list[Ticket], list[Ticket]]:
+        """The next call's jobs, out of the room, and those that waited too long
+        (to hand back); waits for a first job, and for companions when the device
+        was just ``freed``."""
         with self._cond:
             while not self._tickets:
                 self._cond.wait()
                 freed = False  # it was idle: the first job starts at once
+            limit = time.monotonic() - get_settings().redeliver_after_seconds / 2
+            stale = [t for t in self._tickets.values() if t.entered < limit]
+            for ticket in stale:
+                del self._tickets[ticket.waiting.job_id]
+            if not self._tickets:
+                return [], stale
             order = fair_order([t.waiting for t in self._tickets.values()], self._served)
             chosen = next_call(order)
             if freed and _room_left(chosen):
@@ -122,9 +159,11 @@ class Room:
             self._calls += 1
             for job in chosen:
                 self._served[job.project_id] = self._calls
-            return [self._tickets.pop(job.job_id) for job in chosen]
+            return [self._tickets.pop(job.job_id) for job in chosen], stale
 
     def _serve(self, tickets: list[Ticket]) -> None:
+        if not tickets:
+            return
         jobs, token = claim([t.waiting.job_id for t in tickets])
         claimed = {job.id: job for job in jobs}
         runnable = {job.id for job in start(jobs, token)}
@@ -166,6 +205,36 @@ class Room:
                 ticket.handed.set_result(
                     Handed(job, token, made=(Generation(images=images), reporter.final))
                 )
+
+
+def _hand_back(tickets: list[Ticket]) -> None:
+    """Jobs that leave the room unserved: published again (a refused publish
+    leaves them to the sweeper at once), their messages here answered."""
+    if not tickets:
+        return
+    published = [
+        t.waiting.job_id for t in tickets if publish_job(t.waiting.job_id, t.queue, t.reply)
+    ]
+    # Marked published now, so the sweeper (stale marks) does not publish them too.
+    try:
+        with unit_of_work() as session:
+            lifecycle.mark_published(session, published, utcnow())
+            for ticket in tickets:
+                if ticket.waiting.job_id not in published:
+                    lifecycle.mark_unpublished(session, ticket.waiting.job_id)
+    except SQLAlchemyError as exc:  # the sweeper finds them by their old marks
+        log.warning("could not mark %d jobs handed back: %s", len(tickets), exc)
+    log.info("device room: %d jobs handed back to the broker", len(tickets))
+    for ticket in tickets:
+        ticket.handed.set_result(Handed(None))
+
+
+def close_rooms() -> None:
+    """Every room closed (a warm shutdown: Celery's worker_shutting_down)."""
+    with _rooms_lock:
+        rooms = list(_rooms.values())
+    for room in rooms:
+        room.close()
 
 
 def _room_left(chosen: list[Waiting]) -> bool:

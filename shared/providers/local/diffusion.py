@@ -157,9 +157,16 @@ def make(
 ) -> dict[str, list[bytes] | BaseException]:
     """Every member's images, from as few calls as ``max_batch_images`` allows: each
     job's images or the exception that ended them (JobCanceled when it was canceled)."""
+    if plan.task != "text2image":  # an edit's unreadable input fails its job alone
+        for member in members:
+            try:
+                member.picture_inputs(plan)
+            except Exception as exc:
+                member.failed = exc
+    live = [member for member in members if member.failed is None]
     try:
         with pipelines.using(spec, plan.task) as (pipe, device):  # never unloaded meanwhile
-            for call in _pack(members, spec.max_batch_images):
+            for call in _pack(live, spec.max_batch_images):
                 _attempt(pipe, device, spec, plan, call)
     except PermanentProviderError as exc:  # it could not be loaded
         return {member.job: exc for member in members}
