@@ -66,6 +66,10 @@ class ProgressWriter:
                     # Progress is a courtesy: the database being out must not stop
                     # the work (the lease heartbeat decides whether it is ours).
                     log.warning("job %s: progress not recorded: %s", job_id, exc)
+                except Exception:
+                    # Never the end of this thread: with it gone no cancel would be
+                    # noticed inside a call again, for the life of the process.
+                    log.exception("job %s: progress not recorded", job_id)
 
     def _write(self, job_id: str, token: str, step: int, steps: int) -> None:
         with unit_of_work() as session:
