@@ -222,9 +222,10 @@ def _attempt(
         if sum(part.count for part in live) > 1:
             first, second = _halves(live)
             log.warning(
-                "model %s: out of GPU memory for %d images; %d and %d a call",
+                "model %s: out of GPU memory for %d images (jobs %s); %d and %d a call",
                 spec.name,
                 sum(p.count for p in live),
+                _jobs(live),
                 sum(p.count for p in first),
                 sum(p.count for p in second),
             )
@@ -249,9 +250,15 @@ def _attempt(
         for part in live:
             part.member.failed = exc
     except Exception as exc:  # the pipeline failed (a bug, a driver error): each job's
-        log.exception("model %s: a call for %d jobs failed", spec.name, len(live))
+        log.exception("model %s: a call failed for jobs %s", spec.name, _jobs(live))
         for part in live:
             part.member.failed = exc
+
+
+def _jobs(parts: list[_Part]) -> str:
+    """The jobs of a call, for its log lines (they run outside any one job's log
+    context: a call is several jobs')."""
+    return ", ".join(dict.fromkeys(part.member.job for part in parts))
 
 
 def _call(
