@@ -31,7 +31,7 @@ from shared.providers.local import pipelines
 from tests.service.conftest import TINY_LOCAL, Service
 from tests.support.tiny_diffusion import build_tiny_sd
 from worker.gpu import room as room_module
-from worker.gpu.consumer import run_local
+from worker.gpu.consumer import record_handed, run_local
 from worker.gpu.room import Room, Ticket
 from worker.gpu.turns import Waiting
 from worker.leases import LEASES
@@ -316,28 +316,37 @@ def test_an_edit_whose_input_cannot_be_read_fails_alone(service: Service, device
 
 
 def test_a_job_that_waited_too_long_goes_back_to_the_broker_keeping_its_turn(
-    service: Service, monkeypatch: pytest.MonkeyPatch, tiny: Path
+    service: Service, tiny: Path
 ) -> None:
-    """Past half of redeliver_after_seconds a waiting job is published again and its
-    message answered: no message stays unacked for a broker to take it back."""
+    """Past half of redeliver_after_seconds a waiting job that the next call does
+    not take is published again and its message answered: no message stays
+    unacked for a broker to take it back. The next call is chosen first, over
+    every waiting job, so a job whose turn it is is served, however long it waited
+    (a call longer than the limit hands jobs back, never starves them)."""
     with service.paused():
-        job = submit(service, "waited", seed=1)
+        first = submit(service, "first", seed=1)
+        other = submit(service, "another size", seed=2, size="32x32")
         with unit_of_work() as session:
-            before = session.get(Job, job).published_at  # type: ignore[union-attr]
+            before = session.get(Job, other).published_at  # type: ignore[union-attr]
         room = Room("test-device")
-        old = Ticket(Waiting(job, "p", True, "plan", 1, 4), 0.0, "gpu", False)
-        old.entered -= get_settings().redeliver_after_seconds
-        [ticket] = room.enter([old])
-        handed = ticket.handed.result(10)
+        arrivals = [
+            Ticket(Waiting(first, "p", True, "64", 1, 4), 0.0, "gpu", False),
+            Ticket(Waiting(other, "p", True, "32", 1, 4), 0.0, "gpu", False),
+        ]
+        for ticket in arrivals:  # both waited past the limit
+            ticket.entered -= get_settings().redeliver_after_seconds
+        served, handed_back = (t.handed.result(30) for t in room.enter(arrivals))
+        assert handed_back.job is None
+        assert served.job is not None
+        assert record_handed(served) == "succeeded"
         with unit_of_work() as session:
-            row = session.get(Job, job)
+            row = session.get(Job, other)
             assert row is not None
             assert (row.status, row.lease_token) == ("queued", None)
             assert row.published_at is not None
             assert before is not None
             assert row.published_at > before
-        assert handed.job is None
-        run_local([job])  # leave nothing queued for the next test
+        run_local([other])  # leave nothing queued for the next test
 
 
 def test_a_warm_shutdown_hands_every_waiting_job_back(service: Service, tiny: Path) -> None:

@@ -77,7 +77,7 @@ def run_local(job_ids: list[str], reply: bool = False) -> dict[str, Outcome]:
         try:
             handed = future.result()
             if handed.job is not None:
-                ended[handed.job.id] = _finish(handed, reply)
+                ended[handed.job.id] = record_handed(handed, reply)
         except Exception as exc:  # its lease released: the sweeper re-queues it
             log.exception("a job of this message could not be finished")
             failed.append(exc)
@@ -86,7 +86,7 @@ def run_local(job_ids: list[str], reply: bool = False) -> dict[str, Outcome]:
     return ended
 
 
-def _finish(handed: Handed, reply: bool) -> Outcome:
+def record_handed(handed: Handed, reply: bool = False) -> Outcome:
     """Store and record one job's end (its images, or its failure)."""
     job = handed.job
     assert job is not None

@@ -142,12 +142,6 @@ class Room:
             while not self._tickets:
                 self._cond.wait()
                 freed = False  # it was idle: the first job starts at once
-            limit = time.monotonic() - get_settings().redeliver_after_seconds / 2
-            stale = [t for t in self._tickets.values() if t.entered < limit]
-            for ticket in stale:
-                del self._tickets[ticket.waiting.job_id]
-            if not self._tickets:
-                return [], stale
             order = fair_order([t.waiting for t in self._tickets.values()], self._served)
             chosen = next_call(order)
             if freed and _room_left(chosen):
@@ -159,7 +153,15 @@ class Room:
             self._calls += 1
             for job in chosen:
                 self._served[job.project_id] = self._calls
-            return [self._tickets.pop(job.job_id) for job in chosen], stale
+            taken = [self._tickets.pop(job.job_id) for job in chosen]
+            # The next call chosen first, over every waiting job: one handed back
+            # comes in again while this call runs, in time for its turn at the next
+            # (so a call longer than the limit hands jobs back, never starves them).
+            limit = time.monotonic() - get_settings().redeliver_after_seconds / 2
+            stale = [t for t in self._tickets.values() if t.entered < limit]
+            for ticket in stale:
+                del self._tickets[ticket.waiting.job_id]
+            return taken, stale
 
     def _serve(self, tickets: list[Ticket]) -> None:
         if not tickets:
