@@ -46,6 +46,8 @@ def spec(folder: Path) -> DiffusersModel:
                 "b": {"path": str(folder / "lora-b" / "pytorch_lora_weights.safetensors")},
                 "gone": {"path": str(folder / "no-such-lora")},
                 "empty": {"path": str(folder / "model")},
+                # A pickle runs code when read: refused, whatever it holds.
+                "pickled": {"path": str(folder / "lora-a.bin")},
             },
         }
     )
@@ -159,7 +161,13 @@ def test_an_adapter_that_cannot_load_is_model_unavailable_naming_it(
 ) -> None:
     pipe = fresh(folder)
     plain = image(pipe)
-    for name, why in (("gone", "is not a file or a folder"), ("empty", "failed")):
+    (folder / "lora-a.bin").write_bytes(b"a pickled checkpoint")
+    refusals = (
+        ("gone", "is not a file or a folder"),
+        ("empty", "failed"),
+        ("pickled", "is not a .safetensors file"),
+    )
+    for name, why in refusals:
         with pytest.raises(PermanentProviderError) as caught:
             adapters.activate(pipe, spec, lora((name, 1.0)))
         assert caught.value.code == "model_unavailable"

@@ -117,6 +117,8 @@ def _source(spec: DiffusersModel, name: str, path: str) -> tuple[str, dict[str, 
     cannot pick a Hub id's weight file offline: it lists the repository's files)."""
     where = Path(path).expanduser()
     if where.is_file():
+        if where.suffix != ".safetensors":  # diffusers would read a pickle named so
+            _fail(spec, name, f"its file {path} is not a .safetensors file")
         return str(where.parent), {"weight_name": where.name, "local_files_only": True}
     if where.is_dir():
         return str(where), {"local_files_only": True}
