@@ -49,6 +49,10 @@ def job_failure(job: Job) -> ClientError:
         return UpstreamError(message, code=code, status=500)
     if code.startswith("upstream_") or code == ErrorCode.provider_misconfigured:
         return UpstreamError(message, code=code)
+    if code == ErrorCode.model_unavailable:  # a local model or adapter that cannot load
+        return UpstreamError(message, code=code, status=503)
+    if code == ErrorCode.out_of_memory:  # too big for the device: a smaller size or n
+        return InvalidRequest(message, code=code, param="size")
     # The provider refused the request itself (content policy, invalid prompt):
     # the client's request is at fault, as OpenAI answers it.
     return InvalidRequest(message, code=code, param="prompt")

@@ -54,6 +54,8 @@ def job(status: JobStatus, code: str | None = None) -> Job:
         (JobStatus.failed, ErrorCode.upstream_unavailable, 502, "upstream_unavailable"),
         (JobStatus.failed, ErrorCode.internal_error, 500, "internal_error"),
         (JobStatus.failed, "content_policy_violation", 400, "content_policy_violation"),
+        (JobStatus.failed, ErrorCode.model_unavailable, 503, "model_unavailable"),
+        (JobStatus.failed, ErrorCode.out_of_memory, 400, "out_of_memory"),
         (JobStatus.canceled, None, 409, "job_canceled"),
     ],
 )
@@ -63,6 +65,8 @@ def test_a_failed_job_answers_with_its_status(
     err = job_failure(job(status, code))
     assert err.status_code == http
     assert render(err).code == answer_code
+    # Only what the prompt itself caused names the prompt.
+    assert (render(err).param == "prompt") == (answer_code == "content_policy_violation")
 
 
 @pytest.mark.parametrize(
