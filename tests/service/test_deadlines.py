@@ -209,7 +209,9 @@ def test_a_running_job_is_stopped_at_its_deadline_and_its_waiter_answered(
         outcomes: list[str] = []
         running = threading.Thread(target=lambda: outcomes.append(runner.run_job(job_id)))
         running.start()
-        _until(lambda: _row(job_id).status == JobStatus.running)
+        # Claimed, and its lease held by this process: the row says running a moment
+        # before the runner holds the lease, and a beat in between would miss it.
+        _until(lambda: _row(job_id).status == JobStatus.running and leases.LEASES.holds(job_id))
         _later(monkeypatch, 31)
         leases.LEASES.renew()  # the heartbeat's beat at the deadline
         waiting.join(10)

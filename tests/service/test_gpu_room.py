@@ -161,15 +161,16 @@ def test_a_cancel_inside_a_shared_call_ends_only_that_job(service: Service, devi
         jobs = [submit(service, f"long {i}", seed=i) for i in range(3)]
 
         def cancel_the_second(step: int) -> None:
-            """At the second step, the second job is canceled through the API; the
-            step waits until the worker noticed (its progress write refused)."""
-            if step != 1:
-                return
-            with service.client() as client:
-                assert client.post(f"/v1/images/jobs/{jobs[1]}/cancel").status_code == 200
-            deadline = time.monotonic() + 30  # the writer's interval, on a busy machine
-            while not LEASES.lost(jobs[1]) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            """Before the second step, the second job is canceled through the API;
+            before the third, the step waits until the worker noticed: its next
+            progress write (noted at the second step, so after the cancel) refused."""
+            if step == 1:
+                with service.client() as client:
+                    assert client.post(f"/v1/images/jobs/{jobs[1]}/cancel").status_code == 200
+            if step == 2:
+                deadline = time.monotonic() + 30  # the writer's interval, on a busy machine
+                while not LEASES.lost(jobs[1]) and time.monotonic() < deadline:
+                    time.sleep(0.02)
 
         device.at_step = cancel_the_second
         ended = run_local(jobs)
