@@ -109,7 +109,6 @@ import torch
 import yaml
 from diffusers import (
     AutoencoderKL,
-    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -120,7 +119,7 @@ from transformers import (
 )
 
 from tests.support.processes import ServiceProcess, free_port, imagegen_workers, wait_http
-from tests.support.tiny_diffusion import byte_tokenizer, sd_scheduler
+from tests.support.tiny_diffusion import byte_tokenizer, sd_pipeline, sd_scheduler
 
 SIZES = {"sd15": 512, "sdxl": 1024, "tiny": 128}
 STEPS = {"sd15": 25, "sdxl": 25, "tiny": 6}
@@ -209,16 +208,7 @@ def build_tiny(workdir: Path) -> Any:
             max_position_embeddings=77,
         )
     )
-    return StableDiffusionPipeline(
-        unet=unet,
-        scheduler=sd_scheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=byte_tokenizer(workdir / "tokenizer-src"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_pipeline(unet, vae, text_encoder, byte_tokenizer(workdir / "tokenizer-src"))
 
 
 def build(arch: str, dtype: torch.dtype, workdir: Path) -> Any:
@@ -243,15 +233,8 @@ def build(arch: str, dtype: torch.dtype, workdir: Path) -> Any:
                 cross_attention_dim=768,
                 attention_head_dim=8,
             )
-            pipe = StableDiffusionPipeline(
-                vae=_vae(512, 0.18215),
-                text_encoder=_clip(768, 12, 12, False, "quick_gelu"),
-                tokenizer=tokenizer,
-                unet=unet,
-                scheduler=sd_scheduler(),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
+            pipe = sd_pipeline(
+                unet, _vae(512, 0.18215), _clip(768, 12, 12, False, "quick_gelu"), tokenizer
             )
         else:
             unet = UNet2DConditionModel(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -55,6 +56,21 @@ def sd_scheduler() -> DDIMScheduler:
     )
 
 
+def sd_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any) -> Any:
+    """A Stable Diffusion pipeline of these parts, with SD's DDIM schedule and no
+    safety checker (random weights draw nothing to check)."""
+    return StableDiffusionPipeline(
+        unet=unet,
+        scheduler=sd_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_tiny_sd(folder: Path) -> Path:
     """Write a tiny pipeline to ``folder/model`` and return that path."""
     torch.manual_seed(0)
@@ -93,16 +109,7 @@ def build_tiny_sd(folder: Path) -> Path:
             max_position_embeddings=77,
         )
     )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        scheduler=sd_scheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=byte_tokenizer(folder / "tokenizer-src"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = sd_pipeline(unet, vae, text_encoder, byte_tokenizer(folder / "tokenizer-src"))
     path = folder / "model"
     pipe.save_pretrained(path)
     return path
